@@ -1,0 +1,288 @@
+"""The Byte Latent Transformer: hash-embedded bytes -> local encoder -> global transformer over
+patches -> local decoder, with the reference's masks, residuals and initialisation.
+
+Shapes: B batch, N bytes, P patch slots (fixed-shape buffer, zero-length padding at the end),
+k = ``cross_attn_k`` slots per patch, D_e/D_d local widths, D_g global width, V = 260.
+"""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastblt.config import HashConfig, ModelConfig
+from fastblt.model import patcher as patching
+from fastblt.model.attention import causal_mask, document_ids
+from fastblt.model.entropy_model import EntropyModel
+from fastblt.model.hash_embed import all_hash_ids
+from fastblt.model.layers import CrossAttention, RMSNorm, TransformerBlock, dense, depth_factor, embed
+from fastblt.sharding import constrain
+from fastblt.tokenizer import EOS
+
+_BYTES = ("batch", "bytes", "embed")
+_PATCHES = ("batch", "patches", "embed")
+
+
+def positions_like(x: jax.Array) -> jax.Array:
+    """int32[batch, len] positions 0..len-1 for x: [batch, len, ...]."""
+    return jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+
+
+def patch_max_pool(h: jax.Array, patch_ids: jax.Array, num_patches: int) -> jax.Array:
+    """Max over the bytes of each patch; a patch without bytes gives zeros (as the reference).
+
+    Args: h: float[B, N, D]; patch_ids: int32[B, N]. Returns float[B, num_patches, D].
+    """
+    pooled = jax.vmap(lambda x, i: jax.ops.segment_max(x, i, num_segments=num_patches))(h, patch_ids)
+    counts = jax.vmap(lambda i: jnp.bincount(i, length=num_patches))(patch_ids)
+    return jnp.where(counts[..., None] > 0, pooled, 0).astype(h.dtype)
+
+
+def patch_has_eos(tokens: jax.Array, patch_ids: jax.Array, num_patches: int) -> jax.Array:
+    """bool[B, P]: the patch holds an EOS byte (it ends a document for the global model)."""
+    eos = (tokens == EOS).astype(jnp.int32)
+    return jax.vmap(lambda e, i: jax.ops.segment_max(e, i, num_segments=num_patches))(eos, patch_ids) > 0
+
+
+class HashEmbedding(nn.Module):
+    """Sum of the hash n-gram table lookups (one table per function x group size)."""
+
+    config: HashConfig
+    dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, base: jax.Array) -> jax.Array:
+        """Adds each table's embedding to ``base`` (float[B, N, D]) in the reference's order."""
+        ids = all_hash_ids(tokens, self.config)  # [B, N, tables]
+        for j in range(self.config.n_tables):
+            table = embed(self.config.vocab, self.dim, ("hash_vocab", "embed"), self.dtype, f"table_{j}")
+            base = base + table(ids[..., j])
+        return base
+
+
+class LocalEncoder(nn.Module):
+    """Byte transformer whose patch slots cross-attend their own bytes."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        m = self.config
+        c = m.encoder
+        dtype = jnp.dtype(m.dtype)
+        self.tok_embeddings = embed(m.vocab_size, c.dim, ("vocab", "embed"), dtype, "tok_embeddings")
+        self.layers = [
+            TransformerBlock(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+            for i in range(c.n_layers)
+        ]
+        self.patch_embedding_projection = dense(
+            c.dim * m.cross_attn_k, ("embed", "patch_embed"), c.dim**-0.5, dtype, "patch_embedding_projection"
+        )
+        self.cross_attn_layers = [
+            CrossAttention(
+                c.dim,
+                c.cross_heads,
+                c.norm_eps,
+                c.dim**-0.5 / depth_factor(m.init_std_factor, i, c.n_cross_layers, c.dim),
+                dtype,
+                m.attention_impl,
+                name=f"cross_attn_layers_{i}",
+            )
+            for i in range(c.n_cross_layers)
+        ]
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.tok_embeddings(tokens)
+
+    def _pool(self, h: jax.Array, patch_ids: jax.Array, num_patches: int) -> jax.Array:
+        b, _, d = h.shape
+        pe = self.patch_embedding_projection(patch_max_pool(h, patch_ids, num_patches))
+        return pe.reshape(b, num_patches * self.config.cross_attn_k, d)
+
+    def __call__(
+        self, h: jax.Array, positions: jax.Array, mask: jax.Array, patch_ids: jax.Array, num_patches: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """Args:
+          h: float[B, N, D_e] input embeddings; positions: int32[B, N]; mask: bool[B, N, N];
+          patch_ids: int32[B, N] (patch of each byte); num_patches: P.
+
+        Returns: byte states float[B, N, D_e] and patch states float[B, P, k * D_e].
+        """
+        m = self.config
+        k = m.cross_attn_k
+        slot_patch = jnp.arange(num_patches * k, dtype=jnp.int32) // k
+        cross_mask = patch_ids[:, None, :] == slot_patch[None, :, None]  # [B, P*k, N]
+        pe = None
+        for i, layer in enumerate(self.layers):
+            h = constrain(layer(h, positions, mask), _BYTES)
+            if i == len(self.layers) - 1 or m.encoder.cross_attn_all_layers:
+                if pe is None or m.encoder_repool_every_layer:
+                    pe = self._pool(h, patch_ids, num_patches)
+                cross = self.cross_attn_layers[i if m.encoder.cross_attn_all_layers else 0]
+                pe = constrain(pe + cross(pe, h, cross_mask), _PATCHES)
+        return h, pe.reshape(h.shape[0], num_patches, k * h.shape[-1])
+
+
+class GlobalTransformer(nn.Module):
+    """Causal transformer over patches; no embedding table and no final norm."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: float[B, P, k * D_e]; positions: int32[B, P]; mask: bool[B, P, P] -> float[B, P, D_g]."""
+        m = self.config
+        c = m.global_model
+        dtype = jnp.dtype(m.dtype)
+        if m.needs_global_projection:
+            proj = dense(
+                c.dim, ("patch_embed", "embed"), m.global_input_dim**-0.5, dtype, "token_embedding_projection"
+            )
+            x = proj(x)
+        h = constrain(x.astype(dtype), _PATCHES)
+        for i in range(c.n_layers):
+            layer = TransformerBlock(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+            h = constrain(layer(h, positions, mask), _PATCHES)
+        return h
+
+
+class LocalDecoder(nn.Module):
+    """Byte transformer that reads the k slots of one global patch output per byte."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        m = self.config
+        c = m.decoder
+        dtype = jnp.dtype(m.dtype)
+        self.patch_embedding_projection = dense(
+            c.dim * m.cross_attn_k,
+            ("embed", "patch_embed"),
+            m.global_model.dim**-0.5,
+            dtype,
+            "patch_embedding_projection",
+        )
+        self.layers = [
+            TransformerBlock(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+            for i in range(c.n_layers)
+        ]
+        self.cross_attn_layers = [
+            CrossAttention(
+                c.dim,
+                c.cross_heads,
+                c.norm_eps,
+                c.dim**-0.5 / depth_factor(m.init_std_factor, i, c.n_cross_layers, c.dim),
+                dtype,
+                m.attention_impl,
+                name=f"cross_attn_layers_{i}",
+            )
+            for i in range(c.n_cross_layers)
+        ]
+        self.norm = RMSNorm(c.norm_eps)
+        self.output = dense(m.vocab_size, ("embed", "vocab"), c.dim**-0.5, dtype, "output")
+
+    def slots(self, global_out: jax.Array) -> jax.Array:
+        """float[B, P, D_g] -> the decoder's patch slots float[B, P, k, D_d]."""
+        b, p, _ = global_out.shape
+        s = self.patch_embedding_projection(global_out)
+        return s.reshape(b, p, self.config.cross_attn_k, self.config.decoder.dim)
+
+    def __call__(
+        self,
+        h: jax.Array,
+        slots: jax.Array,
+        read_patch: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+    ) -> jax.Array:
+        """Args:
+          h: float[B, T, D_d] byte states from the encoder; slots: float[B, P, k, D_d];
+          read_patch: int32[B, T], the patch whose slots each row reads; positions: int32[B, T];
+          mask: bool[B, T, T] self-attention mask.
+
+        Returns: logits float32[B, T, V].
+        """
+        for i, layer in enumerate(self.layers):
+            if i == 0 or self.config.decoder.cross_attn_all_layers:
+                h = h + self.cross_attn_layers[i].gathered(h, slots, read_patch)
+            h = constrain(layer(h, positions, mask), _BYTES)
+        logits = self.output(self.norm(h)).astype(jnp.float32)
+        return constrain(logits, ("batch", "bytes", "vocab"))
+
+
+class BLT(nn.Module):
+    """The whole model. ``apply({"params": p}, tokens, patch_lengths=None) -> logits``."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        m = self.config
+        self.hash_embed = HashEmbedding(m.hash, m.encoder.dim, jnp.dtype(m.dtype))
+        self.local_encoder = LocalEncoder(m)
+        self.global_transformer = GlobalTransformer(m)
+        self.local_decoder = LocalDecoder(m)
+        if m.entropy_model is not None:
+            self.entropy_model = EntropyModel(m.entropy_model, m.init_std_factor, m.attention_impl)
+
+    def entropies(self, tokens: jax.Array) -> jax.Array:
+        """Next-byte entropies (nats) of the entropy model: float32[B, N], no gradient."""
+        return patching.entropy(jax.lax.stop_gradient(self.entropy_model(tokens)))
+
+    def patch(self, tokens: jax.Array, seq_lens: jax.Array | None = None) -> patching.Patching:
+        """Patch lengths from the configured patcher (include_next_token: sum = N + 1 per row)."""
+        pc = self.config.patcher
+        ent = self.entropies(tokens) if pc.mode == "entropy" else None
+        max_patches = pc.max_patches or tokens.shape[1] + 1
+        return patching.patch(tokens, ent, pc, max_patches, include_next_token=True, seq_lens=seq_lens)
+
+    def __call__(self, tokens: jax.Array, patch_lengths: jax.Array | None = None) -> jax.Array:
+        """Next-byte logits.
+
+        Args:
+          tokens: int32[B, N] byte ids (byte + 4; BOS 1, EOS 2, pad 0), BOS first.
+          patch_lengths: int32[B, P] in the reference convention: lengths[:, 0] == 1 (the BOS
+            patch), each row sums to N + 1 (the last patch may be the empty "next byte" patch),
+            zero-padded on the right. None: run the entropy model and patcher.
+
+        Returns: float32[B, N, V]; logits[:, t] predicts byte t + 1.
+        """
+        m = self.config
+        chex.assert_rank(tokens, 2)
+        if tokens.shape[1] > m.max_bytes:
+            raise ValueError(
+                f"rows of {tokens.shape[1]} bytes exceed model.max_bytes={m.max_bytes}; "
+                "shorten the rows or raise model.max_bytes"
+            )
+        if self.is_initializing() and m.entropy_model is not None:
+            self.entropy_model(tokens)  # create its parameters even when lengths are supplied
+        if patch_lengths is None:
+            patch_lengths = self.patch(tokens).lengths
+        chex.assert_rank(patch_lengths, 2)
+        chex.assert_equal_shape_prefix([tokens, patch_lengths], 1)
+        tokens = tokens.astype(jnp.int32)
+        patch_lengths = patch_lengths.astype(jnp.int32)
+        n, p = tokens.shape[1], patch_lengths.shape[1]
+
+        byte_pos = positions_like(tokens)
+        docs = document_ids(tokens) if m.document_masking else None
+        enc_mask = causal_mask(byte_pos, byte_pos, m.encoder.window, docs, docs)
+        patch_ids = patching.patch_ids_from_lengths(patch_lengths, n)
+
+        h = self.hash_embed(tokens, self.local_encoder.embed_tokens(tokens))
+        h = constrain(h, _BYTES)
+        h, pe = self.local_encoder(h, byte_pos, enc_mask, patch_ids, p)
+
+        patch_pos = positions_like(patch_lengths)
+        pdocs = None
+        if m.document_masking:
+            ends = patch_has_eos(tokens, patch_ids, p).astype(jnp.int32)
+            pdocs = jnp.cumsum(ends, axis=-1) - ends
+        g = self.global_transformer(pe, patch_pos, causal_mask(patch_pos, patch_pos, None, pdocs, pdocs))
+
+        dec_mask = enc_mask
+        if m.decoder.window != m.encoder.window:
+            dec_mask = causal_mask(byte_pos, byte_pos, m.decoder.window, docs, docs)
+        read_patch = patching.decoder_patch_ids_from_lengths(patch_lengths, n)
+        return self.local_decoder(h, self.local_decoder.slots(g), read_patch, byte_pos, dec_mask)

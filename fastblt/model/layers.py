@@ -1,0 +1,209 @@
+"""Building blocks shared by every BLT stack: RMSNorm, interleaved RoPE, SwiGLU, attention blocks.
+
+Parameter names follow the reference (``attention.wq``, ``feed_forward.w1``, ``attention_norm``)
+so that conversion is a rename plus a transpose. Parameters are float32; ``dtype`` is the compute
+dtype. Every parameter carries logical axis names (see fastblt/sharding.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastblt.config import TransformerConfig
+from fastblt.model.attention import attention, gathered_attention
+
+Dtype = jnp.dtype
+
+
+def trunc_normal(std: float) -> nn.initializers.Initializer:
+    """Truncated normal cut at +-3 std (the reference's ``trunc_normal_(std, a=-3std, b=3std)``)."""
+    return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+def depth_factor(kind: str, layer_idx: int, n_layers: int, dim: int) -> float:
+    """The reference's ``init_std_factor``: divides the init std of a layer's projections."""
+    if kind == "current_depth":
+        return math.sqrt(2 * (layer_idx + 1))
+    if kind == "global_depth":
+        return math.sqrt(2 * (n_layers + 1))
+    if kind == "dim_ratio":
+        return dim / 4096
+    return 1.0
+
+
+def dense(features: int, names: tuple[str, str], std: float, dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(trunc_normal(std), names),
+        name=name,
+    )
+
+
+def embed(num: int, features: int, names: tuple[str, str], dtype: Dtype, name: str) -> nn.Embed:
+    return nn.Embed(
+        num,
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(trunc_normal(features**-0.5), names),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled in float32, cast back (as the reference)."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],)
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding on interleaved pairs (x[2i], x[2i+1]), computed in float32.
+
+    Args: x: float[batch, len, heads, head_dim]; positions: int32[batch, len].
+    """
+    d = x.shape[-1]
+    freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [b, len, 1, d/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], d // 2, 2)
+    x0, x1 = x32[..., 0], x32[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head (or grouped-query) self-attention with RoPE."""
+
+    config: TransformerConfig
+    std: float
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projects x: float[b, len, dim] to rotated q [b, len, H, hd] and k, v [b, len, KV, hd]."""
+        c = self.config
+        b, t, _ = x.shape
+        q = dense(c.n_heads * c.head_dim, ("embed", "heads"), self.std, self.dtype, "wq")(x)
+        k = dense(c.kv_heads * c.head_dim, ("embed", "kv_heads"), self.std, self.dtype, "wk")(x)
+        v = dense(c.kv_heads * c.head_dim, ("embed", "kv_heads"), self.std, self.dtype, "wv")(x)
+        q = rope(q.reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
+        k = rope(k.reshape(b, t, c.kv_heads, c.head_dim), positions, c.rope_theta)
+        return q, k, v.reshape(b, t, c.kv_heads, c.head_dim)
+
+    def out(self, o: jax.Array) -> jax.Array:
+        b, t = o.shape[:2]
+        return dense(self.config.dim, ("heads", "embed"), self.std, self.dtype, "wo")(o.reshape(b, t, -1))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: float[b, len, dim]; positions: int32[b, len]; mask: bool[b, len, len]."""
+        q, k, v = self.qkv(x, positions)
+        return self.out(attention(q, k, v, mask, self.attention_impl))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    dim: int
+    hidden: int
+    std_in: float
+    std_out: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = dense(self.hidden, ("embed", "mlp"), self.std_in, self.dtype, "w1")(x)
+        up = dense(self.hidden, ("embed", "mlp"), self.std_in, self.dtype, "w3")(x)
+        return dense(self.dim, ("mlp", "embed"), self.std_out, self.dtype, "w2")(nn.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h + attn(norm(h)), then h + ffn(norm(h))."""
+
+    config: TransformerConfig
+    layer_idx: int
+    init_std_factor: str = "current_depth"
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def setup(self) -> None:
+        c = self.config
+        f = depth_factor(self.init_std_factor, self.layer_idx, c.n_layers, c.dim)
+        self.attention_norm = RMSNorm(c.norm_eps)
+        self.attention = SelfAttention(c, c.dim**-0.5 / f, self.dtype, self.attention_impl)
+        self.ffn_norm = RMSNorm(c.norm_eps)
+        self.feed_forward = FeedForward(
+            c.dim, c.hidden_dim, c.dim**-0.5 / f, c.hidden_dim**-0.5 / f, self.dtype
+        )
+
+    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        h = h + self.attention(self.attention_norm(h), positions, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class CrossAttention(nn.Module):
+    """Patch cross-attention (no RoPE). Returns ``x + wo(attn)``: the caller adds x once more,
+    which gives the reference's double residual ``2 x + wo(attn)``."""
+
+    dim: int
+    n_heads: int
+    eps: float
+    std: float
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    def setup(self) -> None:
+        self.cross_attn_norm_q = RMSNorm(self.eps)
+        self.cross_attn_norm_kv = RMSNorm(self.eps)
+        self.wq = dense(self.dim, ("embed", "heads"), self.std, self.dtype, "wq")
+        self.wk = dense(self.dim, ("embed", "heads"), self.std, self.dtype, "wk")
+        self.wv = dense(self.dim, ("embed", "heads"), self.std, self.dtype, "wv")
+        self.wo = dense(self.dim, ("heads", "embed"), self.std, self.dtype, "wo")
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.n_heads, self.dim // self.n_heads)
+
+    def kv(self, kv_in: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """kv_in: float[b, len, dim] -> k, v: float[b, len, heads, head_dim]."""
+        kv_in = self.cross_attn_norm_kv(kv_in)
+        return self._heads(self.wk(kv_in)), self._heads(self.wv(kv_in))
+
+    def query(self, x: jax.Array) -> jax.Array:
+        return self._heads(self.wq(self.cross_attn_norm_q(x)))
+
+    def __call__(self, x: jax.Array, kv_in: jax.Array, mask: jax.Array) -> jax.Array:
+        """Dense form. x: float[b, q_len, dim]; kv_in: float[b, kv_len, dim]; mask: bool[b, q_len, kv_len]."""
+        k, v = self.kv(kv_in)
+        o = attention(self.query(x), k, v, mask, self.attention_impl)
+        return x + self.wo(o.reshape(*x.shape[:-1], self.dim))
+
+    def gathered(self, x: jax.Array, slots: jax.Array, index: jax.Array) -> jax.Array:
+        """Each query attends only the k slots of one patch (the decoder's case).
+
+        Args:
+          x: float[b, len, dim] queries; slots: float[b, patches, k, dim];
+          index: int32[b, len], the patch each query reads.
+        """
+        b, p, kk, d = slots.shape
+        k, v = self.kv(slots.reshape(b, p * kk, d))
+        k = k.reshape(b, p, kk, self.n_heads, -1)
+        v = v.reshape(b, p, kk, self.n_heads, -1)
+        take = jax.vmap(lambda a, i: a[i])
+        o = gathered_attention(self.query(x), take(k, index), take(v, index))
+        return x + self.wo(o.reshape(*x.shape[:-1], self.dim))

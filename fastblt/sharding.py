@@ -1,0 +1,145 @@
+"""Logical axis names and the one place that maps them to mesh axes.
+
+Model code names the axes of every parameter and main activation with the short logical table
+below; nothing else in the model knows about meshes. Activation constraints are no-ops until a
+caller installs a mesh and rules with :func:`activation_sharding` (the train step does this while
+tracing), so the same model runs unsharded on one CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Logical axes used by the model. Parameters: embed, heads, kv_heads, mlp, vocab, hash_vocab,
+# patch_embed, norm. Activations: batch, bytes, patches, embed, heads, vocab.
+LOGICAL_AXES = (
+    "batch",
+    "bytes",
+    "patches",
+    "embed",
+    "heads",
+    "kv_heads",
+    "mlp",
+    "vocab",
+    "hash_vocab",
+    "patch_embed",
+    "norm",
+)
+
+# Default rules for a (data, fsdp, tensor) mesh: batch over data+fsdp, parameters fully sharded
+# over fsdp on their embed axis and split over tensor on heads/mlp/vocab (Megatron style).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("bytes", None),
+    ("patches", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("hash_vocab", "tensor"),
+    ("patch_embed", "tensor"),
+    ("norm", None),
+)
+
+_state = threading.local()
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, object]]) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per spec."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        axes = table.get(name) if name is not None else None
+        if axes is None:
+            out.append(None)
+            continue
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes_t = tuple(a for a in axes_t if a not in used)
+        used.update(axes_t)
+        out.append(axes_t[0] if len(axes_t) == 1 else (axes_t or None))
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES) -> Iterator[None]:
+    """Makes :func:`constrain` emit sharding constraints on ``mesh`` while tracing inside it."""
+    previous = getattr(_state, "active", None)
+    _state.active = (mesh, tuple(rules))
+    try:
+        yield
+    finally:
+        _state.active = previous
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Annotates activation ``x`` with logical axis ``names`` (no-op without an active mesh)."""
+    active = getattr(_state, "active", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ----------------------------------------------------------------------------- meshes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (takes what is left).
+
+    ``mesh_cfg`` has integer keys ``data``, ``fsdp``, ``tensor`` (the ``mesh`` config section).
+    Axes are Auto (``jax.sharding.Mesh``): shardings come from jit's in/out shardings and the
+    logical-axis constraints.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [
+        int(mesh_cfg.get(a, 1)) if hasattr(mesh_cfg, "get") else int(getattr(mesh_cfg, a)) for a in MESH_AXES
+    ]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh: {len(devices)} devices are not divisible by {known} (the fixed mesh axes)"
+            )
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {int(np.prod(shape))} devices, "
+            f"{len(devices)} are present: set mesh.data=-1 or change mesh.fsdp / mesh.tensor"
+        )
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def tree_shardings(
+    logical_specs: Any, mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES
+) -> Any:
+    """NamedShardings for a tree of logical PartitionSpecs (from ``nn.get_partition_spec``)."""
+
+    def one(spec: Any) -> NamedSharding:
+        names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
+        return NamedSharding(mesh, logical_to_spec(names, rules))
+
+    return jax.tree.map(one, logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a [batch, bytes] array: batch over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "bytes"), rules))
+
+
+def global_batch(local: Any, sharding: NamedSharding) -> Any:
+    """Assembles per-process numpy batches into global jax Arrays (works for one process too)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)

@@ -1,0 +1,171 @@
+"""fastblt's BLT against the naive float64 loop oracle (tests/oracle.py) in the cases the Hugging
+Face port cannot check: cross_attn_k != 2, rows longer than the local window, EOS inside a row
+(document masking), batches with unequal patch counts, the reference's pool-once encoder, GQA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+try:
+    import oracle
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests import oracle
+
+from fastblt.config import EntropyModelConfig, HashConfig, LocalModelConfig, ModelConfig, TransformerConfig
+from fastblt.model import BLT, EntropyModel
+
+TOL = 1e-4
+
+
+def small_config(k: int = 2, enc_all: bool = False, dec_all: bool = True, **changes) -> ModelConfig:
+    base = ModelConfig(
+        encoder=LocalModelConfig(dim=32, n_layers=2, n_heads=4, window=16, cross_attn_all_layers=enc_all),
+        global_model=TransformerConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2),
+        decoder=LocalModelConfig(dim=32, n_layers=2, n_heads=4, window=16, cross_attn_all_layers=dec_all),
+        entropy_model=EntropyModelConfig(dim=32, n_layers=2, n_heads=2, window=12),
+        hash=HashConfig(group_sizes=(2, 3, 5), nb_functions=2, vocab=97),
+        cross_attn_k=k,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Random params with every norm scale perturbed away from 1 (so a dropped scale shows)."""
+    tokens = jnp.ones((1, 8), jnp.int32)
+    lengths = jnp.array([[1, 8]], jnp.int32)
+    params = nn.meta.unbox(BLT(config).init(jax.random.key(seed), tokens, lengths)["params"])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    rng = np.random.default_rng(seed)
+    out = []
+    for path, leaf in leaves:
+        if jax.tree_util.keystr(path).endswith("['scale']"):
+            leaf = leaf + jnp.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def random_lengths(rng: np.random.Generator, n: int, max_len: int = 6) -> list[int]:
+    """Reference-convention lengths: [1, ...], summing to n + 1."""
+    lengths, left = [1], n - 1  # bytes 1..n-1 after the BOS patch
+    while left > 0:
+        step = int(rng.integers(1, max_len + 1))
+        step = min(step, left)
+        lengths.append(step)
+        left -= step
+    if rng.random() < 0.5:  # the "next byte opens a new patch" case: a 1-long patch of no real byte
+        lengths.append(1)
+    else:
+        lengths[-1] += 1
+    return lengths
+
+
+def batch(rng, rows: list[int], eos_at: dict[int, list[int]] | None = None):
+    n = max(rows)
+    tokens = np.zeros((len(rows), n), np.int32)
+    all_lengths = []
+    for b in range(len(rows)):
+        row = rng.integers(4, 260, n)
+        row[0] = 1
+        for pos in (eos_at or {}).get(b, []):
+            row[pos] = 2
+            if pos + 1 < n:
+                row[pos + 1] = 1
+        tokens[b] = row
+        all_lengths.append(random_lengths(rng, n))
+    p = max(len(x) for x in all_lengths)
+    lengths = np.zeros((len(rows), p), np.int32)
+    for b, x in enumerate(all_lengths):
+        lengths[b, : len(x)] = x
+    return tokens, lengths
+
+
+def check(config: ModelConfig, tokens, lengths, seed: int = 0):
+    params = init_params(config, seed)
+    ours = jax.jit(BLT(config).apply)({"params": params}, jnp.asarray(tokens), jnp.asarray(lengths))
+    expected = oracle.blt_forward(jax.tree.map(np.asarray, params), config, tokens, lengths)
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_cross_attn_k(k):
+    rng = np.random.default_rng(k)
+    check(small_config(k=k), *batch(rng, [40]))
+
+
+@pytest.mark.parametrize(
+    "enc_all,dec_all,repool", [(True, True, False), (True, False, True), (False, False, False)]
+)
+def test_cross_attention_layouts(enc_all, dec_all, repool):
+    rng = np.random.default_rng(3)
+    config = small_config(k=2, enc_all=enc_all, dec_all=dec_all, encoder_repool_every_layer=repool)
+    check(config, *batch(rng, [33]))
+
+
+def test_rows_longer_than_window_and_global_projection():
+    rng = np.random.default_rng(5)
+    config = small_config(k=1)  # k * De = 32 != Dg = 48: the global input projection is used
+    assert config.needs_global_projection
+    check(config, *batch(rng, [80]))
+
+
+def test_eos_inside_rows_document_masking():
+    rng = np.random.default_rng(6)
+    check(small_config(k=2), *batch(rng, [60, 60], eos_at={0: [20], 1: [7, 41]}))
+
+
+def test_batch_with_unequal_patch_counts():
+    rng = np.random.default_rng(8)
+    tokens, lengths = batch(rng, [50, 50, 50])
+    counts = (lengths > 0).sum(1)
+    assert len(set(counts.tolist())) > 1
+    check(small_config(k=4), tokens, lengths)
+
+
+def test_without_document_masking():
+    rng = np.random.default_rng(9)
+    check(small_config(k=2, document_masking=False), *batch(rng, [48], eos_at={0: [10]}))
+
+
+def test_entropy_model_window_and_documents():
+    config = EntropyModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, window=8)
+    rng = np.random.default_rng(10)
+    tokens = rng.integers(4, 260, (2, 40)).astype(np.int32)
+    tokens[:, 0] = 1
+    tokens[1, 17] = 2
+    model = EntropyModel(config)
+    params = nn.meta.unbox(model.init(jax.random.key(1), jnp.asarray(tokens))["params"])
+    ours = model.apply({"params": params}, jnp.asarray(tokens))
+    expected = oracle.entropy_model_forward(jax.tree.map(np.asarray, params), config, tokens)
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=TOL, rtol=0)
+
+
+def test_no_nan_for_empty_patches_and_batch_padding():
+    """Empty slots (the next-byte patch, zero-length padding) never produce NaN, in value or grad."""
+    config = small_config(k=2)
+    params = init_params(config)
+    tokens = jnp.asarray(np.r_[1, np.arange(10, 19)][None], jnp.int32)
+    lengths = jnp.asarray([[1, 3, 3, 3, 1, 0, 0]], jnp.int32)
+
+    def loss(p):
+        return BLT(config).apply({"params": p}, tokens, lengths).sum()
+
+    value, grads = jax.value_and_grad(loss)(params)
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_bf16_compute_close_to_fp32():
+    rng = np.random.default_rng(11)
+    config = small_config(k=2)
+    tokens, lengths = batch(rng, [64])
+    params = init_params(config)
+    f32 = BLT(config).apply({"params": params}, tokens, lengths)
+    bf16 = BLT(config.replace(dtype="bfloat16")).apply({"params": params}, tokens, lengths)
+    assert bf16.dtype == jnp.float32  # logits are always float32
+    assert float(jnp.max(jnp.abs(bf16 - f32))) < 0.1
