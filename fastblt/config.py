@@ -12,8 +12,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 # Primes of the reference's rolling hash, one per hash function (order matters).
 HASH_PRIMES = (
     1000000007,
@@ -312,13 +310,9 @@ def count_params(config: ModelConfig, include_entropy_model: bool = False) -> in
     """Stored parameter count of a config (hash tables included), computed from shapes."""
     import jax
 
-    from fastblt.model import BLT  # local import: keeps `import fastblt.config` light
+    from fastblt.model import abstract_params  # local import: keeps `import fastblt.config` light
 
-    tokens = np.zeros((1, 8), np.int32)
-    shapes = jax.eval_shape(lambda: BLT(config).init(jax.random.key(0), tokens, np.ones((1, 9), np.int32)))
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes["params"]):
-        if not include_entropy_model and "entropy_model" in jax.tree_util.keystr(path):
-            continue
-        total += math.prod(leaf.shape)
-    return total
+    params = dict(abstract_params(config))
+    if not include_entropy_model:
+        params.pop("entropy_model", None)
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -91,15 +91,9 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
 
 def expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flattened parameter path -> shape that ``BLT(config).init`` creates."""
-    import jax
+    from fastblt.model import abstract_params
 
-    from fastblt.model import BLT
-
-    tokens = np.zeros((1, 4), np.int32)
-    lengths = np.array([[1, 4]], np.int32)
-    abstract = jax.eval_shape(lambda: BLT(config).init(jax.random.key(0), tokens, lengths))
-    params = _unbox(abstract["params"])
-    return {path: tuple(leaf.shape) for path, leaf in _flatten(params).items()}
+    return {path: tuple(leaf.shape) for path, leaf in _flatten(abstract_params(config)).items()}
 
 
 def _unbox(tree: Any) -> Any:

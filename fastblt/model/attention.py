@@ -28,8 +28,10 @@ def attention(
       q: float[batch, q_len, heads, head_dim].
       k, v: float[batch, kv_len, kv_heads, head_dim]; kv_heads divides heads.
       mask: bool[batch, q_len, kv_len] (True = visible).
-      impl: "xla" (reference path, float32 softmax), "cudnn" (fused cuDNN kernel through
-        ``jax.nn.dot_product_attention``; GPU, bf16/fp16) or "auto" (cuDNN when it applies).
+      impl: "xla" (the reference path: float32 softmax, written here), "cudnn" (the fused cuDNN
+        kernel through ``jax.nn.dot_product_attention``; GPU, bf16/fp16 only) or "auto"
+        (``jax.nn.dot_product_attention`` choosing cuDNN where it applies, else XLA). A TPU
+        Pallas/splash kernel slots in here as another ``impl``.
 
     Returns:
       float[batch, q_len, heads, head_dim] in q's dtype; rows with no visible key are 0.
@@ -37,7 +39,7 @@ def attention(
     b, t, h, d = q.shape
     kv = k.shape[2]
     has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [b, t, 1, 1]
-    if impl == "xla" or (impl == "auto" and jax.default_backend() != "gpu"):
+    if impl == "xla":
         g = h // kv
         qg = q.reshape(b, t, kv, g, d)
         logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)

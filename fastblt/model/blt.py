@@ -286,3 +286,14 @@ class BLT(nn.Module):
             dec_mask = causal_mask(byte_pos, byte_pos, m.decoder.window, docs, docs)
         read_patch = patching.decoder_patch_ids_from_lengths(patch_lengths, n)
         return self.local_decoder(h, self.local_decoder.slots(g), read_patch, byte_pos, dec_mask)
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """The unboxed parameter tree ``BLT(config).init`` creates, as ShapeDtypeStructs (no memory).
+
+    Parameter shapes do not depend on the row length: 8 bytes in 9 patch slots suffice.
+    """
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    lengths = jnp.ones((1, 9), jnp.int32)
+    variables = jax.eval_shape(lambda: BLT(config).init(jax.random.key(0), tokens, lengths))
+    return nn.meta.unbox(variables["params"])

@@ -1,0 +1,65 @@
+"""BLT-1B (Pagnoni et al. 2024) as released: the architecture of facebook/blt `blt_1b`.
+
+Every number is written out (not inherited from fastblt.config defaults) so that this file alone says
+what BLT-1B is; the values are the reference's args dump (notes: blt-architecture.md §9).
+
+    fastblt train --config blt_1b --workdir /tmp/blt_1b
+    fastblt train --config blt_1b:runlocal --workdir /tmp/blt_1b_smoke    # a few small steps
+    fastblt convert hf-to-orbax --src /path/to/blt-1b-hf --dst /tmp/blt_1b_export
+
+Argument (after ``:``): ``runlocal`` shrinks batch, row length and steps for a quick smoke run of the
+full-size model on one host.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import base
+from fastblt.config import (
+    EntropyModelConfig,
+    HashConfig,
+    LocalModelConfig,
+    ModelConfig,
+    PatcherConfig,
+    TransformerConfig,
+)
+from fastblt.configs import parse_arg
+
+BLT_1B = ModelConfig(
+    encoder=LocalModelConfig(
+        dim=1024, n_layers=1, n_heads=16, window=512, rope_theta=500000.0, cross_attn_all_layers=False
+    ),
+    global_model=TransformerConfig(dim=2048, n_layers=25, n_heads=16, rope_theta=500000.0, window=None),
+    decoder=LocalModelConfig(
+        dim=1024, n_layers=9, n_heads=16, window=512, rope_theta=500000.0, cross_attn_all_layers=True
+    ),
+    # The shared entropy model of facebook/blt; the reference runs it in bfloat16.
+    entropy_model=EntropyModelConfig(
+        dim=768, n_layers=14, n_heads=12, rope_theta=10000.0, window=512, dtype="bfloat16"
+    ),
+    patcher=PatcherConfig(mode="entropy", threshold=1.335442066192627),
+    hash=HashConfig(group_sizes=(3, 4, 5, 6, 7, 8), nb_functions=1, vocab=500002),
+    vocab_size=260,
+    cross_attn_k=2,
+    init_std_factor="current_depth",
+    max_bytes=24576,
+    max_global_patches=4096,
+    dtype="bfloat16",  # compute; parameters stay float32
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """BLT-1B; the base optimizer is the reference's AdamW recipe (its peak lr is a placeholder)."""
+    args = parse_arg(arg, runlocal=False)
+    config = base.training_sections()
+    config.model = BLT_1B.to_dict()
+    config.data.seq_len = 24576  # the reference's longest byte row (max_encoder_seq_length)
+    if args.runlocal:
+        config.data.batch_size = 2
+        config.data.seq_len = 2048
+        config.optimizer.warmup_steps = 2
+        config.train.steps = 10
+        config.train.log_every = 1
+        config.checkpoint.save_every = 5
+    return config

@@ -1,0 +1,81 @@
+"""The attention entry point: the XLA reference path against a naive loop, the library path
+(``jax.nn.dot_product_attention``) against the reference path, and the masks."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastblt.model.attention import attention, causal_mask, document_ids, gathered_attention
+
+
+def naive(q, k, v, mask):
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    out = np.zeros(q.shape)
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                keys = [s for s in range(k.shape[1]) if mask[bi, ti, s]]
+                if not keys:
+                    continue
+                logits = np.array([q[bi, ti, hi] @ k[bi, s, hi // g] for s in keys]) / np.sqrt(d)
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                out[bi, ti, hi] = sum(pi * v[bi, s, hi // g] for pi, s in zip(p, keys, strict=True))
+    return out
+
+
+def _inputs(seed=0, b=2, t=9, s=11, h=4, kv=2, d=8):
+    rng = np.random.default_rng(seed)
+    q, k, v = (
+        rng.normal(size=shape).astype(np.float32) for shape in [(b, t, h, d), (b, s, kv, d), (b, s, kv, d)]
+    )
+    mask = rng.random((b, t, s)) < 0.5
+    mask[0, 3] = False  # a row with no visible key
+    return q, k, v, mask
+
+
+def test_xla_path_matches_naive_and_zeroes_empty_rows():
+    q, k, v, mask = _inputs()
+    out = np.asarray(attention(q, k, v, jnp.asarray(mask), "xla"))
+    np.testing.assert_allclose(out, naive(q, k, v, mask), atol=1e-5)
+    assert np.all(out[0, 3] == 0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_library_path_agrees_with_reference_path(dtype, tol):
+    q, k, v, mask = (jnp.asarray(x, dtype) if x.dtype != bool else jnp.asarray(x) for x in _inputs(1))
+    ref = attention(q, k, v, mask, "xla").astype(jnp.float32)
+    fast = attention(q, k, v, mask, "auto").astype(jnp.float32)
+    assert bool(jnp.all(jnp.isfinite(fast)))
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), atol=tol)
+
+
+def test_gathered_attention_equals_dense_masked_attention():
+    rng = np.random.default_rng(2)
+    b, t, p, kk, h, d = 2, 7, 5, 3, 2, 4
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    slots_k = rng.normal(size=(b, p, kk, h, d)).astype(np.float32)
+    slots_v = rng.normal(size=(b, p, kk, h, d)).astype(np.float32)
+    index = rng.integers(0, p, (b, t))
+    gk = np.stack([slots_k[i, index[i]] for i in range(b)])
+    gv = np.stack([slots_v[i, index[i]] for i in range(b)])
+    out = gathered_attention(q, gk, gv)
+    mask = (np.arange(p * kk)[None, None] // kk) == index[..., None]
+    dense = attention(
+        q, slots_k.reshape(b, p * kk, h, d), slots_v.reshape(b, p * kk, h, d), jnp.asarray(mask)
+    )
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=1e-5)
+
+
+def test_masks_window_and_documents():
+    tokens = jnp.array([[1, 5, 6, 2, 1, 7, 8, 9]])
+    docs = document_ids(tokens)
+    np.testing.assert_array_equal(np.asarray(docs), [[0, 0, 0, 0, 1, 1, 1, 1]])  # EOS ends its document
+    pos = jnp.arange(8)[None]
+    mask = np.asarray(causal_mask(pos, pos, 2, docs, docs))[0]
+    for i in range(8):
+        for j in range(8):
+            assert mask[i, j] == (j <= i and i - j < 2 and (i < 4) == (j < 4))

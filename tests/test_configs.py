@@ -1,0 +1,340 @@
+"""Experiment configs: loading, overrides, validation errors, and BLT-1B against the published numbers."""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from fastblt import cli
+from fastblt.config import ConfigError, EntropyModelConfig, ModelConfig
+from fastblt.configs import (
+    available_experiments,
+    entropy_model_config,
+    load_config,
+    model_config,
+    parse_arg,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ["base", "blt_1b", "entropy_100m", "entropy_tiny", "tiny"]
+BLT_EXPERIMENTS = ["base", "blt_1b", "tiny"]
+ENTROPY_EXPERIMENTS = ["entropy_100m", "entropy_tiny"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every experiment loads.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_available_experiments_lists_the_repository_configs():
+    assert set(EXPERIMENTS) <= set(available_experiments())
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_loads_by_name_and_by_path(name):
+    by_name = load_config(name)
+    by_path = load_config(str(REPO / "experiments" / f"{name}.py"))
+    assert by_name.to_dict() == by_path.to_dict()
+    for section in ("data", "optimizer", "train", "checkpoint"):
+        assert section in by_name
+    assert by_name.data.seq_len > 0 and by_name.data.batch_size > 0
+
+
+@pytest.mark.parametrize("name", BLT_EXPERIMENTS)
+def test_blt_experiment_model_section_validates(name):
+    config = load_config(name)
+    assert isinstance(model_config(config), ModelConfig)
+    assert config.data.seq_len <= config.model.max_bytes
+
+
+@pytest.mark.parametrize("name", ENTROPY_EXPERIMENTS)
+def test_entropy_experiment_has_entropy_section(name):
+    config = load_config(name)
+    assert "model" not in config
+    assert isinstance(entropy_model_config(config), EntropyModelConfig)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_docstring_shows_how_to_run_it(name):
+    source = (REPO / "experiments" / f"{name}.py").read_text()
+    docstring = ast.get_docstring(ast.parse(source))
+    assert docstring and "fastblt train --config" in docstring
+
+
+def test_loaded_config_is_locked():
+    config = load_config("tiny")
+    with pytest.raises(AttributeError):
+        config.optimizer.lrr = 1.0  # a typo must not silently add a key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The models are the ones the notes describe.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_blt_1b_matches_the_reference_config():
+    """Numbers from blt-architecture.md §9 (the reference's args dump) and §8 (FFN widths)."""
+    m = model_config(load_config("blt_1b"))
+    assert (m.encoder.dim, m.encoder.n_layers, m.encoder.n_heads) == (1024, 1, 16)
+    assert (m.global_model.dim, m.global_model.n_layers, m.global_model.n_heads) == (2048, 25, 16)
+    assert (m.decoder.dim, m.decoder.n_layers, m.decoder.n_heads) == (1024, 9, 16)
+    assert m.decoder.cross_attn_all_layers and not m.encoder.cross_attn_all_layers
+    assert m.encoder.cross_heads == 16 and m.decoder.cross_heads == 16
+    assert m.cross_attn_k == 2
+    assert m.hash.group_sizes == (3, 4, 5, 6, 7, 8) and m.hash.nb_functions == 1 and m.hash.vocab == 500002
+    assert m.encoder.window == 512 and m.decoder.window == 512 and m.global_model.window is None
+    assert m.encoder.rope_theta == m.global_model.rope_theta == m.decoder.rope_theta == 500000.0
+    assert m.max_bytes == 24576 and m.max_global_patches == 4096
+    assert m.patcher.mode == "entropy" and m.patcher.threshold == 1.335442066192627
+    assert m.vocab_size == 260 and m.init_std_factor == "current_depth"
+    assert m.dtype == "bfloat16"
+    e = m.entropy_model
+    assert (e.dim, e.n_layers, e.n_heads, e.rope_theta, e.window) == (768, 14, 12, 10000.0, 512)
+    assert e.dtype == "bfloat16" and e.vocab_size == 260
+    # FFN widths from the notes' table: 1024 -> 2816, 2048 -> 5632, 768 -> 2048.
+    assert (m.encoder.hidden_dim, m.global_model.hidden_dim, e.hidden_dim) == (2816, 5632, 2048)
+    assert m.global_input_dim == m.global_model.dim  # k * D_e == D_g: no input projection in the 1B
+
+
+def test_tiny_is_cpu_sized():
+    m = model_config(load_config("tiny"))
+    assert (m.encoder.dim, m.encoder.n_layers, m.encoder.n_heads) == (128, 1, 4)
+    assert (m.global_model.dim, m.global_model.n_layers, m.global_model.n_heads) == (256, 2, 4)
+    assert (m.decoder.dim, m.decoder.n_layers, m.decoder.n_heads) == (128, 2, 4)
+    assert m.cross_attn_k == 2
+    assert m.hash.group_sizes == (3, 4, 5) and m.hash.nb_functions == 1 and m.hash.vocab == 4099
+    assert (m.entropy_model.dim, m.entropy_model.n_layers, m.entropy_model.n_heads) == (64, 2, 2)
+    assert load_config("tiny").data.seq_len == 512
+
+
+@pytest.mark.parametrize(("entropy", "blt"), [("entropy_tiny", "tiny"), ("entropy_100m", "blt_1b")])
+def test_entropy_experiment_trains_the_blt_entropy_model(entropy, blt):
+    """A trained entropy model must drop into its BLT: the two sections must be identical."""
+    assert entropy_model_config(load_config(entropy)) == model_config(load_config(blt)).entropy_model
+
+
+def test_entropy_100m_has_about_100m_parameters():
+    """Counted by hand from the notes §2.1: 14 blocks of (4 D^2 attention + 3 D H SwiGLU) + embed + out."""
+    e = entropy_model_config(load_config("entropy_100m"))
+    d, h = 768, 2048
+    assert (e.dim, e.hidden_dim) == (d, h)
+    n = 14 * (4 * d * d + 3 * d * h + 2 * d) + 2 * 260 * d + d
+    assert 99e6 < n < 100e6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments and overrides.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_overrides_of_each_type():
+    config = load_config(
+        "tiny",
+        [
+            "model.encoder.n_heads=2",
+            "optimizer.lr=1",  # an int where a float is expected is widened
+            "model.hash.group_sizes=(3, 4)",
+            "model.encoder.window=None",
+            "model.encoder.n_kv_heads=2",  # a field whose default is None
+            "model.patcher.mode=static",  # a bare word is a string
+            "data.source='/tmp/corpus.txt'",
+            "model.document_masking=false",
+        ],
+    )
+    m = model_config(config)
+    assert m.encoder.n_heads == 2 and m.encoder.window is None and m.encoder.n_kv_heads == 2
+    assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
+    assert m.hash.group_sizes == (3, 4)
+    assert m.patcher.mode == "static" and m.document_masking is False
+    assert config.data.source == "/tmp/corpus.txt"
+
+
+def test_overrides_do_not_leak_between_loads():
+    load_config("tiny", ["model.encoder.n_heads=2"])
+    assert load_config("tiny").model.encoder.n_heads == 4
+
+
+def test_experiment_argument():
+    config = load_config("tiny:patching=static")
+    assert config.model.patcher.mode == "static" and config.model.entropy_model is None
+    assert model_config(config).entropy_model is None
+    smoke = load_config("blt_1b:runlocal")
+    assert smoke.train.steps < load_config("blt_1b").train.steps
+
+
+def test_parse_arg():
+    args = parse_arg("runlocal,steps=5,lr=1", runlocal=False, steps=10, lr=0.5, name="x")
+    assert args.runlocal is True and args.steps == 5 and args.lr == 1.0 and args.name == "x"
+    assert parse_arg(None, steps=10).steps == 10
+    with pytest.raises(ConfigError, match="stepz"):
+        parse_arg("stepz=3", steps=10)
+    with pytest.raises(ConfigError, match="steps"):
+        parse_arg("steps=abc", steps=10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors name the key.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_key_names_it_and_the_valid_keys():
+    with pytest.raises(ConfigError, match=r"model\.encoder\.nheads") as info:
+        load_config("tiny", ["model.encoder.nheads=4"])
+    assert "n_heads" in str(info.value) and "cross_attn_all_layers" in str(info.value)
+    with pytest.raises(ConfigError, match="optimiser") as info:
+        load_config("tiny", ["optimiser.lr=1e-3"])
+    assert "optimizer" in str(info.value)
+
+
+def test_key_below_a_value_is_unknown():
+    with pytest.raises(ConfigError, match=r"model\.encoder\.dim\.x"):
+        load_config("tiny", ["model.encoder.dim.x=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.encoder.dim=1.5", "model.encoder.dim"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("model.decoder.cross_attn_all_layers=1", "model.decoder.cross_attn_all_layers"),
+        ("model.encoder.n_kv_heads='two'", "model.encoder.n_kv_heads"),  # default None: no ConfigDict type
+        ("model.patcher.max_patches=2.5", "model.patcher.max_patches"),
+        ("model.hash.group_sizes=(3, 'x')", "model.hash.group_sizes"),
+    ],
+)
+def test_wrong_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize(
+    ("spec", "override", "key"),
+    [
+        ("tiny", "model.encoder.n_heads=3", "model.encoder.n_heads"),
+        ("tiny", "model.global_model.n_heads=5", "model.global_model.n_heads"),
+        ("blt_1b", "model.decoder.dim=512", "model.decoder.dim"),
+        ("tiny", "model.patcher.mode=bytes", "model.patcher.mode"),
+        ("entropy_tiny", "entropy_model.n_heads=3", "entropy_model.n_heads"),
+        ("tiny", "data.seq_len=4096", "data.seq_len"),
+    ],
+)
+def test_inconsistent_model_fails_at_load_naming_the_key(spec, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(spec, [override])
+
+
+def test_section_replaced_by_a_value():
+    with pytest.raises(ConfigError, match="model must be a section"):
+        load_config("tiny", ["model=None"])
+    with pytest.raises(ConfigError, match="entropy_model=3"):
+        load_config("entropy_tiny", ["entropy_model=3"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("tiny", ["model.encoder.n_heads"])
+
+
+def test_missing_experiment_names_the_path_and_lists_the_names(tmp_path):
+    with pytest.raises(ConfigError, match="no_such_experiment") as info:
+        load_config("no_such_experiment")
+    assert "tiny" in str(info.value) and "blt_1b" in str(info.value)
+    missing = tmp_path / "missing.py"
+    with pytest.raises(ConfigError, match=str(missing)):
+        load_config(str(missing))
+
+
+def test_argument_to_an_experiment_that_takes_none():
+    with pytest.raises(ConfigError, match="takes no argument"):
+        load_config("entropy_tiny:runlocal")
+    with pytest.raises(ConfigError, match="patchin"):
+        load_config("tiny:patchin=static")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experiment files outside the repository.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_standalone_experiment_file(tmp_path):
+    path = tmp_path / "my_experiment.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import ml_collections
+            from fastblt.config import ModelConfig, LocalModelConfig
+
+            def get_config():
+                config = ml_collections.ConfigDict()
+                config.model = ModelConfig(encoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8),
+                                           decoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8)).to_dict()
+                config.data = ml_collections.ConfigDict(dict(seq_len=1024))
+                return config
+            """
+        )
+    )
+    config = load_config(str(path), ["model.encoder.n_heads=4"])
+    assert model_config(config).encoder.n_heads == 4
+
+
+def test_experiment_file_without_get_config(tmp_path):
+    path = tmp_path / "empty.py"
+    path.write_text("X = 1\n")
+    with pytest.raises(ConfigError, match="get_config"):
+        load_config(str(path))
+
+
+def test_experiment_without_a_model_section(tmp_path):
+    path = tmp_path / "nomodel.py"
+    path.write_text("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict()\n")
+    with pytest.raises(ConfigError, match="model"):
+        load_config(str(path))
+
+
+def test_config_dict_round_trips_through_model_config():
+    """to_dict() of the validated ModelConfig reproduces the section (nothing dropped or renamed)."""
+    config = load_config("blt_1b")
+    as_dict = model_config(config).to_dict()
+    assert ml_collections.ConfigDict(as_dict).to_dict() == config.model.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `fastblt config`: the command-line face of the above.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_config_prints_the_overridden_config(capsys):
+    assert cli.main(["config", "--config", "tiny", "--set", "model.encoder.n_heads=2"]) == 0
+    out = capsys.readouterr().out
+    assert "n_heads: 2" in out
+
+
+def test_cli_config_error_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["config", "--config", "tiny", "--set", "model.encoder.nheads=2"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastblt: error: ") and "model.encoder.nheads" in err
+    assert "Traceback" not in err
+
+
+def test_cli_accepts_ml_collections_style_overrides(capsys):
+    from fastblt.cli import config_flag_overrides
+
+    argv = ["config", "--config", "tiny", "--config.optimizer.lr=0.002", "--config.model.encoder.n_heads", "2"]
+    assert config_flag_overrides(argv) == [
+        "config",
+        "--config",
+        "tiny",
+        "--set",
+        "optimizer.lr=0.002",
+        "--set",
+        "model.encoder.n_heads=2",
+    ]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.002" in out and "n_heads: 2" in out
