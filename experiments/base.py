@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from fastblt.config import ModelConfig
+from fastblt.data.settings import DEFAULTS as DATA_DEFAULTS
 
 
 def training_sections() -> ml_collections.ConfigDict:
@@ -19,8 +20,9 @@ def training_sections() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "stdlib"  # the embedded default corpus: Python's standard library source
+    # Every data key with its default (fastblt/data/settings.py documents them); source "stdlib" is
+    # the embedded default corpus: Python's standard library source, whole modules held out.
+    config.data = ml_collections.ConfigDict(dict(DATA_DEFAULTS))
     config.data.batch_size = 8  # rows per step, across all devices
     config.data.seq_len = 4096  # bytes per row (BOS included); the reference counts patches instead
 
@@ -38,16 +40,46 @@ def training_sections() -> ml_collections.ConfigDict:
     config.train.steps = 100_000
     config.train.log_every = 10
     config.train.eval_every = 1000
+    config.train.grad_accum = 1  # micro-batches per step (data.batch_size must divide by it)
+
+    # Device mesh: data x fsdp x tensor; one axis may be -1 (all remaining devices).
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.workdir = ""  # set by `fastblt train --workdir`
     config.checkpoint.save_every = 1000
     config.checkpoint.keep = 3  # most recent checkpoints kept
+    config.checkpoint.keep_every = 0  # also keep every N-th step forever (0: none)
+    config.checkpoint.async_save = True
     return config
+
+
+def entropy_stage(
+    steps: int, lr: float, warmup_steps: int, target_patch_len: float
+) -> ml_collections.ConfigDict:
+    """Stage 1 of an entropy-patched BLT run: train ``model.entropy_model`` on the same data first.
+
+    ``checkpoint``: a trained entropy model's workdir to use instead (skips stage 1).
+    ``target_patch_len``: if > 0, set ``model.patcher.threshold`` to the entropy quantile that gives
+    this many bytes per patch on the held-out rows (a new entropy model's scale is its own).
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            checkpoint="",
+            steps=steps,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            target_patch_len=target_patch_len,
+        )
+    )
 
 
 def get_config() -> ml_collections.ConfigDict:
     """The base config: BLT-1B's model section (float32) and placeholder training sections."""
     config = training_sections()
     config.model = ModelConfig().to_dict()
+    config.entropy_stage = entropy_stage(steps=100_000, lr=4e-4, warmup_steps=2000, target_patch_len=0.0)
     return config

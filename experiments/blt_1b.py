@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base.training_sections()
     config.model = BLT_1B.to_dict()
     config.data.seq_len = 24576  # the reference's longest byte row (max_encoder_seq_length)
+    # Stage 1 trains experiments/entropy_100m.py's model unless a trained one is named with
+    # --config.entropy_stage.checkpoint=WORKDIR; BLT-1B keeps the reference threshold (no calibration).
+    config.entropy_stage = base.entropy_stage(steps=100_000, lr=4e-4, warmup_steps=2000, target_patch_len=0.0)
     if args.runlocal:
         config.data.batch_size = 2
         config.data.seq_len = 2048

@@ -33,7 +33,8 @@ TINY = ModelConfig(
     global_model=TransformerConfig(dim=256, n_layers=2, n_heads=4),
     decoder=LocalModelConfig(dim=128, n_layers=2, n_heads=4, window=128, cross_attn_all_layers=True),
     entropy_model=EntropyModelConfig(dim=64, n_layers=2, n_heads=2, window=128),
-    patcher=PatcherConfig(mode="entropy"),
+    # ~4.5-byte patches on 512-byte rows give ~115 patches; 192 slots leave room (overflow is logged).
+    patcher=PatcherConfig(mode="entropy", max_patches=192),
     hash=HashConfig(group_sizes=(3, 4, 5), nb_functions=1, vocab=4099),
     cross_attn_k=2,  # k * encoder.dim == global dim: no global input projection
     max_bytes=1024,
@@ -56,4 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.steps = 2000
     config.train.eval_every = 200
     config.checkpoint.save_every = 500
+    # Stage 1 (entropy model) then stage 2 (BLT) in one `fastblt train`; the threshold is calibrated
+    # to ~4.5 bytes per patch on held-out rows.
+    config.entropy_stage = base.entropy_stage(steps=300, lr=3e-3, warmup_steps=30, target_patch_len=4.5)
     return config

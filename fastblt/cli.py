@@ -164,6 +164,62 @@ def _run_orbax_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({param_count(params):,} parameters)")
 
 
+@subcommand
+def _train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train from an experiment config; resumes from the latest checkpoint in --workdir",
+        description="Trains the config's model. An entropy-patched BLT trains its entropy model first "
+        "(stage 1, in WORKDIR/entropy) unless entropy_stage.checkpoint names one, then BLT (WORKDIR/blt).",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard events and logs go here")
+    parser.add_argument(
+        "--coordinator", help="multi-process: HOST:PORT of process 0 (or FASTBLT_COORDINATOR)"
+    )
+    parser.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-process: this process's id")
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    config = load_config_from_args(args)
+    from fastblt import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from fastblt.train import run
+
+    run(config, str(Path(args.workdir).expanduser()))
+
+
+@subcommand
+def _preprocess(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "preprocess",
+        help="write a config's corpus as a tensorstore (zarr) corpus for random access at scale",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --dst")
+    parser.add_argument(
+        "--entropy-workdir",
+        help="also store next-byte entropies from the entropy model trained in this workdir",
+    )
+    parser.set_defaults(run=_run_preprocess)
+
+
+def _run_preprocess(args: argparse.Namespace) -> None:
+    config = load_config_from_args(args)
+    from fastblt.data.preprocess import preprocess
+
+    entropy_fn = None
+    if args.entropy_workdir:
+        from fastblt.train import entropy_function
+
+        entropy_fn = entropy_function(config, str(_existing_dir(args.entropy_workdir, "--entropy-workdir")))
+    preprocess(config.data, args.dst, entropy_fn=entropy_fn, overwrite=args.overwrite)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Entry point.
 # ---------------------------------------------------------------------------------------------------------

@@ -147,6 +147,9 @@ class ModelConfig:
     max_global_patches: int = 4096
     dtype: str = "float32"  # compute dtype; parameters are float32, logits float32
     attention_impl: str = "xla"  # xla | cudnn | auto (cudnn on GPU when possible)
+    # BLT-D (fastblt/diffusion.py): the decoder owns a learned [MASK] input vector
+    # (``local_decoder.mask_embedding``). Off: plain BLT's parameter tree, unchanged.
+    mask_embedding: bool = False
 
     @property
     def global_input_dim(self) -> int:
@@ -161,6 +164,11 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def as_dict(obj: Any) -> Any:
+    """Plain nested dict (tuples as lists) of a config dataclass, JSON-serialisable."""
+    return _asdict(obj)
 
 
 def _asdict(obj: Any) -> Any:
@@ -294,6 +302,11 @@ def validate(config: ModelConfig, prefix: str = "model.") -> None:
         _validate_stack(config.entropy_model, f"{p}entropy_model")
         _check(config.entropy_model.dtype in DTYPES, f"{p}entropy_model.dtype", f"must be one of {DTYPES}")
     _check(config.dtype in DTYPES, f"{p}dtype", f"must be one of {DTYPES}")
+    _check(
+        isinstance(config.mask_embedding, bool),
+        f"{p}mask_embedding",
+        f"must be a bool, got {config.mask_embedding!r}",
+    )
     _check(
         config.attention_impl in ATTENTION_IMPLS,
         f"{p}attention_impl",

@@ -107,7 +107,9 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
         int(mesh_cfg.get(a, 1)) if hasattr(mesh_cfg, "get") else int(getattr(mesh_cfg, a)) for a in MESH_AXES
     ]
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}")
+        raise ValueError(
+            f"mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}"
+        )
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if len(devices) % known:
@@ -124,15 +126,34 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
 
 
 def tree_shardings(
-    logical_specs: Any, mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES
+    logical_specs: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, object]] = DEFAULT_RULES,
+    shapes: Any = None,
 ) -> Any:
-    """NamedShardings for a tree of logical PartitionSpecs (from ``nn.get_partition_spec``)."""
+    """NamedShardings for a tree of logical PartitionSpecs (from ``nn.get_partition_spec``).
 
-    def one(spec: Any) -> NamedSharding:
+    With ``shapes`` (a matching tree of arrays or ShapeDtypeStructs), a dimension that the mesh axes
+    do not divide evenly (the 260-byte vocab over 8 ways, a 500002-row hash table over 4) is left
+    replicated instead of failing: correct, if less memory-efficient for that one parameter.
+    """
+
+    def one(spec: Any, shape: tuple[int, ...] | None) -> NamedSharding:
         names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
-        return NamedSharding(mesh, logical_to_spec(names, rules))
+        mesh_spec = list(logical_to_spec(names, rules))
+        if shape is not None:
+            for dim, axes in enumerate(mesh_spec):
+                if axes is None:
+                    continue
+                ways = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+                if shape[dim] % ways:
+                    mesh_spec[dim] = None
+        return NamedSharding(mesh, PartitionSpec(*mesh_spec))
 
-    return jax.tree.map(one, logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+    is_leaf = lambda x: isinstance(x, PartitionSpec) or x is None  # noqa: E731
+    if shapes is None:
+        return jax.tree.map(lambda s: one(s, None), logical_specs, is_leaf=is_leaf)
+    return jax.tree.map(lambda s, x: one(s, tuple(x.shape)), logical_specs, shapes, is_leaf=is_leaf)
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES) -> NamedSharding:

@@ -1,0 +1,399 @@
+"""Training metrics: model FLOPs per byte and MFU, TensorBoard scalars, a console progress line.
+
+FLOP accounting follows MaxText's convention (model FLOPs, not hardware FLOPs): every matmul costs
+2 FLOPs per weight per row it is applied to, attention costs ``4 * keys * H * head_dim`` per query
+(``Q K^T`` and ``P V``, 2 each) with causal masks counted by the keys a query actually sees, a
+training step costs 3x the forward (forward + backward), and embedding lookups (byte and hash
+n-gram tables) are free. Norms, RoPE, softmax, pooling and other elementwise work are not counted.
+
+The BLT runs three stacks at three rates; with ``N`` bytes per row, ``L`` the average patch length
+and ``P = N / L`` real patches per row, per byte (forward):
+
+* local encoder: its layers on every byte; the pooled-patch projection ``D_e -> k D_e`` once per
+  patch; each cross-attention layer projects q/o on the ``k`` slots of a patch and k/v on every
+  byte, and each slot attends the ~``L`` bytes of its patch (no causal halving: the whole patch);
+* global transformer: its layers (and the ``k D_e -> D_g`` input projection when present) once per
+  patch, attention causal over the ``P`` patches;
+* local decoder: the slot projection ``D_g -> k D_d`` once per patch; each cross-attention layer
+  projects q/o on every byte and k/v on the ``k`` slots of every patch, and each byte attends the
+  ``k`` slots of one patch; its layers on every byte; the output head ``D_d -> V`` on every byte.
+
+Self-attention keys per query: a causal window of ``W`` keys over ``N`` positions gives query ``i``
+``min(i + 1, W)`` keys; the count uses their exact mean, ``(N + 1) / 2`` for a full causal mask
+(MaxText halves: ``N / 2``; the difference is the diagonal, a relative ``1 / N``) and about ``W``
+for a window much shorter than the row (the local models' 512 over 8k-byte rows).
+Document masking and padding are ignored (they depend on the data). The fixed-shape patch buffer
+of the implementation is larger than ``P``: padded slots are not useful work and are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+from fastblt.config import EntropyModelConfig, LocalModelConfig, ModelConfig, TransformerConfig
+
+LN2 = math.log(2.0)
+
+
+def bits_per_byte(loss_nats: Any) -> Any:
+    """Cross-entropy in bits per byte from a mean next-byte loss in nats: ``loss / ln 2``."""
+    return loss_nats / LN2
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def mean_causal_keys(seq_len: float, window: int | None) -> float:
+    """Average keys a query sees under a causal mask limited to ``window`` keys (self included).
+
+    Query ``i`` of ``N`` sees ``min(i + 1, W)`` keys: ``(N W - W (W - 1) / 2) / N`` on average with
+    ``W = min(window, N)``; ``(N + 1) / 2`` for a full causal mask.
+    """
+    w = seq_len if window is None else min(window, seq_len)
+    return w - w * (w - 1.0) / (2.0 * seq_len)
+
+
+def block_matmul_flops(c: TransformerConfig) -> float:
+    """Forward matmul FLOPs of one pre-norm block per position: q, k, v, o and the SwiGLU FFN."""
+    qkvo = c.dim * c.n_heads * c.head_dim * 2 + c.dim * c.kv_heads * c.head_dim * 2
+    ffn = 3 * c.dim * c.hidden_dim
+    return 2.0 * (qkvo + ffn)
+
+
+def attention_flops(n_heads: int, head_dim: int, keys: float) -> float:
+    """Forward FLOPs of scores and weighted values for one query: ``2 keys H hd`` each."""
+    return 4.0 * keys * n_heads * head_dim
+
+
+def stack_flops(c: TransformerConfig, seq_len: float) -> float:
+    """Forward FLOPs of all blocks of a stack, per position, over rows of ``seq_len`` positions."""
+    keys = mean_causal_keys(seq_len, c.window)
+    return c.n_layers * (block_matmul_flops(c) + attention_flops(c.n_heads, c.head_dim, keys))
+
+
+def _check_lengths(seq_len: int, avg_patch_len: float) -> None:
+    if not seq_len >= 1:
+        raise ValueError(f"seq_len must be >= 1 byte, got {seq_len!r}")
+    if not avg_patch_len > 0 or not math.isfinite(avg_patch_len):
+        raise ValueError(f"avg_patch_len must be a positive number of bytes, got {avg_patch_len!r}")
+
+
+def model_flops_breakdown(config: ModelConfig, seq_len: int, avg_patch_len: float) -> dict[str, float]:
+    """Forward model FLOPs per byte of each BLT part (see the module docstring for the terms)."""
+    _check_lengths(seq_len, avg_patch_len)
+    k, lp = config.cross_attn_k, float(avg_patch_len)
+    patches = seq_len / lp
+    enc: LocalModelConfig = config.encoder
+    dec: LocalModelConfig = config.decoder
+    de, dd, dg = enc.dim, dec.dim, config.global_model.dim
+
+    n_pool = enc.n_cross_layers if (enc.cross_attn_all_layers and config.encoder_repool_every_layer) else 1
+    enc_cross_per_layer = (
+        2.0 * 2 * k * de * de / lp  # wq, wo on the k slots of each patch
+        + 2.0 * 2 * de * de  # wk, wv on every byte
+        + k * attention_flops(1, de, lp) / lp  # each slot attends the ~L bytes of its patch
+    )
+    encoder = (
+        stack_flops(enc, seq_len)
+        + n_pool * 2.0 * de * k * de / lp  # patch_embedding_projection, per patch
+        + enc.n_cross_layers * enc_cross_per_layer
+    )
+
+    global_in = 2.0 * config.global_input_dim * dg if config.needs_global_projection else 0.0
+    global_ = (global_in + stack_flops(config.global_model, patches)) / lp
+
+    dec_cross_per_layer = (
+        2.0 * 2 * dd * dd  # wq, wo on every byte
+        + 2.0 * 2 * k * dd * dd / lp  # wk, wv on the k slots of each patch
+        + attention_flops(1, dd, k)  # each byte attends the k slots of one patch
+    )
+    decoder = (
+        2.0 * dg * k * dd / lp  # patch_embedding_projection, per patch
+        + dec.n_cross_layers * dec_cross_per_layer
+        + stack_flops(dec, seq_len)
+        + 2.0 * dd * config.vocab_size  # output head
+    )
+    return {"local_encoder": encoder, "global_transformer": global_, "local_decoder": decoder}
+
+
+def model_flops_per_byte(
+    config: ModelConfig, seq_len: int, avg_patch_len: float, training: bool = True
+) -> float:
+    """Model FLOPs per byte of a BLT step on rows of ``seq_len`` bytes (3x forward if ``training``).
+
+    The frozen entropy model is not included: add :func:`entropy_model_flops_per_byte` when it runs
+    in the step.
+    """
+    forward = sum(model_flops_breakdown(config, seq_len, avg_patch_len).values())
+    return (3.0 if training else 1.0) * forward
+
+
+def entropy_model_flops_per_byte(
+    config: ModelConfig | EntropyModelConfig, seq_len: int, training: bool = False
+) -> float:
+    """Model FLOPs per byte of the entropy model: its forward (patching), 3x that if ``training``.
+
+    Blocks with window-limited causal attention on every byte, then the output head; the byte
+    embedding is a lookup (free).
+    """
+    c = config.entropy_model if isinstance(config, ModelConfig) else config
+    if c is None:
+        raise ValueError("the model config has no entropy_model: there are no entropy-model FLOPs to count")
+    _check_lengths(seq_len, 1.0)
+    forward = stack_flops(c, seq_len) + 2.0 * c.dim * c.vocab_size
+    return (3.0 if training else 1.0) * forward
+
+
+# --------------------------------------------------------------------------- MFU
+
+# bf16 dense peak FLOP/s per chip, by a lower-case substring of ``jax.devices()[0].device_kind``.
+# The first matching entry wins, so more specific names come first (``TPU v5 lite`` is a v5e).
+PEAK_FLOPS: dict[str, float] = {
+    "h100 pcie": 756e12,
+    "h100": 989e12,  # SXM
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v4": 275e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """bf16 dense peak FLOP/s of one chip, or None when unknown (CPU, unlisted accelerators)."""
+    kind = device_kind.lower()
+    for key, peak in PEAK_FLOPS.items():
+        if key in kind:
+            return peak
+    return None
+
+
+def mfu(flops_per_byte: float, bytes_per_sec: float, n_devices: int, device_kind: str) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: achieved model FLOP/s over the devices' peak.
+
+    ``bytes_per_sec`` is the global throughput (all devices); None when the peak is unknown.
+    """
+    peak = peak_flops(device_kind)
+    if peak is None or n_devices < 1:
+        return None
+    return flops_per_byte * bytes_per_sec / (n_devices * peak)
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as TFRecord files use."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # int64 fields: two's complement
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(wall_time: float, step: int | None = None, file_version: str | None = None, scalars=()) -> bytes:
+    """A serialized ``tensorflow.Event`` proto (fields: 1 wall_time, 2 step, 3 file_version, 5 summary)."""
+    out = bytearray(_varint(1 << 3 | 1) + struct.pack("<d", wall_time))
+    if step is not None:
+        out += _varint(2 << 3 | 0) + _varint(step)
+    if file_version is not None:
+        out += _len_field(3, file_version.encode())
+    if scalars:
+        # Summary { repeated Value value = 1 }; Value { string tag = 1; float simple_value = 2 }.
+        values = b"".join(
+            _len_field(1, _len_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", v))
+            for tag, v in scalars
+        )
+        out += _len_field(5, values)
+    return bytes(out)
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, masked CRC of the length, data, masked CRC of the data."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+class MetricWriter:
+    """Writes scalars to a TensorBoard event file (and ``metrics.jsonl``) in ``logdir``.
+
+    Only one process should write: pass ``enabled=(jax.process_index() == 0)``; a disabled writer
+    does nothing and creates no file. The event file is written without TensorFlow or tensorboardX:
+    TFRecord framing (CRC-32C) around hand-encoded ``Event`` protos.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, enabled: bool = True) -> None:
+        self.logdir = os.fspath(logdir)
+        self.enabled = enabled
+        self.path: str | None = None
+        self._events = self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(self.logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.path = os.path.join(self.logdir, name)
+        self._events = open(self.path, "ab")  # closed in close()
+        self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
+        self._events.write(_record(_event(time.time(), file_version="brain.Event:2")))
+        self._events.flush()
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Writes ``{tag: number}`` at ``step`` and flushes. None values are skipped."""
+        if not self.enabled:
+            return
+        if self._events is None:
+            raise RuntimeError(f"MetricWriter for {self.logdir} is closed")
+        values = [(str(k), float(v)) for k, v in scalars.items() if v is not None]
+        self._events.write(_record(_event(time.time(), step=int(step), scalars=values)))
+        self._events.flush()
+        self._jsonl.write(json.dumps({"step": int(step), **dict(values)}) + "\n")
+        self._jsonl.flush()
+
+    def flush(self) -> None:
+        if self._events is not None:
+            self._events.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._jsonl.close()
+            self._events = self._jsonl = None
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- console
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``, ``2d03h``."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_rate(bytes_per_sec: float) -> str:
+    """``812 B/s``, ``12.3 kB/s``, ``1.23 MB/s`` (decimal prefixes)."""
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_sec >= scale:
+            return f"{bytes_per_sec / scale:.3g} {unit}"
+    return f"{bytes_per_sec:.0f} B/s"
+
+
+class ProgressBar:
+    """A plain-text progress line (no TTY control codes: fine in CI logs).
+
+        step 120/1000 (12.0%) | loss 1.2345 | bpb 1.7810 | 1.23 MB/s | patches/row 512.0
+        | patch len 4.50 | MFU 35.2% | ETA 1h02m
+
+    Metrics are read from a dict: ``loss``, ``bits_per_byte`` (else derived from loss),
+    ``bytes_per_sec``, ``patches_per_row``, ``avg_patch_len``, ``mfu``; absent ones are left out.
+    The ETA uses the step rate since the first line (since construction for the first line).
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        every: int = 1,
+        start_step: int = 0,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if total_steps < 1 or every < 1:
+            raise ValueError(f"ProgressBar needs total_steps >= 1 and every >= 1, got {total_steps}, {every}")
+        self.total, self.every, self.stream, self.clock = total_steps, every, stream, clock
+        self._ref = (clock(), start_step)
+        self._first_line = True
+
+    def eta(self, step: int) -> float | None:
+        t0, s0 = self._ref
+        elapsed = self.clock() - t0
+        if step <= s0 or elapsed <= 0:
+            return None
+        return (self.total - step) * elapsed / (step - s0)
+
+    def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+        """The progress line for ``step``; the first call also resets the ETA reference."""
+        eta = self.eta(step)
+        if self._first_line:  # later ETAs leave out compilation, which happened before this line
+            self._ref, self._first_line = (self.clock(), step), False
+        width = len(str(self.total))
+        parts = [f"step {step:>{width}}/{self.total} ({100.0 * step / self.total:5.1f}%)"]
+        m = {k: v for k, v in metrics.items() if v is not None}
+        if "loss" in m:
+            parts.append(f"loss {float(m['loss']):.4f}")
+        bpb = m.get("bits_per_byte", bits_per_byte(float(m["loss"])) if "loss" in m else None)
+        if bpb is not None:
+            parts.append(f"bpb {float(bpb):.4f}")
+        if "bytes_per_sec" in m:
+            parts.append(format_rate(float(m["bytes_per_sec"])))
+        if "patches_per_row" in m:
+            parts.append(f"patches/row {float(m['patches_per_row']):.1f}")
+        if "avg_patch_len" in m:
+            parts.append(f"patch len {float(m['avg_patch_len']):.2f}")
+        if "mfu" in m:
+            parts.append(f"MFU {100.0 * float(m['mfu']):.1f}%")
+        parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
+        return " | ".join(parts)
+
+    def update(self, step: int, metrics: Mapping[str, Any]) -> str | None:
+        """Prints (and returns) the line every ``every`` steps and at the last step."""
+        if step % self.every and step != self.total:
+            return None
+        text = self.line(step, metrics)
+        print(text, file=self.stream or sys.stdout, flush=True)
+        return text

@@ -1,0 +1,94 @@
+"""What is trained: BLT patched by a frozen entropy model, or the entropy model itself.
+
+A task knows its module, how to initialise trainable parameters and its loss; the train loop in
+train.py is the same for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastblt.config import EntropyModelConfig, ModelConfig
+from fastblt.model import BLT, EntropyModel
+from fastblt.model import patcher as patching
+from fastblt.objectives import next_byte_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyTask:
+    """Train the entropy model: a plain next-byte LM."""
+
+    config: EntropyModelConfig
+    init_std_factor: str = "current_depth"
+
+    name = "entropy"
+
+    @property
+    def module(self) -> EntropyModel:
+        return EntropyModel(self.config, self.init_std_factor)
+
+    def init_params(self, rng: jax.Array, seq_len: int) -> Any:
+        """Boxed (logically annotated) parameters."""
+        return self.module.init(rng, jnp.ones((1, seq_len), jnp.int32))["params"]
+
+    def loss(self, params: Any, frozen: Any, batch: dict) -> tuple[jax.Array, dict]:
+        del frozen
+        logits = self.module.apply({"params": params}, batch["inputs"])
+        return next_byte_loss(logits, batch["targets"], batch["mask"])
+
+
+@dataclasses.dataclass(frozen=True)
+class BLTTask:
+    """Train BLT; rows are patched in the step by the frozen entropy model (``frozen``), exactly
+    as generation patches them (include_next_token: the entropy of the last byte decides whether
+    the target after it opens a patch)."""
+
+    config: ModelConfig
+
+    name = "blt"
+
+    @property
+    def module(self) -> BLT:
+        return BLT(self.config)
+
+    def init_params(self, rng: jax.Array, seq_len: int) -> Any:
+        tokens = jnp.ones((1, seq_len), jnp.int32)
+        lengths = jnp.zeros((1, seq_len + 1), jnp.int32).at[0, :2].set(jnp.array([1, seq_len]))
+        params = self.module.init(rng, tokens, lengths)["params"]
+        # The entropy model is trained separately and held frozen: not a trainable parameter.
+        return {k: v for k, v in params.items() if k != "entropy_model"}
+
+    def patch(self, frozen: Any, tokens: jax.Array) -> patching.Patching:
+        """Patch lengths of training rows: int32[batch, max_patches] (+ count, overflow)."""
+        pc = self.config.patcher
+        entropies = None
+        if pc.mode == "entropy":
+            logits = EntropyModel(self.config.entropy_model).apply({"params": frozen}, tokens)
+            entropies = patching.entropy(jax.lax.stop_gradient(logits))
+        max_patches = pc.max_patches or tokens.shape[1] + 1
+        return patching.patch(tokens, entropies, pc, max_patches, include_next_token=True)
+
+    def loss(self, params: Any, frozen: Any, batch: dict) -> tuple[jax.Array, dict]:
+        tokens = batch["inputs"]
+        p = self.patch(frozen, tokens)
+        logits = self.module.apply({"params": params}, tokens, p.lengths)
+        loss, metrics = next_byte_loss(logits, batch["targets"], batch["mask"])
+        count = p.count.astype(jnp.float32)
+        metrics["patches_per_row"] = count.mean()
+        metrics["avg_patch_len"] = ((tokens.shape[1] + 1) / count).mean()
+        metrics["patch_overflow"] = p.overflow.astype(jnp.float32).mean()
+        return loss, metrics
+
+
+def frozen_template(task: BLTTask | EntropyTask) -> Any:
+    """Abstract frozen parameters a task's checkpoints carry: the entropy model's, or none."""
+    if isinstance(task, BLTTask) and task.config.patcher.mode == "entropy":
+        model = EntropyModel(task.config.entropy_model)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"])
+        return nn.meta.unbox(boxed)
+    return {}

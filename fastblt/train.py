@@ -1,0 +1,364 @@
+"""The train loop: one pure train step, jitted once with shardings and donation, and a readable
+main in stages (setup, state, data, loop). ``run`` chains the two stages of an entropy-patched
+BLT: train the entropy model (unless a trained one is given), then BLT patched by it.
+
+    fastblt train --config tiny --workdir /tmp/fastblt-tiny
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fastblt import checkpoint as ckpt_lib
+from fastblt import configs, sharding
+from fastblt.checkpoint import Checkpointer
+from fastblt.config import EntropyModelConfig, as_dict
+from fastblt.data import make_eval_batches, make_train_iterator
+from fastblt.metrics import (
+    MetricWriter,
+    ProgressBar,
+    bits_per_byte,
+    entropy_model_flops_per_byte,
+    mfu,
+    model_flops_per_byte,
+)
+from fastblt.optim import learning_rate_schedule, make_optimizer
+from fastblt.tasks import BLTTask, EntropyTask, frozen_template
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_task(cfg: ml_collections.ConfigDict) -> BLTTask | EntropyTask:
+    if "model" in cfg:
+        return BLTTask(configs.model_config(cfg))
+    return EntropyTask(configs.entropy_model_config(cfg))
+
+
+def _replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+class Trainer:
+    """Builds the sharded state and the jitted steps of one task on one mesh."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, mesh, frozen: Any = None):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.task = make_task(cfg)
+        self.seq_len = int(cfg.data.seq_len)
+        self.steps = int(cfg.train.steps)
+        self.accum = int(cfg.train.get("grad_accum", 1))
+        self.tx = make_optimizer(cfg.optimizer, self.steps)
+        self.schedule = learning_rate_schedule(cfg.optimizer, self.steps)
+        self.frozen = {} if frozen is None else frozen
+
+        def init(rng):
+            params = self.task.init_params(rng, self.seq_len)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+        boxed = jax.eval_shape(init, jax.random.key(0))
+        self.state_shardings = sharding.tree_shardings(
+            nn.get_partition_spec(boxed), mesh, shapes=nn.meta.unbox(boxed)
+        )
+        self._init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            nn.meta.unbox(boxed),
+            self.state_shardings,
+        )
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self.frozen_shardings = jax.tree.map(lambda _: _replicated(mesh), self.frozen)
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, _replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        self.eval_step = jax.jit(
+            self._eval_step,
+            in_shardings=(self.state_shardings.params, self.frozen_shardings, self.batch_sharding),
+            out_shardings=_replicated(mesh),
+        )
+
+    def checkpoint_template(self, frozen: Any = None) -> dict:
+        """Abstract tree of what a checkpoint's "state" item holds (frozen params only if any)."""
+        frozen = self.frozen if frozen is None else frozen
+        out = {"train": self.abstract_state}
+        if frozen:
+            out["frozen"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
+        return out
+
+    def checkpoint_payload(self, state: TrainState) -> dict:
+        return {"train": state, "frozen": self.frozen} if self.frozen else {"train": state}
+
+    def init_state(self, seed: int) -> TrainState:
+        return self._init(jax.random.key(seed))
+
+    def _grads(self, params, frozen, batch):
+        grad_fn = jax.value_and_grad(self.task.loss, has_aux=True)
+        if self.accum == 1:
+            (_, metrics), grads = grad_fn(params, frozen, batch)
+            return grads, metrics
+
+        micro = jax.tree.map(lambda x: x.reshape(self.accum, x.shape[0] // self.accum, *x.shape[1:]), batch)
+
+        def body(acc, mb):
+            (_, m), g = grad_fn(params, frozen, mb)
+            return jax.tree.map(jnp.add, acc, (g, m)), None
+
+        (_, metrics_shape), grads_shape = jax.eval_shape(
+            grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro)
+        )
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
+        (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+        return jax.tree.map(lambda x: x / self.accum, (grads, metrics))
+
+    def _train_step(self, state: TrainState, frozen, batch):
+        with sharding.activation_sharding(self.mesh):
+            grads, metrics = self._grads(state.params, frozen, batch)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval_step(self, params, frozen, batch):
+        with sharding.activation_sharding(self.mesh):
+            _, metrics = self.task.loss(params, frozen, batch)
+        return metrics
+
+    def evaluate(self, params, batches: list[dict]) -> dict[str, float]:
+        """Token-weighted held-out loss and bits per byte over fixed batches."""
+        total, count = 0.0, 0.0
+        for b in batches:
+            m = jax.device_get(
+                self.eval_step(params, self.frozen, sharding.global_batch(b, self.batch_sharding))
+            )
+            total += float(m["loss"]) * float(m["tokens"])
+            count += float(m["tokens"])
+        loss = total / max(count, 1.0)
+        return {"eval_loss": loss, "eval_bits_per_byte": bits_per_byte(loss)}
+
+
+def _flops_per_byte(task, seq_len: int, avg_patch_len: float) -> float:
+    if isinstance(task, BLTTask):
+        total = model_flops_per_byte(task.config, seq_len, avg_patch_len)
+        if task.config.patcher.mode == "entropy":
+            total += entropy_model_flops_per_byte(task.config, seq_len)
+        return total
+    return entropy_model_flops_per_byte(task.config, seq_len, training=True)
+
+
+def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    frozen: Any = None,
+    log=print,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict[str, float]:
+    """Trains one task from ``cfg`` in ``workdir`` (resuming from its latest checkpoint).
+
+    ``on_step(step, metrics)`` is called after every logged step (metrics as floats).
+    Returns the last logged and evaluated metrics.
+    """
+    # ---------------------------------------------------------------- setup
+    mesh = sharding.make_mesh(cfg.get("mesh", {}))
+    trainer = Trainer(cfg, mesh, frozen)
+    task = trainer.task
+    chief = jax.process_index() == 0
+    ck = cfg.checkpoint
+    ckpt = Checkpointer(
+        workdir,
+        save_every=int(ck.save_every),
+        keep=int(ck.keep),
+        keep_every=ck.get("keep_every") or None,
+        async_save=bool(ck.get("async_save", True)),
+    )
+    ckpt_lib.install_preemption_handler()
+    model_config = task.config
+    meta = ckpt_lib.config_meta(
+        as_dict(model_config), task=task.name, experiment=json.loads(cfg.to_json_best_effort())
+    )
+
+    # ---------------------------------------------------------------- data
+    data_iter = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())
+    eval_batches = make_eval_batches(cfg.data, jax.process_index(), jax.process_count())
+
+    # ---------------------------------------------------------------- state
+    saved = trainer.checkpoint_template()
+    if ckpt.latest_step() is not None:
+        restored, _ = ckpt.restore(None, saved, data_iter, model_config=as_dict(model_config))
+        state = restored["train"]
+        log(f"resumed {task.name} from step {int(state.step)} in {workdir}")
+    else:
+        state = trainer.init_state(int(cfg.seed))
+    start = int(state.step)
+
+    # ---------------------------------------------------------------- loop
+    writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=chief)
+    progress = ProgressBar(trainer.steps)
+    log_every = int(cfg.train.log_every)
+    eval_every = int(cfg.train.eval_every)
+    bytes_per_step = int(cfg.data.batch_size) * trainer.seq_len
+    last: dict[str, float] = {}
+    t0, t_step = time.time(), start
+    for step in range(start, trainer.steps):
+        batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
+        state, metrics = trainer.train_step(state, trainer.frozen, batch)
+        done = step + 1
+        if done % log_every == 0 or done == trainer.steps:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = max(time.time() - t0, 1e-9)
+            m["bits_per_byte"] = bits_per_byte(m["loss"])
+            m["bytes_per_sec"] = bytes_per_step * (done - t_step) / elapsed
+            fpb = _flops_per_byte(task, trainer.seq_len, m.get("avg_patch_len", 1.0))
+            util = (
+                mfu(fpb, m["bytes_per_sec"], jax.device_count(), jax.devices()[0].device_kind)
+                if fpb
+                else None
+            )
+            if util is not None:
+                m["mfu"] = util
+            writer.write_scalars(done, m)
+            if on_step is not None:
+                on_step(done, m)
+            if chief:
+                log(progress.line(done, m))
+            last.update(m)
+            t0, t_step = time.time(), done
+        if eval_batches and (done % eval_every == 0 or done == trainer.steps):
+            ev = trainer.evaluate(state.params, eval_batches)
+            writer.write_scalars(done, ev)
+            if chief:
+                log(
+                    f"[{task.name}] step {done}: held-out loss {ev['eval_loss']:.4f}, "
+                    f"bits/byte {ev['eval_bits_per_byte']:.4f}"
+                )
+            last.update(ev)
+            t0 = time.time()
+        payload = trainer.checkpoint_payload(state)
+        preempted = ckpt_lib.preemption_requested(done)
+        ckpt.save(done, payload, data_iter, meta, force=preempted or done == trainer.steps)
+        if preempted:
+            log(f"preemption signal: saved step {done}, exiting")
+            break
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    ckpt_lib.uninstall_preemption_handler()
+    return last
+
+
+def load_trained_params(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any]:
+    """(params, frozen) of the latest checkpoint of a training workdir made with ``cfg``."""
+    mesh = sharding.make_mesh(cfg.get("mesh", {}))
+    trainer = Trainer(cfg, mesh)
+    ckpt = Checkpointer(workdir, save_every=1, keep=1, async_save=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {workdir}: train one first (fastblt train --workdir {workdir})"
+        )
+    restored, _ = ckpt.restore(None, trainer.checkpoint_template(frozen_template(trainer.task)), None)
+    ckpt.close()
+    return restored["train"].params, restored.get("frozen")
+
+
+# ------------------------------------------------------------------------- two stages
+
+
+def entropy_stage_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The stage-1 config of an entropy-patched BLT config: its entropy model, same data."""
+    stage = cfg.entropy_stage
+    out = ml_collections.ConfigDict()
+    out.seed = cfg.seed
+    out.entropy_model = cfg.model.entropy_model.to_dict()
+    out.data = cfg.data.to_dict()
+    out.optimizer = cfg.optimizer.to_dict()
+    out.optimizer.lr = stage.lr
+    out.optimizer.warmup_steps = stage.warmup_steps
+    out.train = cfg.train.to_dict()
+    out.train.steps = stage.steps
+    out.train.eval_every = stage.steps
+    out.checkpoint = cfg.checkpoint.to_dict()
+    if "mesh" in cfg:
+        out.mesh = cfg.mesh.to_dict()
+    return ml_collections.ConfigDict(out)
+
+
+def calibrate_threshold(
+    entropy_cfg: EntropyModelConfig, params: Any, batches: list[dict], patch_len: float
+) -> float:
+    """Entropy threshold that gives ``patch_len`` bytes per patch on average over ``batches``."""
+    from fastblt.model import EntropyModel
+    from fastblt.model.patcher import entropy
+
+    fn = jax.jit(lambda p, t: entropy(EntropyModel(entropy_cfg).apply({"params": p}, t)))
+    values = np.concatenate(
+        [np.asarray(fn(params, b["inputs"]))[:, 1:][b["mask"][:, 1:] > 0] for b in batches]
+    )
+    return float(np.quantile(values, 1.0 - 1.0 / patch_len))
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, float]:
+    """``fastblt train``: one task, or both stages of an entropy-patched BLT."""
+    os.makedirs(workdir, exist_ok=True)
+    if "model" not in cfg or cfg.model.patcher.mode != "entropy":
+        return train(cfg, workdir, log=log)
+    stage = cfg.entropy_stage
+    entropy_dir = stage.checkpoint or os.path.join(workdir, "entropy")
+    stage_cfg = entropy_stage_config(cfg)
+    if not stage.checkpoint:
+        log(f"== stage 1: entropy model -> {entropy_dir}")
+        train(stage_cfg, entropy_dir, log=log)
+    entropy_params, _ = load_trained_params(stage_cfg, entropy_dir)
+    if stage.get("target_patch_len"):
+        rows = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())
+        batches = [next(rows) for _ in range(4)]
+        threshold = calibrate_threshold(
+            configs.entropy_model_config(stage_cfg), entropy_params, batches, float(stage.target_patch_len)
+        )
+        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        cfg.model.patcher.threshold = threshold
+        log(
+            f"patch threshold calibrated to {threshold:.4f} nats for ~{stage.target_patch_len} bytes per patch"
+        )
+    log(f"== stage 2: BLT -> {workdir}")
+    return train(cfg, os.path.join(workdir, "blt"), frozen=entropy_params, log=log)
+
+
+def entropy_function(cfg: ml_collections.ConfigDict, workdir: str, bucket: int = 1024):
+    """``fn(ids: int[n]) -> float32[n]`` next-byte entropies from the entropy model trained in
+    ``workdir`` (a stage-1 workdir of ``cfg``, or an entropy-model experiment's). Rows are padded
+    to a multiple of ``bucket`` so that few shapes compile."""
+    from fastblt.model import EntropyModel
+    from fastblt.model.patcher import entropy
+
+    stage_cfg = entropy_stage_config(cfg) if "model" in cfg else cfg
+    params, _ = load_trained_params(stage_cfg, workdir)
+    model = EntropyModel(configs.entropy_model_config(stage_cfg))
+    fn = jax.jit(lambda p, t: entropy(model.apply({"params": p}, t)))
+
+    def entropies(ids: np.ndarray) -> np.ndarray:
+        n = len(ids)
+        padded = np.zeros((1, -(-n // bucket) * bucket), np.int32)
+        padded[0, :n] = ids
+        return np.asarray(fn(params, padded))[0, :n]
+
+    return entropies

@@ -1,0 +1,37 @@
+"""Small configs shared by the training tests."""
+
+from __future__ import annotations
+
+from fastblt.configs import load_config
+
+SMALL_MODEL = [
+    "model.encoder.dim=32",
+    "model.encoder.n_heads=2",
+    "model.encoder.window=32",
+    "model.global_model.dim=64",
+    "model.global_model.n_layers=1",
+    "model.global_model.n_heads=2",
+    "model.decoder.dim=32",
+    "model.decoder.n_layers=1",
+    "model.decoder.n_heads=2",
+    "model.decoder.window=32",
+    "model.entropy_model.dim=32",
+    "model.entropy_model.n_layers=1",
+    "model.entropy_model.n_heads=2",
+    "model.hash.vocab=257",
+    "model.patcher.max_patches=40",
+    "data.seq_len=64",
+    "data.batch_size=8",
+    "data.eval_batches=1",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "optimizer.warmup_steps=2",
+    "checkpoint.async_save=False",
+]
+
+
+def small_config(*overrides: str, steps: int = 6, patching: str = "static"):
+    """The tiny experiment shrunk further; static patching unless ``patching='entropy'``."""
+    spec = "tiny" if patching == "entropy" else f"tiny:patching={patching}"
+    extra = [o for o in SMALL_MODEL if patching == "entropy" or not o.startswith("model.entropy_model")]
+    return load_config(spec, [*extra, f"train.steps={steps}", "checkpoint.save_every=3", *overrides])
