@@ -157,9 +157,10 @@ def _run_orbax_to_hf(args: argparse.Namespace) -> None:
     src = _existing_dir(args.src, "--src")
     dst = _writable_dst(args.dst, args.overwrite)
     from fastblt import convert
-    from fastblt.export import load_export, param_count
+    from fastblt.export import param_count
+    from fastblt.loading import load_model
 
-    config, params = load_export(src)
+    config, params = load_model(src)
     convert.to_hf(config, params, dst)
     print(f"wrote {dst} ({param_count(params):,} parameters)")
 
@@ -218,6 +219,31 @@ def _run_preprocess(args: argparse.Namespace) -> None:
 
         entropy_fn = entropy_function(config, str(_existing_dir(args.entropy_workdir, "--entropy-workdir")))
     preprocess(config.data, args.dst, entropy_fn=entropy_fn, overwrite=args.overwrite)
+
+
+@subcommand
+def _export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write an inference export (params + config.json, Orbax) from a training workdir",
+    )
+    parser.add_argument("--workdir", required=True, help="a BLT training workdir (or a two-stage run's root)")
+    parser.add_argument("--step", type=int, help="the checkpoint step (default: the latest)")
+    parser.add_argument("--dst", required=True, help="the export directory to write")
+    parser.add_argument("--dtype", choices=DTYPES, help="cast floating-point parameters (e.g. bfloat16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    src = _existing_dir(args.workdir, "--workdir")
+    _writable_dst(args.dst, args.overwrite)
+    from fastblt.export import param_count, save_export
+    from fastblt.loading import load_model
+
+    config, params = load_model(src, step=args.step)
+    dst = save_export(args.dst, config, params, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {dst} ({param_count(params):,} parameters)")
 
 
 # ---------------------------------------------------------------------------------------------------------

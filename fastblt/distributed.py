@@ -24,6 +24,9 @@ def initialize(
     GKE by itself). Without any of these it is a single-process run and nothing happens.
     """
     coordinator = coordinator or os.environ.get("FASTBLT_COORDINATOR")
+    if coordinator or os.environ.get("FASTBLT_DISTRIBUTED") == "auto":
+        # Cross-process collectives on the CPU backend go through gloo (no effect on GPU/TPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
         num = num_processes if num_processes is not None else os.environ.get("FASTBLT_NUM_PROCESSES")
         pid = process_id if process_id is not None else os.environ.get("FASTBLT_PROCESS_ID")

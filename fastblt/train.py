@@ -266,16 +266,19 @@ def train(
     return last
 
 
-def load_trained_params(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any]:
-    """(params, frozen) of the latest checkpoint of a training workdir made with ``cfg``."""
+def load_trained_params(
+    cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> tuple[Any, Any]:
+    """(params, frozen) of a checkpoint (None: the latest) of a training workdir made with ``cfg``."""
     mesh = sharding.make_mesh(cfg.get("mesh", {}))
     trainer = Trainer(cfg, mesh)
-    ckpt = Checkpointer(workdir, save_every=1, keep=1, async_save=False)
+    # keep is irrelevant when only restoring; a large value guarantees nothing is ever pruned here.
+    ckpt = Checkpointer(workdir, save_every=1, keep=1_000_000, async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(
             f"no checkpoint in {workdir}: train one first (fastblt train --workdir {workdir})"
         )
-    restored, _ = ckpt.restore(None, trainer.checkpoint_template(frozen_template(trainer.task)), None)
+    restored, _ = ckpt.restore(step, trainer.checkpoint_template(frozen_template(trainer.task)), None)
     ckpt.close()
     return restored["train"].params, restored.get("frozen")
 

@@ -60,7 +60,9 @@ def test_gradient_accumulation_matches_one_big_batch():
 def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     cfg = small_config(steps=6)
     full: dict[int, float] = {}
-    train(cfg, str(tmp_path / "full"), log=lambda *_: None, on_step=lambda s, m: full.__setitem__(s, m["loss"]))
+    train(
+        cfg, str(tmp_path / "full"), log=lambda *_: None, on_step=lambda s, m: full.__setitem__(s, m["loss"])
+    )
 
     parts: dict[int, float] = {}
 
@@ -79,7 +81,9 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_two_stage_run_trains_entropy_model_then_blt(tmp_path):
-    cfg = small_config("entropy_stage.steps=3", "entropy_stage.target_patch_len=4.0", steps=3, patching="entropy")
+    cfg = small_config(
+        "entropy_stage.steps=3", "entropy_stage.target_patch_len=4.0", steps=3, patching="entropy"
+    )
     logs: list[str] = []
     last = run(cfg, str(tmp_path), log=logs.append)
     assert os.path.isdir(tmp_path / "entropy" / "checkpoints" / "3")
@@ -87,3 +91,42 @@ def test_two_stage_run_trains_entropy_model_then_blt(tmp_path):
     assert any("calibrated" in line for line in logs)
     assert np.isfinite(last["eval_bits_per_byte"])
     assert 1.0 < last["avg_patch_len"] < 20.0
+
+
+def test_trained_workdir_exports_and_converts_to_hf(tmp_path):
+    """A two-stage run's workdir loads for inference, exports, and converts to a HF model that
+    gives the same logits (entropy model included: each side patches by itself)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax.numpy as jnp
+
+    from fastblt import cli
+    from fastblt.export import load_export
+    from fastblt.loading import load_model
+    from fastblt.model import BLT
+
+    cfg = small_config(
+        "entropy_stage.steps=2", "entropy_stage.target_patch_len=4.0", steps=2, patching="entropy"
+    )
+    run(cfg, str(tmp_path / "run"), log=lambda *_: None)
+    config, params = load_model(tmp_path / "run")
+    assert (
+        "entropy_model" in params
+        and config.patcher.threshold != small_config(patching="entropy").model.patcher.threshold
+    )
+
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--dst", str(tmp_path / "export")]) == 0
+    config2, params2 = load_export(tmp_path / "export")
+    assert config2 == config
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+    assert (
+        cli.main(["convert", "orbax-to-hf", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "hf")])
+        == 0
+    )
+    hf = transformers.BltForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    tokens = np.array([[1, *(np.frombuffer(b"def main():\n    return 0\n", np.uint8) + 4)]])
+    ours = BLT(config).apply({"params": params}, jnp.asarray(tokens, jnp.int32))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)

@@ -1,0 +1,85 @@
+"""One way to get ``(ModelConfig, params)`` for inference from anything fastblt writes: an export
+directory (config.json + params/), a BLT training workdir (its ``checkpoints/``), or the root of a
+two-stage run (its ``blt/`` stage). Training checkpoints carry the frozen entropy model, which is put
+back under ``params["entropy_model"]`` so that ``BLT(config).apply`` patches by itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastblt.config import ConfigError, ModelConfig, model_config_from_dict
+
+
+def training_dir(path: str | Path) -> Path | None:
+    """The directory holding ``checkpoints/`` for ``path`` (itself or its ``blt/`` stage), or None."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / "blt"):
+        if (candidate / "checkpoints").is_dir():
+            return candidate
+    return None
+
+
+def _steps(directory: Path) -> list[int]:
+    return sorted(int(d.name) for d in (directory / "checkpoints").iterdir() if d.name.isdigit())
+
+
+def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, meta dict) of a training checkpoint, read without building any model."""
+    steps = _steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{directory / 'checkpoints'} holds no checkpoint")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; saved steps: {steps}")
+    meta_file = directory / "checkpoints" / str(step) / "meta" / "metadata"
+    try:
+        return step, json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{meta_file} is unreadable ({e}): the checkpoint of step {step} is damaged") from e
+
+
+def load_model(
+    path: str | Path, step: int | None = None, dtype: str | None = None
+) -> tuple[ModelConfig, Any]:
+    """``(config, params)`` of an export or a training workdir (latest step unless ``step``)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such checkpoint, export or workdir")
+    if (p / "config.json").is_file():
+        from fastblt.export import load_export
+
+        if step is not None:
+            raise ConfigError(
+                f"{p} is an export (one set of parameters): --step applies to training workdirs"
+            )
+        return load_export(p, dtype=dtype)
+    directory = training_dir(p)
+    if directory is None:
+        raise FileNotFoundError(
+            f"{p} is neither an export (no config.json) nor a training workdir (no checkpoints/ or blt/checkpoints/)"
+        )
+    step, meta = read_meta(directory, step)
+    if meta.get("task") != "blt":
+        raise ConfigError(
+            f"{directory} holds a {meta.get('task', 'unknown')!r} run, not a BLT: point to the BLT workdir"
+        )
+    import jax
+    import ml_collections
+
+    from fastblt.train import load_trained_params
+
+    experiment = ml_collections.ConfigDict(meta["experiment"])
+    params, frozen = load_trained_params(experiment, str(directory), step)
+    config = model_config_from_dict(meta["model_config"])
+    params = dict(params)
+    if frozen:
+        params["entropy_model"] = frozen
+    if dtype is not None:
+        import jax.numpy as jnp
+
+        params = jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
+    return config, params
