@@ -79,3 +79,42 @@ def test_masks_window_and_documents():
     for i in range(8):
         for j in range(8):
             assert mask[i, j] == (j <= i and i - j < 2 and (i < 4) == (j < 4))
+
+
+@pytest.mark.parametrize("n,w", [(37, 8), (64, 16), (40, 20)])
+def test_blockwise_local_attention_equals_dense_mask(n, w):
+    from fastblt.model.attention import LocalMask
+
+    rng = np.random.default_rng(n)
+    b, h, kv, d = 2, 4, 2, 8
+    q = rng.normal(size=(b, n, h, d)).astype(np.float32)
+    k = rng.normal(size=(b, n, kv, d)).astype(np.float32)
+    v = rng.normal(size=(b, n, kv, d)).astype(np.float32)
+    tokens = rng.integers(3, 260, (b, n))
+    tokens[0, [5, 17]] = 2  # documents end inside the row
+    pos = jnp.broadcast_to(jnp.arange(n), (b, n))
+    docs = document_ids(jnp.asarray(tokens))
+    local = LocalMask(pos, docs, w)
+    dense = causal_mask(pos, pos, w, docs, docs)
+    np.testing.assert_allclose(
+        np.asarray(attention(q, k, v, local)), np.asarray(attention(q, k, v, dense)), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(attention(q, k, v, dense)), naive(q, k, v, np.asarray(dense)), atol=1e-5
+    )
+
+
+def test_segment_attention_equals_dense_patch_mask():
+    from fastblt.model.attention import segment_attention
+
+    rng = np.random.default_rng(4)
+    b, n, p, kk, h, d = 2, 19, 7, 3, 2, 4
+    ids = np.sort(rng.integers(0, p - 1, (b, n)), axis=1)  # the last patch has no byte
+    q = rng.normal(size=(b, p, kk, h, d)).astype(np.float32)
+    k = rng.normal(size=(b, n, h, d)).astype(np.float32)
+    v = rng.normal(size=(b, n, h, d)).astype(np.float32)
+    out = np.asarray(segment_attention(q, k, v, jnp.asarray(ids)))
+    mask = ids[:, None, :] == (np.arange(p * kk) // kk)[None, :, None]
+    dense = naive(q.reshape(b, p * kk, h, d), k, v, mask).reshape(b, p, kk, h, d)
+    np.testing.assert_allclose(out, dense, atol=1e-5)
+    assert np.all(out[:, p - 1] == 0)

@@ -9,17 +9,35 @@ flex-attention does, and never NaN: a NaN in a masked row would leak into other 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 _NEG = -1e30  # finite: an all-masked row stays finite before it is zeroed
 
 
+class LocalMask(NamedTuple):
+    """A causal, sliding-window, same-document self-attention mask described by ids.
+
+    Rows whose positions are 0..N-1 (a training or prefill forward) never materialise the N x N
+    mask: with a window W and N >= 2W, :func:`attention` works block by block (each block of W
+    queries against its own and the previous W keys), so memory grows as N * 2W, not N^2.
+    """
+
+    positions: jax.Array  # int32[batch, len]; must be 0..len-1 for the blockwise path
+    docs: jax.Array | None  # int32[batch, len] document ids, or None (no document masking)
+    window: int | None
+
+    def dense(self) -> jax.Array:
+        return causal_mask(self.positions, self.positions, self.window, self.docs, self.docs)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | LocalMask,
     impl: str = "xla",
 ) -> jax.Array:
     """Scaled dot-product attention with grouped kv heads.
@@ -27,7 +45,7 @@ def attention(
     Args:
       q: float[batch, q_len, heads, head_dim].
       k, v: float[batch, kv_len, kv_heads, head_dim]; kv_heads divides heads.
-      mask: bool[batch, q_len, kv_len] (True = visible).
+      mask: bool[batch, q_len, kv_len] (True = visible), or a LocalMask for self-attention.
       impl: "xla" (the reference path: float32 softmax, written here), "cudnn" (the fused cuDNN
         kernel through ``jax.nn.dot_product_attention``; GPU, bf16/fp16 only) or "auto"
         (``jax.nn.dot_product_attention`` choosing cuDNN where it applies, else XLA). A TPU
@@ -36,6 +54,10 @@ def attention(
     Returns:
       float[batch, q_len, heads, head_dim] in q's dtype; rows with no visible key are 0.
     """
+    if isinstance(mask, LocalMask):
+        if mask.window is not None and q.shape[1] >= 2 * mask.window:
+            return _blockwise_local(q, k, v, mask, impl)
+        mask = mask.dense()
     b, t, h, d = q.shape
     kv = k.shape[2]
     has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [b, t, 1, 1]
@@ -56,6 +78,62 @@ def attention(
             implementation="cudnn" if impl == "cudnn" else None,
         )
     return jnp.where(has_key, out, 0).astype(q.dtype)
+
+
+def _blocks(x: jax.Array, nb: int, w: int, fill) -> jax.Array:
+    """[b, n, ...] -> [b, nb, 2w, ...]: each block of w rows preceded by the previous block."""
+    pad = nb * w - x.shape[1]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = x.reshape(x.shape[0], nb, w, *x.shape[2:])
+    prev = jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.concatenate([prev, x], axis=2)
+
+
+def _blockwise_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask, impl: str) -> jax.Array:
+    """Exact sliding-window attention in blocks of W queries over 2W keys (positions = 0..N-1)."""
+    b, n, h, d = q.shape
+    w = int(mask.window)
+    nb = -(-n // w)
+    pad = nb * w - n
+    qb = jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b * nb, w, h, d)
+    kb = _blocks(k, nb, w, 0).reshape(b * nb, 2 * w, *k.shape[2:])
+    vb = _blocks(v, nb, w, 0).reshape(b * nb, 2 * w, *v.shape[2:])
+    idx = jnp.arange(nb * w, dtype=jnp.int32)
+    q_pos = idx.reshape(nb, w)
+    k_pos = _blocks(jnp.broadcast_to(idx, (1, nb * w)), nb, w, -(2**30))[0]  # [nb, 2w]; -inf-like = absent
+    rel = q_pos[:, :, None] - k_pos[:, None, :]
+    visible = (rel >= 0) & (rel < w) & (k_pos[:, None, :] < n)  # [nb, w, 2w]
+    visible = jnp.broadcast_to(visible, (b, nb, w, 2 * w))
+    if mask.docs is not None:
+        q_doc = jnp.pad(mask.docs, [(0, 0), (0, pad)], constant_values=-1).reshape(b, nb, w)
+        k_doc = _blocks(mask.docs, nb, w, -1)
+        visible = visible & (q_doc[..., :, None] == k_doc[..., None, :])
+    out = attention(qb, kb, vb, visible.reshape(b * nb, w, 2 * w), impl)
+    return out.reshape(b, nb * w, h, d)[:, :n]
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Each group of queries attends exactly the keys of its own segment (the encoder's patch
+    slots over their patch's bytes), in memory linear in the number of keys.
+
+    Args:
+      q: float[batch, segments, slots, heads, head_dim] (slots of segment s query segment s).
+      k, v: float[batch, len, heads, head_dim]; segment_ids: int32[batch, len] in [0, segments).
+
+    Returns: float[batch, segments, slots, heads, head_dim]; a segment without keys gives 0.
+    """
+    b, p, kk, h, d = q.shape
+    seg = lambda x, i: jax.ops.segment_max(x, i, num_segments=p)  # noqa: E731
+    ssum = lambda x, i: jax.ops.segment_sum(x, i, num_segments=p)  # noqa: E731
+    take = jax.vmap(lambda a, i: a[i])
+    qg = take(q, segment_ids)  # [b, len, slots, heads, hd]
+    logits = jnp.einsum("bnshd,bnhd->bnsh", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    top = jax.lax.stop_gradient(jax.vmap(seg)(logits, segment_ids))  # [b, p, slots, heads]
+    e = jnp.exp(logits - take(top, segment_ids))
+    denom = jax.vmap(ssum)(e, segment_ids)
+    num = jax.vmap(ssum)(e[..., None] * v[:, :, None].astype(jnp.float32), segment_ids)
+    out = jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
+    return out.astype(q.dtype)
 
 
 def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -14,10 +14,18 @@ import jax.numpy as jnp
 
 from fastblt.config import HashConfig, ModelConfig
 from fastblt.model import patcher as patching
-from fastblt.model.attention import causal_mask, document_ids
+from fastblt.model.attention import LocalMask, causal_mask, document_ids
 from fastblt.model.entropy_model import EntropyModel
 from fastblt.model.hash_embed import all_hash_ids
-from fastblt.model.layers import CrossAttention, RMSNorm, TransformerBlock, dense, depth_factor, embed
+from fastblt.model.layers import (
+    CrossAttention,
+    RMSNorm,
+    TransformerBlock,
+    dense,
+    depth_factor,
+    embed,
+    trunc_normal,
+)
 from fastblt.sharding import constrain
 from fastblt.tokenizer import EOS
 
@@ -105,15 +113,14 @@ class LocalEncoder(nn.Module):
         self, h: jax.Array, positions: jax.Array, mask: jax.Array, patch_ids: jax.Array, num_patches: int
     ) -> tuple[jax.Array, jax.Array]:
         """Args:
-          h: float[B, N, D_e] input embeddings; positions: int32[B, N]; mask: bool[B, N, N];
+          h: float[B, N, D_e] input embeddings; positions: int32[B, N]; mask: bool[B, N, N] or a
+            LocalMask;
           patch_ids: int32[B, N] (patch of each byte); num_patches: P.
 
         Returns: byte states float[B, N, D_e] and patch states float[B, P, k * D_e].
         """
         m = self.config
         k = m.cross_attn_k
-        slot_patch = jnp.arange(num_patches * k, dtype=jnp.int32) // k
-        cross_mask = patch_ids[:, None, :] == slot_patch[None, :, None]  # [B, P*k, N]
         pe = None
         for i, layer in enumerate(self.layers):
             h = constrain(layer(h, positions, mask), _BYTES)
@@ -121,7 +128,7 @@ class LocalEncoder(nn.Module):
                 if pe is None or m.encoder_repool_every_layer:
                     pe = self._pool(h, patch_ids, num_patches)
                 cross = self.cross_attn_layers[i if m.encoder.cross_attn_all_layers else 0]
-                pe = constrain(pe + cross(pe, h, cross_mask), _PATCHES)
+                pe = constrain(pe + cross.segmented(pe, h, patch_ids, num_patches), _PATCHES)
         return h, pe.reshape(h.shape[0], num_patches, k * h.shape[-1])
 
 
@@ -182,6 +189,13 @@ class LocalDecoder(nn.Module):
         ]
         self.norm = RMSNorm(c.norm_eps)
         self.output = dense(m.vocab_size, ("embed", "vocab"), c.dim**-0.5, dtype, "output")
+        if m.mask_embedding:
+            # BLT-D: the input row of a [MASK]ed block byte (fastblt/model/diffusion.py), float32[D_d].
+            self.mask_embedding = self.param(
+                "mask_embedding",
+                nn.with_logical_partitioning(trunc_normal(c.dim**-0.5), ("embed",)),
+                (c.dim,),
+            )
 
     def slots(self, global_out: jax.Array) -> jax.Array:
         """float[B, P, D_g] -> the decoder's patch slots float[B, P, k, D_d]."""
@@ -200,7 +214,7 @@ class LocalDecoder(nn.Module):
         """Args:
           h: float[B, T, D_d] byte states from the encoder; slots: float[B, P, k, D_d];
           read_patch: int32[B, T], the patch whose slots each row reads; positions: int32[B, T];
-          mask: bool[B, T, T] self-attention mask.
+          mask: bool[B, T, T] self-attention mask, or a LocalMask.
 
         Returns: logits float32[B, T, V].
         """
@@ -267,7 +281,7 @@ class BLT(nn.Module):
 
         byte_pos = positions_like(tokens)
         docs = document_ids(tokens) if m.document_masking else None
-        enc_mask = causal_mask(byte_pos, byte_pos, m.encoder.window, docs, docs)
+        enc_mask = LocalMask(byte_pos, docs, m.encoder.window)
         patch_ids = patching.patch_ids_from_lengths(patch_lengths, n)
 
         h = self.hash_embed(tokens, self.local_encoder.embed_tokens(tokens))
@@ -281,9 +295,7 @@ class BLT(nn.Module):
             pdocs = jnp.cumsum(ends, axis=-1) - ends
         g = self.global_transformer(pe, patch_pos, causal_mask(patch_pos, patch_pos, None, pdocs, pdocs))
 
-        dec_mask = enc_mask
-        if m.decoder.window != m.encoder.window:
-            dec_mask = causal_mask(byte_pos, byte_pos, m.decoder.window, docs, docs)
+        dec_mask = LocalMask(byte_pos, docs, m.decoder.window)
         read_patch = patching.decoder_patch_ids_from_lengths(patch_lengths, n)
         return self.local_decoder(h, self.local_decoder.slots(g), read_patch, byte_pos, dec_mask)
 

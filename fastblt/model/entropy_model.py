@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import EntropyModelConfig
-from fastblt.model.attention import causal_mask, document_ids
+from fastblt.model.attention import LocalMask, causal_mask, document_ids
 from fastblt.model.layers import RMSNorm, TransformerBlock, dense, embed
 from fastblt.sharding import constrain
 
@@ -26,10 +26,12 @@ class EntropyModel(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         b, n = tokens.shape
+        docs = document_ids(tokens) if c.document_masking else None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-        docs = document_ids(tokens) if c.document_masking else None
-        mask = causal_mask(positions, positions, c.window, docs, docs)
+            mask = LocalMask(positions, docs, c.window)  # blockwise: positions are 0..n-1
+        else:
+            mask = causal_mask(positions, positions, c.window, docs, docs)
         h = embed(c.vocab_size, c.dim, ("vocab", "embed"), dtype, "tok_embeddings")(tokens)
         h = constrain(h, ("batch", "bytes", "embed"))
         for i in range(c.n_layers):

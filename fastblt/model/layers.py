@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
-from fastblt.model.attention import attention, gathered_attention
+from fastblt.model.attention import LocalMask, attention, gathered_attention, segment_attention
 
 Dtype = jnp.dtype
 
@@ -111,8 +111,8 @@ class SelfAttention(nn.Module):
         return dense(self.config.dim, ("heads", "embed"), self.std, self.dtype, "wo")(o.reshape(b, t, -1))
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: float[b, len, dim]; positions: int32[b, len]; mask: bool[b, len, len]."""
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | LocalMask) -> jax.Array:
+        """x: float[b, len, dim]; positions: int32[b, len]; mask: bool[b, len, len] or a LocalMask."""
         q, k, v = self.qkv(x, positions)
         return self.out(attention(q, k, v, mask, self.attention_impl))
 
@@ -192,6 +192,22 @@ class CrossAttention(nn.Module):
         k, v = self.kv(kv_in)
         o = attention(self.query(x), k, v, mask, self.attention_impl)
         return x + self.wo(o.reshape(*x.shape[:-1], self.dim))
+
+    def segmented(
+        self, x: jax.Array, kv_in: jax.Array, segment_ids: jax.Array, num_patches: int
+    ) -> jax.Array:
+        """The encoder's case: slot queries attend only the bytes of their own patch (exactly the
+        dense form with mask ``segment_ids[t] == s // k``, in memory linear in the row length).
+
+        Args:
+          x: float[b, num_patches * k, dim] slot queries (slot s belongs to patch s // k);
+          kv_in: float[b, len, dim] byte states; segment_ids: int32[b, len], each byte's patch.
+        """
+        b, pk, _ = x.shape
+        k, v = self.kv(kv_in)
+        q = self.query(x).reshape(b, num_patches, pk // num_patches, self.n_heads, -1)
+        o = segment_attention(q, k, v, segment_ids)
+        return x + self.wo(o.reshape(b, pk, self.dim))
 
     def gathered(self, x: jax.Array, slots: jax.Array, index: jax.Array) -> jax.Array:
         """Each query attends only the k slots of one patch (the decoder's case).
