@@ -147,6 +147,7 @@ class ModelConfig:
     max_global_patches: int = 4096
     dtype: str = "float32"  # compute dtype; parameters are float32, logits float32
     attention_impl: str = "xla"  # xla | cudnn | auto (cudnn on GPU when possible)
+    remat: bool = False  # recompute each transformer block in the backward pass (saves memory)
     # BLT-D (fastblt/diffusion.py): the decoder owns a learned [MASK] input vector
     # (``local_decoder.mask_embedding``). Off: plain BLT's parameter tree, unchanged.
     mask_embedding: bool = False

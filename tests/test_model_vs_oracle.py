@@ -169,3 +169,18 @@ def test_bf16_compute_close_to_fp32():
     bf16 = BLT(config.replace(dtype="bfloat16")).apply({"params": params}, tokens, lengths)
     assert bf16.dtype == jnp.float32  # logits are always float32
     assert float(jnp.max(jnp.abs(bf16 - f32))) < 0.1
+
+
+def test_remat_changes_nothing_but_memory():
+    rng = np.random.default_rng(12)
+    config = small_config(k=2)
+    tokens, lengths = batch(rng, [40])
+    params = init_params(config)
+
+    def loss(c, p):
+        return BLT(c).apply({"params": p}, tokens, lengths).sum()
+
+    v0, g0 = jax.value_and_grad(lambda p: loss(config, p))(params)
+    v1, g1 = jax.value_and_grad(lambda p: loss(config.replace(remat=True), p))(params)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)

@@ -9,15 +9,15 @@ flex-attention does, and never NaN: a NaN in a masked row would leak into other 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 _NEG = -1e30  # finite: an all-masked row stays finite before it is zeroed
 
 
-class LocalMask(NamedTuple):
+@flax.struct.dataclass
+class LocalMask:
     """A causal, sliding-window, same-document self-attention mask described by ids.
 
     Rows whose positions are 0..N-1 (a training or prefill forward) never materialise the N x N
@@ -27,7 +27,7 @@ class LocalMask(NamedTuple):
 
     positions: jax.Array  # int32[batch, len]; must be 0..len-1 for the blockwise path
     docs: jax.Array | None  # int32[batch, len] document ids, or None (no document masking)
-    window: int | None
+    window: int | None = flax.struct.field(pytree_node=False)  # static: shapes depend on it
 
     def dense(self) -> jax.Array:
         return causal_mask(self.positions, self.positions, self.window, self.docs, self.docs)

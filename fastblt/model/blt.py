@@ -20,7 +20,7 @@ from fastblt.model.hash_embed import all_hash_ids
 from fastblt.model.layers import (
     CrossAttention,
     RMSNorm,
-    TransformerBlock,
+    block_class,
     dense,
     depth_factor,
     embed,
@@ -82,7 +82,7 @@ class LocalEncoder(nn.Module):
         dtype = jnp.dtype(m.dtype)
         self.tok_embeddings = embed(m.vocab_size, c.dim, ("vocab", "embed"), dtype, "tok_embeddings")
         self.layers = [
-            TransformerBlock(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+            block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
             for i in range(c.n_layers)
         ]
         self.patch_embedding_projection = dense(
@@ -150,7 +150,7 @@ class GlobalTransformer(nn.Module):
             x = proj(x)
         h = constrain(x.astype(dtype), _PATCHES)
         for i in range(c.n_layers):
-            layer = TransformerBlock(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+            layer = block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
             h = constrain(layer(h, positions, mask), _PATCHES)
         return h
 
@@ -172,7 +172,7 @@ class LocalDecoder(nn.Module):
             "patch_embedding_projection",
         )
         self.layers = [
-            TransformerBlock(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+            block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
             for i in range(c.n_layers)
         ]
         self.cross_attn_layers = [

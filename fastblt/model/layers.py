@@ -157,6 +157,11 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def block_class(remat: bool) -> type[TransformerBlock]:
+    """TransformerBlock, or its rematerialised form (same parameters, activations recomputed)."""
+    return nn.remat(TransformerBlock) if remat else TransformerBlock
+
+
 class CrossAttention(nn.Module):
     """Patch cross-attention (no RoPE). Returns ``x + wo(attn)``: the caller adds x once more,
     which gives the reference's double residual ``2 x + wo(attn)``."""
