@@ -246,6 +246,70 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({param_count(params):,} parameters)")
 
 
+@subcommand
+def _sample(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="generate bytes from a checkpoint (a training workdir or an export)",
+        description="Generates from --prompt with the chosen method; prints the text, or one JSON "
+        "object with the text and the work counters (--json).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a training workdir (latest step) or an export")
+    parser.add_argument(
+        "--method", default="ar", help="ar (cached autoregressive) or blt_s (self-speculation)"
+    )
+    parser.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    parser.add_argument("--max-bytes", type=int, default=256, help="bytes to generate per prompt")
+    parser.add_argument("--draft", type=int, default=8, help="blt_s: bytes drafted per verification")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> None:
+    import json
+
+    from fastblt.loading import load_model
+    from fastblt.sampler import METHODS, generate
+
+    if args.method not in METHODS:
+        raise UsageError(f"--method {args.method!r} is not available; choose one of {', '.join(METHODS)}")
+    config, params = load_model(args.checkpoint)
+    try:
+        result = generate(
+            params,
+            config,
+            list(args.prompt),
+            method=args.method,
+            max_bytes=args.max_bytes,
+            draft=args.draft,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    texts = [t.decode("utf-8", errors="replace") for t in result.texts]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "method": result.method,
+                    "prompts": list(args.prompt),
+                    "texts": texts,
+                    "bytes_per_second": result.bytes_per_second,
+                    "seconds": result.seconds,
+                    "counters": result.counters.summary(),
+                }
+            )
+        )
+    else:
+        for prompt, text in zip(args.prompt, texts, strict=True):
+            print(prompt + text)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Entry point.
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,26 @@
+"""Generation with a cached BLT: plain autoregressive (``ar``) and self-speculative (``blt_s``).
+
+    from fastblt.sampler import generate
+    result = generate(params, config, ["Hello"], method="ar", max_bytes=64)
+    result.texts[0], result.counters.summary(), result.bytes_per_second
+
+Modules: ``state`` (buffers and caches), ``cached`` (incremental stages: append bytes, draft a byte),
+``ar`` and ``speculative`` (the jitted while-loops), ``sampling`` (greedy / temperature / top-p),
+``cost`` (NFE counters and the paper's bandwidth estimate), ``naive`` (the no-cache test oracle).
+"""
+
+from fastblt.sampler.api import METHODS, GenerationResult, encode_prompts, generate
+from fastblt.sampler.cost import GenerationCounters, ParamCounts, bandwidth_bytes, param_counts
+from fastblt.sampler.naive import naive_generate
+
+__all__ = [
+    "METHODS",
+    "GenerationCounters",
+    "GenerationResult",
+    "ParamCounts",
+    "bandwidth_bytes",
+    "encode_prompts",
+    "generate",
+    "naive_generate",
+    "param_counts",
+]

@@ -1,0 +1,315 @@
+"""Incremental BLT: append bytes to a :class:`~fastblt.sampler.state.State` and get their logits.
+
+:meth:`Runner.extend` appends a chunk of ``T`` bytes per row (each row at its own position) and runs
+the efficient schedule of the architecture (blt-architecture.md §10, §6.3), which every component's
+causality makes exact:
+
+1. entropy model over the new bytes (its KV cache), giving their next-byte entropies;
+2. the patcher (``fastblt.model.patcher.patch_start_mask``, the one place that decides boundaries)
+   over the whole buffer: a byte's entropy decides whether the *following* byte opens a patch;
+3. local encoder byte layers over the new bytes (KV caches; the byte states that the encoder's
+   cross-attention pools and reads are kept per byte);
+4. for every patch that the chunk *completed* (its last byte is known and the next byte opens a new
+   patch): max-pool + cross-attention over exactly its bytes, then one global step per patch (global
+   KV cache over patches). Skipped with ``lax.cond`` when no row completed a patch;
+5. local decoder over the new bytes: byte ``t`` reads the latent of the last patch completed before
+   byte ``t + 1`` (the model's ``decoder_patch_ids_from_lengths``).
+
+:meth:`Runner.draft_step` is the BLT-S drafter: encoder byte layers + decoder for one byte that read
+a given (stale) latent; no entropy model, no patching, no global model.
+
+Parameters are the model's own: ``BLT(config).bind(params)`` submodules (norms, feed-forwards,
+cross-attention projections, decoder head) and, for cached self-attention, a subclass of the model's
+``SelfAttention`` that reuses its ``qkv``/``out`` methods (same parameter names).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastblt.config import ModelConfig, TransformerConfig
+from fastblt.model import patcher as patching
+from fastblt.model.attention import attention, causal_mask, document_ids
+from fastblt.model.blt import BLT
+from fastblt.model.layers import RMSNorm, SelfAttention, TransformerBlock, dense, embed
+from fastblt.sampler.state import State, encoder_cross_layers, gather_rows, scatter_rows, uses_entropy_model
+from fastblt.tokenizer import EOS
+
+
+class CachedSelfAttention(SelfAttention):
+    """The model's SelfAttention with a KV cache: new keys/values are written into the cache at
+    ``cols`` and the queries attend the whole cache under ``mask``."""
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        cols: jax.Array,
+        mask: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: float[B, T, dim]; positions, cols: int32[B, T] (cols out of range: not written);
+        caches: [B, L, kv_heads, head_dim]; mask: bool[B, T, L]. Returns (out, k_cache, v_cache)."""
+        q, k, v = self.qkv(x, positions)
+        k_cache = scatter_rows(k_cache, cols, k)
+        v_cache = scatter_rows(v_cache, cols, v)
+        return self.out(attention(q, k_cache, v_cache, mask, self.attention_impl)), k_cache, v_cache
+
+
+def _blocks(c: TransformerConfig, params: dict, init_std_factor: str, dtype, impl: str) -> list:
+    """(bound TransformerBlock, bound CachedSelfAttention) per layer of a stack's params."""
+    out = []
+    for i in range(c.n_layers):
+        p = params[f"layers_{i}"]
+        block = TransformerBlock(c, i, init_std_factor, dtype, impl).bind({"params": p})
+        attn = CachedSelfAttention(c, 1.0, dtype, impl).bind({"params": p["attention"]})
+        out.append((block, attn))
+    return out
+
+
+def _run_blocks(blocks, h, positions, k_caches, v_caches, cols, mask, on_layer=None):
+    """Pre-norm blocks (as TransformerBlock.__call__) with caches; ``on_layer(i, h)`` after each."""
+    new_k, new_v = [], []
+    for i, (block, attn) in enumerate(blocks):
+        a, kc, vc = attn(block.attention_norm(h), positions, k_caches[i], v_caches[i], cols, mask)
+        h = h + a
+        h = h + block.feed_forward(block.ffn_norm(h))
+        new_k.append(kc)
+        new_v.append(vc)
+        if on_layer is not None:
+            on_layer(i, h)
+    return h, tuple(new_k), tuple(new_v)
+
+
+class Runner:
+    """The model's parameters bound for incremental use. Build it inside the jitted function."""
+
+    def __init__(self, config: ModelConfig, params: dict):
+        m = config
+        self.config = m
+        impl = m.attention_impl
+        dtype = jnp.dtype(m.dtype)
+        self.blt = BLT(m).bind({"params": params})
+        self.enc = self.blt.local_encoder
+        self.dec = self.blt.local_decoder
+        self.enc_blocks = _blocks(m.encoder, params["local_encoder"], m.init_std_factor, dtype, impl)
+        self.dec_blocks = _blocks(m.decoder, params["local_decoder"], m.init_std_factor, dtype, impl)
+        gp = params["global_transformer"]
+        self.glob_blocks = _blocks(m.global_model, gp, m.init_std_factor, dtype, impl)
+        self.glob_proj = None
+        if m.needs_global_projection:
+            proj = dense(
+                m.global_model.dim, ("patch_embed", "embed"), 1.0, dtype, "token_embedding_projection"
+            )
+            self.glob_proj = proj.bind({"params": gp["token_embedding_projection"]})
+        self.cross_layers = encoder_cross_layers(m)
+        g = max(m.hash.group_sizes) if m.hash.n_tables else 1
+        self.hash_context = g - 1  # earlier bytes a new byte's hash n-grams read
+        if uses_entropy_model(m):
+            e = m.entropy_model
+            ep = params["entropy_model"]
+            edt = jnp.dtype(e.dtype)
+            self.ent_embed = embed(e.vocab_size, e.dim, ("vocab", "embed"), edt, "tok_embeddings").bind(
+                {"params": ep["tok_embeddings"]}
+            )
+            self.ent_blocks = _blocks(e, ep, m.init_std_factor, edt, impl)
+            self.ent_norm = RMSNorm(e.norm_eps).bind({"params": ep["norm"]})
+            self.ent_out = dense(e.vocab_size, ("embed", "vocab"), 1.0, edt, "output").bind(
+                {"params": ep["output"]}
+            )
+
+    # ------------------------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _key_positions(buffer: jax.Array) -> jax.Array:
+        b, n = buffer.shape[:2]
+        return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+
+    def _local_mask(self, tokens, qpos, window, use_docs) -> jax.Array:
+        """bool[B, T, N]: causal, sliding-window, same-document mask of new bytes over the buffer."""
+        kpos = self._key_positions(tokens)
+        if not use_docs:
+            return causal_mask(qpos, kpos, window)
+        docs = document_ids(tokens)
+        return causal_mask(qpos, kpos, window, gather_rows(docs, qpos), docs)
+
+    # -------------------------------------------------------------------------------- stages
+
+    def entropy(self, st: State, chunk, qpos, cols, tokens) -> State:
+        """Entropy model over the new bytes; writes their KV and entropies. chunk: int32[B, T]."""
+        e = self.config.entropy_model
+        mask = self._local_mask(tokens, qpos, e.window, e.document_masking)
+        h = self.ent_embed(chunk)
+        h, ks, vs = _run_blocks(self.ent_blocks, h, qpos, st.ent_k, st.ent_v, cols, mask)
+        logits = self.ent_out(self.ent_norm(h)).astype(jnp.float32)
+        ent = patching.entropy(logits)
+        return st._replace(ent_k=ks, ent_v=vs, entropies=scatter_rows(st.entropies, cols, ent))
+
+    def encoder_bytes(self, st: State, qpos, cols, tokens) -> tuple[State, jax.Array]:
+        """Hash embeddings + encoder layers for the new bytes (tokens already in ``tokens``).
+
+        Returns the state with the encoder caches written and the new bytes' final encoder states
+        float[B, T, D_e] (the decoder's input).
+        """
+        m = self.config
+        c = self.hash_context
+        t = qpos.shape[1]
+        win_pos = qpos[:, :1] - c + jnp.arange(c + t, dtype=jnp.int32)[None]
+        window = jnp.where(win_pos >= 0, gather_rows(tokens, win_pos), 0)  # positions < 0 read 0
+        h = self.blt.hash_embed(window, self.enc.embed_tokens(window))[:, c:]
+        mask = self._local_mask(tokens, qpos, m.encoder.window, m.document_masking)
+        enc_h, enc_ck, enc_cv = list(st.enc_h), list(st.enc_ck), list(st.enc_cv)
+
+        def on_layer(i, h_i):
+            if i in self.cross_layers:
+                j = self.cross_layers.index(i)
+                enc_h[j] = scatter_rows(enc_h[j], cols, h_i)
+                k, v = self.enc.cross_attn_layers[j].kv(h_i)
+                enc_ck[j] = scatter_rows(enc_ck[j], cols, k)
+                enc_cv[j] = scatter_rows(enc_cv[j], cols, v)
+
+        h, ks, vs = _run_blocks(self.enc_blocks, h, qpos, st.enc_k, st.enc_v, cols, mask, on_layer)
+        st = st._replace(enc_k=ks, enc_v=vs, enc_h=tuple(enc_h), enc_ck=tuple(enc_ck), enc_cv=tuple(enc_cv))
+        return st, h
+
+    def patches(self, tokens, entropies, length) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Patch ids of the committed bytes.
+
+        Returns: byte_pid int32[B, N] (patch of each byte, -1 at and after ``length``),
+        column_pid int32[B, N + 1] (patch of each boundary column; column ``length`` is the next
+        byte), completed int32[B] (= column_pid[length]: patches before the next byte's).
+        """
+        pc = self.config.patcher
+        ent = entropies if uses_entropy_model(self.config) else None
+        starts = patching.patch_start_mask(tokens, ent, pc, include_next_token=True, seq_lens=length)
+        column_pid = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
+        n = tokens.shape[1]
+        live = jnp.arange(n, dtype=jnp.int32)[None] < length[:, None]
+        byte_pid = jnp.where(live, column_pid[:, :n], -1)
+        completed = jnp.take_along_axis(column_pid, length[:, None], axis=1)[:, 0]
+        return byte_pid, column_pid, completed
+
+    def latents(self, st: State, tokens, byte_pid, first, count, n_cand: int) -> State:
+        """Encoder patch embeddings and global steps for patches ``first .. first + count - 1``.
+
+        Args: byte_pid: int32[B, N]; first, count: int32[B]; n_cand: static bound on count.
+        """
+        m = self.config
+        k = m.cross_attn_k
+        b, n, d_e = st.enc_h[0].shape
+        p = st.latents.shape[1]
+        cand = first[:, None] + jnp.arange(n_cand, dtype=jnp.int32)[None]  # [B, C] patch indices
+        valid = cand < (first + count)[:, None]
+        gcols = jnp.where(valid, cand, p)
+        seg = jnp.where(byte_pid >= 0, byte_pid, p)  # bytes past the length go to a dropped segment
+        slot_patch = jnp.repeat(cand, k, axis=1)  # [B, C * k]
+        cross_mask = byte_pid[:, None, :] == slot_patch[:, :, None]  # slots see exactly their bytes
+
+        def seg_max(x):
+            return jax.vmap(lambda xi, si: jax.ops.segment_max(xi, si, num_segments=p))(x, seg)
+
+        pe = None
+        for j, _ in enumerate(self.cross_layers):
+            if pe is None or m.encoder_repool_every_layer:
+                pooled = gather_rows(seg_max(st.enc_h[j]), cand)  # [B, C, D_e]
+                pe = self.enc.patch_embedding_projection(pooled).reshape(b, n_cand * k, d_e)
+            cross = self.enc.cross_attn_layers[j]
+            o = attention(cross.query(pe), st.enc_ck[j], st.enc_cv[j], cross_mask, m.attention_impl)
+            pe = pe + (pe + cross.wo(o.reshape(b, n_cand * k, d_e)))  # the double residual
+        x = pe.reshape(b, n_cand, k * d_e)
+        if self.glob_proj is not None:
+            x = self.glob_proj(x)
+        h = x.astype(jnp.dtype(m.dtype))
+
+        patch_eos = st.patch_eos
+        kpos = self._key_positions(st.latents)
+        if m.document_masking:
+            eos = ((tokens == EOS) & (byte_pid >= 0)).astype(jnp.int32)
+            has_eos = gather_rows(seg_max(eos), cand) > 0
+            patch_eos = scatter_rows(patch_eos, gcols, has_eos)
+            ends = patch_eos.astype(jnp.int32)
+            pdocs = jnp.cumsum(ends, axis=1) - ends
+            mask = causal_mask(cand, kpos, None, gather_rows(pdocs, cand), pdocs)
+        else:
+            mask = causal_mask(cand, kpos)
+        h, ks, vs = _run_blocks(self.glob_blocks, h, cand, st.glob_k, st.glob_v, gcols, mask)
+        return st._replace(
+            glob_k=ks, glob_v=vs, patch_eos=patch_eos, latents=scatter_rows(st.latents, gcols, h)
+        )
+
+    def decoder(self, st: State, h, qpos, cols, read, tokens) -> tuple[State, jax.Array]:
+        """Decoder over the new bytes; byte ``j`` reads the latent of patch ``read[:, j]``.
+
+        h: float[B, T, D_e] encoder states; read: int32[B, T]. Returns logits float32[B, T, V].
+        """
+        m = self.config
+        slots = self.dec.slots(gather_rows(st.latents, read))  # [B, T, k, D_d]: one patch per byte
+        own = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
+        mask = self._local_mask(tokens, qpos, m.decoder.window, m.document_masking)
+        new_k, new_v = [], []
+        for i, (block, attn) in enumerate(self.dec_blocks):
+            if i == 0 or m.decoder.cross_attn_all_layers:
+                h = h + self.dec.cross_attn_layers[i].gathered(h, slots, own)
+            a, kc, vc = attn(block.attention_norm(h), qpos, st.dec_k[i], st.dec_v[i], cols, mask)
+            h = h + a
+            h = h + block.feed_forward(block.ffn_norm(h))
+            new_k.append(kc)
+            new_v.append(vc)
+        logits = self.dec.output(self.dec.norm(h)).astype(jnp.float32)
+        return st._replace(dec_k=tuple(new_k), dec_v=tuple(new_v)), logits
+
+    # ----------------------------------------------------------------------------- entry points
+
+    def extend(self, st: State, chunk: jax.Array, count: jax.Array) -> tuple[State, jax.Array, jax.Array]:
+        """Appends ``chunk[b, :count[b]]`` at each row's ``length`` and runs all stages.
+
+        Args: chunk: int32[B, T] byte ids; count: int32[B] in [0, T] (0: the row is left as is).
+
+        Returns: (state, logits float32[B, T, V] where ``logits[b, j]`` predicts the byte after
+        ``chunk[b, j]`` (valid for j < count[b]), new_patches int32[B]: patches completed).
+        """
+        b, t = chunk.shape
+        n = st.tokens.shape[1]
+        valid = jnp.arange(t, dtype=jnp.int32)[None] < count[:, None]
+        qpos = st.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        cols = jnp.where(valid, qpos, n)
+        tokens = scatter_rows(st.tokens, cols, chunk)
+        length = st.length + count
+        if uses_entropy_model(self.config):
+            st = self.entropy(st, chunk, qpos, cols, tokens)
+        st, h = self.encoder_bytes(st, qpos, cols, tokens)
+        byte_pid, column_pid, completed = self.patches(tokens, st.entropies, length)
+        new_patches = completed - st.completed
+        st = jax.lax.cond(
+            jnp.any(new_patches > 0),
+            lambda s: self.latents(s, tokens, byte_pid, s.completed, new_patches, t),
+            lambda s: s,
+            st,
+        )
+        read = jnp.take_along_axis(column_pid, jnp.clip(qpos + 1, 0, n), axis=1) - 1
+        st, logits = self.decoder(st, h, qpos, cols, read, tokens)
+        return st._replace(tokens=tokens, length=length, completed=completed), logits, new_patches
+
+    def draft_step(
+        self, st: State, token: jax.Array, pos: jax.Array, read: jax.Array, active: jax.Array
+    ) -> tuple[State, jax.Array]:
+        """BLT-S draft: encoder byte layers + decoder for ``token`` at ``pos``, reading latent ``read``.
+
+        Writes scratch entries at ``pos`` (past ``length``; the verification pass overwrites them) and
+        does not change ``length``. token, pos, read: int32[B]; active: bool[B]. Returns logits [B, V].
+        """
+        n = st.tokens.shape[1]
+        qpos = pos[:, None]
+        cols = jnp.where(active, pos, n)[:, None]
+        tokens = scatter_rows(st.tokens, cols, token[:, None])
+        st, h = self.encoder_bytes(st, qpos, cols, tokens)
+        st, logits = self.decoder(st, h, qpos, cols, read[:, None], tokens)
+        return st._replace(tokens=tokens), logits[:, 0]
+
+    def patch_count(self, st: State, length: jax.Array) -> jax.Array:
+        """Completed patches for a committed length (after a rollback of scratch bytes)."""
+        return self.patches(st.tokens, st.entropies, length)[2]

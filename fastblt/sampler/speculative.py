@@ -1,0 +1,119 @@
+"""BLT-S, self-speculative BLT generation (Fast BLT §5.1, Algorithm 2), greedy.
+
+One round per loop iteration, for all rows in lock-step (each at its own position):
+
+1. ``d_0 = argmax(next_logits)``: the model's own prediction (exact: ``next_logits`` come from the
+   full model on the committed prefix).
+2. Draft ``d_1 .. d_k`` with ``k = draft`` decoder-only steps (``Runner.draft_step``: encoder byte
+   layers + decoder; no entropy model, no global model): every draft byte reads the latent of the
+   last completed patch, i.e. drafting runs past patch boundaries ignoring entropy spikes.
+3. Verify: one full incremental pass (``Runner.extend``: entropy model, patcher, encoder, global for
+   the patches the draft completes, decoder) over ``d_0 .. d_k`` gives the model's prediction
+   ``y_j`` after each ``d_j``.
+4. Accept ``d_1 .. d_a`` up to the first mismatch ``d_j != y_{j-1}``; commit ``d_0 .. d_a`` and roll
+   the row back to that length (scratch cache entries past it are never read and get overwritten).
+   ``y_a`` becomes the next round's ``next_logits``: its argmax is the verifier's correction (at the
+   first mismatch) or the free byte (when all ``k`` matched), drafted for free as the next ``d_0``.
+
+Greedy output is byte-identical to greedy ``ar``: every committed byte is the argmax of the full
+model's logits on its committed prefix. Per round: ``k + 1`` decoder passes (k drafts + the verify
+pass) and one encoder+global pass (the verify pass; the paper's schedule spends a second one on the
+corrected byte, which here rides along in the next verify pass, see fastblt.sampler.cost).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fastblt.config import ModelConfig
+from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
+from fastblt.sampler.cached import Runner
+from fastblt.sampler.state import init_state
+from fastblt.tokenizer import EOS
+
+
+def build_blt_s(
+    config: ModelConfig,
+    *,
+    n_bytes: int,
+    n_patches: int,
+    prefill_chunk: int,
+    draft: int,
+):
+    """The BLT-S generation function (to be jitted), greedy; see :func:`fastblt.sampler.ar.build_ar`
+    for the arguments and outputs (no ``logits``)."""
+    if draft < 1:
+        raise ValueError(f"draft={draft} must be >= 1 (bytes drafted per round)")
+
+    def run(params, prompts: Prompts, seed, temperature, top_p):
+        del seed, temperature, top_p  # greedy only
+        TRACE_COUNT["blt_s"] += 1
+        runner = Runner(config, params)
+        b = prompts.prompt.shape[0]
+        st = init_state(config, b, n_bytes, n_patches)
+        st, logits = prefill(runner, st, prompts, prefill_chunk)
+        ones = jnp.ones((b,), jnp.int32)
+        counters = zero_counters(b)._replace(decoder_passes=ones, eg_passes=ones, entropy_passes=ones)
+        done = prompts.budget <= 0
+        generated = jnp.zeros((b,), jnp.int32)
+        steps = jnp.arange(draft + 1, dtype=jnp.int32)
+
+        def cond(c):
+            return jnp.any(~c[2])
+
+        def body(c):
+            st, logits, done, generated, counters = c
+            active = ~done
+            start = st.length
+            read = st.completed - 1  # the last available latent, read by every draft byte
+
+            def draft_body(j, carry):
+                st, chunk, prev = carry
+                st, lg = runner.draft_step(st, prev, start + j, read, active)
+                nxt = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+                return st, chunk.at[:, j + 1].set(nxt), nxt
+
+            d0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            chunk = jnp.zeros((b, draft + 1), jnp.int32).at[:, 0].set(d0)
+            st, chunk, _ = jax.lax.fori_loop(0, draft, draft_body, (st, chunk, d0))
+
+            count = jnp.where(active, draft + 1, 0).astype(jnp.int32)
+            st, verify_logits, _ = runner.extend(st, chunk, count)
+            pred = jnp.argmax(verify_logits, axis=-1).astype(jnp.int32)  # pred[:, j] follows chunk[:, j]
+            match = chunk[:, 1:] == pred[:, :-1]
+            accepted = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=1), axis=1)
+
+            # Commit d_0 .. d_a, cut at the byte budget, a full buffer and (optionally) the first EOS.
+            limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
+            commit = jnp.minimum(accepted + 1, limit)
+            is_eos = (chunk == EOS) & (steps[None] < commit[:, None]) & prompts.stop_at_eos
+            hit = jnp.any(is_eos, axis=1)
+            commit = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, commit)
+            commit = jnp.where(active, commit, 0)
+            length = start + commit
+            completed = runner.patch_count(st, length)
+            # A verify pass completes at most draft + 1 patches: stop while they all have a slot.
+            finish = ((commit >= limit) | hit | (completed + draft + 1 > n_patches)) & active
+            next_logits = jnp.take_along_axis(
+                verify_logits, jnp.clip(commit - 1, 0, draft)[:, None, None], axis=1
+            )[:, 0]
+            st = st._replace(length=length, completed=completed)
+            a = active.astype(jnp.int32)
+            counters = counters._replace(
+                decoder_passes=counters.decoder_passes + a * (draft + 1),
+                eg_passes=counters.eg_passes + a,
+                entropy_passes=counters.entropy_passes + a,
+                drafted=counters.drafted + a * draft,
+                accepted=counters.accepted + a * accepted,
+                rounds=counters.rounds + a,
+            )
+            logits = jnp.where(active[:, None], next_logits, logits)
+            return st, logits, done | finish, generated + commit, counters
+
+        st, _, _, generated, counters = jax.lax.while_loop(
+            cond, body, (st, logits, done, generated, counters)
+        )
+        return {"tokens": st.tokens, "length": st.length, "generated": generated, "counters": counters}
+
+    return run

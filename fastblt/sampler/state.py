@@ -1,0 +1,134 @@
+"""Fixed-shape generation state: the byte buffer, patch bookkeeping and every KV cache.
+
+All buffers are left-aligned: byte ``t`` of row ``b`` lives at index ``t`` (its RoPE position), so
+rows of different lengths simply stop at different indices and each row carries its own ``length``.
+Caches are full length (``bytes`` entries per row); sliding windows and causality are applied with
+masks built from positions, never by shifting data. Entries at or beyond a row's ``length`` are
+scratch: they may hold draft or stale values and are never read (masks hide them) until a later
+step overwrites them.
+
+Shapes: B rows, N = ``bytes`` buffer length, P = ``patches`` patch slots (``N + 1`` never overflows:
+every patch holds at least one byte, plus the empty "next byte" patch).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fastblt.config import ModelConfig, TransformerConfig
+
+Layers = tuple[jax.Array, ...]
+
+
+class State(NamedTuple):
+    """Everything one generation carries between steps (a pytree of arrays).
+
+    tokens: int32[B, N] byte ids; only ``[:length]`` is committed.
+    length: int32[B] committed bytes per row (prompt included, BOS included).
+    completed: int32[B] patches whose last byte is committed *and* whose successor has started,
+      i.e. patches ``0 .. completed - 1`` have final latents in ``latents``.
+    entropies: float32[B, N] entropy-model entropies (nats) of committed bytes.
+    ent_k, ent_v: per entropy-model layer, [B, N, kv_heads, head_dim].
+    enc_k, enc_v: per local-encoder layer, [B, N, kv_heads, head_dim].
+    enc_h: per encoder cross-attention layer, the byte states it reads: [B, N, D_e] (max-pooling).
+    enc_ck, enc_cv: per encoder cross-attention layer, its keys/values of the byte states,
+      [B, N, cross_heads, D_e / cross_heads].
+    glob_k, glob_v: per global layer, [B, P, kv_heads, head_dim] (one entry per completed patch).
+    patch_eos: bool[B, P], the patch holds an EOS (it ends a document for the global model).
+    latents: [B, P, D_g] global outputs of completed patches.
+    dec_k, dec_v: per local-decoder layer, [B, N, kv_heads, head_dim].
+    """
+
+    tokens: jax.Array
+    length: jax.Array
+    completed: jax.Array
+    entropies: jax.Array
+    ent_k: Layers
+    ent_v: Layers
+    enc_k: Layers
+    enc_v: Layers
+    enc_h: Layers
+    enc_ck: Layers
+    enc_cv: Layers
+    glob_k: Layers
+    glob_v: Layers
+    patch_eos: jax.Array
+    latents: jax.Array
+    dec_k: Layers
+    dec_v: Layers
+
+
+def encoder_cross_layers(config: ModelConfig) -> tuple[int, ...]:
+    """Encoder layers followed by a cross-attention (the last one, or all of them)."""
+    n = config.encoder.n_layers
+    return tuple(range(n)) if config.encoder.cross_attn_all_layers else (n - 1,)
+
+
+def uses_entropy_model(config: ModelConfig) -> bool:
+    return config.patcher.mode == "entropy"
+
+
+def _kv(c: TransformerConfig, batch: int, length: int, dtype: jnp.dtype) -> tuple[Layers, Layers]:
+    shape = (batch, length, c.kv_heads, c.head_dim)
+    return (
+        tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layers)),
+        tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layers)),
+    )
+
+
+def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) -> State:
+    """An empty state (length 0) with zero-filled buffers.
+
+    Args:
+      config: the model config; batch: B; n_bytes: N, the byte buffer; n_patches: P, patch slots.
+    """
+    dtype = jnp.dtype(config.dtype)
+    m = config
+    if uses_entropy_model(m):
+        ent_k, ent_v = _kv(m.entropy_model, batch, n_bytes, jnp.dtype(m.entropy_model.dtype))
+    else:
+        ent_k, ent_v = (), ()
+    enc_k, enc_v = _kv(m.encoder, batch, n_bytes, dtype)
+    n_cross = len(encoder_cross_layers(m))
+    d_e = m.encoder.dim
+    heads = m.encoder.cross_heads
+    cross_shape = (batch, n_bytes, heads, d_e // heads)
+    glob_k, glob_v = _kv(m.global_model, batch, n_patches, dtype)
+    dec_k, dec_v = _kv(m.decoder, batch, n_bytes, dtype)
+    return State(
+        tokens=jnp.zeros((batch, n_bytes), jnp.int32),
+        length=jnp.zeros((batch,), jnp.int32),
+        completed=jnp.zeros((batch,), jnp.int32),
+        entropies=jnp.zeros((batch, n_bytes), jnp.float32),
+        ent_k=ent_k,
+        ent_v=ent_v,
+        enc_k=enc_k,
+        enc_v=enc_v,
+        enc_h=tuple(jnp.zeros((batch, n_bytes, d_e), dtype) for _ in range(n_cross)),
+        enc_ck=tuple(jnp.zeros(cross_shape, dtype) for _ in range(n_cross)),
+        enc_cv=tuple(jnp.zeros(cross_shape, dtype) for _ in range(n_cross)),
+        glob_k=glob_k,
+        glob_v=glob_v,
+        patch_eos=jnp.zeros((batch, n_patches), bool),
+        latents=jnp.zeros((batch, n_patches, m.global_model.dim), dtype),
+        dec_k=dec_k,
+        dec_v=dec_v,
+    )
+
+
+def scatter_rows(buffer: jax.Array, cols: jax.Array, values: jax.Array) -> jax.Array:
+    """``buffer[b, cols[b, j]] = values[b, j]``; columns out of range (the "skip" marker) are dropped.
+
+    Args: buffer: [B, L, ...]; cols: int32[B, T]; values: [B, T, ...].
+    """
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, cols].set(values.astype(buffer.dtype), mode="drop")
+
+
+def gather_rows(buffer: jax.Array, index: jax.Array) -> jax.Array:
+    """``buffer[b, index[b, j]]`` with the index clipped into range. buffer: [B, L, ...]; index: [B, T]."""
+    index = jnp.clip(index, 0, buffer.shape[1] - 1)
+    return jax.vmap(lambda x, i: x[i])(buffer, index)

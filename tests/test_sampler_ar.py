@@ -1,0 +1,136 @@
+"""Cached autoregressive generation (method="ar") against the naive no-cache oracle.
+
+Greedy ids must be identical and the per-step logits equal to 1e-4 (fp32) on random tiny models
+whose patches vary and whose local windows are shorter than the generated rows; batches of rows with
+different prompt lengths; a prefill split in several chunks; sampling with the same keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+try:
+    from test_sampler_support import model, patch_lengths_of, random_prompts
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.test_sampler_support import model, patch_lengths_of, random_prompts
+
+from fastblt.sampler import ar, encode_prompts, generate, naive_generate
+from fastblt.sampler.sampling import top_p_filter
+from fastblt.tokenizer import BOS, EOS
+
+TOL = 1e-4
+PAD = 64  # the oracle's one compiled shape; also the sampler's buffer, so tests share compilations
+SHAPES = dict(buffer_bytes=PAD, prefill_chunk=4, record_logits=True)
+
+
+def _check_against_naive(name, prompts, max_bytes, **kw):
+    config, params = model(name)
+    result = generate(params, config, prompts, max_bytes=max_bytes, **SHAPES, **kw)
+    sampling = {k: v for k, v in kw.items() if k in ("temperature", "top_p", "seed", "stop_at_eos")}
+    ids, logits = naive_generate(params, config, encode_prompts(prompts), max_bytes, pad_to=PAD, **sampling)
+    for row in range(len(prompts)):
+        np.testing.assert_array_equal(result.ids[row], ids[row], err_msg=f"row {row}")
+        np.testing.assert_allclose(result.logits[row], logits[row], atol=TOL, rtol=0, err_msg=f"row {row}")
+    return config, params, result
+
+
+@pytest.mark.parametrize("name", ["base", "variant"])
+def test_greedy_batch_of_three_matches_naive(name):
+    prompts = random_prompts(1, [3, 11, 6])
+    config, params, result = _check_against_naive(name, prompts, max_bytes=30)
+    assert (result.counters.generated == 30).all()
+    # The rows are longer than every local window, and their patches vary.
+    full = [np.concatenate([p, g]) for p, g in zip(encode_prompts(prompts), result.ids, strict=True)]
+    assert min(len(x) for x in full) > config.encoder.window + config.entropy_model.window
+    lengths = np.concatenate([patch_lengths_of(config, params, x) for x in full])
+    assert len(set(lengths.tolist())) >= 3, lengths
+
+
+def test_greedy_batch_of_one_with_capped_patches_matches_naive():
+    prompts = random_prompts(2, [7])
+    config, params = model("base", max_patch_length=3)
+    result = generate(params, config, prompts, max_bytes=28, **SHAPES)
+    ids, logits = naive_generate(params, config, encode_prompts(prompts), 28, pad_to=PAD)
+    np.testing.assert_array_equal(result.ids[0], ids[0])
+    np.testing.assert_allclose(result.logits[0], logits[0], atol=TOL, rtol=0)
+    full = np.concatenate([encode_prompts(prompts)[0], result.ids[0]])
+    assert patch_lengths_of(config, params, full)[:-1].max() <= 3
+
+
+def test_sampling_with_temperature_and_top_p_matches_naive():
+    prompts = random_prompts(3, [5, 9, 2])
+    _check_against_naive("base", prompts, max_bytes=20, temperature=0.8, top_p=0.9, seed=7)
+
+
+def test_document_masking_eos_inside_the_prompt_and_generation_past_eos():
+    """A prompt holding EOS (two documents) and generation that does not stop at EOS."""
+    config, params = model("base")
+    first, second = encode_prompts([b"a document", b"and next"])
+    prompts = [np.concatenate([first, [EOS], second]), np.concatenate([second, [EOS, BOS]]), first]
+    _check_against_naive("base", prompts, max_bytes=12, stop_at_eos=False)
+
+
+def test_rows_stop_at_eos_and_keep_their_budget():
+    """EOS stops a row (greedy on a model biased to EOS after some bytes); other rows go on."""
+    config, params = model("base")
+    biased = {**params, "local_decoder": dict(params["local_decoder"])}
+    out = dict(biased["local_decoder"]["output"])
+    kernel = np.array(out["kernel"])
+    kernel[:, EOS] += 0.35 * np.abs(kernel).max()  # EOS wins for some (not all) states
+    out["kernel"] = kernel
+    biased["local_decoder"]["output"] = out
+    prompts = random_prompts(4, [4, 9, 5])
+    result = generate(biased, config, prompts, max_bytes=16, **SHAPES)
+    ids, _ = naive_generate(biased, config, encode_prompts(prompts), 16, pad_to=PAD)
+    for row in range(3):
+        np.testing.assert_array_equal(result.ids[row], ids[row])
+    stopped = [len(x) < 16 and x[-1] == EOS for x in result.ids]
+    assert any(stopped), [x.tolist() for x in result.ids]
+    assert (result.counters.generated == [len(x) for x in result.ids]).all()
+
+
+def test_same_shapes_do_not_retrace():
+    config, params = model("base")
+    before = ar.TRACE_COUNT["ar"]
+    first = generate(params, config, random_prompts(5, [4, 6, 1]), max_bytes=5, **SHAPES)
+    second = generate(params, config, random_prompts(6, [8, 3, 2]), max_bytes=9, seed=3, **SHAPES)
+    assert ar.TRACE_COUNT["ar"] - before <= 1  # 0 when an earlier test compiled the same shapes
+    assert second.compile_seconds == 0.0
+    assert first.bytes_per_second > 0 and second.seconds > 0
+
+
+def test_top_p_filter_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 30)).astype(np.float32)
+    for p in (0.05, 0.5, 0.9, 1.0):
+        got = np.isfinite(np.asarray(top_p_filter(logits, p)))
+        for row in range(4):
+            probs = np.exp(logits[row] - logits[row].max())
+            probs /= probs.sum()
+            order = np.argsort(-probs, kind="stable")
+            keep, mass = set(), 0.0
+            for i in order:  # smallest prefix of the ranking whose mass reaches p
+                keep.add(int(i))
+                mass += probs[i]
+                if mass >= p:
+                    break
+            assert set(np.flatnonzero(got[row]).tolist()) == keep, (p, row)
+
+
+def test_bad_arguments_raise_clear_errors():
+    config, params = model("base")
+    with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):
+        generate(params, config, [b"ok", b""])
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(params, config, [])
+    with pytest.raises(ValueError, match="method='beam'"):
+        generate(params, config, [b"ok"], method="beam")
+    with pytest.raises(ValueError, match="prompts\\[0\\] is 11 ids long.*buffer_bytes=8"):
+        generate(params, config, [b"ten bytes!"], buffer_bytes=8)
+    with pytest.raises(ValueError, match="max_bytes"):
+        generate(params, config, [b"ok"], max_bytes=0)
+    with pytest.raises(ValueError, match="temperature=0"):
+        generate(params, config, [b"ok"], method="blt_s", temperature=0.5)
+    with pytest.raises(TypeError, match="list"):
+        generate(params, config, "not a list")
