@@ -41,6 +41,8 @@ def training_sections() -> ml_collections.ConfigDict:
     config.train.log_every = 10
     config.train.eval_every = 1000
     config.train.grad_accum = 1  # micro-batches per step (data.batch_size must divide by it)
+    config.train.sample_bytes = 0  # > 0: print a greedy sample of this many bytes at each evaluation
+    config.train.sample_prompt = "def "
 
     # Device mesh: data x fsdp x tensor; one axis may be -1 (all remaining devices).
     config.mesh = ml_collections.ConfigDict()

@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.steps = 150
     config.train.log_every = 25
     config.train.eval_every = 75
+    config.train.sample_bytes = 48
     config.checkpoint.save_every = 50
     # Stage 1 (entropy model) then stage 2 (BLT) in one `fastblt train`; the threshold is calibrated
     # to ~4.5 bytes per patch on training rows.

@@ -252,6 +252,8 @@ def train(
                     f"bits/byte {ev['eval_bits_per_byte']:.4f}"
                 )
             last.update(ev)
+            if chief and isinstance(task, BLTTask) and int(cfg.train.get("sample_bytes", 0)) > 0:
+                log(f"[{task.name}] sample: {_sample_text(task, state.params, trainer.frozen, cfg.train)!r}")
             t0 = time.time()
         payload = trainer.checkpoint_payload(state)
         preempted = ckpt_lib.preemption_requested(done)
@@ -264,6 +266,16 @@ def train(
     writer.close()
     ckpt_lib.uninstall_preemption_handler()
     return last
+
+
+def _sample_text(task: BLTTask, params: Any, frozen: Any, train_cfg: Any) -> str:
+    """Greedy continuation of ``train.sample_prompt`` by the current model (cached sampler)."""
+    from fastblt.sampler import generate
+
+    full = dict(params, entropy_model=frozen) if frozen else dict(params)
+    prompt = str(train_cfg.get("sample_prompt", "def "))
+    out = generate(full, task.config, [prompt], max_bytes=int(train_cfg.sample_bytes))
+    return prompt + out.texts[0].decode("utf-8", errors="replace")
 
 
 def load_trained_params(
