@@ -98,6 +98,10 @@ def test_trained_workdir_exports_and_converts_to_hf(tmp_path):
     gives the same logits (entropy model included: each side patches by itself)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    import contextlib
+    import io
+    import json
+
     import jax.numpy as jnp
 
     from fastblt import cli
@@ -119,6 +123,22 @@ def test_trained_workdir_exports_and_converts_to_hf(tmp_path):
     config2, params2 = load_export(tmp_path / "export")
     assert config2 == config
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        argv = [
+            "sample",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--prompt",
+            "def f(",
+            "--max-bytes",
+            "8",
+            "--json",
+        ]
+        assert cli.main(argv) == 0
+    sample = json.loads(buf.getvalue())
+    assert sample["counters"]["generated"] <= 8 and len(sample["texts"]) == 1
 
     assert (
         cli.main(["convert", "orbax-to-hf", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "hf")])
