@@ -15,29 +15,30 @@ Decoder input rows (the paper's D_0 = Embed([x ; x_block^t])):
 
 Each decoder layer runs the clean rows through BLT's own layer code (so clean logits are BLT's
 logits), and the block rows through the same weights, with the clean rows' keys and values of that
-layer as extra context: a block row attends the clean keys ``context_mask`` allows plus the cells of
-its own block that ``self_mask`` allows. The clean stream never reads the block stream.
+layer as extra context: a block row attends the clean keys of its block's context window that
+``context_mask`` allows, plus the cells of its own block that ``self_mask`` allows. The clean
+stream never reads the block stream.
 
-Memory (per example): the block rows add R * D activations per decoder layer (R = (P - 1) * B, e.g.
-4 * N with B = 16 and P ~ N / 4) and the bool[R, N] context mask. Their attention (always this
-module's exact XLA two-tile attention, whatever ``attention_impl`` says; the clean rows keep BLT's
-attention path) holds H * chunk * N float32 scores at a time, forward and backward (recomputed
-per chunk under ``jax.checkpoint``), never the whole H * R * N. See fastblt/diffusion.py for numbers.
+Memory and compute (per example): the block rows add R * D activations per decoder layer and a
+bool[K, B, C] context mask (C = the context width, decoder.window - 1 in training). Their
+attention (always this module's exact XLA attention, whatever ``attention_impl`` says; the clean
+rows keep BLT's attention path) costs R * (C + B) scores per head, not R * N, and holds the
+gathered keys and scores of one chunk of blocks at a time, forward and backward (recomputed per
+chunk under ``jax.checkpoint``). See fastblt/diffusion.py for numbers.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
-from fastblt.model import patcher as patching
-from fastblt.model.attention import causal_mask, document_ids
-from fastblt.model.blt import BLT, patch_has_eos, positions_like
-from fastblt.model.layers import SelfAttention, TransformerBlock
+from fastblt.model.blt import BLT, LocalDecoder
+from fastblt.model.layers import FeedForward, RMSNorm, SelfAttention
 from fastblt.sharding import constrain
 
 _BYTES = ("batch", "bytes", "embed")
@@ -47,11 +48,15 @@ _NEG = -1e30  # as fastblt.model.attention: finite, so an all-masked row stays f
 class DecoderBlocks(NamedTuple):
     """Corrupted blocks the decoder reads after the clean rows: K blocks of B cells each.
 
+    Each block sees a window of C clean rows, ``context_start + 0 .. C - 1`` (indices outside the
+    row must be masked), so attention costs K * B * C scores, not K * B * N.
+
     tokens: int32[b, K, B], byte id of each cell (ignored where ``masked``).
     masked: bool[b, K, B], the cell's input is [MASK] (also set it on padding cells).
     positions: int32[b, K, B], RoPE position of each cell (its byte's index in the row).
     read_patch: int32[b, K], patch whose global output the block's cells cross-attend.
-    context_mask: bool[b, K * B, N], clean rows each cell attends (cells in block-major order).
+    context_start: int32[b, K], first clean row of each block's context window.
+    context_mask: bool[b, K, B, C], which rows of its block's window each cell attends.
     self_mask: bool[b, K, B, B], cells of its own block each cell attends ([.., query, key]).
     """
 
@@ -59,6 +64,7 @@ class DecoderBlocks(NamedTuple):
     masked: jax.Array
     positions: jax.Array
     read_patch: jax.Array
+    context_start: jax.Array
     context_mask: jax.Array
     self_mask: jax.Array
 
@@ -79,56 +85,6 @@ class _Out(SelfAttention):
         return self.out(o)
 
 
-def _attention_modules(model: BLT, layer: TransformerBlock) -> tuple[dict, _QKV, _Out]:
-    m = model.config
-    args = (m.decoder, 0.0, jnp.dtype(m.dtype), m.attention_impl)
-    return {"params": layer.attention.variables["params"]}, _QKV(*args), _Out(*args)
-
-
-def encode(model: BLT, tokens: jax.Array, patch_lengths: jax.Array) -> dict[str, jax.Array]:
-    """BLT's encoder and global model on the clean row (the first half of ``BLT.__call__``).
-
-    Args: tokens: int32[b, N]; patch_lengths: int32[b, P] (reference convention, see BLT).
-
-    Returns: ``h`` float[b, N, D_e] encoder byte states, ``slots`` float[b, P, k, D_d] decoder
-      patch slots, ``positions`` int32[b, N], ``mask`` bool[b, N, N] decoder self-attention mask,
-      ``read_patch`` int32[b, N] decoder cross-attention patch of each clean row.
-    """
-    m = model.config
-    tokens = tokens.astype(jnp.int32)
-    patch_lengths = patch_lengths.astype(jnp.int32)
-    n, p = tokens.shape[1], patch_lengths.shape[1]
-    if n > m.max_bytes:
-        raise ValueError(f"rows of {n} bytes exceed model.max_bytes={m.max_bytes}")
-
-    byte_pos = positions_like(tokens)
-    docs = document_ids(tokens) if m.document_masking else None
-    enc_mask = causal_mask(byte_pos, byte_pos, m.encoder.window, docs, docs)
-    patch_ids = patching.patch_ids_from_lengths(patch_lengths, n)
-
-    h = model.hash_embed(tokens, model.local_encoder.embed_tokens(tokens))
-    h = constrain(h, _BYTES)
-    h, pe = model.local_encoder(h, byte_pos, enc_mask, patch_ids, p)
-
-    patch_pos = positions_like(patch_lengths)
-    pdocs = None
-    if m.document_masking:
-        ends = patch_has_eos(tokens, patch_ids, p).astype(jnp.int32)
-        pdocs = jnp.cumsum(ends, axis=-1) - ends
-    g = model.global_transformer(pe, patch_pos, causal_mask(patch_pos, patch_pos, None, pdocs, pdocs))
-
-    dec_mask = enc_mask
-    if m.decoder.window != m.encoder.window:
-        dec_mask = causal_mask(byte_pos, byte_pos, m.decoder.window, docs, docs)
-    return {
-        "h": h,
-        "slots": model.local_decoder.slots(g),
-        "positions": byte_pos,
-        "mask": dec_mask,
-        "read_patch": patching.decoder_patch_ids_from_lengths(patch_lengths, n),
-    }
-
-
 def block_embeddings(model: BLT, tokens: jax.Array, masked: jax.Array) -> jax.Array:
     """Decoder input of block cells: the byte's encoder token embedding, or the [MASK] vector.
 
@@ -142,45 +98,49 @@ def block_embeddings(model: BLT, tokens: jax.Array, masked: jax.Array) -> jax.Ar
     return jnp.where(masked[..., None], mask_vec, shown.astype(dtype))
 
 
-# Scores per attention chunk (query rows x clean keys) that block_attention aims at when it picks
-# the number of blocks per chunk itself: 2^22 float32 scores per example and head (16 MiB).
-CHUNK_SCORES = 1 << 22
+# Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
+# gathered context keys, C * KV * hd per block, and scores, H * B * C per block).
+CHUNK_ELEMENTS = 1 << 24
 
 
-def _two_tile_attention(
+def _windowed_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     k_ctx: jax.Array,
     v_ctx: jax.Array,
+    context_start: jax.Array,
     context_mask: jax.Array,
     self_mask: jax.Array,
 ) -> jax.Array:
-    """block_attention on all blocks at once: an R x N and a K x B x B score tile, one softmax."""
+    """block_attention on all the given blocks at once (shapes as there, R = K * B)."""
     b, r, h, d = q.shape
-    nblk, bs = self_mask.shape[1], self_mask.shape[2]
-    kvh = k.shape[2]
+    nblk, bs, width = context_mask.shape[1:]
+    n, kvh = k_ctx.shape[1], k.shape[2]
     g = h // kvh
     scale = d**-0.5
-    qg = q.reshape(b, r, kvh, g, d)
-    s_ctx = jnp.einsum("brkgd,bnkd->bkgrn", qg, k_ctx, preferred_element_type=jnp.float32) * scale
-    s_ctx = jnp.where(context_mask[:, None, None], s_ctx, _NEG)
+    index = jnp.clip(context_start[:, :, None] + jnp.arange(width, dtype=jnp.int32), 0, n - 1)
+    take = jax.vmap(lambda x, i: x[i])
+    k_win, v_win = take(k_ctx, index), take(v_ctx, index)  # [b, K, C, KV, hd]
+
     qb = q.reshape(b, nblk, bs, kvh, g, d)
+    s_ctx = jnp.einsum("bqikgd,bqwkd->bkgqiw", qb, k_win, preferred_element_type=jnp.float32) * scale
+    s_ctx = jnp.where(context_mask[:, None, None], s_ctx, _NEG)
     kb = k.reshape(b, nblk, bs, kvh, d)
     s_own = jnp.einsum("bqikgd,bqjkd->bkgqij", qb, kb, preferred_element_type=jnp.float32) * scale
-    s_own = jnp.where(self_mask[:, None, None], s_own, _NEG).reshape(b, kvh, g, r, bs)
+    s_own = jnp.where(self_mask[:, None, None], s_own, _NEG)
 
-    top = jnp.maximum(s_ctx.max(axis=-1), s_own.max(axis=-1))[..., None]
+    top = jax.lax.stop_gradient(jnp.maximum(s_ctx.max(axis=-1), s_own.max(axis=-1))[..., None])
     p_ctx = jnp.exp(s_ctx - top)
     p_own = jnp.exp(s_own - top)
     denom = p_ctx.sum(axis=-1, keepdims=True) + p_own.sum(axis=-1, keepdims=True)
     p_ctx = (p_ctx / denom).astype(v.dtype)
-    p_own = (p_own / denom).astype(v.dtype).reshape(b, kvh, g, nblk, bs, bs)
-    o_ctx = jnp.einsum("bkgrn,bnkd->brkgd", p_ctx, v_ctx)
-    o_own = jnp.einsum("bkgqij,bqjkd->bqikgd", p_own, v.reshape(b, nblk, bs, kvh, d))
-    out = (o_ctx + o_own.reshape(b, r, kvh, g, d)).reshape(b, r, h, d)
-    has_key = jnp.any(context_mask, axis=-1) | jnp.any(self_mask, axis=-1).reshape(b, r)
-    return jnp.where(has_key[:, :, None, None], out, 0).astype(q.dtype)
+    p_own = (p_own / denom).astype(v.dtype)
+    out = jnp.einsum("bkgqiw,bqwkd->bqikgd", p_ctx, v_win)
+    out = out + jnp.einsum("bkgqij,bqjkd->bqikgd", p_own, v.reshape(b, nblk, bs, kvh, d))
+    has_key = jnp.any(context_mask, axis=-1) | jnp.any(self_mask, axis=-1)  # [b, K, B]
+    out = jnp.where(has_key[..., None, None, None], out, 0)
+    return out.reshape(b, r, h, d).astype(q.dtype)
 
 
 def block_attention(
@@ -189,32 +149,34 @@ def block_attention(
     v: jax.Array,
     k_ctx: jax.Array,
     v_ctx: jax.Array,
+    context_start: jax.Array,
     context_mask: jax.Array,
     self_mask: jax.Array,
     chunk_blocks: int | None = None,
 ) -> jax.Array:
-    """Attention of block rows over the clean keys plus their own block's keys (one softmax).
+    """Attention of block rows over their context window of clean keys plus their own block's keys.
 
-    Exact attention in two score tiles, block rows x clean keys and each block x itself (the
-    R x R block-to-block tile, almost all masked, is never formed), merged in one softmax. The
-    blocks are processed ``chunk_blocks`` at a time under ``jax.checkpoint`` (``lax.map``): the
-    scores held at once, also for the gradient, are b * H * chunk_blocks * B * N float32.
+    Exact attention, one softmax over two score tiles: each block's B cells x its C gathered clean
+    keys, and x its own B cells (the R x R block-to-block tile, almost all masked, is never formed).
+    Blocks go ``chunk_blocks`` at a time through ``lax.map`` under ``jax.checkpoint``, so gathered
+    keys and scores exist for one chunk at a time, also for the gradient.
 
     Args:
       q: float[b, R, H, hd] block queries (R = K * B, block-major); k, v: float[b, R, KV, hd].
       k_ctx, v_ctx: float[b, N, KV, hd], the clean rows' keys and values of the same layer.
-      context_mask: bool[b, R, N]; self_mask: bool[b, K, B, B].
-      chunk_blocks: blocks per chunk; None: about CHUNK_SCORES / N rows per chunk.
+      context_start: int32[b, K]; context_mask: bool[b, K, B, C]; self_mask: bool[b, K, B, B]
+        (see DecoderBlocks).
+      chunk_blocks: blocks per chunk; None: about CHUNK_ELEMENTS per example and chunk.
 
     Returns: float[b, R, H, hd] in q's dtype; a row with no visible key gives 0 (as ``attention``).
     """
     b, r, h, d = q.shape
-    nblk, bs = self_mask.shape[1], self_mask.shape[2]
-    n = k_ctx.shape[1]
+    nblk, bs, width = context_mask.shape[1:]
     if chunk_blocks is None:
-        chunk_blocks = max(1, CHUNK_SCORES // (n * bs))
+        per_block = width * max(k_ctx.shape[2] * d, h * bs)
+        chunk_blocks = max(1, CHUNK_ELEMENTS // per_block)
     if chunk_blocks >= nblk:
-        return _two_tile_attention(q, k, v, k_ctx, v_ctx, context_mask, self_mask)
+        return _windowed_attention(q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask)
 
     chunks = -(-nblk // chunk_blocks)
     pad = chunks * chunk_blocks - nblk  # padding blocks: no visible key, output 0, sliced off
@@ -227,31 +189,94 @@ def block_attention(
 
     @jax.checkpoint
     def one(xs: tuple[jax.Array, ...]) -> jax.Array:
-        qc, kc, vc, cm, sm = xs
-        return _two_tile_attention(qc, kc, vc, k_ctx, v_ctx, cm, sm)
+        qc, kc, vc, start, cm, sm = xs
+        return _windowed_attention(qc, kc, vc, k_ctx, v_ctx, start, cm, sm)
 
-    out = jax.lax.map(
-        one, (split(q, bs), split(k, bs), split(v, bs), split(context_mask, bs), split(self_mask, 1))
+    parts = (
+        split(q, bs),
+        split(k, bs),
+        split(v, bs),
+        split(context_start, 1),
+        split(context_mask, 1),
+        split(self_mask, 1),
     )
+    out = jax.lax.map(one, parts)
     return jnp.moveaxis(out, 0, 1).reshape(b, chunks * chunk_blocks * bs, h, d)[:, :r]
 
 
-def _block_layer(
-    model: BLT,
-    layer: TransformerBlock,
+def _clean_kv(
+    config: ModelConfig, params: dict, h: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of the clean rows in a decoder layer (its params), as the layer makes them."""
+    c = config.decoder
+    x = RMSNorm(c.norm_eps, parent=None).apply({"params": params["attention_norm"]}, h)
+    qkv = _QKV(c, 0.0, jnp.dtype(config.dtype), config.attention_impl, parent=None)
+    _, k, v = qkv.apply({"params": params["attention"]}, x, positions)
+    return k, v
+
+
+def _block_rows_layer(
+    config: ModelConfig,
+    chunk_blocks: int | None,
+    params: dict,
     hb: jax.Array,
     positions: jax.Array,
     k_ctx: jax.Array,
     v_ctx: jax.Array,
     blocks: DecoderBlocks,
-    chunk_blocks: int | None,
 ) -> jax.Array:
-    """One decoder transformer block on the block rows (pre-norm attention + SwiGLU, BLT's weights)."""
-    variables, qkv, out = _attention_modules(model, layer)
-    q, k, v = qkv.apply(variables, layer.attention_norm(hb), positions)
-    o = block_attention(q, k, v, k_ctx, v_ctx, blocks.context_mask, blocks.self_mask, chunk_blocks)
-    hb = hb + out.apply(variables, o)
-    return hb + layer.feed_forward(layer.ffn_norm(hb))
+    """A decoder transformer block (its ``params``) on the block rows: pre-norm block attention,
+    then SwiGLU. A pure function of arrays, so it can run under ``jax.checkpoint``."""
+    c = config.decoder
+    dtype = jnp.dtype(config.dtype)
+    norm = RMSNorm(c.norm_eps, parent=None)  # unbound (parent=None): applied to the layer's params
+    attn = {"params": params["attention"]}
+    q, k, v = _QKV(c, 0.0, dtype, config.attention_impl, parent=None).apply(
+        attn, norm.apply({"params": params["attention_norm"]}, hb), positions
+    )
+    o = block_attention(
+        q, k, v, k_ctx, v_ctx, blocks.context_start, blocks.context_mask, blocks.self_mask, chunk_blocks
+    )
+    hb = hb + _Out(c, 0.0, dtype, config.attention_impl, parent=None).apply(attn, o)
+    ffn = FeedForward(c.dim, c.hidden_dim, 0.0, 0.0, dtype, parent=None)
+    return hb + ffn.apply({"params": params["feed_forward"]}, norm.apply({"params": params["ffn_norm"]}, hb))
+
+
+def _decode(
+    model: BLT,
+    dec: LocalDecoder,
+    args: tuple[Any, ...],
+    blocks: DecoderBlocks,
+    chunk_blocks: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """LocalDecoder.__call__ on the clean rows (same code) plus the block rows beside it.
+
+    ``args``: what BLT.__call__ passes the decoder: h, slots, read_patch, positions, mask.
+    """
+    h, slots, read, pos, mask = args
+    m = model.config
+    b, nblk, bs = blocks.tokens.shape
+    hb = block_embeddings(model, blocks.tokens, blocks.masked).reshape(b, nblk * bs, -1)
+    hb = constrain(hb, _BYTES)
+    pos_b = blocks.positions.reshape(b, nblk * bs).astype(jnp.int32)
+    read_b = jnp.repeat(blocks.read_patch.astype(jnp.int32), bs, axis=1)
+    rows = functools.partial(_block_rows_layer, m, chunk_blocks)
+    if m.remat:
+        rows = jax.checkpoint(rows)
+    for i, layer in enumerate(dec.layers):
+        if i == 0 or m.decoder.cross_attn_all_layers:
+            cross = dec.cross_attn_layers[i]
+            h = h + cross.gathered(h, slots, read)
+            hb = hb + cross.gathered(hb, slots, read_b)
+        params = layer.variables["params"]
+        k_ctx, v_ctx = _clean_kv(m, params, h, pos)
+        h = constrain(layer(h, pos, mask), _BYTES)
+        hb = constrain(rows(params, hb, pos_b, k_ctx, v_ctx, blocks), _BYTES)
+
+    clean = constrain(dec.output(dec.norm(h)).astype(jnp.float32), ("batch", "bytes", "vocab"))
+    block = dec.output(dec.norm(hb)).astype(jnp.float32)
+    block = constrain(block, ("batch", "bytes", "vocab")).reshape(b, nblk, bs, -1)
+    return clean, block
 
 
 def forward(
@@ -263,35 +288,23 @@ def forward(
 ) -> tuple[jax.Array, jax.Array]:
     """The BLT-D training forward on a bound BLT (use :func:`logits` from outside a module).
 
-    ``chunk_blocks``: blocks per block-attention chunk (see :func:`block_attention`).
+    BLT.__call__ runs as it is (encoder, global model, masks, remat: one code path); only its
+    call of the local decoder is replaced by :func:`_decode`, which runs the decoder's own layers on
+    the clean rows and the block rows beside them. ``chunk_blocks``: see :func:`block_attention`.
 
-    Returns: clean logits float32[b, N, V] (exactly BLT's: logits[:, t] predicts byte t + 1) and
+    Returns: clean logits float32[b, N, V] (BLT's logits: logits[:, t] predicts byte t + 1) and
       block logits float32[b, K, B, V] (cell logits predict the cell's own byte, unshifted).
     """
-    m = model.config
-    b, nblk, bs = blocks.tokens.shape
-    enc = encode(model, tokens, patch_lengths)
-    dec = model.local_decoder
-    h, slots, pos, mask, read = enc["h"], enc["slots"], enc["positions"], enc["mask"], enc["read_patch"]
 
-    hb = block_embeddings(model, blocks.tokens, blocks.masked).reshape(b, nblk * bs, -1)
-    hb = constrain(hb, _BYTES)
-    pos_b = blocks.positions.reshape(b, nblk * bs).astype(jnp.int32)
-    read_b = jnp.repeat(blocks.read_patch.astype(jnp.int32), bs, axis=1)
-    for i, layer in enumerate(dec.layers):
-        if i == 0 or m.decoder.cross_attn_all_layers:
-            cross = dec.cross_attn_layers[i]
-            h = h + cross.gathered(h, slots, read)
-            hb = hb + cross.gathered(hb, slots, read_b)
-        variables, qkv, _ = _attention_modules(model, layer)
-        _, k_ctx, v_ctx = qkv.apply(variables, layer.attention_norm(h), pos)
-        h = constrain(layer(h, pos, mask), _BYTES)
-        hb = _block_layer(model, layer, hb, pos_b, k_ctx, v_ctx, blocks, chunk_blocks)
-        hb = constrain(hb, _BYTES)
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, LocalDecoder) and context.method_name == "__call__":
+            if kwargs:
+                raise TypeError(f"LocalDecoder.__call__ called with keywords {sorted(kwargs)}")
+            return _decode(model, context.module, args, blocks, chunk_blocks)
+        return next_fun(*args, **kwargs)
 
-    clean = constrain(dec.output(dec.norm(h)).astype(jnp.float32), ("batch", "bytes", "vocab"))
-    block = dec.output(dec.norm(hb)).astype(jnp.float32)
-    block = constrain(block, ("batch", "bytes", "vocab")).reshape(b, nblk, bs, -1)
+    with nn.intercept_methods(interceptor):
+        clean, block = model(tokens, patch_lengths)
     return clean, block
 
 
