@@ -50,6 +50,19 @@ def training_sections() -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
 
+    # Training objective of a BLT: "next_byte", or "blt_d" (next-byte + block-wise masked diffusion,
+    # fastblt/diffusion.py; needs model.mask_embedding=True). Entropy-model runs ignore it.
+    config.objective = ml_collections.ConfigDict(
+        dict(
+            kind="next_byte",
+            block_size=4,
+            noise_eps=1e-3,
+            diffusion_weight=1.0,
+            next_byte_weight=1.0,
+            normalization="sum",
+        )
+    )
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.workdir = ""  # set by `fastblt train --workdir`
     config.checkpoint.save_every = 1000
@@ -77,6 +90,15 @@ def entropy_stage(
             target_patch_len=target_patch_len,
         )
     )
+
+
+def blt_d(config: ml_collections.ConfigDict, block_size: int) -> ml_collections.ConfigDict:
+    """Turns a BLT experiment into BLT-D with blocks of ``block_size`` bytes (in place)."""
+    config.model.mask_embedding = True
+    config.model.patcher.max_patch_length = 8  # the paper's BLT-D setting
+    config.objective.kind = "blt_d"
+    config.objective.block_size = block_size
+    return config
 
 
 def get_config() -> ml_collections.ConfigDict:

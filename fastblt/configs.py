@@ -256,6 +256,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         )
     if "model" in config:
         model_config(config)
+        if "objective" in config:
+            objective_config(config)
     if "entropy_model" in config:
         entropy_model_config(config)
     if "model" in config and "data" in config and "seq_len" in config.data:
@@ -274,6 +276,13 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     _check_value(ModelConfig, config.model, "model")
     values = config.model.to_dict() if hasattr(config.model, "to_dict") else config.model
     return model_config_from_dict(values, prefix="model.")
+
+
+def objective_config(config: ml_collections.ConfigDict) -> Any:
+    """The validated training objective (``objective`` section; absent: next-byte)."""
+    from fastblt.diffusion import objective_config as build  # lazy: imports jax
+
+    return build(config.get("objective"), model_config(config))
 
 
 def entropy_model_config(config: ml_collections.ConfigDict) -> EntropyModelConfig:

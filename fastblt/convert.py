@@ -205,6 +205,12 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             "False, the reference) will give different logits under transformers",
             stacklevel=2,
         )
+    if m.mask_embedding:
+        warnings.warn(
+            "the BLT-D mask embedding has no place in BltForCausalLM: the export is the plain "
+            "next-byte BLT (diffusion decoding needs fastblt)",
+            stacklevel=2,
+        )
     if m.patcher.monotonicity or m.patcher.threshold_add is not None:
         warnings.warn("HF's patcher ignores monotonicity and threshold_add", stacklevel=2)
 
@@ -364,6 +370,8 @@ def to_hf(config: ModelConfig, params: Mapping[str, Any], out_dir: str) -> None:
         if path[0] == "hash_embed":
             tables.append((int(path[1].split("_")[1]), value))
             continue
+        if path == ("local_decoder", "mask_embedding"):
+            continue  # BLT-D only (warned about in config_to_hf)
         name, transpose = hf_name(path)
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     if tables:

@@ -36,10 +36,14 @@ class EntropyTask:
         """Boxed (logically annotated) parameters."""
         return self.module.init(rng, jnp.ones((1, seq_len), jnp.int32))["params"]
 
-    def loss(self, params: Any, frozen: Any, batch: dict) -> tuple[jax.Array, dict]:
-        del frozen
+    def loss(
+        self, params: Any, frozen: Any, batch: dict, rng: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        del frozen, rng
         logits = self.module.apply({"params": params}, batch["inputs"])
         return next_byte_loss(logits, batch["targets"], batch["mask"])
+
+    eval_loss = loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,21 +77,56 @@ class BLTTask:
         max_patches = pc.max_patches or tokens.shape[1] + 1
         return patching.patch(tokens, entropies, pc, max_patches, include_next_token=True)
 
-    def loss(self, params: Any, frozen: Any, batch: dict) -> tuple[jax.Array, dict]:
+    def loss(
+        self, params: Any, frozen: Any, batch: dict, rng: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        del rng
         tokens = batch["inputs"]
         p = self.patch(frozen, tokens)
         logits = self.module.apply({"params": params}, tokens, p.lengths)
         loss, metrics = next_byte_loss(logits, batch["targets"], batch["mask"])
-        count = p.count.astype(jnp.float32)
-        metrics["patches_per_row"] = count.mean()
-        metrics["avg_patch_len"] = ((tokens.shape[1] + 1) / count).mean()
-        metrics["patch_overflow"] = p.overflow.astype(jnp.float32).mean()
-        return loss, metrics
+        return loss, {**metrics, **patch_metrics(p, tokens.shape[1])}
+
+    eval_loss = loss
+
+
+def patch_metrics(p: patching.Patching, n: int) -> dict[str, jax.Array]:
+    """Patches per row, mean patch length and the fraction of rows that overflowed the buffer."""
+    count = p.count.astype(jnp.float32)
+    return {
+        "patches_per_row": count.mean(),
+        "avg_patch_len": ((n + 1) / count).mean(),
+        "patch_overflow": p.overflow.astype(jnp.float32).mean(),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class BLTDTask(BLTTask):
+    """BLT-D: next-byte loss plus the block-wise masked-diffusion loss (fastblt/diffusion.py).
+    Evaluation reports the plain next-byte loss (``eval_loss``), comparable with BLT's."""
+
+    objective: Any = None  # fastblt.diffusion.ObjectiveConfig
+
+    name = "blt_d"
+
+    def loss(
+        self, params: Any, frozen: Any, batch: dict, rng: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        from fastblt import diffusion
+
+        tokens = batch["inputs"]
+        p = self.patch(frozen, tokens)
+        loss, metrics = diffusion.blt_d_loss(
+            params, self.config, self.objective, tokens, batch["targets"], batch["mask"], p.lengths, rng
+        )
+        return loss, {**metrics, **patch_metrics(p, tokens.shape[1])}
+
+    eval_loss = BLTTask.loss
 
 
 def frozen_template(task: BLTTask | EntropyTask) -> Any:
     """Abstract frozen parameters a task's checkpoints carry: the entropy model's, or none."""
-    if isinstance(task, BLTTask) and task.config.patcher.mode == "entropy":
+    if isinstance(task, BLTTask) and task.config.patcher.mode == "entropy":  # BLT-D too
         model = EntropyModel(task.config.entropy_model)
         boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"])
         return nn.meta.unbox(boxed)

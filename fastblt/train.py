@@ -36,7 +36,7 @@ from fastblt.metrics import (
     model_flops_per_byte,
 )
 from fastblt.optim import learning_rate_schedule, make_optimizer
-from fastblt.tasks import BLTTask, EntropyTask, frozen_template
+from fastblt.tasks import BLTDTask, BLTTask, EntropyTask, frozen_template
 
 
 @flax.struct.dataclass
@@ -46,10 +46,14 @@ class TrainState:
     opt_state: Any
 
 
-def make_task(cfg: ml_collections.ConfigDict) -> BLTTask | EntropyTask:
-    if "model" in cfg:
-        return BLTTask(configs.model_config(cfg))
-    return EntropyTask(configs.entropy_model_config(cfg))
+def make_task(cfg: ml_collections.ConfigDict) -> BLTTask | BLTDTask | EntropyTask:
+    if "model" not in cfg:
+        return EntropyTask(configs.entropy_model_config(cfg))
+    model_config = configs.model_config(cfg)
+    objective = configs.objective_config(cfg)
+    if objective.kind == "blt_d":
+        return BLTDTask(model_config, objective)
+    return BLTTask(model_config)
 
 
 def _replicated(mesh) -> NamedSharding:
@@ -69,6 +73,7 @@ class Trainer:
         self.tx = make_optimizer(cfg.optimizer, self.steps)
         self.schedule = learning_rate_schedule(cfg.optimizer, self.steps)
         self.frozen = {} if frozen is None else frozen
+        self.noise_seed = int(cfg.seed) + 1
 
         def init(rng):
             params = self.task.init_params(rng, self.seq_len)
@@ -112,28 +117,34 @@ class Trainer:
     def init_state(self, seed: int) -> TrainState:
         return self._init(jax.random.key(seed))
 
-    def _grads(self, params, frozen, batch):
+    def _grads(self, params, frozen, batch, rng):
+        """Gradients and metrics, averaged over ``train.grad_accum`` micro-batches (each with its
+        own noise key, for objectives that draw noise)."""
         grad_fn = jax.value_and_grad(self.task.loss, has_aux=True)
         if self.accum == 1:
-            (_, metrics), grads = grad_fn(params, frozen, batch)
+            (_, metrics), grads = grad_fn(params, frozen, batch, rng)
             return grads, metrics
 
         micro = jax.tree.map(lambda x: x.reshape(self.accum, x.shape[0] // self.accum, *x.shape[1:]), batch)
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(self.accum))
 
-        def body(acc, mb):
-            (_, m), g = grad_fn(params, frozen, mb)
+        def body(acc, xs):
+            mb, key = xs
+            (_, m), g = grad_fn(params, frozen, mb, key)
             return jax.tree.map(jnp.add, acc, (g, m)), None
 
-        (_, metrics_shape), grads_shape = jax.eval_shape(
-            grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro)
-        )
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, frozen, first, keys[0])
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
-        (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+        (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, keys))
         return jax.tree.map(lambda x: x / self.accum, (grads, metrics))
 
     def _train_step(self, state: TrainState, frozen, batch):
+        # Noise for objectives that draw it (BLT-D): a function of the seed and the step only, so a
+        # resumed run draws the same noise.
+        rng = jax.random.fold_in(jax.random.key(self.noise_seed), state.step)
         with sharding.activation_sharding(self.mesh):
-            grads, metrics = self._grads(state.params, frozen, batch)
+            grads, metrics = self._grads(state.params, frozen, batch, rng)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))
@@ -141,7 +152,7 @@ class Trainer:
 
     def _eval_step(self, params, frozen, batch):
         with sharding.activation_sharding(self.mesh):
-            _, metrics = self.task.loss(params, frozen, batch)
+            _, metrics = self.task.eval_loss(params, frozen, batch)
         return metrics
 
     def evaluate(self, params, batches: list[dict]) -> dict[str, float]:

@@ -1,0 +1,21 @@
+"""BLT-D at the tiny size: tiny.py trained with next-byte + block-wise masked diffusion
+(fastblt/diffusion.py), so the decoder can fill a block of B bytes in a few parallel passes.
+
+    fastblt train --config blt_d_tiny:block=8 --workdir /tmp/blt-d-tiny-8
+
+Argument: ``block=4|8|16`` (default 4), the diffusion block size B. The decoder sees
+N + (max_patches - 1) * B rows per training row.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import base, tiny
+from fastblt.configs import parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """BLT-D with blocks of ``block`` bytes."""
+    args = parse_arg(arg, block=4)
+    return base.blt_d(tiny.get_config(), int(args.block))
