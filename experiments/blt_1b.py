@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base.training_sections()
     config.model = BLT_1B.to_dict()
     config.data.seq_len = 24576  # the reference's longest byte row (max_encoder_seq_length)
+    # Training buffers: ~5.5k patches per 24576-byte row at ~4.5 bytes per patch; 8192 slots leave
+    # room (None would give the global model 24577 slots: 1.3 TB of temporaries per v5p chip).
+    config.model.patcher.max_patches = 8192
+    config.model.remat = True
     # Stage 1 trains experiments/entropy_100m.py's model unless a trained one is named with
     # --config.entropy_stage.checkpoint=WORKDIR; BLT-1B keeps the reference threshold (no calibration).
     config.entropy_stage = base.entropy_stage(steps=100_000, lr=4e-4, warmup_steps=2000, target_patch_len=0.0)

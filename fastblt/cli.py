@@ -311,6 +311,210 @@ def _run_sample(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# fastblt launch / sweep / compile: scaling out (fastblt/launch/, fastblt/sweep.py, fastblt/aot.py)
+# ---------------------------------------------------------------------------------------------------------
+
+_LAUNCH_TARGETS = {
+    "tpu": "a Cloud TPU VM slice through gcloud (queued resources, install, preemption restarts)",
+    "xpk": "a GKE TPU cluster through xpk (xpk workload create)",
+    "slurm": "a SLURM GPU cluster: render launch/slurm.sbatch (one task per GPU) and sbatch it",
+}
+
+
+def _launch_failed(e: Exception) -> SystemExit:
+    """A launch that ran and failed: its report on stderr, exit status 1."""
+    return SystemExit(f"fastblt: error: {e}")
+
+
+@subcommand
+def _launch(subparsers: argparse._SubParsersAction) -> None:
+    from fastblt.launch import options
+
+    parser = subparsers.add_parser(
+        "launch",
+        help="run `fastblt train` on every host of a TPU slice (gcloud), GKE (xpk) or SLURM",
+        description="Starts the same `fastblt train` on every host through the cluster's own tools; "
+        "jax.distributed connects them. --dry-run prints the exact commands instead.",
+    )
+    targets = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
+    adders = {
+        "tpu": options.add_tpu_arguments,
+        "xpk": options.add_xpk_arguments,
+        "slurm": options.add_slurm_arguments,
+    }
+    for name, help_text in _LAUNCH_TARGETS.items():
+        p = targets.add_parser(name, help=help_text, description=f"Trains on {help_text}.")
+        add_config_arguments(p)
+        p.add_argument("--workdir", required=True, help="shared by every host and kept across restarts")
+        p.add_argument("--dry-run", action="store_true", help="print the commands; run and write nothing")
+        adders[name](p)
+        if name == "slurm":
+            p.add_argument("--script", help="where to write the batch script (default: ./<job-name>.sbatch)")
+        p.set_defaults(run=_run_launch)
+
+
+def _run_launch(args: argparse.Namespace) -> None:
+    from fastblt.launch import options
+    from fastblt.launch.common import LaunchError, Runner, TrainJob, repo_root
+
+    job = TrainJob(args.config, args.workdir, tuple(args.overrides))
+    runner = Runner(args.dry_run)
+    try:
+        root = repo_root()
+        if args.target == "tpu":
+            from fastblt.launch.tpu import launch_tpu
+
+            launch_tpu(job, options.tpu_options(args), runner, root)
+        elif args.target == "xpk":
+            from fastblt.launch.xpk import launch_xpk
+
+            launch_xpk(job, options.xpk_options(args), runner, root)
+        else:
+            from fastblt.launch.slurm import launch_slurm
+
+            script = args.script or f"{args.job_name}.sbatch"
+            launch_slurm(job, options.slurm_options(args), runner, root, script)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except LaunchError as e:
+        raise _launch_failed(e) from None
+
+
+@subcommand
+def _sweep(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="train every run of an experiment's get_sweep() and tabulate the results",
+        description="Expands the experiment's get_sweep() (fastblt/sweep.py), trains each run in "
+        "WORKDIR/<run name> (finished runs are skipped, unfinished ones resume) and prints a table of "
+        "overrides and final metrics. Launcher options (tpu, slurm) follow `--`, as for `fastblt launch`.",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--workdir", required=True, help="the sweep's root: one subdirectory per run")
+    parser.add_argument("--launcher", choices=["local", "tpu", "slurm"], default="local")
+    parser.add_argument("--parallel", type=int, default=1, help="local: runs trained at once (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands; train nothing")
+    parser.add_argument(
+        "launcher_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- LAUNCHER OPTIONS",
+        help="tpu: --tpu --zone --accelerator ...; slurm: --nodes --gpus-per-node ... (see fastblt launch)",
+    )
+    parser.set_defaults(run=_run_sweep)
+
+
+def _sweep_remote(args: argparse.Namespace, runs: list, root_dir: str) -> None:
+    """Runs a sweep's runs one by one through the TPU launcher, or submits one SLURM job each."""
+    import os
+    import re
+
+    from fastblt.launch import options
+    from fastblt.launch.common import LaunchError, Runner, TrainJob, repo_root
+    from fastblt.launch.slurm import launch_slurm
+    from fastblt.launch.tpu import launch_tpu
+
+    extra = list(args.launcher_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    sub = argparse.ArgumentParser(prog=f"fastblt sweep --launcher {args.launcher} --")
+    if args.launcher == "tpu":
+        options.add_tpu_arguments(sub)
+    else:
+        options.add_slurm_arguments(sub)
+    largs = sub.parse_args(extra)
+    runner = Runner(args.dry_run)
+    try:
+        root = repo_root()
+        for run in runs:
+            job = TrainJob(args.config, run.workdir, (*args.overrides, *run.override_args()))
+            print(f"[sweep] {run.name}: {run.workdir}", flush=True)
+            try:
+                if args.launcher == "tpu":
+                    launch_tpu(job, options.tpu_options(largs), runner, root)
+                    run.status = "dry-run" if args.dry_run else "done"
+                else:
+                    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{largs.job_name}-{run.name}")
+                    script = os.path.join(run.workdir, "slurm", "job.sbatch")
+                    launch_slurm(job, options.slurm_options(largs, job_name=name), runner, root, script)
+                    run.status = "dry-run" if args.dry_run else "submitted"
+            except LaunchError as e:
+                run.status, run.detail = "failed", str(e)
+                print(f"[sweep] {run.name}: FAILED: {e}", flush=True)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except LaunchError as e:
+        raise _launch_failed(e) from None
+
+
+def _run_sweep(args: argparse.Namespace) -> None:
+    import os
+
+    from fastblt import sweep
+
+    is_local_root = "://" not in args.workdir
+    root_dir = os.path.abspath(os.path.expanduser(args.workdir)) if is_local_root else args.workdir
+    runs = sweep.expand(args.config, root_dir, args.overrides)
+    print(f"[sweep] {len(runs)} runs of {args.config} under {root_dir}", flush=True)
+    if args.launcher == "local":
+        if args.launcher_args:
+            raise UsageError(f"the local launcher takes no options after --: {' '.join(args.launcher_args)}")
+        try:
+            sweep.run_local(args.config, runs, args.overrides, parallel=args.parallel, dry_run=args.dry_run)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        if args.parallel != 1:
+            raise UsageError(
+                "--parallel is for the local launcher: TPU runs share one slice and SLURM runs are separate jobs"
+            )
+        _sweep_remote(args, runs, root_dir)
+    print(sweep.table(runs))
+    if is_local_root and not args.dry_run:
+        print(f"[sweep] results: {sweep.write_summary(root_dir, runs)}")
+    failed = [r.name for r in runs if r.status == "failed"]
+    if failed:
+        raise SystemExit(f"fastblt: error: {len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+@subcommand
+def _compile(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compile",
+        help="compile the sharded train step for a TPU topology (no TPU needed) and report memory per chip",
+        description="Builds the train step of `fastblt train` over the topology's devices, compiles it "
+        "ahead of time and prints XLA's memory analysis per device. TPU topologies (v5p-128, v4-32, "
+        "v5litepod-16, v6e-256, v5p:4x4x8) need the libtpu package; cpu:N compiles for local CPU devices.",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--topology", required=True, help="e.g. v5p-128 or cpu:8")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=_run_compile)
+
+
+def _run_compile(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+    import re
+
+    config = load_config_from_args(args)
+    cpu = re.fullmatch(r"cpu:(\d+)", args.topology.strip().lower())
+    if cpu:
+        import jax
+
+        try:  # give this process the CPU devices asked for (only possible before JAX starts)
+            jax.config.update("jax_num_cpu_devices", int(cpu.group(1)))
+        except RuntimeError:
+            pass
+    from fastblt.aot import compile_train_step
+
+    report = compile_train_step(config, args.topology)
+    if args.json:
+        print(json.dumps(dict(dataclasses.asdict(report), total_bytes=report.total_bytes)))
+    else:
+        print("\n".join(report.lines()))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Entry point.
 # ---------------------------------------------------------------------------------------------------------
 

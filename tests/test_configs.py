@@ -325,7 +325,14 @@ def test_cli_config_error_is_one_line_and_exit_2(capsys):
 def test_cli_accepts_ml_collections_style_overrides(capsys):
     from fastblt.cli import config_flag_overrides
 
-    argv = ["config", "--config", "tiny", "--config.optimizer.lr=0.002", "--config.model.encoder.n_heads", "2"]
+    argv = [
+        "config",
+        "--config",
+        "tiny",
+        "--config.optimizer.lr=0.002",
+        "--config.model.encoder.n_heads",
+        "2",
+    ]
     assert config_flag_overrides(argv) == [
         "config",
         "--config",
