@@ -256,11 +256,25 @@ def _sample(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--checkpoint", required=True, help="a training workdir (latest step) or an export")
     parser.add_argument(
-        "--method", default="ar", help="ar (cached autoregressive) or blt_s (self-speculation)"
+        "--method",
+        default="ar",
+        help="ar (cached autoregressive), blt_s (self-speculation), blt_d (diffusion blocks; a BLT-D "
+        "checkpoint) or blt_dv (diffusion draft + verification; a BLT-D checkpoint)",
     )
     parser.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     parser.add_argument("--max-bytes", type=int, default=256, help="bytes to generate per prompt")
     parser.add_argument("--draft", type=int, default=8, help="blt_s: bytes drafted per verification")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="blt_d/blt_dv: bytes per diffusion block (default: the block size the checkpoint was "
+        "trained with, else 4)",
+    )
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument("--alpha", type=float, help="blt_d/blt_dv: reveal cells with confidence >= A (0.7)")
+    rule.add_argument("--gamma", type=float, help="blt_d: reveal cells while summed entropy <= G (nats)")
+    rule.add_argument("--one-step", action="store_true", help="blt_d/blt_dv: reveal the block at once")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -271,12 +285,13 @@ def _sample(subparsers: argparse._SubParsersAction) -> None:
 def _run_sample(args: argparse.Namespace) -> None:
     import json
 
-    from fastblt.loading import load_model
+    from fastblt.loading import load_model, trained_block_size
     from fastblt.sampler import METHODS, generate
 
     if args.method not in METHODS:
         raise UsageError(f"--method {args.method!r} is not available; choose one of {', '.join(METHODS)}")
     config, params = load_model(args.checkpoint)
+    block_size = args.block_size or trained_block_size(args.checkpoint) or 4
     try:
         result = generate(
             params,
@@ -285,6 +300,10 @@ def _run_sample(args: argparse.Namespace) -> None:
             method=args.method,
             max_bytes=args.max_bytes,
             draft=args.draft,
+            block_size=block_size,
+            alpha=args.alpha,
+            gamma=args.gamma,
+            one_step=args.one_step,
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,

@@ -40,6 +40,20 @@ def read_meta(directory: Path, step: int | None = None) -> tuple[int, dict[str, 
         raise ConfigError(f"{meta_file} is unreadable ({e}): the checkpoint of step {step} is damaged") from e
 
 
+def trained_block_size(path: str | Path) -> int | None:
+    """The diffusion block size a BLT-D training workdir was trained with (None: not BLT-D, or an
+    export, which carries the model config only)."""
+    directory = training_dir(path)
+    if directory is None:
+        return None
+    try:
+        _, meta = read_meta(directory)
+    except (FileNotFoundError, ConfigError):
+        return None
+    objective = meta.get("experiment", {}).get("objective") or {}
+    return int(objective["block_size"]) if objective.get("kind") == "blt_d" else None
+
+
 def load_model(
     path: str | Path, step: int | None = None, dtype: str | None = None
 ) -> tuple[ModelConfig, Any]:
@@ -61,7 +75,7 @@ def load_model(
             f"{p} is neither an export (no config.json) nor a training workdir (no checkpoints/ or blt/checkpoints/)"
         )
     step, meta = read_meta(directory, step)
-    if meta.get("task") != "blt":
+    if meta.get("task") not in ("blt", "blt_d"):
         raise ConfigError(
             f"{directory} holds a {meta.get('task', 'unknown')!r} run, not a BLT: point to the BLT workdir"
         )

@@ -93,15 +93,11 @@ def main(argv: list[str] | None = None) -> None:
 
     for batch in args.batch:
         kw = dict(max_bytes=args.max_bytes, stop_at_eos=False)
-        generate(params, config, prompts[:batch], method="ar", **kw)  # compile
-        report("ar", batch, generate(params, config, prompts[:batch], method="ar", **kw))
-        for draft in args.drafts:
-            generate(params, config, prompts[:batch], method="blt_s", draft=draft, **kw)
-            report(
-                f"blt_s{draft}",
-                batch,
-                generate(params, config, prompts[:batch], method="blt_s", draft=draft, **kw),
-            )
+        runs = [("ar", dict(method="ar"))]
+        runs += [(f"blt_s{d}", dict(method="blt_s", draft=d)) for d in args.drafts]
+        for name, method in runs:
+            warmup = generate(params, config, prompts[:batch], **method, **kw)  # compiles
+            report(name, batch, warmup, generate(params, config, prompts[:batch], **method, **kw))
     if args.naive_bytes:
         pad = args.prompt_bytes + 1 + args.naive_bytes
         naive = dict(pad_to=pad, stop_at_eos=False)

@@ -13,6 +13,13 @@ Counting (per row; the prompt's prefill counts as one pass of each kind, like on
 * ``entropy_passes``: entropy-model calls (not in the paper's formula).
 * ``drafted`` / ``accepted``: BLT-S draft bytes proposed / accepted by the verifier (the free byte
   and the corrections are not drafted bytes). ``rounds``: BLT-S rounds.
+* ``blt_d`` (Algorithm 1): ``decoder_passes`` = diffusion decoder passes over the blocks (the
+  decoder pass that fills the clean-row caches when a block is appended is not counted, as in the
+  paper); ``eg_passes`` = ``rounds`` = blocks (the prefill serves the first block, each appended
+  block's extend the next).
+* ``blt_dv``: per round s diffusion passes + 1 verify pass (``1 + sum(s + 1)``), one E/G pass per
+  round + the prefill (``paper_eg_passes``: 2 per round, as for BLT-S); ``drafted`` = B - 1 per
+  round (cell 0 is the AR prediction, the free byte of the previous round).
 
 Bandwidth (bytes): ``b * (N_dec * P_dec + N_eg * (P_enc + P_glob))`` with ``b = 2`` (16-bit weights),
 which assumes weight loading dominates (small batch, small KV cache). Parameter counts come from the
@@ -92,7 +99,7 @@ class GenerationCounters:
     @property
     def paper_eg_passes(self) -> np.ndarray:
         """E/G NFE as the paper counts BLT-S (2 per round); equal to ``eg_passes`` for ``ar``."""
-        if self.method == "blt_s":
+        if self.method in ("blt_s", "blt_dv"):
             return 1 + 2 * self.rounds
         return self.eg_passes
 

@@ -29,8 +29,61 @@ import jax.numpy as jnp
 from fastblt.config import ModelConfig
 from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
 from fastblt.sampler.cached import Runner
-from fastblt.sampler.state import init_state
+from fastblt.sampler.state import State, init_state
 from fastblt.tokenizer import EOS
+
+
+def cut_at_eos(chunk: jax.Array, commit: jax.Array, stop_at_eos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Shortens ``commit`` (int32[b]) so that it ends at the first EOS of ``chunk[:, :commit]``
+    where ``stop_at_eos``. Returns (commit, hit bool[b]: an EOS was committed)."""
+    steps = jnp.arange(chunk.shape[1], dtype=jnp.int32)
+    is_eos = (chunk == EOS) & (steps[None] < commit[:, None]) & stop_at_eos
+    hit = jnp.any(is_eos, axis=1)
+    return jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, commit), hit
+
+
+def accept_verified(
+    runner: Runner,
+    st: State,
+    chunk: jax.Array,
+    verify_logits: jax.Array,
+    start: jax.Array,
+    limit: jax.Array,
+    stop_at_eos: jax.Array,
+    active: jax.Array,
+    room: int,
+) -> tuple[State, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Greedy acceptance of a verified chunk (Algorithm 2), shared by BLT-S and BLT-DV.
+
+    ``chunk`` int32[b, T] was appended at ``start`` by one :meth:`Runner.extend` that returned
+    ``verify_logits`` float32[b, T, V]. ``chunk[:, 0]`` is the AR prediction of byte ``start``
+    (always right); ``chunk[:, j]`` is accepted while it equals the prediction after
+    ``chunk[:, j - 1]``. Commits the accepted bytes (cut at ``limit`` int32[b], bytes the row may
+    still take, and at EOS), rolling ``length``/``completed`` back over the rest, whose cache
+    entries become scratch. ``room``: patches a next round may complete; rows stop without it.
+
+    Returns: (state, next_logits float32[b, V]: the prediction of the byte after the commit,
+    commit int32[b], accepted int32[b]: chunk bytes after the first that matched, finish bool[b]).
+    """
+    pred = jnp.argmax(verify_logits, axis=-1).astype(jnp.int32)  # pred[:, j] follows chunk[:, j]
+    match = chunk[:, 1:] == pred[:, :-1]
+    accepted = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=1), axis=1)
+    commit, hit = cut_at_eos(chunk, jnp.minimum(accepted + 1, limit), stop_at_eos)
+    commit = jnp.where(active, commit, 0)
+    length = start + commit
+    completed = runner.patch_count(st, length)
+    finish = ((commit >= limit) | hit | (completed + room > st.latents.shape[1])) & active
+    next_logits = jnp.take_along_axis(
+        verify_logits, jnp.clip(commit - 1, 0, chunk.shape[1] - 1)[:, None, None], axis=1
+    )[:, 0]
+    return st._replace(length=length, completed=completed), next_logits, commit, accepted, finish
+
+
+def run_rounds(body, carry: tuple) -> dict:
+    """Runs ``body`` over ``(state, logits, done, generated, counters)`` until every row is done;
+    returns the generation outputs of :func:`fastblt.sampler.ar.build_ar` (no ``logits``)."""
+    st, _, _, generated, counters = jax.lax.while_loop(lambda c: jnp.any(~c[2]), body, carry)
+    return {"tokens": st.tokens, "length": st.length, "generated": generated, "counters": counters}
 
 
 def build_blt_s(
@@ -57,10 +110,6 @@ def build_blt_s(
         counters = zero_counters(b)._replace(decoder_passes=ones, eg_passes=ones, entropy_passes=ones)
         done = prompts.budget <= 0
         generated = jnp.zeros((b,), jnp.int32)
-        steps = jnp.arange(draft + 1, dtype=jnp.int32)
-
-        def cond(c):
-            return jnp.any(~c[2])
 
         def body(c):
             st, logits, done, generated, counters = c
@@ -80,25 +129,11 @@ def build_blt_s(
 
             count = jnp.where(active, draft + 1, 0).astype(jnp.int32)
             st, verify_logits, _ = runner.extend(st, chunk, count)
-            pred = jnp.argmax(verify_logits, axis=-1).astype(jnp.int32)  # pred[:, j] follows chunk[:, j]
-            match = chunk[:, 1:] == pred[:, :-1]
-            accepted = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=1), axis=1)
-
-            # Commit d_0 .. d_a, cut at the byte budget, a full buffer and (optionally) the first EOS.
+            # Commit d_0 .. d_a; a verify pass completes at most draft + 1 patches.
             limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
-            commit = jnp.minimum(accepted + 1, limit)
-            is_eos = (chunk == EOS) & (steps[None] < commit[:, None]) & prompts.stop_at_eos
-            hit = jnp.any(is_eos, axis=1)
-            commit = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, commit)
-            commit = jnp.where(active, commit, 0)
-            length = start + commit
-            completed = runner.patch_count(st, length)
-            # A verify pass completes at most draft + 1 patches: stop while they all have a slot.
-            finish = ((commit >= limit) | hit | (completed + draft + 1 > n_patches)) & active
-            next_logits = jnp.take_along_axis(
-                verify_logits, jnp.clip(commit - 1, 0, draft)[:, None, None], axis=1
-            )[:, 0]
-            st = st._replace(length=length, completed=completed)
+            st, next_logits, commit, accepted, finish = accept_verified(
+                runner, st, chunk, verify_logits, start, limit, prompts.stop_at_eos, active, draft + 1
+            )
             a = active.astype(jnp.int32)
             counters = counters._replace(
                 decoder_passes=counters.decoder_passes + a * (draft + 1),
@@ -111,9 +146,6 @@ def build_blt_s(
             logits = jnp.where(active[:, None], next_logits, logits)
             return st, logits, done | finish, generated + commit, counters
 
-        st, _, _, generated, counters = jax.lax.while_loop(
-            cond, body, (st, logits, done, generated, counters)
-        )
-        return {"tokens": st.tokens, "length": st.length, "generated": generated, "counters": counters}
+        return run_rounds(body, (st, logits, done, generated, counters))
 
     return run

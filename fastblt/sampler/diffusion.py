@@ -1,0 +1,251 @@
+"""BLT-D generation (Fast BLT §3.1, Algorithm 1) and BLT-DV (§3): one jitted ``lax.while_loop``.
+
+Per block (B = ``block_size`` cells at positions ``L .. L + B - 1`` after the committed prefix of
+length L):
+
+1. the caches hold the prefix (encoder, global model, decoder clean rows): the :meth:`Runner.extend`
+   that appended the previous block (the prefill for the first). Block cells read o_M, the latent of
+   the prefix's last patch *closed at byte L - 1* (Algorithm 1 re-patches the whole prefix per block;
+   training reads the patch that ends right before the block): where the patcher left that patch
+   open, :func:`close_last_patch` computes its latent as scratch (one global step);
+2. decoder passes over the block (:func:`block_logits`): a revealed cell's input is
+   ``local_encoder.tok_embeddings[byte]``, a masked one ``local_decoder.mask_embedding`` (as in
+   training, fastblt.model.diffusion); cells attend the cached clean decoder rows ``c < L`` within the
+   decoder window (``j - c < window``) and in the document of byte ``L - 1``, plus the whole block
+   (bidirectional), and cross-attend o_M. Each pass reveals masked cells by a rule (:func:`reveal`):
+   confidence ``alpha``, entropy bound ``gamma`` or all at once (``one_step``), always at least one;
+3. ``blt_d``: the block is committed (cut at EOS / the byte budget / a full buffer) and appended with
+   :meth:`Runner.extend`. ``blt_dv``: cell 0 is the AR prediction of byte L (revealed from the start),
+   the other B - 1 cells are drafted by diffusion, and the block is verified as in BLT-S (one extend
+   over it, accept to the first mismatch with the greedy next-byte prediction, plus the free byte), so
+   its greedy output is the ``ar`` greedy output.
+
+Counters (fastblt.sampler.cost): ``blt_d``: ``decoder_passes`` = diffusion passes, ``eg_passes`` =
+``rounds`` = blocks (the paper's one E/G pass per block: here the extend that commits the previous
+block plus the forced closure). ``blt_dv``: per round s diffusion passes + 1 verify pass; E/G passes
+= the verify extend + the forced closure where one was needed (the paper counts 2 per round:
+``paper_eg_passes``); ``drafted += B - 1``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fastblt.config import ModelConfig
+from fastblt.model.attention import attention, document_ids
+from fastblt.model.diffusion import _QKV, _Out, block_embeddings
+from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
+from fastblt.sampler.cached import Runner
+from fastblt.sampler.speculative import accept_verified, cut_at_eos, run_rounds
+from fastblt.sampler.state import State, gather_rows, init_state
+
+RULES = ("alpha", "gamma", "one_step")
+TRACE_COUNT.setdefault("blt_d", 0)
+TRACE_COUNT.setdefault("blt_dv", 0)
+
+
+def check_mask_embedding(config: ModelConfig) -> None:
+    if not config.mask_embedding:
+        raise ValueError(
+            "BLT-D generation needs model.mask_embedding=True (the learned [MASK] input "
+            "local_decoder.mask_embedding): this checkpoint was not trained with BLT-D"
+        )
+
+
+def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.Array:
+    """One decoder pass over a block of cells after each row's committed prefix.
+
+    Args: tokens: int32[b, B] cell bytes (ignored where masked); masked: bool[b, B];
+      start: int32[b] (= L, the block's first position); read: int32[b] latent the cells read.
+
+    Returns: float32[b, B, V], cell j's logits predict its own byte (unshifted).
+    """
+    m = runner.config
+    b, bs = tokens.shape
+    n = st.tokens.shape[1]
+    h = block_embeddings(runner.blt, tokens, masked)
+    pos = start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None]  # [b, B]
+    c = jnp.arange(n, dtype=jnp.int32)[None, None]  # clean rows [1, 1, N]
+    ctx = c < start[:, None, None]
+    if m.decoder.window is not None:
+        ctx &= pos[:, :, None] - c < m.decoder.window
+    if m.document_masking:
+        docs = document_ids(st.tokens)
+        prefix_doc = gather_rows(docs, (start - 1)[:, None])  # [b, 1]
+        ctx &= (docs == prefix_doc)[:, None, :]
+    mask = jnp.concatenate([ctx, jnp.ones((b, bs, bs), bool)], axis=2)  # [b, B, N + B]
+    slots = runner.dec.slots(gather_rows(st.latents, jnp.broadcast_to(read[:, None], (b, bs))))
+    own = jnp.broadcast_to(jnp.arange(bs, dtype=jnp.int32), (b, bs))
+    dtype = jnp.dtype(m.dtype)
+    for i, (block, _) in enumerate(runner.dec_blocks):
+        if i == 0 or m.decoder.cross_attn_all_layers:
+            h = h + runner.dec.cross_attn_layers[i].gathered(h, slots, own)
+        p_attn = {"params": block.variables["params"]["attention"]}
+        q, k, v = _QKV(m.decoder, 1.0, dtype, m.attention_impl).apply(p_attn, block.attention_norm(h), pos)
+        keys = jnp.concatenate([st.dec_k[i], k.astype(st.dec_k[i].dtype)], axis=1)
+        vals = jnp.concatenate([st.dec_v[i], v.astype(st.dec_v[i].dtype)], axis=1)
+        o = attention(q, keys, vals, mask, m.attention_impl)
+        h = h + _Out(m.decoder, 1.0, dtype, m.attention_impl).apply(p_attn, o)
+        h = h + block.feed_forward(block.ffn_norm(h))
+    return runner.dec.output(runner.dec.norm(h)).astype(jnp.float32)
+
+
+def reveal(logits, masked, rule: str, alpha, gamma) -> tuple[jax.Array, jax.Array]:
+    """Which masked cells to reveal and their (greedy) bytes.
+
+    Args: logits: float32[b, B, V]; masked: bool[b, B]; rule: one of RULES; alpha, gamma: float[].
+
+    alpha: every masked cell with max prob >= alpha; gamma: masked cells in order of increasing
+    entropy (nats) while the cumulative entropy stays <= gamma; one_step: all masked cells. Always at
+    least one (the most confident / lowest-entropy) where a row has masked cells.
+
+    Returns: (reveal bool[b, B], bytes int32[b, B]).
+    """
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if rule == "one_step":
+        return masked, pred
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    if rule == "alpha":
+        conf = jnp.exp(jnp.max(logp, axis=-1))
+        pick = masked & (conf >= alpha)
+        best = jnp.argmax(jnp.where(masked, conf, -1.0), axis=-1)
+    elif rule == "gamma":
+        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        key = jnp.where(masked, ent, jnp.inf)
+        order = jnp.argsort(key, axis=-1, stable=True)
+        cum = jnp.cumsum(jnp.take_along_axis(key, order, axis=-1), axis=-1)
+        ok_sorted = cum <= gamma
+        rank = jnp.argsort(order, axis=-1)
+        pick = masked & jnp.take_along_axis(ok_sorted, rank, axis=-1)
+        best = order[:, 0]
+    else:
+        raise ValueError(f"rule={rule!r} is not one of {RULES}")
+    one = jax.nn.one_hot(best, masked.shape[1], dtype=bool) & masked
+    return pick | one, pred
+
+
+def close_last_patch(runner: Runner, st: State) -> tuple[State, jax.Array, jax.Array]:
+    """The latent o_M that block cells read: the last patch forced closed at the prefix's end.
+
+    As in Algorithm 1 (every block re-runs E and G over the whole prefix, so its last patch ends at
+    byte L - 1) and as in training, where a block reads the latent of the patch that ends right
+    before it. Where the patcher has left the last patch open (byte L does not start a patch), its
+    latent over bytes ``start .. L - 1`` is computed into patch slot ``completed`` as scratch: the
+    global KV and latent at that slot are overwritten when the patch really completes (the
+    :meth:`Runner.latents` of a later extend), and no committed byte reads the slot before that.
+
+    Returns: (state, read int32[b]: the patch slot block cells read, forced bool[b]: a patch was
+    closed early).
+    """
+    byte_pid, _, completed = runner.patches(st.tokens, st.entropies, st.length)
+    last = gather_rows(byte_pid, (st.length - 1)[:, None])[:, 0]
+    forced = last == completed  # the last byte's patch is still open
+    st = jax.lax.cond(
+        jnp.any(forced),
+        lambda s: runner.latents(s, s.tokens, byte_pid, completed, forced.astype(jnp.int32), 1),
+        lambda s: s,
+        st,
+    )
+    return st, jnp.where(forced, completed, completed - 1), forced
+
+
+def _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma):
+    """Decoder passes until no cell is masked. Returns (tokens, passes int32[b])."""
+
+    def cond(c):
+        return jnp.any(c[1])
+
+    def body(c):
+        tokens, masked, passes = c
+        lg = block_logits(runner, st, tokens, masked, start, read)
+        pick, pred = reveal(lg, masked, rule, alpha, gamma)
+        passes = passes + jnp.any(masked, axis=1)
+        return jnp.where(pick, pred, tokens), masked & ~pick, passes
+
+    passes = jnp.zeros((tokens.shape[0],), jnp.int32)
+    tokens, _, passes = jax.lax.while_loop(cond, body, (tokens, masked, passes))
+    return tokens, passes
+
+
+def build_blt_d(
+    config: ModelConfig,
+    *,
+    n_bytes: int,
+    n_patches: int,
+    prefill_chunk: int,
+    block_size: int,
+    rule: str,
+    verify: bool = False,
+):
+    """The BLT-D (``verify=False``) or BLT-DV (``verify=True``) generation function (to be jitted),
+    greedy; see :func:`fastblt.sampler.ar.build_ar` for the outputs (no ``logits``).
+
+    ``run(params, prompts, alpha, gamma) -> dict``; alpha, gamma: float32[] (see :func:`reveal`).
+    """
+    check_mask_embedding(config)
+    if block_size < 1 or (verify and block_size < 2):
+        raise ValueError(f"block_size={block_size} must be >= 1 (>= 2 for blt_dv)")
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r} is not one of {RULES}")
+    bs = block_size
+
+    def run(params, prompts: Prompts, alpha, gamma):
+        TRACE_COUNT["blt_dv" if verify else "blt_d"] += 1
+        runner = Runner(config, params)
+        b = prompts.prompt.shape[0]
+        st = init_state(config, b, n_bytes, n_patches)
+        st, logits = prefill(runner, st, prompts, prefill_chunk)
+        ones = jnp.ones((b,), jnp.int32)
+        counters = zero_counters(b)._replace(eg_passes=ones, entropy_passes=ones)
+        if verify:
+            counters = counters._replace(decoder_passes=ones)
+        done = prompts.budget <= 0
+        generated = jnp.zeros((b,), jnp.int32)
+
+        def body(c):
+            st, logits, done, generated, counters = c
+            active = ~done
+            a = active.astype(jnp.int32)
+            start = st.length
+            st, read, forced = close_last_patch(runner, st)
+            tokens = jnp.zeros((b, bs), jnp.int32)
+            masked = jnp.broadcast_to(active[:, None], (b, bs))
+            if verify:  # cell 0: the AR prediction of byte L (the "free" byte of the last round)
+                tokens = tokens.at[:, 0].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+                masked = masked.at[:, 0].set(False)
+            tokens, passes = _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma)
+            limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
+
+            if not verify:
+                commit, hit = cut_at_eos(tokens, jnp.minimum(bs, limit), prompts.stop_at_eos)
+                commit = jnp.where(active, commit, 0)
+                st, _, _ = runner.extend(st, tokens, commit)
+                finish = ((commit >= limit) | hit | (st.completed + bs > n_patches)) & active
+                go = (active & ~finish).astype(jnp.int32)
+                counters = counters._replace(
+                    decoder_passes=counters.decoder_passes + passes,
+                    eg_passes=counters.eg_passes + go,
+                    entropy_passes=counters.entropy_passes + a,
+                    rounds=counters.rounds + a,
+                )
+                return st, logits, done | finish, generated + commit, counters
+
+            st, verify_logits, _ = runner.extend(st, tokens, jnp.where(active, bs, 0).astype(jnp.int32))
+            st, next_logits, commit, accepted, finish = accept_verified(
+                runner, st, tokens, verify_logits, start, limit, prompts.stop_at_eos, active, bs
+            )
+            counters = counters._replace(
+                decoder_passes=counters.decoder_passes + passes + a,
+                eg_passes=counters.eg_passes + a + (forced & active).astype(jnp.int32),
+                entropy_passes=counters.entropy_passes + a,
+                drafted=counters.drafted + a * (bs - 1),
+                accepted=counters.accepted + a * accepted,
+                rounds=counters.rounds + a,
+            )
+            logits = jnp.where(active[:, None], next_logits, logits)
+            return st, logits, done | finish, generated + commit, counters
+
+        return run_rounds(body, (st, logits, done, generated, counters))
+
+    return run

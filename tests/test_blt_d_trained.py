@@ -1,0 +1,195 @@
+"""A tiny BLT-D trained for real (static patching, B = 4), then checked where random weights say
+nothing:
+
+* masked-byte accuracy in the inference layout (the prefix alone, one block appended after it, no
+  clean twin of the block) is far above chance and matches the training layout's on the same cells;
+* generation: ``blt_dv`` and ``blt_s`` are byte-identical to greedy ``ar`` on held-out prompts and
+  accept drafts; ``fastblt sample`` runs every method on the workdir (block size read from the
+  checkpoint) and refuses BLT-D methods on a plain BLT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_utils import small_config
+
+from fastblt import cli
+from fastblt import diffusion as objective
+from fastblt.configs import objective_config
+from fastblt.data.pipeline import make_eval_batches
+from fastblt.loading import load_model, trained_block_size
+from fastblt.model import BLT
+from fastblt.model import diffusion as model_diffusion
+from fastblt.sampler import generate
+from fastblt.train import run
+
+BLOCK = 4
+STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(workdir, experiment config, model config, params) of a tiny BLT-D after STEPS steps."""
+    workdir = tmp_path_factory.mktemp("blt_d") / "run"
+    cfg = small_config(
+        "model.mask_embedding=True",
+        "model.patcher.max_patch_length=8",
+        "objective.kind=blt_d",
+        f"objective.block_size={BLOCK}",
+        "model.decoder.dim=64",
+        "model.decoder.n_layers=2",
+        "model.decoder.n_heads=4",
+        "model.encoder.dim=64",
+        "model.encoder.n_heads=4",
+        "data.seq_len=128",
+        "model.patcher.max_patches=64",
+        "optimizer.lr=3e-3",
+        "optimizer.warmup_steps=10",
+        "train.log_every=50",
+        "checkpoint.save_every=1000",
+        steps=STEPS,
+    )
+    run(cfg, str(workdir), log=lambda *_: None)
+    config, params = load_model(workdir)
+    return workdir, cfg, config, params
+
+
+def _inference_layout_logits(config, params, tokens, lengths, q, cells, valid, masked):
+    """Block logits [B, V] of block ``q`` with the row cut at the block start: bytes from the start
+    on are padding, the patches are the row's patches before the block plus one patch for the
+    rest, and the block is the only block."""
+    n, p = tokens.shape[0], lengths.shape[0]
+    start = int(np.sum(lengths[: q + 1]))  # block q opens patch slot q + 1
+    prefix = np.where(np.arange(n) < start, tokens, 0).astype(np.int32)
+    cut = np.zeros(p, np.int32)
+    cut[: q + 1] = lengths[: q + 1]
+    cut[q + 1] = n + 1 - start
+    layout = objective.BlockLayout(
+        starts=jnp.full((1, 1), start, jnp.int32),
+        positions=(start + jnp.arange(BLOCK, dtype=jnp.int32))[None, None],
+        read_patch=jnp.full((1, 1), q, jnp.int32),
+        in_row=jnp.asarray(valid)[None, None],
+    )
+    blocks = objective.decoder_blocks(
+        config,
+        layout,
+        jnp.asarray(prefix)[None],
+        jnp.asarray(cells)[None, None],
+        jnp.asarray(valid)[None, None],
+        jnp.asarray(masked)[None, None],
+    )
+    return _block_forward(config)(params, jnp.asarray(prefix)[None], jnp.asarray(cut)[None], blocks)[0, 0]
+
+
+_FORWARDS: dict = {}
+
+
+def _block_forward(config):
+    if config not in _FORWARDS:
+        _FORWARDS[config] = jax.jit(
+            lambda params, tokens, lengths, blocks: model_diffusion.logits(
+                params, config, tokens, lengths, blocks
+            )[1]
+        )
+    return _FORWARDS[config]
+
+
+def test_masked_accuracy_in_inference_layout_matches_training_layout(trained):
+    _, cfg, config, params = trained
+    obj = objective_config(cfg)
+    batch = make_eval_batches(cfg.data)[0]
+    tokens, targets, mask = (jnp.asarray(batch[k]) for k in ("inputs", "targets", "mask"))
+    lengths = BLT(config).apply({"params": params}, tokens, method=BLT.patch).lengths
+
+    # Training layout: every block of the row at once, the clean row beside them.
+    layout = objective.block_layout(lengths, tokens.shape[1], obj.block_size)
+    cells, valid = objective.block_cells(layout, tokens, targets, mask, config.document_masking)
+    _, masked = objective.sample_noise(jax.random.key(3), valid, obj.noise_eps)
+    blocks = objective.decoder_blocks(config, layout, tokens, cells, valid, masked)
+    train_pred = np.asarray(jnp.argmax(_block_forward(config)(params, tokens, lengths, blocks), -1))
+
+    cells, valid, masked, lengths = (np.asarray(x) for x in (cells, valid, masked, lengths))
+    rows = np.asarray(tokens)
+    agree = right_train = right_infer = count = 0
+    for r in range(rows.shape[0]):
+        for q in range(cells.shape[1]):
+            if not masked[r, q].any():
+                continue
+            lg = _inference_layout_logits(
+                config, params, rows[r], lengths[r], q, cells[r, q], valid[r, q], masked[r, q]
+            )
+            pred = np.asarray(jnp.argmax(lg, -1))
+            m = masked[r, q]
+            agree += int((pred[m] == train_pred[r, q][m]).sum())
+            right_train += int((train_pred[r, q][m] == cells[r, q][m]).sum())
+            right_infer += int((pred[m] == cells[r, q][m]).sum())
+            count += int(m.sum())
+    assert count > 100
+    train_acc, infer_acc = right_train / count, right_infer / count
+    assert infer_acc > 20 / 256, f"masked accuracy {infer_acc:.3f} is near chance (1/256)"
+    assert abs(infer_acc - train_acc) < 0.02, (infer_acc, train_acc)
+    assert agree / count > 0.98
+
+
+def _held_out_prompts(cfg, lengths):
+    row = np.asarray(make_eval_batches(cfg.data)[0]["inputs"])[0]
+    text = bytes(int(t) - 4 for t in row[1:] if t >= 4)
+    return [text[i * 7 : i * 7 + n] for i, n in enumerate(lengths)]
+
+
+def test_verified_methods_equal_greedy_ar_on_the_trained_model(trained):
+    _, cfg, config, params = trained
+    prompts = _held_out_prompts(cfg, [5, 12, 20])
+    kw = dict(max_bytes=24, buffer_bytes=64)
+    ar = generate(params, config, prompts, method="ar", **kw)
+    for method, extra in [
+        ("blt_dv", dict(block_size=BLOCK, alpha=0.3)),
+        ("blt_dv", dict(block_size=BLOCK, one_step=True)),
+        ("blt_s", dict(draft=4)),
+    ]:
+        out = generate(params, config, prompts, method=method, **kw, **extra)
+        for row in range(len(prompts)):
+            np.testing.assert_array_equal(out.ids[row], ar.ids[row], err_msg=f"{method} {extra} row {row}")
+        assert out.counters.acceptance_rate > 0.05, (method, extra, out.counters.acceptance_rate)
+    d = generate(params, config, prompts, method="blt_d", block_size=BLOCK, one_step=True, **kw)
+    np.testing.assert_array_equal(d.counters.decoder_passes, d.counters.rounds)  # one pass per block
+
+
+def _sample_json(*argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["sample", *argv, "--json"]) == 0
+    return json.loads(buf.getvalue())
+
+
+def test_sample_cli_runs_every_method_on_the_workdir(trained, tmp_path):
+    workdir, _, config, params = trained
+    assert trained_block_size(workdir) == BLOCK
+    common = ["--checkpoint", str(workdir), "--prompt", "def f(x):", "--max-bytes", "12"]
+    ar = _sample_json(*common)
+    dv = _sample_json(*common, "--method", "blt_dv", "--one-step")
+    assert dv["texts"] == ar["texts"]
+    one = _sample_json(*common, "--method", "blt_d", "--one-step")
+    c = one["counters"]
+    assert c["decoder_passes"] == pytest.approx(c["generated"] / BLOCK)  # block size from the checkpoint
+    gamma = _sample_json(*common, "--method", "blt_d", "--gamma", "0.5", "--block-size", "2")
+    assert gamma["counters"]["decoder_passes"] >= gamma["counters"]["generated"] / 2
+
+    from fastblt.export import save_export
+
+    plain = config.replace(mask_embedding=False)
+    plain_params = dict(params)
+    plain_params["local_decoder"] = {
+        k: v for k, v in params["local_decoder"].items() if k != "mask_embedding"
+    }
+    save_export(tmp_path / "plain", plain, plain_params)
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        cli.main(["sample", "--checkpoint", str(tmp_path / "plain"), "--prompt", "x", "--method", "blt_d"])
+    assert "mask_embedding" in err.getvalue() and "not trained with BLT-D" in err.getvalue()

@@ -1,0 +1,212 @@
+"""BLT-D / BLT-DV generation (fastblt.sampler.diffusion) against independent oracles.
+
+* blt_d: a naive Python loop that, for every decoder pass, runs the non-cached BLT-D forward
+  (``fastblt.model.diffusion.logits``) on the whole prefix with one appended block (masked cells
+  marked) and applies the reveal rule written with NumPy loops; greedy outputs must be equal.
+* blt_dv: greedy output byte-identical to greedy ``ar`` decoding of the same model.
+Tiny random-init BLT-D models (``mask_embedding`` on).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+try:
+    from test_sampler_support import model, random_prompts
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.test_sampler_support import model, random_prompts
+
+from fastblt.model import BLT
+from fastblt.model import diffusion as model_diffusion
+from fastblt.sampler import encode_prompts, generate
+from fastblt.tokenizer import BOE, EOS
+
+PAD = 64  # the oracle's one compiled shape; also the sampler's buffer
+SHAPES = dict(buffer_bytes=PAD, prefill_chunk=4)
+
+
+@functools.lru_cache(maxsize=4)
+def d_model(name: str):
+    config, params = model(name)
+    config = config.replace(mask_embedding=True)
+    params = jax.tree.map(lambda x: x, params)
+    rng = np.random.default_rng(7)
+    params["local_decoder"] = dict(params["local_decoder"])
+    params["local_decoder"]["mask_embedding"] = jnp.asarray(
+        rng.standard_normal(config.decoder.dim), jnp.float32
+    )
+    return config, params
+
+
+def _with_global_output(fn, edit):
+    """Runs ``fn()`` with the global transformer's output [b, P, D_g] passed through ``edit``."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name == "global_transformer":
+            return edit(out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        return fn()
+
+
+@functools.lru_cache(maxsize=4)
+def _oracle_fns(config):
+    def closed_latent(params, tokens, lengths, q):
+        """Global output of patch ``q`` under patch ``lengths`` (the prefix's last patch closed)."""
+        got = []
+        _with_global_output(
+            lambda: BLT(config).apply({"params": params}, tokens, lengths), lambda g: got.append(g) or g
+        )
+        return got[0][:, q]
+
+    def block_logits(params, tokens, lengths, blocks, latent):
+        """Block logits of the full BLT-D forward (clean rows patched as ``lengths``); the block
+        reads patch slot P - 1, whose global output is replaced by ``latent``."""
+        return _with_global_output(
+            lambda: model_diffusion.logits(params, config, tokens, lengths, blocks),
+            lambda g: g.at[:, -1].set(latent),
+        )[1][0, 0]
+
+    def patch_lengths(params, tokens):
+        return BLT(config).apply({"params": params}, tokens, method=BLT.patch).lengths
+
+    return jax.jit(closed_latent), jax.jit(block_logits), jax.jit(patch_lengths)
+
+
+def np_reveal(logits, masked, rule, alpha, gamma):
+    """The reveal rule with loops (logits float[B, V], masked bool[B]) -> list of cells to reveal."""
+    x = np.asarray(logits, np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    cells = [j for j in range(len(masked)) if masked[j]]
+    if rule == "one_step":
+        return cells
+    if rule == "alpha":
+        conf = {j: p[j].max() for j in cells}
+        out = [j for j in cells if conf[j] >= alpha]
+        return out or [max(cells, key=lambda j: conf[j])]
+    ent = {j: float(-(p[j] * np.log(np.maximum(p[j], 1e-300))).sum()) for j in cells}
+    out, total = [], 0.0
+    for j in sorted(cells, key=lambda j: ent[j]):
+        total += ent[j]
+        if total > gamma:
+            break
+        out.append(j)
+    return out or [min(cells, key=lambda j: ent[j])]
+
+
+def naive_blt_d(params, config, prompt, max_new, block, rule, alpha=0.7, gamma=0.0):
+    """Greedy BLT-D, every decoder pass a full non-cached forward over prefix + block."""
+    closed_latent, fwd, patch_lengths = _oracle_fns(config)
+    seq = [int(t) for t in prompt]
+    out = []
+    window = config.decoder.window
+    while len(out) < max_new:
+        n = len(seq)
+        tokens = np.full((1, PAD), BOE, np.int32)
+        tokens[0, :n] = seq
+        lengths = np.asarray(patch_lengths(params, jnp.asarray(tokens)))[0]
+        assert lengths[-1] == 0, "the oracle needs a free patch slot"
+        starts = np.cumsum(lengths) - lengths
+        # Algorithm 1 re-patches the prefix alone, so its last patch (the one holding byte n - 1)
+        # ends at n - 1; the block reads that patch's latent, o_M. Clean rows keep the patching of
+        # the whole row (the cached prefix, as BLT generated it).
+        q = int(np.sum((starts <= n - 1) & (lengths > 0))) - 1
+        closed = lengths.copy()
+        closed[q] = n - starts[q]
+        closed[q + 1] = PAD + 1 - n
+        closed[q + 2 :] = 0
+        latent = closed_latent(params, jnp.asarray(tokens), jnp.asarray(closed)[None], q)
+        docs = np.cumsum(tokens[0] == EOS) - (tokens[0] == EOS)
+        positions = n + np.arange(block)
+        ctx = np.zeros((block, PAD), bool)
+        for j in range(block):
+            for c in range(n):
+                ok = window is None or positions[j] - c < window
+                ok &= (not config.document_masking) or docs[c] == docs[n - 1]
+                ctx[j, c] = ok
+        cells = np.zeros(block, np.int32)
+        masked = np.ones(block, bool)
+        while masked.any():
+            blocks = model_diffusion.DecoderBlocks(
+                tokens=jnp.asarray(cells)[None, None],
+                masked=jnp.asarray(masked)[None, None],
+                positions=jnp.asarray(positions, jnp.int32)[None, None],
+                read_patch=jnp.asarray([[len(lengths) - 1]], jnp.int32),
+                context_start=jnp.zeros((1, 1), jnp.int32),
+                context_mask=jnp.asarray(ctx)[None, None],
+                self_mask=jnp.ones((1, 1, block, block), bool),
+            )
+            lg = np.asarray(fwd(params, jnp.asarray(tokens), jnp.asarray(lengths)[None], blocks, latent))
+            for j in np_reveal(lg, masked, rule, alpha, gamma):
+                cells[j] = int(np.argmax(lg[j]))
+                masked[j] = False
+        for x in cells:
+            if len(out) < max_new:
+                out.append(int(x))
+                seq.append(int(x))
+        if EOS in out:
+            out = out[: out.index(EOS) + 1]
+            break
+    return np.asarray(out, np.int32)
+
+
+@pytest.mark.parametrize(
+    "name,block,kw,rule",
+    [
+        ("base", 4, dict(alpha=0.2), "alpha"),
+        ("variant", 3, dict(gamma=2.0), "gamma"),
+        ("base", 4, dict(one_step=True), "one_step"),
+    ],
+)
+def test_blt_d_greedy_matches_naive_block_forward(name, block, kw, rule):
+    config, params = d_model(name)
+    prompts = random_prompts(1, [5, 11])
+    max_new = 14
+    res = generate(
+        params, config, prompts, method="blt_d", block_size=block, max_bytes=max_new, **SHAPES, **kw
+    )
+    ids = encode_prompts(prompts)
+    for row, prompt in enumerate(ids):
+        want = naive_blt_d(
+            params, config, prompt, max_new, block, rule, kw.get("alpha", 0.7), kw.get("gamma", 0.0)
+        )
+        np.testing.assert_array_equal(res.ids[row], want, err_msg=f"row {row}")
+    c = res.counters
+    blocks = -(-c.generated // block)
+    np.testing.assert_array_equal(c.rounds, blocks)
+    np.testing.assert_array_equal(c.eg_passes, blocks)
+    assert np.all(c.decoder_passes >= blocks) and np.all(c.decoder_passes <= blocks * block)
+    if rule == "one_step":
+        np.testing.assert_array_equal(c.decoder_passes, blocks)
+
+
+@pytest.mark.parametrize("name,block,kw", [("base", 4, dict(alpha=0.3)), ("variant", 3, dict(one_step=True))])
+def test_blt_dv_greedy_is_identical_to_ar(name, block, kw):
+    config, params = d_model(name)
+    prompts = random_prompts(2, [4, 9, 13])
+    ar = generate(params, config, prompts, method="ar", max_bytes=20, **SHAPES)
+    dv = generate(params, config, prompts, method="blt_dv", block_size=block, max_bytes=20, **SHAPES, **kw)
+    for row in range(len(prompts)):
+        np.testing.assert_array_equal(dv.ids[row], ar.ids[row], err_msg=f"row {row}")
+    c = dv.counters
+    np.testing.assert_array_equal(c.drafted, c.rounds * (block - 1))
+    assert np.all(c.accepted <= c.drafted)
+    assert np.all(c.eg_passes >= 1 + c.rounds) and np.all(c.eg_passes <= 1 + 2 * c.rounds)
+    np.testing.assert_array_equal(c.paper_eg_passes, 1 + 2 * c.rounds)
+    assert np.all(c.decoder_passes >= 1 + 2 * c.rounds)
+    assert 0 <= c.acceptance_rate <= 1
+
+
+def test_plain_blt_checkpoint_raises_clear_error():
+    config, params = model("base")
+    with pytest.raises(ValueError, match=r"model\.mask_embedding.*not trained with BLT-D"):
+        generate(params, config, ["hi"], method="blt_d", max_bytes=4, **SHAPES)
