@@ -387,6 +387,10 @@ class ProgressBar:
             parts.append(f"patch len {float(m['avg_patch_len']):.2f}")
         if "mfu" in m:
             parts.append(f"MFU {100.0 * float(m['mfu']):.1f}%")
+        if "masked_accuracy" in m:
+            parts.append(f"masked acc {float(m['masked_accuracy']):.3f}")
+        if "peak_memory_gb" in m:
+            parts.append(f"mem {float(m['peak_memory_gb']):.1f} GB")
         parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
         return " | ".join(parts)
 

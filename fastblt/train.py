@@ -157,15 +157,29 @@ class Trainer:
 
     def evaluate(self, params, batches: list[dict]) -> dict[str, float]:
         """Token-weighted held-out loss and bits per byte over fixed batches."""
-        total, count = 0.0, 0.0
+        total, count, correct, nll, cells = 0.0, 0.0, 0.0, 0.0, 0.0
         for b in batches:
             m = jax.device_get(
                 self.eval_step(params, self.frozen, sharding.global_batch(b, self.batch_sharding))
             )
             total += float(m["loss"]) * float(m["tokens"])
             count += float(m["tokens"])
+            if "masked_cells" in m:  # BLT-D: masked-cell metrics, weighted by masked cells
+                correct += float(m["masked_accuracy"]) * float(m["masked_cells"])
+                nll += float(m["masked_nll"]) * float(m["masked_cells"])
+                cells += float(m["masked_cells"])
         loss = total / max(count, 1.0)
-        return {"eval_loss": loss, "eval_bits_per_byte": bits_per_byte(loss)}
+        out = {"eval_loss": loss, "eval_bits_per_byte": bits_per_byte(loss)}
+        if cells:
+            out |= {"eval_masked_accuracy": correct / cells, "eval_masked_nll": nll / cells}
+        return out
+
+
+def _peak_memory_gb() -> float | None:
+    """Peak device memory of the first local device, GB (None where the backend keeps no stats)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 1e9
 
 
 def _flops_per_byte(task, seq_len: int, avg_patch_len: float) -> float:
@@ -237,7 +251,10 @@ def train(
         if done % log_every == 0 or done == trainer.steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = max(time.time() - t0, 1e-9)
-            m["bits_per_byte"] = bits_per_byte(m["loss"])
+            m["bits_per_byte"] = bits_per_byte(m.get("next_byte_loss", m["loss"]))
+            peak = _peak_memory_gb()
+            if peak is not None:
+                m["peak_memory_gb"] = peak
             m["bytes_per_sec"] = bytes_per_step * (done - t_step) / elapsed
             fpb = _flops_per_byte(task, trainer.seq_len, m.get("avg_patch_len", 1.0))
             util = (
@@ -261,6 +278,11 @@ def train(
                 log(
                     f"[{task.name}] step {done}: held-out loss {ev['eval_loss']:.4f}, "
                     f"bits/byte {ev['eval_bits_per_byte']:.4f}"
+                    + (
+                        f", masked accuracy {ev['eval_masked_accuracy']:.3f}"
+                        if "eval_masked_accuracy" in ev
+                        else ""
+                    )
                 )
             last.update(ev)
             if chief and isinstance(task, BLTTask) and int(cfg.train.get("sample_bytes", 0)) > 0:
