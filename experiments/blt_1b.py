@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # room (None would give the global model 24577 slots: 1.3 TB of temporaries per v5p chip).
     config.model.patcher.max_patches = 8192
     config.model.remat = True
+    config.model.scan_layers = True  # 25 global layers compiled once
     # Stage 1 trains experiments/entropy_100m.py's model unless a trained one is named with
     # --config.entropy_stage.checkpoint=WORKDIR; BLT-1B keeps the reference threshold (no calibration).
     config.entropy_stage = base.entropy_stage(steps=100_000, lr=4e-4, warmup_steps=2000, target_patch_len=0.0)

@@ -59,7 +59,15 @@ STATE, DATA, META = "state", "data", "meta"
 # the attention kernel and buffer limits. They are left out of the fingerprint so that a run may
 # resume in bf16, with cuDNN attention or with longer rows.
 RUNTIME_KEYS = frozenset(
-    {"dtype", "attention_impl", "remat", "entropy_model.dtype", "max_bytes", "max_global_patches"}
+    {
+        "dtype",
+        "attention_impl",
+        "remat",
+        "scan_layers",
+        "entropy_model.dtype",
+        "max_bytes",
+        "max_global_patches",
+    }
 )
 
 

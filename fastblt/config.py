@@ -148,6 +148,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are float32, logits float32
     attention_impl: str = "xla"  # xla | cudnn | auto (cudnn on GPU when possible)
     remat: bool = False  # recompute each transformer block in the backward pass (saves memory)
+    # Run the global model's layers as one lax.scan over their stacked parameters: compile time and
+    # program size stop growing with depth. Same parameter tree (layers_0 .. layers_{L-1}), so
+    # checkpoints, exports and HF conversion are unaffected; a compute setting only.
+    scan_layers: bool = False
     # BLT-D (fastblt/diffusion.py): the decoder owns a learned [MASK] input vector
     # (``local_decoder.mask_embedding``). Off: plain BLT's parameter tree, unchanged.
     mask_embedding: bool = False

@@ -47,6 +47,20 @@ def test_sharded_training_matches_single_device(mesh_shape):
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
 
+def test_scanned_global_layers_train_the_same_on_a_2x2x2_mesh():
+    cfg = small_config("model.global_model.n_layers=3")
+    it = make_train_iterator(cfg.data)
+    batches = [next(it) for _ in range(3)]
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    looped, _ = _losses(cfg, mesh, batches)
+    scanned, state = _losses(
+        small_config("model.global_model.n_layers=3", "model.scan_layers=True"), mesh, batches
+    )
+    np.testing.assert_allclose(scanned, looped, rtol=2e-5)
+    kernel = state.params["global_transformer"]["layers_2"]["feed_forward"]["w1"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
 def test_gradient_accumulation_matches_one_big_batch():
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     cfg = small_config()

@@ -20,6 +20,7 @@ from fastblt.model.hash_embed import all_hash_ids
 from fastblt.model.layers import (
     CrossAttention,
     RMSNorm,
+    TransformerBlock,
     block_class,
     dense,
     depth_factor,
@@ -149,9 +150,33 @@ class GlobalTransformer(nn.Module):
             )
             x = proj(x)
         h = constrain(x.astype(dtype), _PATCHES)
+        if m.scan_layers and not self.is_initializing():
+            return self._scanned(h, positions, mask)
         for i in range(c.n_layers):
             layer = block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
             h = constrain(layer(h, positions, mask), _PATCHES)
+        return h
+
+    def _scanned(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """The layer loop as ``lax.scan`` over the layers' parameters stacked on a leading axis.
+
+        The parameters keep their per-layer names; they are stacked inside the step, which costs one
+        copy of the global weights per step and saves compiling L copies of the block.
+        """
+        m = self.config
+        c = m.global_model
+        params = nn.meta.unbox(self.variables["params"])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layers_{i}"] for i in range(c.n_layers)))
+        # Per-layer init scales do not matter here: the block is only applied.
+        block = TransformerBlock(c, 0, m.init_std_factor, jnp.dtype(m.dtype), m.attention_impl, parent=None)
+
+        def step(h, layer_params):
+            out = block.apply({"params": layer_params}, h, positions, mask)
+            return constrain(out, _PATCHES), None
+
+        if m.remat:
+            step = jax.checkpoint(step)
+        h, _ = jax.lax.scan(step, h, stacked)
         return h
 
 
