@@ -210,3 +210,26 @@ def test_plain_blt_checkpoint_raises_clear_error():
     config, params = model("base")
     with pytest.raises(ValueError, match=r"model\.mask_embedding.*not trained with BLT-D"):
         generate(params, config, ["hi"], method="blt_d", max_bytes=4, **SHAPES)
+
+
+def test_blt_d_sampling_is_seeded_per_row_and_tight_top_p_is_greedy():
+    config, params = d_model("base")
+    prompts = random_prompts(3, [6, 9, 4])
+    kw = dict(method="blt_d", block_size=4, gamma=1.0, max_bytes=12, **SHAPES)
+    greedy = generate(params, config, prompts, **kw)
+    # top_p this small keeps only the most likely byte: sampling collapses to the argmax.
+    tight = generate(params, config, prompts, temperature=1.0, top_p=1e-6, seed=5, **kw)
+    for row in range(len(prompts)):
+        np.testing.assert_array_equal(tight.ids[row], greedy.ids[row])
+    a = generate(params, config, prompts, temperature=1.5, seed=1, **kw)
+    again = generate(params, config, prompts, temperature=1.5, seed=1, **kw)
+    other = generate(params, config, prompts, temperature=1.5, seed=2, **kw)
+    for row in range(len(prompts)):
+        np.testing.assert_array_equal(again.ids[row], a.ids[row])
+    assert any(not np.array_equal(a.ids[r], other.ids[r]) for r in range(len(prompts)))
+    assert any(not np.array_equal(a.ids[r], greedy.ids[r]) for r in range(len(prompts)))
+    # Row 0's draws depend on its row index and positions only, not on the other rows.
+    alone = generate(params, config, prompts[:1], temperature=1.5, seed=1, **kw)
+    np.testing.assert_array_equal(alone.ids[0], a.ids[0])
+    with pytest.raises(ValueError, match="blt_dv.*greedily"):
+        generate(params, config, prompts, **{**kw, "method": "blt_dv", "gamma": None}, temperature=1.0)

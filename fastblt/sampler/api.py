@@ -120,8 +120,8 @@ def generate(
       method: "ar" (plain BLT, cached) or "blt_s" (self-speculation; greedy only).
       max_bytes: bytes to generate per row (fewer if the row emits EOS and ``stop_at_eos``).
       draft: BLT-S bytes drafted per round.
-      temperature: 0 for greedy; > 0 scales logits before sampling ("ar" only).
-      top_p: nucleus sampling mass in (0, 1] ("ar" with temperature > 0).
+      temperature: 0 for greedy; > 0 scales logits before sampling ("ar", "blt_d").
+      top_p: nucleus sampling mass in (0, 1] (with temperature > 0).
       seed: PRNG seed for sampling.
       buffer_bytes: byte buffer per row (prompt + generation); None: the longest prompt plus
         ``max_bytes``, rounded up to a multiple of 64 and capped at ``config.max_bytes``. Rows stop
@@ -160,8 +160,10 @@ def generate(
     diffusion = method in ("blt_d", "blt_dv")
     if diffusion:
         check_mask_embedding(config)
-        if temperature != 0:
-            raise ValueError(f"method={method!r} decodes greedily: use temperature=0")
+        if temperature != 0 and method == "blt_dv":
+            raise ValueError(
+                "method='blt_dv' verifies greedily: use temperature=0, or method='blt_d' to sample"
+            )
         if record_logits:
             raise ValueError("record_logits is only available with method='ar'")
         if not isinstance(block_size, int) or block_size < (2 if method == "blt_dv" else 1):
@@ -216,10 +218,11 @@ def generate(
         jnp.float32(top_p),
     )
     if diffusion:
-        args = args[:2] + (
+        rule_args = (
             jnp.float32(0.7 if alpha is None else alpha),
             jnp.float32(0.0 if gamma is None else gamma),
         )
+        args = args[:2] + rule_args + args[2:]
     greedy = temperature == 0
     common = dict(n_bytes=buffer_bytes, n_patches=n_patches, prefill_chunk=chunk)
     if method == "ar":
@@ -229,7 +232,7 @@ def generate(
         static = dict(common, draft=draft)
         fn = build_blt_s(config, **static)
     else:
-        static = dict(common, block_size=block_size, rule=rule, verify=method == "blt_dv")
+        static = dict(common, block_size=block_size, rule=rule, verify=method == "blt_dv", greedy=greedy)
         fn = build_blt_d(config, **static)
     exe, compile_s = _compiled((method, config, tuple(sorted(static.items()))), fn, args)
 

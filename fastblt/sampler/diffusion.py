@@ -37,6 +37,7 @@ from fastblt.model.attention import attention, document_ids
 from fastblt.model.diffusion import _QKV, _Out, block_embeddings
 from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
 from fastblt.sampler.cached import Runner
+from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import accept_verified, cut_at_eos, run_rounds
 from fastblt.sampler.state import State, gather_rows, init_state
 
@@ -91,10 +92,12 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
     return runner.dec.output(runner.dec.norm(h)).astype(jnp.float32)
 
 
-def reveal(logits, masked, rule: str, alpha, gamma) -> tuple[jax.Array, jax.Array]:
-    """Which masked cells to reveal and their (greedy) bytes.
+def reveal(logits, masked, rule: str, alpha, gamma, pred=None) -> tuple[jax.Array, jax.Array]:
+    """Which masked cells to reveal and their bytes.
 
-    Args: logits: float32[b, B, V]; masked: bool[b, B]; rule: one of RULES; alpha, gamma: float[].
+    Args: logits: float32[b, B, V]; masked: bool[b, B]; rule: one of RULES; alpha, gamma: float[];
+      pred: int32[b, B] the cells' bytes if sampled (None: greedy, the argmax). The rule always
+      reads the model's own distribution (confidence, entropy), whatever the bytes were drawn from.
 
     alpha: every masked cell with max prob >= alpha; gamma: masked cells in order of increasing
     entropy (nats) while the cumulative entropy stays <= gamma; one_step: all masked cells. Always at
@@ -102,7 +105,8 @@ def reveal(logits, masked, rule: str, alpha, gamma) -> tuple[jax.Array, jax.Arra
 
     Returns: (reveal bool[b, B], bytes int32[b, B]).
     """
-    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if pred is None:
+        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if rule == "one_step":
         return masked, pred
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -150,8 +154,9 @@ def close_last_patch(runner: Runner, st: State) -> tuple[State, jax.Array, jax.A
     return st, jnp.where(forced, completed, completed - 1), forced
 
 
-def _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma):
-    """Decoder passes until no cell is masked. Returns (tokens, passes int32[b])."""
+def _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma, draw=None):
+    """Decoder passes until no cell is masked. ``draw(logits, passes) -> int32[b, B]`` samples the
+    cells' bytes (None: greedy). Returns (tokens, passes int32[b])."""
 
     def cond(c):
         return jnp.any(c[1])
@@ -159,7 +164,8 @@ def _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma):
     def body(c):
         tokens, masked, passes = c
         lg = block_logits(runner, st, tokens, masked, start, read)
-        pick, pred = reveal(lg, masked, rule, alpha, gamma)
+        pred = None if draw is None else draw(lg, passes)
+        pick, pred = reveal(lg, masked, rule, alpha, gamma, pred)
         passes = passes + jnp.any(masked, axis=1)
         return jnp.where(pick, pred, tokens), masked & ~pick, passes
 
@@ -177,20 +183,27 @@ def build_blt_d(
     block_size: int,
     rule: str,
     verify: bool = False,
+    greedy: bool = True,
 ):
-    """The BLT-D (``verify=False``) or BLT-DV (``verify=True``) generation function (to be jitted),
-    greedy; see :func:`fastblt.sampler.ar.build_ar` for the outputs (no ``logits``).
+    """The BLT-D (``verify=False``) or BLT-DV (``verify=True``, greedy only) generation function (to
+    be jitted); see :func:`fastblt.sampler.ar.build_ar` for the outputs (no ``logits``).
 
-    ``run(params, prompts, alpha, gamma) -> dict``; alpha, gamma: float32[] (see :func:`reveal`).
+    ``run(params, prompts, alpha, gamma, seed, temperature, top_p) -> dict``; alpha, gamma:
+    float32[] (see :func:`reveal`). ``greedy=False`` (BLT-D): revealed bytes are drawn with
+    temperature and top-p (the paper's EB + top-p sampling with ``rule="gamma"``), cell ``j`` at
+    position ``L + j`` in decoder pass ``s`` of its block with the key of
+    :func:`fastblt.sampler.sampling.step_keys` for (row, ``(L + j) * (B + 1) + s``).
     """
     check_mask_embedding(config)
     if block_size < 1 or (verify and block_size < 2):
         raise ValueError(f"block_size={block_size} must be >= 1 (>= 2 for blt_dv)")
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not one of {RULES}")
+    if verify and not greedy:
+        raise ValueError("BLT-DV verifies greedily: sampling is for BLT-D (verify=False)")
     bs = block_size
 
-    def run(params, prompts: Prompts, alpha, gamma):
+    def run(params, prompts: Prompts, alpha, gamma, seed, temperature, top_p):
         TRACE_COUNT["blt_dv" if verify else "blt_d"] += 1
         runner = Runner(config, params)
         b = prompts.prompt.shape[0]
@@ -214,7 +227,17 @@ def build_blt_d(
             if verify:  # cell 0: the AR prediction of byte L (the "free" byte of the last round)
                 tokens = tokens.at[:, 0].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
                 masked = masked.at[:, 0].set(False)
-            tokens, passes = _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma)
+            draw = None
+            if not greedy:
+
+                def draw(lg, passes):
+                    cols = start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None]  # [b, B]
+                    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, bs))
+                    keys = step_keys(seed, rows.reshape(-1), (cols * (bs + 1) + passes[:, None]).reshape(-1))
+                    flat = sample_logits(lg.reshape(b * bs, -1), keys, temperature, top_p, greedy=False)
+                    return flat.reshape(b, bs)
+
+            tokens, passes = _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma, draw)
             limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
 
             if not verify:
