@@ -267,15 +267,19 @@ def test_decoder_mask_matches_loops(window):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl,chunk_blocks", [("xla", None), ("auto", 3)])
-def test_forward_matches_dense_float64_decoder(impl, chunk_blocks):
+@pytest.mark.parametrize(
+    "impl,chunk_blocks,max_len",
+    [("xla", None, None), ("auto", 3, None), ("xla", None, 5), ("xla", 3, 5), ("xla", 3, 2)],
+)
+def test_forward_matches_dense_float64_decoder(impl, chunk_blocks, max_len):
     """Clean rows on both attention paths; block rows in one chunk and in chunks of 3 blocks (7
-    blocks: the last chunk is padded)."""
+    blocks: the last chunk is padded); with a patch-length bound the chunks read one shared key
+    slice (patches are 1..5 long: a bound of 2 is broken, and those chunks take the gather path)."""
     tokens, targets, mask, lengths = make_batch(3)
     params = init_params()
     masked = np.random.default_rng(4).random((2, P - 1, B)) < 0.5
     blocks = blocks_for(tokens, targets, mask, lengths, masked)
-    config = CFG.replace(attention_impl=impl)
+    config = CFG.replace(attention_impl=impl, patcher=PatcherConfig(mode="static", max_patch_length=max_len))
     run = jax.jit(MD.logits, static_argnums=(1, 5))
     clean, block = run(params, config, tokens, lengths, blocks, chunk_blocks)
 

@@ -103,29 +103,30 @@ def block_embeddings(model: BLT, tokens: jax.Array, masked: jax.Array) -> jax.Ar
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _windowed_attention(
+def _attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    k_ctx: jax.Array,
-    v_ctx: jax.Array,
-    context_start: jax.Array,
-    context_mask: jax.Array,
+    k_keys: jax.Array,
+    v_keys: jax.Array,
+    keys: str,
+    visible: jax.Array,
+    has_context: jax.Array,
     self_mask: jax.Array,
 ) -> jax.Array:
-    """block_attention on all the given blocks at once (shapes as there, R = K * B)."""
-    b, r, h, d = q.shape
-    nblk, bs, width = context_mask.shape[1:]
-    n, kvh = k_ctx.shape[1], k.shape[2]
-    g = h // kvh
-    scale = d**-0.5
-    index = jnp.clip(context_start[:, :, None] + jnp.arange(width, dtype=jnp.int32), 0, n - 1)
-    take = jax.vmap(lambda x, i: x[i])
-    k_win, v_win = take(k_ctx, index), take(v_ctx, index)  # [b, K, C, KV, hd]
+    """One softmax over a block row's context scores and its own block's scores.
 
-    qb = q.reshape(b, nblk, bs, kvh, g, d)
-    s_ctx = jnp.einsum("bqikgd,bqwkd->bkgqiw", qb, k_win, preferred_element_type=jnp.float32) * scale
-    s_ctx = jnp.where(context_mask[:, None, None], s_ctx, _NEG)
+    ``k_keys``/``v_keys`` are the context keys in einsum subscripts ``keys``: "bqwkd" (a window per
+    block) or "bwkd" (one slice shared by the blocks); ``visible`` bool[b, K, B, w] marks the keys
+    each cell sees, ``has_context`` bool[b, K, B] whether it sees any. Shapes as block_attention.
+    """
+    b, r, h, d = q.shape
+    nblk, bs = self_mask.shape[1:3]
+    kvh = k.shape[2]
+    scale = d**-0.5
+    qb = q.reshape(b, nblk, bs, kvh, h // kvh, d)
+    s_ctx = jnp.einsum(f"bqikgd,{keys}->bkgqiw", qb, k_keys, preferred_element_type=jnp.float32) * scale
+    s_ctx = jnp.where(visible[:, None, None], s_ctx, _NEG)
     kb = k.reshape(b, nblk, bs, kvh, d)
     s_own = jnp.einsum("bqikgd,bqjkd->bkgqij", qb, kb, preferred_element_type=jnp.float32) * scale
     s_own = jnp.where(self_mask[:, None, None], s_own, _NEG)
@@ -136,11 +137,67 @@ def _windowed_attention(
     denom = p_ctx.sum(axis=-1, keepdims=True) + p_own.sum(axis=-1, keepdims=True)
     p_ctx = (p_ctx / denom).astype(v.dtype)
     p_own = (p_own / denom).astype(v.dtype)
-    out = jnp.einsum("bkgqiw,bqwkd->bqikgd", p_ctx, v_win)
+    out = jnp.einsum(f"bkgqiw,{keys}->bqikgd", p_ctx, v_keys)
     out = out + jnp.einsum("bkgqij,bqjkd->bqikgd", p_own, v.reshape(b, nblk, bs, kvh, d))
-    has_key = jnp.any(context_mask, axis=-1) | jnp.any(self_mask, axis=-1)  # [b, K, B]
+    has_key = has_context | jnp.any(self_mask, axis=-1)  # [b, K, B]
     out = jnp.where(has_key[..., None, None, None], out, 0)
     return out.reshape(b, r, h, d).astype(q.dtype)
+
+
+def _windowed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_ctx: jax.Array,
+    v_ctx: jax.Array,
+    context_start: jax.Array,
+    context_mask: jax.Array,
+    self_mask: jax.Array,
+) -> jax.Array:
+    """block_attention on all the given blocks at once, each block with its gathered window of C
+    context keys (shapes as there, R = K * B)."""
+    n, width = k_ctx.shape[1], context_mask.shape[-1]
+    index = jnp.clip(context_start[:, :, None] + jnp.arange(width, dtype=jnp.int32), 0, n - 1)
+    take = jax.vmap(lambda x, i: x[i])
+    k_win, v_win = take(k_ctx, index), take(v_ctx, index)  # [b, K, C, KV, hd]
+    has_context = jnp.any(context_mask, axis=-1)
+    return _attend(q, k, v, k_win, v_win, "bqwkd", context_mask, has_context, self_mask)
+
+
+def _tiled_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_ctx: jax.Array,
+    v_ctx: jax.Array,
+    context_start: jax.Array,
+    context_mask: jax.Array,
+    self_mask: jax.Array,
+    span: int,
+) -> jax.Array:
+    """block_attention on T consecutive blocks that share one slice of ``span`` clean keys.
+
+    The slice starts at the first block's context start; block q's C-wide window sits in it at
+    offset ``context_start[q] - context_start[0]``, which must be at most ``span - C`` for every
+    block with a visible context key (the caller checks). Each key is read once per tile instead of
+    once per block. Shapes as in block_attention, K = T here.
+    """
+    b, nblk, bs, width = context_mask.shape
+    first = context_start[:, 0]  # [b]
+    pad = ((0, 0), (width, span), (0, 0), (0, 0))  # context starts may be negative (row start)
+
+    def window(x, start):
+        return jax.lax.dynamic_slice_in_dim(x, start + width, span, axis=0)
+
+    k_tile = jax.vmap(window)(jnp.pad(k_ctx, pad), first)  # [b, span, KV, hd]
+    v_tile = jax.vmap(window)(jnp.pad(v_ctx, pad), first)
+    # Key column j of the slice is column j - offset of its block's window.
+    col = jnp.arange(span, dtype=jnp.int32)[None, None] - (context_start - first[:, None])[..., None]
+    inside = (col >= 0) & (col < width)  # [b, K, span]
+    index = jnp.broadcast_to(jnp.clip(col, 0, width - 1)[:, :, None], (b, nblk, bs, span))
+    visible = jnp.take_along_axis(context_mask, index, axis=-1) & inside[:, :, None]
+    has_context = jnp.any(context_mask, axis=-1)
+    return _attend(q, k, v, k_tile, v_tile, "bwkd", visible, has_context, self_mask)
 
 
 def block_attention(
@@ -153,6 +210,7 @@ def block_attention(
     context_mask: jax.Array,
     self_mask: jax.Array,
     chunk_blocks: int | None = None,
+    max_patch_length: int | None = None,
 ) -> jax.Array:
     """Attention of block rows over their context window of clean keys plus their own block's keys.
 
@@ -167,15 +225,39 @@ def block_attention(
       context_start: int32[b, K]; context_mask: bool[b, K, B, C]; self_mask: bool[b, K, B, B]
         (see DecoderBlocks).
       chunk_blocks: blocks per chunk; None: about CHUNK_ELEMENTS per example and chunk.
+      max_patch_length: the patcher's bound on patch lengths, if any. Given, a chunk of T blocks
+        (starts at most (T - 1) x max_patch_length apart) reads one shared slice of
+        C + (T - 1) x max_patch_length clean keys instead of T gathered windows of C (a tile whose
+        starts are further apart, e.g. after a merged overflow patch, takes the gather path).
 
     Returns: float[b, R, H, hd] in q's dtype; a row with no visible key gives 0 (as ``attention``).
     """
     b, r, h, d = q.shape
     nblk, bs, width = context_mask.shape[1:]
-    if chunk_blocks is None:
+    if chunk_blocks is None and max_patch_length:
+        # A tile's span grows with its blocks: stop at about twice the window (scores ~2x the
+        # gathered windows', each key read ~twice instead of ~C / mean patch length times).
+        chunk_blocks = width // max_patch_length + 1
+    elif chunk_blocks is None:
         per_block = width * max(k_ctx.shape[2] * d, h * bs)
         chunk_blocks = max(1, CHUNK_ELEMENTS // per_block)
+    chunk_blocks = min(chunk_blocks, nblk)
+    tiled = None
+    if max_patch_length:
+        span = width + (chunk_blocks - 1) * max_patch_length
+
+        def tiled(q, k, v, start, cm, sm):
+            offset = start - start[:, :1]
+            fits = jnp.all((offset <= span - width) | ~jnp.any(cm, axis=(2, 3)))
+            return jax.lax.cond(
+                fits,
+                lambda: _tiled_attention(q, k, v, k_ctx, v_ctx, start, cm, sm, span),
+                lambda: _windowed_attention(q, k, v, k_ctx, v_ctx, start, cm, sm),
+            )
+
     if chunk_blocks >= nblk:
+        if tiled is not None:
+            return tiled(q, k, v, context_start, context_mask, self_mask)
         return _windowed_attention(q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask)
 
     chunks = -(-nblk // chunk_blocks)
@@ -190,6 +272,8 @@ def block_attention(
     @jax.checkpoint
     def one(xs: tuple[jax.Array, ...]) -> jax.Array:
         qc, kc, vc, start, cm, sm = xs
+        if tiled is not None:
+            return tiled(qc, kc, vc, start, cm, sm)
         return _windowed_attention(qc, kc, vc, k_ctx, v_ctx, start, cm, sm)
 
     parts = (
@@ -235,7 +319,16 @@ def _block_rows_layer(
         attn, norm.apply({"params": params["attention_norm"]}, hb), positions
     )
     o = block_attention(
-        q, k, v, k_ctx, v_ctx, blocks.context_start, blocks.context_mask, blocks.self_mask, chunk_blocks
+        q,
+        k,
+        v,
+        k_ctx,
+        v_ctx,
+        blocks.context_start,
+        blocks.context_mask,
+        blocks.self_mask,
+        chunk_blocks,
+        config.patcher.max_patch_length,
     )
     hb = hb + _Out(c, 0.0, dtype, config.attention_impl, parent=None).apply(attn, o)
     ffn = FeedForward(c.dim, c.hidden_dim, 0.0, 0.0, dtype, parent=None)
