@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import os
 import re
 import time
 from typing import Any
@@ -109,6 +110,9 @@ def topology_devices(topology: str) -> tuple[list[Any], str, float | None]:
     except ValueError as e:
         raise ConfigError(f"--topology: {e}; or cpu:N for local CPU devices") from None
     _check_libtpu()
+    # No TPU is opened here, so several compiles may share the machine: without this, libtpu's
+    # single-process lockfile makes a second concurrent `fastblt compile` fail.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
