@@ -152,12 +152,11 @@ def heldout_prompts(n: int, length: int, eval_fraction: float | None = None) -> 
 def param_summary(params: Any, config: Any) -> dict[str, int]:
     import dataclasses
 
-    import jax
-
+    from fastblt.export import param_count
     from fastblt.sampler import param_counts
 
     counts = dataclasses.asdict(param_counts(params, config))
-    counts["total"] = int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+    counts["total"] = param_count(params)
     return counts
 
 

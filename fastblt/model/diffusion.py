@@ -227,8 +227,9 @@ def block_attention(
       chunk_blocks: blocks per chunk; None: about CHUNK_ELEMENTS per example and chunk.
       max_patch_length: the patcher's bound on patch lengths, if any. Given, a chunk of T blocks
         (starts at most (T - 1) x max_patch_length apart) reads one shared slice of
-        C + (T - 1) x max_patch_length clean keys instead of T gathered windows of C (a tile whose
-        starts are further apart, e.g. after a merged overflow patch, takes the gather path).
+        C + (T - 1) x max_patch_length clean keys instead of T gathered windows of C, when that
+        span is at most about 2C (a tile whose starts are further apart, e.g. after a merged
+        overflow patch, takes the gather path).
 
     Returns: float[b, R, H, hd] in q's dtype; a row with no visible key gives 0 (as ``attention``).
     """
@@ -243,7 +244,9 @@ def block_attention(
         chunk_blocks = max(1, CHUNK_ELEMENTS // per_block)
     chunk_blocks = min(chunk_blocks, nblk)
     tiled = None
-    if max_patch_length:
+    # Tiles pay off while their span stays near the window: a larger given chunk_blocks would
+    # compute more scores than the gathered windows do.
+    if max_patch_length and (chunk_blocks - 1) * max_patch_length <= width:
         span = width + (chunk_blocks - 1) * max_patch_length
 
         def tiled(q, k, v, start, cm, sm):
