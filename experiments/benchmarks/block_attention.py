@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--block", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--tiles", type=int, nargs="*", default=[0], help="blocks per tile to try (0: the default)"
+    )
     args = parser.parse_args(argv)
     n, p, heads, hd, window, max_len = 4096, 1536, 8, 64, 512, 8
     rng = np.random.default_rng(0)
@@ -58,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         rand(args.batch, n, heads, hd),
     )
     results = {}
-    for bound in (None, max_len):
+    for bound, tile in [(None, None)] + [(max_len, t or None) for t in args.tiles]:
 
-        def loss(q, k, v, kc, vc, bound=bound):
-            return block_attention(q, k, v, kc, vc, start, ctx, own, None, bound).astype(jnp.float32).sum()
+        def loss(q, k, v, kc, vc, bound=bound, tile=tile):
+            return block_attention(q, k, v, kc, vc, start, ctx, own, tile, bound).astype(jnp.float32).sum()
 
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
         t0 = time.perf_counter()
@@ -71,11 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeats):
             out = jax.block_until_ready(fn(*inputs))
         step = (time.perf_counter() - t0) / args.repeats
-        results[bound] = out
+        results[bound, tile] = out
         print(
             json.dumps(
                 {
-                    "path": "gathered windows" if bound is None else f"tiles (max_patch_length {bound})",
+                    "path": "gathered windows"
+                    if bound is None
+                    else f"tiles of {tile or 'default'} blocks (max_patch_length {bound})",
                     "device": str(jax.devices()[0]),
                     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                     "batch": args.batch,
@@ -86,12 +91,14 @@ def main(argv: list[str] | None = None) -> None:
             ),
             flush=True,
         )
-    (v0, g0), (v1, g1) = results[None], results[max_len]
-    diff = max(
-        float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
-        for a, b in zip(g0, g1, strict=True)
-    )
-    print(json.dumps({"value_rel_diff": float(abs(v0 - v1) / abs(v0)), "grad_max_abs_diff": diff}))
+    v0, g0 = results.pop((None, None))
+    for (_, tile), (v1, g1) in results.items():
+        diff = max(
+            float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+            for a, b in zip(g0, g1, strict=True)
+        )
+        rel = float(abs(v0 - v1) / abs(v0))
+        print(json.dumps({"tile": tile or "default", "value_rel_diff": rel, "grad_max_abs_diff": diff}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 # resumes on the next invocation; finished phases are skipped (marker files under $ROOT), so the same
 # command can be repeated on a machine that keeps $ROOT. Environment: ROOT (default /tmp/fastblt-gpu),
 # STEPS (BLT steps, default 300), ENTROPY_STEPS (default 200), SKIP_D8 (non-empty: no BLT-D-8).
+# Compiled programs go to a persistent cache under $ROOT, so a phase resumed on the same machine
+# does not compile its train step again.
 set -uo pipefail
 out=${1:?usage: gpu_mid.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
@@ -19,6 +21,7 @@ entropy_steps=${ENTROPY_STEPS:-200}
 deadline=$((SECONDS + budget))
 mkdir -p "$out" "$root"
 export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR="$root/jax-cache"
 
 # Same schedule for all three; max_patch_length=8 is BLT-D's patching (experiments/base.py blt_d),
 # given to plain BLT too so the objective is the only difference.
@@ -56,7 +59,8 @@ if [ "$trained" -eq 0 ] && [ ! -e "$root/sample.done" ]; then
   d_runs=("$root/d4")
   [ -n "${SKIP_D8:-}" ] || d_runs+=("$root/d8")
   timeout -s TERM "$left" python3 experiments/benchmarks/sampler_trained.py --blt "$root/plain" \
-    --blt-d "${d_runs[@]}" --batch 1 32 --out "$out/sampler_mid.jsonl" 2>&1 |
+    --blt-d "${d_runs[@]}" --batch 1 32 --max-bytes 256 --hf-bytes 32 --compile-workers 12 \
+    --out "$out/sampler_mid.jsonl" 2>&1 |
     grep -v '^W[0-9]' | tee -a "$out/sample_log.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] && touch "$root/sample.done"
 fi

@@ -8,7 +8,10 @@ counts here are the ones to quote. Prompts are real text: ``--prompt-bytes``-byt
 held-out modules of the default corpus (the standard library's source, split as training splits it),
 all of one length so that the Hugging Face batch needs no padding.
 
-Each configuration is run twice: once to compile (``compile_s``), once timed. Greedy throughout, EOS
+Each configuration is run twice: once to compile (``compile_s``), once timed. The compiling runs of
+all configurations go first, ``--compile-workers`` at a time (XLA compiles outside the GIL, and a
+mid-size sampler takes ~30 s to compile on one core), so ``compile_s`` is the time under that
+contention; the timed runs follow one by one, alone on the device. Greedy throughout, EOS
 ignored (``stop_at_eos=False``), so every row generates exactly ``--max-bytes`` bytes. One JSON object
 per line on stdout and appended to ``--out``: first the run (device, versions, command line), then a
 line per loaded model, then one per measurement (model, method, batch, bytes_per_s, seconds,
@@ -41,6 +44,7 @@ modules: the run line records the first prompt.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -150,8 +154,6 @@ def heldout_prompts(n: int, length: int, eval_fraction: float | None = None) -> 
 
 
 def param_summary(params: Any, config: Any) -> dict[str, int]:
-    import dataclasses
-
     from fastblt.export import param_count
     from fastblt.sampler import param_counts
 
@@ -181,12 +183,66 @@ def agreement(ours: list[np.ndarray], ref: list[np.ndarray], n: int | None = Non
     }
 
 
-def timed_generate(params, config, prompts, method: str, **kw):
-    """Compiles (first call), then times a second, identical call."""
+def timed_generate(params, config, prompts, method: str, warm=None, **kw):
+    """Compiles (first call, unless ``warm`` is that call's result), then times a second, identical
+    call."""
     from fastblt.sampler import generate
 
-    warm = generate(params, config, prompts, method=method, stop_at_eos=False, **kw)
+    if warm is None:
+        warm = generate(params, config, prompts, method=method, stop_at_eos=False, **kw)
     return warm, generate(params, config, prompts, method=method, stop_at_eos=False, **kw)
+
+
+@dataclasses.dataclass
+class Job:
+    """One measurement: a model's decoding method at one batch size."""
+
+    model: str
+    name: str  # label in the report ("ar", "blt_s8", "blt_d_alpha0.7", ...)
+    method: str
+    batch: int
+    kw: dict[str, Any]
+
+
+def model_jobs(model: str, variants: list[tuple[str, str, dict[str, Any]]], batches: list[int]) -> list[Job]:
+    """``ar`` then ``variants`` at each batch size, in report order."""
+    return [
+        Job(model, name, method, batch, kw)
+        for batch in batches
+        for name, method, kw in [("ar", "ar", {}), *variants]
+    ]
+
+
+def precompile(
+    jobs: list[Job], models: dict[str, tuple[Any, Any]], prompts: list[bytes], max_bytes: int, workers: int
+) -> dict[tuple[str, str, int], Any]:
+    """The compiling (first) run of every job, ``workers`` at a time; results by (model, name,
+    batch). A job that fails here is left out: its measurement runs it again and reports the error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastblt.sampler import generate
+
+    def warm(job: Job):
+        config, params = models[job.model]
+        return generate(
+            params,
+            config,
+            prompts[: job.batch],
+            method=job.method,
+            stop_at_eos=False,
+            max_bytes=max_bytes,
+            **job.kw,
+        )
+
+    out: dict[tuple[str, str, int], Any] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {(j.model, j.name, j.batch): pool.submit(warm, j) for j in jobs}
+        for key, future in futures.items():
+            try:
+                out[key] = future.result()
+            except Exception:  # reported by the measurement, which runs the job again
+                traceback.print_exc(file=sys.stderr)
+    return out
 
 
 def row_of(model: str, name: str, batch: int, warm, result, **extra: Any) -> dict[str, Any]:
@@ -198,48 +254,45 @@ def row_of(model: str, name: str, batch: int, warm, result, **extra: Any) -> dic
 
 def bench_model(
     report: Reporter,
-    model: str,
-    params,
-    config,
+    jobs: list[Job],
+    models: dict[str, tuple[Any, Any]],
     prompts: list[bytes],
     args: argparse.Namespace,
-    variants: list[tuple[str, str, dict[str, Any]]],
+    warm: dict[tuple[str, str, int], Any],
 ) -> dict[int, list[np.ndarray]]:
-    """``ar`` then ``variants`` at each batch; returns the ``ar`` ids per batch (for the checks)."""
+    """Timed runs of one model's ``jobs`` (``ar`` first at each batch: the others are checked
+    against it); returns the ``ar`` ids per batch."""
     ar_ids: dict[int, list[np.ndarray]] = {}
-    for batch in args.batch:
-        rows = prompts[:batch]
-        base = {"model": model, "method": "ar", "batch": batch}
+    for job in jobs:
+        config, params = models[job.model]
 
-        def run_ar(rows=rows, batch=batch):
-            warm, result = timed_generate(params, config, rows, "ar", max_bytes=args.max_bytes)
-            ar_ids[batch] = result.ids
-            report(
-                row_of(
-                    model, "ar", batch, warm, result, sample=result.texts[0][:80].decode("utf-8", "replace")
-                )
+        def run(job=job, config=config, params=params):
+            w, result = timed_generate(
+                params,
+                config,
+                prompts[: job.batch],
+                job.method,
+                warm.get((job.model, job.name, job.batch)),
+                max_bytes=args.max_bytes,
+                **job.kw,
             )
-
-        guarded(report, base, run_ar)
-        for name, method, kw in variants:
-
-            def run(rows=rows, batch=batch, name=name, method=method, kw=kw):
-                warm, result = timed_generate(params, config, rows, method, max_bytes=args.max_bytes, **kw)
-                extra: dict[str, Any] = {k: v for k, v in kw.items()}
-                ref = ar_ids.get(batch)
-                if ref is None:
-                    extra["check"] = "no ar output to compare with (ar failed)"
-                elif method in ("blt_s", "blt_dv"):
-                    extra["identical_to_ar"] = all(
-                        np.array_equal(a, b) for a, b in zip(result.ids, ref, strict=True)
-                    )
-                    if not extra["identical_to_ar"]:
-                        extra |= agreement(result.ids, ref)
-                else:
+            extra: dict[str, Any] = dict(job.kw)
+            if job.method == "ar":
+                ar_ids[job.batch] = result.ids
+                extra["sample"] = result.texts[0][:80].decode("utf-8", "replace")
+            elif (ref := ar_ids.get(job.batch)) is None:
+                extra["check"] = "no ar output to compare with (ar failed)"
+            elif job.method in ("blt_s", "blt_dv"):
+                extra["identical_to_ar"] = all(
+                    np.array_equal(a, b) for a, b in zip(result.ids, ref, strict=True)
+                )
+                if not extra["identical_to_ar"]:
                     extra |= agreement(result.ids, ref)
-                report(row_of(model, name, batch, warm, result, **extra))
+            else:
+                extra |= agreement(result.ids, ref)
+            report(row_of(job.model, job.name, job.batch, w, result, **extra))
 
-            guarded(report, {**base, "method": name, **kw}, run)
+        guarded(report, {"model": job.model, "method": job.name, "batch": job.batch, **job.kw}, run)
     return ar_ids
 
 
@@ -369,6 +422,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[v[0] for v in BLT_D_VARIANTS],
         help="BLT-D decodings to run (labels of BLT_D_VARIANTS)",
     )
+    parser.add_argument(
+        "--compile-workers", type=int, default=8, help="compiling runs at a time (1: one by one)"
+    )
     parser.add_argument("--out", help="JSON-lines file, appended to")
     args = parser.parse_args(argv)
     if not args.blt and not args.blt_d:
@@ -403,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_bytes": args.max_bytes,
         "hf_bytes": args.hf_bytes if hf else 0,
         "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+        "compile_workers": args.compile_workers,
     }
     try:
         import torch
@@ -435,17 +492,16 @@ def main(argv: list[str] | None = None) -> None:
         report(row | extra)
         return config, params
 
+    models: dict[str, tuple[Any, Any]] = {}
+    plans: list[list[Job]] = []
     if args.blt:
         got = guarded(
             report, {"event": "load", "model": "blt", "path": args.blt}, lambda: loaded(args.blt, "blt")
         )
         if got is not None:
-            config, params = got
+            models["blt"] = got
             variants = [(f"blt_s{k}", "blt_s", {"draft": k}) for k in args.drafts]
-            ar_ids = bench_model(report, "blt", params, config, prompts, args, variants)
-            if hf:
-                bench_hf(report, config, params, prompts, args, ar_ids)
-            del config, params
+            plans.append(model_jobs("blt", variants, args.batch))
     for path in args.blt_d:
         label = f"blt_d:{Path(path).name}"
 
@@ -463,13 +519,24 @@ def main(argv: list[str] | None = None) -> None:
         if got is None:
             continue
         config, params, block = got
+        models[label] = (config, params)
         variants = [
             (name, method, {**kw, "block_size": block})
             for name, method, kw in BLT_D_VARIANTS
             if name in args.d_variants
         ]
-        bench_model(report, label, params, config, prompts, args, variants)
-        del config, params
+        plans.append(model_jobs(label, variants, args.batch))
+
+    start = time.perf_counter()
+    warm = precompile([j for p in plans for j in p], models, prompts, args.max_bytes, args.compile_workers)
+    report(
+        {"event": "compiled", "jobs": sum(map(len, plans)), "seconds": round(time.perf_counter() - start, 1)}
+    )
+    for jobs in plans:
+        ar_ids = bench_model(report, jobs, models, prompts, args, warm)
+        if hf and jobs[0].model == "blt":
+            config, params = models["blt"]
+            bench_hf(report, config, params, prompts, args, ar_ids)
     report({"event": "done", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     report.close()
 

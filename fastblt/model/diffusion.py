@@ -224,7 +224,8 @@ def block_attention(
       k_ctx, v_ctx: float[b, N, KV, hd], the clean rows' keys and values of the same layer.
       context_start: int32[b, K]; context_mask: bool[b, K, B, C]; self_mask: bool[b, K, B, B]
         (see DecoderBlocks).
-      chunk_blocks: blocks per chunk; None: about CHUNK_ELEMENTS per example and chunk.
+      chunk_blocks: blocks per chunk; None: tiles spanning about 1.5C with ``max_patch_length``,
+        else about CHUNK_ELEMENTS per example and chunk.
       max_patch_length: the patcher's bound on patch lengths, if any. Given, a chunk of T blocks
         (starts at most (T - 1) x max_patch_length apart) reads one shared slice of
         C + (T - 1) x max_patch_length clean keys instead of T gathered windows of C, when that
@@ -236,9 +237,11 @@ def block_attention(
     b, r, h, d = q.shape
     nblk, bs, width = context_mask.shape[1:]
     if chunk_blocks is None and max_patch_length:
-        # A tile's span grows with its blocks: stop at about twice the window (scores ~2x the
-        # gathered windows', each key read ~twice instead of ~C / mean patch length times).
-        chunk_blocks = width // max_patch_length + 1
+        # A tile's span grows with its blocks: stop at about 1.5x the window. Scores are then ~1.5x
+        # the gathered windows' and each key is read ~1.5x instead of ~C / mean patch length
+        # times; at 2x the window the extra scores cost more than the fewer tiles save
+        # (experiments/benchmarks/block_attention.py).
+        chunk_blocks = width // (2 * max_patch_length) + 1
     elif chunk_blocks is None:
         per_block = width * max(k_ctx.shape[2] * d, h * bs)
         chunk_blocks = max(1, CHUNK_ELEMENTS // per_block)
