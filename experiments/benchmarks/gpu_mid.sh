@@ -6,10 +6,12 @@
 #   bash experiments/benchmarks/gpu_mid.sh OUT_DIR [SECONDS]
 #
 # Phases run in order until SECONDS (default 540) are spent: plain (entropy stage + BLT), d4, d8,
-# sample. A phase cut by the deadline gets SIGTERM, saves a checkpoint (preemption handling) and
+# identity (where bf16 blt_s / blt_dv part ways with ar: experiments/benchmarks/greedy_identity.py,
+# with the model's attention kernels and with XLA attention), sample. A phase cut by the deadline gets SIGTERM, saves a checkpoint (preemption handling) and
 # resumes on the next invocation; finished phases are skipped (marker files under $ROOT), so the same
 # command can be repeated on a machine that keeps $ROOT. Environment: ROOT (default /tmp/fastblt-gpu),
-# STEPS (BLT steps, default 300), ENTROPY_STEPS (default 200), SKIP_D8 (non-empty: no BLT-D-8).
+# STEPS (BLT steps, default 300), ENTROPY_STEPS (default 200), SKIP_D8 (non-empty: no BLT-D-8),
+# SKIP_IDENTITY, SKIP_SAMPLE (non-empty: skip that phase).
 # Compiled programs go to a persistent cache under $ROOT, so a phase resumed on the same machine
 # does not compile its train step again.
 set -uo pipefail
@@ -53,7 +55,27 @@ train plain --config blt_mid --config.entropy_stage.steps="$entropy_steps" &&
   { [ -n "${SKIP_D8:-}" ] || train d8 --config blt_d_mid:block=8 --config.entropy_stage.checkpoint="$root/plain/entropy"; }
 trained=$?
 
-if [ "$trained" -eq 0 ] && [ ! -e "$root/sample.done" ]; then
+if [ "$trained" -eq 0 ] && [ -z "${SKIP_IDENTITY:-}" ] && [ ! -e "$root/identity.done" ]; then
+  left=$((deadline - SECONDS - 10))
+  echo "[identity] start, ${left}s left" | tee -a "$out/gpu_mid_log.txt"
+  # Four checks side by side (timings do not matter here): each process allocates as it goes.
+  pids=()
+  for impl in auto xla; do
+    for job in "plain blt_s" "d4 blt_dv"; do
+      set -- $job
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s TERM "$left" python3 \
+        experiments/benchmarks/greedy_identity.py --checkpoint "$root/$1" --method "$2" --batch 32 \
+        --max-bytes 256 --attention-impl "$impl" --out "$out/identity_mid.jsonl" >/dev/null 2>&1 &
+      pids+=($!)
+    done
+  done
+  ok=0
+  for pid in "${pids[@]}"; do wait "$pid" || ok=1; done
+  grep -v '"row"' "$out/identity_mid.jsonl" | tee -a "$out/gpu_mid_log.txt"
+  [ "$ok" -eq 0 ] && touch "$root/identity.done"
+fi
+
+if [ "$trained" -eq 0 ] && [ -z "${SKIP_SAMPLE:-}" ] && [ ! -e "$root/sample.done" ]; then
   left=$((deadline - SECONDS - 10))
   echo "[sample] start, ${left}s left" | tee -a "$out/gpu_mid_log.txt"
   d_runs=("$root/d4")
