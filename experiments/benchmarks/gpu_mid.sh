@@ -55,28 +55,47 @@ train plain --config blt_mid --config.entropy_stage.steps="$entropy_steps" &&
   { [ -n "${SKIP_D8:-}" ] || train d8 --config blt_d_mid:block=8 --config.entropy_stage.checkpoint="$root/plain/entropy"; }
 trained=$?
 
-if [ "$trained" -eq 0 ] && [ -z "${SKIP_IDENTITY:-}" ] && [ ! -e "$root/identity.done" ]; then
-  left=$((deadline - SECONDS - 10))
+# Time left for a phase that has no checkpoint to resume from; prints why when there is too little.
+phase_time() {  # name
+  local left=$((deadline - SECONDS - 10))
+  if [ "$left" -lt 60 ]; then
+    echo "[$1] not started: ${left}s left" | tee -a "$out/gpu_mid_log.txt" >&2
+    return 1
+  fi
+  echo "$left"
+}
+
+if [ "$trained" -eq 0 ] && [ -z "${SKIP_IDENTITY:-}" ] && [ ! -e "$root/identity.done" ] &&
+  left=$(phase_time identity); then
   echo "[identity] start, ${left}s left" | tee -a "$out/gpu_mid_log.txt"
+  rm -f "$out/identity_mid.jsonl"
   # Four checks side by side (timings do not matter here): each process allocates as it goes.
-  pids=()
+  # stderr per check under $ROOT ($OUT returns few files); the tail of a failed one goes to the log.
+  pids=() logs=()
   for impl in auto xla; do
     for job in "plain blt_s" "d4 blt_dv"; do
-      set -- $job
+      read -r run method <<<"$job"
+      logs+=("$root/identity_${run}_${impl}.err")
       XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s TERM "$left" python3 \
-        experiments/benchmarks/greedy_identity.py --checkpoint "$root/$1" --method "$2" --batch 32 \
-        --max-bytes 256 --attention-impl "$impl" --out "$out/identity_mid.jsonl" >/dev/null 2>&1 &
+        experiments/benchmarks/greedy_identity.py --checkpoint "$root/$run" --method "$method" \
+        --batch 32 --max-bytes 256 --attention-impl "$impl" --out "$out/identity_mid.jsonl" \
+        >/dev/null 2>"${logs[-1]}" &
       pids+=($!)
     done
   done
   ok=0
-  for pid in "${pids[@]}"; do wait "$pid" || ok=1; done
+  for k in "${!pids[@]}"; do
+    if ! wait "${pids[$k]}"; then
+      ok=1
+      { echo "[identity] failed: ${logs[$k]}"; grep -v '^W[0-9]' "${logs[$k]}" | tail -5; } | tee -a "$out/gpu_mid_log.txt"
+    fi
+  done
   grep -v '"row"' "$out/identity_mid.jsonl" | tee -a "$out/gpu_mid_log.txt"
   [ "$ok" -eq 0 ] && touch "$root/identity.done"
 fi
 
-if [ "$trained" -eq 0 ] && [ -z "${SKIP_SAMPLE:-}" ] && [ ! -e "$root/sample.done" ]; then
-  left=$((deadline - SECONDS - 10))
+if [ "$trained" -eq 0 ] && [ -z "${SKIP_SAMPLE:-}" ] && [ ! -e "$root/sample.done" ] &&
+  left=$(phase_time sample); then
   echo "[sample] start, ${left}s left" | tee -a "$out/gpu_mid_log.txt"
   d_runs=("$root/d4")
   [ -n "${SKIP_D8:-}" ] || d_runs+=("$root/d8")

@@ -11,7 +11,9 @@ all of one length so that the Hugging Face batch needs no padding.
 Each configuration is run twice: once to compile (``compile_s``), once timed. The compiling runs of
 all configurations go first, ``--compile-workers`` at a time (XLA compiles outside the GIL, and a
 mid-size sampler takes ~30 s to compile on one core), so ``compile_s`` is the time under that
-contention; the timed runs follow one by one, alone on the device. Greedy throughout, EOS
+contention (0 where another configuration already compiled the same program, e.g. ``ar`` of two
+BLT-D models of one shape; a load from JAX's persistent cache, if one is set, counts as compiling);
+the timed runs follow one by one, alone on the device. Greedy throughout, EOS
 ignored (``stop_at_eos=False``), so every row generates exactly ``--max-bytes`` bytes. One JSON object
 per line on stdout and appended to ``--out``: first the run (device, versions, command line), then a
 line per loaded model, then one per measurement (model, method, batch, bytes_per_s, seconds,
@@ -502,8 +504,10 @@ def main(argv: list[str] | None = None) -> None:
             models["blt"] = got
             variants = [(f"blt_s{k}", "blt_s", {"draft": k}) for k in args.drafts]
             plans.append(model_jobs("blt", variants, args.batch))
-    for path in args.blt_d:
+    for i, path in enumerate(args.blt_d):
         label = f"blt_d:{Path(path).name}"
+        if any(Path(q).name == Path(path).name for q in args.blt_d[:i]):
+            label = f"{label}#{i}"  # two workdirs of one name: keep their models and results apart
 
         def load_d(path=path, label=label):
             if not Path(path).exists():
