@@ -272,6 +272,23 @@ class Runner:
         Returns: (state, logits float32[B, T, V] where ``logits[b, j]`` predicts the byte after
         ``chunk[b, j]`` (valid for j < count[b]), new_patches int32[B]: patches completed).
         """
+        st, logits, new_patches, _ = self._extend(st, chunk, count, close_last=False)
+        return st, logits, new_patches
+
+    def extend_closed(
+        self, st: State, chunk: jax.Array, count: jax.Array
+    ) -> tuple[State, jax.Array, jax.Array, jax.Array]:
+        """:meth:`extend`, plus the latent of the new prefix's last patch forced closed (BLT-D's o_M:
+        fastblt.sampler.diffusion.close_last_patch) in the same global call, as scratch in patch slot
+        ``completed`` where that patch is still open.
+
+        Returns: (state, logits, new_patches as :meth:`extend`, forced bool[B]: the last patch was
+        open, so its scratch latent is in slot ``completed``; else the latent to read is
+        ``completed - 1``).
+        """
+        return self._extend(st, chunk, count, close_last=True)
+
+    def _extend(self, st: State, chunk, count, close_last: bool):
         b, t = chunk.shape
         n = st.tokens.shape[1]
         valid = jnp.arange(t, dtype=jnp.int32)[None] < count[:, None]
@@ -284,15 +301,20 @@ class Runner:
         st, h = self.encoder_bytes(st, qpos, cols, tokens)
         byte_pid, column_pid, completed = self.patches(tokens, st.entropies, length)
         new_patches = completed - st.completed
+        forced = jnp.zeros((b,), bool)
+        if close_last:  # the open last patch goes right after the completed ones: one global call
+            forced = gather_rows(byte_pid, (length - 1)[:, None])[:, 0] == completed
+        steps = new_patches + forced.astype(jnp.int32)
         st = jax.lax.cond(
-            jnp.any(new_patches > 0),
-            lambda s: self.latents(s, tokens, byte_pid, s.completed, new_patches, t),
+            jnp.any(steps > 0),
+            lambda s: self.latents(s, tokens, byte_pid, s.completed, steps, t + int(close_last)),
             lambda s: s,
             st,
         )
         read = jnp.take_along_axis(column_pid, jnp.clip(qpos + 1, 0, n), axis=1) - 1
         st, logits = self.decoder(st, h, qpos, cols, read, tokens)
-        return st._replace(tokens=tokens, length=length, completed=completed), logits, new_patches
+        st = st._replace(tokens=tokens, length=length, completed=completed)
+        return st, logits, new_patches, forced
 
     def draft_step(
         self, st: State, token: jax.Array, pos: jax.Array, read: jax.Array, active: jax.Array

@@ -215,13 +215,17 @@ def build_blt_d(
             counters = counters._replace(decoder_passes=ones)
         done = prompts.budget <= 0
         generated = jnp.zeros((b,), jnp.int32)
+        # BLT-D: the first block's o_M here; each commit's extend closes the next one's (one global
+        # call per block). BLT-DV closes at the top of each round: its verify pass may roll back.
+        st, read, _ = close_last_patch(runner, st)
 
         def body(c):
-            st, logits, done, generated, counters = c
+            st, logits, done, generated, counters, read = c
             active = ~done
             a = active.astype(jnp.int32)
             start = st.length
-            st, read, forced = close_last_patch(runner, st)
+            if verify:
+                st, read, forced = close_last_patch(runner, st)
             tokens = jnp.zeros((b, bs), jnp.int32)
             masked = jnp.broadcast_to(active[:, None], (b, bs))
             if verify:  # cell 0: the AR prediction of byte L (the "free" byte of the last round)
@@ -243,7 +247,8 @@ def build_blt_d(
             if not verify:
                 commit, hit = cut_at_eos(tokens, jnp.minimum(bs, limit), prompts.stop_at_eos)
                 commit = jnp.where(active, commit, 0)
-                st, _, _ = runner.extend(st, tokens, commit)
+                st, _, _, forced = runner.extend_closed(st, tokens, commit)
+                read = jnp.where(forced, st.completed, st.completed - 1)
                 finish = ((commit >= limit) | hit | (st.completed + bs > n_patches)) & active
                 go = (active & ~finish).astype(jnp.int32)
                 counters = counters._replace(
@@ -252,7 +257,7 @@ def build_blt_d(
                     entropy_passes=counters.entropy_passes + a,
                     rounds=counters.rounds + a,
                 )
-                return st, logits, done | finish, generated + commit, counters
+                return st, logits, done | finish, generated + commit, counters, read
 
             st, verify_logits, _ = runner.extend(st, tokens, jnp.where(active, bs, 0).astype(jnp.int32))
             st, next_logits, commit, accepted, finish = accept_verified(
@@ -267,8 +272,8 @@ def build_blt_d(
                 rounds=counters.rounds + a,
             )
             logits = jnp.where(active[:, None], next_logits, logits)
-            return st, logits, done | finish, generated + commit, counters
+            return st, logits, done | finish, generated + commit, counters, read
 
-        return run_rounds(body, (st, logits, done, generated, counters))
+        return run_rounds(body, (st, logits, done, generated, counters, read))
 
     return run

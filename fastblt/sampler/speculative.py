@@ -80,9 +80,9 @@ def accept_verified(
 
 
 def run_rounds(body, carry: tuple) -> dict:
-    """Runs ``body`` over ``(state, logits, done, generated, counters)`` until every row is done;
-    returns the generation outputs of :func:`fastblt.sampler.ar.build_ar` (no ``logits``)."""
-    st, _, _, generated, counters = jax.lax.while_loop(lambda c: jnp.any(~c[2]), body, carry)
+    """Runs ``body`` over ``(state, logits, done, generated, counters, *extra)`` until every row is
+    done; returns the generation outputs of :func:`fastblt.sampler.ar.build_ar` (no ``logits``)."""
+    st, _, _, generated, counters, *_ = jax.lax.while_loop(lambda c: jnp.any(~c[2]), body, carry)
     return {"tokens": st.tokens, "length": st.length, "generated": generated, "counters": counters}
 
 
