@@ -7,7 +7,9 @@ length L):
    that appended the previous block (the prefill for the first). Block cells read o_M, the latent of
    the prefix's last patch *closed at byte L - 1* (Algorithm 1 re-patches the whole prefix per block;
    training reads the patch that ends right before the block): where the patcher left that patch
-   open, :func:`close_last_patch` computes its latent as scratch (one global step);
+   open, its latent is computed as scratch (one global step): by :func:`close_last_patch` for the
+   first block and every BLT-DV round, and for later BLT-D blocks inside the global call of the
+   extend that committed the previous block (:meth:`Runner.extend_closed`);
 2. decoder passes over the block (:func:`block_logits`): a revealed cell's input is
    ``local_encoder.tok_embeddings[byte]``, a masked one ``local_decoder.mask_embedding`` (as in
    training, fastblt.model.diffusion); cells attend the cached clean decoder rows ``c < L`` within the
