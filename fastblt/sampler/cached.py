@@ -282,11 +282,21 @@ class Runner:
         fastblt.sampler.diffusion.close_last_patch) in the same global call, as scratch in patch slot
         ``completed`` where that patch is still open.
 
-        Returns: (state, logits, new_patches as :meth:`extend`, forced bool[B]: the last patch was
-        open, so its scratch latent is in slot ``completed``; else the latent to read is
-        ``completed - 1``).
+        Returns: (state, logits, new_patches as :meth:`extend`, read int32[B]: the patch slot of
+        that latent, see :meth:`closed_last_patch`).
         """
         return self._extend(st, chunk, count, close_last=True)
+
+    @staticmethod
+    def closed_last_patch(byte_pid, length, completed) -> tuple[jax.Array, jax.Array]:
+        """Where the latent of the prefix's last patch, closed at byte ``length - 1``, lives.
+
+        Args: byte_pid int32[B, N], length and completed int32[B] (as :meth:`patches` gives them).
+        Returns: (forced bool[B]: that patch is still open, so its latent must be computed as scratch
+        into slot ``completed``; read int32[B]: the slot to read, ``completed`` or ``completed - 1``).
+        """
+        forced = gather_rows(byte_pid, (length - 1)[:, None])[:, 0] == completed
+        return forced, jnp.where(forced, completed, completed - 1)
 
     def _extend(self, st: State, chunk, count, close_last: bool):
         b, t = chunk.shape
@@ -301,9 +311,9 @@ class Runner:
         st, h = self.encoder_bytes(st, qpos, cols, tokens)
         byte_pid, column_pid, completed = self.patches(tokens, st.entropies, length)
         new_patches = completed - st.completed
-        forced = jnp.zeros((b,), bool)
+        forced, closed_read = jnp.zeros((b,), bool), None
         if close_last:  # the open last patch goes right after the completed ones: one global call
-            forced = gather_rows(byte_pid, (length - 1)[:, None])[:, 0] == completed
+            forced, closed_read = self.closed_last_patch(byte_pid, length, completed)
         steps = new_patches + forced.astype(jnp.int32)
         st = jax.lax.cond(
             jnp.any(steps > 0),
@@ -314,7 +324,7 @@ class Runner:
         read = jnp.take_along_axis(column_pid, jnp.clip(qpos + 1, 0, n), axis=1) - 1
         st, logits = self.decoder(st, h, qpos, cols, read, tokens)
         st = st._replace(tokens=tokens, length=length, completed=completed)
-        return st, logits, new_patches, forced
+        return st, logits, new_patches, closed_read
 
     def draft_step(
         self, st: State, token: jax.Array, pos: jax.Array, read: jax.Array, active: jax.Array

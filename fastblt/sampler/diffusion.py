@@ -17,7 +17,7 @@ length L):
    (bidirectional), and cross-attend o_M. Each pass reveals masked cells by a rule (:func:`reveal`):
    confidence ``alpha``, entropy bound ``gamma`` or all at once (``one_step``), always at least one;
 3. ``blt_d``: the block is committed (cut at EOS / the byte budget / a full buffer) and appended with
-   :meth:`Runner.extend`. ``blt_dv``: cell 0 is the AR prediction of byte L (revealed from the start),
+   :meth:`Runner.extend_closed`. ``blt_dv``: cell 0 is the AR prediction of byte L (revealed from the start),
    the other B - 1 cells are drafted by diffusion, and the block is verified as in BLT-S (one extend
    over it, accept to the first mismatch with the greedy next-byte prediction, plus the free byte), so
    its greedy output is the ``ar`` greedy output.
@@ -145,15 +145,14 @@ def close_last_patch(runner: Runner, st: State) -> tuple[State, jax.Array, jax.A
     closed early).
     """
     byte_pid, _, completed = runner.patches(st.tokens, st.entropies, st.length)
-    last = gather_rows(byte_pid, (st.length - 1)[:, None])[:, 0]
-    forced = last == completed  # the last byte's patch is still open
+    forced, read = runner.closed_last_patch(byte_pid, st.length, completed)
     st = jax.lax.cond(
         jnp.any(forced),
         lambda s: runner.latents(s, s.tokens, byte_pid, completed, forced.astype(jnp.int32), 1),
         lambda s: s,
         st,
     )
-    return st, jnp.where(forced, completed, completed - 1), forced
+    return st, read, forced
 
 
 def _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma, draw=None):
@@ -249,8 +248,7 @@ def build_blt_d(
             if not verify:
                 commit, hit = cut_at_eos(tokens, jnp.minimum(bs, limit), prompts.stop_at_eos)
                 commit = jnp.where(active, commit, 0)
-                st, _, _, forced = runner.extend_closed(st, tokens, commit)
-                read = jnp.where(forced, st.completed, st.completed - 1)
+                st, _, _, read = runner.extend_closed(st, tokens, commit)
                 finish = ((commit >= limit) | hit | (st.completed + bs > n_patches)) & active
                 go = (active & ~finish).astype(jnp.int32)
                 counters = counters._replace(
