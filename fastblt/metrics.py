@@ -124,15 +124,46 @@ def model_flops_breakdown(config: ModelConfig, seq_len: int, avg_patch_len: floa
     return {"local_encoder": encoder, "global_transformer": global_, "local_decoder": decoder}
 
 
+def blt_d_block_flops_per_byte(
+    config: ModelConfig, seq_len: int, avg_patch_len: float, block_size: int
+) -> float:
+    """Forward FLOPs per byte of BLT-D's block rows in the decoder (fastblt/diffusion.py).
+
+    Each real patch after the BOS patch carries one block of ``B`` cells, so there are ``B / L``
+    block rows per byte. A block row runs every decoder layer (matmuls; attention over its clean
+    context window and the ``B`` cells of its block), the cross-attention q/o projections and its
+    attention over the ``k`` slots of one patch, and the output head. Padded patch slots are not
+    counted, as for the global model.
+    """
+    _check_lengths(seq_len, avg_patch_len)
+    dec: LocalModelConfig = config.decoder
+    dd, k = dec.dim, config.cross_attn_k
+    context = mean_causal_keys(seq_len, dec.window)
+    per_row = (
+        dec.n_layers
+        * (block_matmul_flops(dec) + attention_flops(dec.n_heads, dec.head_dim, context + block_size))
+        + dec.n_cross_layers * (2.0 * 2 * dd * dd + attention_flops(1, dd, k))
+        + 2.0 * dd * config.vocab_size
+    )
+    return block_size / float(avg_patch_len) * per_row
+
+
 def model_flops_per_byte(
-    config: ModelConfig, seq_len: int, avg_patch_len: float, training: bool = True
+    config: ModelConfig,
+    seq_len: int,
+    avg_patch_len: float,
+    training: bool = True,
+    objective: Any = None,
 ) -> float:
     """Model FLOPs per byte of a BLT step on rows of ``seq_len`` bytes (3x forward if ``training``).
 
-    The frozen entropy model is not included: add :func:`entropy_model_flops_per_byte` when it runs
-    in the step.
+    ``objective``: a BLT-D ``ObjectiveConfig`` (kind "blt_d") adds the decoder's block rows
+    (:func:`blt_d_block_flops_per_byte`). The frozen entropy model is not included: add
+    :func:`entropy_model_flops_per_byte` when it runs in the step.
     """
     forward = sum(model_flops_breakdown(config, seq_len, avg_patch_len).values())
+    if objective is not None and getattr(objective, "kind", None) == "blt_d":
+        forward += blt_d_block_flops_per_byte(config, seq_len, avg_patch_len, int(objective.block_size))
     return (3.0 if training else 1.0) * forward
 
 
@@ -266,7 +297,12 @@ class MetricWriter:
     TFRecord framing (CRC-32C) around hand-encoded ``Event`` protos.
     """
 
-    def __init__(self, logdir: str | os.PathLike, enabled: bool = True) -> None:
+    def __init__(
+        self, logdir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None
+    ) -> None:
+        """``resume_step``: the step a resumed run restarts from; rows of ``metrics.jsonl`` past it
+        (steps a killed run logged after its last checkpoint, which the resumed run replays) are
+        dropped, so each step appears once."""
         self.logdir = os.fspath(logdir)
         self.enabled = enabled
         self.path: str | None = None

@@ -16,11 +16,12 @@ def next_byte_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tu
     Returns: the mean loss in nats over unmasked targets (sum / (count + 1e-6), as the reference)
       and metrics: ``loss``, ``accuracy``, ``tokens`` (the unmasked count).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
-    count = mask.sum()
-    loss = (nll * mask).sum() / (count + 1e-6)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    accuracy = (correct * mask).sum() / (count + 1e-6)
+    with jax.named_scope("loss"):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        mask = mask.astype(jnp.float32)
+        count = mask.sum()
+        loss = (nll * mask).sum() / (count + 1e-6)
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        accuracy = (correct * mask).sum() / (count + 1e-6)
     return loss, {"loss": loss, "accuracy": accuracy, "tokens": count}

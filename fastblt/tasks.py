@@ -72,7 +72,8 @@ class BLTTask:
         pc = self.config.patcher
         entropies = None
         if pc.mode == "entropy":
-            logits = EntropyModel(self.config.entropy_model).apply({"params": frozen}, tokens)
+            model = EntropyModel(self.config.entropy_model, attention_impl=self.config.attention_impl)
+            logits = model.apply({"params": frozen}, tokens)
             entropies = patching.entropy(jax.lax.stop_gradient(logits))
         max_patches = pc.max_patches or tokens.shape[1] + 1
         return patching.patch(tokens, entropies, pc, max_patches, include_next_token=True)

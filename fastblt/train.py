@@ -145,9 +145,11 @@ class Trainer:
         rng = jax.random.fold_in(jax.random.key(self.noise_seed), state.step)
         with sharding.activation_sharding(self.mesh):
             grads, metrics = self._grads(state.params, frozen, batch, rng)
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))
+            with jax.named_scope("optimizer"):  # named for fastblt.profiling's component table
+                updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+                params = optax.apply_updates(state.params, updates)
+                grad_norm = optax.tree.norm(grads)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def _eval_step(self, params, frozen, batch):
@@ -184,7 +186,9 @@ def _peak_memory_gb() -> float | None:
 
 def _flops_per_byte(task, seq_len: int, avg_patch_len: float) -> float:
     if isinstance(task, BLTTask):
-        total = model_flops_per_byte(task.config, seq_len, avg_patch_len)
+        total = model_flops_per_byte(
+            task.config, seq_len, avg_patch_len, objective=getattr(task, "objective", None)
+        )
         if task.config.patcher.mode == "entropy":
             total += entropy_model_flops_per_byte(task.config, seq_len)
         return total

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastblt.model.attention import attention, causal_mask, document_ids, gathered_attention
+from fastblt.model import attention as attn_lib
+from fastblt.model.attention import attention, causal_mask, document_ids, gathered_attention, resolve_impl
 
 
 def naive(q, k, v, mask):
@@ -45,12 +47,47 @@ def test_xla_path_matches_naive_and_zeroes_empty_rows():
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-def test_library_path_agrees_with_reference_path(dtype, tol):
+def test_fused_path_wrapper_agrees_with_reference_path(dtype, tol, monkeypatch):
+    """The "cudnn" path's own work (mask as bias, odd lengths padded to even, empty rows zeroed),
+    values and gradients, with jax.nn.dot_product_attention's XLA kernel standing in for cuDNN on CPU."""
+    real = jax.nn.dot_product_attention
+    seen = {}
+
+    def stand_in(q, k, v, *, mask, implementation):
+        seen["shapes"] = (q.shape[1], k.shape[1])
+        assert implementation == "cudnn"
+        return real(q, k, v, mask=mask)
+
+    monkeypatch.setattr(attn_lib.jax.nn, "dot_product_attention", stand_in)
     q, k, v, mask = (jnp.asarray(x, dtype) if x.dtype != bool else jnp.asarray(x) for x in _inputs(1))
-    ref = attention(q, k, v, mask, "xla").astype(jnp.float32)
-    fast = attention(q, k, v, mask, "auto").astype(jnp.float32)
-    assert bool(jnp.all(jnp.isfinite(fast)))
-    np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), atol=tol)
+    g = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+
+    def loss(impl, q, k, v):
+        return jnp.sum(attention(q, k, v, mask, impl).astype(jnp.float32) * g)
+
+    ref, ref_grads = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(q, k, v)
+    got, grads = jax.value_and_grad(lambda *a: loss("cudnn", *a), argnums=(0, 1, 2))(q, k, v)
+    assert seen["shapes"] == (10, 12)  # t = 9 and s = 11 padded to even
+    np.testing.assert_allclose(float(got), float(ref), rtol=tol, atol=tol)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert bool(jnp.all(jnp.isfinite(a.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol)
+    out = attention(q, k, v, mask, "cudnn")
+    assert np.all(np.asarray(out[0, 3], np.float32) == 0)  # the row with no visible key
+
+
+def test_auto_dispatch_rules(monkeypatch):
+    q32 = jnp.zeros((1, 128, 2, 64), jnp.float32)
+    q16 = q32.astype(jnp.bfloat16)
+    assert resolve_impl("auto", q16) == "xla"  # CPU
+    assert resolve_impl("xla", q16) == "xla" and resolve_impl("cudnn", q16) == "cudnn"
+    monkeypatch.setattr(attn_lib.jax, "default_backend", lambda: "gpu")
+    assert resolve_impl("auto", q16) == "cudnn"
+    assert resolve_impl("auto", q32) == "xla"  # float32: the reference path
+    assert resolve_impl("auto", q16[:, :8]) == "xla"  # decode-sized calls stay on XLA
+    assert resolve_impl("auto", jnp.zeros((1, 128, 2, 12), jnp.bfloat16)) == "xla"  # head dim 12
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_impl("flash", q16)
 
 
 def test_gathered_attention_equals_dense_masked_attention():

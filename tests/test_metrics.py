@@ -109,6 +109,28 @@ def test_blt_flops_per_byte_matches_hand_count():
     assert model_flops_per_byte(tiny_blt(), 8, 2.0) == pytest.approx(3 * per_byte)
 
 
+def test_blt_d_block_rows_flops_match_hand_count():
+    """BLT-D adds B / L block rows per byte to the decoder: N = 8, L = 2 (4 patches), B = 2 -> 8 rows.
+
+    A block row runs both decoder layers (576 weights each; attention over the clean context, counted
+    as the clean rows' mean 36 / 8 = 4.5 keys, plus its B = 2 cells), both cross-attentions (wq, wo and
+    the k = 2 slots) and the output head.
+    """
+    from fastblt.diffusion import ObjectiveConfig
+
+    layers = 2 * (2 * 576 + 4 * (36 / 8 + 2) * 8)  # 2 * (1152 + 208)
+    cross = 2 * (2 * 2 * 8 * 8 + 4 * 2 * 8)  # 2 * (256 + 64)
+    head = 2 * 8 * 260
+    per_row = layers + cross + head
+    assert per_row == 7520
+    objective = ObjectiveConfig(kind="blt_d", block_size=2)
+    plain = model_flops_per_byte(tiny_blt(), 8, 2.0, training=False)
+    with_blocks = model_flops_per_byte(tiny_blt(), 8, 2.0, training=False, objective=objective)
+    assert with_blocks - plain == pytest.approx(8 * per_row / 8)
+    # The next-byte objective adds nothing.
+    assert model_flops_per_byte(tiny_blt(), 8, 2.0, objective=ObjectiveConfig()) == pytest.approx(3 * plain)
+
+
 def test_entropy_model_flops_match_hand_count():
     # 1 layer of D = 8 (640 weights) on 8 bytes, windowed attention (26 keys), head 8 -> 260; no lookup cost.
     row = 8 * 2 * 640 + 4 * visible_keys(8, 4) * 8 + 8 * 2 * 8 * 260
@@ -326,3 +348,4 @@ def test_format_duration():
         "1h02m",
         "2d03h",
     ]
+

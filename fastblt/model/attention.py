@@ -47,9 +47,9 @@ def attention(
       k, v: float[batch, kv_len, kv_heads, head_dim]; kv_heads divides heads.
       mask: bool[batch, q_len, kv_len] (True = visible), or a LocalMask for self-attention.
       impl: "xla" (the reference path: float32 softmax, written here), "cudnn" (the fused cuDNN
-        kernel through ``jax.nn.dot_product_attention``; GPU, bf16/fp16 only) or "auto"
-        (``jax.nn.dot_product_attention`` choosing cuDNN where it applies, else XLA). A TPU
-        Pallas/splash kernel slots in here as another ``impl``.
+        kernel through ``jax.nn.dot_product_attention``, the mask as a bias; GPU, bf16/fp16 only)
+        or "auto" (:func:`resolve_impl` decides). A TPU Pallas/splash kernel slots in here as
+        another ``impl``.
 
     Returns:
       float[batch, q_len, heads, head_dim] in q's dtype; rows with no visible key are 0.
@@ -61,7 +61,7 @@ def attention(
     b, t, h, d = q.shape
     kv = k.shape[2]
     has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [b, t, 1, 1]
-    if impl == "xla":
+    if resolve_impl(impl, q) == "xla":
         g = h // kv
         qg = q.reshape(b, t, kv, g, d)
         logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -70,14 +70,49 @@ def attention(
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
     else:
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask[:, None],
-            implementation="cudnn" if impl == "cudnn" else None,
-        )
+        out = _cudnn(q, k, v, mask)
     return jnp.where(has_key, out, 0).astype(q.dtype)
+
+
+# "auto" runs the fused kernel only for at least this many queries: the decode steps of the sampler
+# (1 to ~17 queries) stay on the XLA path, whose small matmuls cost less than a fused launch.
+AUTO_MIN_QUERIES = 64
+
+
+def resolve_impl(impl: str, q: jax.Array) -> str:
+    """The one place that decides which kernel an attention call runs: "xla" or "cudnn".
+
+    "auto" picks cuDNN's fused flash attention on a GPU for bf16/fp16 queries with a head dim it
+    supports (a multiple of 8, at most 256) and at least :data:`AUTO_MIN_QUERIES` queries, and the
+    XLA reference path everywhere else (CPU, TPU, float32, decoding).
+    """
+    if impl not in ("xla", "cudnn", "auto"):
+        raise ValueError(f"attention impl {impl!r} is not one of ('xla', 'cudnn', 'auto')")
+    if impl != "auto":
+        return impl
+    d = q.shape[-1]
+    fused = (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and d % 8 == 0
+        and d <= 256
+        and q.shape[1] >= AUTO_MIN_QUERIES
+    )
+    return "cudnn" if fused else "xla"
+
+
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """cuDNN flash attention with the mask as an additive bias; odd lengths padded to even (the
+    kernel's backward with a bias needs even query and key lengths)."""
+    t, s = q.shape[1], k.shape[1]
+    pt, ps = t % 2, s % 2
+    if pt or ps:
+        q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
+        mask = jnp.pad(mask, ((0, 0), (0, pt), (0, ps)))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    return out[:, :t]
 
 
 def _blocks(x: jax.Array, nb: int, w: int, fill) -> jax.Array:

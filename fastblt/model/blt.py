@@ -107,7 +107,9 @@ class LocalEncoder(nn.Module):
 
     def _pool(self, h: jax.Array, patch_ids: jax.Array, num_patches: int) -> jax.Array:
         b, _, d = h.shape
-        pe = self.patch_embedding_projection(patch_max_pool(h, patch_ids, num_patches))
+        with jax.named_scope("pool"):
+            pooled = patch_max_pool(h, patch_ids, num_patches)
+        pe = self.patch_embedding_projection(pooled)
         return pe.reshape(b, num_patches * self.config.cross_attn_k, d)
 
     def __call__(

@@ -366,11 +366,14 @@ def _decode(
         if i == 0 or m.decoder.cross_attn_all_layers:
             cross = dec.cross_attn_layers[i]
             h = h + cross.gathered(h, slots, read)
-            hb = hb + cross.gathered(hb, slots, read_b)
+            with jax.named_scope("blt_d_blocks"):  # fastblt.profiling's component of the block rows
+                hb = hb + cross.gathered(hb, slots, read_b)
         params = layer.variables["params"]
-        k_ctx, v_ctx = _clean_kv(m, params, h, pos)
+        with jax.named_scope("blt_d_blocks"):
+            k_ctx, v_ctx = _clean_kv(m, params, h, pos)
         h = constrain(layer(h, pos, mask), _BYTES)
-        hb = constrain(rows(params, hb, pos_b, k_ctx, v_ctx, blocks), _BYTES)
+        with jax.named_scope("blt_d_blocks"):
+            hb = constrain(rows(params, hb, pos_b, k_ctx, v_ctx, blocks), _BYTES)
 
     clean = constrain(dec.output(dec.norm(h)).astype(jnp.float32), ("batch", "bytes", "vocab"))
     block = dec.output(dec.norm(hb)).astype(jnp.float32)

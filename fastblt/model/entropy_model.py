@@ -18,7 +18,7 @@ class EntropyModel(nn.Module):
 
     config: EntropyModelConfig
     init_std_factor: str = "current_depth"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # the fused kernel on GPUs in bf16 (fastblt.model.attention.resolve_impl)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:

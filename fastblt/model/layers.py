@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
 from fastblt.model.attention import LocalMask, attention, gathered_attention, segment_attention
+from fastblt.model.lookup import take_rows, take_rows_batched
 
 Dtype = jnp.dtype
 
@@ -46,8 +47,19 @@ def dense(features: int, names: tuple[str, str], std: float, dtype: Dtype, name:
     )
 
 
+class Embed(nn.Embed):
+    """``nn.Embed`` (same parameter) whose lookup has a collision-free gradient
+    (fastblt/model/lookup.py): rows are gathered from the float32 table, then cast."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"embedding ids must be integers, got {inputs.dtype}")
+        rows = take_rows(self.embedding, inputs.reshape(-1).astype(jnp.int32))
+        return rows.reshape(*inputs.shape, self.features).astype(self.dtype or rows.dtype)
+
+
 def embed(num: int, features: int, names: tuple[str, str], dtype: Dtype, name: str) -> nn.Embed:
-    return nn.Embed(
+    return Embed(
         num,
         features,
         dtype=dtype,
@@ -225,6 +237,10 @@ class CrossAttention(nn.Module):
         k, v = self.kv(slots.reshape(b, p * kk, d))
         k = k.reshape(b, p, kk, self.n_heads, -1)
         v = v.reshape(b, p, kk, self.n_heads, -1)
-        take = jax.vmap(lambda a, i: a[i])
-        o = gathered_attention(self.query(x), take(k, index), take(v, index))
+        # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
+        o = gathered_attention(
+            self.query(x),
+            take_rows_batched(k, index, ids_sorted=True),
+            take_rows_batched(v, index, ids_sorted=True),
+        )
         return x + self.wo(o.reshape(*x.shape[:-1], self.dim))

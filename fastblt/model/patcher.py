@@ -265,10 +265,11 @@ def patch(
       to ``seq_len + 1`` with include_next_token, else ``seq_len``.
     """
     tokens = jnp.asarray(tokens)
-    starts = patch_start_mask(tokens, entropies, config, include_next_token, seq_lens)
-    batch, n = tokens.shape
-    lens = jnp.full((batch,), n, jnp.int32) if seq_lens is None else _check_seq_lens(seq_lens, batch)
-    total = lens + 1 if include_next_token else lens
-    if max_patches is None:
-        max_patches = config.max_patches if config.max_patches is not None else n + 1
-    return Patching(*lengths_from_starts(starts, max_patches, total))
+    with jax.named_scope("patcher"):
+        starts = patch_start_mask(tokens, entropies, config, include_next_token, seq_lens)
+        batch, n = tokens.shape
+        lens = jnp.full((batch,), n, jnp.int32) if seq_lens is None else _check_seq_lens(seq_lens, batch)
+        total = lens + 1 if include_next_token else lens
+        if max_patches is None:
+            max_patches = config.max_patches if config.max_patches is not None else n + 1
+        return Patching(*lengths_from_starts(starts, max_patches, total))

@@ -1,0 +1,186 @@
+"""Where a jitted step spends its time: a ``jax.profiler`` trace reduced to a table per component.
+
+A trace names each device kernel by its HLO instruction (``args.hlo_op``); the compiled module's
+text gives every instruction its ``op_name``, the JAX name stack (``jit(_train_step)/transpose(jvp(
+BLT))/local_decoder/layers_0/...``), which carries the Flax module path and our named scopes
+(``patcher``, ``loss``, ``optimizer``). Rules map op names to components; the first match wins.
+
+    table = profile_components(step_fn, args, rules=TRAIN_RULES, steps=3)
+    print(format_table(table))
+
+On GPU, XLA replays most kernels through CUDA graphs (command buffers), whose kernels carry no
+``hlo_op``: :func:`profile_components` is meant to run with
+``--xla_gpu_enable_command_buffer=`` in ``XLA_FLAGS`` (experiments/benchmarks/train_speed.py sets
+it for the profiled row only), so its times are those of plain launches.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+# (component, substring of the op name). Order matters: the first substring found wins.
+TRAIN_RULES: tuple[tuple[str, str], ...] = (
+    ("optimizer", "/optimizer"),
+    ("entropy model", "EntropyModel"),
+    ("entropy model", "entropy_model"),
+    ("patcher", "/patcher"),
+    ("loss", "/loss"),
+    ("hash embeddings", "/hash_embed"),
+    ("encoder cross-attention", "local_encoder/cross_attn"),
+    ("encoder pooling", "local_encoder/pool"),
+    ("encoder", "local_encoder"),
+    ("global model", "global_transformer"),
+    ("decoder block rows (BLT-D)", "/blt_d_blocks"),
+    ("decoder cross-attention", "local_decoder/cross_attn"),
+    ("decoder", "local_decoder"),
+)
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> op name, from a compiled module's text (``compiled.as_text()``).
+
+    An instruction without metadata (a fusion, usually) takes the op name of its called
+    computation's root.
+    """
+    names: dict[str, str] = {}
+    calls: dict[str, str] = {}
+    roots: dict[str, str] = {}
+    computation = None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and "=" not in line.split("{")[0]:
+            computation = head.group(1)
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        op = _OP_NAME.search(line)
+        if op:
+            names[name] = op.group(1)
+            if line.lstrip().startswith("ROOT") and computation is not None:
+                roots[computation] = op.group(1)
+        c = _CALLS.search(line)
+        if c:
+            calls[name] = c.group(1)
+    for name, comp in calls.items():
+        if name not in names and comp in roots:
+            names[name] = roots[comp]
+    return names
+
+
+def classify(op_name: str, rules: Sequence[tuple[str, str]]) -> str:
+    for component, needle in rules:
+        if needle in op_name:
+            return component
+    return "other"
+
+
+def kernel_times(trace_dir: str) -> dict[str, float]:
+    """Total device time (microseconds) per ``hlo_op`` over every trace file under ``trace_dir``.
+
+    Only events that name an HLO op and run on a device are counted (on CPU, the thunk events of
+    the executing thread).
+    """
+    totals: dict[str, float] = collections.defaultdict(float)
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    for path in files:
+        with gzip.open(path) as f:
+            data = json.load(f)
+        events = data["traceEvents"] if isinstance(data, dict) else data
+        for e in events:
+            args = e.get("args") or {}
+            op = args.get("hlo_op")
+            if e.get("ph") == "X" and op and "dur" in e:
+                totals[op] += float(e["dur"])
+    return dict(totals)
+
+
+def profile_components(
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    rules: Sequence[tuple[str, str]] = TRAIN_RULES,
+    steps: int = 3,
+    trace_dir: str | None = None,
+    carry: Callable[[Any, Sequence[Any]], Sequence[Any]] | None = None,
+) -> dict[str, Any]:
+    """Traces ``steps`` calls of the jitted ``fn(*args)`` and sums device time per component.
+
+    Args:
+      fn: a ``jax.jit``-ed function (compiled here) or a ``Compiled`` one.
+      args: its arguments; ``carry(out, args) -> args`` gives the next call's (a train step feeds
+        its new state back; donated buffers cannot be reused).
+      rules: (component, op-name substring) pairs, see :data:`TRAIN_RULES`.
+
+    Returns: ``{"ms_per_step": {component: ms}, "fwd_bwd": {component: (fwd_ms, bwd_ms)},
+    "top_ops": [(ms, hlo_op, op_name)], "kernels_per_step": n, "total_ms": t}``.
+    """
+    compiled = fn.lower(*args).compile() if hasattr(fn, "lower") else fn
+    names = op_names(compiled.as_text())
+    fn = compiled
+    out = fn(*args)  # warm: the trace holds steady-state steps only
+    jax.block_until_ready(out)
+    if carry is not None:
+        args = carry(out, args)
+    own = trace_dir is None
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="fastblt-trace-")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            out = fn(*args)
+            jax.block_until_ready(out)
+            if carry is not None:
+                args = carry(out, args)
+    times = kernel_times(trace_dir)
+    per: dict[str, float] = collections.defaultdict(float)
+    split: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    top = []
+    kernels = 0
+    for op, us in times.items():
+        name = names.get(op, names.get(op.replace("_", "."), ""))
+        component = classify(name, rules)
+        ms = us / 1e3 / steps
+        per[component] += ms
+        split[component][1 if "transpose(" in name else 0] += ms
+        top.append((ms, op, name))
+        kernels += 1
+    top.sort(reverse=True)
+    if own:
+        import shutil
+
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    return {
+        "ms_per_step": dict(sorted(per.items(), key=lambda kv: -kv[1])),
+        "fwd_bwd": {k: tuple(v) for k, v in split.items()},
+        "top_ops": top[:25],
+        "distinct_ops": kernels,
+        "total_ms": sum(per.values()),
+    }
+
+
+def format_table(profile: dict[str, Any], title: str = "") -> str:
+    """Markdown table of a :func:`profile_components` result (ms per step, share, fwd / bwd)."""
+    total = profile["total_ms"] or 1.0
+    lines = [f"### {title}" if title else "", "", "| component | ms/step | share | fwd ms | bwd ms |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for comp, ms in profile["ms_per_step"].items():
+        fwd, bwd = profile["fwd_bwd"].get(comp, (0.0, 0.0))
+        lines.append(f"| {comp} | {ms:.2f} | {100 * ms / total:.1f}% | {fwd:.2f} | {bwd:.2f} |")
+    lines.append(f"| **total (device kernels)** | **{profile['total_ms']:.2f}** | | | |")
+    return "\n".join(lines)
