@@ -157,6 +157,10 @@ def check_config(meta: Mapping[str, Any], config: Any, step: int | None = None) 
 # --------------------------------------------------------------------------- preemption
 
 _SIGNALLED = threading.Event()  # this process received a signal
+
+# Exit status of `fastblt train` after a preemption save (EX_TEMPFAIL): the run is unfinished and
+# resumes from the checkpoint it just wrote. Launchers read it as "requeue", not as a failure.
+PREEMPTED_EXIT = 75
 _AGREED = threading.Event()  # all processes agreed to stop (latched at the same call everywhere)
 _OLD_HANDLERS: dict[int, Any] = {}
 

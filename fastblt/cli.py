@@ -188,9 +188,12 @@ def _run_train(args: argparse.Namespace) -> None:
     from fastblt import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from fastblt.checkpoint import PREEMPTED_EXIT
     from fastblt.train import run
 
-    run(config, str(Path(args.workdir).expanduser()))
+    result = run(config, str(Path(args.workdir).expanduser()))
+    if "preempted_at_step" in result:
+        raise SystemExit(PREEMPTED_EXIT)  # saved and unfinished: a scheduler requeues, not fails
 
 
 @subcommand
@@ -261,8 +264,23 @@ def _sample(subparsers: argparse._SubParsersAction) -> None:
         help="ar (cached autoregressive), blt_s (self-speculation), blt_d (diffusion blocks; a BLT-D "
         "checkpoint) or blt_dv (diffusion draft + verification; a BLT-D checkpoint)",
     )
-    parser.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    prompts = parser.add_argument_group("prompts (at least one; --prompt and --prompt-file may be mixed)")
+    prompts.add_argument("--prompt", action="append", default=[], help="a UTF-8 prompt; repeat for a batch")
+    prompts.add_argument(
+        "--prompt-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a prompt read as raw bytes (any bytes, not only UTF-8); '-' reads standard input; repeatable",
+    )
     parser.add_argument("--max-bytes", type=int, default=256, help="bytes to generate per prompt")
+    parser.add_argument(
+        "--buffer-bytes",
+        type=int,
+        default=None,
+        help="byte buffer per row, prompt + generation (default: the longest prompt plus --max-bytes, "
+        "at most the model's max_bytes)",
+    )
     parser.add_argument("--draft", type=int, default=8, help="blt_s: bytes drafted per verification")
     parser.add_argument(
         "--block-size",
@@ -290,15 +308,17 @@ def _run_sample(args: argparse.Namespace) -> None:
 
     if args.method not in METHODS:
         raise UsageError(f"--method {args.method!r} is not available; choose one of {', '.join(METHODS)}")
+    prompts = _read_prompts(args)
     config, params = load_model(args.checkpoint)
     block_size = args.block_size or trained_block_size(args.checkpoint) or 4
     try:
         result = generate(
             params,
             config,
-            list(args.prompt),
+            prompts,
             method=args.method,
             max_bytes=args.max_bytes,
+            buffer_bytes=args.buffer_bytes,
             draft=args.draft,
             block_size=block_size,
             alpha=args.alpha,
@@ -309,24 +329,39 @@ def _run_sample(args: argparse.Namespace) -> None:
             seed=args.seed,
         )
     except ValueError as e:
-        raise UsageError(str(e)) from None
-    texts = [t.decode("utf-8", errors="replace") for t in result.texts]
+        raise UsageError(str(e).replace("raise buffer_bytes", "raise --buffer-bytes")) from None
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "method": result.method,
-                    "prompts": list(args.prompt),
-                    "texts": texts,
-                    "bytes_per_second": result.bytes_per_second,
-                    "seconds": result.seconds,
-                    "counters": result.counters.summary(),
-                }
-            )
-        )
+        decode = lambda b: b.decode("utf-8", errors="replace")  # noqa: E731
+        record = {
+            "method": result.method,
+            "prompts": [decode(p) for p in prompts],
+            "texts": [decode(t) for t in result.texts],
+            "bytes_per_second": result.bytes_per_second,
+            "seconds": result.seconds,
+            "counters": result.counters.summary(),
+        }
+        print(json.dumps(record, allow_nan=False))  # strict JSON: undefined values are null
     else:
-        for prompt, text in zip(args.prompt, texts, strict=True):
-            print(prompt + text)
+        out = sys.stdout.buffer
+        for prompt, text in zip(prompts, result.texts, strict=True):
+            out.write(prompt + text + b"\n")  # raw bytes: a non-UTF-8 prompt comes back as it was
+        out.flush()
+
+
+def _read_prompts(args: argparse.Namespace) -> list[bytes]:
+    """The prompts of --prompt (UTF-8) and --prompt-file (raw bytes; '-' is standard input)."""
+    prompts = [p.encode("utf-8", errors="surrogateescape") for p in args.prompt]
+    for path in args.prompt_file:
+        if path == "-":
+            prompts.append(sys.stdin.buffer.read())
+            continue
+        try:
+            prompts.append(Path(path).expanduser().read_bytes())
+        except OSError as e:
+            raise UsageError(f"--prompt-file {path}: {e.strerror or e}") from None
+    if not prompts:
+        raise UsageError("no prompt: pass --prompt TEXT or --prompt-file PATH (- for standard input)")
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -135,6 +135,13 @@ def _parse_value(raw: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         pass
+    closers = {"[": "]", "(": ")", "{": "}", "'": "'", '"': '"'}
+    if text[:1] in closers and not text.endswith(closers[text[0]]):
+        # A list, tuple, dict or quoted string cut short (shell quoting, a missing bracket).
+        raise ConfigError(
+            f"value {text!r} opens a Python literal but does not parse; quote the whole override for "
+            f'the shell, e.g. --set \'data.paths=["a.txt", "b.txt"]\''
+        )
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -260,6 +267,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             objective_config(config)
     if "entropy_model" in config:
         entropy_model_config(config)
+    _validate_training(config)
     if "model" in config and "data" in config and "seq_len" in config.data:
         seq_len, max_bytes = config.data.seq_len, config.model.max_bytes
         if seq_len > max_bytes:
@@ -267,6 +275,51 @@ def _validate(config: ml_collections.ConfigDict) -> None:
                 f"data.seq_len: {seq_len} bytes exceed model.max_bytes ({max_bytes}); "
                 f"lower data.seq_len or raise model.max_bytes"
             )
+
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+    """Values of the training sections that cannot work (checked at load, so `fastblt config` shows them)."""
+
+    def get(section: str, key: str) -> Any:
+        return config[section][key] if section in config and key in config[section] else None
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    lr = get("optimizer", "lr")
+    if lr is not None:
+        need(lr > 0, "optimizer.lr", f"must be > 0 (a negative rate ascends the loss), got {lr}")
+    for section, key in (
+        ("train", "steps"),
+        ("train", "log_every"),
+        ("train", "eval_every"),
+        ("train", "grad_accum"),
+        ("checkpoint", "save_every"),
+        ("checkpoint", "keep"),
+        ("data", "batch_size"),
+    ):
+        value = get(section, key)
+        if value is not None:
+            need(value >= 1, f"{section}.{key}", f"must be >= 1, got {value}")
+    warmup = get("optimizer", "warmup_steps")
+    if warmup is not None:
+        need(warmup >= 0, "optimizer.warmup_steps", f"must be >= 0, got {warmup}")
+    batch, accum = get("data", "batch_size"), get("train", "grad_accum")
+    if batch is not None and accum is not None:
+        need(
+            batch % accum == 0,
+            "train.grad_accum",
+            f"{accum} micro-batches do not divide data.batch_size={batch}",
+        )
+    entropy_ckpt = get("entropy_stage", "checkpoint")
+    if entropy_ckpt and "://" not in str(entropy_ckpt):
+        need(
+            Path(entropy_ckpt).expanduser().is_dir(),
+            "entropy_stage.checkpoint",
+            f"{entropy_ckpt} is not a directory: name a trained entropy model's workdir, or leave it empty "
+            "to train one in stage 1",
+        )
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

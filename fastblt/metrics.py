@@ -289,6 +289,23 @@ def _record(data: bytes) -> bytes:
     return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites a metrics.jsonl without its rows of steps > ``step`` (and any torn last line)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+            if int(row.get("step", 0)) <= step:
+                kept.append(json.dumps(row) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricWriter:
     """Writes scalars to a TensorBoard event file (and ``metrics.jsonl``) in ``logdir``.
 
@@ -313,7 +330,10 @@ class MetricWriter:
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.path.join(self.logdir, name)
         self._events = open(self.path, "ab")  # closed in close()
-        self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a")
+        jsonl = os.path.join(self.logdir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(jsonl):
+            _drop_rows_after(jsonl, resume_step)
+        self._jsonl = open(jsonl, "a")
         self._events.write(_record(_event(time.time(), file_version="brain.Event:2")))
         self._events.flush()
 

@@ -205,7 +205,8 @@ def train(
     """Trains one task from ``cfg`` in ``workdir`` (resuming from its latest checkpoint).
 
     ``on_step(step, metrics)`` is called after every logged step (metrics as floats).
-    Returns the last logged and evaluated metrics.
+    Returns the last logged and evaluated metrics; after a preemption save they hold
+    ``preempted_at_step`` (the run is unfinished).
     """
     # ---------------------------------------------------------------- setup
     mesh = sharding.make_mesh(cfg.get("mesh", {}))
@@ -241,16 +242,22 @@ def train(
     start = int(state.step)
 
     # ---------------------------------------------------------------- loop
-    writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=chief)
+    writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=chief, resume_step=start)
     progress = ProgressBar(trainer.steps)
     log_every = int(cfg.train.log_every)
     eval_every = int(cfg.train.eval_every)
     bytes_per_step = int(cfg.data.batch_size) * trainer.seq_len
     last: dict[str, float] = {}
     t0, t_step = time.time(), start
+    in_flight = None
     for step in range(start, trainer.steps):
         batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
         state, metrics = trainer.train_step(state, trainer.frozen, batch)
+        # At most two steps in flight: the device stays busy, and a SIGTERM's save starts after the
+        # step that was running, not after every step the host had queued ahead.
+        if in_flight is not None:
+            jax.block_until_ready(in_flight)
+        in_flight = metrics["loss"]
         done = step + 1
         if done % log_every == 0 or done == trainer.steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -296,7 +303,10 @@ def train(
         preempted = ckpt_lib.preemption_requested(done)
         ckpt.save(done, payload, data_iter, meta, force=preempted or done == trainer.steps)
         if preempted:
-            log(f"preemption signal: saved step {done}, exiting")
+            log(
+                f"preemption signal: saved step {done}, exiting (unfinished: status {ckpt_lib.PREEMPTED_EXIT})"
+            )
+            last["preempted_at_step"] = float(done)
             break
     ckpt.wait()
     ckpt.close()
@@ -378,7 +388,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, fl
     stage_cfg = entropy_stage_config(cfg)
     if not stage.checkpoint:
         log(f"== stage 1: entropy model -> {entropy_dir}")
-        train(stage_cfg, entropy_dir, log=log)
+        first = train(stage_cfg, entropy_dir, log=log)
+        if "preempted_at_step" in first:  # stage 2 needs the finished entropy model
+            return first
     entropy_params, _ = load_trained_params(stage_cfg, entropy_dir)
     if stage.get("target_patch_len"):
         rows = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())

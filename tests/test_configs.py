@@ -345,3 +345,26 @@ def test_cli_accepts_ml_collections_style_overrides(capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "lr: 0.002" in out and "n_heads: 2" in out
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optimizer.lr=-1e-3", "optimizer.lr"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("train.steps=-5", "train.steps"),
+        ("train.log_every=0", "train.log_every"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+        ("train.grad_accum=3", "train.grad_accum"),  # 8 rows do not split into 3 micro-batches
+        ("entropy_stage.checkpoint=/nonexistent/entropy", "entropy_stage.checkpoint"),
+    ],
+)
+def test_training_values_that_cannot_work_fail_at_load(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("raw", ["[1,2", "(3, 4", "'abc", '{"a": 1'])
+def test_broken_literal_override_is_an_error(raw):
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_config("tiny", [f"data.paths={raw}"])

@@ -349,3 +349,17 @@ def test_format_duration():
         "2d03h",
     ]
 
+
+def test_resumed_writer_keeps_each_step_once(tmp_path):
+    """A run killed after logging steps 1-7 but checkpointing step 4 replays 5-7 when resumed."""
+    with MetricWriter(tmp_path) as w:
+        for step in range(1, 8):
+            w.write_scalars(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')  # a line cut by the kill
+    with MetricWriter(tmp_path, resume_step=4) as w:
+        for step in range(5, 8):
+            w.write_scalars(step, {"loss": 10.0 + step})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["loss"] for r in rows[4:]] == [15.0, 16.0, 17.0]

@@ -143,12 +143,19 @@ def missing_workers(exits: dict[str, tuple[str, int]], n_workers: int) -> list[i
     return [i for i in range(n_workers) if str(i) not in exits]
 
 
+# `fastblt train`'s status after a preemption save (fastblt.checkpoint.PREEMPTED_EXIT, kept here
+# as a literal so that launchers do not import JAX): stopped cleanly, unfinished, not a failure.
+PREEMPTED_EXIT = 75
+STOPPED_CLEANLY = (0, PREEMPTED_EXIT)
+
+
 def worker_report(exits: dict[str, tuple[str, int]], n_workers: int) -> list[str]:
-    """One line per worker that failed or never reported; empty when all exited 0."""
+    """One line per worker that failed or never reported; empty when all exited 0 or were
+    preempted after saving (status 75)."""
     lines = [
         f"worker {w} ({host or 'unknown host'}) exited with status {rc}"
         for w, (host, rc) in sorted(exits.items(), key=lambda kv: (not kv[0].isdigit(), kv[0].zfill(8)))
-        if rc != 0
+        if rc not in STOPPED_CLEANLY
     ]
     lines += [
         f"worker {w} reported no exit status (its VM was preempted or lost, or the connection dropped)"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fastblt.launch.accelerators import TpuSlice
 from fastblt.launch.common import (
+    STOPPED_CLEANLY,
     LaunchError,
     Runner,
     TrainJob,
@@ -253,12 +254,12 @@ def launch_tpu(job: TrainJob, opts: TpuOptions, runner: Runner, root: Path) -> N
             )
             return
         problems = worker_report(exits, hosts)
-        if not problems and rc == 0:
+        if not problems and rc in STOPPED_CLEANLY:
             done, _ = runner.query(ssh(opts, "0", status_script(job, root)))
             if done == 0:
                 runner.note(f"finished: {job.workdir}")
                 return
-            runner.note("every worker exited 0 before the last step (stopped on SIGTERM): resuming")
+            runner.note("every worker stopped cleanly before the last step (saved on SIGTERM): resuming")
             continue
         if _slice_alive(opts, runner) and problems:
             raise LaunchError(

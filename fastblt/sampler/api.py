@@ -187,6 +187,11 @@ def generate(
             "lower buffer_bytes/max_bytes or raise model.max_bytes"
         )
     for i, x in enumerate(ids):
+        if len(x) >= config.max_bytes:
+            raise ValueError(
+                f"prompts[{i}] is {len(x)} ids long (BOS included); the model takes at most "
+                f"model.max_bytes={config.max_bytes} bytes of prompt and generation: shorten the prompt"
+            )
         if len(x) >= buffer_bytes:
             raise ValueError(
                 f"prompts[{i}] is {len(x)} ids long (BOS included), which leaves no room in "

@@ -114,14 +114,15 @@ class GenerationCounters:
         n_eg = self.paper_eg_passes if paper_accounting else self.eg_passes
         return bandwidth_bytes(self.decoder_passes, n_eg, self.params, bytes_per_param)
 
-    def summary(self) -> dict[str, float]:
-        """Means over rows (the paper reports means over sequences)."""
+    def summary(self) -> dict[str, float | None]:
+        """Means over rows (the paper reports means over sequences); JSON-safe: the acceptance rate
+        of a method that drafts nothing is None, not NaN."""
         return {
             "generated": float(self.generated.mean()),
             "decoder_passes": float(self.decoder_passes.mean()),
             "eg_passes": float(self.eg_passes.mean()),
             "paper_eg_passes": float(self.paper_eg_passes.mean()),
             "entropy_passes": float(self.entropy_passes.mean()),
-            "acceptance_rate": self.acceptance_rate,
+            "acceptance_rate": None if int(self.drafted.sum()) == 0 else self.acceptance_rate,
             "bandwidth_gb": float(self.bandwidth_bytes().mean()) / 1e9,
         }

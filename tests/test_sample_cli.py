@@ -1,0 +1,81 @@
+"""`fastblt sample` input and output: strict JSON, raw-byte prompt files, --buffer-bytes, and errors
+that name a flag the user can change."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fastblt import cli
+from fastblt.configs import load_config, model_config
+from fastblt.export import abstract_params, save_export
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """An export of a random static-patching tiny BLT (no entropy model: nothing to train)."""
+    config = model_config(load_config("tiny:patching=static"))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: 0.05 * rng.standard_normal(s.shape).astype(s.dtype), abstract_params(config)
+    )
+    return str(save_export(tmp_path_factory.mktemp("sample") / "export", config, params))
+
+
+class _Stdout(io.StringIO):
+    """A text stdout with a binary .buffer, as sys.stdout has."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffer = io.BytesIO()
+
+
+def _run(monkeypatch, argv, stdin: bytes = b""):
+    out = _Stdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stdin", type("In", (), {"buffer": io.BytesIO(stdin)})())
+    code = cli.main(argv)
+    return code, out.getvalue(), out.buffer.getvalue()
+
+
+def test_json_is_strict_without_drafts(monkeypatch, export_dir):
+    code, text, _ = _run(
+        monkeypatch, ["sample", "--checkpoint", export_dir, "--prompt", "ab", "--max-bytes", "4", "--json"]
+    )
+    assert code == 0
+    assert "NaN" not in text
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert record["counters"]["acceptance_rate"] is None  # ar drafts nothing
+
+
+def test_prompt_file_takes_raw_bytes_and_stdin(monkeypatch, export_dir, tmp_path):
+    raw = b"\xff\xfe\x00caf\xc3"  # not UTF-8
+    path = tmp_path / "prompt.bin"
+    path.write_bytes(raw)
+    argv = ["sample", "--checkpoint", export_dir, "--max-bytes", "3"]
+    code, _, out = _run(monkeypatch, [*argv, "--prompt-file", str(path), "--prompt-file", "-"], stdin=b"xyz")
+    assert code == 0
+    lines = out.split(b"\n")
+    assert lines[0].startswith(raw)  # the prompt comes back byte for byte, then the generation
+    assert out.count(b"\n") == 2 and b"xyz" in out
+
+
+def test_errors_name_flags_that_exist(monkeypatch, export_dir, tmp_path, capsys):
+    base = ["sample", "--checkpoint", export_dir]
+    with pytest.raises(SystemExit) as e:
+        cli.main(base)
+    assert e.value.code == 2 and "--prompt-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--prompt", "x" * 100, "--buffer-bytes", "64"])
+    assert "--buffer-bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--prompt", "x" * 2000])  # longer than the tiny model's max_bytes (1024)
+    assert "model.max_bytes=1024" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--prompt-file", str(tmp_path / "missing.txt")])
+    assert "--prompt-file" in capsys.readouterr().err
