@@ -42,6 +42,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from fastblt.errors import (  # noqa: F401  (re-exported: callers import them from here)
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigMismatchError,
+    CorruptCheckpointError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +77,6 @@ RUNTIME_KEYS = frozenset(
         "max_global_patches",
     }
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or restored; the message names the step and the remedy."""
-
-
-class CheckpointMismatchError(CheckpointError, ValueError):
-    """The stored tree differs from the abstract state (missing/extra leaves or other shapes)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint's files are missing or unreadable."""
-
-
-class ConfigMismatchError(CheckpointError, ValueError):
-    """The checkpoint was written with another model config."""
 
 
 # --------------------------------------------------------------------------- model-config meta
@@ -428,10 +420,9 @@ class Checkpointer:
     def _corrupt(self, step: int, e: BaseException) -> CorruptCheckpointError:
         others = [s for s in self.steps() if s != step]
         hint = (
-            f"restore another step with --checkpoint.step=N (saved steps: {others}) or delete "
-            f"{self.step_dir(step)} to resume from the previous one"
+            f"`fastblt train` moves it aside and resumes from the newest readable step (saved steps: {others})"
             if others
-            else f"delete {self.step_dir(step)} to start afresh"
+            else f"move {self.step_dir(step)} away to start afresh"
         )
         msg = (str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0][:300]
         return CorruptCheckpointError(
@@ -490,6 +481,16 @@ class Checkpointer:
         has_meta = (step_dir / META).is_dir()
         if has_meta:
             items[META] = ocp.args.JsonRestore()
+            if model_config is not None:
+                # The stored config first: a changed key is named as such, not as the dozens of
+                # parameter paths it moves.
+                try:
+                    meta = self._manager.restore(
+                        step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+                    )
+                except Exception as e:
+                    raise self._corrupt(step, e) from e
+                check_config(dict(meta[META] or {}), model_config, step)
         if data_iter is not None:
             self._check_data_item(step, step_dir / DATA)
             items[DATA] = _grain_args("CheckpointRestore", data_iter)
@@ -501,6 +502,41 @@ class Checkpointer:
         if model_config is not None:
             check_config(meta, model_config, step)
         return restored[STATE], meta
+
+    def restore_newest_good(
+        self, abstract_state: Any, data_iter: Any = None, model_config: Any = None, log_fn: Any = None
+    ) -> tuple[int, Any, dict[str, Any]]:
+        """Restores the newest step that can be read: ``(step, state, meta)``.
+
+        A step that cannot be read (:class:`CorruptCheckpointError`: truncated files, missing or
+        broken metadata, an interrupted save) is reported through ``log_fn`` (default: the logger's
+        warning), moved aside to ``checkpoints/<step>.corrupt-<UTC time>`` (never deleted) and the
+        next older step is tried. A mismatched config or state is not corruption and is raised as
+        it is. Raises CorruptCheckpointError when no step restores.
+        """
+        warn = log_fn or log.warning
+        tried: list[str] = []
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, abstract_state, data_iter, model_config)
+            except CorruptCheckpointError as e:
+                aside = self._move_aside(step)
+                warn(f"WARNING: checkpoint step {step} cannot be restored ({e}); moved it to {aside}")
+                tried.append(f"{step} -> {aside}")
+                continue
+            return step, state, meta
+        raise CorruptCheckpointError(
+            f"no checkpoint in {self.directory} restores (moved aside: {'; '.join(tried) or 'none'}); "
+            "train in a fresh workdir or restore one of the moved steps by hand"
+        )
+
+    def _move_aside(self, step: int) -> epath.Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.directory / f"{step}.corrupt-{stamp}"
+        if jax.process_index() == 0:
+            self.step_dir(step).rename(aside)
+        self._manager.reload()  # the manager forgets the moved step
+        return aside
 
     def _check_data_item(self, step: int, data_dir: epath.Path) -> None:
         if not data_dir.is_dir():

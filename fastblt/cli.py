@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from fastblt import __version__
 from fastblt.config import DTYPES, ConfigError
+from fastblt.errors import CheckpointError
 
 if TYPE_CHECKING:
     import ml_collections
@@ -32,8 +33,16 @@ Register = Callable[[argparse._SubParsersAction], None]
 _COMMANDS: list[Register] = []
 
 # Exceptions that mean "the input is wrong", reported in one line without a traceback. ConfigError
-# covers fastblt.export.ExportError, which subclasses it.
-_USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError)
+# covers fastblt.export.ExportError, which subclasses it; CheckpointError a workdir whose
+# checkpoints do not fit the config or cannot be read.
+_USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    FloatingPointError,  # fastblt.train.NonFiniteLossError: the run diverged; the message says where
+)
 
 
 class UsageError(Exception):

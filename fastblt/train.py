@@ -37,6 +37,7 @@ from fastblt.metrics import (
 )
 from fastblt.optim import learning_rate_schedule, make_optimizer
 from fastblt.tasks import BLTDTask, BLTTask, EntropyTask, frozen_template
+from fastblt.workdir_lock import workdir_lock
 
 
 @flax.struct.dataclass
@@ -177,6 +178,28 @@ class Trainer:
         return out
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A train step's loss or gradient norm is not finite; the message names the last good checkpoint."""
+
+
+def _check_finite(step: int, loss: jax.Array, grad_norm: jax.Array, ckpt: Checkpointer) -> None:
+    """Stops the run at a step whose loss or gradient norm is NaN or infinite (waits for the step)."""
+    loss_v, norm_v = float(loss), float(grad_norm)
+    if np.isfinite(loss_v) and np.isfinite(norm_v):
+        return
+    ckpt.wait()  # a good step still being written is committed first
+    good = ckpt.latest_step()
+    raise NonFiniteLossError(
+        f"step {step}: loss {loss_v}, gradient norm {norm_v}; stopped without saving it. "
+        + (
+            f"The last good checkpoint is step {good} in {ckpt.directory}: resume from it with a lower "
+            "optimizer.lr or a smaller optimizer.grad_clip"
+            if good is not None
+            else "No checkpoint was written yet: lower optimizer.lr or check the data"
+        )
+    )
+
+
 def _peak_memory_gb() -> float | None:
     """Peak device memory of the first local device, GB (None where the backend keeps no stats)."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -196,6 +219,19 @@ def _flops_per_byte(task, seq_len: int, avg_patch_len: float) -> float:
 
 
 def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    frozen: Any = None,
+    log=print,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict[str, float]:
+    """:func:`_train` holding the workdir's trainer lock (fastblt/workdir_lock.py): a second
+    trainer on the same workdir is refused, naming the first one's host and pid."""
+    with workdir_lock(workdir, log, jax.process_index()):
+        return _train(cfg, workdir, frozen, log, on_step)
+
+
+def _train(
     cfg: ml_collections.ConfigDict,
     workdir: str,
     frozen: Any = None,
@@ -234,7 +270,7 @@ def train(
     # ---------------------------------------------------------------- state
     saved = trainer.checkpoint_template()
     if ckpt.latest_step() is not None:
-        restored, _ = ckpt.restore(None, saved, data_iter, model_config=as_dict(model_config))
+        _, restored, _ = ckpt.restore_newest_good(saved, data_iter, as_dict(model_config), log_fn=log)
         state = restored["train"]
         log(f"resumed {task.name} from step {int(state.step)} in {workdir}")
     else:
@@ -256,8 +292,8 @@ def train(
         # At most two steps in flight: the device stays busy, and a SIGTERM's save starts after the
         # step that was running, not after every step the host had queued ahead.
         if in_flight is not None:
-            jax.block_until_ready(in_flight)
-        in_flight = metrics["loss"]
+            _check_finite(*in_flight, ckpt)
+        in_flight = (step + 1, metrics["loss"], metrics["grad_norm"])
         done = step + 1
         if done % log_every == 0 or done == trainer.steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -301,7 +337,10 @@ def train(
             t0 = time.time()
         payload = trainer.checkpoint_payload(state)
         preempted = ckpt_lib.preemption_requested(done)
-        ckpt.save(done, payload, data_iter, meta, force=preempted or done == trainer.steps)
+        force = preempted or done == trainer.steps
+        if force or done % ckpt.save_every == 0:
+            _check_finite(*in_flight, ckpt)  # never save a state a non-finite step produced
+        ckpt.save(done, payload, data_iter, meta, force=force)
         if preempted:
             log(
                 f"preemption signal: saved step {done}, exiting (unfinished: status {ckpt_lib.PREEMPTED_EXIT})"
@@ -337,7 +376,11 @@ def load_trained_params(
         raise FileNotFoundError(
             f"no checkpoint in {workdir}: train one first (fastblt train --workdir {workdir})"
         )
-    restored, _ = ckpt.restore(step, trainer.checkpoint_template(frozen_template(trainer.task)), None)
+    template = trainer.checkpoint_template(frozen_template(trainer.task))
+    if step is None:  # the newest readable step (an unreadable one is moved aside, with a warning)
+        _, restored, _ = ckpt.restore_newest_good(template, None)
+    else:
+        restored, _ = ckpt.restore(step, template, None)
     ckpt.close()
     return restored["train"].params, restored.get("frozen")
 

@@ -193,12 +193,45 @@ def test_corrupt_checkpoint_is_reported_and_others_survive(tmp_path):
         with pytest.raises(CorruptCheckpointError) as info:
             c.restore(None, abstract(state2))
         msg = str(info.value)
-        assert "step 2" in msg and "--checkpoint.step" in msg and "[1]" in msg
+        assert "step 2" in msg and "fastblt train" in msg and "[1]" in msg  # a hint that exists
         assert c.steps() == [1, 2]  # nothing deleted
         restored, _ = c.restore(1, abstract(state1))
     assert_bitwise_equal(restored, state1)
     after = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "checkpoints" / "1").rglob("*"))
     assert after == before
+
+
+def _break_state(tmp_path, step):
+    for p in (tmp_path / "checkpoints" / str(step) / "state").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.unlink()
+
+
+def test_restore_newest_good_moves_an_unreadable_step_aside(tmp_path):
+    state1, state2 = small_state(1), small_state(2)
+    with Checkpointer(tmp_path, save_every=1, keep=5, async_save=False) as c:
+        c.save(1, state1)
+        c.save(2, state2)
+    _break_state(tmp_path, 2)
+    warnings = []
+    with Checkpointer(tmp_path, save_every=1, keep=5, async_save=False) as c:
+        step, restored, _ = c.restore_newest_good(abstract(state2), log_fn=warnings.append)
+        assert step == 1 and c.steps() == [1]
+        c.save(2, state2)  # saving goes on normally, under the same step number
+        assert c.steps() == [1, 2]
+    assert_bitwise_equal(restored, state1)
+    aside = [p.name for p in (tmp_path / "checkpoints").iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].startswith("2.corrupt-")  # kept, never deleted
+    assert len(warnings) == 1 and "step 2" in warnings[0] and aside[0] in warnings[0]
+
+
+def test_restore_newest_good_fails_when_no_step_restores(tmp_path):
+    with Checkpointer(tmp_path, save_every=1, keep=5, async_save=False) as c:
+        c.save(1, small_state(1))
+    _break_state(tmp_path, 1)
+    with Checkpointer(tmp_path, save_every=1, keep=5, async_save=False) as c:
+        with pytest.raises(CorruptCheckpointError, match="no checkpoint .* restores"):
+            c.restore_newest_good(abstract(small_state(1)), log_fn=lambda _: None)
 
 
 def test_restore_errors_for_missing_steps(tmp_path):

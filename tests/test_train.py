@@ -94,6 +94,27 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert parts == full  # bitwise: same floats, same batches after the restored iterator
 
 
+def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path):
+    """The newest checkpoint loses its metadata: the run warns, moves it aside, resumes from the
+    one before and repeats the uninterrupted run's losses."""
+    cfg = small_config(steps=6)
+    full: dict[int, float] = {}
+    train(
+        cfg, str(tmp_path / "full"), log=lambda *_: None, on_step=lambda s, m: full.__setitem__(s, m["loss"])
+    )
+    workdir = tmp_path / "run"
+    train(small_config(steps=6), str(workdir), log=lambda *_: None)  # checkpoints 3 and 6
+    (workdir / "checkpoints" / "6" / "_CHECKPOINT_METADATA").unlink()
+    for p in (workdir / "checkpoints" / "6").rglob("_METADATA"):
+        p.unlink()
+    logs: list[str] = []
+    losses: dict[int, float] = {}
+    train(cfg, str(workdir), log=logs.append, on_step=lambda s, m: losses.__setitem__(s, m["loss"]))
+    assert any("step 6" in line and "corrupt-" in line for line in logs), logs
+    assert sorted(losses) == [4, 5, 6] and all(losses[s] == full[s] for s in losses)
+    assert any(p.name.startswith("6.corrupt-") for p in (workdir / "checkpoints").iterdir())
+
+
 def test_two_stage_run_trains_entropy_model_then_blt(tmp_path):
     cfg = small_config(
         "entropy_stage.steps=3", "entropy_stage.target_patch_len=4.0", steps=3, patching="entropy"
@@ -188,3 +209,28 @@ def test_blt_d_training_step_with_zero_diffusion_weight_equals_plain_blt():
     assert float(m["loss"]) > float(m["next_byte_loss"])  # the diffusion term is in the trained loss
     ev = trainer.evaluate(state.params, batches[1:])  # evaluation is the plain next-byte loss
     assert np.isfinite(ev["eval_bits_per_byte"])
+
+
+def test_resume_with_a_changed_model_names_the_changed_key(tmp_path):
+    from fastblt.checkpoint import ConfigMismatchError
+
+    train(small_config(steps=3), str(tmp_path), log=lambda *_: None)
+    changed = small_config("model.decoder.n_layers=2", steps=6)
+    with pytest.raises(ConfigMismatchError) as info:
+        train(changed, str(tmp_path), log=lambda *_: None)
+    msg = str(info.value)
+    assert "model.decoder.n_layers: checkpoint 1, current 2" in msg
+    assert "optimizer" not in msg  # no list of missing optimizer-state paths
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_saves_none(tmp_path):
+    from fastblt.train import NonFiniteLossError
+
+    cfg = small_config("optimizer.lr=1e30", "optimizer.warmup_steps=0", "checkpoint.save_every=1", steps=6)
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg, str(tmp_path), log=lambda *_: None)
+    msg = str(info.value)
+    bad = int(msg.split()[1].rstrip(":"))
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s < bad for s in saved)  # nothing at or after the non-finite step
+    assert (f"step {saved[-1]}" in msg) if saved else ("No checkpoint" in msg)
