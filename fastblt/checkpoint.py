@@ -504,39 +504,57 @@ class Checkpointer:
         return restored[STATE], meta
 
     def restore_newest_good(
-        self, abstract_state: Any, data_iter: Any = None, model_config: Any = None, log_fn: Any = None
+        self,
+        abstract_state: Any,
+        data_iter: Any = None,
+        model_config: Any = None,
+        log_fn: Any = None,
+        move_aside: bool = True,
     ) -> tuple[int, Any, dict[str, Any]]:
-        """Restores the newest step that can be read: ``(step, state, meta)``.
+        """Restores the newest step, or the one before it if the newest cannot be read.
 
-        A step that cannot be read (:class:`CorruptCheckpointError`: truncated files, missing or
-        broken metadata, an interrupted save) is reported through ``log_fn`` (default: the logger's
-        warning), moved aside to ``checkpoints/<step>.corrupt-<UTC time>`` (never deleted) and the
-        next older step is tried. A mismatched config or state is not corruption and is raised as
-        it is. Raises CorruptCheckpointError when no step restores.
+        A newest step that cannot be read (:class:`CorruptCheckpointError`: truncated files,
+        missing or broken metadata, an interrupted save) is reported through ``log_fn`` (default:
+        the logger's warning) and, with ``move_aside`` (the trainer, which holds the workdir's
+        lock), moved to ``checkpoints/<step>.corrupt-<UTC time>`` (never deleted); then the step
+        before it is restored. Only one step is skipped: when that one fails too, the cause is
+        likely not the files (a changed data config, a full device, a flaky filesystem) and the
+        error is raised with nothing else moved. A mismatched config or state is not corruption
+        and is raised as it is.
         """
         warn = log_fn or log.warning
-        tried: list[str] = []
-        for step in reversed(self.steps()):
-            try:
-                state, meta = self.restore(step, abstract_state, data_iter, model_config)
-            except CorruptCheckpointError as e:
-                aside = self._move_aside(step)
-                warn(f"WARNING: checkpoint step {step} cannot be restored ({e}); moved it to {aside}")
-                tried.append(f"{step} -> {aside}")
-                continue
-            return step, state, meta
-        raise CorruptCheckpointError(
-            f"no checkpoint in {self.directory} restores (moved aside: {'; '.join(tried) or 'none'}); "
-            "train in a fresh workdir or restore one of the moved steps by hand"
-        )
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}: nothing to restore")
+        newest = steps[-1]
+        try:
+            state, meta = self.restore(newest, abstract_state, data_iter, model_config)
+            return newest, state, meta
+        except CorruptCheckpointError as e:
+            if len(steps) < 2:
+                raise
+            where = self._move_aside(newest) if move_aside else "left in place"
+            warn(
+                f"WARNING: checkpoint step {newest} cannot be restored ({e}); {where}; restoring step {steps[-2]}"
+            )
+        state, meta = self.restore(steps[-2], abstract_state, data_iter, model_config)
+        return steps[-2], state, meta
 
-    def _move_aside(self, step: int) -> epath.Path:
+    def _move_aside(self, step: int) -> str:
+        """Renames an unreadable step out of the manager's sight (process 0; all processes wait)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside = self.directory / f"{step}.corrupt-{stamp}"
+        multi = jax.process_count() > 1
+        if multi:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"fastblt-move-aside-{step}-before")
         if jax.process_index() == 0:
             self.step_dir(step).rename(aside)
+        if multi:
+            multihost_utils.sync_global_devices(f"fastblt-move-aside-{step}-after")
         self._manager.reload()  # the manager forgets the moved step
-        return aside
+        return f"moved to {aside.name}" if not multi else f"moved to {step}.corrupt-* by process 0"
 
     def _check_data_item(self, step: int, data_dir: epath.Path) -> None:
         if not data_dir.is_dir():

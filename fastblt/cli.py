@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from fastblt import __version__
 from fastblt.config import DTYPES, ConfigError
-from fastblt.errors import CheckpointError
+from fastblt.errors import CheckpointError, NonFiniteLossError
 
 if TYPE_CHECKING:
     import ml_collections
@@ -41,7 +41,7 @@ _USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
-    FloatingPointError,  # fastblt.train.NonFiniteLossError: the run diverged; the message says where
+    NonFiniteLossError,  # the run diverged; the message names the step and the last good checkpoint
 )
 
 

@@ -18,3 +18,7 @@ class CorruptCheckpointError(CheckpointError):
 
 class ConfigMismatchError(CheckpointError, ValueError):
     """The checkpoint was written with another model config."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A train step's loss or gradient norm is not finite; the message names the last good checkpoint."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fastblt.config import ConfigError
+from fastblt.launch.common import PREEMPTED_EXIT
 
 __all__ = [
     "Run",
@@ -344,8 +345,8 @@ def run_local(
             if rc == 0 and check(run):
                 run.status = "done"
                 print(f"[sweep] {run.name}: done", file=out, flush=True)
-            elif rc == 0:
-                run.status, run.detail = "stopped", "exited 0 before the last step (preempted?)"
+            elif rc in (0, PREEMPTED_EXIT):
+                run.status, run.detail = "stopped", f"exited {rc} before the last step (preempted)"
                 print(
                     f"[sweep] {run.name}: stopped before the last step; re-run the sweep to resume",
                     file=out,

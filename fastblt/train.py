@@ -27,6 +27,7 @@ from fastblt import configs, sharding
 from fastblt.checkpoint import Checkpointer
 from fastblt.config import EntropyModelConfig, as_dict
 from fastblt.data import make_eval_batches, make_train_iterator
+from fastblt.errors import NonFiniteLossError
 from fastblt.metrics import (
     MetricWriter,
     ProgressBar,
@@ -178,10 +179,6 @@ class Trainer:
         return out
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A train step's loss or gradient norm is not finite; the message names the last good checkpoint."""
-
-
 def _check_finite(step: int, loss: jax.Array, grad_norm: jax.Array, ckpt: Checkpointer) -> None:
     """Stops the run at a step whose loss or gradient norm is NaN or infinite (waits for the step)."""
     loss_v, norm_v = float(loss), float(grad_norm)
@@ -286,71 +283,75 @@ def _train(
     last: dict[str, float] = {}
     t0, t_step = time.time(), start
     in_flight = None
-    for step in range(start, trainer.steps):
-        batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
-        state, metrics = trainer.train_step(state, trainer.frozen, batch)
-        # At most two steps in flight: the device stays busy, and a SIGTERM's save starts after the
-        # step that was running, not after every step the host had queued ahead.
-        if in_flight is not None:
-            _check_finite(*in_flight, ckpt)
-        in_flight = (step + 1, metrics["loss"], metrics["grad_norm"])
-        done = step + 1
-        if done % log_every == 0 or done == trainer.steps:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = max(time.time() - t0, 1e-9)
-            m["bits_per_byte"] = bits_per_byte(m.get("next_byte_loss", m["loss"]))
-            peak = _peak_memory_gb()
-            if peak is not None:
-                m["peak_memory_gb"] = peak
-            m["bytes_per_sec"] = bytes_per_step * (done - t_step) / elapsed
-            fpb = _flops_per_byte(task, trainer.seq_len, m.get("avg_patch_len", 1.0))
-            util = (
-                mfu(fpb, m["bytes_per_sec"], jax.device_count(), jax.devices()[0].device_kind)
-                if fpb
-                else None
-            )
-            if util is not None:
-                m["mfu"] = util
-            writer.write_scalars(done, m)
-            if on_step is not None:
-                on_step(done, m)
-            if chief:
-                log(progress.line(done, m))
-            last.update(m)
-            t0, t_step = time.time(), done
-        if eval_batches and (done % eval_every == 0 or done == trainer.steps):
-            ev = trainer.evaluate(state.params, eval_batches)
-            writer.write_scalars(done, ev)
-            if chief:
-                log(
-                    f"[{task.name}] step {done}: held-out loss {ev['eval_loss']:.4f}, "
-                    f"bits/byte {ev['eval_bits_per_byte']:.4f}"
-                    + (
-                        f", masked accuracy {ev['eval_masked_accuracy']:.3f}"
-                        if "eval_masked_accuracy" in ev
-                        else ""
-                    )
+    try:
+        for step in range(start, trainer.steps):
+            batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
+            state, metrics = trainer.train_step(state, trainer.frozen, batch)
+            # At most two steps in flight: the device stays busy, and a SIGTERM's save starts after the
+            # step that was running, not after every step the host had queued ahead.
+            if in_flight is not None:
+                _check_finite(*in_flight, ckpt)
+            in_flight = (step + 1, metrics["loss"], metrics["grad_norm"])
+            done = step + 1
+            if done % log_every == 0 or done == trainer.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = max(time.time() - t0, 1e-9)
+                m["bits_per_byte"] = bits_per_byte(m.get("next_byte_loss", m["loss"]))
+                peak = _peak_memory_gb()
+                if peak is not None:
+                    m["peak_memory_gb"] = peak
+                m["bytes_per_sec"] = bytes_per_step * (done - t_step) / elapsed
+                fpb = _flops_per_byte(task, trainer.seq_len, m.get("avg_patch_len", 1.0))
+                util = (
+                    mfu(fpb, m["bytes_per_sec"], jax.device_count(), jax.devices()[0].device_kind)
+                    if fpb
+                    else None
                 )
-            last.update(ev)
-            if chief and isinstance(task, BLTTask) and int(cfg.train.get("sample_bytes", 0)) > 0:
-                log(f"[{task.name}] sample: {_sample_text(task, state.params, trainer.frozen, cfg.train)!r}")
-            t0 = time.time()
-        payload = trainer.checkpoint_payload(state)
-        preempted = ckpt_lib.preemption_requested(done)
-        force = preempted or done == trainer.steps
-        if force or done % ckpt.save_every == 0:
-            _check_finite(*in_flight, ckpt)  # never save a state a non-finite step produced
-        ckpt.save(done, payload, data_iter, meta, force=force)
-        if preempted:
-            log(
-                f"preemption signal: saved step {done}, exiting (unfinished: status {ckpt_lib.PREEMPTED_EXIT})"
-            )
-            last["preempted_at_step"] = float(done)
-            break
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    ckpt_lib.uninstall_preemption_handler()
+                if util is not None:
+                    m["mfu"] = util
+                writer.write_scalars(done, m)
+                if on_step is not None:
+                    on_step(done, m)
+                if chief:
+                    log(progress.line(done, m))
+                last.update(m)
+                t0, t_step = time.time(), done
+            if eval_batches and (done % eval_every == 0 or done == trainer.steps):
+                ev = trainer.evaluate(state.params, eval_batches)
+                writer.write_scalars(done, ev)
+                if chief:
+                    log(
+                        f"[{task.name}] step {done}: held-out loss {ev['eval_loss']:.4f}, "
+                        f"bits/byte {ev['eval_bits_per_byte']:.4f}"
+                        + (
+                            f", masked accuracy {ev['eval_masked_accuracy']:.3f}"
+                            if "eval_masked_accuracy" in ev
+                            else ""
+                        )
+                    )
+                last.update(ev)
+                if chief and isinstance(task, BLTTask) and int(cfg.train.get("sample_bytes", 0)) > 0:
+                    log(
+                        f"[{task.name}] sample: {_sample_text(task, state.params, trainer.frozen, cfg.train)!r}"
+                    )
+                t0 = time.time()
+            payload = trainer.checkpoint_payload(state)
+            preempted = ckpt_lib.preemption_requested(done)
+            due = preempted or done == trainer.steps or done % ckpt.save_every == 0
+            if due:
+                _check_finite(*in_flight, ckpt)  # never save a state a non-finite step produced
+                ckpt.save(done, payload, data_iter, meta, force=True)
+            if preempted:
+                log(
+                    f"preemption signal: saved step {done}, exiting (unfinished: status {ckpt_lib.PREEMPTED_EXIT})"
+                )
+                last["preempted_at_step"] = float(done)
+                break
+    finally:  # also when a step fails or diverges: pending saves commit, handlers are restored
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        ckpt_lib.uninstall_preemption_handler()
     return last
 
 
@@ -378,7 +379,8 @@ def load_trained_params(
         )
     template = trainer.checkpoint_template(frozen_template(trainer.task))
     if step is None:  # the newest readable step (an unreadable one is moved aside, with a warning)
-        _, restored, _ = ckpt.restore_newest_good(template, None)
+        # Read-only: an unreadable newest step is skipped, not moved (the trainer owns the workdir).
+        _, restored, _ = ckpt.restore_newest_good(template, None, move_aside=False)
     else:
         restored, _ = ckpt.restore(step, template, None)
     ckpt.close()
@@ -408,13 +410,19 @@ def entropy_stage_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
 
 
 def calibrate_threshold(
-    entropy_cfg: EntropyModelConfig, params: Any, batches: list[dict], patch_len: float
+    entropy_cfg: EntropyModelConfig,
+    params: Any,
+    batches: list[dict],
+    patch_len: float,
+    attention_impl: str = "auto",
 ) -> float:
     """Entropy threshold that gives ``patch_len`` bytes per patch on average over ``batches``."""
     from fastblt.model import EntropyModel
     from fastblt.model.patcher import entropy
 
-    fn = jax.jit(lambda p, t: entropy(EntropyModel(entropy_cfg).apply({"params": p}, t)))
+    # The attention impl of BLTTask.patch, which applies these thresholds in the step.
+    model = EntropyModel(entropy_cfg, attention_impl=attention_impl)
+    fn = jax.jit(lambda p, t: entropy(model.apply({"params": p}, t)))
     values = np.concatenate(
         [np.asarray(fn(params, b["inputs"]))[:, 1:][b["mask"][:, 1:] > 0] for b in batches]
     )
@@ -439,7 +447,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, fl
         rows = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())
         batches = [next(rows) for _ in range(4)]
         threshold = calibrate_threshold(
-            configs.entropy_model_config(stage_cfg), entropy_params, batches, float(stage.target_patch_len)
+            configs.entropy_model_config(stage_cfg),
+            entropy_params,
+            batches,
+            float(stage.target_patch_len),
+            attention_impl=cfg.model.attention_impl,
         )
         cfg = ml_collections.ConfigDict(cfg.to_dict())
         cfg.model.patcher.threshold = threshold

@@ -4,14 +4,16 @@
 start time. The kernel releases the lock when its process dies, however it dies, so a lock left by
 a killed trainer is free: the next trainer takes it over and says whose it was.
 
-Scope: local and network filesystems with POSIX locks (NFS, Lustre). On object stores
-(``gs://``, ``s3://``) there is no lock and a warning says so: the launchers start one job per
-workdir. In a multi-process run only process 0 takes the lock (every process trains the same run).
+Scope: local filesystems, and network filesystems whose flock is cluster-wide (NFSv4; Lustre
+mounted with ``flock``; with ``localflock`` a lock holds within one node only). A filesystem without
+locks, and object stores (``gs://``, ``s3://``), get no lock and a note that says so: the launchers
+start one job per workdir. In a multi-process run only process 0 takes the lock (every process trains the same run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -22,6 +24,8 @@ from collections.abc import Callable, Iterator
 from fastblt.errors import CheckpointError
 
 LOCK_NAME = ".fastblt-train.lock"
+# flock errors of filesystems without locks (NFSv3 without lockd, Lustre mounted noflock).
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class WorkdirLockedError(CheckpointError):
@@ -55,6 +59,7 @@ def workdir_lock(workdir: str, log: Callable[[str], None] = print, process_index
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            unlockable = None
         except BlockingIOError:
             h = _holder(fd)
             raise WorkdirLockedError(
@@ -62,6 +67,14 @@ def workdir_lock(workdir: str, log: Callable[[str], None] = print, process_index
                 f"{h.get('host', '?')}, since {h.get('started', '?')}): stop it first, or train in another "
                 "--workdir"
             ) from None
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            unlockable = e.strerror
+        if unlockable is not None:
+            log(f"note: {workdir}'s filesystem offers no locks ({unlockable}): run one trainer per workdir")
+            yield
+            return
         previous = _holder(fd)
         if previous.get("pid") and previous.get("pid") != os.getpid():
             log(

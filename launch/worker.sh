@@ -12,7 +12,7 @@
 # * every worker writes its exit status to LOGDIR/worker-<id>.rc and ends with the line
 #       FASTBLT_WORKER_EXIT worker=<id> host=<hostname> rc=<status>
 #   which the launchers parse to name the workers that failed (or never reported).
-# The script exits with the command's status.
+# The script exits with the command's status (under SLURM, 0 for status 75: see the end).
 set -u
 
 if [ $# -lt 3 ] || [ "$2" != "--" ]; then
@@ -51,4 +51,9 @@ if [ "$rc" -ne 0 ] && [ "$id" != "0" ]; then
 fi
 echo "$rc" >"$logdir/worker-$id.rc"
 echo "FASTBLT_WORKER_EXIT worker=$id host=$host rc=$rc"
+# 75: saved on SIGTERM, unfinished. srun --kill-on-bad-exit would kill the other tasks before they
+# report, so under SLURM the status lives in the .rc file and srun sees 0 (slurm.sbatch requeues).
+if [ "$rc" -eq 75 ] && [ -n "${SLURM_PROCID:-}" ]; then
+  exit 0
+fi
 exit "$rc"

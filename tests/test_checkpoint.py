@@ -225,13 +225,35 @@ def test_restore_newest_good_moves_an_unreadable_step_aside(tmp_path):
     assert len(warnings) == 1 and "step 2" in warnings[0] and aside[0] in warnings[0]
 
 
-def test_restore_newest_good_fails_when_no_step_restores(tmp_path):
+def test_restore_newest_good_skips_one_step_at_most(tmp_path):
+    """Two unreadable steps in a row point at something other than the files: raise, move no more."""
     with Checkpointer(tmp_path, save_every=1, keep=5, async_save=False) as c:
         c.save(1, small_state(1))
+        c.save(2, small_state(2))
     _break_state(tmp_path, 1)
+    _break_state(tmp_path, 2)
     with Checkpointer(tmp_path, save_every=1, keep=5, async_save=False) as c:
-        with pytest.raises(CorruptCheckpointError, match="no checkpoint .* restores"):
+        with pytest.raises(CorruptCheckpointError, match="step 1"):
             c.restore_newest_good(abstract(small_state(1)), log_fn=lambda _: None)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "1" in names and sum(n.startswith("2.corrupt-") for n in names) == 1
+
+
+def test_restore_newest_good_read_only_moves_nothing(tmp_path):
+    with Checkpointer(tmp_path, save_every=1, keep=5, async_save=False) as c:
+        c.save(1, small_state(1))
+        c.save(2, small_state(2))
+    _break_state(tmp_path, 2)
+    with Checkpointer(tmp_path, save_every=1, keep=5, async_save=False) as c:
+        step, restored, _ = c.restore_newest_good(
+            abstract(small_state(1)), log_fn=lambda _: None, move_aside=False
+        )
+    assert step == 1
+    assert_bitwise_equal(restored, small_state(1))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "1",
+        "2",
+    ]
 
 
 def test_restore_errors_for_missing_steps(tmp_path):
