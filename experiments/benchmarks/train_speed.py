@@ -258,10 +258,7 @@ def run_torch_row(args, row: str) -> dict:
         opt.zero_grad(set_to_none=True)
         return out.loss
 
-    fn = step
-    note = ""
-    if row == "torch_compile":
-        fn = torch.compile(step)
+    fn = torch.compile(step) if row == "torch_compile" else step
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     try:
@@ -289,7 +286,6 @@ def run_torch_row(args, row: str) -> dict:
         "bytes_per_sec": int(cfg.data.batch_size) * int(cfg.data.seq_len) / step_s,
         "compile_s": compile_s,
         "loss": float(loss.detach()),
-        "note": note,
     }
     if device == "cuda":
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
