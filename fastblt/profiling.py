@@ -23,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,16 @@ TRAIN_RULES: tuple[tuple[str, str], ...] = (
     ("decoder block rows (BLT-D)", "/blt_d_blocks"),
     ("decoder cross-attention", "local_decoder/cross_attn"),
     ("decoder", "local_decoder"),
+)
+
+# A generation (fastblt/sampler): the sampler's named stages (fastblt.sampler.cached.SCOPES).
+DECODE_RULES: tuple[tuple[str, str], ...] = (
+    ("entropy model", "sampler_entropy"),
+    ("patcher", "sampler_patcher"),
+    ("encoder pooling + cross-attention", "sampler_pool_cross"),
+    ("global model", "sampler_global"),
+    ("encoder", "sampler_encoder"),
+    ("decoder", "sampler_decoder"),
 )
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
@@ -97,7 +108,13 @@ def kernel_times(trace_dir: str) -> dict[str, float]:
     Only events that name an HLO op and run on a device are counted (on CPU, the thunk events of
     the executing thread).
     """
+    return kernel_stats(trace_dir)[0]
+
+
+def kernel_stats(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
+    """(device microseconds, launches) per ``hlo_op`` over the trace files under ``trace_dir``."""
     totals: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
     files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
@@ -110,7 +127,8 @@ def kernel_times(trace_dir: str) -> dict[str, float]:
             op = args.get("hlo_op")
             if e.get("ph") == "X" and op and "dur" in e:
                 totals[op] += float(e["dur"])
-    return dict(totals)
+                counts[op] += 1
+    return dict(totals), dict(counts)
 
 
 def profile_components(
@@ -120,6 +138,7 @@ def profile_components(
     steps: int = 3,
     trace_dir: str | None = None,
     carry: Callable[[Any, Sequence[Any]], Sequence[Any]] | None = None,
+    top: int = 25,
 ) -> dict[str, Any]:
     """Traces ``steps`` calls of the jitted ``fn(*args)`` and sums device time per component.
 
@@ -130,7 +149,8 @@ def profile_components(
       rules: (component, op-name substring) pairs, see :data:`TRAIN_RULES`.
 
     Returns: ``{"ms_per_step": {component: ms}, "fwd_bwd": {component: (fwd_ms, bwd_ms)},
-    "top_ops": [(ms, hlo_op, op_name)], "kernels_per_step": n, "total_ms": t}``.
+    "top_ops": [(ms, hlo_op, op_name)], "distinct_ops": n, "launches_per_step": {component: n},
+    "total_ms": device kernel ms per call, "wall_ms": wall-clock ms per call}``.
     """
     compiled = fn.lower(*args).compile() if hasattr(fn, "lower") else fn
     names = op_names(compiled.as_text())
@@ -141,26 +161,31 @@ def profile_components(
         args = carry(out, args)
     own = trace_dir is None
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="fastblt-trace-")
+    wall = 0.0
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(steps):
+            start = time.perf_counter()
             out = fn(*args)
             jax.block_until_ready(out)
+            wall += time.perf_counter() - start
             if carry is not None:
                 args = carry(out, args)
-    times = kernel_times(trace_dir)
+    times, counts = kernel_stats(trace_dir)
+    launches: dict[str, float] = collections.defaultdict(float)
     per: dict[str, float] = collections.defaultdict(float)
     split: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-    top = []
+    ops = []
     kernels = 0
     for op, us in times.items():
         name = names.get(op, names.get(op.replace("_", "."), ""))
         component = classify(name, rules)
         ms = us / 1e3 / steps
         per[component] += ms
+        launches[component] += counts[op] / steps
         split[component][1 if "transpose(" in name else 0] += ms
-        top.append((ms, op, name))
+        ops.append((ms, op, name, counts[op] / steps))
         kernels += 1
-    top.sort(reverse=True)
+    ops.sort(reverse=True)
     if own:
         import shutil
 
@@ -168,9 +193,12 @@ def profile_components(
     return {
         "ms_per_step": dict(sorted(per.items(), key=lambda kv: -kv[1])),
         "fwd_bwd": {k: tuple(v) for k, v in split.items()},
-        "top_ops": top[:25],
+        "top_ops": [o[:3] for o in ops[:top]],
+        "op_launches": {o[1]: o[3] for o in ops[:top]},
         "distinct_ops": kernels,
+        "launches_per_step": dict(launches),
         "total_ms": sum(per.values()),
+        "wall_ms": 1e3 * wall / steps,
     }
 
 

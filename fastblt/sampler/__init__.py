@@ -10,7 +10,15 @@ Modules: ``state`` (buffers and caches), ``cached`` (incremental stages: append 
 ``cost`` (NFE counters and the paper's bandwidth estimate), ``naive`` (the no-cache test oracle).
 """
 
-from fastblt.sampler.api import METHODS, GenerationResult, encode_prompts, generate
+from fastblt.sampler.api import (
+    METHODS,
+    GenerationResult,
+    Program,
+    encode_prompts,
+    generate,
+    prepare,
+    run_program,
+)
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, bandwidth_bytes, param_counts
 from fastblt.sampler.naive import naive_generate
 
@@ -19,9 +27,12 @@ __all__ = [
     "GenerationCounters",
     "GenerationResult",
     "ParamCounts",
+    "Program",
     "bandwidth_bytes",
     "encode_prompts",
     "generate",
     "naive_generate",
     "param_counts",
+    "prepare",
+    "run_program",
 ]

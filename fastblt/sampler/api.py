@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 
 from fastblt.config import ModelConfig
 from fastblt.sampler.ar import Prompts, build_ar
-from fastblt.sampler.cost import GenerationCounters, param_counts
+from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
 from fastblt.sampler.diffusion import build_blt_d, check_mask_embedding
 from fastblt.sampler.speculative import build_blt_s
 from fastblt.tokenizer import decode_bytes, encode
@@ -90,7 +91,27 @@ def _compiled(key, fn, args):
     return exe, time.perf_counter() - start
 
 
-def generate(
+@dataclasses.dataclass
+class Program:
+    """A checked, compiled generation: ``executable(*args)`` runs it (see :func:`prepare`)."""
+
+    executable: Any
+    args: tuple
+    lengths: np.ndarray  # int32[B] prompt ids per row
+    method: str
+    compile_seconds: float  # spent compiling in this prepare (0 when the program was cached)
+    params: ParamCounts
+
+    def with_budget(self, max_bytes: int) -> Program:
+        """The same compiled program generating ``max_bytes`` per row (the budget is an argument,
+        not a shape: no recompile)."""
+        prompts = self.args[1]
+        budget = jnp.full(prompts.budget.shape, max_bytes, jnp.int32)
+        args = (self.args[0], prompts._replace(budget=budget)) + self.args[2:]
+        return dataclasses.replace(self, args=args, compile_seconds=0.0)
+
+
+def prepare(
     params: dict,
     config: ModelConfig,
     prompts: Sequence[str | bytes],
@@ -110,8 +131,8 @@ def generate(
     alpha: float | None = None,
     gamma: float | None = None,
     one_step: bool = False,
-) -> GenerationResult:
-    """Generates up to ``max_bytes`` bytes after each prompt with a cached BLT.
+) -> Program:
+    """Checks a generation request and compiles its program (cached per method, config and shapes).
 
     Args:
       params: the BLT params tree (``BLT(config).init(...)["params"]``; boxed or not).
@@ -138,7 +159,7 @@ def generate(
         cumulative entropy (nats) stays <= gamma (at least one).
       one_step: ("blt_d", "blt_dv") reveal the whole block in one decoder pass.
 
-    Returns: a GenerationResult.
+    Returns: a :class:`Program`; :func:`run_program` runs it.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}")
@@ -240,7 +261,22 @@ def generate(
         static = dict(common, block_size=block_size, rule=rule, verify=method == "blt_dv", greedy=greedy)
         fn = build_blt_d(config, **static)
     exe, compile_s = _compiled((method, config, tuple(sorted(static.items()))), fn, args)
+    return Program(exe, args, lengths, method, compile_s, param_counts(params, config))
 
+
+def generate(params: dict, config: ModelConfig, prompts: Sequence[str | bytes], **kwargs) -> GenerationResult:
+    """Generates up to ``max_bytes`` bytes after each prompt with a cached BLT.
+
+    Arguments as :func:`prepare` (which checks them and compiles, once per shape); this runs the
+    program and decodes its output. Returns a GenerationResult.
+    """
+    return run_program(prepare(params, config, prompts, **kwargs))
+
+
+def run_program(program: Program) -> GenerationResult:
+    """Runs a prepared generation once and reads its output (``seconds``: this run, compile excluded)."""
+    exe, args, lengths, method = program.executable, program.args, program.lengths, program.method
+    batch = len(lengths)
     start = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     seconds = time.perf_counter() - start
@@ -257,7 +293,7 @@ def generate(
         drafted=c.drafted,
         accepted=c.accepted,
         rounds=c.rounds,
-        params=param_counts(params, config),
+        params=program.params,
     )
     total = int(out["generated"].sum())
     return GenerationResult(
@@ -265,8 +301,8 @@ def generate(
         ids=gen_ids,
         counters=counters,
         seconds=seconds,
-        compile_seconds=compile_s,
+        compile_seconds=program.compile_seconds,
         bytes_per_second=total / seconds if seconds > 0 else float("inf"),
         method=method,
-        logits=[out["logits"][b, : len(gen_ids[b])] for b in range(batch)] if record_logits else None,
+        logits=[out["logits"][b, : len(gen_ids[b])] for b in range(batch)] if "logits" in out else None,
     )

@@ -37,6 +37,22 @@ from fastblt.model.layers import RMSNorm, SelfAttention, TransformerBlock, dense
 from fastblt.sampler.state import State, encoder_cross_layers, gather_rows, scatter_rows, uses_entropy_model
 from fastblt.tokenizer import EOS
 
+# Named scopes of the sampler's stages: profiles of a generation are split by them
+# (fastblt.profiling.DECODE_RULES).
+SCOPES = {
+    "entropy": "sampler_entropy",
+    "encoder": "sampler_encoder",
+    "patcher": "sampler_patcher",
+    "pool": "sampler_pool_cross",
+    "global": "sampler_global",
+    "decoder": "sampler_decoder",
+}
+
+
+def _seg_max(x: jax.Array, seg: jax.Array, p: int) -> jax.Array:
+    """Per-row segment max: x [B, N, ...], seg int32[B, N] in [0, p] (p: dropped) -> [B, p, ...]."""
+    return jax.vmap(lambda xi, si: jax.ops.segment_max(xi, si, num_segments=p))(x, seg)
+
 
 class CachedSelfAttention(SelfAttention):
     """The model's SelfAttention with a KV cache: new keys/values are written into the cache at
@@ -198,29 +214,43 @@ class Runner:
 
         Args: byte_pid: int32[B, N]; first, count: int32[B]; n_cand: static bound on count.
         """
-        m = self.config
-        k = m.cross_attn_k
-        b, n, d_e = st.enc_h[0].shape
         p = st.latents.shape[1]
         cand = first[:, None] + jnp.arange(n_cand, dtype=jnp.int32)[None]  # [B, C] patch indices
         valid = cand < (first + count)[:, None]
         gcols = jnp.where(valid, cand, p)
         seg = jnp.where(byte_pid >= 0, byte_pid, p)  # bytes past the length go to a dropped segment
+
+        with jax.named_scope(SCOPES["pool"]):
+            pe = self._pool_cross(st, byte_pid, cand, seg)
+        with jax.named_scope(SCOPES["global"]):
+            return self._global_steps(st, tokens, byte_pid, cand, gcols, pe, seg)
+
+    def _pool_cross(self, st: State, byte_pid, cand, seg) -> jax.Array:
+        """Max-pool + encoder cross-attention of candidate patches ``cand`` int32[B, C]:
+        float[B, C * k, D_e] patch slot embeddings."""
+        m = self.config
+        k = m.cross_attn_k
+        b, n_cand = cand.shape
+        d_e = st.enc_h[0].shape[-1]
+        p = st.latents.shape[1]
         slot_patch = jnp.repeat(cand, k, axis=1)  # [B, C * k]
         cross_mask = byte_pid[:, None, :] == slot_patch[:, :, None]  # slots see exactly their bytes
-
-        def seg_max(x):
-            return jax.vmap(lambda xi, si: jax.ops.segment_max(xi, si, num_segments=p))(x, seg)
-
         pe = None
         for j, _ in enumerate(self.cross_layers):
             if pe is None or m.encoder_repool_every_layer:
-                pooled = gather_rows(seg_max(st.enc_h[j]), cand)  # [B, C, D_e]
+                pooled = gather_rows(_seg_max(st.enc_h[j], seg, p), cand)  # [B, C, D_e]
                 pe = self.enc.patch_embedding_projection(pooled).reshape(b, n_cand * k, d_e)
             cross = self.enc.cross_attn_layers[j]
             o = attention(cross.query(pe), st.enc_ck[j], st.enc_cv[j], cross_mask, m.attention_impl)
             pe = pe + (pe + cross.wo(o.reshape(b, n_cand * k, d_e)))  # the double residual
-        x = pe.reshape(b, n_cand, k * d_e)
+        return pe
+
+    def _global_steps(self, st: State, tokens, byte_pid, cand, gcols, pe, seg) -> State:
+        """Global steps of patches ``cand`` (slot embeddings ``pe``); writes their latents at ``gcols``."""
+        m = self.config
+        b, n_cand = cand.shape
+        p = st.latents.shape[1]
+        x = pe.reshape(b, n_cand, -1)
         if self.glob_proj is not None:
             x = self.glob_proj(x)
         h = x.astype(jnp.dtype(m.dtype))
@@ -229,7 +259,7 @@ class Runner:
         kpos = self._key_positions(st.latents)
         if m.document_masking:
             eos = ((tokens == EOS) & (byte_pid >= 0)).astype(jnp.int32)
-            has_eos = gather_rows(seg_max(eos), cand) > 0
+            has_eos = gather_rows(_seg_max(eos, seg, p), cand) > 0
             patch_eos = scatter_rows(patch_eos, gcols, has_eos)
             ends = patch_eos.astype(jnp.int32)
             pdocs = jnp.cumsum(ends, axis=1) - ends
@@ -307,14 +337,17 @@ class Runner:
         tokens = scatter_rows(st.tokens, cols, chunk)
         length = st.length + count
         if uses_entropy_model(self.config):
-            st = self.entropy(st, chunk, qpos, cols, tokens)
-        st, h = self.encoder_bytes(st, qpos, cols, tokens)
-        byte_pid, column_pid, completed = self.patches(tokens, st.entropies, length)
-        new_patches = completed - st.completed
-        forced, closed_read = jnp.zeros((b,), bool), None
-        if close_last:  # the open last patch goes right after the completed ones: one global call
-            forced, closed_read = self.closed_last_patch(byte_pid, length, completed)
-        steps = new_patches + forced.astype(jnp.int32)
+            with jax.named_scope(SCOPES["entropy"]):
+                st = self.entropy(st, chunk, qpos, cols, tokens)
+        with jax.named_scope(SCOPES["encoder"]):
+            st, h = self.encoder_bytes(st, qpos, cols, tokens)
+        with jax.named_scope(SCOPES["patcher"]):
+            byte_pid, column_pid, completed = self.patches(tokens, st.entropies, length)
+            new_patches = completed - st.completed
+            forced, closed_read = jnp.zeros((b,), bool), None
+            if close_last:  # the open last patch goes right after the completed ones: one global call
+                forced, closed_read = self.closed_last_patch(byte_pid, length, completed)
+            steps = new_patches + forced.astype(jnp.int32)
         st = jax.lax.cond(
             jnp.any(steps > 0),
             lambda s: self.latents(s, tokens, byte_pid, s.completed, steps, t + int(close_last)),
@@ -322,7 +355,8 @@ class Runner:
             st,
         )
         read = jnp.take_along_axis(column_pid, jnp.clip(qpos + 1, 0, n), axis=1) - 1
-        st, logits = self.decoder(st, h, qpos, cols, read, tokens)
+        with jax.named_scope(SCOPES["decoder"]):
+            st, logits = self.decoder(st, h, qpos, cols, read, tokens)
         st = st._replace(tokens=tokens, length=length, completed=completed)
         return st, logits, new_patches, closed_read
 
@@ -338,8 +372,10 @@ class Runner:
         qpos = pos[:, None]
         cols = jnp.where(active, pos, n)[:, None]
         tokens = scatter_rows(st.tokens, cols, token[:, None])
-        st, h = self.encoder_bytes(st, qpos, cols, tokens)
-        st, logits = self.decoder(st, h, qpos, cols, read[:, None], tokens)
+        with jax.named_scope(SCOPES["encoder"]):
+            st, h = self.encoder_bytes(st, qpos, cols, tokens)
+        with jax.named_scope(SCOPES["decoder"]):
+            st, logits = self.decoder(st, h, qpos, cols, read[:, None], tokens)
         return st._replace(tokens=tokens), logits[:, 0]
 
     def patch_count(self, st: State, length: jax.Array) -> jax.Array:
