@@ -115,3 +115,17 @@ def test_naive_rejects_a_prefix_longer_than_pad_to():
     config, params = model("base")
     with pytest.raises(ValueError, match="pad_to"):
         naive_generate(params, config, [encode(b"a longer prompt")], 2, pad_to=8)
+
+
+def test_decode_dot_pads_one_row_products_and_cuts_the_padding_off():
+    from fastblt.sampler.fused import dot
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    for shape in [(1, 1, 6), (1, 6), (3, 6)]:
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        want = np.asarray(x) @ np.asarray(w)
+        for at_least in (1, 2, 8):
+            got = dot(x, w, at_least=at_least)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

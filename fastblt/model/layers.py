@@ -79,9 +79,14 @@ class RMSNorm(nn.Module):
         scale = self.param(
             "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],)
         )
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, scale, self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm of x: float[..., D] with scale float[D]: float32 inside, x's dtype out."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -233,14 +238,19 @@ class CrossAttention(nn.Module):
           x: float[b, len, dim] queries; slots: float[b, patches, k, dim];
           index: int32[b, len], the patch each query reads.
         """
+        k, v = self.slot_kv(slots)
+        # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
+        return self.attend_slots(
+            x, take_rows_batched(k, index, ids_sorted=True), take_rows_batched(v, index, ids_sorted=True)
+        )
+
+    def slot_kv(self, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of patch slots float[b, patches, k, dim]: [b, patches, k, heads, head_dim]."""
         b, p, kk, d = slots.shape
         k, v = self.kv(slots.reshape(b, p * kk, d))
-        k = k.reshape(b, p, kk, self.n_heads, -1)
-        v = v.reshape(b, p, kk, self.n_heads, -1)
-        # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
-        o = gathered_attention(
-            self.query(x),
-            take_rows_batched(k, index, ids_sorted=True),
-            take_rows_batched(v, index, ids_sorted=True),
-        )
+        return k.reshape(b, p, kk, self.n_heads, -1), v.reshape(b, p, kk, self.n_heads, -1)
+
+    def attend_slots(self, x: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """x: float[b, len, dim] queries over their own slots' keys/values [b, len, k, heads, hd]."""
+        o = gathered_attention(self.query(x), k, v)
         return x + self.wo(o.reshape(*x.shape[:-1], self.dim))

@@ -18,23 +18,30 @@ causality makes exact:
 :meth:`Runner.draft_step` is the BLT-S drafter: encoder byte layers + decoder for one byte that read
 a given (stale) latent; no entropy model, no patching, no global model.
 
-Parameters are the model's own: ``BLT(config).bind(params)`` submodules (norms, feed-forwards,
-cross-attention projections, decoder head) and, for cached self-attention, a subclass of the model's
-``SelfAttention`` that reuses its ``qkv``/``out`` methods (same parameter names).
+Parameters are the model's own: ``BLT(config).bind(params)`` submodules (embeddings, cross-attention
+projections, decoder head), and each stack's transformer layers in decode form
+(fastblt.sampler.fused: q|k|v and w1|w3 fused once per generation, the same math).
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastblt.config import ModelConfig, TransformerConfig
+from fastblt.config import ModelConfig
 from fastblt.model import patcher as patching
 from fastblt.model.attention import attention, causal_mask, document_ids
 from fastblt.model.blt import BLT
-from fastblt.model.layers import RMSNorm, SelfAttention, TransformerBlock, dense, embed
-from fastblt.sampler.state import State, encoder_cross_layers, gather_rows, scatter_rows, uses_entropy_model
+from fastblt.model.layers import embed
+from fastblt.sampler import fused
+from fastblt.sampler.state import (
+    State,
+    decoder_cross_layers,
+    encoder_cross_layers,
+    gather_rows,
+    scatter_rows,
+    uses_entropy_model,
+)
 from fastblt.tokenizer import EOS
 
 # Named scopes of the sampler's stages: profiles of a generation are split by them
@@ -54,46 +61,50 @@ def _seg_max(x: jax.Array, seg: jax.Array, p: int) -> jax.Array:
     return jax.vmap(lambda xi, si: jax.ops.segment_max(xi, si, num_segments=p))(x, seg)
 
 
-class CachedSelfAttention(SelfAttention):
-    """The model's SelfAttention with a KV cache: new keys/values are written into the cache at
-    ``cols`` and the queries attend the whole cache under ``mask``."""
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        k_cache: jax.Array,
-        v_cache: jax.Array,
-        cols: jax.Array,
-        mask: jax.Array,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x: float[B, T, dim]; positions, cols: int32[B, T] (cols out of range: not written);
-        caches: [B, L, kv_heads, head_dim]; mask: bool[B, T, L]. Returns (out, k_cache, v_cache)."""
-        q, k, v = self.qkv(x, positions)
-        k_cache = scatter_rows(k_cache, cols, k)
-        v_cache = scatter_rows(v_cache, cols, v)
-        return self.out(attention(q, k_cache, v_cache, mask, self.attention_impl)), k_cache, v_cache
+def window_span(n: int, t: int, window: int | None) -> int | None:
+    """Keys a chunk of ``t`` queries can see in a buffer of ``n`` under a sliding ``window``:
+    ``window + t - 1``, or None where reading the whole buffer costs about as much (n <= 2 spans)."""
+    if window is None:
+        return None
+    span = window + t - 1
+    return span if n > 2 * span else None
 
 
-def _blocks(c: TransformerConfig, params: dict, init_std_factor: str, dtype, impl: str) -> list:
-    """(bound TransformerBlock, bound CachedSelfAttention) per layer of a stack's params."""
-    out = []
-    for i in range(c.n_layers):
-        p = params[f"layers_{i}"]
-        block = TransformerBlock(c, i, init_std_factor, dtype, impl).bind({"params": p})
-        attn = CachedSelfAttention(c, 1.0, dtype, impl).bind({"params": p["attention"]})
-        out.append((block, attn))
-    return out
+def _window_rows(x: jax.Array, start: jax.Array, span: int, axis: int) -> jax.Array:
+    """Per row b, ``span`` entries of ``x[b]`` from ``start[b]`` along ``axis`` (of x[b])."""
+    return jax.vmap(lambda xb, sb: jax.lax.dynamic_slice_in_dim(xb, sb, span, axis=axis))(x, start)
 
 
-def _run_blocks(blocks, h, positions, k_caches, v_caches, cols, mask, on_layer=None):
-    """Pre-norm blocks (as TransformerBlock.__call__) with caches; ``on_layer(i, h)`` after each."""
+def cached_attend(k_cache, v_cache, cols, mask, impl: str, window=None, qpos=None) -> fused.Attend:
+    """Attention over a KV cache: the new keys/values are written at ``cols`` int32[B, T] (out of
+    range: not written) and the queries attend the cache [B, N, KV, hd] under ``mask``
+    bool[B, T, N]. With a sliding ``window`` (and ``qpos`` int32[B, T], the queries' positions) on a
+    long buffer, only the ``window + T - 1`` keys the queries can see are read (``window_span``): a
+    long prompt costs a byte what its window costs. Returns the written caches as the step's aux."""
+    n, t = k_cache.shape[1], cols.shape[1]
+    span = window_span(n, t, window)
+
+    def attend(q, k, v):
+        kc = scatter_rows(k_cache, cols, k)
+        vc = scatter_rows(v_cache, cols, v)
+        if span is None:
+            return attention(q, kc, vc, mask, impl), (kc, vc)
+        # Keys qpos[:, 0] - window + 1 .. qpos[:, -1] hold everything visible (clipped into the buffer).
+        start = jnp.clip(qpos[:, 0] - (window - 1), 0, n - span)
+        keys, vals = _window_rows(kc, start, span, 0), _window_rows(vc, start, span, 0)
+        return attention(q, keys, vals, _window_rows(mask, start, span, 1), impl), (kc, vc)
+
+    return attend
+
+
+def _run_blocks(layers, c, impl, h, positions, k_caches, v_caches, cols, mask, on_layer=None, window=None):
+    """Pre-norm layers (TransformerBlock) with caches; ``on_layer(i, h)`` after each; ``window``:
+    the sliding window ``mask`` applies (reads only the keys in it, see cached_attend).
+    Returns (h, new k caches, new v caches)."""
     new_k, new_v = [], []
-    for i, (block, attn) in enumerate(blocks):
-        a, kc, vc = attn(block.attention_norm(h), positions, k_caches[i], v_caches[i], cols, mask)
-        h = h + a
-        h = h + block.feed_forward(block.ffn_norm(h))
+    for i, layer in enumerate(layers):
+        attend = cached_attend(k_caches[i], v_caches[i], cols, mask, impl, window, positions)
+        h, (kc, vc) = fused.layer_step(layer, c, h, positions, attend)
         new_k.append(kc)
         new_v.append(vc)
         if on_layer is not None:
@@ -112,16 +123,20 @@ class Runner:
         self.blt = BLT(m).bind({"params": params})
         self.enc = self.blt.local_encoder
         self.dec = self.blt.local_decoder
-        self.enc_blocks = _blocks(m.encoder, params["local_encoder"], m.init_std_factor, dtype, impl)
-        self.dec_blocks = _blocks(m.decoder, params["local_decoder"], m.init_std_factor, dtype, impl)
+        self.impl = impl
+        # Fused once per generation, outside the sampler's loop (fastblt.sampler.fused).
+        self.enc_layers = fused.fuse_stack(m.encoder, params["local_encoder"], dtype)
+        self.dec_layers = fused.fuse_stack(m.decoder, params["local_decoder"], dtype)
         gp = params["global_transformer"]
-        self.glob_blocks = _blocks(m.global_model, gp, m.init_std_factor, dtype, impl)
+        self.glob_layers = fused.fuse_stack(m.global_model, gp, dtype)
+        dp = params["local_decoder"]
+        self.dec_cross = decoder_cross_layers(m)
+        self.dec_queries = {i: fused.fuse_cross(dp[f"cross_attn_layers_{i}"], dtype) for i in self.dec_cross}
+        self.dec_head = fused.fuse_head(dp["norm"], dp["output"], dtype)
+        self.dec_slots_w = dp["patch_embedding_projection"]["kernel"].astype(dtype)
         self.glob_proj = None
         if m.needs_global_projection:
-            proj = dense(
-                m.global_model.dim, ("patch_embed", "embed"), 1.0, dtype, "token_embedding_projection"
-            )
-            self.glob_proj = proj.bind({"params": gp["token_embedding_projection"]})
+            self.glob_proj = gp["token_embedding_projection"]["kernel"].astype(dtype)
         self.cross_layers = encoder_cross_layers(m)
         g = max(m.hash.group_sizes) if m.hash.n_tables else 1
         self.hash_context = g - 1  # earlier bytes a new byte's hash n-grams read
@@ -132,11 +147,8 @@ class Runner:
             self.ent_embed = embed(e.vocab_size, e.dim, ("vocab", "embed"), edt, "tok_embeddings").bind(
                 {"params": ep["tok_embeddings"]}
             )
-            self.ent_blocks = _blocks(e, ep, m.init_std_factor, edt, impl)
-            self.ent_norm = RMSNorm(e.norm_eps).bind({"params": ep["norm"]})
-            self.ent_out = dense(e.vocab_size, ("embed", "vocab"), 1.0, edt, "output").bind(
-                {"params": ep["output"]}
-            )
+            self.ent_layers = fused.fuse_stack(e, ep, edt)
+            self.ent_head = fused.fuse_head(ep["norm"], ep["output"], edt)
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -160,8 +172,10 @@ class Runner:
         e = self.config.entropy_model
         mask = self._local_mask(tokens, qpos, e.window, e.document_masking)
         h = self.ent_embed(chunk)
-        h, ks, vs = _run_blocks(self.ent_blocks, h, qpos, st.ent_k, st.ent_v, cols, mask)
-        logits = self.ent_out(self.ent_norm(h)).astype(jnp.float32)
+        h, ks, vs = _run_blocks(
+            self.ent_layers, e, self.impl, h, qpos, st.ent_k, st.ent_v, cols, mask, window=e.window
+        )
+        logits = fused.head_logits(self.ent_head, e.norm_eps, h)
         ent = patching.entropy(logits)
         return st._replace(ent_k=ks, ent_v=vs, entropies=scatter_rows(st.entropies, cols, ent))
 
@@ -188,7 +202,19 @@ class Runner:
                 enc_ck[j] = scatter_rows(enc_ck[j], cols, k)
                 enc_cv[j] = scatter_rows(enc_cv[j], cols, v)
 
-        h, ks, vs = _run_blocks(self.enc_blocks, h, qpos, st.enc_k, st.enc_v, cols, mask, on_layer)
+        h, ks, vs = _run_blocks(
+            self.enc_layers,
+            m.encoder,
+            self.impl,
+            h,
+            qpos,
+            st.enc_k,
+            st.enc_v,
+            cols,
+            mask,
+            on_layer,
+            m.encoder.window,
+        )
         st = st._replace(enc_k=ks, enc_v=vs, enc_h=tuple(enc_h), enc_ck=tuple(enc_ck), enc_cv=tuple(enc_cv))
         return st, h
 
@@ -252,7 +278,7 @@ class Runner:
         p = st.latents.shape[1]
         x = pe.reshape(b, n_cand, -1)
         if self.glob_proj is not None:
-            x = self.glob_proj(x)
+            x = fused.dot(x, self.glob_proj)
         h = x.astype(jnp.dtype(m.dtype))
 
         patch_eos = st.patch_eos
@@ -266,9 +292,23 @@ class Runner:
             mask = causal_mask(cand, kpos, None, gather_rows(pdocs, cand), pdocs)
         else:
             mask = causal_mask(cand, kpos)
-        h, ks, vs = _run_blocks(self.glob_blocks, h, cand, st.glob_k, st.glob_v, gcols, mask)
+        h, ks, vs = _run_blocks(
+            self.glob_layers, m.global_model, self.impl, h, cand, st.glob_k, st.glob_v, gcols, mask
+        )
+        # The decoder's cross-attention keys/values of these patches' slots, once per patch.
+        slots = fused.dot(h, self.dec_slots_w).reshape(b, n_cand, m.cross_attn_k, m.decoder.dim)
+        dec_ck, dec_cv = list(st.dec_ck), list(st.dec_cv)
+        for j, i in enumerate(self.dec_cross):
+            k, v = self.dec.cross_attn_layers[i].slot_kv(slots)
+            dec_ck[j] = scatter_rows(dec_ck[j], gcols, k)
+            dec_cv[j] = scatter_rows(dec_cv[j], gcols, v)
         return st._replace(
-            glob_k=ks, glob_v=vs, patch_eos=patch_eos, latents=scatter_rows(st.latents, gcols, h)
+            glob_k=ks,
+            glob_v=vs,
+            patch_eos=patch_eos,
+            latents=scatter_rows(st.latents, gcols, h),
+            dec_ck=tuple(dec_ck),
+            dec_cv=tuple(dec_cv),
         )
 
     def decoder(self, st: State, h, qpos, cols, read, tokens) -> tuple[State, jax.Array]:
@@ -277,20 +317,36 @@ class Runner:
         h: float[B, T, D_e] encoder states; read: int32[B, T]. Returns logits float32[B, T, V].
         """
         m = self.config
-        slots = self.dec.slots(gather_rows(st.latents, read))  # [B, T, k, D_d]: one patch per byte
-        own = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
         mask = self._local_mask(tokens, qpos, m.decoder.window, m.document_masking)
-        new_k, new_v = [], []
-        for i, (block, attn) in enumerate(self.dec_blocks):
-            if i == 0 or m.decoder.cross_attn_all_layers:
-                h = h + self.dec.cross_attn_layers[i].gathered(h, slots, own)
-            a, kc, vc = attn(block.attention_norm(h), qpos, st.dec_k[i], st.dec_v[i], cols, mask)
-            h = h + a
-            h = h + block.feed_forward(block.ffn_norm(h))
-            new_k.append(kc)
-            new_v.append(vc)
-        logits = self.dec.output(self.dec.norm(h)).astype(jnp.float32)
-        return st._replace(dec_k=tuple(new_k), dec_v=tuple(new_v)), logits
+        logits, caches = self.decoder_layers(
+            st,
+            h,
+            qpos,
+            read,
+            lambda i: cached_attend(st.dec_k[i], st.dec_v[i], cols, mask, self.impl, m.decoder.window, qpos),
+        )
+        ks, vs = zip(*caches, strict=True)
+        return st._replace(dec_k=ks, dec_v=vs), logits
+
+    def decoder_layers(self, st: State, h, positions, read, attend_of) -> tuple[jax.Array, tuple]:
+        """The decoder stack, shared by the byte steps and BLT-D's block passes.
+
+        Args: h: float[B, T, D_d] inputs; positions: int32[B, T]; read: int32[B, T], the patch whose
+          slots each row cross-attends (their keys/values cached by the global step);
+          attend_of(i) -> layer i's self-attention (fastblt.sampler.fused.Attend).
+        Returns: (logits float32[B, T, V], per-layer aux of attend).
+        """
+        dc = self.config.decoder
+        aux = []
+        for i, layer in enumerate(self.dec_layers):
+            if i in self.dec_cross:
+                j = self.dec_cross.index(i)
+                k, v = gather_rows(st.dec_ck[j], read), gather_rows(st.dec_cv[j], read)
+                q = self.dec_queries[i]
+                h = h + fused.cross_attend(q, dc.cross_heads, dc.norm_eps, h, k, v)  # the double residual
+            h, a = fused.layer_step(layer, dc, h, positions, attend_of(i))
+            aux.append(a)
+        return fused.head_logits(self.dec_head, dc.norm_eps, h), tuple(aux)
 
     # ----------------------------------------------------------------------------- entry points
 
@@ -329,7 +385,9 @@ class Runner:
         return forced, jnp.where(forced, completed, completed - 1)
 
     def _extend(self, st: State, chunk, count, close_last: bool):
-        b, t = chunk.shape
+        b, t_in = chunk.shape
+        t = fused.padded_width(b, t_in)  # inert columns (past count: nothing written, logits cut)
+        chunk = jnp.pad(chunk, ((0, 0), (0, t - t_in)))
         n = st.tokens.shape[1]
         valid = jnp.arange(t, dtype=jnp.int32)[None] < count[:, None]
         qpos = st.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
@@ -358,7 +416,7 @@ class Runner:
         with jax.named_scope(SCOPES["decoder"]):
             st, logits = self.decoder(st, h, qpos, cols, read, tokens)
         st = st._replace(tokens=tokens, length=length, completed=completed)
-        return st, logits, new_patches, closed_read
+        return st, logits[:, :t_in], new_patches, closed_read
 
     def draft_step(
         self, st: State, token: jax.Array, pos: jax.Array, read: jax.Array, active: jax.Array
@@ -369,13 +427,15 @@ class Runner:
         does not change ``length``. token, pos, read: int32[B]; active: bool[B]. Returns logits [B, V].
         """
         n = st.tokens.shape[1]
-        qpos = pos[:, None]
-        cols = jnp.where(active, pos, n)[:, None]
-        tokens = scatter_rows(st.tokens, cols, token[:, None])
+        b = token.shape[0]
+        w = jnp.arange(fused.padded_width(b, 1), dtype=jnp.int32)[None]  # column 0, then inert ones
+        qpos = pos[:, None] + w
+        cols = jnp.where(active[:, None] & (w == 0), qpos, n)
+        tokens = scatter_rows(st.tokens, cols, jnp.where(w == 0, token[:, None], 0))
         with jax.named_scope(SCOPES["encoder"]):
             st, h = self.encoder_bytes(st, qpos, cols, tokens)
         with jax.named_scope(SCOPES["decoder"]):
-            st, logits = self.decoder(st, h, qpos, cols, read[:, None], tokens)
+            st, logits = self.decoder(st, h, qpos, cols, jnp.broadcast_to(read[:, None], qpos.shape), tokens)
         return st._replace(tokens=tokens), logits[:, 0]
 
     def patch_count(self, st: State, length: jax.Array) -> jax.Array:

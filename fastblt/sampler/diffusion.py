@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.model.attention import attention, document_ids
-from fastblt.model.diffusion import _QKV, _Out, block_embeddings
+from fastblt.model.diffusion import block_embeddings
 from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.sampling import sample_logits, step_keys
@@ -78,20 +78,18 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
         prefix_doc = gather_rows(docs, (start - 1)[:, None])  # [b, 1]
         ctx &= (docs == prefix_doc)[:, None, :]
     mask = jnp.concatenate([ctx, jnp.ones((b, bs, bs), bool)], axis=2)  # [b, B, N + B]
-    slots = runner.dec.slots(gather_rows(st.latents, jnp.broadcast_to(read[:, None], (b, bs))))
-    own = jnp.broadcast_to(jnp.arange(bs, dtype=jnp.int32), (b, bs))
-    dtype = jnp.dtype(m.dtype)
-    for i, (block, _) in enumerate(runner.dec_blocks):
-        if i == 0 or m.decoder.cross_attn_all_layers:
-            h = h + runner.dec.cross_attn_layers[i].gathered(h, slots, own)
-        p_attn = {"params": block.variables["params"]["attention"]}
-        q, k, v = _QKV(m.decoder, 1.0, dtype, m.attention_impl).apply(p_attn, block.attention_norm(h), pos)
-        keys = jnp.concatenate([st.dec_k[i], k.astype(st.dec_k[i].dtype)], axis=1)
-        vals = jnp.concatenate([st.dec_v[i], v.astype(st.dec_v[i].dtype)], axis=1)
-        o = attention(q, keys, vals, mask, m.attention_impl)
-        h = h + _Out(m.decoder, 1.0, dtype, m.attention_impl).apply(p_attn, o)
-        h = h + block.feed_forward(block.ffn_norm(h))
-    return runner.dec.output(runner.dec.norm(h)).astype(jnp.float32)
+    impl = m.attention_impl
+
+    def attend_of(i):
+        def attend(q, k, v):  # the cached clean rows, then the block's own cells
+            keys = jnp.concatenate([st.dec_k[i], k.astype(st.dec_k[i].dtype)], axis=1)
+            vals = jnp.concatenate([st.dec_v[i], v.astype(st.dec_v[i].dtype)], axis=1)
+            return attention(q, keys, vals, mask, impl), None
+
+        return attend
+
+    logits, _ = runner.decoder_layers(st, h, pos, jnp.broadcast_to(read[:, None], (b, bs)), attend_of)
+    return logits
 
 
 def reveal(logits, masked, rule: str, alpha, gamma, pred=None) -> tuple[jax.Array, jax.Array]:

@@ -40,6 +40,9 @@ class State(NamedTuple):
     patch_eos: bool[B, P], the patch holds an EOS (it ends a document for the global model).
     latents: [B, P, D_g] global outputs of completed patches.
     dec_k, dec_v: per local-decoder layer, [B, N, kv_heads, head_dim].
+    dec_ck, dec_cv: per decoder cross-attention layer, the keys/values of each patch's k slots,
+      [B, P, k, cross_heads, D_d / cross_heads]: written with the latent, so a byte reads its patch's
+      instead of projecting the latent again in every layer.
     """
 
     tokens: jax.Array
@@ -59,12 +62,19 @@ class State(NamedTuple):
     latents: jax.Array
     dec_k: Layers
     dec_v: Layers
+    dec_ck: Layers
+    dec_cv: Layers
 
 
 def encoder_cross_layers(config: ModelConfig) -> tuple[int, ...]:
     """Encoder layers followed by a cross-attention (the last one, or all of them)."""
     n = config.encoder.n_layers
     return tuple(range(n)) if config.encoder.cross_attn_all_layers else (n - 1,)
+
+
+def decoder_cross_layers(config: ModelConfig) -> tuple[int, ...]:
+    """Decoder layers preceded by a cross-attention (all of them, or the first)."""
+    return tuple(range(config.decoder.n_layers)) if config.decoder.cross_attn_all_layers else (0,)
 
 
 def uses_entropy_model(config: ModelConfig) -> bool:
@@ -98,6 +108,9 @@ def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) ->
     cross_shape = (batch, n_bytes, heads, d_e // heads)
     glob_k, glob_v = _kv(m.global_model, batch, n_patches, dtype)
     dec_k, dec_v = _kv(m.decoder, batch, n_bytes, dtype)
+    dh = m.decoder.cross_heads
+    slot_shape = (batch, n_patches, m.cross_attn_k, dh, m.decoder.dim // dh)
+    n_dec_cross = len(decoder_cross_layers(m))
     return State(
         tokens=jnp.zeros((batch, n_bytes), jnp.int32),
         length=jnp.zeros((batch,), jnp.int32),
@@ -116,6 +129,8 @@ def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) ->
         latents=jnp.zeros((batch, n_patches, m.global_model.dim), dtype),
         dec_k=dec_k,
         dec_v=dec_v,
+        dec_ck=tuple(jnp.zeros(slot_shape, dtype) for _ in range(n_dec_cross)),
+        dec_cv=tuple(jnp.zeros(slot_shape, dtype) for _ in range(n_dec_cross)),
     )
 
 

@@ -1,0 +1,161 @@
+"""Transformer layers in decode form: each stack's weights fused once per generation.
+
+A one-byte decode step is a chain of matrix-vector products whose cost is launches and weight reads,
+not FLOPs. The model's modules (fastblt.model.layers) project q, k and v with three matmuls and the
+SwiGLU gate and up with two; here each pair or triple is one matrix (``wqkv = [wq | wk | wv]``,
+``w13 = [w1 | w3]``), concatenated and cast to the compute dtype once, outside the sampler's loop.
+The math is the model's (the same RMSNorm, interleaved RoPE and SwiGLU functions), column for column,
+so greedy generations stay the model's (tests/test_greedy_identity.py).
+
+Every matmul of a decode step goes through :func:`dot`. On GPUs a one-row product is given a second
+(zero) row: XLA rewrites a vector-times-matrix dot whose matrix has under 10M elements (all of the
+local models', the entropy model's) into an elementwise multiply and a reduction, which run at a
+fraction of the copy bandwidth; two rows keep it a GEMM for cuBLAS (experiments/benchmarks/gemv_rate.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fastblt.config import TransformerConfig
+from fastblt.model.attention import gathered_attention
+from fastblt.model.layers import rms_norm, rope
+
+# Fewest rows of a GPU matmul in decode form (see the module docstring); 1 turns the padding off.
+GPU_MIN_DOT_ROWS = 2
+
+
+class FusedLayer(NamedTuple):
+    """One pre-norm transformer layer's weights (a pytree of arrays)."""
+
+    attn_norm: jax.Array  # float[D] (applied in float32, as RMSNorm)
+    wqkv: jax.Array  # [D, (H + 2 KV) * hd], compute dtype
+    wo: jax.Array  # [H * hd, D]
+    ffn_norm: jax.Array  # float[D]
+    w13: jax.Array  # [D, 2 F]
+    w2: jax.Array  # [F, D]
+
+
+def fuse_stack(c: TransformerConfig, params: dict, dtype: jnp.dtype) -> tuple[FusedLayer, ...]:
+    """Fused weights of a stack's ``layers_0 .. layers_{L-1}`` (the model's parameter names)."""
+    out = []
+    for i in range(c.n_layers):
+        p = params[f"layers_{i}"]
+        a, f = p["attention"], p["feed_forward"]
+        cat = lambda *ws: jnp.concatenate([w["kernel"].astype(dtype) for w in ws], axis=1)  # noqa: E731
+        out.append(
+            FusedLayer(
+                attn_norm=p["attention_norm"]["scale"],
+                wqkv=cat(a["wq"], a["wk"], a["wv"]),
+                wo=a["wo"]["kernel"].astype(dtype),
+                ffn_norm=p["ffn_norm"]["scale"],
+                w13=cat(f["w1"], f["w3"]),
+                w2=f["w2"]["kernel"].astype(dtype),
+            )
+        )
+    return tuple(out)
+
+
+def min_rows() -> int:
+    """Fewest rows a decode matmul should have here: :data:`GPU_MIN_DOT_ROWS` on a GPU, else 1."""
+    return GPU_MIN_DOT_ROWS if jax.default_backend() == "gpu" else 1
+
+
+def padded_width(batch: int, width: int) -> int:
+    """Columns to run a decode call over ``[batch, width]`` new bytes with, so that its matmuls have
+    :func:`min_rows` rows without a pad per matmul (the sampler adds inert columns that write nothing)."""
+    need = min_rows()
+    return width if batch * width >= need else -(-need // batch)
+
+
+def dot(x: jax.Array, w: jax.Array, at_least: int | None = None) -> jax.Array:
+    """``x @ w`` in w's dtype, as ``nn.Dense(dtype=...)`` computes it. x: [..., K]; w: [K, N].
+
+    at_least: products of fewer rows get zero rows added (and cut off after); None: :func:`min_rows`.
+    """
+    x = x.astype(w.dtype)
+    need = min_rows() if at_least is None else at_least
+    rows = math.prod(x.shape[:-1])
+    if rows >= need:
+        return jnp.dot(x, w)
+    flat = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, need - rows), (0, 0)))
+    return jnp.dot(flat, w)[:rows].reshape(*x.shape[:-1], w.shape[1])
+
+
+def qkv(layer: FusedLayer, c: TransformerConfig, x: jax.Array, positions: jax.Array):
+    """Normed input x: float[B, T, D] -> rotated q [B, T, H, hd], k and v [B, T, KV, hd]."""
+    b, t, _ = x.shape
+    h, kv, hd = c.n_heads, c.kv_heads, c.head_dim
+    y = dot(x, layer.wqkv)
+    qk = rope(y[..., : (h + kv) * hd].reshape(b, t, h + kv, hd), positions, c.rope_theta)
+    return qk[:, :, :h], qk[:, :, h:], y[..., (h + kv) * hd :].reshape(b, t, kv, hd)
+
+
+def feed_forward(layer: FusedLayer, x: jax.Array) -> jax.Array:
+    """SwiGLU ``w2(silu(w1 x) * w3 x)`` with w1 and w3 as one matmul. x: float[B, T, D]."""
+    gate, up = jnp.split(dot(x, layer.w13), 2, axis=-1)
+    return dot(jax.nn.silu(gate) * up, layer.w2)
+
+
+class CrossQuery(NamedTuple):
+    """A cross-attention's query side (the keys/values of its slots are cached per patch)."""
+
+    norm_q: jax.Array  # float[D]
+    wq: jax.Array  # [D, D]
+    wo: jax.Array  # [D, D]
+
+
+def fuse_cross(params: dict, dtype: jnp.dtype) -> CrossQuery:
+    """The query side of a ``CrossAttention``'s params (``cross_attn_norm_q``, ``wq``, ``wo``)."""
+    return CrossQuery(
+        params["cross_attn_norm_q"]["scale"],
+        params["wq"]["kernel"].astype(dtype),
+        params["wo"]["kernel"].astype(dtype),
+    )
+
+
+def cross_attend(cq: CrossQuery, n_heads: int, eps: float, x: jax.Array, k: jax.Array, v: jax.Array):
+    """``CrossAttention.attend_slots`` in decode form: x float[B, T, D] queries over their own slots'
+    keys/values [B, T, k, heads, hd]. Returns ``x + wo(attn)`` (the caller adds x once more)."""
+    q = dot(rms_norm(x, cq.norm_q, eps), cq.wq)
+    o = gathered_attention(q.reshape(*x.shape[:-1], n_heads, -1), k, v)
+    return x + dot(o.reshape(x.shape), cq.wo)
+
+
+class Head(NamedTuple):
+    """A stack's final norm and output projection."""
+
+    norm: jax.Array  # float[D]
+    w: jax.Array  # [D, V]
+
+
+def fuse_head(norm_params: dict, out_params: dict, dtype: jnp.dtype) -> Head:
+    return Head(norm_params["scale"], out_params["kernel"].astype(dtype))
+
+
+def head_logits(head: Head, eps: float, h: jax.Array) -> jax.Array:
+    """float32[B, T, V] logits of h float[B, T, D] (norm, projection, float32 as the model)."""
+    return dot(rms_norm(h, head.norm, eps), head.w).astype(jnp.float32)
+
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
+
+
+def layer_step(
+    layer: FusedLayer, c: TransformerConfig, h: jax.Array, positions: jax.Array, attend: Attend
+) -> tuple[jax.Array, object]:
+    """``h + attn(norm(h))`` then ``h + ffn(norm(h))`` (TransformerBlock), attention by ``attend``.
+
+    Args: h: float[B, T, D]; positions: int32[B, T] (RoPE); attend(q, k, v) -> (o [B, T, H, hd],
+      aux): where the new keys go (a cache write, a concatenation) and what they attend.
+    Returns: (h, aux).
+    """
+    q, k, v = qkv(layer, c, rms_norm(h, layer.attn_norm, c.norm_eps), positions)
+    o, aux = attend(q, k, v)
+    h = h + dot(o.reshape(*o.shape[:2], -1), layer.wo)
+    return h + feed_forward(layer, rms_norm(h, layer.ffn_norm, c.norm_eps)), aux
