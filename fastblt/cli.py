@@ -306,6 +306,17 @@ def _sample(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        default=None,
+        help="keep compiled programs here (default: JAX_COMPILATION_CACHE_DIR, else "
+        "$FASTBLT_COMPILATION_CACHE, else ~/.cache/fastblt/jax)",
+    )
+    cache.add_argument(
+        "--no-compilation-cache", action="store_true", help="do not turn the persistent compilation cache on"
+    )
     parser.set_defaults(run=_run_sample)
 
 
@@ -336,6 +347,7 @@ def _run_sample(args: argparse.Namespace) -> None:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            compilation_cache=False if args.no_compilation_cache else (args.compilation_cache or True),
         )
     except ValueError as e:
         raise UsageError(str(e).replace("raise buffer_bytes", "raise --buffer-bytes")) from None

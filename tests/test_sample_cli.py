@@ -79,3 +79,21 @@ def test_errors_name_flags_that_exist(monkeypatch, export_dir, tmp_path, capsys)
     with pytest.raises(SystemExit):
         cli.main([*base, "--prompt-file", str(tmp_path / "missing.txt")])
     assert "--prompt-file" in capsys.readouterr().err
+
+
+def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir, tmp_path):
+    from fastblt.compile_cache import use_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    cache = tmp_path / "programs"
+    try:
+        argv = ["sample", "--checkpoint", export_dir, "--prompt", "ab", "--max-bytes", "3"]
+        # A buffer no other test uses: the program is compiled (and cached) by this call.
+        code, _, _ = _run(monkeypatch, argv + ["--buffer-bytes", "200", "--compilation-cache", str(cache)])
+        assert code == 0 and any(cache.iterdir()), "no compiled program was written to the cache"
+        jax.config.update("jax_compilation_cache_dir", before)
+        code, _, _ = _run(monkeypatch, argv + ["--buffer-bytes", "208", "--no-compilation-cache"])
+        assert code == 0 and jax.config.jax_compilation_cache_dir == before
+    finally:
+        use_compilation_cache(before or False)
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastblt.compile_cache import use_compilation_cache
 from fastblt.config import ModelConfig
 from fastblt.sampler.ar import Prompts, build_ar
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
@@ -73,6 +74,18 @@ def encode_prompts(prompts: Sequence[str | bytes] | Sequence[np.ndarray]) -> lis
     return out
 
 
+# XLA options of the sampler's GPU programs, per program (training is unaffected); none by default.
+# Measured on one H200, BLT-1B, jax 0.11.2 (experiments/results/generate_speed.md): turning Triton GEMM
+# fusions off (``xla_gpu_enable_triton_gemm: False``) compiles ar in 21 s instead of 29 s at the same
+# batch-1 speed (1.66 vs 1.65 ms per byte) but is 8% slower at batch 32 (2.18 vs 2.02 ms per step).
+# generate_speed.py --compiler-option sets these for experiments.
+GPU_COMPILER_OPTIONS: dict = {}
+
+
+def compiler_options() -> dict | None:
+    return dict(GPU_COMPILER_OPTIONS) if GPU_COMPILER_OPTIONS and jax.default_backend() == "gpu" else None
+
+
 def _compiled(key, fn, args):
     """AOT-compiles ``fn`` once per (static key, argument shapes/dtypes/shardings); returns
     (executable, seconds). Shardings are part of the key: params restored from a training mesh and
@@ -86,7 +99,7 @@ def _compiled(key, fn, args):
     if sig in _COMPILED:
         return _COMPILED[sig], 0.0
     start = time.perf_counter()
-    exe = jax.jit(fn).lower(*args).compile()
+    exe = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options())
     _COMPILED[sig] = exe
     return exe, time.perf_counter() - start
 
@@ -131,6 +144,7 @@ def prepare(
     alpha: float | None = None,
     gamma: float | None = None,
     one_step: bool = False,
+    compilation_cache: bool | str = True,
 ) -> Program:
     """Checks a generation request and compiles its program (cached per method, config and shapes).
 
@@ -158,6 +172,8 @@ def prepare(
       gamma: ("blt_d") entropy bound instead of alpha: reveal cells by increasing entropy while the
         cumulative entropy (nats) stays <= gamma (at least one).
       one_step: ("blt_d", "blt_dv") reveal the whole block in one decoder pass.
+      compilation_cache: True: keep compiled programs in the persistent cache (fastblt.compile_cache
+        says where); a directory: there; False: leave JAX's cache setting as it is.
 
     Returns: a :class:`Program`; :func:`run_program` runs it.
     """
@@ -260,6 +276,7 @@ def prepare(
     else:
         static = dict(common, block_size=block_size, rule=rule, verify=method == "blt_dv", greedy=greedy)
         fn = build_blt_d(config, **static)
+    use_compilation_cache(compilation_cache)
     exe, compile_s = _compiled((method, config, tuple(sorted(static.items()))), fn, args)
     return Program(exe, args, lengths, method, compile_s, param_counts(params, config))
 

@@ -1,0 +1,55 @@
+"""fastblt.compile_cache: where the persistent compilation cache goes, and that programs land there."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fastblt.compile_cache import ENV, use_compilation_cache
+
+
+@pytest.fixture
+def jax_cache_dir(monkeypatch):
+    """Runs the test with JAX's cache directory unset, and puts the session's back afterwards."""
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.delenv(ENV, raising=False)
+    yield
+    use_compilation_cache(before or False)
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_default_is_xdg_cache_home_and_programs_are_written_there(jax_cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    where = use_compilation_cache()
+    assert where == str(tmp_path / "fastblt" / "jax")
+    assert jax.config.jax_compilation_cache_dir == where
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.123).lower(jnp.ones(7)).compile()  # a program seen nowhere else
+    assert os.listdir(where), "the compiled program was not written to the cache"
+
+
+def test_env_variable_picks_the_directory_or_turns_it_off(jax_cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, str(tmp_path / "mine"))
+    assert use_compilation_cache() == str(tmp_path / "mine")
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv(ENV, "0")
+    assert use_compilation_cache() is None
+    assert not jax.config.jax_compilation_cache_dir
+
+
+def test_a_directory_jax_was_given_wins_over_the_default_but_not_over_an_explicit_one(
+    jax_cache_dir, tmp_path
+):
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "users"))
+    assert use_compilation_cache() == str(tmp_path / "users")
+    assert use_compilation_cache(False) == str(tmp_path / "users")
+    assert use_compilation_cache(tmp_path / "explicit") == str(tmp_path / "explicit")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "explicit")
+
+
+def test_an_unwritable_directory_warns_and_generation_goes_on(jax_cache_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.warns(UserWarning, match="cannot be created"):
+        assert use_compilation_cache(blocker / "jax") is None
