@@ -312,6 +312,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
             "train.grad_accum",
             f"{accum} micro-batches do not divide data.batch_size={batch}",
         )
+    _validate_mesh(config, batch)
     entropy_ckpt = get("entropy_stage", "checkpoint")
     if entropy_ckpt and "://" not in str(entropy_ckpt):
         need(
@@ -319,6 +320,27 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
             "entropy_stage.checkpoint",
             f"{entropy_ckpt} is not a directory: name a trained entropy model's workdir, or leave it empty "
             "to train one in stage 1",
+        )
+
+
+def _validate_mesh(config: ml_collections.ConfigDict, batch: int | None) -> None:
+    """The mesh section's shape (the device count is checked where the mesh is built: a config may
+    be written for other machines), and the batch over its data-parallel axes when they are fixed."""
+    if "mesh" not in config:
+        return
+    sizes = {}
+    for axis in ("data", "fsdp", "tensor"):
+        v = config.mesh.get(axis, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or not (v >= 1 or v == -1):
+            raise ConfigError(f"mesh.{axis}: must be a positive int or -1 (all remaining devices), got {v!r}")
+        sizes[axis] = v
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
+    ways = sizes["data"] * sizes["fsdp"]
+    if batch is not None and ways > 0 and batch % ways:
+        raise ConfigError(
+            f"data.batch_size: {batch} rows do not split over the mesh's {ways} data-parallel ways "
+            f"(mesh.data x mesh.fsdp = {sizes['data']} x {sizes['fsdp']}); use a multiple of {ways}"
         )
 
 

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fastblt.config import ConfigError
+
 # Logical axes used by the model. Parameters: embed, heads, kv_heads, mlp, vocab, hash_vocab,
 # patch_embed, norm. Activations: batch, bytes, patches, embed, heads, vocab.
 LOGICAL_AXES = (
@@ -107,22 +109,34 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
         int(mesh_cfg.get(a, 1)) if hasattr(mesh_cfg, "get") else int(getattr(mesh_cfg, a)) for a in MESH_AXES
     ]
     if shape.count(-1) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"mesh: at most one of {MESH_AXES} may be -1, got {dict(zip(MESH_AXES, shape, strict=True))}"
         )
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(
-                f"mesh: {len(devices)} devices are not divisible by {known} (the fixed mesh axes)"
+            raise ConfigError(
+                f"mesh: {len(devices)} devices are not divisible by {known} (the fixed mesh axes): "
+                "change mesh.fsdp / mesh.tensor"
             )
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {int(np.prod(shape))} devices, "
             f"{len(devices)} are present: set mesh.data=-1 or change mesh.fsdp / mesh.tensor"
         )
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def check_batch(mesh: Mesh, batch_size: int) -> None:
+    """Rows of a global batch must split evenly over the mesh's data-parallel axes (data x fsdp)."""
+    ways = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    if batch_size % ways:
+        raise ConfigError(
+            f"data.batch_size: {batch_size} rows do not split over the {ways} data-parallel ways of this "
+            f"mesh (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} on {mesh.size} devices); "
+            f"use a multiple of {ways} or set mesh.data / mesh.fsdp"
+        )
 
 
 def tree_shardings(

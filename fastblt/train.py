@@ -243,6 +243,7 @@ def _train(
     """
     # ---------------------------------------------------------------- setup
     mesh = sharding.make_mesh(cfg.get("mesh", {}))
+    sharding.check_batch(mesh, int(cfg.data.batch_size))
     trainer = Trainer(cfg, mesh, frozen)
     task = trainer.task
     chief = jax.process_index() == 0

@@ -357,6 +357,10 @@ def test_cli_accepts_ml_collections_style_overrides(capsys):
         ("checkpoint.keep=0", "checkpoint.keep"),
         ("train.grad_accum=3", "train.grad_accum"),  # 8 rows do not split into 3 micro-batches
         ("entropy_stage.checkpoint=/nonexistent/entropy", "entropy_stage.checkpoint"),
+        ("mesh.fsdp=0", "mesh.fsdp"),
+        ("mesh.tensor=-2", "mesh.tensor"),
+        ("mesh.fsdp=-1", "mesh"),  # two axes of -1 (data is -1 in the base config)
+        ("mesh.data=3", "data.batch_size"),  # 8 rows over 3 data-parallel ways
     ],
 )
 def test_training_values_that_cannot_work_fail_at_load(override, key):
@@ -368,3 +372,16 @@ def test_training_values_that_cannot_work_fail_at_load(override, key):
 def test_broken_literal_override_is_an_error(raw):
     with pytest.raises(ConfigError, match="does not parse"):
         load_config("tiny", [f"data.paths={raw}"])
+
+
+def test_batch_that_does_not_split_over_the_devices_fails_before_compiling():
+    import jax
+
+    from fastblt import sharding
+
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:4])
+    sharding.check_batch(mesh, 8)
+    with pytest.raises(ConfigError, match=r"data\.batch_size: 6 rows .* 4 data-parallel ways"):
+        sharding.check_batch(mesh, 6)
+    with pytest.raises(ConfigError, match="needs 6 devices, 4 are present"):
+        sharding.make_mesh({"data": 3, "fsdp": 2}, jax.devices()[:4])
