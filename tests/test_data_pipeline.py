@@ -267,3 +267,27 @@ def test_worker_processes_give_the_same_batches_and_restore(corpus):
         resumed.close()
     for want, have in zip(expected + expected[4:], got, strict=True):
         np.testing.assert_array_equal(want["inputs"], have["inputs"])
+
+
+def test_one_document_corpus_holds_out_its_tail_with_a_warning(tmp_path):
+    doc = bytes(range(40, 140))  # 100 bytes
+    (tmp_path / "only.txt").write_bytes(doc)
+    cfg = _cfg(tmp_path, eval_fraction=0.1, batch_size=2, seq_len=16)
+    with pytest.warns(UserWarning, match="last 10 bytes of the last document are held out"):
+        heldout = open_split(cfg, "eval")
+    train = open_split(cfg, "train")
+    assert (len(train), len(heldout)) == (1, 1)
+    assert train[0] == doc[:90] and heldout[0] == doc[90:]  # disjoint, together the whole document
+    with pytest.warns(UserWarning):
+        batches = make_eval_batches(cfg)
+    assert bytes(int(t) - 4 for t in _rows(batches)[0][1:11]) == doc[90:]  # BOS, then the tail
+
+
+def test_eval_fraction_zero_means_no_heldout_evaluation(tmp_path):
+    (tmp_path / "only.txt").write_bytes(b"a single short document")
+    cfg = _cfg(tmp_path, eval_fraction=0.0, batch_size=2, seq_len=64)
+    assert make_eval_batches(cfg) == []
+    assert open_split(cfg, "eval", required=False) is None
+    with pytest.warns(UserWarning, match="fewer than one row of data.seq_len \\+ 1 = 65"):
+        rows = _rows(_take(make_train_iterator(cfg), 1))
+    assert bytes(int(t) - 4 for t in rows[0][1:24]) == b"a single short document"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,7 +136,9 @@ def train_dataset(data_cfg: Any, process_index: int = 0, process_count: int = 1)
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else parse_data_config(data_cfg)
     _check_process(process_index, process_count)
     local_batch = cfg.local_batch_size(process_count)
-    docs = EncodedDocuments(open_split(cfg, "train"), with_entropies=cfg.entropies)
+    source = open_split(cfg, "train")
+    _warn_if_shorter_than_a_row(source, cfg.seq_len + 1)
+    docs = EncodedDocuments(source, with_entropies=cfg.entropies)
     ds = grain.MapDataset.source(docs)
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
@@ -148,6 +151,20 @@ def train_dataset(data_cfg: Any, process_index: int = 0, process_count: int = 1)
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     it = PackIterDataset(it, row_len=cfg.seq_len + 1)
     return it.batch(local_batch, batch_fn=MakeBatch(local_batch, cfg.seq_len, cfg.entropies))
+
+
+def _warn_if_shorter_than_a_row(source, row_len: int, few: int = 64) -> None:
+    """A corpus (of a few documents: larger ones are not read for this) that is shorter than one packed
+    row trains, its documents repeated in every row; say so."""
+    if len(source) > few:
+        return
+    total = sum(len(source[i]) + 2 for i in range(len(source)))  # + BOS and EOS
+    if total < row_len:
+        warnings.warn(
+            f"the training split of {source!r} holds {total} tokens, fewer than one row of "
+            f"data.seq_len + 1 = {row_len}: every row repeats it (add text or lower data.seq_len)",
+            stacklevel=3,
+        )
 
 
 def make_train_iterator(
@@ -175,7 +192,10 @@ def make_eval_batches(data_cfg: Any, process_index: int = 0, process_count: int 
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else parse_data_config(data_cfg)
     _check_process(process_index, process_count)
     local_batch = cfg.local_batch_size(process_count)
-    docs = EncodedDocuments(open_split(cfg, "eval"), with_entropies=cfg.entropies)
+    heldout = open_split(cfg, "eval", required=bool(cfg.eval_paths) or cfg.eval_fraction > 0)
+    if heldout is None:  # data.eval_fraction=0: no held-out evaluation
+        return []
+    docs = EncodedDocuments(heldout, with_entropies=cfg.entropies)
     rows_ds = PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(_read_options()), cfg.seq_len + 1)
     limit = None if cfg.eval_batches is None else cfg.eval_batches * cfg.batch_size
     rows = list(itertools.islice(iter(rows_ds), limit))

@@ -5,13 +5,17 @@ The held-out rule, in order:
 1. ``data.eval_paths`` set: ``paths`` is all training, ``eval_paths`` all evaluation.
 2. the corpus carries its own split (a tensorstore corpus's ``heldout`` array): it is used.
 3. otherwise each document whose key hashes below ``data.eval_fraction`` is held out
-   (:func:`fastblt.data.sources.heldout_mask`); train and eval are disjoint by construction.
+   (:func:`fastblt.data.sources.heldout_mask`); train and eval are disjoint by construction;
+4. where that leaves a split empty (a corpus of one document), the tail of the last document is held
+   out instead: its last ``eval_fraction`` of bytes (at least one) evaluate, the rest trains
+   (:class:`TailSplit`, with a warning). ``data.eval_fraction=0`` means no held-out evaluation.
 
 No grain or JAX import: the preprocessing tools and tests use this module directly.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,6 +65,40 @@ def open_corpus(cfg: DataConfig, key: str = "data.paths") -> DocumentSource:
     raise ConfigError(f"data.source={cfg.source!r} is not supported")  # parse_data_config checks first
 
 
+class TailSplit(DocumentSource):
+    """One side of a byte-level split of a corpus's last document (rule 4 of the module docstring).
+
+    "train": every document, the last one without its tail; "eval": that tail, one document.
+    """
+
+    def __init__(self, base: DocumentSource, fraction: float, split: str):
+        last = base[len(base) - 1]
+        if len(last) < 2:
+            raise ConfigError(
+                f"{base!r} has too few documents for a held-out split and its last document has "
+                f"{len(last)} byte(s): set data.eval_paths, or data.eval_fraction=0 (no held-out evaluation)"
+            )
+        self.cut = len(last) - min(len(last) - 1, max(1, round(fraction * len(last))))
+        self._base, self._split = base, split
+        self._last = last[self.cut :] if split == "eval" else last[: self.cut]
+        self._n = 1 if split == "eval" else len(base)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> bytes:
+        index = self._check_index(index)
+        return self._last if index == self._n - 1 else self._base[index]
+
+    def iter_keys(self) -> Iterator[str]:
+        keys = list(self._base.iter_keys())
+        tail = keys[-1] + f"#bytes[{self.cut}:]"
+        return iter([tail] if self._split == "eval" else keys[:-1] + [keys[-1] + f"#bytes[:{self.cut}]"])
+
+    def __repr__(self) -> str:
+        return f"TailSplit({self._base!r}, {self._split}, cut={self.cut})"
+
+
 def _open_split(cfg: DataConfig, split: str, required: bool) -> DocumentSource | None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -70,6 +108,16 @@ def _open_split(cfg: DataConfig, split: str, required: bool) -> DocumentSource |
     mask = base.heldout()
     if mask is None:
         mask = heldout_mask(base.iter_keys(), cfg.eval_fraction)
+        if cfg.eval_fraction > 0 and (mask.all() or not mask.any()) and not base.has_entropies:
+            tail = TailSplit(base, cfg.eval_fraction, split)
+            if split == "eval":
+                warnings.warn(
+                    f"{base!r}: {len(base)} document(s) are too few for a held-out split by documents "
+                    f"(data.eval_fraction={cfg.eval_fraction}); the last {len(tail[0])} bytes of the last "
+                    "document are held out instead (set data.eval_paths for a held-out corpus)",
+                    stacklevel=3,
+                )
+            return tail
     indices = np.flatnonzero(mask if split == "eval" else ~mask)
     if indices.size == 0:
         if not required:
@@ -86,15 +134,14 @@ def _open_split(cfg: DataConfig, split: str, required: bool) -> DocumentSource |
     return Subset(base, indices, split)
 
 
-def open_split(data_cfg: Any, split: str) -> DocumentSource:
+def open_split(data_cfg: Any, split: str, required: bool = True) -> DocumentSource | None:
     """The documents of ``split`` ("train" or "eval") as a random-access source, in corpus order.
 
-    Raises ConfigError when the split is empty, naming the key that controls it.
+    An empty split raises ConfigError naming the key that controls it, or gives None where not
+    ``required`` (``data.eval_fraction=0``: no held-out evaluation).
     """
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else parse_data_config(data_cfg)
-    source = _open_split(cfg, split, required=True)
-    assert source is not None
-    return source
+    return _open_split(cfg, split, required=required)
 
 
 def iterate_labeled(data_cfg: Any) -> Iterator[tuple[bytes, bool]]:
