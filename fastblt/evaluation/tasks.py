@@ -1,0 +1,172 @@
+"""Evaluation tasks: prompts, references, a stop rule and the task's quality metrics.
+
+- ``code_completion``: functions of the held-out Python modules of a corpus (the ``data`` section of
+  an experiment; by default the standard-library corpus's held-out split). Prompt: the module up to
+  and including the function's signature and docstring (its last ``max_prompt_bytes``); reference:
+  the function's body. Metrics: exact match of the first generated line, chrF (sacrebleu).
+- ``translation``: a JSON Lines file of ``source``/``target`` pairs (field names configurable); the
+  first ``shots`` pairs form a few-shot prefix in the paper's FLORES-style template, the rest are
+  evaluated. Stop at the first newline. Metrics: BLEU and chrF (sacrebleu).
+
+Outputs are bytes; metrics read them as UTF-8 with replacement characters (a model may write any byte).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import sacrebleu
+
+from fastblt.config import ConfigError
+
+TRANSLATION_TEMPLATE = "{source_lang}: {source}\n{target_lang}: "
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    key: str  # stable id (module path and function, or file line)
+    prompt: bytes
+    reference: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    examples: tuple[Example, ...]
+    stop: bytes | None  # a generation is cut at the first occurrence (kept out of the scored text)
+    metrics: tuple[str, ...]
+
+    def cut(self, output: bytes) -> bytes:
+        """The scored part of a generation: up to the stop sequence."""
+        if self.stop is None:
+            return output
+        i = output.find(self.stop)
+        return output if i < 0 else output[:i]
+
+    def score(self, outputs: Sequence[bytes]) -> dict[str, float]:
+        """The task's metrics over ``outputs`` (one per example, in order)."""
+        hyps = [_text(self.cut(o)) for o in outputs]
+        refs = [_text(e.reference) for e in self.examples[: len(outputs)]]
+        out = {}
+        if "exact_first_line" in self.metrics:
+            out["exact_first_line"] = exact_first_line(hyps, refs)
+        if "chrf" in self.metrics:
+            out["chrf"] = sacrebleu.corpus_chrf(hyps, [refs]).score
+        if "bleu" in self.metrics:
+            out["bleu"] = sacrebleu.corpus_bleu(hyps, [refs]).score
+        return out
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def exact_first_line(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """Share of outputs whose first non-empty line equals the reference's (whitespace-stripped)."""
+
+    def first(s: str) -> str:
+        return next((line.strip() for line in s.splitlines() if line.strip()), "")
+
+    if not refs:
+        return 0.0
+    return sum(first(h) == first(r) for h, r in zip(hyps, refs, strict=True)) / len(refs)
+
+
+# ----------------------------------------------------------------------------------- code completion
+
+
+def function_examples(source: bytes, name: str, max_prompt_bytes: int) -> list[Example]:
+    """Prompt/reference pairs of every function with a body in one module's source.
+
+    The header is the module up to the line before the first body statement (decorators and
+    multi-line signatures included), plus the docstring where there is one; the body runs to the
+    function's last line. Modules that are not UTF-8 or do not parse give none.
+    """
+    try:
+        text = source.decode("utf-8")
+        tree = ast.parse(text)
+    except (UnicodeDecodeError, SyntaxError, ValueError):
+        return []
+    lines = text.splitlines(keepends=True)
+    out = []
+    funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    for fn in sorted(funcs, key=lambda n: n.lineno):
+        body = fn.body
+        has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+        has_doc = has_doc and isinstance(body[0].value.value, str)
+        rest = body[1:] if has_doc else body
+        if not rest:
+            continue
+        header_end = body[0].end_lineno if has_doc else rest[0].lineno - 1
+        if rest[0].lineno <= header_end or header_end < fn.lineno:
+            continue  # a one-line def (body on the signature line): no header/body split
+        prompt = "".join(lines[:header_end]).encode("utf-8")[-max_prompt_bytes:]
+        reference = "".join(lines[header_end : fn.end_lineno]).encode("utf-8")
+        out.append(Example(f"{name}:{fn.lineno}:{fn.name}", prompt, reference))
+    return out
+
+
+def code_completion(data_cfg, limit: int | None, max_prompt_bytes: int) -> Task:
+    """Functions of the held-out split of ``data_cfg`` (fastblt.data.splits), in corpus order."""
+    from fastblt.data.splits import open_split
+
+    source = open_split(data_cfg, "eval")
+    keys = list(source.iter_keys())
+    examples: list[Example] = []
+    for i in range(len(source)):
+        examples += function_examples(source[i], keys[i], max_prompt_bytes)
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise ConfigError(f"the held-out split of {source!r} holds no Python function to complete")
+    return Task("code_completion", tuple(examples[:limit]), None, ("exact_first_line", "chrf"))
+
+
+# ----------------------------------------------------------------------------------------- translation
+
+
+def translation(
+    path: str,
+    limit: int | None,
+    max_prompt_bytes: int,
+    source_field: str = "source",
+    target_field: str = "target",
+    shots: int = 3,
+    source_lang: str = "Source",
+    target_lang: str = "Target",
+) -> Task:
+    """Pairs of a JSONL file; the first ``shots`` make the few-shot prefix of every prompt."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--data {path}: no such file (a JSON Lines file of {source_field}/{target_field})")
+    pairs = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((n, str(row[source_field]), str(row[target_field])))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{path}:{n}: expected a JSON object with {source_field!r} and {target_field!r} "
+                f"fields ({type(e).__name__}: {e}); set --source-field/--target-field"
+            ) from None
+    if len(pairs) <= shots:
+        raise ConfigError(f"{path}: {len(pairs)} pairs, but {shots} are used as few-shot examples: add pairs")
+
+    def render(src: str, tgt: str | None) -> str:
+        s = TRANSLATION_TEMPLATE.format(source_lang=source_lang, source=src, target_lang=target_lang)
+        return s if tgt is None else s + tgt + "\n\n"
+
+    prefix = "".join(render(s, t) for _, s, t in pairs[:shots])
+    examples = [
+        Example(
+            f"{p.name}:{n}", (prefix + render(s, None)).encode("utf-8")[-max_prompt_bytes:], t.encode("utf-8")
+        )
+        for n, s, t in pairs[shots:]
+    ]
+    return Task("translation", tuple(examples[:limit]), b"\n", ("bleu", "chrf"))

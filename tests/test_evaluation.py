@@ -1,0 +1,170 @@
+"""fastblt.evaluation: metrics on hand-worked strings, task construction, the run plan, and a real run
+of the harness (table, plot, resumption) and of `fastblt eval` on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastblt import cli
+from fastblt.config import ConfigError
+from fastblt.configs import load_config, model_config
+from fastblt.evaluation import Example, Task, evaluate, function_examples, parse_settings, plan, translation
+from fastblt.evaluation.harness import agreement, judge_bits_per_byte
+from fastblt.evaluation.tasks import exact_first_line
+from fastblt.export import abstract_params, save_export
+
+MODULE = b'''import os
+
+
+def one_liner(x): return x
+
+
+@decorator
+def documented(a,
+               b=2):
+    """Adds.
+
+    Really."""
+    total = a + b
+    return total
+
+
+class K:
+    def method(self):
+        def inner():
+            return 1
+        return inner()
+'''
+
+
+def test_function_examples_split_header_and_body():
+    ex = {e.key.split(":")[-1]: e for e in function_examples(MODULE, "m.py", 10_000)}
+    assert sorted(ex) == ["documented", "inner", "method"]  # the one-line def has no body to complete
+    d = ex["documented"]
+    assert d.prompt.endswith(b'               b=2):\n    """Adds.\n\n    Really."""\n')
+    assert d.prompt.startswith(b"import os")  # the module up to the function is the prompt
+    assert d.reference == b"    total = a + b\n    return total\n"
+    assert ex["method"].reference == b"        def inner():\n            return 1\n        return inner()\n"
+    assert function_examples(MODULE, "m.py", 12)[0].prompt == d.prompt[-12:]  # the prompt's tail
+    assert function_examples(b"def broken(:\n", "b.py", 100) == []
+    assert function_examples(b"\xff\xfe", "bin.py", 100) == []
+
+
+def test_metrics_on_hand_worked_strings():
+    assert exact_first_line(["\n  return a + b  \nmore"], ["return a + b\n"]) == 1.0
+    assert exact_first_line(["return a"], ["return b"]) == 0.0
+    ref = b"the cat sat on the mat today"  # long enough for BLEU's 4-grams
+    task = Task("t", (Example("k", b"", ref),), b"\n", ("bleu", "chrf"))
+    assert task.cut(ref + b"\nignored") == ref
+    same = task.score([ref + b"\nanything after the stop"])
+    assert same["chrf"] == pytest.approx(100.0) and same["bleu"] == pytest.approx(100.0)
+    other = task.score([b"zzzz qqqq"])
+    assert other["chrf"] == pytest.approx(0.0) and other["bleu"] == pytest.approx(0.0)
+    assert agreement([b"abcd", b"xy"], [b"abzz", b"xyz"]) == pytest.approx(4 / 7)
+
+
+def test_translation_prompts_have_the_few_shot_prefix(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"src": f"s{i}", "tgt": f"t{i}"} for i in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = translation(str(path), None, 10_000, "src", "tgt", shots=1)
+    assert [e.reference for e in task.examples] == [b"t1", b"t2", b"t3"]
+    assert task.examples[0].prompt == b"Source: s0\nTarget: t0\n\nSource: s1\nTarget: "
+    assert task.stop == b"\n"
+    with pytest.raises(ConfigError, match="--source-field/--target-field"):
+        translation(str(path), None, 100, "source", "target")
+
+
+def test_plan_runs_ar_first_and_a_grid_of_each_methods_settings():
+    settings = parse_settings(["draft=4,8", "alpha=0.7,0.9", "one_step=true,false"])
+    assert settings == {"draft": [4, 8], "alpha": [0.7, 0.9], "one_step": [True, False]}
+    runs = plan(["blt_s", "blt_d"], settings)
+    assert runs[0] == ("ar", {})
+    assert ("blt_s", {"draft": 8}) in runs and len([r for r in runs if r[0] == "blt_s"]) == 2
+    blt_d = [s for m, s in runs if m == "blt_d"]
+    assert {"alpha": 0.7, "one_step": False} in blt_d
+    assert all(not (s.get("one_step") and "alpha" in s) for s in blt_d)  # two rules at once: left out
+    with pytest.raises(ConfigError, match="--setting"):
+        parse_settings(["temperature=1"])
+    with pytest.raises(ConfigError, match="--method"):
+        plan(["beam"], {})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = model_config(load_config("tiny:patching=static"))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: 0.05 * rng.standard_normal(s.shape).astype(s.dtype), abstract_params(config)
+    )
+    return config, params
+
+
+def test_judge_bits_per_byte_is_the_unpadded_forward_nll(tiny):
+    from fastblt.model import BLT
+    from fastblt.tokenizer import encode
+
+    config, params = tiny
+    prompts, outputs = [b"def f(x):", b"ab"], [b" return x", b"c"]
+    want_nll, n = 0.0, 0
+    for p, o in zip(prompts, outputs, strict=True):
+        ids = encode(p + o, add_bos=True, add_eos=False)
+        logits = BLT(config).apply({"params": params}, jnp.asarray(ids)[None])[0]
+        logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+        for t in range(len(ids) - len(o), len(ids)):
+            want_nll -= logp[t - 1, ids[t]]
+            n += 1
+    got = judge_bits_per_byte(params, config, prompts, outputs)
+    assert got == pytest.approx(want_nll / n / np.log(2), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_harness_writes_table_plot_and_resumes(tiny, tmp_path, monkeypatch):
+    config, params = tiny
+    examples = tuple(Example(f"k{i}", f"def f{i}(x):\n".encode(), b"    return x\n") for i in range(3))
+    task = Task("code_completion", examples, None, ("exact_first_line", "chrf"))
+    out = str(tmp_path / "eval")
+    rows = evaluate(params, config, task, ["ar", "blt_s"], {"draft": [2]}, max_bytes=6, batch_size=2, out=out)
+    assert [(r["method"], r["setting"]) for r in rows] == [("ar", {}), ("blt_s", {"draft": 2})]
+    ar, spec = rows
+    assert ar["agreement_with_ar"] == 1.0 and spec["agreement_with_ar"] == 1.0  # greedy blt_s is ar
+    assert ar["decoder_passes_per_byte"] == pytest.approx(1.0) and ar["generated_bytes"] == 18
+    assert spec["bandwidth_gb_per_byte"] > 0 and ar["judge_bits_per_byte"] > 0
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert (
+        "| blt_s draft=2 |" in table and (tmp_path / "eval" / "quality_vs_bandwidth.png").stat().st_size > 0
+    )
+
+    import fastblt.sampler
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr(fastblt.sampler, "generate", refuse)
+    again = evaluate(
+        params, config, task, ["ar", "blt_s"], {"draft": [2]}, max_bytes=6, batch_size=2, out=out
+    )
+    assert [r["chrf"] for r in again] == [r["chrf"] for r in rows]
+
+
+@pytest.mark.slow
+def test_eval_cli_runs_translation(tiny, tmp_path, capsys):
+    config, params = tiny
+    export = str(save_export(tmp_path / "export", config, params))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "".join(json.dumps({"source": f"word {i}", "target": f"mot {i}"}) + "\n" for i in range(5))
+    )
+    argv = ["eval", "--checkpoint", export, "--task", "translation", "--data", str(data), "--limit", "2",
+            "--max-bytes", "5", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "task translation: 2 prompts" in out and "| ar |" in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--checkpoint", export, "--task", "translation"])
+    assert e.value.code == 2 and "--data FILE" in capsys.readouterr().err
