@@ -10,13 +10,15 @@ need (JAX, the model) inside, so that ``fastblt --help`` starts instantly. A new
         add_config_arguments(parser)
         parser.set_defaults(run=_run_train)
 
-Errors in user input (a missing path, a bad config key) print ``fastblt: error: ...`` and exit with
-status 2; anything else is a bug and keeps its traceback.
+Errors in user input (a missing path, a bad config key, a malformed corpus file) print
+``fastblt: error: ...`` and exit with status 2 (``--debug`` or ``FASTBLT_DEBUG=1``: with the
+traceback); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,11 +26,12 @@ from typing import TYPE_CHECKING
 
 from fastblt import __version__
 from fastblt.config import DTYPES, ConfigError
-from fastblt.errors import CheckpointError, NonFiniteLossError
+from fastblt.errors import CheckpointError, DataError, NonFiniteLossError
 
 if TYPE_CHECKING:
     import ml_collections
 
+DEBUG_ENV = "FASTBLT_DEBUG"
 Register = Callable[[argparse._SubParsersAction], None]
 _COMMANDS: list[Register] = []
 
@@ -42,6 +45,7 @@ _USER_ERRORS = (
     FileExistsError,
     NotADirectoryError,
     NonFiniteLossError,  # the run diverged; the message names the step and the last good checkpoint
+    DataError,  # a corpus file's content (also when a grain worker reads it: grain re-raises it)
 )
 
 
@@ -675,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fastblt`` parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="fastblt", description="Train and serve Byte Latent Transformers.")
     parser.add_argument("--version", action="version", version=f"fastblt {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of input errors too (or set {DEBUG_ENV}=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _COMMANDS:
         register(subparsers)
@@ -709,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (UsageError, *_USER_ERRORS) as e:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
         parser.exit(2, f"fastblt: error: {e}\n")
     return 0
 

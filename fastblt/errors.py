@@ -22,3 +22,7 @@ class ConfigMismatchError(CheckpointError, ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """A train step's loss or gradient norm is not finite; the message names the last good checkpoint."""
+
+
+class DataError(ValueError):
+    """A corpus file is unreadable or malformed; the message names the file (and line) to fix."""

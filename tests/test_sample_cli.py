@@ -97,3 +97,34 @@ def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir,
     finally:
         use_compilation_cache(before or False)
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_malformed_corpus_is_one_line_and_debug_shows_the_traceback(monkeypatch, tmp_path, capsys):
+    """A bad JSONL line found when the pipeline reads it (in a grain worker) is an input error."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"other": "no text key"}\n')
+    argv = ["config", "--config", "tiny", "--set", "data.source='jsonl'", "--set", f"data.paths='{corpus}'"]
+    assert cli.main(argv) == 0  # the config is valid: the content is read by the pipeline
+    from fastblt.data.pipeline import make_train_iterator
+    from fastblt.errors import DataError
+
+    with pytest.raises(DataError, match="no key 'text'"):
+        it = make_train_iterator({"source": "jsonl", "paths": str(corpus), "seq_len": 8, "batch_size": 2,
+                                  "eval_fraction": 0.0, "worker_count": 1})  # fmt: skip
+        for _ in range(3):
+            next(it)
+
+    def bad(_args):
+        raise DataError(f"{corpus}:2: no key 'text' (data.jsonl_field)")
+
+    monkeypatch.setattr(cli, "_run_config", bad)
+    parser_args = ["config", "--config", "tiny"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(parser_args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("fastblt: error: ") and "Traceback" not in err
+    with pytest.raises(DataError):
+        cli.main(["--debug", *parser_args])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(DataError):
+        cli.main(parser_args)

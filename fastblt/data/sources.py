@@ -23,10 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from fastblt.config import ConfigError
-
-
-class DataError(ValueError):
-    """A corpus file is unreadable or malformed; the message names the file (and line) to fix."""
+from fastblt.errors import DataError  # noqa: F401  (raised here; importable from this module)
 
 
 def _digest(items: Iterable[str]) -> str:
