@@ -316,7 +316,7 @@ def _sample(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         default=None,
         help="keep compiled programs here (default: JAX_COMPILATION_CACHE_DIR, else "
-        "$FASTBLT_COMPILATION_CACHE, else ~/.cache/fastblt/jax)",
+        "$FASTBLT_COMPILATION_CACHE, else $XDG_CACHE_HOME/fastblt/jax or ~/.cache/fastblt/jax)",
     )
     cache.add_argument(
         "--no-compilation-cache", action="store_true", help="do not turn the persistent compilation cache on"

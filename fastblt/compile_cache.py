@@ -7,7 +7,7 @@ config and shapes loads it from disk instead. Where the cache lives, first match
 1. a directory passed explicitly (``generate(..., compilation_cache="/path")``,
    ``fastblt sample --compilation-cache /path``);
 2. a directory JAX was already given (``JAX_COMPILATION_CACHE_DIR`` or
-   ``jax.config.update("jax_compilation_cache_dir", ...)``): fastblt never overrides it;
+   ``jax.config.update("jax_compilation_cache_dir", ...)``): the default never replaces it;
 3. ``$FASTBLT_COMPILATION_CACHE`` (``0``/``off`` turns the default off);
 4. ``$XDG_CACHE_HOME/fastblt/jax``, else ``~/.cache/fastblt/jax``.
 
@@ -51,11 +51,15 @@ def use_compilation_cache(where: bool | str | os.PathLike = True) -> str | None:
         path = Path(env).expanduser() if env else default_dir()
     else:
         path = Path(where).expanduser()
+    path = path.absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
     except OSError as e:
+        keep = f"keeping {current}" if current else "compiling without a cache"
         warnings.warn(
-            f"compilation cache {path} cannot be created ({e.strerror or e}); compiling without it "
+            f"compilation cache {path} cannot be used ({e.strerror or e}); {keep} "
             f"(set {ENV} to a writable directory, or 0 to turn it off)",
             stacklevel=2,
         )

@@ -362,7 +362,11 @@ def _sample_text(task: BLTTask, params: Any, frozen: Any, train_cfg: Any) -> str
 
     full = dict(params, entropy_model=frozen) if frozen else dict(params)
     prompt = str(train_cfg.get("sample_prompt", "def "))
-    out = generate(full, task.config, [prompt], max_bytes=int(train_cfg.sample_bytes))
+    # The training process keeps JAX's cache setting as it is (the sampler's default would turn the
+    # on-disk cache on for every later training compile).
+    out = generate(
+        full, task.config, [prompt], max_bytes=int(train_cfg.sample_bytes), compilation_cache=False
+    )
     return prompt + out.texts[0].decode("utf-8", errors="replace")
 
 

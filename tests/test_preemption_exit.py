@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -53,3 +54,65 @@ def test_sigterm_saves_the_next_step_and_exits_75(tmp_path):
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] <= 6, saved  # the step in flight, not every step queued ahead
     assert time.time() - t0 < 120
+
+
+def _train_argv(workdir, steps: int) -> list[str]:
+    sets = [a for o in SMALL_MODEL if not o.startswith("model.entropy_model") for a in ("--set", o)]
+    argv = [
+        sys.executable,
+        "-m",
+        "fastblt",
+        "train",
+        "--config",
+        "tiny:patching=static",
+        "--workdir",
+        str(workdir),
+    ]
+    return argv + [*sets, "--set", f"train.steps={steps}", "--set", "checkpoint.save_every=1",
+                   "--set", "checkpoint.async_save=True", "--set", "checkpoint.keep=2"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_during_async_saves_then_resume_repeats_the_uninterrupted_losses(tmp_path):
+    """A checkpoint is being written after every step (asynchronously), so SIGKILL lands in or between
+    saves; the resumed run must restore a complete step and log exactly the uninterrupted losses."""
+    from train_utils import small_config
+
+    from fastblt.train import train
+
+    steps = 10
+    cfg = small_config(
+        "checkpoint.save_every=1", "checkpoint.async_save=True", "checkpoint.keep=2", steps=steps
+    )
+    full: dict[int, float] = {}
+    train(
+        cfg, str(tmp_path / "full"), log=lambda *_: None, on_step=lambda s, m: full.__setitem__(s, m["loss"])
+    )
+
+    workdir = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for kill_after in (3, 7):  # two kills, then a run to the end
+        proc = subprocess.Popen(
+            _train_argv(workdir, steps),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if f"step {kill_after:>2}/{steps}" in line:
+                break
+        proc.kill()
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    done = subprocess.run(
+        _train_argv(workdir, steps), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(x) for x in (workdir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert [s for s, _ in losses] == list(range(1, steps + 1))  # each step once, in order
+    assert dict(losses) == full  # bitwise

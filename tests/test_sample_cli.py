@@ -82,7 +82,7 @@ def test_errors_name_flags_that_exist(monkeypatch, export_dir, tmp_path, capsys)
 
 
 def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir, tmp_path):
-    from fastblt.compile_cache import use_compilation_cache
+    from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
     before = jax.config.jax_compilation_cache_dir
     cache = tmp_path / "programs"
@@ -95,8 +95,8 @@ def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir,
         code, _, _ = _run(monkeypatch, argv + ["--buffer-bytes", "208", "--no-compilation-cache"])
         assert code == 0 and jax.config.jax_compilation_cache_dir == before
     finally:
-        use_compilation_cache(before or False)
         jax.config.update("jax_compilation_cache_dir", before)
+        reset_cache()  # the open cache follows the restored directory
 
 
 def test_a_malformed_corpus_is_one_line_and_debug_shows_the_traceback(monkeypatch, tmp_path, capsys):

@@ -78,3 +78,17 @@ def test_rows_stop_when_the_patch_slots_run_out(method):
         np.testing.assert_array_equal(s, f[: len(s)])
     with pytest.raises(ValueError, match="max_patches=8 is too small"):
         generate(params, config, [b"a prompt of 14"], method=method, max_patches=8, **SHAPES)
+
+
+def test_rows_that_fill_the_buffer_mid_round_stay_identical_to_ar():
+    """A verify chunk that reaches past the end of the buffer appends only the bytes that fit: the
+    last bytes of a full row are still ar's (rows of different lengths reach the end in different
+    rounds)."""
+    config, params = model("base")
+    prompts = random_prompts(11, [5, 20, 33])
+    kw = dict(buffer_bytes=64, max_bytes=80, stop_at_eos=False)
+    ar = generate(params, config, prompts, method="ar", **kw)
+    spec = generate(params, config, prompts, method="blt_s", draft=5, **kw)
+    for row, p in enumerate(prompts):
+        assert len(ar.ids[row]) == 64 - (len(p) + 1)
+        np.testing.assert_array_equal(spec.ids[row], ar.ids[row])

@@ -14,6 +14,7 @@ import numpy as np
 
 from fastblt.compile_cache import use_compilation_cache
 from fastblt.config import ModelConfig
+from fastblt.sampler import fused
 from fastblt.sampler.ar import Prompts, build_ar
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
 from fastblt.sampler.diffusion import build_blt_d, check_mask_embedding
@@ -93,6 +94,8 @@ def _compiled(key, fn, args):
     leaves, treedef = jax.tree.flatten(args)
     sig = (
         key,
+        tuple(sorted((compiler_options() or {}).items())),
+        fused.min_rows(),  # a decode program's shapes depend on it (fastblt.sampler.fused)
         treedef,
         tuple((np.shape(x), str(jnp.result_type(x)), getattr(x, "sharding", None)) for x in leaves),
     )

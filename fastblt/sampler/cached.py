@@ -79,8 +79,9 @@ def cached_attend(k_cache, v_cache, cols, mask, impl: str, window=None, qpos=Non
     """Attention over a KV cache: the new keys/values are written at ``cols`` int32[B, T] (out of
     range: not written) and the queries attend the cache [B, N, KV, hd] under ``mask``
     bool[B, T, N]. With a sliding ``window`` (and ``qpos`` int32[B, T], the queries' positions) on a
-    long buffer, only the ``window + T - 1`` keys the queries can see are read (``window_span``): a
-    long prompt costs a byte what its window costs. Returns the written caches as the step's aux."""
+    long buffer, only the ``window + T - 1`` keys the queries can see are read (``window_span``), so
+    attention costs what the window costs (the mask, document ids and cache writes still span the
+    buffer, cheaply). Returns the written caches as the step's aux."""
     n, t = k_cache.shape[1], cols.shape[1]
     span = window_span(n, t, window)
 
@@ -353,7 +354,8 @@ class Runner:
     def extend(self, st: State, chunk: jax.Array, count: jax.Array) -> tuple[State, jax.Array, jax.Array]:
         """Appends ``chunk[b, :count[b]]`` at each row's ``length`` and runs all stages.
 
-        Args: chunk: int32[B, T] byte ids; count: int32[B] in [0, T] (0: the row is left as is).
+        Args: chunk: int32[B, T] byte ids; count: int32[B] in [0, T] (0: the row is left as is; bytes
+          that would not fit in the buffer are left out).
 
         Returns: (state, logits float32[B, T, V] where ``logits[b, j]`` predicts the byte after
         ``chunk[b, j]`` (valid for j < count[b]), new_patches int32[B]: patches completed).
@@ -389,6 +391,9 @@ class Runner:
         t = fused.padded_width(b, t_in)  # inert columns (past count: nothing written, logits cut)
         chunk = jnp.pad(chunk, ((0, 0), (0, t - t_in)))
         n = st.tokens.shape[1]
+        # Bytes past the buffer are not appended (a verify chunk may reach beyond it): the length
+        # stays <= N, so the patcher's bookkeeping of the bytes that fit stays exact.
+        count = jnp.minimum(count, n - st.length)
         valid = jnp.arange(t, dtype=jnp.int32)[None] < count[:, None]
         qpos = st.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         cols = jnp.where(valid, qpos, n)
