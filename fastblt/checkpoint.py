@@ -349,6 +349,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, item_names=tuple(handlers), item_handlers=handlers, options=options
         )
+        self._writing: int | None = None  # the newest step handed to the manager
 
     # -- listing
     def steps(self) -> list[int]:
@@ -397,18 +398,32 @@ class Checkpointer:
         if data_iter is not None:
             items[DATA] = _grain_args("CheckpointSave", data_iter)
         try:
-            return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+            saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
         except Exception as e:
-            raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {e}") from e
+            raise self._save_failed(step, e) from e
+        self._writing = step
+        return saved
+
+    def _save_failed(self, step: int | None, e: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"saving checkpoint step {step} in {self.directory} failed: {e}; the steps saved before it "
+            "are intact (a later run resumes from the newest of them)"
+        )
 
     def wait(self) -> None:
-        """Blocks until every asynchronous save is committed to disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every asynchronous save is committed to disk (a failed one raises
+        CheckpointError naming its step)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(self._writing, e) from e
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -401,3 +401,33 @@ def test_two_processes_stop_at_the_same_step(tmp_path, service):
     assert stops[0][1] == stops[1][1]  # the same step on both processes
     # Our SIGTERM handler yields to JAX's when its preemption service runs.
     assert all(("SIGTERM" in " ".join(s[2:])) != service for s in stops)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_write_failure_during_save_keeps_earlier_steps_and_says_which_step(
+    tmp_path, monkeypatch, async_save
+):
+    """The disk fills up while step 2 is written (injected into Orbax's metadata writer): the error
+    names the step and the cause, step 1 stays the latest good step and restores bitwise."""
+    import orbax.checkpoint as ocp
+
+    state1, state2 = small_state(1), small_state(2)
+    c = Checkpointer(tmp_path, save_every=1, keep=5, async_save=async_save)
+    assert c.save(1, state1, meta={"n": 1})
+    c.wait()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "save", disk_full)
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", disk_full)
+    with pytest.raises(CheckpointError, match="step 2 .* No space left on device.*intact"):
+        c.save(2, state2, meta={"n": 2})
+        c.wait()  # an asynchronous save reports its failure when waited on
+    monkeypatch.undo()
+    c.close()
+    with Checkpointer(tmp_path, save_every=1, keep=5) as fresh:
+        assert fresh.steps() == [1]
+        restored, meta = fresh.restore(None, abstract(state1))
+    assert_bitwise_equal(restored, state1)
+    assert meta == {"n": 1}

@@ -54,4 +54,3 @@ def test_an_unwritable_directory_warns_and_generation_goes_on(jax_cache_dir, tmp
     blocker.write_text("not a directory")
     with pytest.warns(UserWarning, match="cannot be used"):
         assert use_compilation_cache(blocker / "jax") is None
-
