@@ -43,6 +43,10 @@ def training_sections() -> ml_collections.ConfigDict:
     config.train.grad_accum = 1  # micro-batches per step (data.batch_size must divide by it)
     config.train.sample_bytes = 0  # > 0: print a greedy sample of this many bytes at each evaluation
     config.train.sample_prompt = "def "
+    # A step with a NaN/inf loss or gradient norm: "stop" the run (saving nothing of it), or "skip"
+    # its update and go on (at most max_nonfinite_skips steps in a row).
+    config.train.on_nonfinite = "stop"
+    config.train.max_nonfinite_skips = 10
 
     # Device mesh: data x fsdp x tensor; one axis may be -1 (all remaining devices).
     config.mesh = ml_collections.ConfigDict()

@@ -302,6 +302,12 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
         value = get(section, key)
         if value is not None:
             need(value >= 1, f"{section}.{key}", f"must be >= 1, got {value}")
+    mode = get("train", "on_nonfinite")
+    if mode is not None:
+        need(mode in ("stop", "skip"), "train.on_nonfinite", f"must be 'stop' or 'skip', got {mode!r}")
+    skips = get("train", "max_nonfinite_skips")
+    if skips is not None:
+        need(skips >= 0, "train.max_nonfinite_skips", f"must be >= 0, got {skips}")
     warmup = get("optimizer", "warmup_steps")
     if warmup is not None:
         need(warmup >= 0, "optimizer.warmup_steps", f"must be >= 0, got {warmup}")

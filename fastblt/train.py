@@ -72,6 +72,7 @@ class Trainer:
         self.seq_len = int(cfg.data.seq_len)
         self.steps = int(cfg.train.steps)
         self.accum = int(cfg.train.get("grad_accum", 1))
+        self.skip_nonfinite = cfg.train.get("on_nonfinite", "stop") == "skip"
         self.tx = make_optimizer(cfg.optimizer, self.steps)
         self.schedule = learning_rate_schedule(cfg.optimizer, self.steps)
         self.frozen = {} if frozen is None else frozen
@@ -152,6 +153,12 @@ class Trainer:
                 params = optax.apply_updates(state.params, updates)
                 grad_norm = optax.tree.norm(grads)
         metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step))
+        if self.skip_nonfinite:  # train.on_nonfinite="skip": such a step changes nothing but the step
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+            metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def _eval_step(self, params, frozen, batch):
@@ -179,22 +186,44 @@ class Trainer:
         return out
 
 
-def _check_finite(step: int, loss: jax.Array, grad_norm: jax.Array, ckpt: Checkpointer) -> None:
-    """Stops the run at a step whose loss or gradient norm is NaN or infinite (waits for the step)."""
-    loss_v, norm_v = float(loss), float(grad_norm)
-    if np.isfinite(loss_v) and np.isfinite(norm_v):
-        return
-    ckpt.wait()  # a good step still being written is committed first
-    good = ckpt.latest_step()
-    raise NonFiniteLossError(
-        f"step {step}: loss {loss_v}, gradient norm {norm_v}; stopped without saving it. "
-        + (
-            f"The last good checkpoint is step {good} in {ckpt.directory}: resume from it with a lower "
-            "optimizer.lr or a smaller optimizer.grad_clip"
-            if good is not None
-            else "No checkpoint was written yet: lower optimizer.lr or check the data"
+class NonFiniteGuard:
+    """What a step with a NaN or infinite loss or gradient norm does (``train.on_nonfinite``).
+
+    "stop" (default): the run stops before saving anything of that step, naming the last good
+    checkpoint. "skip": the step's update was not applied (Trainer._train_step); a warning is logged
+    and the run goes on, unless ``train.max_nonfinite_skips`` steps in a row were skipped.
+    """
+
+    def __init__(self, ckpt: Checkpointer, mode: str = "stop", max_skips: int = 10, log=print):
+        self.ckpt, self.mode, self.max_skips, self.log = ckpt, mode, max_skips, log
+        self.in_a_row = 0
+
+    def check(self, step: int, loss: jax.Array, grad_norm: jax.Array) -> None:
+        loss_v, norm_v = float(loss), float(grad_norm)  # waits for the step
+        if np.isfinite(loss_v) and np.isfinite(norm_v):
+            self.in_a_row = 0
+            return
+        if self.mode == "skip":
+            self.in_a_row += 1
+            if self.in_a_row <= self.max_skips:
+                self.log(f"step {step}: loss {loss_v}, gradient norm {norm_v}: update skipped")
+                return
+        self.ckpt.wait()  # a good step still being written is committed first
+        good = self.ckpt.latest_step()
+        why = (
+            f"{self.in_a_row} steps in a row, more than train.max_nonfinite_skips; "
+            if self.mode == "skip"
+            else ""
         )
-    )
+        raise NonFiniteLossError(
+            f"step {step}: loss {loss_v}, gradient norm {norm_v}; {why}stopped without saving it. "
+            + (
+                f"The last good checkpoint is step {good} in {self.ckpt.directory}: resume from it with a lower "
+                "optimizer.lr or a smaller optimizer.grad_clip"
+                if good is not None
+                else "No checkpoint was written yet: lower optimizer.lr or check the data"
+            )
+        )
 
 
 def _peak_memory_gb() -> float | None:
@@ -284,6 +313,12 @@ def _train(
     last: dict[str, float] = {}
     t0, t_step = time.time(), start
     in_flight = None
+    guard = NonFiniteGuard(
+        ckpt,
+        str(cfg.train.get("on_nonfinite", "stop")),
+        int(cfg.train.get("max_nonfinite_skips", 10)),
+        log if chief else (lambda *_: None),
+    )
     try:
         for step in range(start, trainer.steps):
             batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
@@ -291,7 +326,7 @@ def _train(
             # At most two steps in flight: the device stays busy, and a SIGTERM's save starts after the
             # step that was running, not after every step the host had queued ahead.
             if in_flight is not None:
-                _check_finite(*in_flight, ckpt)
+                guard.check(*in_flight)
             in_flight = (step + 1, metrics["loss"], metrics["grad_norm"])
             done = step + 1
             if done % log_every == 0 or done == trainer.steps:
@@ -340,7 +375,7 @@ def _train(
             preempted = ckpt_lib.preemption_requested(done)
             due = preempted or done == trainer.steps or done % ckpt.save_every == 0
             if due:
-                _check_finite(*in_flight, ckpt)  # never save a state a non-finite step produced
+                guard.check(*in_flight)  # never save a state a non-finite step produced
                 ckpt.save(done, payload, data_iter, meta, force=True)
             if preempted:
                 log(

@@ -234,3 +234,48 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_saves_none(tmp_p
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert all(s < bad for s in saved)  # nothing at or after the non-finite step
     assert (f"step {saved[-1]}" in msg) if saved else ("No checkpoint" in msg)
+
+
+def _poison_step(monkeypatch, bad_step: int) -> None:
+    """Makes the loss and gradients of step ``bad_step`` (1-based) NaN, and no other step's: the
+    step's noise key is a function of the step alone (Trainer._train_step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastblt.train import Trainer
+
+    original = Trainer._grads
+
+    def poisoned(self, params, frozen, batch, rng):
+        grads, metrics = original(self, params, frozen, batch, rng)
+        target = jax.random.key_data(jax.random.fold_in(jax.random.key(self.noise_seed), bad_step - 1))
+        hit = jnp.all(jax.random.key_data(rng) == target)
+        nan = jnp.where(hit, jnp.nan, 1.0)
+        return jax.tree.map(lambda g: g * nan.astype(g.dtype), grads), dict(
+            metrics, loss=metrics["loss"] * nan
+        )
+
+    monkeypatch.setattr(Trainer, "_grads", poisoned)
+
+
+def test_skip_mode_skips_a_non_finite_step_and_trains_on(tmp_path, monkeypatch):
+    import numpy as np
+
+    from fastblt.train import NonFiniteLossError
+
+    _poison_step(monkeypatch, 3)
+    with pytest.raises(NonFiniteLossError, match="step 3: loss nan"):  # the default: stop
+        train(small_config(steps=5), str(tmp_path / "stop"), log=lambda *_: None)
+
+    logs, seen = [], {}
+    cfg = small_config("train.on_nonfinite='skip'", steps=5)
+    train(cfg, str(tmp_path / "skip"), log=logs.append, on_step=lambda s, m: seen.__setitem__(s, m))
+    assert sorted(seen) == [1, 2, 3, 4, 5]
+    assert [seen[s]["skipped"] for s in range(1, 6)] == [0, 0, 1, 0, 0]
+    assert np.isnan(seen[3]["loss"]) and all(np.isfinite(seen[s]["loss"]) for s in (1, 2, 4, 5))
+    assert any("step 3" in line and "update skipped" in line for line in logs)
+    assert (tmp_path / "skip" / "checkpoints" / "5").is_dir()  # a skipped step is no reason to stop
+
+    cfg = small_config("train.on_nonfinite='skip'", "train.max_nonfinite_skips=0", steps=5)
+    with pytest.raises(NonFiniteLossError, match="in a row, more than train.max_nonfinite_skips"):
+        train(cfg, str(tmp_path / "zero"), log=lambda *_: None)
