@@ -313,6 +313,11 @@ def _train(
     last: dict[str, float] = {}
     t0, t_step = time.time(), start
     in_flight = None
+    warmup = int(cfg.optimizer.get("warmup_steps", 0))
+    if chief and warmup >= trainer.steps > 1:  # legal (short smoke runs), but say what it means
+        log(
+            f"optimizer.warmup_steps={warmup} >= train.steps={trainer.steps}: the warmup is cut to {trainer.steps - 1} steps"
+        )
     guard = NonFiniteGuard(
         ckpt,
         str(cfg.train.get("on_nonfinite", "stop")),

@@ -268,8 +268,9 @@ def test_skip_mode_skips_a_non_finite_step_and_trains_on(tmp_path, monkeypatch):
         train(small_config(steps=5), str(tmp_path / "stop"), log=lambda *_: None)
 
     logs, seen = [], {}
-    cfg = small_config("train.on_nonfinite='skip'", steps=5)
+    cfg = small_config("train.on_nonfinite='skip'", "optimizer.warmup_steps=9", steps=5)
     train(cfg, str(tmp_path / "skip"), log=logs.append, on_step=lambda s, m: seen.__setitem__(s, m))
+    assert any("warmup is cut to 4 steps" in line for line in logs)  # legal, and said
     assert sorted(seen) == [1, 2, 3, 4, 5]
     assert [seen[s]["skipped"] for s in range(1, 6)] == [0, 0, 1, 0, 0]
     assert np.isnan(seen[3]["loss"]) and all(np.isfinite(seen[s]["loss"]) for s in (1, 2, 4, 5))
