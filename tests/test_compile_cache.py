@@ -14,9 +14,12 @@ from fastblt.compile_cache import ENV, use_compilation_cache
 def jax_cache_dir(monkeypatch):
     """Runs the test with JAX's cache directory unset, and puts the session's back afterwards."""
     before = jax.config.jax_compilation_cache_dir
+    enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_enable_compilation_cache", True)  # whatever the suite runs with
     monkeypatch.delenv(ENV, raising=False)
     yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
     jax.config.update("jax_compilation_cache_dir", before)
     reset_cache()  # the open cache follows the restored directory
 

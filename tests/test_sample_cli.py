@@ -85,6 +85,8 @@ def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir,
     from jax.experimental.compilation_cache.compilation_cache import reset_cache
 
     before = jax.config.jax_compilation_cache_dir
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", True)  # whatever the suite runs with
     cache = tmp_path / "programs"
     try:
         argv = ["sample", "--checkpoint", export_dir, "--prompt", "ab", "--max-bytes", "3"]
@@ -96,6 +98,7 @@ def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir,
         assert code == 0 and jax.config.jax_compilation_cache_dir == before
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_enable_compilation_cache", enabled)
         reset_cache()  # the open cache follows the restored directory
 
 
