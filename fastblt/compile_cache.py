@@ -11,7 +11,10 @@ config and shapes loads it from disk instead. Where the cache lives, first match
 3. ``$FASTBLT_COMPILATION_CACHE`` (``0``/``off`` turns the default off);
 4. ``$XDG_CACHE_HOME/fastblt/jax``, else ``~/.cache/fastblt/jax``.
 
-``compilation_cache=False`` (``--no-compilation-cache``) leaves JAX's setting as it is.
+``compilation_cache=False`` (``--no-compilation-cache``) leaves JAX's setting as it is. On the CPU
+backend the default (3. and 4.) is not applied: with jaxlib 0.10.2, serializing and loading CPU
+executables through the cache crashed processes (segfaults, tests/conftest.py); CPU programs compile
+in seconds anyway. An explicit directory or JAX's own setting still applies there.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ def default_dir() -> Path:
     return Path(base) / "fastblt" / "jax"
 
 
-def use_compilation_cache(where: bool | str | os.PathLike = True) -> str | None:
+def use_compilation_cache(where: bool | str | os.PathLike = True, platform: str | None = None) -> str | None:
     """Turns the persistent compilation cache on for this process (see the module docstring).
 
-    Args: where: True (the default place), a directory, or False (leave JAX's setting alone).
+    Args: where: True (the default place), a directory, or False (leave JAX's setting alone);
+      platform: the backend the programs are for (None: ``jax.default_backend()``).
     Returns: the cache directory in use, or None when there is none. A directory that cannot be
     created is a warning, not an error: generation works without the cache, only slower to start.
     """
@@ -45,6 +49,8 @@ def use_compilation_cache(where: bool | str | os.PathLike = True) -> str | None:
     if where is True:
         if current:
             return current
+        if (platform or jax.default_backend()) == "cpu":
+            return None
         env = os.environ.get(ENV)
         if env is not None and env.strip().lower() in _OFF:
             return None

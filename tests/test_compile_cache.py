@@ -26,7 +26,8 @@ def jax_cache_dir(monkeypatch):
 
 def test_default_is_xdg_cache_home_and_programs_are_written_there(jax_cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    where = use_compilation_cache()
+    assert use_compilation_cache() is None  # CPU programs: the default stays off (module docstring)
+    where = use_compilation_cache(platform="gpu")
     assert where == str(tmp_path / "fastblt" / "jax")
     assert jax.config.jax_compilation_cache_dir == where
     jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.123).lower(jnp.ones(7)).compile()  # a program seen nowhere else
@@ -35,10 +36,10 @@ def test_default_is_xdg_cache_home_and_programs_are_written_there(jax_cache_dir,
 
 def test_env_variable_picks_the_directory_or_turns_it_off(jax_cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV, str(tmp_path / "mine"))
-    assert use_compilation_cache() == str(tmp_path / "mine")
+    assert use_compilation_cache(platform="gpu") == str(tmp_path / "mine")
     jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setenv(ENV, "0")
-    assert use_compilation_cache() is None
+    assert use_compilation_cache(platform="gpu") is None
     assert not jax.config.jax_compilation_cache_dir
 
 
