@@ -24,8 +24,8 @@ def test_worker_report_counts_a_preempted_worker_as_clean():
     assert worker_report(exits, 3) == ["worker 2 (h2) exited with status 1"]
 
 
-@pytest.mark.slow
-def test_sigterm_saves_the_next_step_and_exits_75(tmp_path):
+def _train_argv(workdir, *overrides: str) -> list[str]:
+    """`python -m fastblt train` of the small static-patching model, with ``--set`` overrides."""
     sets = [a for o in SMALL_MODEL if not o.startswith("model.entropy_model") for a in ("--set", o)]
     argv = [
         sys.executable,
@@ -35,9 +35,14 @@ def test_sigterm_saves_the_next_step_and_exits_75(tmp_path):
         "--config",
         "tiny:patching=static",
         "--workdir",
-        str(tmp_path),
+        str(workdir),
     ]
-    argv += [*sets, "--set", "train.steps=500", "--set", "checkpoint.save_every=1000"]
+    return argv + sets + [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_next_step_and_exits_75(tmp_path):
+    argv = _train_argv(tmp_path, "train.steps=500", "checkpoint.save_every=1000")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -54,22 +59,6 @@ def test_sigterm_saves_the_next_step_and_exits_75(tmp_path):
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] <= 6, saved  # the step in flight, not every step queued ahead
     assert time.time() - t0 < 120
-
-
-def _train_argv(workdir, steps: int) -> list[str]:
-    sets = [a for o in SMALL_MODEL if not o.startswith("model.entropy_model") for a in ("--set", o)]
-    argv = [
-        sys.executable,
-        "-m",
-        "fastblt",
-        "train",
-        "--config",
-        "tiny:patching=static",
-        "--workdir",
-        str(workdir),
-    ]
-    return argv + [*sets, "--set", f"train.steps={steps}", "--set", "checkpoint.save_every=1",
-                   "--set", "checkpoint.async_save=True", "--set", "checkpoint.keep=2"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -91,9 +80,16 @@ def test_kill_9_during_async_saves_then_resume_repeats_the_uninterrupted_losses(
 
     workdir = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    argv = _train_argv(
+        workdir,
+        f"train.steps={steps}",
+        "checkpoint.save_every=1",
+        "checkpoint.async_save=True",
+        "checkpoint.keep=2",
+    )
     for kill_after in (3, 7):  # two kills, then a run to the end
         proc = subprocess.Popen(
-            _train_argv(workdir, steps),
+            argv,
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -108,9 +104,7 @@ def test_kill_9_during_async_saves_then_resume_repeats_the_uninterrupted_losses(
         proc.kill()
         proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL, "".join(seen)
-    done = subprocess.run(
-        _train_argv(workdir, steps), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(x) for x in (workdir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]

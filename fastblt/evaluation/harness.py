@@ -217,17 +217,19 @@ def evaluate(
     return rows
 
 
+def _jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _load(out: str | None) -> tuple[dict, dict]:
-    if not out or not os.path.exists(os.path.join(out, "results.jsonl")):
+    """Finished runs of ``out`` by key (a row counts only with its generations), and the generations."""
+    if not out:
         return {}, {}
-    rows = [json.loads(line) for line in open(os.path.join(out, "results.jsonl")) if line.strip()]
-    gens = {}
-    path = os.path.join(out, "generations.jsonl")
-    if os.path.exists(path):
-        for line in open(path):
-            if line.strip():
-                g = json.loads(line)
-                gens[g["key"]] = g["outputs"]
+    gens = {g["key"]: g["outputs"] for g in _jsonl(os.path.join(out, "generations.jsonl"))}
+    rows = _jsonl(os.path.join(out, "results.jsonl"))
     return {r["key"]: r for r in rows if r["key"] in gens}, gens
 
 

@@ -240,17 +240,15 @@ class CrossAttention(nn.Module):
         """
         k, v = self.slot_kv(slots)
         # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
-        return self.attend_slots(
-            x, take_rows_batched(k, index, ids_sorted=True), take_rows_batched(v, index, ids_sorted=True)
+        o = gathered_attention(
+            self.query(x),
+            take_rows_batched(k, index, ids_sorted=True),
+            take_rows_batched(v, index, ids_sorted=True),
         )
+        return x + self.wo(o.reshape(*x.shape[:-1], self.dim))
 
     def slot_kv(self, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of patch slots float[b, patches, k, dim]: [b, patches, k, heads, head_dim]."""
         b, p, kk, d = slots.shape
         k, v = self.kv(slots.reshape(b, p * kk, d))
         return k.reshape(b, p, kk, self.n_heads, -1), v.reshape(b, p, kk, self.n_heads, -1)
-
-    def attend_slots(self, x: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """x: float[b, len, dim] queries over their own slots' keys/values [b, len, k, heads, hd]."""
-        o = gathered_attention(self.query(x), k, v)
-        return x + self.wo(o.reshape(*x.shape[:-1], self.dim))

@@ -241,7 +241,7 @@ class Runner:
 
         Args: byte_pid: int32[B, N]; first, count: int32[B]; n_cand: static bound on count.
         """
-        p = st.latents.shape[1]
+        p = st.patch_eos.shape[1]
         cand = first[:, None] + jnp.arange(n_cand, dtype=jnp.int32)[None]  # [B, C] patch indices
         valid = cand < (first + count)[:, None]
         gcols = jnp.where(valid, cand, p)
@@ -259,7 +259,7 @@ class Runner:
         k = m.cross_attn_k
         b, n_cand = cand.shape
         d_e = st.enc_h[0].shape[-1]
-        p = st.latents.shape[1]
+        p = st.patch_eos.shape[1]
         slot_patch = jnp.repeat(cand, k, axis=1)  # [B, C * k]
         cross_mask = byte_pid[:, None, :] == slot_patch[:, :, None]  # slots see exactly their bytes
         pe = None
@@ -273,17 +273,18 @@ class Runner:
         return pe
 
     def _global_steps(self, st: State, tokens, byte_pid, cand, gcols, pe, seg) -> State:
-        """Global steps of patches ``cand`` (slot embeddings ``pe``); writes their latents at ``gcols``."""
+        """Global steps of patches ``cand`` (slot embeddings ``pe``); writes, at ``gcols``, their global
+        KV entries and the decoder's cross-attention keys/values of their latents' slots."""
         m = self.config
         b, n_cand = cand.shape
-        p = st.latents.shape[1]
+        p = st.patch_eos.shape[1]
         x = pe.reshape(b, n_cand, -1)
         if self.glob_proj is not None:
             x = fused.dot(x, self.glob_proj)
         h = x.astype(jnp.dtype(m.dtype))
 
         patch_eos = st.patch_eos
-        kpos = self._key_positions(st.latents)
+        kpos = self._key_positions(st.patch_eos)
         if m.document_masking:
             eos = ((tokens == EOS) & (byte_pid >= 0)).astype(jnp.int32)
             has_eos = gather_rows(_seg_max(eos, seg, p), cand) > 0
@@ -307,7 +308,6 @@ class Runner:
             glob_k=ks,
             glob_v=vs,
             patch_eos=patch_eos,
-            latents=scatter_rows(st.latents, gcols, h),
             dec_ck=tuple(dec_ck),
             dec_cv=tuple(dec_cv),
         )

@@ -120,8 +120,9 @@ def fuse_cross(params: dict, dtype: jnp.dtype) -> CrossQuery:
 
 
 def cross_attend(cq: CrossQuery, n_heads: int, eps: float, x: jax.Array, k: jax.Array, v: jax.Array):
-    """``CrossAttention.attend_slots`` in decode form: x float[B, T, D] queries over their own slots'
-    keys/values [B, T, k, heads, hd]. Returns ``x + wo(attn)`` (the caller adds x once more)."""
+    """``CrossAttention.gathered`` in decode form, the slots' keys/values already gathered: x float[B, T, D]
+    queries over their own slots' keys/values [B, T, k, heads, hd]. Returns ``x + wo(attn)`` (the
+    caller adds x once more)."""
     q = dot(rms_norm(x, cq.norm_q, eps), cq.wq)
     o = gathered_attention(q.reshape(*x.shape[:-1], n_heads, -1), k, v)
     return x + dot(o.reshape(x.shape), cq.wo)

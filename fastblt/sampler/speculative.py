@@ -72,7 +72,7 @@ def accept_verified(
     commit = jnp.where(active, commit, 0)
     length = start + commit
     completed = runner.patch_count(st, length)
-    finish = ((commit >= limit) | hit | (completed + room > st.latents.shape[1])) & active
+    finish = ((commit >= limit) | hit | (completed + room > st.patch_eos.shape[1])) & active
     next_logits = jnp.take_along_axis(
         verify_logits, jnp.clip(commit - 1, 0, chunk.shape[1] - 1)[:, None, None], axis=1
     )[:, 0]

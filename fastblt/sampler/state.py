@@ -29,7 +29,7 @@ class State(NamedTuple):
     tokens: int32[B, N] byte ids; only ``[:length]`` is committed.
     length: int32[B] committed bytes per row (prompt included, BOS included).
     completed: int32[B] patches whose last byte is committed *and* whose successor has started,
-      i.e. patches ``0 .. completed - 1`` have final latents in ``latents``.
+      i.e. patches ``0 .. completed - 1`` have final latents (kept as the decoder's ``dec_ck/dec_cv``).
     entropies: float32[B, N] entropy-model entropies (nats) of committed bytes.
     ent_k, ent_v: per entropy-model layer, [B, N, kv_heads, head_dim].
     enc_k, enc_v: per local-encoder layer, [B, N, kv_heads, head_dim].
@@ -38,7 +38,6 @@ class State(NamedTuple):
       [B, N, cross_heads, D_e / cross_heads].
     glob_k, glob_v: per global layer, [B, P, kv_heads, head_dim] (one entry per completed patch).
     patch_eos: bool[B, P], the patch holds an EOS (it ends a document for the global model).
-    latents: [B, P, D_g] global outputs of completed patches.
     dec_k, dec_v: per local-decoder layer, [B, N, kv_heads, head_dim].
     dec_ck, dec_cv: per decoder cross-attention layer, the keys/values of each patch's k slots,
       [B, P, k, cross_heads, D_d / cross_heads]: written with the latent, so a byte reads its patch's
@@ -59,7 +58,6 @@ class State(NamedTuple):
     glob_k: Layers
     glob_v: Layers
     patch_eos: jax.Array
-    latents: jax.Array
     dec_k: Layers
     dec_v: Layers
     dec_ck: Layers
@@ -126,7 +124,6 @@ def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) ->
         glob_k=glob_k,
         glob_v=glob_v,
         patch_eos=jnp.zeros((batch, n_patches), bool),
-        latents=jnp.zeros((batch, n_patches, m.global_model.dim), dtype),
         dec_k=dec_k,
         dec_v=dec_v,
         dec_ck=tuple(jnp.zeros(slot_shape, dtype) for _ in range(n_dec_cross)),
