@@ -155,3 +155,55 @@ def test_segment_attention_equals_dense_patch_mask():
     dense = naive(q.reshape(b, p * kk, h, d), k, v, mask).reshape(b, p, kk, h, d)
     np.testing.assert_allclose(out, dense, atol=1e-5)
     assert np.all(out[:, p - 1] == 0)
+
+
+def test_packed_segments_hand_worked():
+    from fastblt.model.attention import packed_segments
+
+    docs = jnp.array([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
+    seqlen, offsets, fits = packed_segments(docs, 4)
+    np.testing.assert_array_equal(np.asarray(seqlen), [[3, 2, 3, -1], [8, -1, -1, -1]])
+    np.testing.assert_array_equal(np.asarray(offsets), [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
+    assert bool(fits)
+    assert not bool(packed_segments(docs, 2)[2])  # row 0 has 3 documents
+
+
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_fused_local_mask_path_agrees_with_reference_path(window, dtype, tol, monkeypatch):
+    """A LocalMask on the fused path: causal and window as kernel masks, documents as cuDNN's packed
+    segments (row 0: 3 documents), and a row with more documents than the packed layout holds (row 1)
+    on the bias path; values and gradients against the XLA path on the dense mask. The kernels are
+    CPU stand-ins computing what their arguments mean (tests/fused_stand_in.py)."""
+    import fused_stand_in
+
+    from fastblt.model.attention import LocalMask
+
+    rng = np.random.default_rng(7)
+    b, n, h, kv, d = 3, 24, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, n, h, d)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(b, n, kv, d)), dtype) for _ in range(2))
+    tokens = rng.integers(3, 260, (b, n))
+    tokens[0, [6, 15]] = 2  # 3 documents
+    tokens[1, [2, 5, 9, 13]] = 2  # 5 documents: over max_segments=4
+    pos = jnp.broadcast_to(jnp.arange(n), (b, n))
+    docs = document_ids(jnp.asarray(tokens))
+    g = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    calls = fused_stand_in.install(monkeypatch)
+
+    def loss(mask, impl, q, k, v):
+        return jnp.sum(attention(q, k, v, mask, impl).astype(jnp.float32) * g)
+
+    grad = jax.value_and_grad(loss, argnums=(2, 3, 4))
+    for row_docs in (docs, None, docs[2:]):  # documents; none; one row that fits alone
+        sl = slice(None) if row_docs is None or row_docs.shape[0] == b else slice(2, None)
+        mask = LocalMask(pos[sl], row_docs, window, max_segments=4)
+        dense = causal_mask(pos[sl], pos[sl], window, row_docs, row_docs)
+        ref, ref_grads = grad(dense, "xla", q[sl], k[sl], v[sl])
+        got, grads = grad(mask, "cudnn", q[sl], k[sl], v[sl])
+        np.testing.assert_allclose(float(got), float(ref), rtol=tol, atol=tol)
+        for a, r in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(a, np.float32), np.asarray(r, np.float32), atol=tol, rtol=tol
+            )
+    assert calls["packed"] >= 2 and calls["dense"] >= 2

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from fastblt.config import HashConfig, ModelConfig
 from fastblt.model import patcher as patching
-from fastblt.model.attention import LocalMask, causal_mask, document_ids
+from fastblt.model.attention import LocalMask, document_ids
 from fastblt.model.entropy_model import EntropyModel
 from fastblt.model.hash_embed import all_hash_ids
 from fastblt.model.layers import (
@@ -320,7 +320,7 @@ class BLT(nn.Module):
         if m.document_masking:
             ends = patch_has_eos(tokens, patch_ids, p).astype(jnp.int32)
             pdocs = jnp.cumsum(ends, axis=-1) - ends
-        g = self.global_transformer(pe, patch_pos, causal_mask(patch_pos, patch_pos, None, pdocs, pdocs))
+        g = self.global_transformer(pe, patch_pos, LocalMask(patch_pos, pdocs, None))
 
         dec_mask = LocalMask(byte_pos, docs, m.decoder.window)
         read_patch = patching.decoder_patch_ids_from_lengths(patch_lengths, n)
