@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 
 try:
+    import fused_stand_in
     import oracle
     from test_model_vs_oracle import init_params as oracle_init_params
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests import oracle
+    from tests import fused_stand_in, oracle
     from tests.test_model_vs_oracle import init_params as oracle_init_params
 
 from fastblt import diffusion as D
@@ -260,12 +261,24 @@ def test_decoder_mask_matches_loops(window):
 
 @pytest.mark.parametrize(
     "impl,chunk_blocks,max_len",
-    [("xla", None, None), ("auto", 3, None), ("xla", None, 5), ("xla", 2, 5), ("xla", 3, 2)],
+    [
+        ("xla", None, None),
+        ("auto", 3, None),
+        ("xla", None, 5),
+        ("xla", 2, 5),
+        ("xla", 3, 2),
+        ("cudnn", 2, 5),
+        ("cudnn", 3, 2),
+    ],
 )
-def test_forward_matches_dense_float64_decoder(impl, chunk_blocks, max_len):
+def test_forward_matches_dense_float64_decoder(impl, chunk_blocks, max_len, monkeypatch):
     """Clean rows on both attention paths; block rows in one chunk and in chunks of 2 or 3 blocks (7
     blocks: the last chunk is padded); with a patch-length bound the chunks read one shared key
-    slice (patches are 1..5 long: a bound of 2 is broken, and those chunks take the gather path)."""
+    slice (patches are 1..5 long: a bound of 2 is broken, and those chunks take the gather path).
+    "cudnn": the fused path's layouts (packed documents; all tiles in one call of the attention
+    core) with CPU stand-ins for the kernels (tests/fused_stand_in.py)."""
+    if impl == "cudnn":
+        fused_stand_in.install(monkeypatch)
     tokens, targets, mask, lengths = make_batch(3)
     params = init_params()
     masked = np.random.default_rng(4).random((2, P - 1, B)) < 0.5

@@ -20,11 +20,12 @@ layer as extra context: a block row attends the clean keys of its block's contex
 stream never reads the block stream.
 
 Memory and compute (per example): the block rows add R * D activations per decoder layer and a
-bool[K, B, C] context mask (C = the context width, decoder.window - 1 in training). Their
-attention (always this module's exact XLA attention, whatever ``attention_impl`` says; the clean
-rows keep BLT's attention path) costs R * (C + B) scores per head, not R * N, and holds the
-gathered keys and scores of one chunk of blocks at a time, forward and backward (recomputed per
-chunk under ``jax.checkpoint``). See fastblt/diffusion.py for numbers.
+bool[K, B, C] context mask (C = the context width, decoder.window - 1 in training). On the XLA
+kernel their attention costs R * (C + B) scores per head, not R * N, and holds the gathered keys and
+scores of one chunk of blocks at a time, forward and backward (recomputed per chunk under
+``jax.checkpoint``). Where ``attention_impl`` resolves to a fused kernel and patches have a length
+bound, tiles of consecutive blocks over one shared slice of clean keys go through the attention
+core in one call (:func:`_tiles_in_one_call`). See fastblt/diffusion.py for numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
+from fastblt.model.attention import attention, resolve_impl
 from fastblt.model.blt import BLT, LocalDecoder
 from fastblt.model.layers import FeedForward, RMSNorm, SelfAttention
 from fastblt.sharding import constrain
@@ -200,6 +202,76 @@ def _tiled_attention(
     return _attend(q, k, v, k_tile, v_tile, "bwkd", visible, has_context, self_mask)
 
 
+def _tiles_in_one_call(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_ctx: jax.Array,
+    v_ctx: jax.Array,
+    context_start: jax.Array,
+    context_mask: jax.Array,
+    self_mask: jax.Array,
+    tile_blocks: int,
+    span: int,
+    impl: str,
+) -> jax.Array:
+    """block_attention as one call of the attention core over all tiles at once (for fused kernels).
+
+    Tiles of T = ``tile_blocks`` consecutive blocks become rows of a batch of b * ceil(K / T): the
+    tile's T * B cells query the concatenation of its ``span`` clean keys (from its first block's
+    context start, as :func:`_tiled_attention`) and its own T * B cells, under one dense mask: each
+    cell's window columns, and its own block's cells by ``self_mask`` (the other blocks' cells are
+    masked: the diagonal tile the XLA path never forms, here ~T*B / (span + T*B) of the scores).
+    Where some block's window does not fit its tile's span, every block takes the gather path.
+    Shapes as block_attention.
+    """
+    b, r, h, d = q.shape
+    nblk, bs, width = context_mask.shape[1:]
+    n, kvh = k_ctx.shape[1], k.shape[2]
+    t = tile_blocks
+    tiles = -(-nblk // t)
+    pad = tiles * t - nblk  # padding blocks: no visible key, output 0, sliced off
+
+    def per_tile(x: jax.Array, per_block: int) -> jax.Array:
+        """[b, K * per_block, ...] -> [b, tiles, T * per_block, ...]."""
+        x = jnp.pad(x, [(0, 0), (0, pad * per_block)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, tiles, t * per_block, *x.shape[2:])
+
+    start = per_tile(context_start, 1)  # [b, tiles, T]
+    cm = per_tile(context_mask, 1)  # [b, tiles, T, B, C]
+    sm = per_tile(self_mask, 1)  # [b, tiles, T, B, B]
+    first = start[..., 0]  # [b, tiles]
+    offset = start - first[..., None]
+    fits = jnp.all((offset <= span - width) | ~jnp.any(cm, axis=(-2, -1)))
+
+    def one_call() -> jax.Array:
+        rows = jnp.clip(first[..., None] + jnp.arange(span, dtype=jnp.int32), 0, n - 1)  # [b, tiles, span]
+        take = jax.vmap(lambda x, i: x[i])
+        k_tile = take(k_ctx, rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
+        v_tile = take(v_ctx, rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
+        # Column j of the slice is column j - offset of its block's window (as _tiled_attention).
+        col = jnp.arange(span, dtype=jnp.int32) - offset[..., None]  # [b, tiles, T, span]
+        inside = (col >= 0) & (col < width)
+        index = jnp.broadcast_to(jnp.clip(col, 0, width - 1)[..., None, :], (b, tiles, t, bs, span))
+        ctx = jnp.take_along_axis(cm, index, axis=-1) & inside[..., None, :]  # [b, tiles, T, B, span]
+        same_block = jnp.eye(t, dtype=bool)[:, None, :, None]  # [T, 1, T, 1]
+        own = same_block & sm[..., :, None, :]  # [b, tiles, T, B, T, B]
+        mask = jnp.concatenate(
+            [ctx.reshape(b * tiles, t * bs, span), own.reshape(b * tiles, t * bs, t * bs)], axis=-1
+        )
+        keys = jnp.concatenate([k_tile, per_tile(k, bs).reshape(b * tiles, t * bs, kvh, d)], axis=1)
+        vals = jnp.concatenate([v_tile, per_tile(v, bs).reshape(b * tiles, t * bs, kvh, d)], axis=1)
+        out = attention(per_tile(q, bs).reshape(b * tiles, t * bs, h, d), keys, vals, mask, impl)
+        return out.reshape(b, tiles * t * bs, h, d)[:, :r]
+
+    def gathered() -> jax.Array:
+        return block_attention(
+            q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask, None, None, "xla"
+        )
+
+    return jax.lax.cond(fits, one_call, gathered)
+
+
 def block_attention(
     q: jax.Array,
     k: jax.Array,
@@ -211,6 +283,7 @@ def block_attention(
     self_mask: jax.Array,
     chunk_blocks: int | None = None,
     max_patch_length: int | None = None,
+    impl: str = "xla",
 ) -> jax.Array:
     """Attention of block rows over their context window of clean keys plus their own block's keys.
 
@@ -231,6 +304,9 @@ def block_attention(
         C + (T - 1) x max_patch_length clean keys instead of T gathered windows of C, when that
         span is at most about 2C (a tile whose starts are further apart, e.g. after a merged
         overflow patch, takes the gather path).
+      impl: the attention core's kernel (fastblt.model.attention.resolve_impl). Where it resolves
+        to a fused kernel, tiled blocks run as one call of the core (:func:`_tiles_in_one_call`);
+        the gather path, and every block on the "xla" kernel, stay this module's exact XLA code.
 
     Returns: float[b, R, H, hd] in q's dtype; a row with no visible key gives 0 (as ``attention``).
     """
@@ -259,6 +335,13 @@ def block_attention(
                 fits,
                 lambda: _tiled_attention(q, k, v, k_ctx, v_ctx, start, cm, sm, span),
                 lambda: _windowed_attention(q, k, v, k_ctx, v_ctx, start, cm, sm),
+            )
+
+    if tiled is not None:
+        tile_q = jax.ShapeDtypeStruct((b, chunk_blocks * bs, h, d), q.dtype)
+        if resolve_impl(impl, tile_q) != "xla":
+            return _tiles_in_one_call(
+                q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask, chunk_blocks, span, impl
             )
 
     if chunk_blocks >= nblk:
@@ -335,6 +418,7 @@ def _block_rows_layer(
         blocks.self_mask,
         chunk_blocks,
         config.patcher.max_patch_length,
+        config.attention_impl,
     )
     hb = hb + _Out(c, 0.0, dtype, config.attention_impl, parent=None).apply(attn, o)
     ffn = FeedForward(c.dim, c.hidden_dim, 0.0, 0.0, dtype, parent=None)
