@@ -31,7 +31,7 @@ Cost (per example; the encoder and global model are BLT's). The decoder runs N +
 (K = P - 1 = max_patches - 1), so its activations grow by (N + K * B) / N. A block row attends a
 context window of C = decoder.window - 1 clean rows plus its B cells, so the block rows' attention
 is about K * B * (C + B) scores per head (BLT's blockwise clean attention: N * 2 * window); it runs
-in chunks of blocks (fastblt.model.diffusion.block_attention). The context mask is bool[K, B, C].
+in chunks of blocks (fastblt.model.block_rows.block_attention). The context mask is bool[K, B, C].
 
 * tiny (N = 512, window 128, max_patches 192): B = 4 -> 1276 decoder rows (2.5x BLT's),
   B = 8 -> 2040 (4.0x), B = 16 -> 3568 (7.0x); block/clean attention scores 0.8x / 1.6x / 3.3x.
@@ -56,8 +56,9 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import ConfigError, ModelConfig
-from fastblt.model import diffusion as model_diffusion
 from fastblt.model.attention import document_ids
+from fastblt.model.block_rows import DecoderBlocks
+from fastblt.model.blt import blt_d_logits
 from fastblt.objectives import next_byte_loss
 
 if TYPE_CHECKING:  # ml-collections is imported where a section is built (not on every machine)
@@ -344,10 +345,10 @@ def decoder_blocks(
     cell_tokens: jax.Array,
     valid: jax.Array,
     masked: jax.Array,
-) -> model_diffusion.DecoderBlocks:
+) -> DecoderBlocks:
     """The decoder's block input (padding cells show [MASK] and are never attended)."""
     start, ctx = context_mask(layout, tokens, config.decoder.window, config.document_masking)
-    return model_diffusion.DecoderBlocks(
+    return DecoderBlocks(
         tokens=cell_tokens,
         masked=masked | ~valid,
         positions=layout.positions,
@@ -390,9 +391,7 @@ def blt_d_loss(
     cell_tokens, valid = block_cells(layout, tokens, targets, mask, config.document_masking)
     t, masked = sample_noise(rng, valid, objective.noise_eps)
     blocks = decoder_blocks(config, layout, tokens, cell_tokens, valid, masked)
-    clean_logits, block_logits = model_diffusion.logits(
-        params, config, tokens, patch_lengths, blocks, chunk_blocks
-    )
+    clean_logits, block_logits = blt_d_logits(params, config, tokens, patch_lengths, blocks, chunk_blocks)
 
     clean_loss, metrics = next_byte_loss(clean_logits, targets, mask)
     terms = masked_diffusion_terms(block_logits, cell_tokens, masked, t)

@@ -26,7 +26,7 @@ from fastblt.configs import objective_config
 from fastblt.data.pipeline import make_eval_batches
 from fastblt.loading import load_model, trained_block_size
 from fastblt.model import BLT
-from fastblt.model import diffusion as model_diffusion
+from fastblt.model.blt import blt_d_logits
 from fastblt.sampler import generate
 from fastblt.train import run
 
@@ -94,9 +94,7 @@ _FORWARDS: dict = {}
 def _block_forward(config):
     if config not in _FORWARDS:
         _FORWARDS[config] = jax.jit(
-            lambda params, tokens, lengths, blocks: model_diffusion.logits(
-                params, config, tokens, lengths, blocks
-            )[1]
+            lambda params, tokens, lengths, blocks: blt_d_logits(params, config, tokens, lengths, blocks)[1]
         )
     return _FORWARDS[config]
 

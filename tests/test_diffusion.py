@@ -1,4 +1,4 @@
-"""BLT-D training (fastblt/diffusion.py, fastblt/model/diffusion.py) against naive loop-based oracles.
+"""BLT-D training (fastblt/diffusion.py, fastblt/model/block_rows.py) against naive loop-based oracles.
 
 * block layout, padding cells and decoder masks vs loops over a random patching (overlapping blocks,
   blocks running past the row, padding patch slots, EOS inside rows, padding targets);
@@ -43,7 +43,7 @@ from fastblt.config import (
     model_config_from_dict,
 )
 from fastblt.model import BLT, abstract_params
-from fastblt.model import diffusion as MD
+from fastblt.model.blt import blt_d_logits
 from fastblt.objectives import next_byte_loss
 
 EOS = 2
@@ -284,7 +284,7 @@ def test_forward_matches_dense_float64_decoder(impl, chunk_blocks, max_len, monk
     masked = np.random.default_rng(4).random((2, P - 1, B)) < 0.5
     blocks = blocks_for(tokens, targets, mask, lengths, masked)
     config = CFG.replace(attention_impl=impl, patcher=PatcherConfig(mode="static", max_patch_length=max_len))
-    run = jax.jit(MD.logits, static_argnums=(1, 5))
+    run = jax.jit(blt_d_logits, static_argnums=(1, 5))
     clean, block = run(params, config, tokens, lengths, blocks, chunk_blocks)
 
     p64 = jax.tree.map(np.asarray, params)
@@ -315,7 +315,7 @@ def test_no_leakage_from_bytes_at_or_after_block_start():
     masked = np.random.default_rng(6).random((2, P - 1, B)) < 0.5
     blocks = blocks_for(tokens, targets, mask, lengths, masked)
     _, _, _, valid = naive_blocks(tokens, targets, mask, lengths, B)
-    run = jax.jit(MD.logits, static_argnums=1)
+    run = jax.jit(blt_d_logits, static_argnums=1)
     _, base = run(params, CFG, tokens, lengths, blocks)
     starts = np.asarray(blocks.positions)[..., 0]
     rng = np.random.default_rng(7)
@@ -417,7 +417,7 @@ def test_loss_by_hand_from_logits(normalization):
     t, masked = D.sample_noise(rng, jnp.asarray(valid), obj.noise_eps)  # the loss's own draw
     t, masked = np.asarray(t, np.float64), np.asarray(masked)
     blocks = blocks_for(tokens, targets, mask, lengths, masked)
-    clean, block = MD.logits(params, CFG, tokens, lengths, blocks)
+    clean, block = blt_d_logits(params, CFG, tokens, lengths, blocks)
     clean, block = np.asarray(clean, np.float64), np.asarray(block, np.float64)
 
     def nll(row, target):

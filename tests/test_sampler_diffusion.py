@@ -1,7 +1,7 @@
 """BLT-D / BLT-DV generation (fastblt.sampler.diffusion) against independent oracles.
 
 * blt_d: a naive Python loop that, for every decoder pass, runs the non-cached BLT-D forward
-  (``fastblt.model.diffusion.logits``) on the whole prefix with one appended block (masked cells
+  (``fastblt.model.blt.blt_d_logits``) on the whole prefix with one appended block (masked cells
   marked) and applies the reveal rule written with NumPy loops; greedy outputs must be equal.
 * blt_dv: greedy output byte-identical to greedy ``ar`` decoding of the same model.
 Tiny random-init BLT-D models (``mask_embedding`` on).
@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover - when tests/ is a package
     from tests.test_sampler_support import model, random_prompts
 
 from fastblt.model import BLT
-from fastblt.model import diffusion as model_diffusion
+from fastblt.model.block_rows import DecoderBlocks
+from fastblt.model.blt import blt_d_logits
 from fastblt.sampler import encode_prompts, generate
 from fastblt.tokenizer import BOE, EOS
 
@@ -71,7 +72,7 @@ def _oracle_fns(config):
         """Block logits of the full BLT-D forward (clean rows patched as ``lengths``); the block
         reads patch slot P - 1, whose global output is replaced by ``latent``."""
         return _with_global_output(
-            lambda: model_diffusion.logits(params, config, tokens, lengths, blocks),
+            lambda: blt_d_logits(params, config, tokens, lengths, blocks),
             lambda g: g.at[:, -1].set(latent),
         )[1][0, 0]
 
@@ -136,7 +137,7 @@ def naive_blt_d(params, config, prompt, max_new, block, rule, alpha=0.7, gamma=0
         cells = np.zeros(block, np.int32)
         masked = np.ones(block, bool)
         while masked.any():
-            blocks = model_diffusion.DecoderBlocks(
+            blocks = DecoderBlocks(
                 tokens=jnp.asarray(cells)[None, None],
                 masked=jnp.asarray(masked)[None, None],
                 positions=jnp.asarray(positions, jnp.int32)[None, None],

@@ -8,7 +8,7 @@ Cases:
 * ``local``: the decoder's self-attention [b, 4096, 8, 64], window 512, documents (a LocalMask);
 * ``global``: the global model's [b, 1026, 16, 64], causal, documents;
 * ``blt_d``: BLT-D's block rows (B = 4, 8 cells, K = 1025 blocks, context C = 511, patches of at most
-  8 bytes) over the clean keys and their own block (fastblt.model.diffusion.block_attention).
+  8 bytes) over the clean keys and their own block (fastblt.model.block_rows.block_attention).
 
 Variants: ``xla`` (the reference), ``bias`` (cuDNN with the mask as a bias: the LocalMask's fallback
 when a row has more documents than the packed layout holds), ``packed{M}`` (cuDNN's packed segments,
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastblt.model.attention import LocalMask, attention, document_ids
-from fastblt.model.diffusion import block_attention
+from fastblt.model.block_rows import block_attention
 
 
 def _time(fn, *args, reps: int = 10) -> float:

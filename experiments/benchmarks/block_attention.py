@@ -1,4 +1,4 @@
-"""Speed of BLT-D's block-row attention (fastblt.model.diffusion.block_attention), forward and
+"""Speed of BLT-D's block-row attention (fastblt.model.block_rows.block_attention), forward and
 backward, on the mid-size decoder's shapes: per-block gathered windows vs tiles that share one key
 slice (taken when the patcher bounds patch lengths, ``max_patch_length``). Both must agree.
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastblt import diffusion as objective
-from fastblt.model.diffusion import block_attention
+from fastblt.model.block_rows import block_attention
 
 
 def main(argv: list[str] | None = None) -> None:

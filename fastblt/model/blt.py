@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from fastblt.config import HashConfig, ModelConfig
 from fastblt.model import patcher as patching
 from fastblt.model.attention import LocalMask, document_ids
+from fastblt.model.block_rows import BlockRows, DecoderBlocks
 from fastblt.model.entropy_model import EntropyModel
 from fastblt.model.hash_embed import all_hash_ids
 from fastblt.model.layers import (
@@ -217,7 +218,7 @@ class LocalDecoder(nn.Module):
         self.norm = RMSNorm(c.norm_eps)
         self.output = dense(m.vocab_size, ("embed", "vocab"), c.dim**-0.5, dtype, "output")
         if m.mask_embedding:
-            # BLT-D: the input row of a [MASK]ed block byte (fastblt/model/diffusion.py), float32[D_d].
+            # BLT-D: the input row of a [MASK]ed block byte (fastblt/model/block_rows.py), float32[D_d].
             self.mask_embedding = self.param(
                 "mask_embedding",
                 nn.with_logical_partitioning(trunc_normal(c.dim**-0.5), ("embed",)),
@@ -236,19 +237,35 @@ class LocalDecoder(nn.Module):
         slots: jax.Array,
         read_patch: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
-    ) -> jax.Array:
+        mask: jax.Array | LocalMask,
+        rows: BlockRows | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Args:
           h: float[B, T, D_d] byte states from the encoder; slots: float[B, P, k, D_d];
           read_patch: int32[B, T], the patch whose slots each row reads; positions: int32[B, T];
-          mask: bool[B, T, T] self-attention mask, or a LocalMask.
+          mask: bool[B, T, T] self-attention mask, or a LocalMask;
+          rows: BLT-D's block rows run beside the clean rows (fastblt/model/block_rows.py), or None.
 
-        Returns: logits float32[B, T, V].
+        Returns: logits float32[B, T, V]; with ``rows`` also the rows' logits float32[B, R, V].
         """
         for i, layer in enumerate(self.layers):
             if i == 0 or self.config.decoder.cross_attn_all_layers:
-                h = h + self.cross_attn_layers[i].gathered(h, slots, read_patch)
-            h = constrain(layer(h, positions, mask), _BYTES)
+                cross = self.cross_attn_layers[i]
+                h = h + cross.gathered(h, slots, read_patch)
+                if rows is not None:
+                    with jax.named_scope("blt_d_blocks"):
+                        rows = rows.replace(h=rows.h + cross.gathered(rows.h, slots, rows.read_patch))
+            if rows is None:
+                h = layer(h, positions, mask)
+            else:
+                h, rows = layer(h, positions, mask, rows)
+                rows = rows.replace(h=constrain(rows.h, _BYTES))
+            h = constrain(h, _BYTES)
+        logits = self.logits(h)
+        return logits if rows is None else (logits, self.logits(rows.h))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """float[B, T, D_d] -> float32[B, T, V] (final norm and output projection)."""
         logits = self.output(self.norm(h)).astype(jnp.float32)
         return constrain(logits, ("batch", "bytes", "vocab"))
 
@@ -278,16 +295,38 @@ class BLT(nn.Module):
         max_patches = pc.max_patches or tokens.shape[1] + 1
         return patching.patch(tokens, ent, pc, max_patches, include_next_token=True, seq_lens=seq_lens)
 
-    def __call__(self, tokens: jax.Array, patch_lengths: jax.Array | None = None) -> jax.Array:
-        """Next-byte logits.
+    def block_inputs(self, tokens: jax.Array, masked: jax.Array) -> jax.Array:
+        """BLT-D's decoder input of block cells: the byte's encoder token embedding, or the [MASK]
+        vector (fastblt/model/block_rows.py says why).
+
+        Args: tokens: int[...] byte ids; masked: bool, same shape. Returns float[..., D_d] (compute dtype).
+        """
+        if not self.config.mask_embedding:
+            raise ValueError("BLT-D block rows need model.mask_embedding=True (a learned [MASK] input)")
+        dtype = jnp.dtype(self.config.dtype)
+        shown = self.local_encoder.embed_tokens(jnp.where(masked, 0, tokens).astype(jnp.int32))
+        mask_vec = self.local_decoder.mask_embedding.astype(dtype)
+        return jnp.where(masked[..., None], mask_vec, shown.astype(dtype))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        patch_lengths: jax.Array | None = None,
+        blocks: DecoderBlocks | None = None,
+        chunk_blocks: int | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Next-byte logits, and with ``blocks`` BLT-D's block logits.
 
         Args:
           tokens: int32[B, N] byte ids (byte + 4; BOS 1, EOS 2, pad 0), BOS first.
           patch_lengths: int32[B, P] in the reference convention: lengths[:, 0] == 1 (the BOS
             patch), each row sums to N + 1 (the last patch may be the empty "next byte" patch),
             zero-padded on the right. None: run the entropy model and patcher.
+          blocks: BLT-D's corrupted blocks (fastblt/model/block_rows.py), run by the decoder beside
+            the clean rows; chunk_blocks: static, see ``block_rows.block_attention``.
 
-        Returns: float32[B, N, V]; logits[:, t] predicts byte t + 1.
+        Returns: float32[B, N, V]; logits[:, t] predicts byte t + 1. With ``blocks`` also the block
+          logits float32[B, K, B_cells, V] (a cell's logits predict its own byte, unshifted).
         """
         m = self.config
         chex.assert_rank(tokens, 2)
@@ -324,7 +363,37 @@ class BLT(nn.Module):
 
         dec_mask = LocalMask(byte_pos, docs, m.decoder.window)
         read_patch = patching.decoder_patch_ids_from_lengths(patch_lengths, n)
-        return self.local_decoder(h, self.local_decoder.slots(g), read_patch, byte_pos, dec_mask)
+        slots = self.local_decoder.slots(g)
+        if blocks is None:
+            return self.local_decoder(h, slots, read_patch, byte_pos, dec_mask)
+        b, nblk, bs = blocks.tokens.shape
+        rows = BlockRows(
+            h=constrain(self.block_inputs(blocks.tokens, blocks.masked).reshape(b, nblk * bs, -1), _BYTES),
+            positions=blocks.positions.reshape(b, nblk * bs).astype(jnp.int32),
+            read_patch=jnp.repeat(blocks.read_patch.astype(jnp.int32), bs, axis=1),
+            context_start=blocks.context_start,
+            context_mask=blocks.context_mask,
+            self_mask=blocks.self_mask,
+            max_patch_length=m.patcher.max_patch_length,
+            chunk_blocks=chunk_blocks,
+        )
+        clean, block = self.local_decoder(h, slots, read_patch, byte_pos, dec_mask, rows)
+        return clean, block.reshape(b, nblk, bs, -1)
+
+
+def blt_d_logits(
+    params: dict,
+    config: ModelConfig,
+    tokens: jax.Array,
+    patch_lengths: jax.Array,
+    blocks: DecoderBlocks,
+    chunk_blocks: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """BLT-D's training forward from an unboxed parameter tree: ``BLT.__call__`` with ``blocks``.
+
+    Returns: clean logits float32[b, N, V] (BLT's) and block logits float32[b, K, B, V].
+    """
+    return BLT(config).apply({"params": params}, tokens, patch_lengths, blocks, chunk_blocks)
 
 
 def abstract_params(config: ModelConfig) -> dict:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
 from fastblt.model.attention import LocalMask, attention, gathered_attention, segment_attention
+from fastblt.model.block_rows import BlockRows
 from fastblt.model.lookup import take_rows, take_rows_batched
 
 Dtype = jnp.dtype
@@ -112,22 +113,25 @@ class SelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
 
+    def setup(self) -> None:
+        c = self.config
+        self.wq = dense(c.n_heads * c.head_dim, ("embed", "heads"), self.std, self.dtype, "wq")
+        self.wk = dense(c.kv_heads * c.head_dim, ("embed", "kv_heads"), self.std, self.dtype, "wk")
+        self.wv = dense(c.kv_heads * c.head_dim, ("embed", "kv_heads"), self.std, self.dtype, "wv")
+        self.wo = dense(c.dim, ("heads", "embed"), self.std, self.dtype, "wo")
+
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Projects x: float[b, len, dim] to rotated q [b, len, H, hd] and k, v [b, len, KV, hd]."""
         c = self.config
         b, t, _ = x.shape
-        q = dense(c.n_heads * c.head_dim, ("embed", "heads"), self.std, self.dtype, "wq")(x)
-        k = dense(c.kv_heads * c.head_dim, ("embed", "kv_heads"), self.std, self.dtype, "wk")(x)
-        v = dense(c.kv_heads * c.head_dim, ("embed", "kv_heads"), self.std, self.dtype, "wv")(x)
-        q = rope(q.reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
-        k = rope(k.reshape(b, t, c.kv_heads, c.head_dim), positions, c.rope_theta)
-        return q, k, v.reshape(b, t, c.kv_heads, c.head_dim)
+        q = rope(self.wq(x).reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
+        k = rope(self.wk(x).reshape(b, t, c.kv_heads, c.head_dim), positions, c.rope_theta)
+        return q, k, self.wv(x).reshape(b, t, c.kv_heads, c.head_dim)
 
     def out(self, o: jax.Array) -> jax.Array:
-        b, t = o.shape[:2]
-        return dense(self.config.dim, ("heads", "embed"), self.std, self.dtype, "wo")(o.reshape(b, t, -1))
+        """float[b, len, H, hd] -> float[b, len, dim]."""
+        return self.wo(o.reshape(*o.shape[:2], -1))
 
-    @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | LocalMask) -> jax.Array:
         """x: float[b, len, dim]; positions: int32[b, len]; mask: bool[b, len, len] or a LocalMask."""
         q, k, v = self.qkv(x, positions)
@@ -169,9 +173,30 @@ class TransformerBlock(nn.Module):
             c.dim, c.hidden_dim, c.dim**-0.5 / f, c.hidden_dim**-0.5 / f, self.dtype
         )
 
-    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        h = h + self.attention(self.attention_norm(h), positions, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def __call__(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | LocalMask,
+        rows: BlockRows | None = None,
+    ) -> jax.Array | tuple[jax.Array, BlockRows]:
+        """h: float[b, len, dim]; positions: int32[b, len]; mask: bool[b, len, len] or a LocalMask.
+
+        With ``rows`` (BLT-D's block rows, fastblt/model/block_rows.py) the same weights also run
+        the block rows, whose attention reads this layer's keys and values of the clean rows;
+        returns (h, rows with their new states). The clean rows never read the block rows.
+        """
+        x = self.attention_norm(h)
+        q, k, v = self.attention.qkv(x, positions)
+        h = h + self.attention.out(attention(q, k, v, mask, self.attention_impl))
+        h = h + self.feed_forward(self.ffn_norm(h))
+        if rows is None:
+            return h
+        with jax.named_scope("blt_d_blocks"):  # fastblt.profiling's component of the block rows
+            qb, kb, vb = self.attention.qkv(self.attention_norm(rows.h), rows.positions)
+            hb = rows.h + self.attention.out(rows.attend(qb, kb, vb, k, v, self.attention_impl))
+            hb = hb + self.feed_forward(self.ffn_norm(hb))
+        return h, rows.replace(h=hb)
 
 
 def block_class(remat: bool) -> type[TransformerBlock]:

@@ -12,7 +12,7 @@ length L):
    extend that committed the previous block (:meth:`Runner.extend_closed`);
 2. decoder passes over the block (:func:`block_logits`): a revealed cell's input is
    ``local_encoder.tok_embeddings[byte]``, a masked one ``local_decoder.mask_embedding`` (as in
-   training, fastblt.model.diffusion); cells attend the cached clean decoder rows ``c < L`` within the
+   training, fastblt.model.block_rows); cells attend the cached clean decoder rows ``c < L`` within the
    decoder window (``j - c < window``) and in the document of byte ``L - 1``, plus the whole block
    (bidirectional), and cross-attend o_M. Each pass reveals masked cells by a rule (:func:`reveal`):
    confidence ``alpha``, entropy bound ``gamma`` or all at once (``one_step``), always at least one;
@@ -36,7 +36,6 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.model.attention import attention, document_ids
-from fastblt.model.diffusion import block_embeddings
 from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.sampling import sample_logits, step_keys
@@ -67,7 +66,7 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
     m = runner.config
     b, bs = tokens.shape
     n = st.tokens.shape[1]
-    h = block_embeddings(runner.blt, tokens, masked)
+    h = runner.blt.block_inputs(tokens, masked)
     pos = start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None]  # [b, B]
     c = jnp.arange(n, dtype=jnp.int32)[None, None]  # clean rows [1, 1, N]
     ctx = c < start[:, None, None]

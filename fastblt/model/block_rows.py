@@ -1,8 +1,8 @@
-"""The BLT-D forward: BLT's encoder and global model on the clean bytes, then a decoder that runs the
-clean rows exactly as BLT does and, next to them, rows of corrupted blocks (Fast BLT, §3.2.2).
+"""BLT-D's block rows: what they are (:class:`DecoderBlocks`, :class:`BlockRows`) and their attention
+(:func:`block_attention`), for the decoder layers that run them beside the clean rows (Fast BLT, §3.2.2).
 
 Shapes: b batch, N clean bytes, P patch slots, K blocks (K = P - 1 in training: one per patch after
-the BOS patch), B cells per block, R = K * B block rows, D = D_d, H heads, V = 260.
+the BOS patch), B cells per block, R = K * B block rows, C the context width, D = D_d, H heads.
 
 Decoder input rows (the paper's D_0 = Embed([x ; x_block^t])):
 
@@ -13,37 +13,31 @@ Decoder input rows (the paper's D_0 = Embed([x ; x_block^t])):
 * block cell showing [MASK] (and a padding cell, which nobody attends): the learned vector
   ``local_decoder.mask_embedding`` (created when ``model.mask_embedding`` is on).
 
-Each decoder layer runs the clean rows through BLT's own layer code (so clean logits are BLT's
-logits), and the block rows through the same weights, with the clean rows' keys and values of that
-layer as extra context: a block row attends the clean keys of its block's context window that
-``context_mask`` allows, plus the cells of its own block that ``self_mask`` allows. The clean
-stream never reads the block stream.
+Each decoder layer (fastblt.model.layers.TransformerBlock) runs the clean rows as BLT does (so clean
+logits are BLT's logits) and, given :class:`BlockRows`, the block rows through the same weights,
+with the clean rows' keys and values of that layer as extra context: a block row attends the clean
+keys of its block's context window that ``context_mask`` allows, plus the cells of its own block
+that ``self_mask`` allows. The clean stream never reads the block stream.
 
 Memory and compute (per example): the block rows add R * D activations per decoder layer and a
-bool[K, B, C] context mask (C = the context width, decoder.window - 1 in training). On the XLA
-kernel their attention costs R * (C + B) scores per head, not R * N, and holds the gathered keys and
-scores of one chunk of blocks at a time, forward and backward (recomputed per chunk under
-``jax.checkpoint``). Where ``attention_impl`` resolves to a fused kernel and patches have a length
-bound, tiles of consecutive blocks over one shared slice of clean keys go through the attention
-core in one call (:func:`_tiles_in_one_call`). See fastblt/diffusion.py for numbers.
+bool[K, B, C] context mask (C = decoder.window - 1 in training). On the XLA kernel their attention
+costs R * (C + B) scores per head, not R * N, and holds the gathered keys and scores of one chunk of
+blocks at a time, forward and backward (recomputed per chunk under ``jax.checkpoint``). Where the
+attention impl resolves to a fused kernel and patches have a length bound, tiles of consecutive
+blocks over one shared slice of clean keys go through the attention core in one call
+(:func:`_tiles_in_one_call`). See fastblt/diffusion.py for numbers.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from fastblt.config import ModelConfig
 from fastblt.model.attention import attention, resolve_impl
-from fastblt.model.blt import BLT, LocalDecoder
-from fastblt.model.layers import FeedForward, RMSNorm, SelfAttention
-from fastblt.sharding import constrain
 
-_BYTES = ("batch", "bytes", "embed")
 _NEG = -1e30  # as fastblt.model.attention: finite, so an all-masked row stays finite
 
 
@@ -71,33 +65,41 @@ class DecoderBlocks(NamedTuple):
     self_mask: jax.Array
 
 
-class _QKV(SelfAttention):
-    """SelfAttention's q/k/v projections with RoPE on their own (same parameters, same code)."""
+@flax.struct.dataclass
+class BlockRows:
+    """Block rows as a decoder layer carries them beside the clean rows (one layer's input).
 
-    @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return self.qkv(x, positions)
-
-
-class _Out(SelfAttention):
-    """SelfAttention's output projection on its own."""
-
-    @nn.compact
-    def __call__(self, o: jax.Array) -> jax.Array:
-        return self.out(o)
-
-
-def block_embeddings(model: BLT, tokens: jax.Array, masked: jax.Array) -> jax.Array:
-    """Decoder input of block cells: the byte's encoder token embedding, or the [MASK] vector.
-
-    Args: tokens: int[..., ] byte ids; masked: bool, same shape. Returns float[..., D_d] (compute dtype).
+    h: float[b, R, D] the rows' states; positions: int32[b, R] (RoPE); read_patch: int32[b, R], the
+    patch whose slots each row cross-attends; context_start, context_mask, self_mask: as
+    :class:`DecoderBlocks`. ``max_patch_length`` and ``chunk_blocks`` are static (see
+    :func:`block_attention`).
     """
-    if not model.config.mask_embedding:
-        raise ValueError("BLT-D block rows need model.mask_embedding=True (a learned [MASK] input)")
-    dtype = jnp.dtype(model.config.dtype)
-    shown = model.local_encoder.embed_tokens(jnp.where(masked, 0, tokens).astype(jnp.int32))
-    mask_vec = model.local_decoder.mask_embedding.astype(dtype)
-    return jnp.where(masked[..., None], mask_vec, shown.astype(dtype))
+
+    h: jax.Array
+    positions: jax.Array
+    read_patch: jax.Array
+    context_start: jax.Array
+    context_mask: jax.Array
+    self_mask: jax.Array
+    max_patch_length: int | None = flax.struct.field(pytree_node=False, default=None)
+    chunk_blocks: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, k_ctx, v_ctx, impl: str) -> jax.Array:
+        """The rows' attention: queries/keys/values of the rows [b, R, ...] over the clean rows' keys
+        and values of the same layer [b, N, ...] and their own blocks."""
+        return block_attention(
+            q,
+            k,
+            v,
+            k_ctx,
+            v_ctx,
+            self.context_start,
+            self.context_mask,
+            self.self_mask,
+            self.chunk_blocks,
+            self.max_patch_length,
+            impl,
+        )
 
 
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
@@ -166,6 +168,21 @@ def _windowed_attention(
     return _attend(q, k, v, k_win, v_win, "bqwkd", context_mask, has_context, self_mask)
 
 
+def _tile_visibility(context_mask: jax.Array, offset: jax.Array, span: int) -> jax.Array:
+    """Which columns of a tile's shared slice of ``span`` clean keys each cell sees.
+
+    Args: context_mask: bool[..., T, B, C] (each block's own window); offset: int32[..., T], where
+    each block's window starts in the slice. Returns bool[..., T, B, span]: column j of the slice is
+    column j - offset of its block's window.
+    """
+    width = context_mask.shape[-1]
+    col = jnp.arange(span, dtype=jnp.int32) - offset[..., None]  # [..., T, span]
+    inside = (col >= 0) & (col < width)
+    index = jnp.clip(col, 0, width - 1)[..., None, :]
+    index = jnp.broadcast_to(index, (*context_mask.shape[:-1], span))
+    return jnp.take_along_axis(context_mask, index, axis=-1) & inside[..., None, :]
+
+
 def _tiled_attention(
     q: jax.Array,
     k: jax.Array,
@@ -184,7 +201,7 @@ def _tiled_attention(
     block with a visible context key (the caller checks). Each key is read once per tile instead of
     once per block. Shapes as in block_attention, K = T here.
     """
-    b, nblk, bs, width = context_mask.shape
+    width = context_mask.shape[-1]
     first = context_start[:, 0]  # [b]
     pad = ((0, 0), (width, span), (0, 0), (0, 0))  # context starts may be negative (row start)
 
@@ -193,11 +210,7 @@ def _tiled_attention(
 
     k_tile = jax.vmap(window)(jnp.pad(k_ctx, pad), first)  # [b, span, KV, hd]
     v_tile = jax.vmap(window)(jnp.pad(v_ctx, pad), first)
-    # Key column j of the slice is column j - offset of its block's window.
-    col = jnp.arange(span, dtype=jnp.int32)[None, None] - (context_start - first[:, None])[..., None]
-    inside = (col >= 0) & (col < width)  # [b, K, span]
-    index = jnp.broadcast_to(jnp.clip(col, 0, width - 1)[:, :, None], (b, nblk, bs, span))
-    visible = jnp.take_along_axis(context_mask, index, axis=-1) & inside[:, :, None]
+    visible = _tile_visibility(context_mask, context_start - first[:, None], span)
     has_context = jnp.any(context_mask, axis=-1)
     return _attend(q, k, v, k_tile, v_tile, "bwkd", visible, has_context, self_mask)
 
@@ -249,11 +262,7 @@ def _tiles_in_one_call(
         take = jax.vmap(lambda x, i: x[i])
         k_tile = take(k_ctx, rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
         v_tile = take(v_ctx, rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
-        # Column j of the slice is column j - offset of its block's window (as _tiled_attention).
-        col = jnp.arange(span, dtype=jnp.int32) - offset[..., None]  # [b, tiles, T, span]
-        inside = (col >= 0) & (col < width)
-        index = jnp.broadcast_to(jnp.clip(col, 0, width - 1)[..., None, :], (b, tiles, t, bs, span))
-        ctx = jnp.take_along_axis(cm, index, axis=-1) & inside[..., None, :]  # [b, tiles, T, B, span]
+        ctx = _tile_visibility(cm, offset, span)  # [b, tiles, T, B, span]
         same_block = jnp.eye(t, dtype=bool)[:, None, :, None]  # [T, 1, T, 1]
         own = same_block & sm[..., :, None, :]  # [b, tiles, T, B, T, B]
         mask = jnp.concatenate(
@@ -375,133 +384,3 @@ def block_attention(
     )
     out = jax.lax.map(one, parts)
     return jnp.moveaxis(out, 0, 1).reshape(b, chunks * chunk_blocks * bs, h, d)[:, :r]
-
-
-def _clean_kv(
-    config: ModelConfig, params: dict, h: jax.Array, positions: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Keys and values of the clean rows in a decoder layer (its params), as the layer makes them."""
-    c = config.decoder
-    x = RMSNorm(c.norm_eps, parent=None).apply({"params": params["attention_norm"]}, h)
-    qkv = _QKV(c, 0.0, jnp.dtype(config.dtype), config.attention_impl, parent=None)
-    _, k, v = qkv.apply({"params": params["attention"]}, x, positions)
-    return k, v
-
-
-def _block_rows_layer(
-    config: ModelConfig,
-    chunk_blocks: int | None,
-    params: dict,
-    hb: jax.Array,
-    positions: jax.Array,
-    k_ctx: jax.Array,
-    v_ctx: jax.Array,
-    blocks: DecoderBlocks,
-) -> jax.Array:
-    """A decoder transformer block (its ``params``) on the block rows: pre-norm block attention,
-    then SwiGLU. A pure function of arrays, so it can run under ``jax.checkpoint``."""
-    c = config.decoder
-    dtype = jnp.dtype(config.dtype)
-    norm = RMSNorm(c.norm_eps, parent=None)  # unbound (parent=None): applied to the layer's params
-    attn = {"params": params["attention"]}
-    q, k, v = _QKV(c, 0.0, dtype, config.attention_impl, parent=None).apply(
-        attn, norm.apply({"params": params["attention_norm"]}, hb), positions
-    )
-    o = block_attention(
-        q,
-        k,
-        v,
-        k_ctx,
-        v_ctx,
-        blocks.context_start,
-        blocks.context_mask,
-        blocks.self_mask,
-        chunk_blocks,
-        config.patcher.max_patch_length,
-        config.attention_impl,
-    )
-    hb = hb + _Out(c, 0.0, dtype, config.attention_impl, parent=None).apply(attn, o)
-    ffn = FeedForward(c.dim, c.hidden_dim, 0.0, 0.0, dtype, parent=None)
-    return hb + ffn.apply({"params": params["feed_forward"]}, norm.apply({"params": params["ffn_norm"]}, hb))
-
-
-def _decode(
-    model: BLT,
-    dec: LocalDecoder,
-    args: tuple[Any, ...],
-    blocks: DecoderBlocks,
-    chunk_blocks: int | None,
-) -> tuple[jax.Array, jax.Array]:
-    """LocalDecoder.__call__ on the clean rows (same code) plus the block rows beside it.
-
-    ``args``: what BLT.__call__ passes the decoder: h, slots, read_patch, positions, mask.
-    """
-    h, slots, read, pos, mask = args
-    m = model.config
-    b, nblk, bs = blocks.tokens.shape
-    hb = block_embeddings(model, blocks.tokens, blocks.masked).reshape(b, nblk * bs, -1)
-    hb = constrain(hb, _BYTES)
-    pos_b = blocks.positions.reshape(b, nblk * bs).astype(jnp.int32)
-    read_b = jnp.repeat(blocks.read_patch.astype(jnp.int32), bs, axis=1)
-    rows = functools.partial(_block_rows_layer, m, chunk_blocks)
-    if m.remat:
-        rows = jax.checkpoint(rows)
-    for i, layer in enumerate(dec.layers):
-        if i == 0 or m.decoder.cross_attn_all_layers:
-            cross = dec.cross_attn_layers[i]
-            h = h + cross.gathered(h, slots, read)
-            with jax.named_scope("blt_d_blocks"):  # fastblt.profiling's component of the block rows
-                hb = hb + cross.gathered(hb, slots, read_b)
-        params = layer.variables["params"]
-        with jax.named_scope("blt_d_blocks"):
-            k_ctx, v_ctx = _clean_kv(m, params, h, pos)
-        h = constrain(layer(h, pos, mask), _BYTES)
-        with jax.named_scope("blt_d_blocks"):
-            hb = constrain(rows(params, hb, pos_b, k_ctx, v_ctx, blocks), _BYTES)
-
-    clean = constrain(dec.output(dec.norm(h)).astype(jnp.float32), ("batch", "bytes", "vocab"))
-    block = dec.output(dec.norm(hb)).astype(jnp.float32)
-    block = constrain(block, ("batch", "bytes", "vocab")).reshape(b, nblk, bs, -1)
-    return clean, block
-
-
-def forward(
-    model: BLT,
-    tokens: jax.Array,
-    patch_lengths: jax.Array,
-    blocks: DecoderBlocks,
-    chunk_blocks: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """The BLT-D training forward on a bound BLT (use :func:`logits` from outside a module).
-
-    BLT.__call__ runs as it is (encoder, global model, masks, remat: one code path); only its
-    call of the local decoder is replaced by :func:`_decode`, which runs the decoder's own layers on
-    the clean rows and the block rows beside them. ``chunk_blocks``: see :func:`block_attention`.
-
-    Returns: clean logits float32[b, N, V] (BLT's logits: logits[:, t] predicts byte t + 1) and
-      block logits float32[b, K, B, V] (cell logits predict the cell's own byte, unshifted).
-    """
-
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, LocalDecoder) and context.method_name == "__call__":
-            if kwargs:
-                raise TypeError(f"LocalDecoder.__call__ called with keywords {sorted(kwargs)}")
-            return _decode(model, context.module, args, blocks, chunk_blocks)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        clean, block = model(tokens, patch_lengths)
-    return clean, block
-
-
-def logits(
-    params: dict,
-    config: ModelConfig,
-    tokens: jax.Array,
-    patch_lengths: jax.Array,
-    blocks: DecoderBlocks,
-    chunk_blocks: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """:func:`forward` with BLT parameters ``params`` (unboxed tree of ``BLT(config)``)."""
-    run = nn.apply(forward, BLT(config))
-    return run({"params": params}, tokens, patch_lengths, blocks, chunk_blocks)
