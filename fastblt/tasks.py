@@ -92,12 +92,14 @@ class BLTTask:
 
 
 def patch_metrics(p: patching.Patching, n: int) -> dict[str, jax.Array]:
-    """Patches per row, mean patch length and the fraction of rows that overflowed the buffer."""
+    """Patches per row, mean patch length, the fraction of rows that overflowed the buffer and the
+    most patches a row needed (more than the buffer's slots where rows overflowed)."""
     count = p.count.astype(jnp.float32)
     return {
         "patches_per_row": count.mean(),
         "avg_patch_len": ((n + 1) / count).mean(),
         "patch_overflow": p.overflow.astype(jnp.float32).mean(),
+        "patches_needed_max": p.needed.max().astype(jnp.float32),
     }
 
 

@@ -22,10 +22,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fastblt import calibration, configs, sharding
 from fastblt import checkpoint as ckpt_lib
-from fastblt import configs, sharding
 from fastblt.checkpoint import Checkpointer
-from fastblt.config import EntropyModelConfig, as_dict
+from fastblt.config import as_dict
 from fastblt.data import make_eval_batches, make_train_iterator
 from fastblt.errors import NonFiniteLossError
 from fastblt.metrics import (
@@ -355,6 +355,8 @@ def _train(
                     on_step(done, m)
                 if chief:
                     log(progress.line(done, m))
+                    if m.get("patch_overflow", 0.0) > 0:
+                        log(_overflow_warning(done, m, task))
                 last.update(m)
                 t0, t_step = time.time(), done
             if eval_batches and (done % eval_every == 0 or done == trainer.steps):
@@ -394,6 +396,16 @@ def _train(
         writer.close()
         ckpt_lib.uninstall_preemption_handler()
     return last
+
+
+def _overflow_warning(step: int, m: dict[str, float], task: Any) -> str:
+    slots = task.config.patcher.max_patches
+    return (
+        f"WARNING step {step}: {100 * m['patch_overflow']:.1f}% of rows had more patches than the "
+        f"{slots} slots of model.patcher.max_patches (up to {m.get('patches_needed_max', 0):.0f}); their "
+        "surplus patches were merged into the last slot, a patch generation never makes. Raise "
+        "model.patcher.max_patches."
+    )
 
 
 def _sample_text(task: BLTTask, params: Any, frozen: Any, train_cfg: Any) -> str:
@@ -454,26 +466,6 @@ def entropy_stage_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
     return ml_collections.ConfigDict(out)
 
 
-def calibrate_threshold(
-    entropy_cfg: EntropyModelConfig,
-    params: Any,
-    batches: list[dict],
-    patch_len: float,
-    attention_impl: str = "auto",
-) -> float:
-    """Entropy threshold that gives ``patch_len`` bytes per patch on average over ``batches``."""
-    from fastblt.model import EntropyModel
-    from fastblt.model.patcher import entropy
-
-    # The attention impl of BLTTask.patch, which applies these thresholds in the step.
-    model = EntropyModel(entropy_cfg, attention_impl=attention_impl)
-    fn = jax.jit(lambda p, t: entropy(model.apply({"params": p}, t)))
-    values = np.concatenate(
-        [np.asarray(fn(params, b["inputs"]))[:, 1:][b["mask"][:, 1:] > 0] for b in batches]
-    )
-    return float(np.quantile(values, 1.0 - 1.0 / patch_len))
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, float]:
     """``fastblt train``: one task, or both stages of an entropy-patched BLT."""
     os.makedirs(workdir, exist_ok=True)
@@ -488,23 +480,42 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, fl
         if "preempted_at_step" in first:  # stage 2 needs the finished entropy model
             return first
     entropy_params, _ = load_trained_params(stage_cfg, entropy_dir)
+    cfg = _stage2_patching(cfg, stage_cfg, entropy_params, log)
+    log(f"== stage 2: BLT -> {workdir}")
+    return train(cfg, os.path.join(workdir, "blt"), frozen=entropy_params, log=log)
+
+
+def _stage2_patching(
+    cfg: ml_collections.ConfigDict, stage_cfg: ml_collections.ConfigDict, entropy_params: Any, log
+) -> ml_collections.ConfigDict:
+    """Stage 2's patching from the frozen entropy model on 4 training batches (fastblt/calibration.py):
+    the threshold for ``entropy_stage.target_patch_len`` where set, then ``model.patcher.max_patches``
+    raised where a row needs more slots (said loudly; the run's saved config keeps the new value)."""
+    rows = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())
+    batches = [next(rows) for _ in range(4)]
+    values = calibration.entropies(
+        configs.entropy_model_config(stage_cfg), entropy_params, batches, cfg.model.attention_impl
+    )
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    stage = cfg.entropy_stage
     if stage.get("target_patch_len"):
-        rows = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())
-        batches = [next(rows) for _ in range(4)]
-        threshold = calibrate_threshold(
-            configs.entropy_model_config(stage_cfg),
-            entropy_params,
-            batches,
-            float(stage.target_patch_len),
-            attention_impl=cfg.model.attention_impl,
-        )
-        cfg = ml_collections.ConfigDict(cfg.to_dict())
+        threshold = calibration.threshold_for(values, batches, float(stage.target_patch_len))
         cfg.model.patcher.threshold = threshold
         log(
             f"patch threshold calibrated to {threshold:.4f} nats for ~{stage.target_patch_len} bytes per patch"
         )
-    log(f"== stage 2: BLT -> {workdir}")
-    return train(cfg, os.path.join(workdir, "blt"), frozen=entropy_params, log=log)
+    needed = calibration.patches_needed(values, batches, configs.model_config(cfg).patcher)
+    seq_len = int(cfg.data.seq_len)
+    old = cfg.model.patcher.get("max_patches")
+    new = calibration.sized_buffer(needed, old, seq_len)
+    if new != old:
+        cfg.model.patcher.max_patches = new
+        log(
+            f"WARNING: model.patcher.max_patches raised from {old} to {new}: rows of the first batches need "
+            f"up to {int(needed.max())} patches (mean {needed.mean():.0f}); with {old} slots a row's surplus "
+            "patches would merge into its last slot. Set model.patcher.max_patches to choose the buffer."
+        )
+    return cfg
 
 
 def entropy_function(cfg: ml_collections.ConfigDict, workdir: str, bucket: int = 1024):

@@ -301,6 +301,7 @@ def test_overflow_merges_surplus_into_last_slot(max_patches):
         assert p.lengths[b].tolist() == expected
         assert int(p.count[b]) == min(len(full), max_patches)
         assert bool(p.overflow[b]) == (len(full) > max_patches)
+        assert int(p.needed[b]) == len(full)
         ids = patch_ids_from_lengths(p.lengths, tokens.shape[1])[b]
         assert int(ids.min()) >= 0 and int(ids.max()) < max_patches
     assert saw_overflow  # row 0 (24 bytes) has more than 9 patches
@@ -314,10 +315,14 @@ def test_max_patches_from_config():
 
 def test_lengths_from_starts_direct():
     starts = np.array([[1, 0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 0, 1]], bool)
-    lengths, count, overflow = lengths_from_starts(jnp.asarray(starts), 4, jnp.array([7, 4]))
+    lengths, count, overflow, needed = lengths_from_starts(jnp.asarray(starts), 4, jnp.array([7, 4]))
     # Row 1: the start at 6 lies beyond total = 4 and is ignored.
     assert lengths.tolist() == [[2, 1, 2, 2], [1, 3, 0, 0]]
-    assert count.tolist() == [4, 2] and overflow.tolist() == [False, False]
+    assert count.tolist() == [4, 2] and overflow.tolist() == [False, False] and needed.tolist() == [4, 2]
+    # Three slots: row 0's fourth patch (bytes 5-6) merges into the third; it needed 4.
+    lengths, count, overflow, needed = lengths_from_starts(jnp.asarray(starts), 3, jnp.array([7, 4]))
+    assert lengths.tolist() == [[2, 1, 4], [1, 3, 0]]
+    assert count.tolist() == [3, 2] and overflow.tolist() == [True, False] and needed.tolist() == [4, 2]
 
 
 def test_patch_ids_with_padding_and_zero_lengths():

@@ -26,11 +26,13 @@ class Patching(NamedTuple):
     lengths: int32[batch, max_patches], right-padded with 0; sums to ``total`` per row.
     count: int32[batch], number of patches (clipped to max_patches).
     overflow: bool[batch], True where the row had more patches than slots (surplus merged into the last).
+    needed: int32[batch], patches the row has before any merging (> max_patches where it overflowed).
     """
 
     lengths: jax.Array
     count: jax.Array
     overflow: jax.Array
+    needed: jax.Array
 
 
 def entropy(logits: jax.Array) -> jax.Array:
@@ -169,7 +171,7 @@ def _check_seq_lens(seq_lens: jax.Array, batch: int) -> jax.Array:
 
 def lengths_from_starts(
     starts: jax.Array, max_patches: int, total: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Patch lengths from a start mask, into a fixed buffer.
 
     Args:
@@ -181,7 +183,8 @@ def lengths_from_starts(
       lengths: int32[batch, P], consecutive patch lengths right-padded with 0, summing to ``total``;
       count: int32[batch], patches per row, clipped to P;
       overflow: bool[batch], True where there were more than P patches. The surplus is merged into the
-        last slot so the sum stays ``total`` and every byte keeps a valid patch id.
+        last slot so the sum stays ``total`` and every byte keeps a valid patch id;
+      needed: int32[batch], patches per row before clipping.
     """
     if not isinstance(max_patches, int) or max_patches < 1:
         raise ValueError(f"max_patches must be a positive int, got {max_patches!r}")
@@ -205,7 +208,7 @@ def lengths_from_starts(
     # Empty slots begin at `total`, so their length is 0 and the last real patch runs to `total`.
     lengths = jnp.concatenate([begin[:, 1:], total[:, None]], axis=1) - begin
     count = jnp.minimum(n_patches, max_patches)
-    return lengths, count, n_patches > max_patches
+    return lengths, count, n_patches > max_patches, n_patches
 
 
 def patch_ids_from_lengths(lengths: jax.Array, n: int) -> jax.Array:
@@ -261,7 +264,8 @@ def patch(
       include_next_token, seq_lens: see :func:`patch_start_mask`.
 
     Returns:
-      Patching(lengths int32[batch, max_patches], count int32[batch], overflow bool[batch]); lengths sum
+      Patching(lengths int32[batch, max_patches], count int32[batch], overflow bool[batch], needed
+      int32[batch]); lengths sum
       to ``seq_len + 1`` with include_next_token, else ``seq_len``.
     """
     tokens = jnp.asarray(tokens)
