@@ -185,7 +185,10 @@ def test_blt_d_greedy_matches_naive_block_forward(name, block, kw, rule):
     blocks = -(-c.generated // block)
     np.testing.assert_array_equal(c.rounds, blocks)
     np.testing.assert_array_equal(c.eg_passes, blocks)
+    np.testing.assert_array_equal(c.clean_passes, blocks)  # each block's extend: one decoder pass
     assert np.all(c.decoder_passes >= blocks) and np.all(c.decoder_passes <= blocks * block)
+    dec_read, _ = c.passes_read
+    np.testing.assert_array_equal(dec_read, c.decoder_passes + blocks)
     if rule == "one_step":
         np.testing.assert_array_equal(c.decoder_passes, blocks)
 

@@ -96,13 +96,15 @@ def copy_tb_per_s() -> float:
 
 
 def weight_bytes(counters, params, bytes_per_param: int = 2) -> float:
-    """Weight bytes one generation reads (rows share each pass's weights: the max over rows)."""
+    """Weight bytes one generation reads (rows share each pass's weights: the max over rows): the
+    passes this implementation runs (``GenerationCounters.passes_read``), entropy model included."""
     import numpy as np
 
+    dec, eg = counters.passes_read
     per_row = bytes_per_param * (
-        counters.decoder_passes.astype(np.float64) * params.decoder
+        np.asarray(dec, np.float64) * params.decoder
         + counters.entropy_passes.astype(np.float64) * params.entropy_model
-        + counters.eg_passes.astype(np.float64) * params.encoder_global
+        + np.asarray(eg, np.float64) * params.encoder_global
     )
     return float(per_row.max())
 

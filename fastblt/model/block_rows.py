@@ -84,7 +84,9 @@ class BlockRows:
     max_patch_length: int | None = flax.struct.field(pytree_node=False, default=None)
     chunk_blocks: int | None = flax.struct.field(pytree_node=False, default=None)
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, k_ctx, v_ctx, impl: str) -> jax.Array:
+    def attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array, impl: str
+    ) -> jax.Array:
         """The rows' attention: queries/keys/values of the rows [b, R, ...] over the clean rows' keys
         and values of the same layer [b, N, ...] and their own blocks."""
         return block_attention(

@@ -313,6 +313,7 @@ def run_program(program: Program) -> GenerationResult:
         drafted=c.drafted,
         accepted=c.accepted,
         rounds=c.rounds,
+        clean_passes=c.clean_passes,
         params=program.params,
     )
     total = int(out["generated"].sum())

@@ -37,11 +37,12 @@ class Counters(NamedTuple):
     drafted: jax.Array
     accepted: jax.Array
     rounds: jax.Array
+    clean_passes: jax.Array
 
 
 def zero_counters(batch: int) -> Counters:
     z = jnp.zeros((batch,), jnp.int32)
-    return Counters(z, z, z, z, z, z)
+    return Counters(z, z, z, z, z, z, z)
 
 
 class Prompts(NamedTuple):

@@ -10,12 +10,18 @@ Counting (per row; the prompt's prefill counts as one pass of each kind, like on
   completed patch) + the prefill. ``blt_s``: one per round (the verify pass) + the prefill.
   ``paper_eg_passes`` counts BLT-S as the paper's tables do: 2 per round (one more to refresh the
   latent after each correction; our schedule folds that byte into the next verify pass).
+* ``clean_passes``: ``blt_d``'s decoder passes over each committed block's clean rows (the extend
+  that fills the decoder caches); not in the paper's decoder NFE.
+
+Reported figures (``summary``, ``fastblt eval``) use the paper's accounting by default, so they
+compare with its tables: decoder NFE without the clean-row passes, E/G NFE with 2 per BLT-S/BLT-DV
+round. ``*_implementation`` figures count the passes this implementation runs (:attr:`passes_read`).
 * ``entropy_passes``: entropy-model calls (not in the paper's formula).
 * ``drafted`` / ``accepted``: BLT-S draft bytes proposed / accepted by the verifier (the free byte
   and the corrections are not drafted bytes). ``rounds``: BLT-S rounds.
 * ``blt_d`` (Algorithm 1): ``decoder_passes`` = diffusion decoder passes over the blocks (the
-  decoder pass that fills the clean-row caches when a block is appended is not counted, as in the
-  paper); ``eg_passes`` = ``rounds`` = blocks (the prefill serves the first block, each appended
+  decoder pass that fills the clean-row caches when a block is appended is ``clean_passes``, not
+  in the paper's count); ``eg_passes`` = ``rounds`` = blocks (the prefill serves the first block, each appended
   block's extend the next).
 * ``blt_dv``: per round s diffusion passes + 1 verify pass (``1 + sum(s + 1)``), one E/G pass per
   round + the prefill (``paper_eg_passes``: 2 per round, as for BLT-S); ``drafted`` = B - 1 per
@@ -95,13 +101,21 @@ class GenerationCounters:
     accepted: np.ndarray
     rounds: np.ndarray
     params: ParamCounts
+    clean_passes: np.ndarray | None = None  # blt_d: decoder passes over committed blocks (else 0)
 
     @property
     def paper_eg_passes(self) -> np.ndarray:
-        """E/G NFE as the paper counts BLT-S (2 per round); equal to ``eg_passes`` for ``ar``."""
+        """E/G NFE as the paper counts BLT-S and BLT-DV (2 per round); ``eg_passes`` otherwise."""
         if self.method in ("blt_s", "blt_dv"):
             return 1 + 2 * self.rounds
         return self.eg_passes
+
+    @property
+    def passes_read(self) -> tuple[np.ndarray, np.ndarray]:
+        """(decoder, E/G) passes this implementation runs: every decoder pass, the clean-row passes
+        of BLT-D included, and one E/G pass per BLT-S/BLT-DV round."""
+        clean = 0 if self.clean_passes is None else self.clean_passes
+        return self.decoder_passes + clean, self.eg_passes
 
     @property
     def acceptance_rate(self) -> float:
@@ -109,20 +123,27 @@ class GenerationCounters:
         drafted = int(self.drafted.sum())
         return float(self.accepted.sum()) / drafted if drafted else float("nan")
 
-    def bandwidth_bytes(self, bytes_per_param: int = 2, paper_accounting: bool = False) -> np.ndarray:
-        """Estimated weight traffic per row, bytes (float64[B])."""
-        n_eg = self.paper_eg_passes if paper_accounting else self.eg_passes
-        return bandwidth_bytes(self.decoder_passes, n_eg, self.params, bytes_per_param)
+    def bandwidth_bytes(self, bytes_per_param: int = 2, paper_accounting: bool = True) -> np.ndarray:
+        """Estimated weight traffic per row, bytes (float64[B]): the paper's NFE counts by default
+        (comparable with its tables), this implementation's passes (:attr:`passes_read`) with
+        ``paper_accounting=False``."""
+        if paper_accounting:
+            return bandwidth_bytes(self.decoder_passes, self.paper_eg_passes, self.params, bytes_per_param)
+        return bandwidth_bytes(*self.passes_read, self.params, bytes_per_param)
 
     def summary(self) -> dict[str, float | None]:
         """Means over rows (the paper reports means over sequences); JSON-safe: the acceptance rate
-        of a method that drafts nothing is None, not NaN."""
+        of a method that drafts nothing is None, not NaN. ``bandwidth_gb`` is the paper's accounting;
+        ``bandwidth_gb_implementation`` counts the passes this implementation runs."""
+        dec_read, eg_read = self.passes_read
         return {
             "generated": float(self.generated.mean()),
             "decoder_passes": float(self.decoder_passes.mean()),
-            "eg_passes": float(self.eg_passes.mean()),
-            "paper_eg_passes": float(self.paper_eg_passes.mean()),
+            "eg_passes": float(self.paper_eg_passes.mean()),
+            "decoder_passes_implementation": float(np.mean(dec_read)),
+            "eg_passes_implementation": float(np.mean(eg_read)),
             "entropy_passes": float(self.entropy_passes.mean()),
             "acceptance_rate": None if int(self.drafted.sum()) == 0 else self.acceptance_rate,
             "bandwidth_gb": float(self.bandwidth_bytes().mean()) / 1e9,
+            "bandwidth_gb_implementation": float(self.bandwidth_bytes(paper_accounting=False).mean()) / 1e9,
         }

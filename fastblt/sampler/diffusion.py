@@ -24,7 +24,8 @@ length L):
 
 Counters (fastblt.sampler.cost): ``blt_d``: ``decoder_passes`` = diffusion passes, ``eg_passes`` =
 ``rounds`` = blocks (the paper's one E/G pass per block: here the extend that commits the previous
-block plus the forced closure). ``blt_dv``: per round s diffusion passes + 1 verify pass; E/G passes
+block plus the forced closure), ``clean_passes`` = the extends' decoder passes over the committed
+blocks (which the paper does not count). ``blt_dv``: per round s diffusion passes + 1 verify pass; E/G passes
 = the verify extend + the forced closure where one was needed (the paper counts 2 per round:
 ``paper_eg_passes``); ``drafted += B - 1``.
 """
@@ -253,6 +254,7 @@ def build_blt_d(
                     eg_passes=counters.eg_passes + go,
                     entropy_passes=counters.entropy_passes + a,
                     rounds=counters.rounds + a,
+                    clean_passes=counters.clean_passes + a,  # the extend's decoder pass over the block
                 )
                 return st, logits, done | finish, generated + commit, counters, read
 
