@@ -393,7 +393,12 @@ def _eval(subparsers: argparse._SubParsersAction) -> None:
         help="generation settings (draft, block_size, alpha, gamma, one_step); repeatable, a grid",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts")
-    parser.add_argument("--max-bytes", type=int, default=128, help="bytes generated per prompt")
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help="bytes generated per prompt (default 512 for humaneval, as the paper; 128 otherwise)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--out", default=None, help="results directory (resumable)")
     parser.add_argument(
@@ -418,6 +423,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit {args.limit}: must be >= 1")
+    if args.max_bytes is None:
+        args.max_bytes = 512 if args.task == "humaneval" else 128
     if args.max_bytes < 1 or args.batch_size < 1:
         raise UsageError("--max-bytes and --batch-size must be >= 1")
     settings = parse_settings(args.setting)

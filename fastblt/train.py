@@ -480,17 +480,26 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, fl
         if "preempted_at_step" in first:  # stage 2 needs the finished entropy model
             return first
     entropy_params, _ = load_trained_params(stage_cfg, entropy_dir)
-    cfg = _stage2_patching(cfg, stage_cfg, entropy_params, log)
+    blt_dir = os.path.join(workdir, "blt")
+    cfg = _stage2_patching(cfg, stage_cfg, entropy_params, log, saved=_saved_patcher(blt_dir))
     log(f"== stage 2: BLT -> {workdir}")
-    return train(cfg, os.path.join(workdir, "blt"), frozen=entropy_params, log=log)
+    return train(cfg, blt_dir, frozen=entropy_params, log=log)
 
 
 def _stage2_patching(
-    cfg: ml_collections.ConfigDict, stage_cfg: ml_collections.ConfigDict, entropy_params: Any, log
+    cfg: ml_collections.ConfigDict,
+    stage_cfg: ml_collections.ConfigDict,
+    entropy_params: Any,
+    log,
+    saved: dict | None = None,
 ) -> ml_collections.ConfigDict:
     """Stage 2's patching from the frozen entropy model on 4 training batches (fastblt/calibration.py):
     the threshold for ``entropy_stage.target_patch_len`` where set, then ``model.patcher.max_patches``
-    raised where a row needs more slots (said loudly; the run's saved config keeps the new value)."""
+    raised where a row needs more slots (said loudly; the run's saved config keeps the new value).
+
+    Every process decides the same (process 0's figures): the threshold and the buffer are baked into
+    the compiled step. ``saved``: the patcher config of a stage 2 that resumes, whose buffer it keeps
+    (its checkpoints were written with it)."""
     rows = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())
     batches = [next(rows) for _ in range(4)]
     values = calibration.entropies(
@@ -499,15 +508,22 @@ def _stage2_patching(
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     stage = cfg.entropy_stage
     if stage.get("target_patch_len"):
-        threshold = calibration.threshold_for(values, batches, float(stage.target_patch_len))
+        threshold = _same_on_every_process(
+            calibration.threshold_for(values, batches, float(stage.target_patch_len))
+        )
         cfg.model.patcher.threshold = threshold
         log(
             f"patch threshold calibrated to {threshold:.4f} nats for ~{stage.target_patch_len} bytes per patch"
         )
+    if saved is not None:
+        cfg.model.patcher.max_patches = saved.get("max_patches", cfg.model.patcher.get("max_patches"))
+        return cfg
     needed = calibration.patches_needed(values, batches, configs.model_config(cfg).patcher)
     seq_len = int(cfg.data.seq_len)
     old = cfg.model.patcher.get("max_patches")
     new = calibration.sized_buffer(needed, old, seq_len)
+    if new is not None:
+        new = int(_same_on_every_process(float(new)))
     if new != old:
         cfg.model.patcher.max_patches = new
         log(
@@ -516,6 +532,31 @@ def _stage2_patching(
             "patches would merge into its last slot. Set model.patcher.max_patches to choose the buffer."
         )
     return cfg
+
+
+def _saved_patcher(blt_dir: str) -> dict | None:
+    """The patcher config of the newest checkpoint in a stage-2 workdir; None where there is none
+    readable (a fresh run; an unreadable newest step is the trainer's to handle)."""
+    from pathlib import Path
+
+    from fastblt.loading import read_meta
+
+    if not os.path.isdir(os.path.join(blt_dir, "checkpoints")):
+        return None
+    try:
+        _, meta = read_meta(Path(blt_dir))
+    except (FileNotFoundError, ValueError):  # ValueError: fastblt.config.ConfigError (damaged meta)
+        return None
+    return (meta.get("model_config") or {}).get("patcher")
+
+
+def _same_on_every_process(value: float) -> float:
+    """Process 0's value on every process (one process: the value itself)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
 
 
 def entropy_function(cfg: ml_collections.ConfigDict, workdir: str, bucket: int = 1024):

@@ -177,7 +177,7 @@ def test_fused_local_mask_path_agrees_with_reference_path(window, dtype, tol, mo
     CPU stand-ins computing what their arguments mean (tests/fused_stand_in.py)."""
     import fused_stand_in
 
-    from fastblt.model.attention import LocalMask
+    from fastblt.model.attention import LocalMask, packed_segments
 
     rng = np.random.default_rng(7)
     b, n, h, kv, d = 3, 24, 4, 2, 8
@@ -195,8 +195,11 @@ def test_fused_local_mask_path_agrees_with_reference_path(window, dtype, tol, mo
         return jnp.sum(attention(q, k, v, mask, impl).astype(jnp.float32) * g)
 
     grad = jax.value_and_grad(loss, argnums=(2, 3, 4))
-    for row_docs in (docs, None, docs[2:]):  # documents; none; one row that fits alone
-        sl = slice(None) if row_docs is None or row_docs.shape[0] == b else slice(2, None)
+    # Which branch runs is decided per batch (every row must fit the packed layout): row 0 alone
+    # (3 documents) runs packed, the whole batch (row 1 has 5) the bias path, and no documents the
+    # kernel's own masks.
+    assert bool(packed_segments(docs[:1], 4)[2]) and not bool(packed_segments(docs, 4)[2])
+    for sl, row_docs in ((slice(0, 1), docs[:1]), (slice(None), docs), (slice(None), None)):
         mask = LocalMask(pos[sl], row_docs, window, max_segments=4)
         dense = causal_mask(pos[sl], pos[sl], window, row_docs, row_docs)
         ref, ref_grads = grad(dense, "xla", q[sl], k[sl], v[sl])

@@ -34,13 +34,12 @@ def test_patches_needed_counts_patches_past_the_buffer():
 
 
 def test_stage_two_raises_a_patch_buffer_that_rows_would_overflow(tmp_path):
-    cfg = small_config(
+    cfg_args = (
         "entropy_stage.steps=2",
         "entropy_stage.target_patch_len=4.0",
         "model.patcher.max_patches=8",  # ~17 patches per 64-byte row at 4 bytes per patch
-        steps=2,
-        patching="entropy",
     )
+    cfg = small_config(*cfg_args, steps=2, patching="entropy")
     logs: list[str] = []
     last = run(cfg, str(tmp_path), log=logs.append)
     raised = [line for line in logs if "max_patches raised from 8 to" in line]
@@ -49,6 +48,12 @@ def test_stage_two_raises_a_patch_buffer_that_rows_would_overflow(tmp_path):
     assert config.patcher.max_patches > 8
     assert last["patch_overflow"] == 0.0
     assert not any(line.startswith("WARNING step") for line in logs)
+    # Resuming keeps the buffer its checkpoints were written with (no second sizing, no mismatch).
+    logs.clear()
+    more = run(small_config(*cfg_args, steps=3, patching="entropy"), str(tmp_path), log=logs.append)
+    assert any("resumed" in line for line in logs) and not any("raised from" in line for line in logs)
+    assert load_model(tmp_path)[0].patcher.max_patches == config.patcher.max_patches
+    assert more["patch_overflow"] == 0.0
 
 
 def test_a_run_whose_rows_overflow_says_so_every_log(tmp_path):

