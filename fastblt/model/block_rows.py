@@ -150,6 +150,25 @@ def _attend(
     return out.reshape(b, r, h, d).astype(q.dtype)
 
 
+# Per-example row gather: x float[b, N, ...], i int[b, ...] -> x[b, i[b]].
+_take = jax.vmap(lambda x, i: x[i])
+
+
+def _by_chunk(x: jax.Array, per_block: int, chunk_blocks: int) -> jax.Array:
+    """[b, K * per_block, ...] -> [b, chunks, chunk_blocks * per_block, ...], padded at the end with
+    blocks that see nothing (their output is 0 and sliced off)."""
+    nblk = x.shape[1] // per_block
+    chunks = -(-nblk // chunk_blocks)
+    x = jnp.pad(x, [(0, 0), (0, (chunks * chunk_blocks - nblk) * per_block)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], chunks, chunk_blocks * per_block, *x.shape[2:])
+
+
+def _windows_fit(offset: jax.Array, context_mask: jax.Array, room: int) -> jax.Array:
+    """Every block that sees a context key starts at most ``room`` after its tile's first block.
+    offset: int32[..., T]; context_mask: bool[..., T, B, C]. Returns a bool scalar."""
+    return jnp.all((offset <= room) | ~jnp.any(context_mask, axis=(-2, -1)))
+
+
 def _windowed_attention(
     q: jax.Array,
     k: jax.Array,
@@ -164,8 +183,7 @@ def _windowed_attention(
     context keys (shapes as there, R = K * B)."""
     n, width = k_ctx.shape[1], context_mask.shape[-1]
     index = jnp.clip(context_start[:, :, None] + jnp.arange(width, dtype=jnp.int32), 0, n - 1)
-    take = jax.vmap(lambda x, i: x[i])
-    k_win, v_win = take(k_ctx, index), take(v_ctx, index)  # [b, K, C, KV, hd]
+    k_win, v_win = _take(k_ctx, index), _take(v_ctx, index)  # [b, K, C, KV, hd]
     has_context = jnp.any(context_mask, axis=-1)
     return _attend(q, k, v, k_win, v_win, "bqwkd", context_mask, has_context, self_mask)
 
@@ -245,25 +263,21 @@ def _tiles_in_one_call(
     n, kvh = k_ctx.shape[1], k.shape[2]
     t = tile_blocks
     tiles = -(-nblk // t)
-    pad = tiles * t - nblk  # padding blocks: no visible key, output 0, sliced off
 
     def per_tile(x: jax.Array, per_block: int) -> jax.Array:
-        """[b, K * per_block, ...] -> [b, tiles, T * per_block, ...]."""
-        x = jnp.pad(x, [(0, 0), (0, pad * per_block)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(b, tiles, t * per_block, *x.shape[2:])
+        return _by_chunk(x, per_block, t)
 
     start = per_tile(context_start, 1)  # [b, tiles, T]
     cm = per_tile(context_mask, 1)  # [b, tiles, T, B, C]
     sm = per_tile(self_mask, 1)  # [b, tiles, T, B, B]
     first = start[..., 0]  # [b, tiles]
     offset = start - first[..., None]
-    fits = jnp.all((offset <= span - width) | ~jnp.any(cm, axis=(-2, -1)))
+    fits = _windows_fit(offset, cm, span - width)
 
     def one_call() -> jax.Array:
         rows = jnp.clip(first[..., None] + jnp.arange(span, dtype=jnp.int32), 0, n - 1)  # [b, tiles, span]
-        take = jax.vmap(lambda x, i: x[i])
-        k_tile = take(k_ctx, rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
-        v_tile = take(v_ctx, rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
+        k_tile = _take(k_ctx, rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
+        v_tile = _take(v_ctx, rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
         ctx = _tile_visibility(cm, offset, span)  # [b, tiles, T, B, span]
         same_block = jnp.eye(t, dtype=bool)[:, None, :, None]  # [T, 1, T, 1]
         own = same_block & sm[..., :, None, :]  # [b, tiles, T, B, T, B]
@@ -340,10 +354,8 @@ def block_attention(
         span = width + (chunk_blocks - 1) * max_patch_length
 
         def tiled(q, k, v, start, cm, sm):
-            offset = start - start[:, :1]
-            fits = jnp.all((offset <= span - width) | ~jnp.any(cm, axis=(2, 3)))
             return jax.lax.cond(
-                fits,
+                _windows_fit(start - start[:, :1], cm, span - width),
                 lambda: _tiled_attention(q, k, v, k_ctx, v_ctx, start, cm, sm, span),
                 lambda: _windowed_attention(q, k, v, k_ctx, v_ctx, start, cm, sm),
             )
@@ -361,13 +373,10 @@ def block_attention(
         return _windowed_attention(q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask)
 
     chunks = -(-nblk // chunk_blocks)
-    pad = chunks * chunk_blocks - nblk  # padding blocks: no visible key, output 0, sliced off
 
     def split(x: jax.Array, per_block: int) -> jax.Array:
-        """[b, K * per_block, ...] -> [chunks, b, chunk_blocks * per_block, ...]."""
-        x = jnp.pad(x, [(0, 0), (0, pad * per_block)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(b, chunks, chunk_blocks * per_block, *x.shape[2:])
-        return jnp.moveaxis(x, 1, 0)
+        """[b, K * per_block, ...] -> [chunks, b, chunk_blocks * per_block, ...] (lax.map's axis first)."""
+        return jnp.moveaxis(_by_chunk(x, per_block, chunk_blocks), 1, 0)
 
     @jax.checkpoint
     def one(xs: tuple[jax.Array, ...]) -> jax.Array:
