@@ -50,6 +50,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from fastblt.errors import (  # noqa: F401  (re-exported: callers import them from here)
     CheckpointError,
@@ -82,18 +83,6 @@ RUNTIME_KEYS = frozenset(
 # --------------------------------------------------------------------------- model-config meta
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> {"a.b.c": leaf}; lists stay leaves (tuples become lists)."""
-    if isinstance(d, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        if not d and prefix:
-            out[prefix[:-1]] = {}
-        return out
-    return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
-
-
 def _config_dict(config: Any) -> dict[str, Any]:
     if hasattr(config, "to_dict"):
         config = config.to_dict()
@@ -103,7 +92,12 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 
 def _architecture(config: Any) -> dict[str, Any]:
-    return {k: v for k, v in _flatten(_config_dict(config)).items() if k not in RUNTIME_KEYS}
+    """``{"a.b.c": leaf}`` of the JSON-normalised config, less :data:`RUNTIME_KEYS`; lists are leaves.
+
+    An empty sub-mapping stays, as ``{}``: fingerprints stored in checkpoints were computed so.
+    """
+    flat = traverse_util.flatten_dict(_config_dict(config), keep_empty_nodes=True, sep=".")
+    return {k: {} if v is traverse_util.empty_node else v for k, v in flat.items() if k not in RUNTIME_KEYS}
 
 
 def config_fingerprint(config: Any) -> str:
@@ -232,13 +226,6 @@ def preemption_requested(step: int | None = None) -> bool:
 # --------------------------------------------------------------------------- tree comparison
 
 
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     out = {}
@@ -246,7 +233,9 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
         shape = getattr(leaf, "shape", None)
         if shape is None and isinstance(leaf, int | float | np.number | bool):
             shape = ()
-        out[".".join(_key_name(k) for k in path)] = tuple(shape) if shape is not None else None
+        out[jax.tree_util.keystr(path, simple=True, separator=".")] = (
+            tuple(shape) if shape is not None else None
+        )
     return out
 
 

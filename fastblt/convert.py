@@ -69,31 +69,15 @@ def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
     return ".".join(parts) + ".weight", path[-1] == "kernel"
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flattened parameter path -> shape that ``BLT(config).init`` creates."""
+    from flax import traverse_util  # lazy, as Flax is everywhere here: `import fastblt.cli` stays light
+
     from fastblt.model import abstract_params
 
-    return {path: tuple(leaf.shape) for path, leaf in _flatten(abstract_params(config)).items()}
+    return {
+        path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract_params(config)).items()
+    }
 
 
 def _unbox(tree: Any) -> Any:
@@ -343,7 +327,9 @@ def from_hf(src: Any) -> tuple[ModelConfig, dict[str, Any]]:
     leftover = sorted(k for k in set(tensors) - used if "rotary_emb" not in k)
     if leftover:
         raise ValueError(f"HF tensors not understood by the conversion: {leftover[:5]}")
-    return config, _unflatten(flat)
+    from flax import traverse_util
+
+    return config, traverse_util.unflatten_dict(flat)
 
 
 def to_hf(config: ModelConfig, params: Mapping[str, Any], out_dir: str) -> None:
@@ -354,7 +340,9 @@ def to_hf(config: ModelConfig, params: Mapping[str, Any], out_dir: str) -> None:
     params = _unbox(params)
     if "params" in params and "local_encoder" not in params:
         params = params["params"]
-    flat = _flatten(params)
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(dict(params))  # dict(): any Mapping at the top, as before
     shapes = expected_shapes(config)
     if config.entropy_model is None:
         shapes = {p: s for p, s in shapes.items() if p[0] != "entropy_model"}

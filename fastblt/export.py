@@ -51,14 +51,12 @@ class ExportError(ConfigError):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def _shape_table(tree: Any) -> dict[str, tuple[int, ...]]:
     """``{"local_encoder/layers_0/attention/wq/kernel": shape}`` for every array-like leaf."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {_path_str(path): tuple(leaf.shape) for path, leaf in leaves}
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in leaves
+    }
 
 
 def abstract_params(config: ModelConfig) -> Any:

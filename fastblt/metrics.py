@@ -1,4 +1,4 @@
-"""Training metrics: model FLOPs per byte and MFU, TensorBoard scalars, a console progress line.
+"""Training metrics: model FLOPs per byte and MFU, TensorBoard scalars, console progress (tqdm).
 
 FLOP accounting follows MaxText's convention (model FLOPs, not hardware FLOPs): every matmul costs
 2 FLOPs per weight per row it is applied to, attention costs ``4 * keys * H * head_dim`` per query
@@ -28,11 +28,10 @@ of the implementation is larger than ``P``: padded slots are not useful work and
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -224,69 +223,30 @@ def mfu(flops_per_byte: float, bytes_per_sec: float, n_devices: int, device_kind
 
 # --------------------------------------------------------------------------- TensorBoard
 
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
+# How often tensorboardX's thread flushes the event file, s: TensorBoard reloads every 5 s, so sooner
+# would show nothing sooner; a hard kill loses at most this long of events (metrics.jsonl keeps them).
+EVENT_FLUSH_SECS = 2
 
 
-_CRC_TABLE = _crc32c_table()
+def _summary_writer_class() -> type:
+    """``tensorboardX.SummaryWriter``, imported (lazily: only the writing process needs it) without torch.
 
+    tensorboardX's writer module imports torch when it is installed, for a type alias only: seconds
+    of startup, and torch's CUDA libraries loaded next to JAX's. Where torch is not loaded yet, a
+    ``None`` in ``sys.modules`` makes that import fail for the moment, and tensorboardX falls back
+    to numpy; torch stays importable afterwards.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord files use."""
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # int64 fields: two's complement
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int | None = None, file_version: str | None = None, scalars=()) -> bytes:
-    """A serialized ``tensorflow.Event`` proto (fields: 1 wall_time, 2 step, 3 file_version, 5 summary)."""
-    out = bytearray(_varint(1 << 3 | 1) + struct.pack("<d", wall_time))
-    if step is not None:
-        out += _varint(2 << 3 | 0) + _varint(step)
-    if file_version is not None:
-        out += _len_field(3, file_version.encode())
-    if scalars:
-        # Summary { repeated Value value = 1 }; Value { string tag = 1; float simple_value = 2 }.
-        values = b"".join(
-            _len_field(1, _len_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", v))
-            for tag, v in scalars
-        )
-        out += _len_field(5, values)
-    return bytes(out)
-
-
-def _record(data: bytes) -> bytes:
-    """One TFRecord: length, masked CRC of the length, data, masked CRC of the data."""
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", "") is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _drop_rows_after(path: str, step: int) -> None:
@@ -307,58 +267,81 @@ def _drop_rows_after(path: str, step: int) -> None:
 
 
 class MetricWriter:
-    """Writes scalars to a TensorBoard event file (and ``metrics.jsonl``) in ``logdir``.
+    """Writes scalars to ``metrics.jsonl`` and to a TensorBoard event file (tensorboardX) in ``logdir``.
 
     Only one process should write: pass ``enabled=(jax.process_index() == 0)``; a disabled writer
-    does nothing and creates no file. The event file is written without TensorFlow or tensorboardX:
-    TFRecord framing (CRC-32C) around hand-encoded ``Event`` protos.
+    does nothing and creates no file.
+
+    ``metrics.jsonl`` holds one ``{"step": s, tag: value, ...}`` row per :meth:`write_scalars`,
+    written and flushed before the call returns: sweeps and tests read it, and a killed run loses
+    none of its rows. The event file is written by tensorboardX's background thread, which flushes
+    it every :data:`EVENT_FLUSH_SECS` seconds; :meth:`close` writes everything still queued, so only
+    a hard kill (SIGKILL, a crash of the interpreter) can lose the events of those last seconds.
     """
 
     def __init__(
         self, logdir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None
     ) -> None:
-        """``resume_step``: the step a resumed run restarts from; rows of ``metrics.jsonl`` past it
-        (steps a killed run logged after its last checkpoint, which the resumed run replays) are
-        dropped, so each step appears once."""
+        """``resume_step``: the step a resumed run restarts from. Steps a killed run logged after
+        its last checkpoint are replayed by the resumed run, so each view drops them once: rows of
+        ``metrics.jsonl`` past ``resume_step`` are deleted, and the event file starts with
+        TensorBoard's purge marker (a ``SessionLog.START`` at ``resume_step + 1``), which hides the
+        earlier files' events of steps after ``resume_step``."""
+        if resume_step is not None and resume_step < 0:
+            raise ValueError(f"resume_step must be >= 0, got {resume_step}")
         self.logdir = os.fspath(logdir)
         self.enabled = enabled
         self.path: str | None = None
-        self._events = self._jsonl = None
+        self._tb: Any = None
+        self._jsonl: TextIO | None = None
         if not enabled:
             return
+        SummaryWriter = _summary_writer_class()
         os.makedirs(self.logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(self.logdir, name)
-        self._events = open(self.path, "ab")  # closed in close()
         jsonl = os.path.join(self.logdir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(jsonl):
-            _drop_rows_after(jsonl, resume_step)
-        self._jsonl = open(jsonl, "a")
-        self._events.write(_record(_event(time.time(), file_version="brain.Event:2")))
-        self._events.flush()
+            _drop_rows_after(jsonl, int(resume_step))
+        # tensorboardX names the file events.out.tfevents.<unix seconds>.<host><suffix> and opens it
+        # with "wb": the suffix keeps two writers of one second apart (a resume in the same second,
+        # in tests), and its nanosecond clock sorts them in creation order, the order TensorBoard
+        # reads a directory's files in (a purge marker hides only events of files read before it).
+        suffix = f".{time.time_ns()}.{os.getpid()}"
+        self._tb = SummaryWriter(
+            self.logdir,
+            purge_step=None if resume_step is None else int(resume_step) + 1,
+            max_queue=256,  # events, not bytes: a few logged steps; a full queue blocks the loop
+            flush_secs=EVENT_FLUSH_SECS,
+            filename_suffix=suffix,
+        )
+        (self.path,) = glob.glob(os.path.join(glob.escape(self.logdir), f"events.out.tfevents.*{suffix}"))
+        self._jsonl = open(jsonl, "a")  # closed in close()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Writes ``{tag: number}`` at ``step`` and flushes. None values are skipped."""
+        """Writes ``{tag: number}`` at ``step`` (one jsonl row, one event per tag). None values are
+        skipped; a value that is not a number raises TypeError or ValueError (from ``float``)."""
         if not self.enabled:
             return
-        if self._events is None:
+        if self._tb is None:
             raise RuntimeError(f"MetricWriter for {self.logdir} is closed")
-        values = [(str(k), float(v)) for k, v in scalars.items() if v is not None]
-        self._events.write(_record(_event(time.time(), step=int(step), scalars=values)))
-        self._events.flush()
-        self._jsonl.write(json.dumps({"step": int(step), **dict(values)}) + "\n")
+        values = {str(k): float(v) for k, v in scalars.items() if v is not None}
+        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.flush()
+        wall_time = time.time()  # one time for the whole row, as one row is one moment
+        for tag, value in values.items():
+            self._tb.add_scalar(tag, value, global_step=int(step), walltime=wall_time)
 
     def flush(self) -> None:
-        if self._events is not None:
-            self._events.flush()
+        """Flushes ``metrics.jsonl`` and the events tensorboardX's thread has written so far."""
+        if self._tb is not None:
+            self._tb.flush()
             self._jsonl.flush()
 
     def close(self) -> None:
-        if self._events is not None:
-            self._events.close()
+        """Writes every queued event and closes both files; later writes raise RuntimeError."""
+        if self._tb is not None:
+            self._tb.close()
             self._jsonl.close()
-            self._events = self._jsonl = None
+            self._tb = self._jsonl = None
 
     def __enter__(self) -> MetricWriter:
         return self
@@ -390,15 +373,44 @@ def format_rate(bytes_per_sec: float) -> str:
     return f"{bytes_per_sec:.0f} B/s"
 
 
-class ProgressBar:
-    """A plain-text progress line (no TTY control codes: fine in CI logs).
+def _is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal a bar can be drawn on.
 
-        step 120/1000 (12.0%) | loss 1.2345 | bpb 1.7810 | 1.23 MB/s | patches/row 512.0
+    A terminal that reports 0 columns (a pseudo-terminal nobody sized, as some containers and CI
+    runners open) is not: tqdm would fit its bar, and its numbers, into no width and show nothing.
+    """
+    isatty = getattr(stream, "isatty", None)
+    if not callable(isatty) or not isatty():
+        return False
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return True  # terminal-like without a descriptor: nothing says it has no width
+    try:
+        return os.get_terminal_size(fd).columns > 0
+    except OSError:
+        return True
+
+
+class ProgressBar:
+    """Training progress on the console: a tqdm bar on a terminal, plain lines elsewhere.
+
+    The plain line (logs, CI, pipes: no TTY control codes; log parsers read it), printed every
+    ``every`` steps and at the last step::
+
+        step  120/1000 ( 12.0%) | loss 1.2345 | bpb 1.7810 | 1.23 MB/s | patches/row 512.0
         | patch len 4.50 | MFU 35.2% | ETA 1h02m
 
     Metrics are read from a dict: ``loss``, ``bits_per_byte`` (else derived from loss),
-    ``bytes_per_sec``, ``patches_per_row``, ``avg_patch_len``, ``mfu``; absent ones are left out.
-    The ETA uses the step rate since the first line (since construction for the first line).
+    ``bytes_per_sec``, ``patches_per_row``, ``avg_patch_len``, ``mfu``, ``masked_accuracy``,
+    ``peak_memory_gb``; absent ones are left out. The ETA uses the step rate since the first line
+    (since construction for the first line). On a terminal the same fields, less the step and the
+    ETA (tqdm shows its own), are the bar's postfix, and :meth:`advance` moves the bar between them.
+
+    ``stream``: where lines and the bar go (None: ``sys.stdout`` when written). ``write``: a
+    callable taking each plain line and message instead (a caller's log); with it there is no bar.
+    ``bar``: True or False forces the bar on or off; None (default) shows one when there is no
+    ``write`` and ``stream`` is a terminal.
     """
 
     def __init__(
@@ -408,12 +420,27 @@ class ProgressBar:
         start_step: int = 0,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
+        write: Callable[[str], Any] | None = None,
+        bar: bool | None = None,
     ) -> None:
         if total_steps < 1 or every < 1:
             raise ValueError(f"ProgressBar needs total_steps >= 1 and every >= 1, got {total_steps}, {every}")
+        if bar and write is not None:
+            raise ValueError("ProgressBar(bar=True) draws on `stream`; `write` takes plain lines: pass one")
         self.total, self.every, self.stream, self.clock = total_steps, every, stream, clock
+        self._write, self._want_bar, self._start = write, bar, start_step
         self._ref = (clock(), start_step)
         self._first_line = True
+        self._bar: Any = None  # the tqdm bar, made at the first step it shows
+
+    @property
+    def _out(self) -> TextIO:
+        return self.stream or sys.stdout  # read when writing: pytest's capsys swaps sys.stdout
+
+    def _uses_bar(self) -> bool:
+        if self._want_bar is not None:
+            return self._want_bar
+        return self._write is None and _is_terminal(self._out)
 
     def eta(self, step: int) -> float | None:
         t0, s0 = self._ref
@@ -422,14 +449,10 @@ class ProgressBar:
             return None
         return (self.total - step) * elapsed / (step - s0)
 
-    def line(self, step: int, metrics: Mapping[str, Any]) -> str:
-        """The progress line for ``step``; the first call also resets the ETA reference."""
-        eta = self.eta(step)
-        if self._first_line:  # later ETAs leave out compilation, which happened before this line
-            self._ref, self._first_line = (self.clock(), step), False
-        width = len(str(self.total))
-        parts = [f"step {step:>{width}}/{self.total} ({100.0 * step / self.total:5.1f}%)"]
+    def _fields(self, metrics: Mapping[str, Any]) -> list[str]:
+        """The metric fields of a line (``loss 1.2345``, ``bpb 1.7810``, ...), in line order."""
         m = {k: v for k, v in metrics.items() if v is not None}
+        parts = []
         if "loss" in m:
             parts.append(f"loss {float(m['loss']):.4f}")
         bpb = m.get("bits_per_byte", bits_per_byte(float(m["loss"])) if "loss" in m else None)
@@ -447,13 +470,63 @@ class ProgressBar:
             parts.append(f"masked acc {float(m['masked_accuracy']):.3f}")
         if "peak_memory_gb" in m:
             parts.append(f"mem {float(m['peak_memory_gb']):.1f} GB")
-        parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
-        return " | ".join(parts)
+        return parts
+
+    def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+        """The progress line for ``step``; the first call also resets the ETA reference."""
+        eta = self.eta(step)
+        if self._first_line:  # later ETAs leave out compilation, which happened before this line
+            self._ref, self._first_line = (self.clock(), step), False
+        width = len(str(self.total))
+        head = f"step {step:>{width}}/{self.total} ({100.0 * step / self.total:5.1f}%)"
+        tail = f"ETA {format_duration(eta) if eta is not None else '?'}"
+        return " | ".join([head, *self._fields(metrics), tail])
+
+    def advance(self, step: int) -> None:
+        """Moves the bar to ``step`` (steps done); without a bar, nothing (lines come from update)."""
+        if not self._uses_bar():
+            return
+        if self._bar is None:
+            # Made at the first step, not at construction: its rate leaves out the setup before it.
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total, initial=self._start, file=self._out, unit="step", dynamic_ncols=True
+            )
+        self._bar.update(step - self._bar.n)
 
     def update(self, step: int, metrics: Mapping[str, Any]) -> str | None:
-        """Prints (and returns) the line every ``every`` steps and at the last step."""
+        """Every ``every`` steps and at the last: prints the line (or, with a bar, shows its fields
+        on the bar) and returns it; None at other steps (a bar still advances)."""
         if step % self.every and step != self.total:
+            self.advance(step)
             return None
         text = self.line(step, metrics)
-        print(text, file=self.stream or sys.stdout, flush=True)
+        if self._uses_bar():
+            self.advance(step)
+            self._bar.set_postfix_str(" | ".join(self._fields(metrics)), refresh=False)
+            self._bar.refresh()
+        else:
+            self.write(text)
         return text
+
+    def write(self, text: str) -> None:
+        """A message line: above the bar while one is shown (tqdm keeps it intact), else as a line."""
+        if self._bar is not None:
+            self._bar.write(text, file=self._out)
+        elif self._write is not None:
+            self._write(text)
+        else:
+            print(text, file=self._out, flush=True)
+
+    def close(self) -> None:
+        """Leaves the bar's last state on screen; later messages print as plain lines."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -248,12 +248,15 @@ def train(
     cfg: ml_collections.ConfigDict,
     workdir: str,
     frozen: Any = None,
-    log=print,
+    log: Callable[[str], Any] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
     """:func:`_train` holding the workdir's trainer lock (fastblt/workdir_lock.py): a second
-    trainer on the same workdir is refused, naming the first one's host and pid."""
-    with workdir_lock(workdir, log, jax.process_index()):
+    trainer on the same workdir is refused, naming the first one's host and pid.
+
+    ``log``: takes every message and progress line; None (default): the console, where process 0
+    shows a tqdm bar when stdout is a terminal and prints plain progress lines otherwise."""
+    with workdir_lock(workdir, log or print, jax.process_index()):
         return _train(cfg, workdir, frozen, log, on_step)
 
 
@@ -261,7 +264,7 @@ def _train(
     cfg: ml_collections.ConfigDict,
     workdir: str,
     frozen: Any = None,
-    log=print,
+    log: Callable[[str], Any] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
     """Trains one task from ``cfg`` in ``workdir`` (resuming from its latest checkpoint).
@@ -271,6 +274,7 @@ def _train(
     ``preempted_at_step`` (the run is unfinished).
     """
     # ---------------------------------------------------------------- setup
+    console, log = log is None, log or print
     mesh = sharding.make_mesh(cfg.get("mesh", {}))
     sharding.check_batch(mesh, int(cfg.data.batch_size))
     trainer = Trainer(cfg, mesh, frozen)
@@ -306,7 +310,10 @@ def _train(
 
     # ---------------------------------------------------------------- loop
     writer = MetricWriter(os.path.join(workdir, "tensorboard"), enabled=chief, resume_step=start)
-    progress = ProgressBar(trainer.steps)
+    progress = ProgressBar(
+        trainer.steps, start_step=start, write=None if console else log, bar=None if chief else False
+    )
+    log = progress.write  # on a terminal, messages go above the bar instead of through it
     log_every = int(cfg.train.log_every)
     eval_every = int(cfg.train.eval_every)
     bytes_per_step = int(cfg.data.batch_size) * trainer.seq_len
@@ -334,6 +341,8 @@ def _train(
                 guard.check(*in_flight)
             in_flight = (step + 1, metrics["loss"], metrics["grad_norm"])
             done = step + 1
+            if chief:
+                progress.advance(done)  # a bar only; no wait for the device
             if done % log_every == 0 or done == trainer.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = max(time.time() - t0, 1e-9)
@@ -354,7 +363,7 @@ def _train(
                 if on_step is not None:
                     on_step(done, m)
                 if chief:
-                    log(progress.line(done, m))
+                    progress.update(done, m)
                     if m.get("patch_overflow", 0.0) > 0:
                         log(_overflow_warning(done, m, task))
                 last.update(m)
@@ -394,6 +403,7 @@ def _train(
         ckpt.wait()
         ckpt.close()
         writer.close()
+        progress.close()
         ckpt_lib.uninstall_preemption_handler()
     return last
 
@@ -466,24 +476,27 @@ def entropy_stage_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
     return ml_collections.ConfigDict(out)
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> dict[str, float]:
-    """``fastblt train``: one task, or both stages of an entropy-patched BLT."""
+def run(
+    cfg: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] | None = None
+) -> dict[str, float]:
+    """``fastblt train``: one task, or both stages of an entropy-patched BLT (``log``: see :func:`train`)."""
     os.makedirs(workdir, exist_ok=True)
     if "model" not in cfg or cfg.model.patcher.mode != "entropy":
         return train(cfg, workdir, log=log)
+    train_log, log = log, log or print  # train's None keeps its console bar
     stage = cfg.entropy_stage
     entropy_dir = stage.checkpoint or os.path.join(workdir, "entropy")
     stage_cfg = entropy_stage_config(cfg)
     if not stage.checkpoint:
         log(f"== stage 1: entropy model -> {entropy_dir}")
-        first = train(stage_cfg, entropy_dir, log=log)
+        first = train(stage_cfg, entropy_dir, log=train_log)
         if "preempted_at_step" in first:  # stage 2 needs the finished entropy model
             return first
     entropy_params, _ = load_trained_params(stage_cfg, entropy_dir)
     blt_dir = os.path.join(workdir, "blt")
     cfg = _stage2_patching(cfg, stage_cfg, entropy_params, log, saved=_saved_patcher(blt_dir))
     log(f"== stage 2: BLT -> {workdir}")
-    return train(cfg, blt_dir, frozen=entropy_params, log=log)
+    return train(cfg, blt_dir, frozen=entropy_params, log=train_log)
 
 
 def _stage2_patching(

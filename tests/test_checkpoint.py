@@ -300,6 +300,14 @@ def test_fingerprint_ignores_runtime_keys_only():
     assert config_fingerprint(cfg) != config_fingerprint(cfg.replace(vocab_size=300))
 
 
+def test_fingerprint_is_stable():
+    """Checkpoints store fingerprints: the flattening behind them (nested keys joined by ".", lists
+    and empty sub-mappings kept as leaves) must not change. Values computed with the original code."""
+    config = {"a": {}, "b": {"c": {}, "d": [1, (2, 3)], "e": {"f": None}}, "g.h": 1}
+    assert config_fingerprint(config) == "c1bf3504d891cf7e"
+    assert config_fingerprint({}) == "44136fa355b3678a"
+
+
 def test_grain_iterator_round_trip(tmp_path):
     grain = pytest.importorskip("grain")
     it = iter(grain.MapDataset.range(100).to_iter_dataset())

@@ -1,13 +1,18 @@
 """Metrics: FLOPs per byte against a hand count, MFU, the TensorBoard event file (read back with an
-independent record parser and protobuf's own decoder) and the console progress line."""
+independent record parser and protobuf's own decoder, and with TensorBoard's own reader) and the
+console progress (plain lines, or a tqdm bar on a terminal)."""
 
 from __future__ import annotations
 
 import glob
+import importlib.util
+import io
 import json
 import math
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -219,7 +224,8 @@ def read_records(path: str) -> list[bytes]:
 
 
 def event_class():
-    """tensorflow.Event / Summary / Summary.Value declared from their field numbers, for protobuf."""
+    """tensorflow.Event / Summary / Summary.Value / SessionLog declared from their field numbers, for
+    protobuf (independent of the writer's own proto classes)."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     f = descriptor_pb2.FileDescriptorProto(name="test_event.proto", package="tbtest", syntax="proto3")
@@ -238,17 +244,26 @@ def event_class():
     event.field.add(
         name="summary", number=5, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL, type_name=".tbtest.Summary"
     )
+    # Event.session_log = 7 (6 is the deprecated log_message); SessionLog { SessionStatus status = 1 },
+    # START = 1: TensorBoard's purge marker.
+    session = f.message_type.add(name="SessionLog")
+    session.field.add(name="status", number=1, type=t.TYPE_INT32, label=t.LABEL_OPTIONAL)
+    event.field.add(
+        name="session_log",
+        number=7,
+        type=t.TYPE_MESSAGE,
+        label=t.LABEL_OPTIONAL,
+        type_name=".tbtest.SessionLog",
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tbtest.Event"))
 
 
-def test_crc32c_check_value():
-    from fastblt.metrics import crc32c
-
+def test_crc32c_oracle_check_value():
+    """The test-side CRC that read_records checks the writer's framing with."""
     assert crc32c_bitwise(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(b"") == crc32c_bitwise(b"") == 0
+    assert crc32c_bitwise(b"") == 0
 
 
 def test_metric_writer_event_file_reads_back(tmp_path):
@@ -256,10 +271,11 @@ def test_metric_writer_event_file_reads_back(tmp_path):
         w.write_scalars(10, {"loss": 2.5, "bits_per_byte": 3.6067376, "mfu": None})
         w.write_scalars(20, {"loss": 1.25, "lr": np.float32(3e-4)})
     files = glob.glob(os.path.join(tmp_path, "tb", "events.out.tfevents.*"))
-    assert len(files) == 1
+    assert files == [w.path]
     Event = event_class()
     events = [Event.FromString(r) for r in read_records(files[0])]
     assert events[0].file_version == "brain.Event:2"
+    assert not any(e.HasField("session_log") for e in events)  # a fresh writer purges nothing
     scalars = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
     assert scalars == {
         (10, "loss"): 2.5,
@@ -280,9 +296,10 @@ def test_metric_writer_disabled_writes_nothing(tmp_path):
     assert not (tmp_path / "tb").exists()
 
 
-def test_tensorboard_reader_if_installed(tmp_path):
-    """The real TensorBoard loader, where installed (not a dependency)."""
-    loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
+def test_tensorboard_reader(tmp_path):
+    """The real TensorBoard loader (the `test` extra installs tensorboard)."""
+    from tensorboard.backend.event_processing import event_file_loader as loader
+
     with MetricWriter(tmp_path) as w:
         w.write_scalars(3, {"loss": 0.5})
     (path,) = glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
@@ -363,3 +380,113 @@ def test_resumed_writer_keeps_each_step_once(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
     assert [r["loss"] for r in rows[4:]] == [15.0, 16.0, 17.0]
+
+    # TensorBoard: the resumed file starts with a purge marker at step 5 ...
+    Event = event_class()
+    resumed = [Event.FromString(r) for r in read_records(w.path)]
+    starts = [e.step for e in resumed if e.HasField("session_log") and e.session_log.status == 1]
+    assert starts == [5]
+    # ... and TensorBoard's own reader, over the directory, shows each step once, the replay's values.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 15.0),
+        (6, 16.0),
+        (7, 17.0),
+    ]
+
+
+def test_metric_writer_rejects_closed_and_bad_input(tmp_path):
+    w = MetricWriter(tmp_path)
+    with pytest.raises(ValueError):
+        w.write_scalars(1, {"loss": "not a number"})
+    w.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        w.write_scalars(2, {"loss": 1.0})
+    with pytest.raises(ValueError, match="resume_step must be >= 0"):
+        MetricWriter(tmp_path / "other", resume_step=-1)
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal (what tqdm draws its bar on)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_draws_a_tqdm_bar():
+    out = Terminal()
+    with ProgressBar(10, every=5, stream=out) as bar:
+        bar.advance(1)
+        bar.write("a message")
+        for step in range(2, 11):
+            bar.update(step, {"loss": 1.0, "mfu": 0.5})
+    text = out.getvalue()
+    assert "\r" in text and "10/10" in text  # redrawn in place, up to the last step
+    assert "loss 1.0000 | bpb" in text and "MFU 50.0%" in text  # the line's fields as the postfix
+    assert "step  5/10" not in text and "ETA" not in text  # tqdm shows the step and time itself
+    assert "a message\n" in text  # messages go above the bar, whole
+
+
+def test_progress_plain_when_not_a_terminal_or_given_a_log():
+    out = io.StringIO()  # isatty() is False: a log file or a pipe
+    bar = ProgressBar(4, stream=out)
+    bar.advance(1)  # nothing without a bar
+    bar.update(2, {"loss": 1.0})
+    bar.write("msg")
+    assert out.getvalue().splitlines()[0].startswith("step 2/4 ( 50.0%) | loss 1.0000")
+    assert out.getvalue().splitlines()[1] == "msg" and "\r" not in out.getvalue()
+
+    lines: list[str] = []
+    bar = ProgressBar(4, stream=Terminal(), write=lines.append)  # a caller's log: never a bar
+    assert bar.update(4, {"loss": 1.0}) == lines[0] and lines[0].startswith("step 4/4 (100.0%)")
+    bar.write("msg")
+    assert lines[1:] == ["msg"]
+    with pytest.raises(ValueError, match="bar=True"):
+        ProgressBar(4, write=lines.append, bar=True)
+
+
+def test_metric_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when installed (seconds, and CUDA libraries beside JAX's): the
+    writer keeps it out, and torch stays importable after."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed: nothing to keep out")
+    probe = (
+        "import sys\n"
+        "from fastblt.metrics import MetricWriter\n"
+        f"with MetricWriter({str(tmp_path)!r}) as w:\n"
+        "    w.write_scalars(1, {'loss': 1.0})\n"
+        "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules, 'torch was imported'\n"
+        "import torch\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs pseudo-terminals (POSIX)")
+def test_progress_bar_needs_a_terminal_with_a_width():
+    """A pseudo-terminal of unset size (0 columns) would show an empty bar: plain lines instead."""
+    import fcntl
+    import termios
+
+    leader, follower = os.openpty()
+    with open(follower, "w") as tty, open(leader, "rb", buffering=0) as screen:
+        assert tty.isatty() and os.get_terminal_size(follower).columns == 0
+        ProgressBar(4, stream=tty).update(2, {"loss": 1.0})
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 x 100
+        with ProgressBar(4, stream=tty) as bar:
+            bar.update(3, {"loss": 1.0})
+        tty.flush()
+        shown = screen.read(65536).decode()
+    plain, drawn = shown.split("\n", 1)
+    assert plain.rstrip("\r").startswith("step 2/4 ( 50.0%) | loss 1.0000")
+    assert "3/4" in drawn and "|" in drawn and "step 3/4" not in drawn

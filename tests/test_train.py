@@ -280,3 +280,14 @@ def test_skip_mode_skips_a_non_finite_step_and_trains_on(tmp_path, monkeypatch):
     cfg = small_config("train.on_nonfinite='skip'", "train.max_nonfinite_skips=0", steps=5)
     with pytest.raises(NonFiniteLossError, match="in a row, more than train.max_nonfinite_skips"):
         train(cfg, str(tmp_path / "zero"), log=lambda *_: None)
+
+
+def test_console_progress_off_a_terminal_is_the_plain_lines(tmp_path, capsys):
+    """log=None (what `fastblt train` passes): off a terminal (a log file, CI, a pipe) process 0
+    prints the plain progress lines that log readers parse, and no bar."""
+    train(small_config("optimizer.warmup_steps=1", steps=2), str(tmp_path), log=None)
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("step ")]
+    assert [x.split(" | ")[0] for x in lines] == ["step 1/2 ( 50.0%)", "step 2/2 (100.0%)"], out
+    assert all(" | loss " in x and x.split(" | ")[-1].startswith("ETA ") for x in lines)
+    assert "\r" not in out and "\x1b" not in out
