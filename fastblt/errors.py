@@ -26,3 +26,8 @@ class NonFiniteLossError(FloatingPointError):
 
 class DataError(ValueError):
     """A corpus file is unreadable or malformed; the message names the file (and line) to fix."""
+
+
+class UsageError(Exception):
+    """Bad command-line input found by a ``fastblt`` subcommand's handler (a flag's value, a missing
+    prompt); printed as ``fastblt: error: ...`` with exit status 2, like argparse's own errors."""

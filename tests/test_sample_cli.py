@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fastblt import cli
+from fastblt import cli, config_command
 from fastblt.configs import load_config, model_config
 from fastblt.export import abstract_params, save_export
 
@@ -120,7 +120,7 @@ def test_a_malformed_corpus_is_one_line_and_debug_shows_the_traceback(monkeypatc
     def bad(_args):
         raise DataError(f"{corpus}:2: no key 'text' (data.jsonl_field)")
 
-    monkeypatch.setattr(cli, "_run_config", bad)
+    monkeypatch.setattr(config_command, "_run_config", bad)  # the handler `fastblt config` runs
     parser_args = ["config", "--config", "tiny"]
     with pytest.raises(SystemExit) as e:
         cli.main(parser_args)

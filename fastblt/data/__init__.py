@@ -18,8 +18,7 @@ Names below load on first access, so ``import fastblt.data`` does not import gra
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fastblt.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "DataConfig": "settings",
@@ -37,13 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,32 +7,33 @@ BLT-D checkpoints block diffusion (``blt_d``) and diffusion drafts with verifica
 
 Modules: ``state`` (buffers and caches), ``cached`` (incremental stages: append bytes, draft a byte),
 ``ar``, ``speculative`` and ``diffusion`` (the jitted while-loops), ``sampling`` (greedy / temperature / top-p),
-``cost`` (NFE counters and the paper's bandwidth estimate), ``naive`` (the no-cache test oracle).
+``cost`` (NFE counters and the paper's bandwidth estimate), ``naive`` (the no-cache test oracle),
+``command`` (``fastblt sample``).
+
+Names below load on first access, so ``import fastblt.sampler.command`` (which ``fastblt --help``
+does) does not import JAX.
 """
 
-from fastblt.sampler.api import (
-    METHODS,
-    GenerationResult,
-    Program,
-    encode_prompts,
-    generate,
-    prepare,
-    run_program,
-)
-from fastblt.sampler.cost import GenerationCounters, ParamCounts, bandwidth_bytes, param_counts
-from fastblt.sampler.naive import naive_generate
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "GenerationCounters",
-    "GenerationResult",
-    "ParamCounts",
-    "Program",
-    "bandwidth_bytes",
-    "encode_prompts",
-    "generate",
-    "naive_generate",
-    "param_counts",
-    "prepare",
-    "run_program",
-]
+from fastblt.lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "METHODS": "api",
+    "GenerationResult": "api",
+    "Program": "api",
+    "encode_prompts": "api",
+    "generate": "api",
+    "prepare": "api",
+    "run_program": "api",
+    "GenerationCounters": "cost",
+    "ParamCounts": "cost",
+    "bandwidth_bytes": "cost",
+    "param_counts": "cost",
+    "naive_generate": "naive",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
