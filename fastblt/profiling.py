@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -56,10 +56,47 @@ DECODE_RULES: tuple[tuple[str, str], ...] = (
     ("decoder", "sampler_decoder"),
 )
 
+# (kind, substring of an instruction's HLO line): what sort of kernel it is, first match wins.
+KIND_RULES: tuple[tuple[str, str], ...] = (
+    ("attention", "__cudnn$fmha"),
+    ("matmul", "__cublas"),
+    ("matmul", "triton_gemm"),
+    ("matmul", "__triton_gemm"),
+    ("matmul", " dot("),
+    ("matmul", " convolution("),
+    ("scatter", " scatter("),
+    ("collective", "all-reduce"),
+    ("collective", "all-gather"),
+    ("collective", "reduce-scatter"),
+    ("copy", " copy("),
+)
+
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def _instructions(hlo_text: str) -> Iterator[tuple[str | None, str, str]]:
+    """(computation, instruction name, line) for every instruction of a module's text."""
+    computation = None
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and "=" not in line.split("{")[0]:
+            computation = head.group(1)
+            continue
+        m = _INSTR.match(line)
+        if m:
+            yield computation, m.group(1), line
+
+
+def _through_calls(own: dict[str, str], calls: dict[str, str], inner: dict[str, str]) -> dict[str, str]:
+    """``own`` completed for instructions without a value of their own (a fusion, usually) by the
+    value of the computation they call (``inner``: computation -> value)."""
+    for name, comp in calls.items():
+        if name not in own and comp in inner:
+            own[name] = inner[comp]
+    return own
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -71,16 +108,7 @@ def op_names(hlo_text: str) -> dict[str, str]:
     names: dict[str, str] = {}
     calls: dict[str, str] = {}
     roots: dict[str, str] = {}
-    computation = None
-    for line in hlo_text.splitlines():
-        head = _COMPUTATION.match(line)
-        if head and "=" not in line.split("{")[0]:
-            computation = head.group(1)
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        name = m.group(1)
+    for computation, name, line in _instructions(hlo_text):
         op = _OP_NAME.search(line)
         if op:
             names[name] = op.group(1)
@@ -89,10 +117,28 @@ def op_names(hlo_text: str) -> dict[str, str]:
         c = _CALLS.search(line)
         if c:
             calls[name] = c.group(1)
-    for name, comp in calls.items():
-        if name not in names and comp in roots:
-            names[name] = roots[comp]
-    return names
+    return _through_calls(names, calls, roots)
+
+
+def op_kinds(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> kernel kind (:data:`KIND_RULES`: matmul, attention, scatter, ...).
+
+    A fusion is classified by its own line (a Triton GEMM fusion names its backend there) and
+    otherwise by the first kind found among its called computation's lines.
+    """
+    kinds: dict[str, str] = {}
+    calls: dict[str, str] = {}
+    inner: dict[str, str] = {}
+    for computation, name, line in _instructions(hlo_text):
+        kind = classify(line, KIND_RULES)
+        if kind != "other":
+            kinds[name] = kind
+            if computation is not None and computation not in inner:
+                inner[computation] = kind
+        c = _CALLS.search(line)
+        if c:
+            calls[name] = c.group(1)
+    return _through_calls(kinds, calls, inner)
 
 
 def classify(op_name: str, rules: Sequence[tuple[str, str]]) -> str:
@@ -150,10 +196,13 @@ def profile_components(
 
     Returns: ``{"ms_per_step": {component: ms}, "fwd_bwd": {component: (fwd_ms, bwd_ms)},
     "top_ops": [(ms, hlo_op, op_name)], "distinct_ops": n, "launches_per_step": {component: n},
+    "kinds": {component: {kind: ms}} (kind from :data:`KIND_RULES`, else "other"),
     "total_ms": device kernel ms per call, "wall_ms": wall-clock ms per call}``.
     """
     compiled = fn.lower(*args).compile() if hasattr(fn, "lower") else fn
-    names = op_names(compiled.as_text())
+    text = compiled.as_text()
+    names = op_names(text)
+    kind_of = op_kinds(text)
     fn = compiled
     out = fn(*args)  # warm: the trace holds steady-state steps only
     jax.block_until_ready(out)
@@ -174,6 +223,7 @@ def profile_components(
     launches: dict[str, float] = collections.defaultdict(float)
     per: dict[str, float] = collections.defaultdict(float)
     split: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    kinds: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
     ops = []
     kernels = 0
     for op, us in times.items():
@@ -183,6 +233,7 @@ def profile_components(
         per[component] += ms
         launches[component] += counts[op] / steps
         split[component][1 if "transpose(" in name else 0] += ms
+        kinds[component][kind_of.get(op, kind_of.get(op.replace("_", "."), "other"))] += ms
         ops.append((ms, op, name, counts[op] / steps))
         kernels += 1
     ops.sort(reverse=True)
@@ -193,6 +244,7 @@ def profile_components(
     return {
         "ms_per_step": dict(sorted(per.items(), key=lambda kv: -kv[1])),
         "fwd_bwd": {k: tuple(v) for k, v in split.items()},
+        "kinds": {k: dict(v) for k, v in kinds.items()},
         "top_ops": [o[:3] for o in ops[:top]],
         "op_launches": {o[1]: o[3] for o in ops[:top]},
         "distinct_ops": kernels,
@@ -203,12 +255,18 @@ def profile_components(
 
 
 def format_table(profile: dict[str, Any], title: str = "") -> str:
-    """Markdown table of a :func:`profile_components` result (ms per step, share, fwd / bwd)."""
+    """Markdown table of a :func:`profile_components` result (ms per step, share, fwd / bwd, and
+    the ms of each kernel kind: matmul, attention, scatter, other)."""
     total = profile["total_ms"] or 1.0
-    lines = [f"### {title}" if title else "", "", "| component | ms/step | share | fwd ms | bwd ms |"]
-    lines.append("|---|---:|---:|---:|---:|")
+    kinds = profile.get("kinds", {})
+    cols = sorted({k for v in kinds.values() for k in v}, key=lambda k: (k == "other", k))
+    lines = [f"### {title}" if title else "", ""]
+    lines.append("| component | ms/step | share | fwd ms | bwd ms |" + "".join(f" {c} ms |" for c in cols))
+    lines.append("|---|---:|---:|---:|---:|" + "---:|" * len(cols))
     for comp, ms in profile["ms_per_step"].items():
         fwd, bwd = profile["fwd_bwd"].get(comp, (0.0, 0.0))
-        lines.append(f"| {comp} | {ms:.2f} | {100 * ms / total:.1f}% | {fwd:.2f} | {bwd:.2f} |")
-    lines.append(f"| **total (device kernels)** | **{profile['total_ms']:.2f}** | | | |")
+        by_kind = "".join(f" {kinds.get(comp, {}).get(c, 0.0):.2f} |" for c in cols)
+        lines.append(f"| {comp} | {ms:.2f} | {100 * ms / total:.1f}% | {fwd:.2f} | {bwd:.2f} |" + by_kind)
+    sums = "".join(f" {sum(v.get(c, 0.0) for v in kinds.values()):.2f} |" for c in cols)
+    lines.append(f"| **total (device kernels)** | **{profile['total_ms']:.2f}** | | | |" + sums)
     return "\n".join(lines)

@@ -16,7 +16,7 @@ Rows (each in its own process, so peak memory and failures are its own):
 
 Per row: bytes/s (median of the timed steps), MFU against the chip's spec peak and against the
 matmul rate measured in the same run, peak memory (XLA's memory analysis; the allocator's peak),
-compile seconds. ``--profile ROW`` also traces that row and prints time per component
+compile seconds. ``--profile ROW [ROW ...]`` also traces those rows and prints time per component
 (fastblt/profiling.py). Results: JSON lines, a markdown table and a PNG bar chart under ``--out``.
 """
 
@@ -129,7 +129,15 @@ def run_jax_row(args, row: str) -> dict:
     gb = [sharding.global_batch(b, trainer.batch_sharding) for b in data]
 
     t0 = time.perf_counter()
-    compiled = trainer.train_step.lower(state, trainer.frozen, gb[0]).compile()
+    # The step the train loop runs for these batches (Trainer.step_for: rows checked on the host),
+    # or with --checked-step the one that checks documents per row on the device in every layer.
+    step = trainer.train_step
+    if not args.checked_step:
+        steps = {trainer.step_for(b["inputs"]) for b in data}
+        if len(steps) != 1:
+            raise SystemExit("the benchmark batches take different train steps: use --checked-step")
+        (step,) = steps
+    compiled = step.lower(state, trainer.frozen, gb[0]).compile()
     compile_s = time.perf_counter() - t0
     times, metrics = [], None
     for i in range(args.warmup + args.steps):
@@ -171,11 +179,11 @@ def run_jax_row(args, row: str) -> dict:
         "patch_overflow": m.get("patch_overflow"),
         **_memory(compiled),
     }
-    if args.profile == row:
+    if row in args.profile:
         from fastblt.profiling import format_table, profile_components
 
         prof = profile_components(
-            compiled, (state, trainer.frozen, gb[0]), steps=3, carry=lambda o, a: (o[0], a[1], a[2])
+            compiled, (state, trainer.frozen, gb[0]), steps=3, carry=lambda o, a: (o[0], a[1], a[2]), top=5000
         )
         out["profile"] = prof
         print(format_table(prof, f"{row} ({args.shape})"), file=sys.stderr)
@@ -342,6 +350,8 @@ def write_results(results: list[dict], out_dir: str, command: str) -> None:
             lines += ["", format_table(r["profile"], f"profile: {r['row']}")]
             lines += ["", "top ops (ms/step, hlo op, op name):"]
             lines += [f"- {ms:.2f} `{op}` {name[:160]}" for ms, op, name in r["profile"]["top_ops"][:15]]
+            with open(os.path.join(out_dir, f"profile_{r['row']}.json"), "w") as f:
+                json.dump(r["profile"], f)
     with open(os.path.join(out_dir, "train_speed.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot(results, os.path.join(out_dir, "train_speed.png"))
@@ -386,10 +396,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--profile", default=None, choices=ROWS, help="also trace this row: time per component")
+    p.add_argument(
+        "--profile", nargs="*", default=[], choices=ROWS, help="also trace these rows: time per component"
+    )
     p.add_argument("--out", default=None, help="directory for train_speed.{jsonl,md,png}")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: run one row here
     p.add_argument("--timeout", type=int, default=900, help="seconds per row")
+    p.add_argument(
+        "--checked-step",
+        action="store_true",
+        help="time the step that checks documents per row in every layer (the train loop's choice for "
+        "a batch with a row of more than MAX_SEGMENTS documents) instead of the host-checked one",
+    )
     args = p.parse_args(argv)
     if args.row:
         print("RESULT " + json.dumps(run_row(args, args.row)), flush=True)
@@ -398,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in args.rows:
         cmd = [sys.executable, os.path.abspath(__file__), "--row", row] + _forward(args)
         env = dict(os.environ)
-        if args.profile == row:
+        if row in args.profile:
             # Kernels inside CUDA graphs carry no HLO op name in the trace: plain launches here.
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
         t0 = time.perf_counter()
@@ -413,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         except subprocess.TimeoutExpired:
             result = {"row": row, "failed": f"timed out after {args.timeout} s"}
         result["wall_s"] = time.perf_counter() - t0
-        if args.profile == row:
+        if row in args.profile:
             result["note"] = "profiled process: plain kernel launches (no CUDA graphs)"
         print(json.dumps({k: v for k, v in result.items() if k != "profile"}), flush=True)
         results.append(result)
@@ -426,12 +444,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def _forward(args) -> list[str]:
     out = ["--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    out += ["--checked-step"] if args.checked_step else []
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:
         out += ["--seq-len", str(args.seq_len)]
     if args.profile:
-        out += ["--profile", args.profile]
+        out += ["--profile", *args.profile]
     return out
 
 
