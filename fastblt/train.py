@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fastblt import calibration, configs, sharding
@@ -36,6 +37,7 @@ from fastblt.metrics import (
     mfu,
     model_flops_per_byte,
 )
+from fastblt.model.attention import rows_checked, rows_fit_packed
 from fastblt.optim import learning_rate_schedule, make_optimizer
 from fastblt.tasks import BLTDTask, BLTTask, EntropyTask, frozen_template
 from fastblt.workdir_lock import workdir_lock
@@ -100,6 +102,18 @@ class Trainer:
             out_shardings=(self.state_shardings, _replicated(mesh)),
             donate_argnums=(0,),
         )
+        # The same step traced for batches whose rows were checked on the host to fit cuDNN's
+        # packed document layout (fastblt.model.attention.rows_checked): no per-layer conditional.
+        # Compiled on first use; only a GPU with fused attention runs a different program.
+        self.packed_train_step = jax.jit(
+            self._packed_train_step,
+            in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, _replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        self._packed_differs = (
+            jax.default_backend() == "gpu" and cfg.model.get("attention_impl", "xla") != "xla"
+        )
         self.eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.state_shardings.params, self.frozen_shardings, self.batch_sharding),
@@ -160,6 +174,21 @@ class Trainer:
             opt_state = jax.tree.map(keep, opt_state, state.opt_state)
             metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _packed_train_step(self, state: TrainState, frozen, batch):
+        with rows_checked():
+            return self._train_step(state, frozen, batch)
+
+    def step_for(self, inputs: np.ndarray) -> Callable:
+        """The jitted train step for a batch whose host-side inputs (int[local batch, bytes]) are
+        given: :attr:`packed_train_step` when every row on every process fits the packed layout,
+        else :attr:`train_step` (which checks on the device, layer by layer)."""
+        if not self._packed_differs:
+            return self.train_step
+        fits = rows_fit_packed(inputs)
+        if jax.process_count() > 1:  # every process must run the same program
+            fits = bool(np.all(multihost_utils.process_allgather(np.asarray(fits))))
+        return self.packed_train_step if fits else self.train_step
 
     def _eval_step(self, params, frozen, batch):
         with sharding.activation_sharding(self.mesh):
@@ -333,8 +362,10 @@ def _train(
     )
     try:
         for step in range(start, trainer.steps):
-            batch = sharding.global_batch(next(data_iter), trainer.batch_sharding)
-            state, metrics = trainer.train_step(state, trainer.frozen, batch)
+            host_batch = next(data_iter)
+            step_fn = trainer.step_for(host_batch["inputs"])
+            batch = sharding.global_batch(host_batch, trainer.batch_sharding)
+            state, metrics = step_fn(state, trainer.frozen, batch)
             # At most two steps in flight: the device stays busy, and a SIGTERM's save starts after the
             # step that was running, not after every step the host had queued ahead.
             if in_flight is not None:

@@ -157,6 +157,30 @@ def test_segment_attention_equals_dense_patch_mask():
     assert np.all(out[:, p - 1] == 0)
 
 
+def test_segment_attention_gradients_equal_dense_patch_mask():
+    """Gradients through the sorted-segment scatters and the query gather's custom gradient, against
+    the XLA attention under the dense patch mask."""
+    from fastblt.model.attention import segment_attention
+
+    rng = np.random.default_rng(5)
+    b, n, p, kk, h, d = 2, 300, 70, 2, 2, 4
+    ids = np.sort(rng.integers(0, p - 1, (b, n)), axis=1)
+    q, g = (jnp.asarray(rng.normal(size=(b, p, kk, h, d)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(ids[:, None, :] == (np.arange(p * kk) // kk)[None, :, None])
+
+    def seg(q, k, v):
+        return jnp.sum(segment_attention(q, k, v, jnp.asarray(ids)) * g)
+
+    def dense(q, k, v):
+        out = attention(q.reshape(b, p * kk, h, d), k, v, mask, "xla").reshape(q.shape)
+        return jnp.sum(out * g)
+
+    got, want = jax.grad(seg, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)
+    for a, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
 def test_packed_segments_hand_worked():
     from fastblt.model.attention import packed_segments
 
@@ -210,3 +234,51 @@ def test_fused_local_mask_path_agrees_with_reference_path(window, dtype, tol, mo
                 np.asarray(a, np.float32), np.asarray(r, np.float32), atol=tol, rtol=tol
             )
     assert calls["packed"] >= 2 and calls["dense"] >= 2
+
+
+def test_rows_fit_packed_counts_documents_as_document_ids():
+    """The host check counts each row's documents exactly as document_ids numbers them."""
+    from fastblt.model.attention import rows_fit_packed
+
+    rng = np.random.default_rng(9)
+    tokens = rng.integers(3, 259, (4, 64))
+    tokens[0, [5, 9, 20]] = 2  # 4 documents
+    tokens[1, [7, 63]] = 2  # an EOS in the last position opens no document: 2
+    tokens[2, :] = 2  # 64 documents (the last EOS opens none)
+    n_docs = np.asarray(document_ids(jnp.asarray(tokens)))[:, -1] + 1
+    assert list(n_docs) == [4, 2, 64, 1]
+    for m in (1, 2, 4, 63, 64):
+        assert rows_fit_packed(tokens, m) == bool(n_docs.max() <= m)
+        assert rows_fit_packed(tokens[[0, 1, 3]], m) == bool(n_docs[[0, 1, 3]].max() <= m)
+
+
+def test_rows_checked_takes_the_packed_layout_without_a_conditional(monkeypatch):
+    """Inside rows_checked a LocalMask on the fused path traces no lax.cond and gives the values of
+    the per-call checked path and of the XLA reference (kernels replaced by CPU stand-ins)."""
+    import fused_stand_in
+
+    from fastblt.model import attention as lib
+
+    fused_stand_in.install(monkeypatch)
+    rng = np.random.default_rng(3)
+    b, n, h, d = 2, 32, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
+    tokens = rng.integers(3, 259, (b, n))
+    tokens[0, [4, 17]] = 2
+    docs = document_ids(jnp.asarray(tokens))
+    assert lib.rows_fit_packed(tokens)
+
+    def run(q, docs):  # docs traced, as in a train step: the check cannot fold away
+        return lib._cudnn_local(q, k, v, lib.LocalMask(jnp.broadcast_to(jnp.arange(n), (b, n)), docs, 8))
+
+    def run_checked(q, docs):  # a function that enters the context, jitted on its own (as Trainer)
+        with lib.rows_checked():
+            return run(q, docs)
+
+    trusted, trusted_jaxpr = jax.jit(run_checked)(q, docs), str(jax.make_jaxpr(run_checked)(q, docs))
+    checked, checked_jaxpr = jax.jit(run)(q, docs), str(jax.make_jaxpr(run)(q, docs))
+    assert "cond[" in checked_jaxpr and "cond[" not in trusted_jaxpr
+    mask = lib.LocalMask(jnp.broadcast_to(jnp.arange(n), (b, n)), docs, 8)
+    want = attention(q, k, v, mask, "xla")
+    np.testing.assert_allclose(np.asarray(trusted), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(checked), np.asarray(want), atol=1e-5)

@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastblt.model.lookup import ONE_HOT_MAX_ROWS, scatter_add_rows, take_rows, take_rows_batched
+from fastblt.model.lookup import (
+    ONE_HOT_MAX_ROWS,
+    SORTED_WINDOW,
+    scatter_add_rows,
+    take_rows,
+    take_rows_batched,
+)
 
 
 def _naive(values, ids, rows):
@@ -55,3 +61,20 @@ def test_take_rows_batched_sorted_runs():
     ref = jax.grad(lambda t: jnp.sum(jax.vmap(lambda a, i: a[i])(t, ids) * g))(table)
     got = jax.grad(lambda t: jnp.sum(take_rows_batched(t, ids, ids_sorted=True) * g))(table)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["runs", "jumps", "unsorted"])
+def test_sorted_window_sum_matches_loop(case):
+    """The sorted-ids gradient: chunks of SORTED_WINDOW ids summed into windows of rows. Runs of
+    patch lengths; a jump of more than a window inside a chunk (a row's padding patches); and ids
+    that are not sorted at all (the flag is a speed hint: the sum stays exact)."""
+    rng = np.random.default_rng(7)
+    rows, n = 3 * SORTED_WINDOW + 5, 5 * SORTED_WINDOW + 17
+    ids = np.repeat(np.arange(rows), rng.integers(1, 9, rows))[:n]
+    if case == "jumps":
+        ids[SORTED_WINDOW // 2 :] = np.minimum(ids[SORTED_WINDOW // 2 :] + SORTED_WINDOW + 3, rows - 1)
+    if case == "unsorted":
+        ids = rng.permutation(ids)
+    values = rng.normal(size=(len(ids), 2, 3)).astype(np.float32)
+    got = scatter_add_rows(jnp.asarray(values), jnp.asarray(ids), rows, ids_sorted=True)
+    np.testing.assert_allclose(np.asarray(got), _naive(values, ids, rows), rtol=1e-5, atol=1e-5)

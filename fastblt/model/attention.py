@@ -16,9 +16,16 @@ mask-as-bias path for that call (same values, slower). The XLA path is the refer
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from fastblt.model.lookup import take_rows_batched
 
 _NEG = -1e30  # finite: an all-masked row stays finite before it is zeroed
 
@@ -28,6 +35,39 @@ _NEG = -1e30  # finite: an all-masked row stays finite before it is zeroed
 # segments against 2.80 ms on the bias path (H200, experiments/results/train_speed.md). Rows of 4096
 # bytes of the default corpus hold 1-4 documents.
 MAX_SEGMENTS = 8
+
+# Set inside :func:`rows_checked`: the caller has checked on the host that every row of the batch
+# fits the packed layout, so LocalMasks on cuDNN take it without a per-layer lax.cond. Each such
+# conditional copies its predicate to the host and waits for the device (XLA GPU's conditional
+# thunk): at blt_mid on an H200 the ~34 per step cost 10 ms of 90 (experiments/results/train_speed.md).
+_ROWS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastblt_rows_checked", default=False)
+
+
+@contextlib.contextmanager
+def rows_checked() -> Iterator[None]:
+    """Traces attention for a batch whose rows all passed :func:`rows_fit_packed` on the host:
+    LocalMasks on cuDNN use the packed layout unconditionally (a row of more documents would be
+    masked wrongly, so nothing else may be traced inside). The context is read while tracing and
+    jit's caches do not see it: enter it inside a function jitted on its own (as
+    ``fastblt.train.Trainer.packed_train_step`` does), never jit one function both inside and
+    outside it."""
+    token = _ROWS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _ROWS_CHECKED.reset(token)
+
+
+def rows_fit_packed(tokens: np.ndarray, max_segments: int = MAX_SEGMENTS, eos_id: int = 2) -> bool:
+    """Host check: every row holds at most ``max_segments`` documents as :func:`document_ids`
+    counts them (an EOS ends a document; an EOS in the last position opens none).
+
+    Args: tokens: int[batch, bytes] (numpy, before it goes to the device)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int[batch, bytes], got shape {tokens.shape}")
+    docs = np.sum(tokens[:, :-1] == eos_id, axis=1) + 1
+    return bool(docs.max(initial=1) <= max_segments)
 
 
 @flax.struct.dataclass
@@ -160,7 +200,8 @@ def packed_segments(docs: jax.Array, max_segments: int) -> tuple[jax.Array, jax.
 
 def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask) -> jax.Array:
     """A LocalMask on cuDNN's fused kernel: causal and window as its masks, documents as packed
-    segments; a batch with a row of more than ``mask.max_segments`` documents takes the bias path."""
+    segments; a batch with a row of more than ``mask.max_segments`` documents takes the bias path
+    (checked per call on the device, unless traced inside :func:`rows_checked`)."""
     n = q.shape[1]
     window = mask.window if mask.window is not None and mask.window < n else None
     if mask.docs is None:
@@ -182,6 +223,8 @@ def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask) -> j
             return _blockwise_local(q, k, v, mask, "cudnn")
         return attention(q, k, v, mask.dense(), "cudnn")
 
+    if _ROWS_CHECKED.get():
+        return packed().astype(q.dtype)
     return jax.lax.cond(fits, packed, biased).astype(q.dtype)
 
 
@@ -247,15 +290,18 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
 
     Args:
       q: float[batch, segments, slots, heads, head_dim] (slots of segment s query segment s).
-      k, v: float[batch, len, heads, head_dim]; segment_ids: int32[batch, len] in [0, segments).
+      k, v: float[batch, len, heads, head_dim]; segment_ids: int32[batch, len] in [0, segments),
+        non-decreasing along each row (patch ids are).
 
     Returns: float[batch, segments, slots, heads, head_dim]; a segment without keys gives 0.
     """
     b, p, kk, h, d = q.shape
-    seg = lambda x, i: jax.ops.segment_max(x, i, num_segments=p)  # noqa: E731
-    ssum = lambda x, i: jax.ops.segment_sum(x, i, num_segments=p)  # noqa: E731
+    # Segment ids are a row's patch ids: sorted, so the scatters may assume it and the query
+    # gather's gradient sums runs of equal ids (fastblt.model.lookup) instead of colliding.
+    seg = lambda x, i: jax.ops.segment_max(x, i, num_segments=p, indices_are_sorted=True)  # noqa: E731
+    ssum = lambda x, i: jax.ops.segment_sum(x, i, num_segments=p, indices_are_sorted=True)  # noqa: E731
     take = jax.vmap(lambda a, i: a[i])
-    qg = take(q, segment_ids)  # [b, len, slots, heads, hd]
+    qg = take_rows_batched(q, segment_ids, ids_sorted=True)  # [b, len, slots, heads, hd]
     logits = jnp.einsum("bnshd,bnhd->bnsh", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
     top = jax.lax.stop_gradient(jax.vmap(seg)(logits, segment_ids))  # [b, p, slots, heads]
     e = jnp.exp(logits - take(top, segment_ids))

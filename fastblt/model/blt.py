@@ -43,9 +43,13 @@ def positions_like(x: jax.Array) -> jax.Array:
 def patch_max_pool(h: jax.Array, patch_ids: jax.Array, num_patches: int) -> jax.Array:
     """Max over the bytes of each patch; a patch without bytes gives zeros (as the reference).
 
-    Args: h: float[B, N, D]; patch_ids: int32[B, N]. Returns float[B, num_patches, D].
+    Args: h: float[B, N, D]; patch_ids: int32[B, N], non-decreasing along each row.
+    Returns float[B, num_patches, D].
     """
-    pooled = jax.vmap(lambda x, i: jax.ops.segment_max(x, i, num_segments=num_patches))(h, patch_ids)
+    # Patch ids of a row are sorted (the patcher's cumsum): the scatter may assume it.
+    pooled = jax.vmap(
+        lambda x, i: jax.ops.segment_max(x, i, num_segments=num_patches, indices_are_sorted=True)
+    )(h, patch_ids)
     counts = jax.vmap(lambda i: jnp.bincount(i, length=num_patches))(patch_ids)
     return jnp.where(counts[..., None] > 0, pooled, 0).astype(h.dtype)
 
