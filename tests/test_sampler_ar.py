@@ -130,8 +130,8 @@ def test_bad_arguments_raise_clear_errors():
         generate(params, config, [b"ten bytes!"], buffer_bytes=8)
     with pytest.raises(ValueError, match="max_bytes"):
         generate(params, config, [b"ok"], max_bytes=0)
-    with pytest.raises(ValueError, match="temperature=0"):
-        generate(params, config, [b"ok"], method="blt_s", temperature=0.5)
+    with pytest.raises(ValueError, match="temperature=-0.5 must be >= 0"):
+        generate(params, config, [b"ok"], method="blt_s", temperature=-0.5)
     with pytest.raises(TypeError, match="list"):
         generate(params, config, "not a list")
 

@@ -155,10 +155,12 @@ def prepare(
       params: the BLT params tree (``BLT(config).init(...)["params"]``; boxed or not).
       config: the model config the params belong to.
       prompts: list of str (UTF-8) or bytes; BOS is prepended, no EOS.
-      method: "ar" (plain BLT, cached) or "blt_s" (self-speculation; greedy only).
+      method: "ar" (plain BLT, cached), "blt_s" (self-speculation), "blt_d" (diffusion) or
+        "blt_dv" (diffusion drafts verified; greedy only).
       max_bytes: bytes to generate per row (fewer if the row emits EOS and ``stop_at_eos``).
       draft: BLT-S bytes drafted per round.
-      temperature: 0 for greedy; > 0 scales logits before sampling ("ar", "blt_d").
+      temperature: 0 for greedy; > 0 scales logits before sampling ("ar", "blt_d"; "blt_s" by
+        speculative sampling, distributed as "ar" sampling).
       top_p: nucleus sampling mass in (0, 1] (with temperature > 0).
       seed: PRNG seed for sampling.
       buffer_bytes: byte buffer per row (prompt + generation); None: the longest prompt plus
@@ -189,10 +191,6 @@ def prepare(
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if method == "blt_s":
-        if temperature != 0:
-            raise ValueError(
-                "method='blt_s' verifies drafts greedily: use temperature=0, or method='ar' to sample"
-            )
         if not isinstance(draft, int) or draft < 1:
             raise ValueError(f"draft={draft!r} must be a positive int (bytes drafted per BLT-S round)")
         if record_logits:
@@ -201,8 +199,11 @@ def prepare(
     if diffusion:
         check_mask_embedding(config)
         if temperature != 0 and method == "blt_dv":
+            # Speculative sampling needs each draft drawn given the drafts before it only; a block's
+            # unmasking reveals cells in any order, so a cell's draw may depend on cells after it.
             raise ValueError(
-                "method='blt_dv' verifies greedily: use temperature=0, or method='blt_d' to sample"
+                "method='blt_dv' verifies greedily: use temperature=0, or method='blt_d' (or 'blt_s', "
+                "speculative sampling) to sample"
             )
         if record_logits:
             raise ValueError("record_logits is only available with method='ar'")
@@ -274,7 +275,7 @@ def prepare(
         static = dict(common, greedy=greedy, record=record_logits)
         fn = build_ar(config, **static)
     elif method == "blt_s":
-        static = dict(common, draft=draft)
+        static = dict(common, draft=draft, greedy=greedy)
         fn = build_blt_s(config, **static)
     else:
         static = dict(common, block_size=block_size, rule=rule, verify=method == "blt_dv", greedy=greedy)

@@ -1,4 +1,5 @@
-"""BLT-S, self-speculative BLT generation (Fast BLT §5.1, Algorithm 2), greedy.
+"""BLT-S, self-speculative BLT generation (Fast BLT §5.1, Algorithm 2): greedy, or speculative
+sampling at temperature > 0 (see :func:`build_blt_s`).
 
 One round per loop iteration, for all rows in lock-step (each at its own position):
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from fastblt.config import ModelConfig
 from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
 from fastblt.sampler.cached import Runner
+from fastblt.sampler.sampling import filtered_probs, round_keys, sample_logits, speculative_accept
 from fastblt.sampler.state import State, init_state
 from fastblt.tokenizer import EOS
 
@@ -42,6 +44,49 @@ def cut_at_eos(chunk: jax.Array, commit: jax.Array, stop_at_eos: jax.Array) -> t
     return jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, commit), hit
 
 
+def greedy_accepted(chunk: jax.Array, verify_logits: jax.Array) -> jax.Array:
+    """Leading drafts ``chunk[:, 1:]`` (int32[b, k]) equal to the verifier's argmax after the byte
+    before them (``verify_logits`` float32[b, k + 1, V]): int32[b]."""
+    pred = jnp.argmax(verify_logits, axis=-1).astype(jnp.int32)  # pred[:, j] follows chunk[:, j]
+    match = chunk[:, 1:] == pred[:, :-1]
+    return jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=1), axis=1)
+
+
+def commit_verified(
+    runner: Runner,
+    st: State,
+    chunk: jax.Array,
+    verify_logits: jax.Array,
+    accepted: jax.Array,
+    start: jax.Array,
+    limit: jax.Array,
+    stop_at_eos: jax.Array,
+    active: jax.Array,
+    room: int,
+) -> tuple[State, jax.Array, jax.Array, jax.Array]:
+    """Commits a verified chunk's first byte and its ``accepted`` (int32[b]) drafts, shared by BLT-S
+    and BLT-DV.
+
+    ``chunk`` int32[b, T] was appended at ``start`` by one :meth:`Runner.extend` that returned
+    ``verify_logits`` float32[b, T, V]; ``chunk[:, 0]`` is a byte of the target's own (always
+    kept). Commits ``chunk[:, :accepted + 1]`` (cut at ``limit`` int32[b], bytes the row may still
+    take, and at EOS), rolling ``length``/``completed`` back over the rest, whose cache entries
+    become scratch. ``room``: patches a next round may complete; rows stop without it.
+
+    Returns: (state, next_logits float32[b, V]: the prediction of the byte after the commit,
+    commit int32[b], finish bool[b]).
+    """
+    commit, hit = cut_at_eos(chunk, jnp.minimum(accepted + 1, limit), stop_at_eos)
+    commit = jnp.where(active, commit, 0)
+    length = start + commit
+    completed = runner.patch_count(st, length)
+    finish = ((commit >= limit) | hit | (completed + room > st.patch_eos.shape[1])) & active
+    next_logits = jnp.take_along_axis(
+        verify_logits, jnp.clip(commit - 1, 0, chunk.shape[1] - 1)[:, None, None], axis=1
+    )[:, 0]
+    return st._replace(length=length, completed=completed), next_logits, commit, finish
+
+
 def accept_verified(
     runner: Runner,
     st: State,
@@ -53,30 +98,17 @@ def accept_verified(
     active: jax.Array,
     room: int,
 ) -> tuple[State, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Greedy acceptance of a verified chunk (Algorithm 2), shared by BLT-S and BLT-DV.
+    """Greedy acceptance of a verified chunk (Algorithm 2): ``chunk[:, j]`` is accepted while it
+    equals the prediction after ``chunk[:, j - 1]``; then :func:`commit_verified`.
 
-    ``chunk`` int32[b, T] was appended at ``start`` by one :meth:`Runner.extend` that returned
-    ``verify_logits`` float32[b, T, V]. ``chunk[:, 0]`` is the AR prediction of byte ``start``
-    (always right); ``chunk[:, j]`` is accepted while it equals the prediction after
-    ``chunk[:, j - 1]``. Commits the accepted bytes (cut at ``limit`` int32[b], bytes the row may
-    still take, and at EOS), rolling ``length``/``completed`` back over the rest, whose cache
-    entries become scratch. ``room``: patches a next round may complete; rows stop without it.
-
-    Returns: (state, next_logits float32[b, V]: the prediction of the byte after the commit,
-    commit int32[b], accepted int32[b]: chunk bytes after the first that matched, finish bool[b]).
+    Returns: (state, next_logits, commit, accepted int32[b]: chunk bytes after the first that
+    matched, finish bool[b]).
     """
-    pred = jnp.argmax(verify_logits, axis=-1).astype(jnp.int32)  # pred[:, j] follows chunk[:, j]
-    match = chunk[:, 1:] == pred[:, :-1]
-    accepted = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=1), axis=1)
-    commit, hit = cut_at_eos(chunk, jnp.minimum(accepted + 1, limit), stop_at_eos)
-    commit = jnp.where(active, commit, 0)
-    length = start + commit
-    completed = runner.patch_count(st, length)
-    finish = ((commit >= limit) | hit | (completed + room > st.patch_eos.shape[1])) & active
-    next_logits = jnp.take_along_axis(
-        verify_logits, jnp.clip(commit - 1, 0, chunk.shape[1] - 1)[:, None, None], axis=1
-    )[:, 0]
-    return st._replace(length=length, completed=completed), next_logits, commit, accepted, finish
+    accepted = greedy_accepted(chunk, verify_logits)
+    st, next_logits, commit, finish = commit_verified(
+        runner, st, chunk, verify_logits, accepted, start, limit, stop_at_eos, active, room
+    )
+    return st, next_logits, commit, accepted, finish
 
 
 def run_rounds(body, carry: tuple) -> dict:
@@ -93,46 +125,84 @@ def build_blt_s(
     n_patches: int,
     prefill_chunk: int,
     draft: int,
+    greedy: bool = True,
 ):
-    """The BLT-S generation function (to be jitted), greedy; see :func:`fastblt.sampler.ar.build_ar`
-    for the arguments and outputs (no ``logits``)."""
+    """The BLT-S generation function (to be jitted); see :func:`fastblt.sampler.ar.build_ar` for the
+    arguments and outputs (no ``logits``).
+
+    ``greedy=False``: speculative sampling at ``temperature``/``top_p``
+    (:func:`fastblt.sampler.sampling.speculative_accept`): drafts are drawn from the drafter's
+    filtered distribution q, accepted with probability min(1, p/q) against the verify pass's p,
+    and the byte after the accepted drafts (the residual draw at a rejection, or a draw from p after
+    the last draft) is the next round's first byte. The output is distributed as ``ar`` sampling
+    with the same temperature and top-p (not draw for draw: the keys differ).
+    """
     if draft < 1:
         raise ValueError(f"draft={draft} must be >= 1 (bytes drafted per round)")
 
     def run(params, prompts: Prompts, seed, temperature, top_p):
-        del seed, temperature, top_p  # greedy only
         TRACE_COUNT["blt_s"] += 1
         runner = Runner(config, params)
         b = prompts.prompt.shape[0]
+        rows = jnp.arange(b, dtype=jnp.int32)
         st = init_state(config, b, n_bytes, n_patches)
         st, logits = prefill(runner, st, prompts, prefill_chunk)
         ones = jnp.ones((b,), jnp.int32)
         counters = zero_counters(b)._replace(decoder_passes=ones, eg_passes=ones, entropy_passes=ones)
         done = prompts.budget <= 0
         generated = jnp.zeros((b,), jnp.int32)
+        if greedy:
+            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:  # stream 0: the first byte after the prompt; every later first byte comes from a round
+            keys = round_keys(seed, rows, jnp.zeros_like(rows), 0, 1)[:, 0]
+            first = sample_logits(logits, keys, temperature, top_p, greedy=False)
 
         def body(c):
-            st, logits, done, generated, counters = c
+            st, logits, done, generated, counters, first = c
             active = ~done
             start = st.length
             read = st.completed - 1  # the last available latent, read by every draft byte
+            draft_keys = None if greedy else round_keys(seed, rows, counters.rounds, 1, draft)
 
             def draft_body(j, carry):
-                st, chunk, prev = carry
+                st, chunk, q, prev = carry
                 st, lg = runner.draft_step(st, prev, start + j, read, active)
-                nxt = jnp.argmax(lg, axis=-1).astype(jnp.int32)
-                return st, chunk.at[:, j + 1].set(nxt), nxt
+                if greedy:
+                    nxt = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+                else:
+                    nxt = sample_logits(lg, draft_keys[:, j], temperature, top_p, greedy=False)
+                    q = q.at[:, j].set(filtered_probs(lg, temperature, top_p))
+                return st, chunk.at[:, j + 1].set(nxt), q, nxt
 
-            d0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            chunk = jnp.zeros((b, draft + 1), jnp.int32).at[:, 0].set(d0)
-            st, chunk, _ = jax.lax.fori_loop(0, draft, draft_body, (st, chunk, d0))
+            chunk = jnp.zeros((b, draft + 1), jnp.int32).at[:, 0].set(first)
+            q = jnp.zeros((b, draft, logits.shape[-1]) if not greedy else (b, 0, 0), jnp.float32)
+            st, chunk, q, _ = jax.lax.fori_loop(0, draft, draft_body, (st, chunk, q, first))
 
             count = jnp.where(active, draft + 1, 0).astype(jnp.int32)
             st, verify_logits, _ = runner.extend(st, chunk, count)
+            if greedy:
+                accepted = greedy_accepted(chunk, verify_logits)
+            else:
+                accepted, nxt = speculative_accept(
+                    filtered_probs(verify_logits, temperature, top_p),
+                    q,
+                    chunk[:, 1:],
+                    round_keys(seed, rows, counters.rounds, 2, draft),
+                    round_keys(seed, rows, counters.rounds, 3, 1)[:, 0],
+                )
             # Commit d_0 .. d_a; a verify pass completes at most draft + 1 patches.
             limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
-            st, next_logits, commit, accepted, finish = accept_verified(
-                runner, st, chunk, verify_logits, start, limit, prompts.stop_at_eos, active, draft + 1
+            st, next_logits, commit, finish = commit_verified(
+                runner,
+                st,
+                chunk,
+                verify_logits,
+                accepted,
+                start,
+                limit,
+                prompts.stop_at_eos,
+                active,
+                draft + 1,
             )
             a = active.astype(jnp.int32)
             counters = counters._replace(
@@ -144,8 +214,12 @@ def build_blt_s(
                 rounds=counters.rounds + a,
             )
             logits = jnp.where(active[:, None], next_logits, logits)
-            return st, logits, done | finish, generated + commit, counters
+            # Greedy: the argmax after the commit (the correction, or the free byte after the last
+            # draft). Sampling: the residual draw or the draw from p after the last draft.
+            nxt = jnp.argmax(next_logits, axis=-1).astype(jnp.int32) if greedy else nxt
+            first = jnp.where(active, nxt, first)
+            return st, logits, done | finish, generated + commit, counters, first
 
-        return run_rounds(body, (st, logits, done, generated, counters))
+        return run_rounds(body, (st, logits, done, generated, counters, first))
 
     return run
