@@ -34,7 +34,7 @@ METHOD_SETTINGS = {
     "ar": (),
     "blt_s": ("draft",),
     "blt_d": ("block_size", "alpha", "gamma", "one_step"),
-    "blt_dv": ("block_size", "alpha", "one_step"),
+    "blt_dv": ("block_size", "alpha", "gamma", "one_step"),
 }
 
 

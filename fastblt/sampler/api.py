@@ -174,7 +174,7 @@ def prepare(
       block_size: ("blt_d", "blt_dv") B, bytes per diffusion block (use the trained block size).
       alpha: ("blt_d", "blt_dv") confidence threshold: each decoder pass reveals every masked cell
         whose max probability is >= alpha (at least the most confident one). Default rule, 0.7.
-      gamma: ("blt_d") entropy bound instead of alpha: reveal cells by increasing entropy while the
+      gamma: ("blt_d", "blt_dv") entropy bound instead of alpha: reveal cells by increasing entropy while the
         cumulative entropy (nats) stays <= gamma (at least one).
       one_step: ("blt_d", "blt_dv") reveal the whole block in one decoder pass.
       compilation_cache: True: keep compiled programs in the persistent cache (fastblt.compile_cache
@@ -211,8 +211,6 @@ def prepare(
             raise ValueError(f"block_size={block_size!r} must be an int >= 1 (>= 2 for blt_dv)")
         if sum([alpha is not None, gamma is not None, bool(one_step)]) > 1:
             raise ValueError("give at most one of alpha, gamma, one_step (the unmasking rule)")
-        if method == "blt_dv" and gamma is not None:
-            raise ValueError("method='blt_dv' drafts with alpha or one_step, not gamma")
         rule = "one_step" if one_step else "gamma" if gamma is not None else "alpha"
         if alpha is not None and not 0 < alpha <= 1:
             raise ValueError(f"alpha={alpha} must be in (0, 1]")
@@ -239,7 +237,8 @@ def prepare(
                 f"buffer_bytes={buffer_bytes}; raise buffer_bytes or shorten the prompt"
             )
     n_patches = buffer_bytes + 1 if max_patches is None else max_patches
-    extra = draft + 1 if method == "blt_s" else block_size if diffusion else 0
+    # Patches one round may complete: BLT-S's chunk, BLT-DV's first byte and block, BLT-D's block.
+    extra = {"blt_s": draft + 1, "blt_dv": block_size + 1, "blt_d": block_size}.get(method, 0)
     if n_patches < longest + 1 + extra:
         raise ValueError(
             f"max_patches={max_patches} is too small for a prompt of {longest} ids (a prompt can hold "

@@ -55,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--alpha", type=float, help="blt_d/blt_dv: reveal cells with confidence >= A (0.7)")
-    rule.add_argument("--gamma", type=float, help="blt_d: reveal cells while summed entropy <= G (nats)")
+    rule.add_argument(
+        "--gamma", type=float, help="blt_d, blt_dv: reveal cells while summed entropy <= G (nats)"
+    )
     rule.add_argument("--one-step", action="store_true", help="blt_d/blt_dv: reveal the block at once")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -23,9 +23,11 @@ round. ``*_implementation`` figures count the passes this implementation runs (:
   decoder pass that fills the clean-row caches when a block is appended is ``clean_passes``, not
   in the paper's count); ``eg_passes`` = ``rounds`` = blocks (the prefill serves the first block, each appended
   block's extend the next).
-* ``blt_dv``: per round s diffusion passes + 1 verify pass (``1 + sum(s + 1)``), one E/G pass per
-  round + the prefill (``paper_eg_passes``: 2 per round, as for BLT-S); ``drafted`` = B - 1 per
-  round (cell 0 is the AR prediction, the free byte of the previous round).
+* ``blt_dv`` (as the paper runs it): per round the AR byte's extend, s diffusion passes over a block
+  of B cells after it and 1 verify pass (``1 + sum(s + 2)`` decoder passes), two E/G passes per
+  round (plus a forced closure where the patcher left the last patch open) + the prefill
+  (``paper_eg_passes``: 2 per round, as for BLT-S); ``drafted`` = B per round (the AR byte is the
+  previous round's correction or free byte, not a draft); up to B + 1 bytes per round.
 
 Bandwidth (bytes): ``b * (N_dec * P_dec + N_eg * (P_enc + P_glob))`` with ``b = 2`` (16-bit weights),
 which assumes weight loading dominates (small batch, small KV cache). Parameter counts come from the

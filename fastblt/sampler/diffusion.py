@@ -17,17 +17,18 @@ length L):
    (bidirectional), and cross-attend o_M. Each pass reveals masked cells by a rule (:func:`reveal`):
    confidence ``alpha``, entropy bound ``gamma`` or all at once (``one_step``), always at least one;
 3. ``blt_d``: the block is committed (cut at EOS / the byte budget / a full buffer) and appended with
-   :meth:`Runner.extend_closed`. ``blt_dv``: cell 0 is the AR prediction of byte L (revealed from the start),
-   the other B - 1 cells are drafted by diffusion, and the block is verified as in BLT-S (one extend
-   over it, accept to the first mismatch with the greedy next-byte prediction, plus the free byte), so
-   its greedy output is the ``ar`` greedy output.
+   :meth:`Runner.extend_closed`. ``blt_dv`` (as the paper runs it): the AR prediction of byte L (the
+   previous round's correction or free byte) is appended first (one extend), then a full block of B
+   cells at ``L + 1 .. L + B`` is drafted by diffusion and verified as in BLT-S (one extend over it,
+   accept to the first mismatch with the greedy next-byte prediction, plus the free byte): up to
+   B + 1 bytes per round, and its greedy output is the ``ar`` greedy output.
 
 Counters (fastblt.sampler.cost): ``blt_d``: ``decoder_passes`` = diffusion passes, ``eg_passes`` =
 ``rounds`` = blocks (the paper's one E/G pass per block: here the extend that commits the previous
 block plus the forced closure), ``clean_passes`` = the extends' decoder passes over the committed
-blocks (which the paper does not count). ``blt_dv``: per round s diffusion passes + 1 verify pass; E/G passes
-= the verify extend + the forced closure where one was needed (the paper counts 2 per round:
-``paper_eg_passes``); ``drafted += B - 1``.
+blocks (which the paper does not count). ``blt_dv``: per round s diffusion passes + 2 (the first
+byte's extend and the verify pass); E/G passes = those two extends + the forced closure where one
+was needed (the paper counts 2 per round: ``paper_eg_passes``); ``drafted += B``.
 """
 
 from __future__ import annotations
@@ -223,13 +224,17 @@ def build_blt_d(
             active = ~done
             a = active.astype(jnp.int32)
             start = st.length
+            block_start = start
             if verify:
+                # The AR byte of position L (the last round's correction or free byte) is appended
+                # first (the paper's second E/G pass of a round), then a full block of B cells is
+                # diffused after it: a round can commit up to B + 1 bytes.
+                first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                st, first_logits, _ = runner.extend(st, first[:, None], a)
                 st, read, forced = close_last_patch(runner, st)
+                block_start = start + 1
             tokens = jnp.zeros((b, bs), jnp.int32)
             masked = jnp.broadcast_to(active[:, None], (b, bs))
-            if verify:  # cell 0: the AR prediction of byte L (the "free" byte of the last round)
-                tokens = tokens.at[:, 0].set(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-                masked = masked.at[:, 0].set(False)
             draw = None
             if not greedy:
 
@@ -240,7 +245,7 @@ def build_blt_d(
                     flat = sample_logits(lg.reshape(b * bs, -1), keys, temperature, top_p, greedy=False)
                     return flat.reshape(b, bs)
 
-            tokens, passes = _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma, draw)
+            tokens, passes = _unmask(runner, st, tokens, masked, block_start, read, rule, alpha, gamma, draw)
             limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
 
             if not verify:
@@ -258,15 +263,18 @@ def build_blt_d(
                 )
                 return st, logits, done | finish, generated + commit, counters, read
 
-            st, verify_logits, _ = runner.extend(st, tokens, jnp.where(active, bs, 0).astype(jnp.int32))
+            st, verify_logits, _ = runner.extend(st, tokens, a * bs)
+            # Verified as one chunk [first, d_1 .. d_B]: d_1 against the prediction after `first`.
+            chunk = jnp.concatenate([first[:, None], tokens], axis=1)
+            pred_logits = jnp.concatenate([first_logits[:, :1], verify_logits], axis=1)
             st, next_logits, commit, accepted, finish = accept_verified(
-                runner, st, tokens, verify_logits, start, limit, prompts.stop_at_eos, active, bs
+                runner, st, chunk, pred_logits, start, limit, prompts.stop_at_eos, active, bs + 1
             )
             counters = counters._replace(
-                decoder_passes=counters.decoder_passes + passes + a,
-                eg_passes=counters.eg_passes + a + (forced & active).astype(jnp.int32),
-                entropy_passes=counters.entropy_passes + a,
-                drafted=counters.drafted + a * (bs - 1),
+                decoder_passes=counters.decoder_passes + passes + 2 * a,
+                eg_passes=counters.eg_passes + 2 * a + (forced & active).astype(jnp.int32),
+                entropy_passes=counters.entropy_passes + 2 * a,
+                drafted=counters.drafted + a * bs,
                 accepted=counters.accepted + a * accepted,
                 rounds=counters.rounds + a,
             )
