@@ -23,7 +23,12 @@ def test_method_names_parse_and_typos_fail():
         "block_size": 8,
         "one_step": True,
     }
-    for bad in ("blt_x", "blt_dv4_gamma", "ar2"):
+    assert generate_speed.method_kwargs("blt_dv4_gamma", 0.5) == {
+        "method": "blt_dv",
+        "block_size": 4,
+        "gamma": 0.5,
+    }
+    for bad in ("blt_x", "blt_dv4_gammas", "ar2"):
         with pytest.raises(ValueError, match="unknown method"):
             generate_speed.method_kwargs(bad, 1.0)
 

@@ -6,7 +6,7 @@
 
 Methods: ``ar``; ``blt_s{k}`` (BLT-S drafting k bytes); ``blt_d{B}`` (BLT-D blocks of B bytes,
 confidence rule alpha), ``blt_d{B}_gamma`` (entropy rule), ``blt_d{B}_one`` (one pass per block);
-``blt_dv{B}`` (diffusion draft, verified); ``hf`` (transformers' ``BltForCausalLM.generate``
+``blt_dv{B}[_gamma|_one]`` (diffusion draft, verified); ``hf`` (transformers' ``BltForCausalLM.generate``
 without a KV cache, batch 1: the peer). Weights are random (``fastblt.sampler.bench.random_params``),
 patch boundaries fall every ``--patch-every`` bytes (4: about the rate of trained BLT-1B weights), so the
 global model's share of the work is the same in every run; text quality means nothing here.
@@ -48,8 +48,10 @@ _METHOD = re.compile(r"^(ar|hf|blt_s(\d+)|blt_dv?(\d+)(_gamma|_one)?)$")
 def method_kwargs(name: str, gamma: float) -> dict:
     """``generate`` arguments of a method name (see the module docstring)."""
     m = _METHOD.match(name)
-    if not m or name.startswith("blt_dv") and name.endswith("_gamma"):
-        raise ValueError(f"unknown method {name!r}: ar, hf, blt_s<k>, blt_d<B>[_gamma|_one], blt_dv<B>[_one]")
+    if not m:
+        raise ValueError(
+            f"unknown method {name!r}: ar, hf, blt_s<k>, blt_d<B>[_gamma|_one], blt_dv<B>[_gamma|_one]"
+        )
     if name in ("ar", "hf"):
         return {"method": "ar"}
     if m.group(2):
