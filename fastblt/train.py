@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fastblt import calibration, configs, sharding
@@ -111,9 +110,10 @@ class Trainer:
             out_shardings=(self.state_shardings, _replicated(mesh)),
             donate_argnums=(0,),
         )
-        self._packed_differs = (
-            jax.default_backend() == "gpu" and cfg.model.get("attention_impl", "xla") != "xla"
-        )
+        # Only GPUs run the fused kernels (the entropy model's "auto" included). Multi-process runs
+        # keep the per-layer check: agreeing on a host flag every step takes a device collective,
+        # which queues behind the running step and leaves one step in flight instead of two.
+        self._packed_differs = jax.default_backend() == "gpu" and jax.process_count() == 1
         self.eval_step = jax.jit(
             self._eval_step,
             in_shardings=(self.state_shardings.params, self.frozen_shardings, self.batch_sharding),
@@ -180,15 +180,13 @@ class Trainer:
             return self._train_step(state, frozen, batch)
 
     def step_for(self, inputs: np.ndarray) -> Callable:
-        """The jitted train step for a batch whose host-side inputs (int[local batch, bytes]) are
-        given: :attr:`packed_train_step` when every row on every process fits the packed layout,
-        else :attr:`train_step` (which checks on the device, layer by layer)."""
-        if not self._packed_differs:
-            return self.train_step
-        fits = rows_fit_packed(inputs)
-        if jax.process_count() > 1:  # every process must run the same program
-            fits = bool(np.all(multihost_utils.process_allgather(np.asarray(fits))))
-        return self.packed_train_step if fits else self.train_step
+        """The jitted train step for a batch whose host-side inputs (int[batch, bytes]) are given:
+        on one GPU process, :attr:`packed_train_step` when every row fits the packed layout; else
+        (a row of more documents, CPU/TPU, several processes) :attr:`train_step`, which checks on
+        the device, layer by layer."""
+        if self._packed_differs and rows_fit_packed(inputs):
+            return self.packed_train_step
+        return self.train_step
 
     def _eval_step(self, params, frozen, batch):
         with sharding.activation_sharding(self.mesh):

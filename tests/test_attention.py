@@ -236,20 +236,40 @@ def test_fused_local_mask_path_agrees_with_reference_path(window, dtype, tol, mo
     assert calls["packed"] >= 2 and calls["dense"] >= 2
 
 
-def test_rows_fit_packed_counts_documents_as_document_ids():
-    """The host check counts each row's documents exactly as document_ids numbers them."""
-    from fastblt.model.attention import rows_fit_packed
+@pytest.mark.parametrize("mode", ["static", "space"])
+def test_rows_fit_packed_bounds_byte_and_patch_documents(mode):
+    """Where the host check passes, every LocalMask of a BLT step fits the packed layout: the
+    byte-level documents (document_ids) and the global model's patch-level ones, built as
+    fastblt.model.blt builds them from the real patcher. A last-position EOS can open one more
+    patch-level document; a check that misses it fails here."""
+    from fastblt.config import PatcherConfig
+    from fastblt.model import patcher as patching
+    from fastblt.model.attention import packed_segments, rows_fit_packed
+    from fastblt.model.blt import patch_has_eos
 
     rng = np.random.default_rng(9)
-    tokens = rng.integers(3, 259, (4, 64))
-    tokens[0, [5, 9, 20]] = 2  # 4 documents
-    tokens[1, [7, 63]] = 2  # an EOS in the last position opens no document: 2
-    tokens[2, :] = 2  # 64 documents (the last EOS opens none)
-    n_docs = np.asarray(document_ids(jnp.asarray(tokens)))[:, -1] + 1
-    assert list(n_docs) == [4, 2, 64, 1]
-    for m in (1, 2, 4, 63, 64):
-        assert rows_fit_packed(tokens, m) == bool(n_docs.max() <= m)
-        assert rows_fit_packed(tokens[[0, 1, 3]], m) == bool(n_docs[[0, 1, 3]].max() <= m)
+    n = 64
+    rows = []
+    for eos in ([], [5, 9, 20], [7, 63], [3, 11, 19, 27, 35, 43, 51, 63], list(range(0, 64, 2))):
+        for shift in (0, 1):
+            row = rng.integers(3, 259, n)
+            row[rng.integers(0, n, 6)] = 36  # spaces (id 32 + 4) for the space patcher
+            row[[min(i + shift, n - 1) for i in eos]] = 2
+            rows.append(row)
+    tokens = jnp.asarray(np.stack(rows))
+    p = patching.patch(tokens, None, PatcherConfig(mode=mode, patch_size=3)).lengths
+    patch_ids = patching.patch_ids_from_lengths(p, n)
+    ends = patch_has_eos(tokens, patch_ids, p.shape[1]).astype(jnp.int32)
+    pdocs = jnp.cumsum(ends, axis=-1) - ends
+    docs = document_ids(tokens)
+    for r in range(tokens.shape[0]):
+        for m in (1, 2, 4, 8, 9, 33):
+            if rows_fit_packed(np.asarray(tokens[r : r + 1]), m):
+                assert bool(packed_segments(docs[r : r + 1], m)[2]), (r, m)
+                assert bool(packed_segments(pdocs[r : r + 1], m)[2]), (r, m)
+    # 7 EOS inside the row and one at its end: 8 byte-level documents, and (space patches) 9 at
+    # the patch level; 8 slots are not enough.
+    assert not rows_fit_packed(np.asarray(tokens[6:7]), 8)
 
 
 def test_rows_checked_takes_the_packed_layout_without_a_conditional(monkeypatch):

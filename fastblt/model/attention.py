@@ -59,15 +59,17 @@ def rows_checked() -> Iterator[None]:
 
 
 def rows_fit_packed(tokens: np.ndarray, max_segments: int = MAX_SEGMENTS, eos_id: int = 2) -> bool:
-    """Host check: every row holds at most ``max_segments`` documents as :func:`document_ids`
-    counts them (an EOS ends a document; an EOS in the last position opens none).
+    """Host check: every row has at most ``max_segments - 1`` EOS bytes, so every LocalMask of the
+    step holds at most ``max_segments`` documents: the byte-level ones (:func:`document_ids`: an EOS
+    ends a document) and the global model's patch-level ones, where a row's last EOS can open one
+    more document in the patch slots after it.
 
     Args: tokens: int[batch, bytes] (numpy, before it goes to the device)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int[batch, bytes], got shape {tokens.shape}")
-    docs = np.sum(tokens[:, :-1] == eos_id, axis=1) + 1
-    return bool(docs.max(initial=1) <= max_segments)
+    bound = np.sum(tokens == eos_id, axis=1) + 1  # >= byte-level and patch-level document counts
+    return bool(bound.max(initial=1) <= max_segments)
 
 
 @flax.struct.dataclass
