@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - when tests/ is a package
     from tests.test_sampler_support import model
 
 from fastblt.sampler import generate, sampling
-from fastblt.sampler.sampling import filtered_probs, speculative_accept
+from fastblt.sampler.sampling import speculative_accept
 
 ALPHA = 1e-3  # false-alarm rate of each goodness-of-fit test
 
@@ -31,18 +31,47 @@ def chi_square_p_value(counts: np.ndarray, probs: np.ndarray, min_expected: floa
     """Pearson's chi-square test of observed ``counts`` against ``probs`` (cells expecting fewer than
     ``min_expected`` are pooled into one cell). Returns the p-value."""
     n = counts.sum()
+    if counts[probs == 0].sum() > 0:  # impossible draws: pooling would hide them
+        return 0.0
     expected = probs * n
     big = expected >= min_expected
     obs = np.append(counts[big], counts[~big].sum())
     exp = np.append(expected[big], expected[~big].sum())
     keep = exp > 0
     obs, exp = obs[keep], exp[keep]
-    if obs.sum() != counts.sum():  # draws where the distribution has no mass
-        return 0.0
     stat = float(np.sum((obs - exp) ** 2 / exp))
     df = len(obs) - 1
     assert df >= 1, "the test needs at least two cells with mass"
     return float(jax.scipy.special.gammaincc(df / 2.0, stat / 2.0))
+
+
+def two_sample_p_value(a: np.ndarray, b: np.ndarray, min_count: int = 10) -> float:
+    """Chi-square test that two count vectors come from one distribution (cells with fewer than
+    ``min_count`` draws in both together are pooled). Returns the p-value."""
+    small = (a + b) < min_count
+    a = np.append(a[~small], a[small].sum()).astype(np.float64)
+    b = np.append(b[~small], b[small].sum()).astype(np.float64)
+    keep = (a + b) > 0
+    a, b = a[keep], b[keep]
+    total = a + b
+    ea, eb = total * a.sum() / total.sum(), total * b.sum() / total.sum()
+    stat = float(np.sum((a - ea) ** 2 / ea + (b - eb) ** 2 / eb))
+    return float(jax.scipy.special.gammaincc((len(a) - 1) / 2.0, stat / 2.0))
+
+
+def _np_filtered(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """float64 next-byte distribution after temperature and top-p, written here with numpy (not
+    the sampler's functions): the smallest set of most likely ids whose mass reaches top_p."""
+    z = logits.astype(np.float64) / temperature
+    prob = np.exp(z - z.max())
+    prob /= prob.sum()
+    order = np.argsort(-prob, kind="stable")
+    before = np.cumsum(prob[order]) - prob[order]
+    keep = np.zeros_like(prob, bool)
+    keep[order] = before < top_p
+    keep[order[0]] = True
+    out = np.where(keep, prob, 0.0)
+    return out / out.sum()
 
 
 def _accept_one(p, q, n, seed, accept_all=False):
@@ -91,8 +120,8 @@ def _exact_first_two(config, params, prompt: np.ndarray, temperature: float, top
     prompts = [prompt] + [np.append(prompt, i).astype(np.int32) for i in range(v)]
     kw = dict(max_bytes=1, buffer_bytes=64, prefill_chunk=4, record_logits=True, stop_at_eos=False)
     logits = generate(params, config, prompts, **kw).logits
-    probs = np.asarray(filtered_probs(jnp.asarray(np.stack([x[0] for x in logits])), temperature, top_p))
-    joint = probs[0][:, None].astype(np.float64) * probs[1:]
+    probs = np.stack([_np_filtered(np.asarray(x[0]), temperature, top_p) for x in logits])
+    joint = probs[0][:, None] * probs[1:]
     return joint / joint.sum()
 
 
@@ -100,15 +129,18 @@ def _exact_first_two(config, params, prompt: np.ndarray, temperature: float, top
 def test_blt_s_sampling_is_distributed_as_ar(monkeypatch):
     """Over 2 000 rows (each its own draws), the first two bytes of blt_s (3 drafts per round) at
     temperature 1 and top-p 0.9 (applied to the drafter's and the verifier's distributions) follow
-    the exact ar distribution; both rejections and acceptances happen. The same test with a rule
-    that accepts every draft fails."""
+    the exact ar distribution, and bytes 3-6 follow ar sampling's; both rejections and acceptances
+    happen. The same test with a rule that accepts every draft fails."""
     config, params = _sharpened("base", 2.5)
     prompt = np.asarray([1, 40, 77, 101, 9, 64], np.int32)  # BOS + five ids
     top_p = 0.9
     exact = _exact_first_two(config, params, prompt, 1.0, top_p)
     assert exact.max() < 0.5 and (exact > 0.01).sum() >= 4  # a distribution the test can tell apart
     n = 2000
-    kw = dict(max_bytes=2, buffer_bytes=64, prefill_chunk=4, stop_at_eos=False, temperature=1.0, top_p=top_p)
+    gen = 6
+    kw = dict(
+        max_bytes=gen, buffer_bytes=64, prefill_chunk=4, stop_at_eos=False, temperature=1.0, top_p=top_p
+    )
 
     def pairs(out):
         ids = np.stack([out.ids[r][:2] for r in range(n)])
@@ -118,6 +150,13 @@ def test_blt_s_sampling_is_distributed_as_ar(monkeypatch):
     c = out.counters
     assert 0 < c.accepted.sum() < c.drafted.sum()  # both paths of the acceptance ran
     assert chi_square_p_value(pairs(out), exact.reshape(-1)) > ALPHA
+    # Bytes 3-6 (later drafts, the draw after an all-accepted round, later rounds' first bytes):
+    # against ar sampling's, position by position (two-sample tests, Bonferroni over 4).
+    ar = generate(params, config, [prompt] * n, method="ar", seed=11, **kw)
+    for pos in range(2, gen):
+        spec_counts = np.bincount([out.ids[r][pos] for r in range(n)], minlength=260)
+        ar_counts = np.bincount([ar.ids[r][pos] for r in range(n)], minlength=260)
+        assert two_sample_p_value(spec_counts, ar_counts) > ALPHA / 4, f"byte {pos + 1}"
     real = sampling.speculative_accept
 
     def accept_every_draft(p, q, drafts, coin_keys, next_keys):
