@@ -274,7 +274,8 @@ def test_decoder_mask_matches_loops(window):
 def test_forward_matches_dense_float64_decoder(impl, chunk_blocks, max_len, monkeypatch):
     """Clean rows on both attention paths; block rows in one chunk and in chunks of 2 or 3 blocks (7
     blocks: the last chunk is padded); with a patch-length bound the chunks read one shared key
-    slice (patches are 1..5 long: a bound of 2 is broken, and those chunks take the gather path).
+    slice (patches are 1..5 long: a bound of 2 is broken, and on XLA those chunks take the gather
+    path; the fused path has no fallback and returns NaN for the block rows).
     "cudnn": the fused path's layouts (packed documents; all tiles in one call of the attention
     core) with CPU stand-ins for the kernels (tests/fused_stand_in.py)."""
     if impl == "cudnn":
@@ -304,6 +305,11 @@ def test_forward_matches_dense_float64_decoder(impl, chunk_blocks, max_len, monk
 
     np.testing.assert_allclose(np.asarray(clean), expected_clean, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(clean), out[:, :N], atol=1e-4, rtol=0)
+    if impl == "cudnn" and max_len < lengths[:, :-1].max():
+        assert np.isnan(np.asarray(block)).all()
+        with pytest.raises(ValueError, match="max_patch_length=2"):  # concrete lengths: checked
+            blt_d_logits(params, config, tokens, lengths, blocks, chunk_blocks)
+        return
     got = np.asarray(block)[valid]
     np.testing.assert_allclose(got, out[:, N:].reshape(2, P - 1, B, -1)[valid], atol=1e-4, rtol=0)
 
@@ -532,3 +538,28 @@ def test_gradients_reach_the_block_path_and_bf16_runs():
     assert abs(float(m16["diffusion_loss"]) - float(m32["diffusion_loss"])) < 0.1 * float(
         m32["diffusion_loss"]
     )
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 2])
+def test_fused_tiles_gradient_matches_gather_path(chunk_blocks, monkeypatch):
+    """The one-call tiles (overlapping key slices, their gradient summed by lookup.add_windows)
+    against the XLA gather path without a patch bound: same loss gradient. Patches of 1..5 bytes
+    with a bound of 5: every tile of 1 or 2 blocks fits its span (3 would not be tiled)."""
+    fused_stand_in.install(monkeypatch)
+    tokens, targets, mask, lengths = make_batch(13)
+    params = init_params(seed=6)
+    obj = D.ObjectiveConfig(kind="blt_d", block_size=B)
+    tiled = CFG.replace(attention_impl="cudnn", patcher=PatcherConfig(mode="static", max_patch_length=5))
+
+    def grad(config, chunks):
+        def loss(p):
+            return D.blt_d_loss(p, config, obj, tokens, targets, mask, lengths, jax.random.key(2), chunks)[0]
+
+        return jax.jit(jax.grad(loss))(params)
+
+    got, want = grad(tiled, chunk_blocks), grad(CFG, None)
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        ref = want
+        for key in path:
+            ref = ref[key.key]
+        np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-4, atol=2e-6, err_msg=str(path))

@@ -1,4 +1,5 @@
-"""take_rows / scatter_add_rows against jnp.take's gradient and a naive numpy loop."""
+"""take_rows / scatter_add_rows / take_windows / add_windows against jnp.take's gradient and naive
+numpy loops."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,13 @@ import pytest
 from fastblt.model.lookup import (
     ONE_HOT_MAX_ROWS,
     SORTED_WINDOW,
+    WINDOW_ALIGN,
+    add_windows,
     scatter_add_rows,
     take_rows,
     take_rows_batched,
+    take_windows,
+    take_windows_batched,
 )
 
 
@@ -78,3 +83,63 @@ def test_sorted_window_sum_matches_loop(case):
     values = rng.normal(size=(len(ids), 2, 3)).astype(np.float32)
     got = scatter_add_rows(jnp.asarray(values), jnp.asarray(ids), rows, ids_sorted=True)
     np.testing.assert_allclose(np.asarray(got), _naive(values, ids, rows), rtol=1e-5, atol=1e-5)
+
+
+def _naive_windows(values, start, rows):
+    out = np.zeros((rows, *values.shape[2:]), np.float64)
+    for v, s in zip(values, start, strict=True):
+        for j, row in enumerate(v):
+            if 0 <= s + j < rows:
+                out[s + j] += row
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_add_windows_matches_loop(dtype):
+    """Overlapping windows (BLT-D's tiles), windows at the table's edges, aligned and unaligned
+    starts, windows partly or wholly outside the table (their rows drop), a table whose rows are
+    not a multiple of WINDOW_ALIGN."""
+    rng = np.random.default_rng(3)
+    rows, span = 5 * WINDOW_ALIGN + 7, 2 * WINDOW_ALIGN + 9
+    start = np.array(
+        [0, 3, 5, WINDOW_ALIGN, WINDOW_ALIGN + 1, 40, rows - span, rows - 5, -20, rows + 3, -span]
+    )
+    values = rng.normal(size=(len(start), span, 2, 3)).astype(np.float32)
+    values = np.asarray(jnp.asarray(values, dtype).astype(jnp.float32))  # representable in dtype
+    got = add_windows(jnp.asarray(values, dtype), jnp.asarray(start), rows)
+    assert got.dtype == jnp.float32 and got.shape == (rows, 2, 3)
+    np.testing.assert_allclose(np.asarray(got), _naive_windows(values, start, rows), rtol=1e-6, atol=1e-5)
+
+
+def test_take_windows_value_and_grad():
+    """Values are the windows; the gradient equals the naive sum of the windows' gradients (and
+    jnp's gather gradient), for overlapping windows and windows at both ends."""
+    rng = np.random.default_rng(4)
+    rows, span = 150, 70
+    x = jnp.asarray(rng.normal(size=(rows, 4)), jnp.float32)
+    start = np.array([0, 10, 11, 79, 80, 35, 0])
+    g = rng.normal(size=(len(start), span, 4)).astype(np.float32)
+    got = take_windows(x, jnp.asarray(start), span)
+    want = np.stack([np.asarray(x)[s : s + span] for s in start])
+    np.testing.assert_array_equal(np.asarray(got), want)
+    grad = jax.grad(lambda t: jnp.sum(take_windows(t, jnp.asarray(start), span) * g))(x)
+    np.testing.assert_allclose(np.asarray(grad), _naive_windows(g, start, rows), rtol=1e-5, atol=1e-5)
+    index = jnp.asarray(start[:, None] + np.arange(span))
+    ref = jax.grad(lambda t: jnp.sum(t[index] * g))(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_take_windows_batched_under_jit():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 90, 3, 2)), jnp.bfloat16)
+    start = jnp.asarray([[0, 7, 30], [60, 1, 2]])
+    g = jnp.asarray(rng.normal(size=(2, 3, 30, 3, 2)), jnp.bfloat16)
+    f = jax.jit(
+        jax.value_and_grad(lambda t: jnp.sum((take_windows_batched(t, start, 30) * g).astype(jnp.float32)))
+    )
+    _, grad = f(x)
+    assert grad.dtype == jnp.bfloat16
+    want = np.stack(
+        [_naive_windows(np.asarray(g[b], np.float32), np.asarray(start[b]), 90) for b in range(2)]
+    )
+    np.testing.assert_allclose(np.asarray(grad, np.float32), want, rtol=1e-2, atol=2e-2)

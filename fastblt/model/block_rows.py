@@ -35,8 +35,10 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fastblt.model.attention import attention, resolve_impl
+from fastblt.model.lookup import take_windows_batched
 
 _NEG = -1e30  # as fastblt.model.attention: finite, so an all-masked row stays finite
 
@@ -150,6 +152,25 @@ def _attend(
     return out.reshape(b, r, h, d).astype(q.dtype)
 
 
+def check_patch_bound(lengths: jax.Array, max_patch_length: int | None) -> None:
+    """Raises where concrete patch lengths break the bound block rows' tiles are sized from.
+
+    lengths: int[b, P] (reference convention). Every slot but the last (where an overflowing
+    buffer merges patches, and after which no block starts) must be at most ``max_patch_length``.
+    Traced lengths are not checked (the patcher's obey the bound by construction).
+    """
+    if max_patch_length is None or isinstance(lengths, jax.core.Tracer):
+        return
+    inner = np.asarray(lengths)[:, :-1]
+    if inner.size and int(inner.max()) > max_patch_length:
+        row, slot = np.unravel_index(int(inner.argmax()), inner.shape)
+        raise ValueError(
+            f"patch_lengths[{row}, {slot}] = {int(inner[row, slot])} exceeds "
+            f"model.patcher.max_patch_length={max_patch_length}, which BLT-D's block rows rely on; "
+            "patch with the model's patcher (fastblt.model.patcher.patch) or raise the bound"
+        )
+
+
 # Per-example row gather: x float[b, N, ...], i int[b, ...] -> x[b, i[b]].
 _take = jax.vmap(lambda x, i: x[i])
 
@@ -258,8 +279,13 @@ def _tiles_in_one_call(
     context start, as :func:`_tiled_attention`) and its own T * B cells, under one dense mask: each
     cell's window columns, and its own block's cells by ``self_mask`` (the other blocks' cells are
     masked: the diagonal tile the XLA path never forms, here ~T*B / (span + T*B) of the scores).
-    Where some block's window does not fit its tile's span, every block takes the gather path.
-    Shapes as block_attention.
+
+    Every block's window must fit its tile's span, as it does when patches obey the length bound
+    the span was sized from (block_attention's ``max_patch_length``). There is no fallback: a
+    conditional on the device would copy its predicate to the host and drain the GPU's queue in
+    every layer, forward and backward (~13 ms of a 147 ms BLT-D-4 step at blt_mid, 2026-12-04).
+    A call whose windows do not fit returns NaN, so the loss fails loudly instead of reading the
+    wrong keys. Shapes as block_attention.
     """
     b, r, h, d = q.shape
     nblk, bs, width = context_mask.shape[1:]
@@ -278,15 +304,17 @@ def _tiles_in_one_call(
     fits = _windows_fit(offset, cm, span - width)
 
     def one_call() -> jax.Array:
-        # Rows of the keys padded by C in front (a window may start before the row) and by the span
-        # behind: every index is in range without clipping. Clipped indices would all hit row 0 or
-        # N - 1, and the gather's gradient, a scatter-add, would serialise on those rows (3.5 ms per
-        # layer and K/V at blt_mid in the profile of 2026-12-04); here indices repeat only where
-        # tiles overlap. Rows of the padding are never visible (outside every block's window).
+        # Keys padded by C in front (a window may start before the row) and by the span behind, so
+        # no start is clamped; rows of the padding are never visible (outside every block's
+        # window). Tiles overlap: take_windows adds their gradients without atomic adds (a
+        # scatter-add of the overlapping slices took 2.2 ms per layer and K/V at blt_mid).
         pad = ((0, 0), (width, span), (0, 0), (0, 0))
-        rows = (first + width)[..., None] + jnp.arange(span, dtype=jnp.int32)  # [b, tiles, span]
-        k_tile = _take(jnp.pad(k_ctx, pad), rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
-        v_tile = _take(jnp.pad(v_ctx, pad), rows.reshape(b, -1)).reshape(b * tiles, span, kvh, d)
+        k_tile = take_windows_batched(jnp.pad(k_ctx, pad), first + width, span).reshape(
+            b * tiles, span, kvh, d
+        )
+        v_tile = take_windows_batched(jnp.pad(v_ctx, pad), first + width, span).reshape(
+            b * tiles, span, kvh, d
+        )
         ctx = _tile_visibility(cm, offset, span)  # [b, tiles, T, B, span]
         same_block = jnp.eye(t, dtype=bool)[:, None, :, None]  # [T, 1, T, 1]
         own = same_block & sm[..., :, None, :]  # [b, tiles, T, B, T, B]
@@ -298,12 +326,7 @@ def _tiles_in_one_call(
         out = attention(per_tile(q, bs).reshape(b * tiles, t * bs, h, d), keys, vals, mask, impl)
         return out.reshape(b, tiles * t * bs, h, d)[:, :r]
 
-    def gathered() -> jax.Array:
-        return block_attention(
-            q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask, None, None, "xla"
-        )
-
-    return jax.lax.cond(fits, one_call, gathered)
+    return jnp.where(fits, one_call(), jnp.nan).astype(q.dtype)
 
 
 def block_attention(
@@ -336,8 +359,10 @@ def block_attention(
       max_patch_length: the patcher's bound on patch lengths, if any. Given, a chunk of T blocks
         (starts at most (T - 1) x max_patch_length apart) reads one shared slice of
         C + (T - 1) x max_patch_length clean keys instead of T gathered windows of C, when that
-        span is at most about 2C (a tile whose starts are further apart, e.g. after a merged
-        overflow patch, takes the gather path).
+        span is at most about 2C. The patcher's lengths obey it by construction (only the last
+        slot, where a buffer overflow merges patches, may be longer, and no block starts after
+        it). On the XLA kernel a tile whose starts are further apart takes the gather path; on
+        a fused kernel the bound is a precondition (:func:`_tiles_in_one_call`).
       impl: the attention core's kernel (fastblt.model.attention.resolve_impl). Where it resolves
         to a fused kernel, tiled blocks run as one call of the core (:func:`_tiles_in_one_call`);
         the gather path, and every block on the "xla" kernel, stay this module's exact XLA code.

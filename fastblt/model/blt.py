@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from fastblt.config import HashConfig, ModelConfig
 from fastblt.model import patcher as patching
 from fastblt.model.attention import LocalMask, document_ids
-from fastblt.model.block_rows import BlockRows, DecoderBlocks
+from fastblt.model.block_rows import BlockRows, DecoderBlocks, check_patch_bound
 from fastblt.model.entropy_model import EntropyModel
 from fastblt.model.hash_embed import all_hash_ids
 from fastblt.model.layers import (
@@ -371,6 +371,7 @@ class BLT(nn.Module):
         if blocks is None:
             return self.local_decoder(h, slots, read_patch, byte_pos, dec_mask)
         b, nblk, bs = blocks.tokens.shape
+        check_patch_bound(patch_lengths, m.patcher.max_patch_length)
         rows = BlockRows(
             h=constrain(self.block_inputs(blocks.tokens, blocks.masked).reshape(b, nblk * bs, -1), _BYTES),
             positions=blocks.positions.reshape(b, nblk * bs).astype(jnp.int32),
