@@ -106,10 +106,6 @@ class BlockRows:
         )
 
 
-# Query rows per tile of the fused attention kernels (cuDNN's flash attention on Hopper runs 64 or
-# 128): block_attention sizes its tiles of blocks to whole multiples of it.
-QUERY_TILE = 64
-
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
 # gathered context keys, C * KV * hd per block, and scores, H * B * C per block).
 CHUNK_ELEMENTS = 1 << 24
@@ -381,10 +377,6 @@ def block_attention(
         # times; at 2x the window the extra scores cost more than the fewer tiles save
         # (experiments/benchmarks/block_attention.py).
         chunk_blocks = width // (2 * max_patch_length) + 1
-        # A fused kernel runs queries in tiles of 64 or 128 rows: T * B = 132 (B = 4, T = 33)
-        # would run 192 or 256. Round T * B down to a multiple of QUERY_TILE where it is larger.
-        if chunk_blocks * bs > QUERY_TILE:
-            chunk_blocks = max(1, chunk_blocks * bs // QUERY_TILE * QUERY_TILE // bs)
     elif chunk_blocks is None:
         per_block = width * max(k_ctx.shape[2] * d, h * bs)
         chunk_blocks = max(1, CHUNK_ELEMENTS // per_block)
