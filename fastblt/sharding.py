@@ -1,18 +1,20 @@
 """Logical axis names and the one place that maps them to mesh axes.
 
-Model code names the axes of every parameter and main activation with the short logical table
-below; nothing else in the model knows about meshes. Activation constraints are no-ops until a
-caller installs a mesh and rules with :func:`activation_sharding` (the train step does this while
-tracing), so the same model runs unsharded on one CPU.
+Model code names the axes of every parameter (``nn.with_logical_partitioning``) and main activation
+(``nn.with_logical_constraint``) with the short logical table below; nothing else in the model knows
+about meshes. Activation constraints are Flax's: no-ops unless a mesh and logical rules are in
+context, which :class:`MeshJit` sets around the train step's tracing, lowering and calls
+(MaxText's ``with mesh, nn.logical_axis_rules(...)``), so the same model runs unsharded on one CPU
+and in the sampler.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -36,7 +38,9 @@ LOGICAL_AXES = (
 )
 
 # Default rules for a (data, fsdp, tensor) mesh: batch over data+fsdp, parameters fully sharded
-# over fsdp on their embed axis and split over tensor on heads/mlp/vocab (Megatron style).
+# over fsdp on their embed axis and split over tensor on heads/mlp/vocab (Megatron style). A mesh
+# axis serves one dimension per array: in a [batch, bytes, embed] activation, embed is not
+# sharded, since batch takes fsdp first.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("bytes", None),
@@ -51,45 +55,40 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
 )
 
-_state = threading.local()
-
 
 def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, object]]) -> PartitionSpec:
-    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per spec."""
-    table = dict(rules)
-    used: set[str] = set()
-    out = []
-    for name in names:
-        axes = table.get(name) if name is not None else None
-        if axes is None:
-            out.append(None)
-            continue
-        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
-        axes_t = tuple(a for a in axes_t if a not in used)
-        used.update(axes_t)
-        out.append(axes_t[0] if len(axes_t) == 1 else (axes_t or None))
-    return PartitionSpec(*out)
+    """Maps logical axis names to a PartitionSpec (Flax's translation: rules in order, a mesh axis
+    at most once per spec, names without a free rule unsharded)."""
+    return nn.logical_to_mesh_axes(tuple(names), tuple(rules))
 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES) -> Iterator[None]:
-    """Makes :func:`constrain` emit sharding constraints on ``mesh`` while tracing inside it."""
-    previous = getattr(_state, "active", None)
-    _state.active = (mesh, tuple(rules))
-    try:
+    """The mesh and logical rules in context, so that ``nn.with_logical_constraint`` in the model
+    emits sharding constraints. Enter it outside ``jax.jit`` (around tracing, lowering and every
+    call of the jitted function: the context is part of jit's cache key); :class:`MeshJit` does."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
         yield
-    finally:
-        _state.active = previous
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Annotates activation ``x`` with logical axis ``names`` (no-op without an active mesh)."""
-    active = getattr(_state, "active", None)
-    if active is None:
-        return x
-    mesh, rules = active
-    spec = logical_to_spec(names, rules)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+class MeshJit:
+    """``jax.jit(fn, **jit_kwargs)`` (shardings, donation) whose tracing, lowering and calls run
+    inside :func:`activation_sharding` of one mesh, so the model's activation constraints apply."""
+
+    def __init__(
+        self, fn: Callable, mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES, **jit_kwargs: Any
+    ):
+        self.jitted = jax.jit(fn, **jit_kwargs)
+        self.mesh = mesh
+        self.rules = tuple(rules)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with activation_sharding(self.mesh, self.rules):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        with activation_sharding(self.mesh, self.rules):
+            return self.jitted.lower(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- meshes

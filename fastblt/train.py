@@ -95,8 +95,9 @@ class Trainer:
         )
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.frozen_shardings = jax.tree.map(lambda _: _replicated(mesh), self.frozen)
-        self.train_step = jax.jit(
+        self.train_step = sharding.MeshJit(
             self._train_step,
+            mesh,
             in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, _replicated(mesh)),
             donate_argnums=(0,),
@@ -104,8 +105,9 @@ class Trainer:
         # The same step traced for batches whose rows were checked on the host to fit cuDNN's
         # packed document layout (fastblt.model.attention.rows_checked): no per-layer conditional.
         # Compiled on first use; only a GPU with fused attention runs a different program.
-        self.packed_train_step = jax.jit(
+        self.packed_train_step = sharding.MeshJit(
             self._packed_train_step,
+            mesh,
             in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, _replicated(mesh)),
             donate_argnums=(0,),
@@ -114,8 +116,9 @@ class Trainer:
         # keep the per-layer check: agreeing on a host flag every step takes a device collective,
         # which queues behind the running step and leaves one step in flight instead of two.
         self._packed_differs = jax.default_backend() == "gpu" and jax.process_count() == 1
-        self.eval_step = jax.jit(
+        self.eval_step = sharding.MeshJit(
             self._eval_step,
+            mesh,
             in_shardings=(self.state_shardings.params, self.frozen_shardings, self.batch_sharding),
             out_shardings=_replicated(mesh),
         )
@@ -160,12 +163,11 @@ class Trainer:
         # Noise for objectives that draw it (BLT-D): a function of the seed and the step only, so a
         # resumed run draws the same noise.
         rng = jax.random.fold_in(jax.random.key(self.noise_seed), state.step)
-        with sharding.activation_sharding(self.mesh):
-            grads, metrics = self._grads(state.params, frozen, batch, rng)
-            with jax.named_scope("optimizer"):  # named for fastblt.profiling's component table
-                updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-                params = optax.apply_updates(state.params, updates)
-                grad_norm = optax.tree.norm(grads)
+        grads, metrics = self._grads(state.params, frozen, batch, rng)
+        with jax.named_scope("optimizer"):  # named for fastblt.profiling's component table
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            grad_norm = optax.tree.norm(grads)
         metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state.step))
         if self.skip_nonfinite:  # train.on_nonfinite="skip": such a step changes nothing but the step
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -189,8 +191,7 @@ class Trainer:
         return self.train_step
 
     def _eval_step(self, params, frozen, batch):
-        with sharding.activation_sharding(self.mesh):
-            _, metrics = self.task.eval_loss(params, frozen, batch)
+        _, metrics = self.task.eval_loss(params, frozen, batch)
         return metrics
 
     def evaluate(self, params, batches: list[dict]) -> dict[str, float]:

@@ -28,7 +28,6 @@ from fastblt.model.layers import (
     embed,
     trunc_normal,
 )
-from fastblt.sharding import constrain
 from fastblt.tokenizer import EOS
 
 _BYTES = ("batch", "bytes", "embed")
@@ -131,12 +130,12 @@ class LocalEncoder(nn.Module):
         k = m.cross_attn_k
         pe = None
         for i, layer in enumerate(self.layers):
-            h = constrain(layer(h, positions, mask), _BYTES)
+            h = nn.with_logical_constraint(layer(h, positions, mask), _BYTES)
             if i == len(self.layers) - 1 or m.encoder.cross_attn_all_layers:
                 if pe is None or m.encoder_repool_every_layer:
                     pe = self._pool(h, patch_ids, num_patches)
                 cross = self.cross_attn_layers[i if m.encoder.cross_attn_all_layers else 0]
-                pe = constrain(pe + cross.segmented(pe, h, patch_ids, num_patches), _PATCHES)
+                pe = nn.with_logical_constraint(pe + cross.segmented(pe, h, patch_ids, num_patches), _PATCHES)
         return h, pe.reshape(h.shape[0], num_patches, k * h.shape[-1])
 
 
@@ -156,12 +155,12 @@ class GlobalTransformer(nn.Module):
                 c.dim, ("patch_embed", "embed"), m.global_input_dim**-0.5, dtype, "token_embedding_projection"
             )
             x = proj(x)
-        h = constrain(x.astype(dtype), _PATCHES)
+        h = nn.with_logical_constraint(x.astype(dtype), _PATCHES)
         if m.scan_layers and not self.is_initializing():
             return self._scanned(h, positions, mask)
         for i in range(c.n_layers):
             layer = block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
-            h = constrain(layer(h, positions, mask), _PATCHES)
+            h = nn.with_logical_constraint(layer(h, positions, mask), _PATCHES)
         return h
 
     def _scanned(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
@@ -179,7 +178,7 @@ class GlobalTransformer(nn.Module):
 
         def step(h, layer_params):
             out = block.apply({"params": layer_params}, h, positions, mask)
-            return constrain(out, _PATCHES), None
+            return nn.with_logical_constraint(out, _PATCHES), None
 
         if m.remat:
             step = jax.checkpoint(step)
@@ -263,15 +262,15 @@ class LocalDecoder(nn.Module):
                 h = layer(h, positions, mask)
             else:
                 h, rows = layer(h, positions, mask, rows)
-                rows = rows.replace(h=constrain(rows.h, _BYTES))
-            h = constrain(h, _BYTES)
+                rows = rows.replace(h=nn.with_logical_constraint(rows.h, _BYTES))
+            h = nn.with_logical_constraint(h, _BYTES)
         logits = self.logits(h)
         return logits if rows is None else (logits, self.logits(rows.h))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """float[B, T, D_d] -> float32[B, T, V] (final norm and output projection)."""
         logits = self.output(self.norm(h)).astype(jnp.float32)
-        return constrain(logits, ("batch", "bytes", "vocab"))
+        return nn.with_logical_constraint(logits, ("batch", "bytes", "vocab"))
 
 
 class BLT(nn.Module):
@@ -355,7 +354,7 @@ class BLT(nn.Module):
         patch_ids = patching.patch_ids_from_lengths(patch_lengths, n)
 
         h = self.hash_embed(tokens, self.local_encoder.embed_tokens(tokens))
-        h = constrain(h, _BYTES)
+        h = nn.with_logical_constraint(h, _BYTES)
         h, pe = self.local_encoder(h, byte_pos, enc_mask, patch_ids, p)
 
         patch_pos = positions_like(patch_lengths)
@@ -373,7 +372,9 @@ class BLT(nn.Module):
         b, nblk, bs = blocks.tokens.shape
         check_patch_bound(patch_lengths, m.patcher.max_patch_length)
         rows = BlockRows(
-            h=constrain(self.block_inputs(blocks.tokens, blocks.masked).reshape(b, nblk * bs, -1), _BYTES),
+            h=nn.with_logical_constraint(
+                self.block_inputs(blocks.tokens, blocks.masked).reshape(b, nblk * bs, -1), _BYTES
+            ),
             positions=blocks.positions.reshape(b, nblk * bs).astype(jnp.int32),
             read_patch=jnp.repeat(blocks.read_patch.astype(jnp.int32), bs, axis=1),
             context_start=blocks.context_start,

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 from fastblt.config import EntropyModelConfig
 from fastblt.model.attention import LocalMask, causal_mask, document_ids
 from fastblt.model.layers import RMSNorm, TransformerBlock, dense, embed
-from fastblt.sharding import constrain
 
 
 class EntropyModel(nn.Module):
@@ -33,12 +32,12 @@ class EntropyModel(nn.Module):
         else:
             mask = causal_mask(positions, positions, c.window, docs, docs)
         h = embed(c.vocab_size, c.dim, ("vocab", "embed"), dtype, "tok_embeddings")(tokens)
-        h = constrain(h, ("batch", "bytes", "embed"))
+        h = nn.with_logical_constraint(h, ("batch", "bytes", "embed"))
         for i in range(c.n_layers):
             h = TransformerBlock(c, i, self.init_std_factor, dtype, self.attention_impl, name=f"layers_{i}")(
                 h, positions, mask
             )
-            h = constrain(h, ("batch", "bytes", "embed"))
+            h = nn.with_logical_constraint(h, ("batch", "bytes", "embed"))
         h = RMSNorm(c.norm_eps, name="norm")(h)
         logits = dense(c.vocab_size, ("embed", "vocab"), c.dim**-0.5, dtype, "output")(h)
         return logits.astype(jnp.float32)
