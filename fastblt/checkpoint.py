@@ -239,8 +239,9 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
     return out
 
 
-def describe_mismatch(stored: Any, wanted: Any) -> list[str]:
-    """Differences between a stored metadata tree and an abstract state, one line per leaf."""
+def describe_mismatch(stored: Any, wanted: Any, partial: bool = False) -> list[str]:
+    """Differences between a stored metadata tree and an abstract state, one line per leaf
+    (``partial``: the abstract state is a part of the stored one; leaves it lacks are not listed)."""
     have, want = _leaf_shapes(stored), _leaf_shapes(wanted)
     lines = [
         f"{p}: missing from the checkpoint (abstract state has shape {want[p]})"
@@ -250,7 +251,7 @@ def describe_mismatch(stored: Any, wanted: Any) -> list[str]:
     lines += [
         f"{p}: in the checkpoint (shape {have[p]}) but not in the abstract state"
         for p in have
-        if p not in want
+        if p not in want and not partial
     ]
     lines += [
         f"{p}: checkpoint shape {have[p]}, abstract state shape {want[p]}"
@@ -261,6 +262,19 @@ def describe_mismatch(stored: Any, wanted: Any) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the checkpointer
+
+
+def _restore_part(directory: epath.Path, abstract: Any) -> Any:
+    """The leaves of ``abstract`` (nested dicts of ShapeDtypeStructs) from a saved state item,
+    read onto their shardings; the item's other leaves are not read."""
+    return ocp.PyTreeCheckpointer().restore(
+        directory,
+        args=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        ),
+    )
 
 
 def _preservation_policy(keep: int, keep_every: int | None) -> Any:
@@ -434,17 +448,21 @@ class Checkpointer:
             f"({type(e).__name__}: {msg}). Nothing was deleted: {hint}."
         )
 
-    def _explain_failure(self, step: int, abstract_state: Any, e: BaseException) -> CheckpointError:
-        """Turns an Orbax restore error into a mismatch error if the stored tree differs."""
+    def _mismatch(
+        self, step: int, abstract_state: Any, partial: bool = False, cause: BaseException | None = None
+    ) -> CheckpointError | None:
+        """A mismatch error naming the leaves where the stored tree and ``abstract_state`` differ
+        (None if they agree); a corrupt-checkpoint error (reporting ``cause`` if given) if the
+        stored tree cannot be read."""
         try:
             stored = self._manager.item_metadata(step)[STATE]
-        except Exception:  # unreadable metadata: the checkpoint is damaged
-            stored = None
+        except Exception as e:  # unreadable metadata: the checkpoint is damaged
+            return self._corrupt(step, cause or e)
         if stored is None:
-            return self._corrupt(step, e)
-        lines = describe_mismatch(getattr(stored, "tree", stored), abstract_state)
+            return self._corrupt(step, cause or ValueError("the state item has no metadata"))
+        lines = describe_mismatch(getattr(stored, "tree", stored), abstract_state, partial)
         if not lines:
-            return self._corrupt(step, e)
+            return None
         shown = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
         return CheckpointMismatchError(
             f"checkpoint step {step} in {self.directory} does not match the model/optimizer state "
@@ -453,12 +471,19 @@ class Checkpointer:
             "optimizer config, or train in a fresh workdir."
         )
 
+    def _explain_failure(
+        self, step: int, abstract_state: Any, e: BaseException, partial: bool = False
+    ) -> CheckpointError:
+        """Turns an Orbax restore error into a mismatch error if the stored tree differs."""
+        return self._mismatch(step, abstract_state, partial, e) or self._corrupt(step, e)
+
     def restore(
         self,
         step: int | None,
         abstract_state: Any,
         data_iter: Any = None,
         model_config: Any = None,
+        partial: bool = False,
     ) -> tuple[Any, dict[str, Any]]:
         """Restores ``(state, meta)`` of ``step`` (None: the latest).
 
@@ -468,7 +493,11 @@ class Checkpointer:
             are read directly onto it, whatever sharding they were saved with) or of arrays.
           data_iter: a grain ``DatasetIterator`` to move to the saved position (in place), or None.
           model_config: if given, checked against the config stored in meta (ConfigMismatchError).
+          partial: ``abstract_state`` is a part of the saved state, as nested dicts (e.g.
+            ``{"train": {"params": ...}}`` for inference: the optimizer state is never read).
         """
+        if partial and data_iter is not None:
+            raise CheckpointError("a partial restore reads part of the model state only: pass data_iter=None")
         available = self.steps()
         if step is None:
             if not available:
@@ -481,7 +510,7 @@ class Checkpointer:
             )
         self._manager.wait_until_finished()
         step_dir = self.step_dir(step)
-        items: dict[str, Any] = {STATE: ocp.args.StandardRestore(abstract_state)}
+        items: dict[str, Any] = {} if partial else {STATE: ocp.args.StandardRestore(abstract_state)}
         has_meta = (step_dir / META).is_dir()
         if has_meta:
             items[META] = ocp.args.JsonRestore()
@@ -499,9 +528,17 @@ class Checkpointer:
             self._check_data_item(step, step_dir / DATA)
             items[DATA] = _grain_args("CheckpointRestore", data_iter)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            restored = dict(self._manager.restore(step, args=ocp.args.Composite(**items))) if items else {}
+            if partial:
+                # Orbax's partial restore passes over a leaf the checkpoint lacks: check first.
+                mismatch = self._mismatch(step, abstract_state, partial=True)
+                if mismatch is not None:
+                    raise mismatch
+                restored[STATE] = _restore_part(step_dir / STATE, abstract_state)
+        except CheckpointError:
+            raise
         except Exception as e:
-            raise self._explain_failure(step, abstract_state, e) from e
+            raise self._explain_failure(step, abstract_state, e, partial) from e
         meta = dict(restored[META] or {}) if has_meta else {}
         if model_config is not None:
             check_config(meta, model_config, step)
@@ -514,6 +551,7 @@ class Checkpointer:
         model_config: Any = None,
         log_fn: Any = None,
         move_aside: bool = True,
+        partial: bool = False,
     ) -> tuple[int, Any, dict[str, Any]]:
         """Restores the newest step, or the one before it if the newest cannot be read.
 
@@ -532,7 +570,7 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}: nothing to restore")
         newest = steps[-1]
         try:
-            state, meta = self.restore(newest, abstract_state, data_iter, model_config)
+            state, meta = self.restore(newest, abstract_state, data_iter, model_config, partial)
             return newest, state, meta
         except CorruptCheckpointError as e:
             if len(steps) < 2:
@@ -541,7 +579,7 @@ class Checkpointer:
             warn(
                 f"WARNING: checkpoint step {newest} cannot be restored ({e}); {where}; restoring step {steps[-2]}"
             )
-        state, meta = self.restore(steps[-2], abstract_state, data_iter, model_config)
+        state, meta = self.restore(steps[-2], abstract_state, data_iter, model_config, partial)
         return steps[-2], state, meta
 
     def _move_aside(self, step: int) -> str:

@@ -82,8 +82,6 @@ def load_model(
     import jax
     import ml_collections
 
-    from fastblt.train import load_trained_params
-
     experiment = ml_collections.ConfigDict(meta["experiment"])
     params, frozen = load_trained_params(experiment, str(directory), step)
     config = model_config_from_dict(meta["model_config"])
@@ -97,3 +95,52 @@ def load_model(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
         )
     return config, params
+
+
+def load_trained_params(cfg: Any, workdir: str, step: int | None = None) -> tuple[Any, Any]:
+    """(params, frozen) of a checkpoint (None: the newest readable one) of a training workdir made
+    with the experiment config ``cfg``; frozen is None when the run has no frozen parameters.
+
+    Only the parameters are read (no optimizer is built and its state is never read), onto the
+    shardings of ``cfg``'s mesh, with the parameters' logical axis rules.
+    """
+    import flax.linen as nn
+    import jax
+
+    from fastblt import sharding
+    from fastblt.checkpoint import Checkpointer
+    from fastblt.tasks import frozen_template, make_task
+
+    task = make_task(cfg)
+    boxed = jax.eval_shape(lambda: task.init_params(jax.random.key(0), int(cfg.data.seq_len)))
+    mesh = sharding.make_mesh(cfg.get("mesh", {}))
+    shapes = nn.meta.unbox(boxed)
+    shardings = sharding.tree_shardings(nn.get_partition_spec(boxed), mesh, shapes=shapes)
+    template: dict[str, Any] = {
+        "train": {
+            "params": jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+            )
+        }
+    }
+    frozen = frozen_template(task)
+    if frozen:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        template["frozen"] = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen
+        )
+    # keep is irrelevant when only restoring; a large value guarantees nothing is ever pruned here.
+    ckpt = Checkpointer(workdir, save_every=1, keep=1_000_000, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {workdir}: train one first (fastblt train --workdir {workdir})"
+            )
+        if step is None:
+            # Read-only: an unreadable newest step is skipped, not moved (the trainer owns the workdir).
+            _, restored, _ = ckpt.restore_newest_good(template, None, move_aside=False, partial=True)
+        else:
+            restored, _ = ckpt.restore(step, template, None, partial=True)
+    finally:
+        ckpt.close()
+    return restored["train"]["params"], restored.get("frozen")

@@ -12,7 +12,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from fastblt import configs
 from fastblt.config import EntropyModelConfig, ModelConfig
 from fastblt.model import BLT, EntropyModel
 from fastblt.model import patcher as patching
@@ -138,3 +140,14 @@ def frozen_template(task: BLTTask | EntropyTask) -> Any:
         boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"])
         return nn.meta.unbox(boxed)
     return {}
+
+
+def make_task(cfg: ml_collections.ConfigDict) -> BLTTask | BLTDTask | EntropyTask:
+    """The task an experiment config trains: the entropy model (no ``model`` section), BLT, or BLT-D."""
+    if "model" not in cfg:
+        return EntropyTask(configs.entropy_model_config(cfg))
+    model_config = configs.model_config(cfg)
+    objective = configs.objective_config(cfg)
+    if objective.kind == "blt_d":
+        return BLTDTask(model_config, objective)
+    return BLTTask(model_config)

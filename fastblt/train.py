@@ -28,6 +28,7 @@ from fastblt.checkpoint import Checkpointer
 from fastblt.config import as_dict
 from fastblt.data import make_eval_batches, make_train_iterator
 from fastblt.errors import NonFiniteLossError
+from fastblt.loading import load_trained_params
 from fastblt.metrics import (
     MetricWriter,
     ProgressBar,
@@ -38,7 +39,7 @@ from fastblt.metrics import (
 )
 from fastblt.model.attention import rows_checked, rows_fit_packed
 from fastblt.optim import learning_rate_schedule, make_optimizer
-from fastblt.tasks import BLTDTask, BLTTask, EntropyTask, frozen_template
+from fastblt.tasks import BLTTask, make_task
 from fastblt.workdir_lock import workdir_lock
 
 
@@ -47,16 +48,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-def make_task(cfg: ml_collections.ConfigDict) -> BLTTask | BLTDTask | EntropyTask:
-    if "model" not in cfg:
-        return EntropyTask(configs.entropy_model_config(cfg))
-    model_config = configs.model_config(cfg)
-    objective = configs.objective_config(cfg)
-    if objective.kind == "blt_d":
-        return BLTDTask(model_config, objective)
-    return BLTTask(model_config)
 
 
 def _replicated(mesh) -> NamedSharding:
@@ -460,28 +451,6 @@ def _sample_text(task: BLTTask, params: Any, frozen: Any, train_cfg: Any) -> str
         full, task.config, [prompt], max_bytes=int(train_cfg.sample_bytes), compilation_cache=False
     )
     return prompt + out.texts[0].decode("utf-8", errors="replace")
-
-
-def load_trained_params(
-    cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None
-) -> tuple[Any, Any]:
-    """(params, frozen) of a checkpoint (None: the latest) of a training workdir made with ``cfg``."""
-    mesh = sharding.make_mesh(cfg.get("mesh", {}))
-    trainer = Trainer(cfg, mesh)
-    # keep is irrelevant when only restoring; a large value guarantees nothing is ever pruned here.
-    ckpt = Checkpointer(workdir, save_every=1, keep=1_000_000, async_save=False)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {workdir}: train one first (fastblt train --workdir {workdir})"
-        )
-    template = trainer.checkpoint_template(frozen_template(trainer.task))
-    if step is None:  # the newest readable step (an unreadable one is moved aside, with a warning)
-        # Read-only: an unreadable newest step is skipped, not moved (the trainer owns the workdir).
-        _, restored, _ = ckpt.restore_newest_good(template, None, move_aside=False)
-    else:
-        restored, _ = ckpt.restore(step, template, None)
-    ckpt.close()
-    return restored["train"].params, restored.get("frozen")
 
 
 # ------------------------------------------------------------------------- two stages

@@ -291,3 +291,34 @@ def test_console_progress_off_a_terminal_is_the_plain_lines(tmp_path, capsys):
     assert [x.split(" | ")[0] for x in lines] == ["step 1/2 ( 50.0%)", "step 2/2 (100.0%)"], out
     assert all(" | loss " in x and x.split(" | ")[-1].startswith("ETA ") for x in lines)
     assert "\r" not in out and "\x1b" not in out
+
+
+def test_inference_loading_reads_parameters_only(tmp_path, monkeypatch):
+    """load_trained_params restores the parameters the full train state holds, without building an
+    optimizer; a template that differs is named path by path, not by the optimizer's leaves."""
+    from fastblt import checkpoint as ckpt_lib
+    from fastblt import optim
+    from fastblt.loading import load_trained_params
+
+    cfg = small_config(steps=3)
+    train(cfg, str(tmp_path), log=lambda *_: None)
+    trainer = Trainer(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=100, async_save=False) as ck:
+        full, _ = ck.restore(None, trainer.checkpoint_template())
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("inference loading built an optimizer")
+
+    monkeypatch.setattr(optim, "make_optimizer", no_optimizer)
+    params, frozen = load_trained_params(cfg, str(tmp_path))
+    assert frozen is None
+    jax.tree.map(np.testing.assert_array_equal, params, full["train"].params)
+
+    shape = {"scale": jax.ShapeDtypeStruct((3,), np.float32)}  # the decoder's norm has D_d entries
+    wrong = {"train": {"params": {"local_decoder": {"norm": shape}, "not_a_layer": shape}}}
+    with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=100, async_save=False) as ck:
+        with pytest.raises(ckpt_lib.CheckpointMismatchError) as err:
+            ck.restore(None, wrong, partial=True)
+    text = str(err.value)
+    assert "2 difference(s)" in text and "opt_state" not in text, text
+    assert "local_decoder" in text and "not_a_layer" in text
