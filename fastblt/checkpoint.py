@@ -267,14 +267,18 @@ def describe_mismatch(stored: Any, wanted: Any, partial: bool = False) -> list[s
 def _restore_part(directory: epath.Path, abstract: Any) -> Any:
     """The leaves of ``abstract`` (nested dicts of ShapeDtypeStructs) from a saved state item,
     read onto their shardings; the item's other leaves are not read."""
-    return ocp.PyTreeCheckpointer().restore(
-        directory,
-        args=ocp.args.PyTreeRestore(
-            item=abstract,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True,
-        ),
-    )
+    reader = ocp.PyTreeCheckpointer()
+    try:
+        return reader.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(
+                item=abstract,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True,
+            ),
+        )
+    finally:
+        reader.close()
 
 
 def _preservation_policy(keep: int, keep_every: int | None) -> Any:
@@ -494,7 +498,8 @@ class Checkpointer:
           data_iter: a grain ``DatasetIterator`` to move to the saved position (in place), or None.
           model_config: if given, checked against the config stored in meta (ConfigMismatchError).
           partial: ``abstract_state`` is a part of the saved state, as nested dicts (e.g.
-            ``{"train": {"params": ...}}`` for inference: the optimizer state is never read).
+            ``{"train": {"params": ...}}`` for inference: the optimizer's values are never read;
+            the stored metadata of every leaf is, to check the part against it).
         """
         if partial and data_iter is not None:
             raise CheckpointError("a partial restore reads part of the model state only: pass data_iter=None")

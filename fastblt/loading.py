@@ -101,8 +101,9 @@ def load_trained_params(cfg: Any, workdir: str, step: int | None = None) -> tupl
     """(params, frozen) of a checkpoint (None: the newest readable one) of a training workdir made
     with the experiment config ``cfg``; frozen is None when the run has no frozen parameters.
 
-    Only the parameters are read (no optimizer is built and its state is never read), onto the
-    shardings of ``cfg``'s mesh, with the parameters' logical axis rules.
+    Only the parameters' values are read (no optimizer is built, its values are not read; the
+    checkpoint's metadata is), onto the shardings of ``cfg``'s mesh, with the parameters' logical
+    axis rules.
     """
     import flax.linen as nn
     import jax

@@ -86,6 +86,8 @@ class Trainer:
         )
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.frozen_shardings = jax.tree.map(lambda _: _replicated(mesh), self.frozen)
+        # Replicated as the steps declare them (restored ones arrive on their parameter shardings).
+        self.frozen = jax.device_put(self.frozen, self.frozen_shardings)
         self.train_step = sharding.MeshJit(
             self._train_step,
             mesh,

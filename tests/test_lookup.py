@@ -143,3 +143,15 @@ def test_take_windows_batched_under_jit():
         [_naive_windows(np.asarray(g[b], np.float32), np.asarray(start[b]), 90) for b in range(2)]
     )
     np.testing.assert_allclose(np.asarray(grad, np.float32), want, rtol=1e-2, atol=2e-2)
+
+
+def test_take_windows_clamps_out_of_range_starts_both_ways():
+    """A start outside [0, rows - span] reads the clamped window, and its gradient goes where
+    that window was read (the transpose of the forward, as for lax.dynamic_slice)."""
+    rows, span = 10, 4
+    x = jnp.arange(rows, dtype=jnp.float32)
+    start = jnp.asarray([-3, 8])
+    got = take_windows(x, start, span)
+    np.testing.assert_array_equal(np.asarray(got), [[0, 1, 2, 3], [6, 7, 8, 9]])
+    grad = jax.grad(lambda t: jnp.sum(take_windows(t, start, span)))(x)
+    np.testing.assert_array_equal(np.asarray(grad), [1, 1, 1, 1, 0, 0, 1, 1, 1, 1])

@@ -37,7 +37,8 @@ def test_train_step_constrains_activations_on_its_mesh_only():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     trainer = Trainer(cfg, mesh)
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=trainer.batch_sharding), batch
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=trainer.batch_sharding),
+        batch,
     )
     specs = _constraints(trainer.train_step.lower(trainer.abstract_state, trainer.frozen, abstract).as_text())
     # Every encoder/global/decoder layer's output and the logits, forward and backward.

@@ -322,3 +322,29 @@ def test_inference_loading_reads_parameters_only(tmp_path, monkeypatch):
     text = str(err.value)
     assert "2 difference(s)" in text and "opt_state" not in text, text
     assert "local_decoder" in text and "not_a_layer" in text
+
+
+def test_frozen_parameters_on_a_sharded_mesh_are_replicated_for_the_step():
+    """Stage 2 gets its frozen entropy model as restored (on the parameters' fsdp/tensor shardings);
+    the step declares it replicated, so the trainer places it so (jit refused the mismatch)."""
+    from fastblt.tasks import frozen_template
+
+    cfg = small_config("mesh.data=1", "mesh.fsdp=2", patching="entropy")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2}, jax.devices()[:2])
+    template = frozen_template(Trainer(cfg, mesh).task)
+    specs = jax.tree.map(
+        lambda s: jax.sharding.PartitionSpec("fsdp") if s.shape[0] % 2 == 0 else None, template
+    )
+    frozen = jax.tree.map(
+        lambda s, p: jax.device_put(
+            np.random.default_rng(0).normal(0, 0.2, s.shape).astype(s.dtype),
+            jax.sharding.NamedSharding(mesh, p or jax.sharding.PartitionSpec()),
+        ),
+        template,
+        specs,
+    )
+    trainer = Trainer(cfg, mesh, frozen)
+    state = trainer.init_state(0)
+    batch = sharding.global_batch(next(make_train_iterator(cfg.data)), trainer.batch_sharding)
+    _, m = trainer.train_step(state, trainer.frozen, batch)
+    assert np.isfinite(float(m["loss"]))

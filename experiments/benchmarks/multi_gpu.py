@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -97,7 +98,8 @@ def run_layout(args) -> dict:
         batch = sharding.global_batch(batches[i], trainer.batch_sharding)
         if layout == "proc2" and i == steps:
             with Checkpointer(ckpt_dir, save_every=1, keep=10, async_save=False) as ck:
-                ck.save(steps, trainer.checkpoint_payload(state), force=True)
+                if not ck.save(steps, trainer.checkpoint_payload(state), force=True):
+                    raise SystemExit(f"step {steps} is already saved in {ckpt_dir}: use a fresh --out")
         t = time.perf_counter()
         state, m = trainer.train_step(state, trainer.frozen, batch)
         loss = float(m["loss"])  # waits for the step
@@ -120,10 +122,16 @@ def run_layout(args) -> dict:
     }
 
 
-def _spawn(args, layout: str, env_extra: dict) -> subprocess.Popen:
+def _spawn(args, layout: str, env_extra: dict, name: str) -> subprocess.Popen:
+    """A layout's process; its output goes to a log file (two processes of one job each write
+    freely: a pipe read one after the other could fill and stall a collective)."""
     argv = [sys.executable, __file__, "--layout", layout, *_passthrough(args)]
     env = dict(os.environ, **env_extra)
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(os.path.join(args.out, f"{name}.log"), "w")  # noqa: SIM115 (closed in _result)
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log.name
+    proc.log_file = log
+    return proc
 
 
 def _passthrough(args) -> list[str]:
@@ -137,15 +145,34 @@ def _passthrough(args) -> list[str]:
 def _device_env(args, devices: list[int]) -> dict:
     if args.cpu:
         return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={len(devices)}"}
-    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
+    # Indices into the GPUs this process may use (the machine's own CUDA_VISIBLE_DEVICES, if set).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(max(devices) + 1)]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids[i] for i in devices)}
 
 
-def _result(proc: subprocess.Popen, name: str, timeout: int) -> dict:
-    out, _ = proc.communicate(timeout=timeout)
-    rows = [line for line in out.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not rows:
-        raise SystemExit(f"layout {name} failed (exit {proc.returncode}):\n{out[-4000:]}")
-    return json.loads(rows[-1])
+def _result(procs: list[subprocess.Popen], name: str, timeout: int) -> list[dict]:
+    """The last JSON line of each process of a layout; all are killed if one fails or hangs."""
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.log_file.close()
+    out = []
+    for i, proc in enumerate(procs):
+        text = open(proc.log_path).read()
+        rows = [line for line in text.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not rows:
+            raise SystemExit(f"layout {name} (process {i}) failed (exit {proc.returncode}):\n{text[-4000:]}")
+        out.append(json.loads(rows[-1]))
+    return out
 
 
 def main() -> None:
@@ -169,10 +196,13 @@ def main() -> None:
         print(json.dumps(run_layout(args)), flush=True)
         return
 
+    shutil.rmtree(os.path.join(args.out, "proc2_checkpoint"), ignore_errors=True)  # never a stale one
     rows = {}
     for layout in ("one", "data2", "fsdp2"):
         devices = [0] if layout == "one" else [0, 1]
-        rows[layout] = _result(_spawn(args, layout, _device_env(args, devices)), layout, args.timeout)
+        (rows[layout],) = _result(
+            [_spawn(args, layout, _device_env(args, devices), layout)], layout, args.timeout
+        )
         print(json.dumps(rows[layout]), flush=True)
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -187,15 +217,18 @@ def main() -> None:
                 FASTBLT_NUM_PROCESSES="2",
                 FASTBLT_PROCESS_ID=str(i),
             ),
+            f"proc2_{i}",
         )
         for i in range(2)
     ]
-    both = [_result(proc, f"proc2[{i}]", args.timeout) for i, proc in enumerate(procs)]
+    both = _result(procs, "proc2", args.timeout)
     if both[0]["losses"] != both[1]["losses"]:
         raise SystemExit(f"the two processes disagree on the global losses: {both}")
     rows["proc2"] = both[0]
     print(json.dumps(rows["proc2"]), flush=True)
-    rows["restore1"] = _result(_spawn(args, "restore1", _device_env(args, [0])), "restore1", args.timeout)
+    (rows["restore1"],) = _result(
+        [_spawn(args, "restore1", _device_env(args, [0]), "restore1")], "restore1", args.timeout
+    )
     print(json.dumps(rows["restore1"]), flush=True)
     _report(args, rows)
 

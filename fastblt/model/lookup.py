@@ -182,15 +182,21 @@ def take_windows(x: jax.Array, start: jax.Array, span: int) -> jax.Array:
     """Windows of ``span`` consecutive rows, ``x[start[i] + j]``, with a gradient that adds
     overlapping windows without atomic adds (:func:`add_windows`).
 
-    Args: x: float[rows, ...]; start: int[n] with ``0 <= start <= rows - span`` (pad x so they
-      are: a start out of range would be clamped, as ``lax.dynamic_slice`` does).
+    Args: x: float[rows, ...]; start: int[n], meant to lie in ``[0, rows - span]`` (pad x so they
+      do); one outside is clamped into it, as ``lax.dynamic_slice`` does, forward and backward.
     Returns: float[n, span, ...].
     """
+    start = _clamp(start, x.shape[0], span)
     return jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(x, s, span))(start)
+
+
+def _clamp(start: jax.Array, rows: int, span: int) -> jax.Array:
+    return jnp.clip(start.astype(jnp.int32), 0, max(rows - span, 0))
 
 
 def _windows_fwd(x, start, span):
     # x's rows and dtype ride in an empty array (x itself would be kept alive until the backward).
+    start = _clamp(start, x.shape[0], span)
     return take_windows(x, start, span), (start, jnp.zeros((x.shape[0], 0), x.dtype))
 
 
