@@ -86,8 +86,13 @@ class Trainer:
         )
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.frozen_shardings = jax.tree.map(lambda _: _replicated(mesh), self.frozen)
-        # Replicated as the steps declare them (restored ones arrive on their parameter shardings).
-        self.frozen = jax.device_put(self.frozen, self.frozen_shardings)
+        # Replicated as the steps declare them (restored ones arrive on their parameter shardings;
+        # abstract ones, for AOT compilation, stay as they are).
+        self.frozen = jax.tree.map(
+            lambda x, s: x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, s),
+            self.frozen,
+            self.frozen_shardings,
+        )
         self.train_step = sharding.MeshJit(
             self._train_step,
             mesh,
