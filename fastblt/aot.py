@@ -149,7 +149,6 @@ def compile_train_step(cfg: Any, topology: str) -> CompileReport:
     """Compiles ``fastblt.train.Trainer``'s train step for ``topology``; raises ConfigError if it can't."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from fastblt import sharding
     from fastblt.tasks import frozen_template
@@ -169,9 +168,8 @@ def compile_train_step(cfg: Any, topology: str) -> CompileReport:
         )
     # The frozen entropy model of an entropy-patched BLT is an argument too (replicated, as in training).
     frozen = frozen_template(make_task(cfg))
-    replicated = NamedSharding(mesh, PartitionSpec())
     abstract_frozen = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), frozen
     )
     trainer = Trainer(cfg, mesh, abstract_frozen)
     batch = _abstract_batch(cfg, trainer.batch_sharding)

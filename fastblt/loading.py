@@ -105,7 +105,6 @@ def load_trained_params(cfg: Any, workdir: str, step: int | None = None) -> tupl
     checkpoint's metadata is), onto the shardings of ``cfg``'s mesh, with the parameters' logical
     axis rules.
     """
-    import flax.linen as nn
     import jax
 
     from fastblt import sharding
@@ -115,20 +114,12 @@ def load_trained_params(cfg: Any, workdir: str, step: int | None = None) -> tupl
     task = make_task(cfg)
     boxed = jax.eval_shape(lambda: task.init_params(jax.random.key(0), int(cfg.data.seq_len)))
     mesh = sharding.make_mesh(cfg.get("mesh", {}))
-    shapes = nn.meta.unbox(boxed)
-    shardings = sharding.tree_shardings(nn.get_partition_spec(boxed), mesh, shapes=shapes)
-    template: dict[str, Any] = {
-        "train": {
-            "params": jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
-            )
-        }
-    }
+    params, _ = sharding.abstract_sharded(boxed, mesh)
+    template: dict[str, Any] = {"train": {"params": params}}
     frozen = frozen_template(task)
-    if frozen:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if frozen:  # replicated, as the trainer holds it
         template["frozen"] = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), frozen
         )
     # keep is irrelevant when only restoring; a large value guarantees nothing is ever pruned here.
     ckpt = Checkpointer(workdir, save_every=1, keep=1_000_000, async_save=False)

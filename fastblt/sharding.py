@@ -169,6 +169,25 @@ def tree_shardings(
     return jax.tree.map(lambda s, x: one(s, tuple(x.shape)), logical_specs, shapes, is_leaf=is_leaf)
 
 
+def abstract_sharded(
+    boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES
+) -> tuple[Any, Any]:
+    """``(abstract, shardings)`` of a boxed abstract tree (``jax.eval_shape`` of an init with
+    logical partitioning): unboxed ShapeDtypeStructs that carry their NamedShardings, and those
+    shardings (:func:`tree_shardings` of the tree's logical specs)."""
+    shapes = nn.meta.unbox(boxed)
+    shardings = tree_shardings(nn.get_partition_spec(boxed), mesh, rules, shapes=shapes)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    return abstract, shardings
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The whole array on every device of ``mesh`` (frozen parameters, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a [batch, bytes] array: batch over the data-parallel axes."""
     return NamedSharding(mesh, logical_to_spec(("batch", "bytes"), rules))

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from fastblt import calibration, configs, sharding
 from fastblt import checkpoint as ckpt_lib
@@ -50,10 +49,6 @@ class TrainState:
     opt_state: Any
 
 
-def _replicated(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
 class Trainer:
     """Builds the sharded state and the jitted steps of one task on one mesh."""
 
@@ -74,18 +69,12 @@ class Trainer:
             params = self.task.init_params(rng, self.seq_len)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
-        boxed = jax.eval_shape(init, jax.random.key(0))
-        self.state_shardings = sharding.tree_shardings(
-            nn.get_partition_spec(boxed), mesh, shapes=nn.meta.unbox(boxed)
+        self.abstract_state, self.state_shardings = sharding.abstract_sharded(
+            jax.eval_shape(init, jax.random.key(0)), mesh
         )
         self._init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_shardings)
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nn.meta.unbox(boxed),
-            self.state_shardings,
-        )
         self.batch_sharding = sharding.batch_sharding(mesh)
-        self.frozen_shardings = jax.tree.map(lambda _: _replicated(mesh), self.frozen)
+        self.frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), self.frozen)
         # Replicated as the steps declare them (restored ones arrive on their parameter shardings;
         # abstract ones, for AOT compilation, stay as they are).
         self.frozen = jax.tree.map(
@@ -97,7 +86,7 @@ class Trainer:
             self._train_step,
             mesh,
             in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, _replicated(mesh)),
+            out_shardings=(self.state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
         # The same step traced for batches whose rows were checked on the host to fit cuDNN's
@@ -107,7 +96,7 @@ class Trainer:
             self._packed_train_step,
             mesh,
             in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, _replicated(mesh)),
+            out_shardings=(self.state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
         # Only GPUs run the fused kernels (the entropy model's "auto" included). Multi-process runs
@@ -118,7 +107,7 @@ class Trainer:
             self._eval_step,
             mesh,
             in_shardings=(self.state_shardings.params, self.frozen_shardings, self.batch_sharding),
-            out_shardings=_replicated(mesh),
+            out_shardings=sharding.replicated(mesh),
         )
 
     def checkpoint_template(self, frozen: Any = None) -> dict:

@@ -186,18 +186,21 @@ def take_windows(x: jax.Array, start: jax.Array, span: int) -> jax.Array:
       do); one outside is clamped into it, as ``lax.dynamic_slice`` does, forward and backward.
     Returns: float[n, span, ...].
     """
-    start = _clamp(start, x.shape[0], span)
-    return jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(x, s, span))(start)
+    return _read_windows(x, _clamp(start, x.shape[0], span), span)
 
 
 def _clamp(start: jax.Array, rows: int, span: int) -> jax.Array:
     return jnp.clip(start.astype(jnp.int32), 0, max(rows - span, 0))
 
 
+def _read_windows(x: jax.Array, start: jax.Array, span: int) -> jax.Array:
+    return jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(x, s, span))(start)
+
+
 def _windows_fwd(x, start, span):
     # x's rows and dtype ride in an empty array (x itself would be kept alive until the backward).
     start = _clamp(start, x.shape[0], span)
-    return take_windows(x, start, span), (start, jnp.zeros((x.shape[0], 0), x.dtype))
+    return _read_windows(x, start, span), (start, jnp.zeros((x.shape[0], 0), x.dtype))
 
 
 def _windows_bwd(span, res, g):
