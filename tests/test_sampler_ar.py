@@ -152,22 +152,3 @@ def test_gpu_row_padding_is_inert_batch_of_one_matches_naive(monkeypatch, method
     np.testing.assert_array_equal(result.ids[0], ids[0])
     if method == "ar":
         np.testing.assert_allclose(result.logits[0], logits[0], atol=TOL, rtol=0)
-
-
-@pytest.mark.parametrize("method", ["ar", "blt_s"])
-def test_fused_decode_kernels_match_naive(monkeypatch, method):
-    """The local stacks' products as fused Pallas kernels (fastblt.sampler.matvec, on GPUs), forced
-    here through Pallas' interpreter with the GPU's two-row padding: greedy ids and logits stay the
-    oracle's."""
-    from fastblt.sampler import fused
-
-    monkeypatch.setattr(fused, "DECODE_KERNELS", "on")
-    monkeypatch.setattr(fused, "min_rows", lambda: 2)
-    prompts = random_prompts(6, [7])
-    config, params = model("base")
-    kw = dict(SHAPES, buffer_bytes=PAD + 12, record_logits=method == "ar")
-    result = generate(params, config, prompts, method=method, draft=4, max_bytes=20, **kw)
-    ids, logits = naive_generate(params, config, encode_prompts(prompts), 20, pad_to=PAD)
-    np.testing.assert_array_equal(result.ids[0], ids[0])
-    if method == "ar":
-        np.testing.assert_allclose(result.logits[0], logits[0], atol=TOL, rtol=0)

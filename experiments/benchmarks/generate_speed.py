@@ -347,7 +347,7 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _apply_overrides(args) -> None:
-    """--compiler-option / --min-dot-rows / --decode-kernels: set only when given (older trees lack the settings)."""
+    """--compiler-option / --min-dot-rows: set only when given (older trees lack the settings)."""
     if args.compiler_option:
         from fastblt.sampler import api
 
@@ -361,10 +361,6 @@ def _apply_overrides(args) -> None:
         from fastblt.sampler import fused
 
         fused.GPU_MIN_DOT_ROWS = args.min_dot_rows
-    if args.decode_kernels is not None:
-        from fastblt.sampler import fused
-
-        fused.DECODE_KERNELS = args.decode_kernels
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -396,12 +392,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--min-dot-rows", type=int, default=None, help="override fastblt.sampler.fused.GPU_MIN_DOT_ROWS"
-    )
-    p.add_argument(
-        "--decode-kernels",
-        choices=("auto", "on", "off"),
-        default=None,
-        help="override fastblt.sampler.fused.DECODE_KERNELS (fused Pallas products of the local stacks)",
     )
     p.add_argument("--out", default=None)
     p.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)

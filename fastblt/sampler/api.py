@@ -96,7 +96,6 @@ def _compiled(key, fn, args):
         key,
         tuple(sorted((compiler_options() or {}).items())),
         fused.min_rows(),  # a decode program's shapes depend on it (fastblt.sampler.fused)
-        fused.kernels_on(),  # and its products' kernels
         treedef,
         tuple((np.shape(x), str(jnp.result_type(x)), getattr(x, "sharding", None)) for x in leaves),
     )

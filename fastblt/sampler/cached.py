@@ -125,19 +125,15 @@ class Runner:
         self.enc = self.blt.local_encoder
         self.dec = self.blt.local_decoder
         self.impl = impl
-        # Fused once per generation, outside the sampler's loop (fastblt.sampler.fused); the local
-        # stacks' matrices transposed for the fused kernels where they run.
-        local = fused.kernels_on()
-        self.enc_layers = fused.fuse_stack(m.encoder, params["local_encoder"], dtype, local)
-        self.dec_layers = fused.fuse_stack(m.decoder, params["local_decoder"], dtype, local)
+        # Fused once per generation, outside the sampler's loop (fastblt.sampler.fused).
+        self.enc_layers = fused.fuse_stack(m.encoder, params["local_encoder"], dtype)
+        self.dec_layers = fused.fuse_stack(m.decoder, params["local_decoder"], dtype)
         gp = params["global_transformer"]
         self.glob_layers = fused.fuse_stack(m.global_model, gp, dtype)
         dp = params["local_decoder"]
         self.dec_cross = decoder_cross_layers(m)
-        self.dec_queries = {
-            i: fused.fuse_cross(dp[f"cross_attn_layers_{i}"], dtype, local) for i in self.dec_cross
-        }
-        self.dec_head = fused.fuse_head(dp["norm"], dp["output"], dtype, local)
+        self.dec_queries = {i: fused.fuse_cross(dp[f"cross_attn_layers_{i}"], dtype) for i in self.dec_cross}
+        self.dec_head = fused.fuse_head(dp["norm"], dp["output"], dtype)
         self.dec_slots_w = dp["patch_embedding_projection"]["kernel"].astype(dtype)
         self.glob_proj = None
         if m.needs_global_projection:
@@ -152,8 +148,8 @@ class Runner:
             self.ent_embed = embed(e.vocab_size, e.dim, ("vocab", "embed"), edt, "tok_embeddings").bind(
                 {"params": ep["tok_embeddings"]}
             )
-            self.ent_layers = fused.fuse_stack(e, ep, edt, local)
-            self.ent_head = fused.fuse_head(ep["norm"], ep["output"], edt, local)
+            self.ent_layers = fused.fuse_stack(e, ep, edt)
+            self.ent_head = fused.fuse_head(ep["norm"], ep["output"], edt)
 
     # ------------------------------------------------------------------------------- helpers
 
