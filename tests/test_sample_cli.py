@@ -131,3 +131,16 @@ def test_a_malformed_corpus_is_one_line_and_debug_shows_the_traceback(monkeypatc
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(DataError):
         cli.main(parser_args)
+
+
+def test_exact_flag_gives_blt_s_the_ar_output_and_checks_its_width(monkeypatch, export_dir, capsys):
+    base = ["sample", "--checkpoint", export_dir, "--prompt", "abc", "--max-bytes", "12", "--exact"]
+    texts = {}
+    for method in ("ar", "blt_s"):
+        code, _, out = _run(monkeypatch, [*base, "--method", method, "--draft", "3", "--exact-width", "4"])
+        assert code == 0
+        texts[method] = out
+    assert texts["blt_s"] == texts["ar"] and len(texts["ar"]) > len(b"abc\n")
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--method", "blt_s", "--draft", "3", "--exact-width", "3"])
+    assert "--exact-width 3 must be an int >= 4" in capsys.readouterr().err

@@ -14,7 +14,13 @@ means the two saw different contexts at that byte: an earlier patch boundary pla
 next-byte entropy to the patch threshold, from the entropy model run over the whole row in float32.
 
     PYTHONPATH=. python experiments/benchmarks/greedy_identity.py --checkpoint WORKDIR \\
-        --method blt_s --batch 32 --max-bytes 256 [--block-size 4] [--attention-impl xla] [--out FILE]
+        --methods blt_s blt_dv ar_batch1 --modes default exact --batch 32 --max-bytes 256 \\
+        [--block-size 4] [--attention-impl xla] [--out FILE]
+
+``--random mid`` instead of a checkpoint: random weights of that shape. ``--modes``: the default
+mode and the exact mode (``exact=True``: every step at ``--exact-width`` columns, so ``ar`` and the
+verification passes compute each byte with the same kernels). ``ar_batch1`` compares ``ar`` at
+``--batch`` with ``ar`` on each prompt alone: the noise floor of batching itself.
 
 On a GPU with ``attention_impl="auto"`` the one-byte step and the multi-byte pass may also run
 different attention kernels (cuDNN where it applies, XLA elsewhere); ``--attention-impl xla`` takes
@@ -31,6 +37,7 @@ import dataclasses
 import json
 import math
 import sys
+import types
 
 import numpy as np
 
@@ -86,12 +93,49 @@ def compare(ar, other, margins=None) -> list[dict]:
     return rows
 
 
+def load(args):
+    """(config, params, block size) of ``--checkpoint``, or of random weights at ``--random`` shape
+    (mask embedding on, an entropy threshold at ``--bytes-per-patch``: rounding near the threshold
+    moves boundaries there as in a trained model)."""
+    if args.checkpoint:
+        from fastblt.loading import load_model, trained_block_size
+
+        config, params = load_model(args.checkpoint)
+        return config, params, args.block_size or trained_block_size(args.checkpoint)
+    import jax
+
+    from experiments.benchmarks.generate_speed import model_config
+    from fastblt.model import BLT
+    from fastblt.sampler.bench import random_params
+
+    config = model_config(args.random)
+    params = random_params(config, 0, config.dtype)
+    from fastblt.sampler.api import encode_prompts
+
+    ids = jax.numpy.asarray(encode_prompts([bytes(range(32, 127)) * 4])[0])[None]
+    ent = jax.jit(lambda p, x: BLT(config).apply({"params": p}, x, method=BLT.entropies))(params, ids)
+    threshold = float(np.quantile(np.asarray(ent)[0, 1:], 1 - 1 / args.bytes_per_patch))
+    config = config.replace(patcher=dataclasses.replace(config.patcher, threshold=threshold))
+    return config, params, args.block_size or 4
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="training workdir or export")
-    parser.add_argument("--method", choices=("blt_s", "blt_dv"), default="blt_s")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="training workdir or export")
+    source.add_argument("--random", choices=("tiny", "mid", "1b"), help="random weights of this shape")
+    parser.add_argument("--bytes-per-patch", type=float, default=4.5, help="--random: the threshold's rate")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("blt_s", "blt_dv", "ar_batch1"),
+        default=["blt_s"],
+        help="compared with ar at --batch; ar_batch1: ar on each prompt alone (the noise floor)",
+    )
+    parser.add_argument("--modes", nargs="+", choices=("default", "exact"), default=["default", "exact"])
+    parser.add_argument("--exact-width", type=int, default=16)
     parser.add_argument("--draft", type=int, default=8, help="blt_s draft length")
-    parser.add_argument("--block-size", type=int, help="blt_dv block size (default: the trained one)")
+    parser.add_argument("--block-size", type=int, help="blt_dv block size (default: the trained one, or 4)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-bytes", type=int, default=64)
     parser.add_argument("--max-bytes", type=int, default=128)
@@ -105,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     from experiments.benchmarks.sampler_trained import heldout_prompts
-    from fastblt.loading import load_model, trained_block_size
     from fastblt.sampler import generate
     from fastblt.sampler.api import encode_prompts
 
@@ -118,46 +161,60 @@ def main(argv: list[str] | None = None) -> None:
             out.write(line + "\n")
             out.flush()
 
-    config, params = load_model(args.checkpoint)
+    config, params, block_size = load(args)
+    if "blt_dv" in args.methods and block_size is None:
+        sys.exit(f"{args.checkpoint}: no block size in its metadata; pass --block-size")
     if args.attention_impl:
         config = config.replace(attention_impl=args.attention_impl)
-    kw: dict = {"draft": args.draft} if args.method == "blt_s" else {"alpha": 0.3}
-    if args.method == "blt_dv":
-        kw["block_size"] = args.block_size or trained_block_size(args.checkpoint)
-        if kw["block_size"] is None:
-            sys.exit(f"{args.checkpoint}: no block size in its metadata; pass --block-size")
+    method_kw = {"blt_s": {"draft": args.draft}, "blt_dv": {"alpha": 0.3, "block_size": block_size}}
     prompts = heldout_prompts(args.batch, args.prompt_bytes)
-    report({"event": "run", "device": str(jax.devices()[0]), "checkpoint": args.checkpoint, **vars(args)})
+    ids = encode_prompts(prompts)
+    report({"event": "run", "device": str(jax.devices()[0]), **vars(args)})
     for dtype in args.dtypes:
         cfg = config
         if dtype != "model":
             ent = config.entropy_model
             cfg = config.replace(dtype=dtype, entropy_model=ent and dataclasses.replace(ent, dtype=dtype))
-        common = dict(max_bytes=args.max_bytes, stop_at_eos=False)
-        ar = generate(params, cfg, prompts, method="ar", record_logits=True, **common)
-        other = generate(params, cfg, prompts, method=args.method, **common, **kw)
-        ids = encode_prompts(prompts)
+        for mode in args.modes:
+            common = dict(max_bytes=args.max_bytes, stop_at_eos=False)
+            if mode == "exact":
+                common |= {"exact": True, "exact_width": args.exact_width}
+            base = {"source": args.checkpoint or f"random {args.random}", "dtype": cfg.dtype, "mode": mode}
+            base["attention_impl"] = cfg.attention_impl
+            ar = generate(params, cfg, prompts, method="ar", record_logits=True, **common)
+            ar = generate(params, cfg, prompts, method="ar", record_logits=True, **common)  # timed warm
+            report({**base, "method": "ar", "batch": len(prompts), "bytes_per_s": ar.bytes_per_second})
 
-        def margins(r, upto, ar=ar, ids=ids):
-            return entropy_margins(config, params, ids[r], ar.ids[r][:upto])
+            def margins(r, upto, ar=ar):
+                return entropy_margins(config, params, ids[r], ar.ids[r][:upto])
 
-        rows = compare(ar, other, margins)
-        base = {"checkpoint": args.checkpoint, "method": args.method}
-        for row in rows:
-            report({"dtype": cfg.dtype, "attention_impl": cfg.attention_impl, **base, **row})
-        steps = [r["margin_in_bf16_steps"] for r in rows if "margin_in_bf16_steps" in r]
-        report(
-            {
-                "dtype": cfg.dtype,
-                "entropy_dtype": cfg.entropy_model and cfg.entropy_model.dtype,
-                "attention_impl": cfg.attention_impl,
-                **base,
-                "rows": len(prompts),
-                "identical_rows": len(prompts) - len(rows),
-                "max_margin_in_bf16_steps": max(steps) if steps else None,
-                "acceptance_rate": other.counters.acceptance_rate,
-            }
-        )
+            for method in args.methods:
+                if method == "ar_batch1":
+                    alone = [generate(params, cfg, [p], method="ar", **common) for p in prompts]
+                    other = types.SimpleNamespace(ids=[r.ids[0] for r in alone], counters=None)
+                    speed = {"batch1_bytes_per_s": float(np.median([r.bytes_per_second for r in alone[1:]]))}
+                else:
+                    generate(params, cfg, prompts, method=method, **common, **method_kw[method])
+                    other = generate(params, cfg, prompts, method=method, **common, **method_kw[method])
+                    speed = {"bytes_per_s": other.bytes_per_second}
+                    speed["acceptance_rate"] = other.counters.acceptance_rate
+                rows = compare(ar, other, margins)
+                for row in rows:
+                    report({**base, "method": method, **row})
+                steps = [r["margin_in_bf16_steps"] for r in rows if "margin_in_bf16_steps" in r]
+                same = [int(r["position"]) for r in rows]  # bytes in common before each divergence
+                report(
+                    {
+                        **base,
+                        "method": method,
+                        "entropy_dtype": cfg.entropy_model and cfg.entropy_model.dtype,
+                        "rows": len(prompts),
+                        "identical_rows": len(prompts) - len(rows),
+                        "mean_first_divergence": float(np.mean(same)) if same else None,
+                        "max_margin_in_bf16_steps": max(steps) if steps else None,
+                        **speed,
+                    }
+                )
     if out:
         out.close()
 

@@ -22,6 +22,8 @@ from fastblt.sampler.speculative import build_blt_s
 from fastblt.tokenizer import decode_bytes, encode
 
 METHODS = ("ar", "blt_s", "blt_d", "blt_dv")
+# The exact mode's default step width: blt_s with draft <= 15, blt_dv with block_size <= 16.
+EXACT_WIDTH = 16
 _BUFFER_MULTIPLE = 64  # default buffers are rounded up so nearby prompt lengths share one compile
 _COMPILED: dict = {}
 
@@ -147,6 +149,8 @@ def prepare(
     alpha: float | None = None,
     gamma: float | None = None,
     one_step: bool = False,
+    exact: bool = False,
+    exact_width: int = EXACT_WIDTH,
     compilation_cache: bool | str = True,
 ) -> Program:
     """Checks a generation request and compiles its program (cached per method, config and shapes).
@@ -177,6 +181,14 @@ def prepare(
       gamma: ("blt_d", "blt_dv") entropy bound instead of alpha: reveal cells by increasing entropy while the
         cumulative entropy (nats) stays <= gamma (at least one).
       one_step: ("blt_d", "blt_dv") reveal the whole block in one decoder pass.
+      exact: ("ar", "blt_s", "blt_dv") every step after the prompt runs ``exact_width`` columns
+        (the rest inert), so ``ar``'s one-byte steps and the lossless methods' verification passes
+        compute each byte with the same kernels and shapes: greedy outputs are then byte-identical
+        across these methods in any dtype on any device, for the same ``exact_width``, batch,
+        ``buffer_bytes``, ``max_patches`` and ``prefill_chunk``. Costs ``exact_width`` columns per
+        ``ar`` step (experiments/results/greedy_identity.md has the figures).
+      exact_width: the exact mode's step width; at least ``draft + 1`` ("blt_s") or ``block_size``
+        ("blt_dv").
       compilation_cache: True: keep compiled programs in the persistent cache (fastblt.compile_cache
         says where); a directory: there; False: leave JAX's cache setting as it is.
 
@@ -216,6 +228,19 @@ def prepare(
             raise ValueError(f"alpha={alpha} must be in (0, 1]")
         if gamma is not None and gamma < 0:
             raise ValueError(f"gamma={gamma} must be >= 0")
+    if exact:
+        if method == "blt_d":
+            raise ValueError(
+                "exact=True is for the lossless methods ('ar', 'blt_s', 'blt_dv'); blt_d's output is "
+                "not ar's in any mode"
+            )
+        need = {"blt_s": draft + 1, "blt_dv": block_size}.get(method, 1)
+        if not isinstance(exact_width, int) or exact_width < need:
+            raise ValueError(
+                f"exact_width={exact_width!r} must be an int >= {need} for method={method!r} "
+                "(blt_s: draft + 1; blt_dv: block_size); use the same exact_width for every method "
+                "you compare"
+            )
     ids = encode_prompts(prompts)
     longest = max(len(x) for x in ids)
     if buffer_bytes is None:
@@ -270,6 +295,8 @@ def prepare(
         args = args[:2] + rule_args + args[2:]
     greedy = temperature == 0
     common = dict(n_bytes=buffer_bytes, n_patches=n_patches, prefill_chunk=chunk)
+    if exact:
+        common["exact_width"] = exact_width
     if method == "ar":
         static = dict(common, greedy=greedy, record=record_logits)
         fn = build_ar(config, **static)

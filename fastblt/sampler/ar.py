@@ -84,9 +84,11 @@ def build_ar(
     prefill_chunk: int,
     greedy: bool,
     record: bool,
+    exact_width: int | None = None,
 ):
     """The AR generation function (to be jitted) for a byte buffer of ``n_bytes`` and ``n_patches``
     patch slots; the prompt array is ``int32[B, n_bytes rounded up to prefill_chunk]``.
+    ``exact_width``: the exact mode's step width (fastblt.sampler.cached.Runner).
 
     Returns ``run(params, prompts, seed, temperature, top_p) -> dict`` with tokens int32[B, N],
     length int32[B], generated int32[B], counters (Counters) and, if ``record``, logits float32[B, N, V]
@@ -95,7 +97,7 @@ def build_ar(
 
     def run(params, prompts: Prompts, seed, temperature, top_p):
         TRACE_COUNT["ar"] += 1
-        runner = Runner(config, params)
+        runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
         n_buf = n_bytes
         st = init_state(config, b, n_bytes, n_patches)

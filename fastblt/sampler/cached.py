@@ -114,11 +114,17 @@ def _run_blocks(layers, c, impl, h, positions, k_caches, v_caches, cols, mask, o
 
 
 class Runner:
-    """The model's parameters bound for incremental use. Build it inside the jitted function."""
+    """The model's parameters bound for incremental use. Build it inside the jitted function.
 
-    def __init__(self, config: ModelConfig, params: dict):
+    ``width``: the exact mode's step width (``exact_width`` of fastblt.sampler.api.prepare): every :meth:`extend` of at most
+    ``width`` bytes runs ``width`` columns (the rest inert), so a byte's logits, entropy and caches
+    come from the same kernels and shapes whether one byte or a verified chunk is appended.
+    """
+
+    def __init__(self, config: ModelConfig, params: dict, width: int | None = None):
         m = config
         self.config = m
+        self.width = width
         impl = m.attention_impl
         dtype = jnp.dtype(m.dtype)
         self.blt = BLT(m).bind({"params": params})
@@ -389,6 +395,8 @@ class Runner:
     def _extend(self, st: State, chunk, count, close_last: bool):
         b, t_in = chunk.shape
         t = fused.padded_width(b, t_in)  # inert columns (past count: nothing written, logits cut)
+        if self.width is not None and t_in <= self.width:
+            t = max(t, self.width)
         chunk = jnp.pad(chunk, ((0, 0), (0, t - t_in)))
         n = st.tokens.shape[1]
         # Bytes past the buffer are not appended (a verify chunk may reach beyond it): the length

@@ -59,6 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--gamma", type=float, help="blt_d, blt_dv: reveal cells while summed entropy <= G (nats)"
     )
     rule.add_argument("--one-step", action="store_true", help="blt_d/blt_dv: reveal the block at once")
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="ar/blt_s/blt_dv: every step at --exact-width columns, so greedy blt_s and blt_dv are "
+        "byte-identical to greedy ar in any dtype (same --exact-width, batch and buffer)",
+    )
+    parser.add_argument(
+        "--exact-width", type=int, default=16, help="--exact: the step width (>= draft + 1, >= block size)"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -99,13 +108,16 @@ def _run_sample(args: argparse.Namespace) -> None:
             alpha=args.alpha,
             gamma=args.gamma,
             one_step=args.one_step,
+            exact=args.exact,
+            exact_width=args.exact_width,
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
             compilation_cache=False if args.no_compilation_cache else (args.compilation_cache or True),
         )
     except ValueError as e:
-        raise UsageError(str(e).replace("raise buffer_bytes", "raise --buffer-bytes")) from None
+        message = str(e).replace("raise buffer_bytes", "raise --buffer-bytes")
+        raise UsageError(message.replace("exact_width=", "--exact-width ")) from None
     if args.json:
         decode = lambda b: b.decode("utf-8", errors="replace")  # noqa: E731
         record = {

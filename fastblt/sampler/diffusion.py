@@ -184,6 +184,7 @@ def build_blt_d(
     rule: str,
     verify: bool = False,
     greedy: bool = True,
+    exact_width: int | None = None,
 ):
     """The BLT-D (``verify=False``) or BLT-DV (``verify=True``, greedy only) generation function (to
     be jitted); see :func:`fastblt.sampler.ar.build_ar` for the outputs (no ``logits``).
@@ -193,6 +194,7 @@ def build_blt_d(
     temperature and top-p (the paper's EB + top-p sampling with ``rule="gamma"``), cell ``j`` at
     position ``L + j`` in decoder pass ``s`` of its block with the key of
     :func:`fastblt.sampler.sampling.step_keys` for (row, ``(L + j) * (B + 1) + s``).
+    ``exact_width`` (BLT-DV only): the exact mode's step width, at least ``block_size``.
     """
     check_mask_embedding(config)
     if block_size < 1 or (verify and block_size < 2):
@@ -201,11 +203,16 @@ def build_blt_d(
         raise ValueError(f"rule={rule!r} is not one of {RULES}")
     if verify and not greedy:
         raise ValueError("BLT-DV verifies greedily: sampling is for BLT-D (verify=False)")
+    if exact_width is not None and (not verify or block_size > exact_width):
+        raise ValueError(
+            f"exact_width={exact_width}: the exact mode is for BLT-DV with block_size <= exact_width "
+            f"(got verify={verify}, block_size={block_size})"
+        )
     bs = block_size
 
     def run(params, prompts: Prompts, alpha, gamma, seed, temperature, top_p):
         TRACE_COUNT["blt_dv" if verify else "blt_d"] += 1
-        runner = Runner(config, params)
+        runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
         st = init_state(config, b, n_bytes, n_patches)
         st, logits = prefill(runner, st, prompts, prefill_chunk)

@@ -126,9 +126,10 @@ def build_blt_s(
     prefill_chunk: int,
     draft: int,
     greedy: bool = True,
+    exact_width: int | None = None,
 ):
     """The BLT-S generation function (to be jitted); see :func:`fastblt.sampler.ar.build_ar` for the
-    arguments and outputs (no ``logits``).
+    arguments and outputs (no ``logits``). ``exact_width``: at least ``draft + 1``.
 
     ``greedy=False``: speculative sampling at ``temperature``/``top_p``
     (:func:`fastblt.sampler.sampling.speculative_accept`): drafts are drawn from the drafter's
@@ -139,10 +140,14 @@ def build_blt_s(
     """
     if draft < 1:
         raise ValueError(f"draft={draft} must be >= 1 (bytes drafted per round)")
+    if exact_width is not None and draft + 1 > exact_width:
+        raise ValueError(
+            f"draft={draft} needs exact_width >= {draft + 1} (the verified chunk), got {exact_width}"
+        )
 
     def run(params, prompts: Prompts, seed, temperature, top_p):
         TRACE_COUNT["blt_s"] += 1
-        runner = Runner(config, params)
+        runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
         rows = jnp.arange(b, dtype=jnp.int32)
         st = init_state(config, b, n_bytes, n_patches)
