@@ -6,7 +6,8 @@ BLT-D checkpoints block diffusion (``blt_d``) and diffusion drafts with verifica
     result.texts[0], result.counters.summary(), result.bytes_per_second
 
 Modules: ``state`` (buffers and caches), ``cached`` (incremental stages: append bytes, draft a byte),
-``ar``, ``speculative`` and ``diffusion`` (the jitted while-loops), ``sampling`` (greedy / temperature / top-p),
+``ar``, ``speculative`` and ``diffusion`` (the jitted while-loops), ``methods`` (the registry that
+``generate`` and the commands read: each method's checks, loop builder and counting), ``sampling`` (greedy / temperature / top-p),
 ``cost`` (NFE counters and the paper's bandwidth estimate), ``naive`` (the no-cache test oracle),
 ``command`` (``fastblt sample``).
 

@@ -14,14 +14,12 @@ import numpy as np
 
 from fastblt.compile_cache import use_compilation_cache
 from fastblt.config import ModelConfig
-from fastblt.sampler import fused
-from fastblt.sampler.ar import Prompts, build_ar
+from fastblt.sampler import fused, methods
+from fastblt.sampler.ar import Prompts
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
-from fastblt.sampler.diffusion import build_blt_d, check_mask_embedding
-from fastblt.sampler.speculative import build_blt_s
 from fastblt.tokenizer import decode_bytes, encode
 
-METHODS = ("ar", "blt_s", "blt_d", "blt_dv")
+METHODS = tuple(methods.REGISTRY)
 # The exact mode's default step width: blt_s with draft <= 15, blt_dv with block_size <= 16.
 EXACT_WIDTH = 16
 _BUFFER_MULTIPLE = 64  # default buffers are rounded up so nearby prompt lengths share one compile
@@ -194,53 +192,32 @@ def prepare(
 
     Returns: a :class:`Program`; :func:`run_program` runs it.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    spec = methods.get(method)
     if not isinstance(max_bytes, int) or max_bytes < 1:
         raise ValueError(f"max_bytes={max_bytes!r} must be a positive int (bytes to generate per row)")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if method == "blt_s":
-        if not isinstance(draft, int) or draft < 1:
-            raise ValueError(f"draft={draft!r} must be a positive int (bytes drafted per BLT-S round)")
-        if record_logits:
-            raise ValueError("record_logits is only available with method='ar'")
-    diffusion = method in ("blt_d", "blt_dv")
-    if diffusion:
-        check_mask_embedding(config)
-        if temperature != 0 and method == "blt_dv":
-            # Speculative sampling needs each draft drawn given the drafts before it only; a block's
-            # unmasking reveals cells in any order, so a cell's draw may depend on cells after it.
-            raise ValueError(
-                "method='blt_dv' verifies greedily: use temperature=0, or method='blt_d' (or 'blt_s', "
-                "speculative sampling) to sample"
-            )
-        if record_logits:
-            raise ValueError("record_logits is only available with method='ar'")
-        if not isinstance(block_size, int) or block_size < (2 if method == "blt_dv" else 1):
-            raise ValueError(f"block_size={block_size!r} must be an int >= 1 (>= 2 for blt_dv)")
-        if sum([alpha is not None, gamma is not None, bool(one_step)]) > 1:
-            raise ValueError("give at most one of alpha, gamma, one_step (the unmasking rule)")
-        rule = "one_step" if one_step else "gamma" if gamma is not None else "alpha"
-        if alpha is not None and not 0 < alpha <= 1:
-            raise ValueError(f"alpha={alpha} must be in (0, 1]")
-        if gamma is not None and gamma < 0:
-            raise ValueError(f"gamma={gamma} must be >= 0")
-    if exact:
-        if method == "blt_d":
-            raise ValueError(
-                "exact=True is for the lossless methods ('ar', 'blt_s', 'blt_dv'); blt_d's output is "
-                "not ar's in any mode"
-            )
-        need = {"blt_s": draft + 1, "blt_dv": block_size}.get(method, 1)
-        if not isinstance(exact_width, int) or exact_width < need:
-            raise ValueError(
-                f"exact_width={exact_width!r} must be an int >= {need} for method={method!r} "
-                "(blt_s: draft + 1; blt_dv: block_size); use the same exact_width for every method "
-                "you compare"
-            )
+    if sum([alpha is not None, gamma is not None, bool(one_step)]) > 1:
+        raise ValueError("give at most one of alpha, gamma, one_step (the unmasking rule)")
+    if alpha is not None and not 0 < alpha <= 1:
+        raise ValueError(f"alpha={alpha} must be in (0, 1]")
+    if gamma is not None and gamma < 0:
+        raise ValueError(f"gamma={gamma} must be >= 0")
+    if exact and not isinstance(exact_width, int):
+        raise ValueError(f"exact_width={exact_width!r} must be an int (the exact mode's step width)")
+    request = methods.Request(
+        draft=draft,
+        block_size=block_size,
+        rule="one_step" if one_step else "gamma" if gamma is not None else "alpha",
+        greedy=temperature == 0,
+        record_logits=record_logits,
+        exact=exact,
+        exact_width=exact_width,
+    )
+    if spec.check is not None:
+        spec.check(request, config)
     ids = encode_prompts(prompts)
     longest = max(len(x) for x in ids)
     if buffer_bytes is None:
@@ -262,8 +239,7 @@ def prepare(
                 f"buffer_bytes={buffer_bytes}; raise buffer_bytes or shorten the prompt"
             )
     n_patches = buffer_bytes + 1 if max_patches is None else max_patches
-    # Patches one round may complete: BLT-S's chunk, BLT-DV's first byte and block, BLT-D's block.
-    extra = {"blt_s": draft + 1, "blt_dv": block_size + 1, "blt_d": block_size}.get(method, 0)
+    extra = spec.patches_per_round(request)  # patches one round may complete
     if n_patches < longest + 1 + extra:
         raise ValueError(
             f"max_patches={max_patches} is too small for a prompt of {longest} ids (a prompt can hold "
@@ -278,34 +254,27 @@ def prepare(
     lengths = np.array([len(x) for x in ids], np.int32)
     budget = np.full((batch,), max_bytes, np.int32)
     params = nn.meta.unbox(params)
-    args = (
+    args = (  # the methods' common signature (fastblt.sampler.methods)
         params,
         Prompts(
             jnp.asarray(prompt), jnp.asarray(lengths), jnp.asarray(budget), jnp.asarray(bool(stop_at_eos))
+        ),
+        methods.RuleParams(
+            jnp.float32(0.7 if alpha is None else alpha), jnp.float32(0.0 if gamma is None else gamma)
         ),
         jnp.int32(seed),
         jnp.float32(max(temperature, 1e-6)),
         jnp.float32(top_p),
     )
-    if diffusion:
-        rule_args = (
-            jnp.float32(0.7 if alpha is None else alpha),
-            jnp.float32(0.0 if gamma is None else gamma),
-        )
-        args = args[:2] + rule_args + args[2:]
-    greedy = temperature == 0
-    common = dict(n_bytes=buffer_bytes, n_patches=n_patches, prefill_chunk=chunk)
-    if exact:
-        common["exact_width"] = exact_width
-    if method == "ar":
-        static = dict(common, greedy=greedy, record=record_logits)
-        fn = build_ar(config, **static)
-    elif method == "blt_s":
-        static = dict(common, draft=draft, greedy=greedy)
-        fn = build_blt_s(config, **static)
-    else:
-        static = dict(common, block_size=block_size, rule=rule, verify=method == "blt_dv", greedy=greedy)
-        fn = build_blt_d(config, **static)
+    static = dict(
+        n_bytes=buffer_bytes,
+        n_patches=n_patches,
+        prefill_chunk=chunk,
+        greedy=request.greedy,
+        exact_width=exact_width if exact else None,
+        **spec.static(request),
+    )
+    fn = spec.build(config, **static)
     use_compilation_cache(compilation_cache)
     exe, compile_s = _compiled((method, config, tuple(sorted(static.items()))), fn, args)
     return Program(exe, args, lengths, method, compile_s, param_counts(params, config))
@@ -342,6 +311,7 @@ def run_program(program: Program) -> GenerationResult:
         rounds=c.rounds,
         clean_passes=c.clean_passes,
         params=program.params,
+        paper_eg_per_round=methods.get(method).paper_eg_per_round,
     )
     total = int(out["generated"].sum())
     return GenerationResult(

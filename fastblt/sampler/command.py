@@ -88,10 +88,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_sample(args: argparse.Namespace) -> None:
     from fastblt.loading import load_model, trained_block_size
-    from fastblt.sampler import METHODS, generate
+    from fastblt.sampler import generate
+    from fastblt.sampler.methods import REGISTRY
 
-    if args.method not in METHODS:
-        raise UsageError(f"--method {args.method!r} is not available; choose one of {', '.join(METHODS)}")
+    if args.method not in REGISTRY:
+        raise UsageError(f"--method {args.method!r} is not available; choose one of {', '.join(REGISTRY)}")
     prompts = _read_prompts(args)
     config, params = load_model(args.checkpoint)
     block_size = args.block_size or trained_block_size(args.checkpoint) or 4

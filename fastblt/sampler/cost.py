@@ -104,12 +104,16 @@ class GenerationCounters:
     rounds: np.ndarray
     params: ParamCounts
     clean_passes: np.ndarray | None = None  # blt_d: decoder passes over committed blocks (else 0)
+    # The paper's E/G passes per round where it counts them per round (BLT-S, BLT-DV: 2; the
+    # method's registry entry, fastblt.sampler.methods); None: eg_passes as run.
+    paper_eg_per_round: int | None = None
 
     @property
     def paper_eg_passes(self) -> np.ndarray:
-        """E/G NFE as the paper counts BLT-S and BLT-DV (2 per round); ``eg_passes`` otherwise."""
-        if self.method in ("blt_s", "blt_dv"):
-            return 1 + 2 * self.rounds
+        """E/G NFE as the paper counts them: the prefill + ``paper_eg_per_round`` per round where
+        set (BLT-S, BLT-DV), ``eg_passes`` otherwise."""
+        if self.paper_eg_per_round is not None:
+            return 1 + self.paper_eg_per_round * self.rounds
         return self.eg_passes
 
     @property

@@ -189,8 +189,8 @@ def build_blt_d(
     """The BLT-D (``verify=False``) or BLT-DV (``verify=True``, greedy only) generation function (to
     be jitted); see :func:`fastblt.sampler.ar.build_ar` for the outputs (no ``logits``).
 
-    ``run(params, prompts, alpha, gamma, seed, temperature, top_p) -> dict``; alpha, gamma:
-    float32[] (see :func:`reveal`). ``greedy=False`` (BLT-D): revealed bytes are drawn with
+    ``run(params, prompts, rule_params, seed, temperature, top_p) -> dict``; rule_params:
+    fastblt.sampler.methods.RuleParams (alpha, gamma: float32[], see :func:`reveal`). ``greedy=False`` (BLT-D): revealed bytes are drawn with
     temperature and top-p (the paper's EB + top-p sampling with ``rule="gamma"``), cell ``j`` at
     position ``L + j`` in decoder pass ``s`` of its block with the key of
     :func:`fastblt.sampler.sampling.step_keys` for (row, ``(L + j) * (B + 1) + s``).
@@ -210,7 +210,8 @@ def build_blt_d(
         )
     bs = block_size
 
-    def run(params, prompts: Prompts, alpha, gamma, seed, temperature, top_p):
+    def run(params, prompts: Prompts, rule_params, seed, temperature, top_p):
+        alpha, gamma = rule_params.alpha, rule_params.gamma
         TRACE_COUNT["blt_dv" if verify else "blt_d"] += 1
         runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
