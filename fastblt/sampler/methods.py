@@ -172,23 +172,15 @@ register(
         paper_eg_per_round=2,
     )
 )
-register(
-    Method(
-        "blt_d",
-        _build_diffusion(verify=False),
-        static=lambda r: {"block_size": r.block_size, "rule": r.rule},
-        check=_check_diffusion(verify=False),
-        patches_per_round=lambda r: r.block_size,
+for _verify in (False, True):  # BLT-D; BLT-DV (its drafts verified: the AR byte rides along)
+    register(
+        Method(
+            "blt_dv" if _verify else "blt_d",
+            _build_diffusion(verify=_verify),
+            static=lambda r: {"block_size": r.block_size, "rule": r.rule},
+            check=_check_diffusion(verify=_verify),
+            patches_per_round=lambda r, v=_verify: r.block_size + int(v),
+            lossless=_verify,
+            paper_eg_per_round=2 if _verify else None,
+        )
     )
-)
-register(
-    Method(
-        "blt_dv",
-        _build_diffusion(verify=True),
-        static=lambda r: {"block_size": r.block_size, "rule": r.rule},
-        check=_check_diffusion(verify=True),
-        patches_per_round=lambda r: r.block_size + 1,
-        lossless=True,
-        paper_eg_per_round=2,
-    )
-)
