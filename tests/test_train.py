@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 
 import jax
@@ -26,19 +28,28 @@ def _losses(cfg, mesh, batches, frozen=None):
     return np.array(out), state
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1)])
-def test_sharded_training_matches_single_device(mesh_shape):
+@pytest.fixture(scope="module")
+def single_device_entropy_run():
+    """(config, batches, frozen entropy params, losses on one device): the reference of every mesh
+    below, computed once (each Trainer compiles its own steps)."""
+    from fastblt.tasks import frozen_template
+
     cfg = small_config(patching="entropy")
     it = make_train_iterator(cfg.data)
     batches = [next(it) for _ in range(3)]
-    from fastblt.tasks import frozen_template
-
     # Random (untrained) frozen entropy params: patching runs inside the step on every mesh.
     frozen = jax.tree.map(
         lambda s: np.random.default_rng(0).normal(0, 0.2, s.shape).astype(s.dtype),
         frozen_template(Trainer(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1])).task),
     )
     single, _ = _losses(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batches, frozen)
+    return cfg, batches, frozen, single
+
+
+@pytest.mark.xdist_group("single_device_entropy_run")  # one worker builds the shared run
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1)])
+def test_sharded_training_matches_single_device(mesh_shape, single_device_entropy_run):
+    cfg, batches, frozen, single = single_device_entropy_run
     mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape, strict=True)))
     sharded, state = _losses(cfg, mesh, batches, frozen)
     np.testing.assert_allclose(sharded, single, rtol=2e-5)
@@ -71,12 +82,32 @@ def test_gradient_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(accum, one, rtol=1e-5)
 
 
-def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
-    cfg = small_config(steps=6)
-    full: dict[int, float] = {}
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(workdir, {step: loss}) of one uninterrupted run of ``small_config(steps=6)`` (checkpoints 3
+    and 6): the losses are the resume tests' reference, and tests that change the workdir copy it
+    first. One run for all of them: each run compiles its steps."""
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    losses: dict[int, float] = {}
     train(
-        cfg, str(tmp_path / "full"), log=lambda *_: None, on_step=lambda s, m: full.__setitem__(s, m["loss"])
+        small_config(steps=6),
+        str(workdir),
+        log=lambda *_: None,
+        on_step=lambda s, m: losses.__setitem__(s, m["loss"]),
     )
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    return workdir, losses
+
+
+def _copy_of(workdir, tmp_path):
+    """A copy of a shared finished workdir that a test may change."""
+    return shutil.copytree(workdir, tmp_path / "run")
+
+
+@pytest.mark.xdist_group("uninterrupted")  # one worker builds the shared run
+def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path, uninterrupted):
+    cfg = small_config(steps=6)
+    full = dict(uninterrupted[1])
 
     parts: dict[int, float] = {}
 
@@ -94,16 +125,13 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert parts == full  # bitwise: same floats, same batches after the restored iterator
 
 
-def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path):
+@pytest.mark.xdist_group("uninterrupted")  # one worker builds the shared run
+def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path, uninterrupted):
     """The newest checkpoint loses its metadata: the run warns, moves it aside, resumes from the
     one before and repeats the uninterrupted run's losses."""
     cfg = small_config(steps=6)
-    full: dict[int, float] = {}
-    train(
-        cfg, str(tmp_path / "full"), log=lambda *_: None, on_step=lambda s, m: full.__setitem__(s, m["loss"])
-    )
-    workdir = tmp_path / "run"
-    train(small_config(steps=6), str(workdir), log=lambda *_: None)  # checkpoints 3 and 6
+    full = dict(uninterrupted[1])
+    workdir = _copy_of(uninterrupted[0], tmp_path)  # checkpoints 3 and 6 of that run
     (workdir / "checkpoints" / "6" / "_CHECKPOINT_METADATA").unlink()
     for p in (workdir / "checkpoints" / "6").rglob("_METADATA"):
         p.unlink()
@@ -115,20 +143,38 @@ def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path):
     assert any(p.name.startswith("6.corrupt-") for p in (workdir / "checkpoints").iterdir())
 
 
-def test_two_stage_run_trains_entropy_model_then_blt(tmp_path):
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    """(workdir, logs, last metrics) of a finished two-stage run, shared by the tests that read one
+    (each run compiles both stages' steps). It prints the end-of-run greedy sample, which
+    train_utils turns off elsewhere."""
+    workdir = tmp_path_factory.mktemp("two_stage") / "run"
     cfg = small_config(
-        "entropy_stage.steps=3", "entropy_stage.target_patch_len=4.0", steps=3, patching="entropy"
+        "entropy_stage.steps=3",
+        "entropy_stage.target_patch_len=4.0",
+        "train.sample_bytes=8",
+        steps=3,
+        patching="entropy",
     )
     logs: list[str] = []
-    last = run(cfg, str(tmp_path), log=logs.append)
-    assert os.path.isdir(tmp_path / "entropy" / "checkpoints" / "3")
-    assert os.path.isdir(tmp_path / "blt" / "checkpoints" / "3")
+    last = run(cfg, str(workdir), log=logs.append)
+    return workdir, logs, last
+
+
+@pytest.mark.xdist_group("two_stage")  # one worker builds the shared run
+def test_two_stage_run_trains_entropy_model_then_blt(two_stage):
+    workdir, logs, last = two_stage
+    assert os.path.isdir(workdir / "entropy" / "checkpoints" / "3")
+    assert os.path.isdir(workdir / "blt" / "checkpoints" / "3")
     assert any("calibrated" in line for line in logs)
+    # Stage 2 (BLT, with the frozen entropy model) ends on a greedy sample of the prompt.
+    assert any(re.match(r"\[blt\] sample: ['\"]def ", line) for line in logs), logs
     assert np.isfinite(last["eval_bits_per_byte"])
     assert 1.0 < last["avg_patch_len"] < 20.0
 
 
-def test_trained_workdir_exports_and_converts_to_hf(tmp_path):
+@pytest.mark.xdist_group("two_stage")  # one worker builds the shared run
+def test_trained_workdir_exports_and_converts_to_hf(tmp_path, two_stage):
     """A two-stage run's workdir loads for inference, exports, and converts to a HF model that
     gives the same logits (entropy model included: each side patches by itself)."""
     torch = pytest.importorskip("torch")
@@ -144,10 +190,7 @@ def test_trained_workdir_exports_and_converts_to_hf(tmp_path):
     from fastblt.loading import load_model
     from fastblt.model import BLT
 
-    cfg = small_config(
-        "entropy_stage.steps=2", "entropy_stage.target_patch_len=4.0", steps=2, patching="entropy"
-    )
-    run(cfg, str(tmp_path / "run"), log=lambda *_: None)
+    shutil.copytree(two_stage[0], tmp_path / "run")  # the shared run stays as it was
     config, params = load_model(tmp_path / "run")
     assert (
         "entropy_model" in params
@@ -211,13 +254,14 @@ def test_blt_d_training_step_with_zero_diffusion_weight_equals_plain_blt():
     assert np.isfinite(ev["eval_bits_per_byte"])
 
 
-def test_resume_with_a_changed_model_names_the_changed_key(tmp_path):
+@pytest.mark.xdist_group("uninterrupted")  # one worker builds the shared run
+def test_resume_with_a_changed_model_names_the_changed_key(tmp_path, uninterrupted):
     from fastblt.checkpoint import ConfigMismatchError
 
-    train(small_config(steps=3), str(tmp_path), log=lambda *_: None)
-    changed = small_config("model.decoder.n_layers=2", steps=6)
+    workdir = _copy_of(uninterrupted[0], tmp_path)
+    changed = small_config("model.decoder.n_layers=2", steps=9)
     with pytest.raises(ConfigMismatchError) as info:
-        train(changed, str(tmp_path), log=lambda *_: None)
+        train(changed, str(workdir), log=lambda *_: None)
     msg = str(info.value)
     assert "model.decoder.n_layers: checkpoint 1, current 2" in msg
     assert "optimizer" not in msg  # no list of missing optimizer-state paths
@@ -293,30 +337,31 @@ def test_console_progress_off_a_terminal_is_the_plain_lines(tmp_path, capsys):
     assert "\r" not in out and "\x1b" not in out
 
 
-def test_inference_loading_reads_parameters_only(tmp_path, monkeypatch):
+@pytest.mark.xdist_group("uninterrupted")  # one worker builds the shared run
+def test_inference_loading_reads_parameters_only(tmp_path, monkeypatch, uninterrupted):
     """load_trained_params restores the parameters the full train state holds, without building an
     optimizer; a template that differs is named path by path, not by the optimizer's leaves."""
     from fastblt import checkpoint as ckpt_lib
     from fastblt import optim
     from fastblt.loading import load_trained_params
 
-    cfg = small_config(steps=3)
-    train(cfg, str(tmp_path), log=lambda *_: None)
+    cfg = small_config(steps=6)
+    workdir = _copy_of(uninterrupted[0], tmp_path)
     trainer = Trainer(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-    with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=100, async_save=False) as ck:
+    with ckpt_lib.Checkpointer(str(workdir), save_every=1, keep=100, async_save=False) as ck:
         full, _ = ck.restore(None, trainer.checkpoint_template())
 
     def no_optimizer(*args, **kwargs):
         raise AssertionError("inference loading built an optimizer")
 
     monkeypatch.setattr(optim, "make_optimizer", no_optimizer)
-    params, frozen = load_trained_params(cfg, str(tmp_path))
+    params, frozen = load_trained_params(cfg, str(workdir))
     assert frozen is None
     jax.tree.map(np.testing.assert_array_equal, params, full["train"].params)
 
     shape = {"scale": jax.ShapeDtypeStruct((3,), np.float32)}  # the decoder's norm has D_d entries
     wrong = {"train": {"params": {"local_decoder": {"norm": shape}, "not_a_layer": shape}}}
-    with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=100, async_save=False) as ck:
+    with ckpt_lib.Checkpointer(str(workdir), save_every=1, keep=100, async_save=False) as ck:
         with pytest.raises(ckpt_lib.CheckpointMismatchError) as err:
             ck.restore(None, wrong, partial=True)
     text = str(err.value)

@@ -25,6 +25,10 @@ SMALL_MODEL = [
     "data.eval_batches=1",
     "train.log_every=1",
     "train.eval_every=1000",
+    # No greedy sample at the final evaluation: no test reads it, and each new model config compiled
+    # a sampler for it (~7 s on CPU per config and process). test_train's two-stage run turns it on
+    # and checks the line.
+    "train.sample_bytes=0",
     "optimizer.warmup_steps=2",
     "checkpoint.async_save=False",
 ]
