@@ -32,9 +32,6 @@ from fastblt.train import run
 
 BLOCK = 4
 STEPS = 300
-# One worker trains the model for every test here (with -n 2 the tests would otherwise be split and
-# the 300 steps run twice).
-pytestmark = pytest.mark.xdist_group("blt_d_trained")
 
 
 @pytest.fixture(scope="module")

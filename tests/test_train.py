@@ -46,7 +46,6 @@ def single_device_entropy_run():
     return cfg, batches, frozen, single
 
 
-@pytest.mark.xdist_group("single_device_entropy_run")  # one worker builds the shared run
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1)])
 def test_sharded_training_matches_single_device(mesh_shape, single_device_entropy_run):
     cfg, batches, frozen, single = single_device_entropy_run
@@ -104,7 +103,6 @@ def _copy_of(workdir, tmp_path):
     return shutil.copytree(workdir, tmp_path / "run")
 
 
-@pytest.mark.xdist_group("uninterrupted")  # one worker builds the shared run
 def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path, uninterrupted):
     cfg = small_config(steps=6)
     full = dict(uninterrupted[1])
@@ -125,7 +123,6 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path, uninterrup
     assert parts == full  # bitwise: same floats, same batches after the restored iterator
 
 
-@pytest.mark.xdist_group("uninterrupted")  # one worker builds the shared run
 def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path, uninterrupted):
     """The newest checkpoint loses its metadata: the run warns, moves it aside, resumes from the
     one before and repeats the uninterrupted run's losses."""
@@ -161,7 +158,6 @@ def two_stage(tmp_path_factory):
     return workdir, logs, last
 
 
-@pytest.mark.xdist_group("two_stage")  # one worker builds the shared run
 def test_two_stage_run_trains_entropy_model_then_blt(two_stage):
     workdir, logs, last = two_stage
     assert os.path.isdir(workdir / "entropy" / "checkpoints" / "3")
@@ -173,7 +169,6 @@ def test_two_stage_run_trains_entropy_model_then_blt(two_stage):
     assert 1.0 < last["avg_patch_len"] < 20.0
 
 
-@pytest.mark.xdist_group("two_stage")  # one worker builds the shared run
 def test_trained_workdir_exports_and_converts_to_hf(tmp_path, two_stage):
     """A two-stage run's workdir loads for inference, exports, and converts to a HF model that
     gives the same logits (entropy model included: each side patches by itself)."""
@@ -254,7 +249,6 @@ def test_blt_d_training_step_with_zero_diffusion_weight_equals_plain_blt():
     assert np.isfinite(ev["eval_bits_per_byte"])
 
 
-@pytest.mark.xdist_group("uninterrupted")  # one worker builds the shared run
 def test_resume_with_a_changed_model_names_the_changed_key(tmp_path, uninterrupted):
     from fastblt.checkpoint import ConfigMismatchError
 
@@ -337,7 +331,6 @@ def test_console_progress_off_a_terminal_is_the_plain_lines(tmp_path, capsys):
     assert "\r" not in out and "\x1b" not in out
 
 
-@pytest.mark.xdist_group("uninterrupted")  # one worker builds the shared run
 def test_inference_loading_reads_parameters_only(tmp_path, monkeypatch, uninterrupted):
     """load_trained_params restores the parameters the full train state holds, without building an
     optimizer; a template that differs is named path by path, not by the optimizer's leaves."""
