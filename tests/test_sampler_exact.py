@@ -35,9 +35,6 @@ def test_exact_mode_blt_s_and_blt_dv_equal_ar_in_bf16():
         "blt_s draft 3": generate(
             params, config, PROMPTS, method="blt_s", draft=3, exact=True, exact_width=8, **SHAPES
         ),
-        "blt_s draft 7": generate(
-            params, config, PROMPTS, method="blt_s", draft=7, exact=True, exact_width=8, **SHAPES
-        ),
         "blt_dv block 4": generate(
             params,
             config,
