@@ -112,11 +112,8 @@ def weight_bytes(counters, params, bytes_per_param: int = 2) -> float:
 
 
 def _setup(args):
-    import jax
     import numpy as np
 
-    from fastblt.model import BLT
-    from fastblt.sampler import encode_prompts
     from fastblt.sampler.bench import random_params
 
     config = model_config(args.shape)
@@ -130,11 +127,22 @@ def _setup(args):
         # work is then the same in every run and every code version: timings compare.
         pc = dataclasses.replace(config.patcher, threshold=1e9, max_patch_length=args.patch_every)
         return config.replace(patcher=pc), params, texts
-    ids = jax.numpy.asarray(encode_prompts(texts[:1])[0])[None]
+    return threshold_for_rate(config, params, texts[0], args.bytes_per_patch), params, texts
+
+
+def threshold_for_rate(config, params, text: bytes, bytes_per_patch: float):
+    """``config`` with its entropy threshold at the quantile of ``text``'s next-byte entropies that
+    starts a patch every ``bytes_per_patch`` bytes on average (random weights have no trained one)."""
+    import jax
+    import numpy as np
+
+    from fastblt.model import BLT
+    from fastblt.sampler import encode_prompts
+
+    ids = jax.numpy.asarray(encode_prompts([text])[0])[None]
     ent = jax.jit(lambda p, x: BLT(config).apply({"params": p}, x, method=BLT.entropies))(params, ids)
-    threshold = float(np.quantile(np.asarray(ent)[0, 1:], 1 - 1 / args.bytes_per_patch))
-    config = config.replace(patcher=dataclasses.replace(config.patcher, threshold=threshold))
-    return config, params, texts
+    threshold = float(np.quantile(np.asarray(ent)[0, 1:], 1 - 1 / bytes_per_patch))
+    return config.replace(patcher=dataclasses.replace(config.patcher, threshold=threshold))
 
 
 def measure(args, config, params, texts, name: str, batch: int, prompt_bytes: int) -> dict:

@@ -20,8 +20,6 @@ from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
 from fastblt.tokenizer import decode_bytes, encode
 
 METHODS = tuple(methods.REGISTRY)
-# The exact mode's default step width: blt_s with draft <= 15, blt_dv with block_size <= 16.
-EXACT_WIDTH = 16
 _BUFFER_MULTIPLE = 64  # default buffers are rounded up so nearby prompt lengths share one compile
 _COMPILED: dict = {}
 
@@ -148,7 +146,7 @@ def prepare(
     gamma: float | None = None,
     one_step: bool = False,
     exact: bool = False,
-    exact_width: int = EXACT_WIDTH,
+    exact_width: int = methods.EXACT_WIDTH,
     compilation_cache: bool | str = True,
 ) -> Program:
     """Checks a generation request and compiles its program (cached per method, config and shapes).
@@ -205,8 +203,6 @@ def prepare(
         raise ValueError(f"alpha={alpha} must be in (0, 1]")
     if gamma is not None and gamma < 0:
         raise ValueError(f"gamma={gamma} must be >= 0")
-    if exact and not isinstance(exact_width, int):
-        raise ValueError(f"exact_width={exact_width!r} must be an int (the exact mode's step width)")
     request = methods.Request(
         draft=draft,
         block_size=block_size,
@@ -218,6 +214,7 @@ def prepare(
     )
     if spec.check is not None:
         spec.check(request, config)
+    methods.check_exact(spec, request)
     ids = encode_prompts(prompts)
     longest = max(len(x) for x in ids)
     if buffer_bytes is None:

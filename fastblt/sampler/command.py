@@ -66,7 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "byte-identical to greedy ar in any dtype (same --exact-width, batch and buffer)",
     )
     parser.add_argument(
-        "--exact-width", type=int, default=16, help="--exact: the step width (>= draft + 1, >= block size)"
+        "--exact-width",
+        type=int,
+        default=None,
+        help="--exact: the step width (>= draft + 1, >= block size; default 16)",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -110,7 +113,7 @@ def _run_sample(args: argparse.Namespace) -> None:
             gamma=args.gamma,
             one_step=args.one_step,
             exact=args.exact,
-            exact_width=args.exact_width,
+            **({} if args.exact_width is None else {"exact_width": args.exact_width}),
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,

@@ -1,9 +1,9 @@
 """The generation methods, one registry entry each: what a method checks, how its loop is built, and
-how its counters are read. ``generate``/``prepare``, ``fastblt sample`` and ``fastblt eval`` read
-:data:`REGISTRY`; adding a method is one :func:`register` call next to its loop.
+how its counters are read. ``generate``/``prepare`` (and through them ``fastblt sample`` and
+``fastblt eval``) read :data:`REGISTRY`; adding a method is one :func:`register` call next to its loop.
 
-Every method's loop has one signature, ``run(params, prompts, rule, seed, temperature, top_p) ->
-dict`` (see fastblt.sampler.ar.build_ar for the outputs): ``rule`` (:class:`RuleParams`) holds the
+Every method's loop has one signature, ``run(params, prompts, rule_params, seed, temperature, top_p)
+-> dict`` (see fastblt.sampler.ar.build_ar for the outputs): ``rule_params`` (:class:`RuleParams`) holds the
 traced parameters of BLT-D's unmasking rules, which the other methods ignore, so a caller never
 reorders arguments per method.
 """
@@ -17,6 +17,10 @@ import jax
 from flax import struct
 
 from fastblt.config import ModelConfig
+
+# The exact mode's default step width (fastblt.sampler.api.prepare): blt_s with draft <= 15, blt_dv
+# with block_size <= 16.
+EXACT_WIDTH = 16
 
 
 @struct.dataclass
@@ -39,7 +43,7 @@ class Request:
     greedy: bool = True
     record_logits: bool = False
     exact: bool = False
-    exact_width: int = 16
+    exact_width: int = EXACT_WIDTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +55,9 @@ class Method:
     static: the method's own static build arguments for a request (after ``check``).
     check: raises ValueError naming the argument at fault; None: nothing to check.
     patches_per_round: patches one round may complete (a row stops without room for them).
-    lossless: greedy output equals greedy ``ar`` (byte for byte in float32, or in exact mode).
+    step_bytes: bytes the widest append of a round takes (the exact mode's width must hold them).
+    lossless: greedy output equals greedy ``ar`` (byte for byte in float32, or in exact mode; only
+      these methods take ``exact``).
     paper_eg_per_round: the paper's encoder+global passes per round where it counts them per round
       (BLT-S, BLT-DV: 2); None: the passes as run.
     """
@@ -61,6 +67,7 @@ class Method:
     static: Callable[[Request], dict] = lambda request: {}
     check: Callable[[Request, ModelConfig], None] | None = None
     patches_per_round: Callable[[Request], int] = lambda request: 0
+    step_bytes: Callable[[Request], int] = lambda request: 1
     lossless: bool = False
     paper_eg_per_round: int | None = None
 
@@ -82,10 +89,23 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def _check_ar(r: Request, config: ModelConfig) -> None:
-    del config
-    if r.exact and r.exact_width < 1:
-        raise ValueError(f"exact_width={r.exact_width!r} must be an int >= 1 for method='ar'")
+def check_exact(method: Method, r: Request) -> None:
+    """The exact mode's request checks, for every method: a lossless method, a width that holds its
+    widest append."""
+    if not r.exact:
+        return
+    if not method.lossless:
+        lossless = tuple(name for name, m in REGISTRY.items() if m.lossless)
+        raise ValueError(
+            f"exact=True is for the lossless methods {lossless}; {method.name}'s output is not ar's "
+            "in any mode"
+        )
+    need = method.step_bytes(r)
+    if not isinstance(r.exact_width, int) or r.exact_width < need:
+        raise ValueError(
+            f"exact_width={r.exact_width!r} must be an int >= {need} for method={method.name!r} "
+            "(blt_s: draft + 1; blt_dv: block_size); use the same exact_width for every method you compare"
+        )
 
 
 def _check_blt_s(r: Request, config: ModelConfig) -> None:
@@ -94,11 +114,6 @@ def _check_blt_s(r: Request, config: ModelConfig) -> None:
         raise ValueError(f"draft={r.draft!r} must be a positive int (bytes drafted per BLT-S round)")
     if r.record_logits:
         raise ValueError("record_logits is only available with method='ar'")
-    if r.exact and r.exact_width < r.draft + 1:
-        raise ValueError(
-            f"exact_width={r.exact_width!r} must be an int >= {r.draft + 1} for method='blt_s' "
-            "(draft + 1); use the same exact_width for every method you compare"
-        )
 
 
 def _check_diffusion(verify: bool) -> Callable[[Request, ModelConfig], None]:
@@ -117,16 +132,6 @@ def _check_diffusion(verify: bool) -> Callable[[Request, ModelConfig], None]:
             raise ValueError("record_logits is only available with method='ar'")
         if not isinstance(r.block_size, int) or r.block_size < (2 if verify else 1):
             raise ValueError(f"block_size={r.block_size!r} must be an int >= 1 (>= 2 for blt_dv)")
-        if r.exact and not verify:
-            raise ValueError(
-                "exact=True is for the lossless methods ('ar', 'blt_s', 'blt_dv'); blt_d's output is "
-                "not ar's in any mode"
-            )
-        if r.exact and r.exact_width < r.block_size:
-            raise ValueError(
-                f"exact_width={r.exact_width!r} must be an int >= {r.block_size} for method='blt_dv' "
-                "(block_size); use the same exact_width for every method you compare"
-            )
 
     return check
 
@@ -157,7 +162,6 @@ register(
         "ar",
         _build_ar,
         static=lambda r: {"record_logits": r.record_logits},
-        check=_check_ar,
         lossless=True,
     )
 )
@@ -168,6 +172,7 @@ register(
         static=lambda r: {"draft": r.draft},
         check=_check_blt_s,
         patches_per_round=lambda r: r.draft + 1,
+        step_bytes=lambda r: r.draft + 1,
         lossless=True,
         paper_eg_per_round=2,
     )
@@ -180,6 +185,7 @@ for _verify in (False, True):  # BLT-D; BLT-DV (its drafts verified: the AR byte
             static=lambda r: {"block_size": r.block_size, "rule": r.rule},
             check=_check_diffusion(verify=_verify),
             patches_per_round=lambda r, v=_verify: r.block_size + int(v),
+            step_bytes=lambda r: r.block_size,
             lossless=_verify,
             paper_eg_per_round=2 if _verify else None,
         )

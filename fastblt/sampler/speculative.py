@@ -145,8 +145,8 @@ def build_blt_s(
             f"draft={draft} needs exact_width >= {draft + 1} (the verified chunk), got {exact_width}"
         )
 
-    def run(params, prompts: Prompts, rule, seed, temperature, top_p):
-        del rule  # the methods' common signature (fastblt.sampler.methods)
+    def run(params, prompts: Prompts, rule_params, seed, temperature, top_p):
+        del rule_params  # the methods' common signature (fastblt.sampler.methods)
         TRACE_COUNT["blt_s"] += 1
         runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
