@@ -73,6 +73,7 @@ RUNTIME_KEYS = frozenset(
         "attention_impl",
         "remat",
         "scan_layers",
+        "scan_decode_layers",
         "entropy_model.dtype",
         "max_bytes",
         "max_global_patches",

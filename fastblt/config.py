@@ -152,6 +152,12 @@ class ModelConfig:
     # program size stop growing with depth. Same parameter tree (layers_0 .. layers_{L-1}), so
     # checkpoints, exports and HF conversion are unaffected; a compute setting only.
     scan_layers: bool = False
+    # The sampler's form of the same idea: the entropy model's, global model's and decoder's layers
+    # as one lax.scan each in every generation program (fastblt.sampler.state.scanned_stacks).
+    # Programs 4.5x smaller and compiled 31% faster, but each byte 1.8x slower on one H200 (jax
+    # 0.11.2: XLA copies each layer's weights out of the stack), so off by default
+    # (experiments/results/generate_speed.md, run 7). A compute setting only.
+    scan_decode_layers: bool = False
     # BLT-D (fastblt/diffusion.py): the decoder owns a learned [MASK] input vector
     # (``local_decoder.mask_embedding``). Off: plain BLT's parameter tree, unchanged.
     mask_embedding: bool = False

@@ -116,7 +116,7 @@ def _setup(args):
 
     from fastblt.sampler.bench import random_params
 
-    config = model_config(args.shape)
+    config = model_config(args.shape).replace(scan_decode_layers=args.scan_layers)
     params = random_params(config, 0, config.dtype)
     rng = np.random.default_rng(0)
     longest = max(args.prompt_bytes)
@@ -175,6 +175,7 @@ def measure(args, config, params, texts, name: str, batch: int, prompt_bytes: in
         "batch": batch,
         "prompt_bytes": prompt_bytes,
         "gen_bytes": args.gen_bytes,
+        "scan_layers": config.scan_decode_layers,
         "bytes_per_s": float(c.generated.sum()) / full.seconds,
         "decode_bytes_per_s": gen / decode_s,
         "decode_ms_per_byte": 1e3 * decode_s / max(gen / batch, 1e-9),
@@ -392,6 +393,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bytes-per-patch", type=float, default=4.5)
     p.add_argument("--profile", nargs="*", default=[], help="method:batch programs to trace")
     p.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="model.scan_decode_layers: the sampler runs each stack's layers as one lax.scan",
+    )
+    p.add_argument(
         "--compiler-option",
         action="append",
         default=[],
@@ -465,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
             *args.profile,
         ]
         cmd += ["--patch-every", str(args.patch_every), "--bytes-per-patch", str(args.bytes_per_patch)]
+        cmd += ["--scan-layers"] if args.scan_layers else []
         cmd += [a for o in args.compiler_option for a in ("--compiler-option", o)]
         cmd += ["--min-dot-rows", str(args.min_dot_rows)] if args.min_dot_rows is not None else []
         cmd += ["--out", args.out] if args.out else []

@@ -35,12 +35,18 @@ from fastblt.model.blt import BLT
 from fastblt.model.layers import embed
 from fastblt.sampler import fused
 from fastblt.sampler.state import (
+    Layers,
     State,
     decoder_cross_layers,
     encoder_cross_layers,
+    gather_layer_rows,
     gather_rows,
+    read_layer,
+    scanned_stacks,
     scatter_rows,
     uses_entropy_model,
+    write_all_layers,
+    write_layer,
 )
 from fastblt.tokenizer import EOS
 
@@ -75,42 +81,49 @@ def _window_rows(x: jax.Array, start: jax.Array, span: int, axis: int) -> jax.Ar
     return jax.vmap(lambda xb, sb: jax.lax.dynamic_slice_in_dim(xb, sb, span, axis=axis))(x, start)
 
 
-def cached_attend(k_cache, v_cache, cols, mask, impl: str, window=None, qpos=None) -> fused.Attend:
-    """Attention over a KV cache: the new keys/values are written at ``cols`` int32[B, T] (out of
-    range: not written) and the queries attend the cache [B, N, KV, hd] under ``mask``
+def cached_attend(
+    k_stack: Layers, v_stack: Layers, layer, cols, mask, impl: str, window=None, qpos=None
+) -> fused.Attend:
+    """Attention over layer ``layer``'s KV cache in a stack's caches (either form of
+    fastblt.sampler.state.Layers): the new keys/values are written at ``cols`` int32[B, T] (out of
+    range: not written) and the queries attend the layer's cache [B, N, KV, hd] under ``mask``
     bool[B, T, N]. With a sliding ``window`` (and ``qpos`` int32[B, T], the queries' positions) on a
     long buffer, only the ``window + T - 1`` keys the queries can see are read (``window_span``), so
     attention costs what the window costs (the mask, document ids and cache writes still span the
-    buffer, cheaply). Returns the written caches as the step's aux."""
-    n, t = k_cache.shape[1], cols.shape[1]
+    buffer, cheaply). Returns the stack's written caches as the step's aux."""
+    n, t = mask.shape[2], cols.shape[1]
     span = window_span(n, t, window)
 
     def attend(q, k, v):
-        kc = scatter_rows(k_cache, cols, k)
-        vc = scatter_rows(v_cache, cols, v)
+        ks, vs = write_layer(k_stack, layer, cols, k), write_layer(v_stack, layer, cols, v)
         if span is None:
-            return attention(q, kc, vc, mask, impl), (kc, vc)
+            return attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl), (ks, vs)
         # Keys qpos[:, 0] - window + 1 .. qpos[:, -1] hold everything visible (clipped into the buffer).
         start = jnp.clip(qpos[:, 0] - (window - 1), 0, n - span)
-        keys, vals = _window_rows(kc, start, span, 0), _window_rows(vc, start, span, 0)
-        return attention(q, keys, vals, _window_rows(mask, start, span, 1), impl), (kc, vc)
+        seen = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None]  # [B, span]
+        keys, vals = gather_layer_rows(ks, layer, seen), gather_layer_rows(vs, layer, seen)
+        return attention(q, keys, vals, _window_rows(mask, start, span, 1), impl), (ks, vs)
 
     return attend
 
 
 def _run_blocks(layers, c, impl, h, positions, k_caches, v_caches, cols, mask, on_layer=None, window=None):
-    """Pre-norm layers (TransformerBlock) with caches; ``on_layer(i, h)`` after each; ``window``:
-    the sliding window ``mask`` applies (reads only the keys in it, see cached_attend).
-    Returns (h, new k caches, new v caches)."""
-    new_k, new_v = [], []
-    for i, layer in enumerate(layers):
-        attend = cached_attend(k_caches[i], v_caches[i], cols, mask, impl, window, positions)
-        h, (kc, vc) = fused.layer_step(layer, c, h, positions, attend)
-        new_k.append(kc)
-        new_v.append(vc)
+    """Pre-norm layers (TransformerBlock) with caches, unrolled or scanned (fastblt.sampler.fused.run_layers);
+    ``on_layer(i, h)`` after each (unrolled stacks only); ``window``: the sliding window ``mask``
+    applies (reads only the keys in it, see cached_attend). Returns (h, new k caches, new v caches)."""
+
+    def body(i, layer, carry):
+        h, ks, vs = carry
+        h, (ks, vs) = fused.layer_step(
+            layer, c, h, positions, cached_attend(ks, vs, i, cols, mask, impl, window, positions)
+        )
         if on_layer is not None:
             on_layer(i, h)
-    return h, tuple(new_k), tuple(new_v)
+        return h, ks, vs
+
+    if on_layer is not None and isinstance(layers, fused.Scanned):
+        raise ValueError("on_layer needs unrolled layers (a Python index per layer)")
+    return fused.run_layers(layers, body, (h, k_caches, v_caches))
 
 
 class Runner:
@@ -131,14 +144,29 @@ class Runner:
         self.enc = self.blt.local_encoder
         self.dec = self.blt.local_decoder
         self.impl = impl
-        # Fused once per generation, outside the sampler's loop (fastblt.sampler.fused).
+        # Fused once per generation, outside the sampler's loop (fastblt.sampler.fused); stacks in
+        # scanned_stacks(m) are stacked for one lax.scan each.
+        scanned = scanned_stacks(m)
         self.enc_layers = fused.fuse_stack(m.encoder, params["local_encoder"], dtype)
-        self.dec_layers = fused.fuse_stack(m.decoder, params["local_decoder"], dtype)
         gp = params["global_transformer"]
-        self.glob_layers = fused.fuse_stack(m.global_model, gp, dtype)
+        self.glob_layers = fused.stack_layers(
+            fused.fuse_stack(m.global_model, gp, dtype), "global" in scanned
+        )
         dp = params["local_decoder"]
         self.dec_cross = decoder_cross_layers(m)
-        self.dec_queries = {i: fused.fuse_cross(dp[f"cross_attn_layers_{i}"], dtype) for i in self.dec_cross}
+        # Decoder layer i: its weights and the query side of the cross-attention before it (or None).
+        queries = {i: fused.fuse_cross(dp[f"cross_attn_layers_{i}"], dtype) for i in self.dec_cross}
+        self.dec_layers = fused.stack_layers(
+            tuple(
+                (layer, queries.get(i))
+                for i, layer in enumerate(fused.fuse_stack(m.decoder, params["local_decoder"], dtype))
+            ),
+            "decoder" in scanned,
+        )
+        if "decoder" in scanned:
+            self.dec_cross_params = jax.tree.map(
+                lambda *xs: jnp.stack(xs), *(dp[f"cross_attn_layers_{i}"] for i in self.dec_cross)
+            )
         self.dec_head = fused.fuse_head(dp["norm"], dp["output"], dtype)
         self.dec_slots_w = dp["patch_embedding_projection"]["kernel"].astype(dtype)
         self.glob_proj = None
@@ -154,7 +182,7 @@ class Runner:
             self.ent_embed = embed(e.vocab_size, e.dim, ("vocab", "embed"), edt, "tok_embeddings").bind(
                 {"params": ep["tok_embeddings"]}
             )
-            self.ent_layers = fused.fuse_stack(e, ep, edt)
+            self.ent_layers = fused.stack_layers(fused.fuse_stack(e, ep, edt), "entropy" in scanned)
             self.ent_head = fused.fuse_head(ep["norm"], ep["output"], edt)
 
     # ------------------------------------------------------------------------------- helpers
@@ -305,18 +333,20 @@ class Runner:
         )
         # The decoder's cross-attention keys/values of these patches' slots, once per patch.
         slots = fused.dot(h, self.dec_slots_w).reshape(b, n_cand, m.cross_attn_k, m.decoder.dim)
-        dec_ck, dec_cv = list(st.dec_ck), list(st.dec_cv)
-        for j, i in enumerate(self.dec_cross):
-            k, v = self.dec.cross_attn_layers[i].slot_kv(slots)
-            dec_ck[j] = scatter_rows(dec_ck[j], gcols, k)
-            dec_cv[j] = scatter_rows(dec_cv[j], gcols, v)
-        return st._replace(
-            glob_k=ks,
-            glob_v=vs,
-            patch_eos=patch_eos,
-            dec_ck=tuple(dec_ck),
-            dec_cv=tuple(dec_cv),
-        )
+        dec_ck, dec_cv = st.dec_ck, st.dec_cv
+        if isinstance(dec_ck, tuple):
+            for j, i in enumerate(self.dec_cross):
+                k, v = self.dec.cross_attn_layers[i].slot_kv(slots)
+                dec_ck = write_layer(dec_ck, j, gcols, k)
+                dec_cv = write_layer(dec_cv, j, gcols, v)
+        else:  # a scanned decoder: every layer's slot keys/values as one batched product
+            cross = self.dec.cross_attn_layers[0].clone(parent=None)
+            k, v = jax.vmap(lambda p: cross.apply({"params": p}, slots, method="slot_kv"))(
+                self.dec_cross_params
+            )
+            dec_ck = write_all_layers(dec_ck, gcols, k)
+            dec_cv = write_all_layers(dec_cv, gcols, v)
+        return st._replace(glob_k=ks, glob_v=vs, patch_eos=patch_eos, dec_ck=dec_ck, dec_cv=dec_cv)
 
     def decoder(self, st: State, h, qpos, cols, read, tokens) -> tuple[State, jax.Array]:
         """Decoder over the new bytes; byte ``j`` reads the latent of patch ``read[:, j]``.
@@ -325,35 +355,38 @@ class Runner:
         """
         m = self.config
         mask = self._local_mask(tokens, qpos, m.decoder.window, m.document_masking)
-        logits, caches = self.decoder_layers(
-            st,
-            h,
-            qpos,
-            read,
-            lambda i: cached_attend(st.dec_k[i], st.dec_v[i], cols, mask, self.impl, m.decoder.window, qpos),
-        )
-        ks, vs = zip(*caches, strict=True)
+
+        def attend_of(i, caches):
+            return cached_attend(*caches, i, cols, mask, self.impl, m.decoder.window, qpos)
+
+        logits, (ks, vs) = self.decoder_layers(st, h, qpos, read, attend_of, (st.dec_k, st.dec_v))
         return st._replace(dec_k=ks, dec_v=vs), logits
 
-    def decoder_layers(self, st: State, h, positions, read, attend_of) -> tuple[jax.Array, tuple]:
-        """The decoder stack, shared by the byte steps and BLT-D's block passes.
+    def decoder_layers(
+        self, st: State, h, positions, read, attend_of, caches=None
+    ) -> tuple[jax.Array, object]:
+        """The decoder stack (unrolled or scanned), shared by the byte steps and BLT-D's block passes.
 
         Args: h: float[B, T, D_d] inputs; positions: int32[B, T]; read: int32[B, T], the patch whose
           slots each row cross-attends (their keys/values cached by the global step);
-          attend_of(i) -> layer i's self-attention (fastblt.sampler.fused.Attend).
-        Returns: (logits float32[B, T, V], per-layer aux of attend).
+          attend_of(i, caches) -> layer i's self-attention (fastblt.sampler.fused.Attend) whose aux
+          is ``caches`` after layer i's writes; caches: what the layers write (None: nothing).
+        Returns: (logits float32[B, T, V], the written caches).
         """
         dc = self.config.decoder
-        aux = []
-        for i, layer in enumerate(self.dec_layers):
-            if i in self.dec_cross:
-                j = self.dec_cross.index(i)
-                k, v = gather_rows(st.dec_ck[j], read), gather_rows(st.dec_cv[j], read)
-                q = self.dec_queries[i]
-                h = h + fused.cross_attend(q, dc.cross_heads, dc.norm_eps, h, k, v)  # the double residual
-            h, a = fused.layer_step(layer, dc, h, positions, attend_of(i))
-            aux.append(a)
-        return fused.head_logits(self.dec_head, dc.norm_eps, h), tuple(aux)
+        every = self.config.decoder.cross_attn_all_layers
+
+        def body(i, layer, carry):
+            h, caches = carry
+            weights, query = layer
+            if query is not None:  # the slots' keys/values of cross-attention layer i (or the only one)
+                k = gather_layer_rows(st.dec_ck, i if every else 0, read)
+                v = gather_layer_rows(st.dec_cv, i if every else 0, read)
+                h = h + fused.cross_attend(query, dc.cross_heads, dc.norm_eps, h, k, v)  # the double residual
+            return fused.layer_step(weights, dc, h, positions, attend_of(i, caches))
+
+        h, caches = fused.run_layers(self.dec_layers, body, (h, caches))
+        return fused.head_logits(self.dec_head, dc.norm_eps, h), caches
 
     # ----------------------------------------------------------------------------- entry points
 

@@ -42,7 +42,7 @@ from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import accept_verified, cut_at_eos, run_rounds
-from fastblt.sampler.state import State, gather_rows, init_state
+from fastblt.sampler.state import State, gather_rows, init_state, read_layer
 
 RULES = ("alpha", "gamma", "one_step")
 TRACE_COUNT.setdefault("blt_d", 0)
@@ -81,11 +81,12 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
     mask = jnp.concatenate([ctx, jnp.ones((b, bs, bs), bool)], axis=2)  # [b, B, N + B]
     impl = m.attention_impl
 
-    def attend_of(i):
+    def attend_of(i, caches):
         def attend(q, k, v):  # the cached clean rows, then the block's own cells
-            keys = jnp.concatenate([st.dec_k[i], k.astype(st.dec_k[i].dtype)], axis=1)
-            vals = jnp.concatenate([st.dec_v[i], v.astype(st.dec_v[i].dtype)], axis=1)
-            return attention(q, keys, vals, mask, impl), None
+            ck, cv = read_layer(st.dec_k, i), read_layer(st.dec_v, i)
+            keys = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)
+            vals = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)
+            return attention(q, keys, vals, mask, impl), caches
 
         return attend
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,39 @@ def fuse_stack(c: TransformerConfig, params: dict, dtype: jnp.dtype) -> tuple[Fu
             )
         )
     return tuple(out)
+
+
+class Scanned(NamedTuple):
+    """A stack's per-layer weights stacked on a leading axis: :func:`run_layers` scans them."""
+
+    layers: Any  # a pytree of [n_layers, ...] arrays
+
+
+def stack_layers(layers: tuple, scanned: bool) -> tuple | Scanned:
+    """Per-layer weights as :func:`run_layers` runs them: unrolled (the tuple) or one scan (stacked)."""
+    if not scanned:
+        return layers
+    return Scanned(jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+
+
+def run_layers(layers: tuple | Scanned, body: Callable[[Any, Any, Any], Any], carry: Any) -> Any:
+    """``carry = body(i, layer, carry)`` for each layer of a stack, in order.
+
+    A tuple of layers is unrolled (``i`` a Python int); :class:`Scanned` layers run as one
+    ``lax.scan`` (``i`` an int32 scalar), so the program holds one copy of the body. Caches the body
+    writes travel in ``carry`` (fastblt.sampler.state.write_layer handles both forms).
+    """
+    if not isinstance(layers, Scanned):
+        for i, layer in enumerate(layers):
+            carry = body(i, layer, carry)
+        return carry
+    n = jax.tree.leaves(layers.layers)[0].shape[0]
+
+    def step(c, x):
+        return body(x[0], x[1], c), None
+
+    carry, _ = jax.lax.scan(step, carry, (jnp.arange(n, dtype=jnp.int32), layers.layers))
+    return carry
 
 
 def min_rows() -> int:

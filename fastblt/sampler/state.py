@@ -9,6 +9,11 @@ step overwrites them.
 
 Shapes: B rows, N = ``bytes`` buffer length, P = ``patches`` patch slots (``N + 1`` never overflows:
 every patch holds at least one byte, plus the empty "next byte" patch).
+
+A stack's per-layer caches (:data:`Layers`) are a tuple of per-layer arrays where its layers are
+unrolled, or one array with the layers on a leading axis where the sampler runs them as one
+``lax.scan`` (:func:`scanned_stacks`); :func:`write_layer`, :func:`read_layer` and
+:func:`gather_layer_rows` read and write either form, so the loop body is written once.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig, TransformerConfig
 
-Layers = tuple[jax.Array, ...]
+# Per-layer caches of one stack: a tuple of [B, L, ...] arrays, or one stacked [n_layers, B, L, ...].
+Layers = tuple[jax.Array, ...] | jax.Array
 
 
 class State(NamedTuple):
@@ -79,12 +85,28 @@ def uses_entropy_model(config: ModelConfig) -> bool:
     return config.patcher.mode == "entropy"
 
 
-def _kv(c: TransformerConfig, batch: int, length: int, dtype: jnp.dtype) -> tuple[Layers, Layers]:
+def scanned_stacks(config: ModelConfig) -> frozenset[str]:
+    """The stacks ("entropy", "global", "decoder") whose layers the sampler runs as one ``lax.scan``:
+    all three with ``config.scan_decode_layers`` (one compiled body per stack), except a decoder
+    whose cross-attention precedes only its first layer (its layers differ). The encoder (one layer
+    in BLT models) is always unrolled."""
+    if not config.scan_decode_layers:
+        return frozenset()
+    out = {"entropy", "global"}
+    if config.decoder.cross_attn_all_layers or config.decoder.n_layers == 1:
+        out.add("decoder")
+    return frozenset(out)
+
+
+def _layers(n: int, shape: tuple, dtype: jnp.dtype, stacked: bool) -> Layers:
+    if stacked:
+        return jnp.zeros((n, *shape), dtype)
+    return tuple(jnp.zeros(shape, dtype) for _ in range(n))
+
+
+def _kv(c: TransformerConfig, batch: int, length: int, dtype: jnp.dtype, stacked: bool = False):
     shape = (batch, length, c.kv_heads, c.head_dim)
-    return (
-        tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layers)),
-        tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layers)),
-    )
+    return _layers(c.n_layers, shape, dtype, stacked), _layers(c.n_layers, shape, dtype, stacked)
 
 
 def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) -> State:
@@ -95,8 +117,10 @@ def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) ->
     """
     dtype = jnp.dtype(config.dtype)
     m = config
+    scanned = scanned_stacks(m)
     if uses_entropy_model(m):
-        ent_k, ent_v = _kv(m.entropy_model, batch, n_bytes, jnp.dtype(m.entropy_model.dtype))
+        ent_dtype = jnp.dtype(m.entropy_model.dtype)
+        ent_k, ent_v = _kv(m.entropy_model, batch, n_bytes, ent_dtype, "entropy" in scanned)
     else:
         ent_k, ent_v = (), ()
     enc_k, enc_v = _kv(m.encoder, batch, n_bytes, dtype)
@@ -104,8 +128,8 @@ def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) ->
     d_e = m.encoder.dim
     heads = m.encoder.cross_heads
     cross_shape = (batch, n_bytes, heads, d_e // heads)
-    glob_k, glob_v = _kv(m.global_model, batch, n_patches, dtype)
-    dec_k, dec_v = _kv(m.decoder, batch, n_bytes, dtype)
+    glob_k, glob_v = _kv(m.global_model, batch, n_patches, dtype, "global" in scanned)
+    dec_k, dec_v = _kv(m.decoder, batch, n_bytes, dtype, "decoder" in scanned)
     dh = m.decoder.cross_heads
     slot_shape = (batch, n_patches, m.cross_attn_k, dh, m.decoder.dim // dh)
     n_dec_cross = len(decoder_cross_layers(m))
@@ -126,8 +150,8 @@ def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) ->
         patch_eos=jnp.zeros((batch, n_patches), bool),
         dec_k=dec_k,
         dec_v=dec_v,
-        dec_ck=tuple(jnp.zeros(slot_shape, dtype) for _ in range(n_dec_cross)),
-        dec_cv=tuple(jnp.zeros(slot_shape, dtype) for _ in range(n_dec_cross)),
+        dec_ck=_layers(n_dec_cross, slot_shape, dtype, "decoder" in scanned),
+        dec_cv=_layers(n_dec_cross, slot_shape, dtype, "decoder" in scanned),
     )
 
 
@@ -144,3 +168,34 @@ def gather_rows(buffer: jax.Array, index: jax.Array) -> jax.Array:
     """``buffer[b, index[b, j]]`` with the index clipped into range. buffer: [B, L, ...]; index: [B, T]."""
     index = jnp.clip(index, 0, buffer.shape[1] - 1)
     return jax.vmap(lambda x, i: x[i])(buffer, index)
+
+
+def write_layer(stack: Layers, i: int | jax.Array, cols: jax.Array, values: jax.Array) -> Layers:
+    """Layer ``i``'s ``scatter_rows(cache, cols, values)`` in a stack's caches (either form; a
+    stacked one is written in place, only at ``cols``). values: [B, T, ...]."""
+    if isinstance(stack, tuple):
+        return stack[:i] + (scatter_rows(stack[i], cols, values),) + stack[i + 1 :]
+    rows = jnp.arange(stack.shape[1])[:, None]
+    return stack.at[i, rows, cols].set(values.astype(stack.dtype), mode="drop")
+
+
+def write_all_layers(stack: jax.Array, cols: jax.Array, values: jax.Array) -> jax.Array:
+    """Every layer's ``scatter_rows`` in a stacked stack: values [n_layers, B, T, ...] at ``cols``."""
+    rows = jnp.arange(stack.shape[1])[:, None]
+    return stack.at[:, rows, cols].set(values.astype(stack.dtype), mode="drop")
+
+
+def read_layer(stack: Layers, i: int | jax.Array) -> jax.Array:
+    """Layer ``i``'s cache [B, L, ...] (``i`` may be traced for a stacked one)."""
+    if isinstance(stack, tuple):
+        return stack[i]
+    return jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False)
+
+
+def gather_layer_rows(stack: Layers, i: int | jax.Array, index: jax.Array) -> jax.Array:
+    """``gather_rows(read_layer(stack, i), index)`` as one gather (no copy of the layer's cache).
+    index: int32[B, T] -> [B, T, ...]."""
+    if isinstance(stack, tuple):
+        return gather_rows(stack[i], index)
+    index = jnp.clip(index, 0, stack.shape[2] - 1)
+    return stack[i, jnp.arange(stack.shape[1])[:, None], index]

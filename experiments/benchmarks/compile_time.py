@@ -1,0 +1,143 @@
+"""Where a sampler program's start-up time goes: tracing + lowering vs XLA compilation, per layer count.
+
+    python experiments/benchmarks/compile_time.py --shape 1b --methods ar blt_s8 \\
+        --variants full global5 small --out /tmp/compile_time
+    python experiments/benchmarks/compile_time.py --shape tiny --variants full small   # CPU
+
+Each row prepares one method's program at batch 1 (random weights, 64-byte prompt, 128 bytes, no
+persistent compilation cache) and splits ``prepare``'s compile into ``lower_s`` (Python tracing and
+StableHLO lowering) and ``compile_s`` (XLA), with the optimized module's instruction count. Variants
+change only layer counts, so how compile time scales with the number of layers shows what scanning
+the layers (one compiled body per stack) can save:
+
+* ``full``: the shape's layers;
+* ``global5``: the global model cut to 5 layers;
+* ``small``: every stack cut to its first 2 layers (global 5).
+
+``--scan both`` measures each variant with ``model.scan_decode_layers`` off and on. The first compile
+of a process also pays one-time costs: for figures comparable across settings run one setting per
+process, each with its own empty ``JAX_COMPILATION_CACHE_DIR`` (it holds XLA's autotuning results too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def variant_config(config, variant: str):
+    """The config with the variant's layer counts (see the module docstring)."""
+    if variant == "full":
+        return config
+    glob = dataclasses.replace(config.global_model, n_layers=min(5, config.global_model.n_layers))
+    if variant == "global5":
+        return config.replace(global_model=glob)
+    if variant == "small":
+        small = lambda c: dataclasses.replace(c, n_layers=min(2, c.n_layers))  # noqa: E731
+        return config.replace(
+            global_model=glob,
+            decoder=small(config.decoder),
+            entropy_model=small(config.entropy_model),
+            encoder=small(config.encoder),
+        )
+    raise ValueError(f"unknown variant {variant!r}: full, global5, small")
+
+
+def timed_compiled(record: dict):
+    """A stand-in for ``fastblt.sampler.api._compiled`` that records lowering and compile times."""
+    import jax
+
+    def compiled(key, fn, args):
+        t0 = time.perf_counter()
+        lowered = jax.jit(fn).lower(*args)
+        t1 = time.perf_counter()
+        exe = lowered.compile()
+        t2 = time.perf_counter()
+        text = exe.as_text() or ""
+        record.update(
+            lower_s=t1 - t0,
+            compile_s=t2 - t1,
+            hlo_instructions=sum(1 for line in text.splitlines() if " = " in line),
+        )
+        return exe, t2 - t0
+
+    return compiled
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="1b", choices=("tiny", "mid", "1b"))
+    p.add_argument("--methods", nargs="+", default=["ar"])
+    p.add_argument("--variants", nargs="+", default=["full", "global5", "small"])
+    p.add_argument("--scan", choices=("off", "on", "both"), default="off")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import jax
+
+    from experiments.benchmarks.generate_speed import method_kwargs, model_config
+    from fastblt.sampler import api
+    from fastblt.sampler.bench import random_params
+
+    out = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        out = open(os.path.join(args.out, "compile_time.jsonl"), "a")
+    base = model_config(args.shape)
+    scans = {"off": [False], "on": [True], "both": [False, True]}[args.scan]
+    prompts = [bytes(range(65, 65 + 64))] * args.batch
+    for variant in args.variants:
+        for scan in scans:
+            config = variant_config(base, variant).replace(scan_decode_layers=scan)
+            params = random_params(config, 0, config.dtype)
+            for name in args.methods:
+                record = {
+                    "device": str(jax.devices()[0].device_kind),
+                    "shape": args.shape,
+                    "variant": variant,
+                    "scan_layers": scan,
+                    "method": name,
+                    "batch": args.batch,
+                    "layers": {
+                        "global": config.global_model.n_layers,
+                        "decoder": config.decoder.n_layers,
+                        "entropy": config.entropy_model.n_layers,
+                        "encoder": config.encoder.n_layers,
+                    },
+                }
+                api._COMPILED.clear()
+                real = api._compiled
+                api._compiled = timed_compiled(record)
+                try:
+                    t0 = time.perf_counter()
+                    program = api.prepare(
+                        params,
+                        config,
+                        prompts,
+                        max_bytes=128,
+                        stop_at_eos=False,
+                        compilation_cache=False,
+                        **method_kwargs(name, 1.0),
+                    )
+                    record["prepare_s"] = time.perf_counter() - t0
+                finally:
+                    api._compiled = real
+                api.run_program(program)
+                runs = [api.run_program(program).seconds for _ in range(2)]
+                record["run_s"] = min(runs)
+                line = json.dumps(record)
+                print(line, flush=True)
+                if out:
+                    out.write(line + "\n")
+                    out.flush()
+
+
+if __name__ == "__main__":
+    main()
