@@ -55,7 +55,7 @@ def training_sections() -> ml_collections.ConfigDict:
     config.mesh.tensor = 1
 
     # Training objective of a BLT: "next_byte", or "blt_d" (next-byte + block-wise masked diffusion,
-    # fastblt/diffusion.py; needs model.mask_embedding=True). Entropy-model runs ignore it.
+    # fastblt/train/blt_d.py; needs model.mask_embedding=True). Entropy-model runs ignore it.
     config.objective = ml_collections.ConfigDict(
         dict(
             kind="next_byte",

@@ -1,5 +1,5 @@
 """BLT-D at the 1b size: blt_1b.py trained with next-byte + block-wise masked diffusion
-(fastblt/diffusion.py), so the decoder can fill a block of B bytes in a few parallel passes.
+(fastblt/train/blt_d.py), so the decoder can fill a block of B bytes in a few parallel passes.
 
     fastblt train --config blt_d_1b:block=8 --workdir /tmp/blt-d-1b-8
 

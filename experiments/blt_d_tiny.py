@@ -1,5 +1,5 @@
 """BLT-D at the tiny size: tiny.py trained with next-byte + block-wise masked diffusion
-(fastblt/diffusion.py), so the decoder can fill a block of B bytes in a few parallel passes.
+(fastblt/train/blt_d.py), so the decoder can fill a block of B bytes in a few parallel passes.
 
     fastblt train --config blt_d_tiny:block=8 --workdir /tmp/blt-d-tiny-8
 

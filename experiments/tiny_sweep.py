@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import tiny
-from fastblt.sweep import product, sweep
+from fastblt.launch.sweep import product, sweep
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

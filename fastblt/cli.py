@@ -3,16 +3,16 @@
 Each subcommand lives beside the code it runs, in a module with ``register(subparsers)``, which adds
 its parser and sets ``run`` (the handler, called with the parsed arguments):
 
-    config_command.py            fastblt config       (configs.py)
-    convert_command.py           fastblt convert      (convert.py, export.py)
-    train_command.py             fastblt train        (train.py)
-    data/preprocess_command.py   fastblt preprocess   (data/preprocess.py)
-    export_command.py            fastblt export       (export.py)
-    sampler/command.py           fastblt sample       (sampler/)
-    evaluation/command.py        fastblt eval         (evaluation/)
-    launch/command.py            fastblt launch       (launch/)
-    sweep_command.py             fastblt sweep        (sweep.py, launch/)
-    compile_command.py           fastblt compile      (aot.py)
+    config_command.py              fastblt config       (configs.py)
+    io/convert_command.py          fastblt convert      (io/huggingface.py, io/export.py)
+    train/command.py               fastblt train        (train/)
+    data/preprocess_command.py     fastblt preprocess   (data/preprocess.py)
+    io/export_command.py           fastblt export       (io/export.py)
+    sampler/command.py             fastblt sample       (sampler/)
+    evaluation/command.py          fastblt eval         (evaluation/)
+    launch/command.py              fastblt launch       (launch/)
+    launch/sweep_command.py        fastblt sweep        (launch/sweep.py)
+    train/compile_command.py       fastblt compile      (train/aot.py)
 
 Options and checks that several subcommands share (``--config``/``--set``, directory flags) are in
 cli_options.py. A new command is a ``register`` function in such a module, added to :data:`COMMANDS`::
@@ -37,21 +37,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from fastblt import (
-    __version__,
-    compile_command,
-    config_command,
-    convert_command,
-    export_command,
-    sweep_command,
-    train_command,
-)
+from fastblt import __version__, config_command
 from fastblt.config import ConfigError
 from fastblt.data import preprocess_command
 from fastblt.errors import CheckpointError, DataError, NonFiniteLossError, UsageError
 from fastblt.evaluation import command as eval_command
+from fastblt.io import convert_command, export_command
 from fastblt.launch import command as launch_command
+from fastblt.launch import sweep_command
 from fastblt.sampler import command as sample_command
+from fastblt.train import command as train_command
+from fastblt.train import compile_command
 
 DEBUG_ENV = "FASTBLT_DEBUG"
 Register = Callable[[argparse._SubParsersAction], None]
@@ -71,7 +67,7 @@ COMMANDS: tuple[Register, ...] = (
 )
 
 # Exceptions that mean "the input is wrong", reported in one line without a traceback. ConfigError
-# covers fastblt.export.ExportError, which subclasses it; CheckpointError a workdir whose
+# covers fastblt.io.export.ExportError, which subclasses it; CheckpointError a workdir whose
 # checkpoints do not fit the config or cannot be read.
 _USER_ERRORS = (
     ConfigError,

@@ -158,7 +158,7 @@ class ModelConfig:
     # 0.11.2: XLA copies each layer's weights out of the stack), so off by default
     # (experiments/results/generate_speed.md, run 7). A compute setting only.
     scan_decode_layers: bool = False
-    # BLT-D (fastblt/diffusion.py): the decoder owns a learned [MASK] input vector
+    # BLT-D (fastblt/train/blt_d.py): the decoder owns a learned [MASK] input vector
     # (``local_decoder.mask_embedding``). Off: plain BLT's parameter tree, unchanged.
     mask_embedding: bool = False
 

@@ -361,7 +361,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def objective_config(config: ml_collections.ConfigDict) -> Any:
     """The validated training objective (``objective`` section; absent: next-byte)."""
-    from fastblt.diffusion import objective_config as build  # lazy: imports jax
+    from fastblt.train.blt_d import objective_config as build  # lazy: imports jax
 
     return build(config.get("objective"), model_config(config))
 

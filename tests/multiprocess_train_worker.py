@@ -23,7 +23,7 @@ from train_utils import small_config  # noqa: E402
 
 from fastblt import sharding  # noqa: E402
 from fastblt.data import make_train_iterator  # noqa: E402
-from fastblt.train import Trainer  # noqa: E402
+from fastblt.train.loop import Trainer  # noqa: E402
 
 assert jax.process_count() == 2 and jax.device_count() == 2
 cfg = small_config()

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from train_utils import SMALL_MODEL, small_config
 
-from fastblt import aot, sharding
+from fastblt import sharding
 from fastblt.config import ConfigError
-from fastblt.tasks import frozen_template
-from fastblt.train import Trainer, make_task
+from fastblt.train import aot
+from fastblt.train.loop import Trainer, make_task
+from fastblt.train.tasks import frozen_template
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,14 +21,14 @@ import pytest
 from train_utils import small_config
 
 from fastblt import cli
-from fastblt import diffusion as objective
 from fastblt.configs import objective_config
 from fastblt.data.pipeline import make_eval_batches
-from fastblt.loading import load_model, trained_block_size
+from fastblt.io.loading import load_model, trained_block_size
 from fastblt.model import BLT
 from fastblt.model.blt import blt_d_logits
 from fastblt.sampler import generate
-from fastblt.train import run
+from fastblt.train import blt_d as objective
+from fastblt.train.loop import run
 
 BLOCK = 4
 STEPS = 300
@@ -205,7 +205,7 @@ def test_sample_cli_runs_every_method_on_the_workdir(trained, tmp_path):
     gamma = _sample_json(*common, "--method", "blt_d", "--gamma", "0.5", "--block-size", "2")
     assert gamma["counters"]["decoder_passes"] >= gamma["counters"]["generated"] / 2
 
-    from fastblt.export import save_export
+    from fastblt.io.export import save_export
 
     plain = config.replace(mask_embedding=False)
     plain_params = dict(params)

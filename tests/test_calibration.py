@@ -1,14 +1,14 @@
-"""Stage 2's patching from the entropy model (fastblt/calibration.py) and the overflow warnings of a run."""
+"""Stage 2's patching from the entropy model (fastblt/train/calibration.py) and the overflow warnings of a run."""
 
 from __future__ import annotations
 
 import numpy as np
 from train_utils import small_config
 
-from fastblt import calibration
 from fastblt.config import PatcherConfig
-from fastblt.loading import load_model
-from fastblt.train import run
+from fastblt.io.loading import load_model
+from fastblt.train import calibration
+from fastblt.train.loop import run
 
 
 def test_sized_buffer_hand_worked():

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fastblt import checkpoint as ck
-from fastblt.checkpoint import (
+from fastblt.config import LocalModelConfig, ModelConfig
+from fastblt.io import checkpoint as ck
+from fastblt.io.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointMismatchError,
@@ -27,7 +28,6 @@ from fastblt.checkpoint import (
     config_fingerprint,
     config_meta,
 )
-from fastblt.config import LocalModelConfig, ModelConfig
 
 # A failed Orbax restore leaves tensorstore reads behind whose event loop is closed: harmless, but
 # pytest reports them as unraisable when they are garbage-collected. Collect them here, inside the
@@ -364,7 +364,7 @@ import jax
 jax.config.update("jax_enable_preemption_service", service)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
-from fastblt import checkpoint as ck
+from fastblt.io import checkpoint as ck
 handled = ck.install_preemption_handler()
 for step in range(60):
     if pid == 1 and step == 3:

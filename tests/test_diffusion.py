@@ -1,4 +1,4 @@
-"""BLT-D training (fastblt/diffusion.py, fastblt/model/block_rows.py) against naive loop-based oracles.
+"""BLT-D training (fastblt/train/blt_d.py, fastblt/model/block_rows.py) against naive loop-based oracles.
 
 * block layout, padding cells and decoder masks vs loops over a random patching (overlapping blocks,
   blocks running past the row, padding patch slots, EOS inside rows, padding targets);
@@ -32,7 +32,6 @@ except ImportError:  # pragma: no cover - when tests/ is a package
     from tests import fused_stand_in, oracle
     from tests.test_model_vs_oracle import init_params as oracle_init_params
 
-from fastblt import diffusion as D
 from fastblt.config import (
     ConfigError,
     HashConfig,
@@ -44,7 +43,8 @@ from fastblt.config import (
 )
 from fastblt.model import BLT, abstract_params
 from fastblt.model.blt import blt_d_logits
-from fastblt.objectives import next_byte_loss
+from fastblt.train import blt_d as D
+from fastblt.train.objectives import next_byte_loss
 
 EOS = 2
 N, P, B = 16, 8, 4

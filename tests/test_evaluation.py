@@ -16,7 +16,7 @@ from fastblt.configs import load_config, model_config
 from fastblt.evaluation import Example, Task, evaluate, function_examples, parse_settings, plan, translation
 from fastblt.evaluation.harness import agreement, judge_bits_per_byte
 from fastblt.evaluation.tasks import exact_first_line
-from fastblt.export import abstract_params, save_export
+from fastblt.io.export import abstract_params, save_export
 
 MODULE = b'''import os
 

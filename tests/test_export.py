@@ -17,7 +17,7 @@ import fastblt
 from fastblt import cli
 from fastblt.config import ModelConfig
 from fastblt.configs import load_config, model_config
-from fastblt.export import (
+from fastblt.io.export import (
     FORMAT_VERSION,
     ExportError,
     abstract_params,
@@ -274,15 +274,15 @@ def test_bad_dtype_argument(tmp_path, tiny_config):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# `fastblt convert`, with a stand-in for fastblt.convert.
+# `fastblt convert`, with a stand-in for fastblt.io.huggingface.
 # ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def fake_convert(monkeypatch, tiny_config, tiny_params):
-    """Replaces fastblt.convert with a module that records what the CLI passes it."""
+    """Replaces fastblt.io.huggingface with a module that records what the CLI passes it."""
     calls = {}
-    module = types.ModuleType("fastblt.convert")
+    module = types.ModuleType("fastblt.io.huggingface")
 
     def from_hf(src):
         calls["from_hf"] = src
@@ -292,7 +292,7 @@ def fake_convert(monkeypatch, tiny_config, tiny_params):
         calls["to_hf"] = (config, params, out_dir)
 
     module.from_hf, module.to_hf = from_hf, to_hf
-    monkeypatch.setitem(sys.modules, "fastblt.convert", module)
+    monkeypatch.setitem(sys.modules, "fastblt.io.huggingface", module)
     monkeypatch.setattr(fastblt, "convert", module, raising=False)
     return calls
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fastblt.config import EntropyModelConfig, LocalModelConfig, ModelConfig, PatcherConfig, TransformerConfig
-from fastblt.metrics import (
+from fastblt.train.metrics import (
     PEAK_FLOPS,
     MetricWriter,
     ProgressBar,
@@ -121,7 +121,7 @@ def test_blt_d_block_rows_flops_match_hand_count():
     as the clean rows' mean 36 / 8 = 4.5 keys, plus its B = 2 cells), both cross-attentions (wq, wo and
     the k = 2 slots) and the output head.
     """
-    from fastblt.diffusion import ObjectiveConfig
+    from fastblt.train.blt_d import ObjectiveConfig
 
     layers = 2 * (2 * 576 + 4 * (36 / 8 + 2) * 8)  # 2 * (1152 + 208)
     cross = 2 * (2 * 2 * 8 * 8 + 4 * 2 * 8)  # 2 * (256 + 64)
@@ -459,7 +459,7 @@ def test_metric_writer_does_not_import_torch(tmp_path):
         pytest.skip("torch is not installed: nothing to keep out")
     probe = (
         "import sys\n"
-        "from fastblt.metrics import MetricWriter\n"
+        "from fastblt.train.metrics import MetricWriter\n"
         f"with MetricWriter({str(tmp_path)!r}) as w:\n"
         "    w.write_scalars(1, {'loss': 1.0})\n"
         "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules, 'torch was imported'\n"

@@ -15,7 +15,7 @@ from train_utils import small_config
 
 from fastblt import sharding
 from fastblt.data import make_train_iterator
-from fastblt.train import Trainer
+from fastblt.train.loop import Trainer
 
 HERE = os.path.dirname(__file__)
 

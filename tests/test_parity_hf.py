@@ -1,6 +1,6 @@
 """Parity of fastblt's BLT with the Hugging Face port (``transformers`` BltForCausalLM), fp32, CPU.
 
-Random-init small HF models are converted with ``fastblt.convert.from_hf``; logits must agree
+Random-init small HF models are converted with ``fastblt.io.huggingface.from_hf``; logits must agree
 within 1e-4 for rows of 1..512 bytes, with patch lengths supplied to both sides and with each
 side running its own entropy model + patcher. The HF port only runs with cross_attn_k=2; other
 cases are covered against the naive oracle in test_model_vs_oracle.py.
@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fastblt import convert  # noqa: E402
+from fastblt.io import huggingface as convert  # noqa: E402
 from fastblt.model import BLT  # noqa: E402
 
 pytestmark = pytest.mark.parity

@@ -67,7 +67,7 @@ def test_kill_9_during_async_saves_then_resume_repeats_the_uninterrupted_losses(
     saves; the resumed run must restore a complete step and log exactly the uninterrupted losses."""
     from train_utils import small_config
 
-    from fastblt.train import train
+    from fastblt.train.loop import train
 
     steps = 10
     # The reference saves only at its end: checkpointing must not change the losses, and the 9 saves

@@ -13,7 +13,7 @@ import pytest
 
 from fastblt import cli, config_command
 from fastblt.configs import load_config, model_config
-from fastblt.export import abstract_params, save_export
+from fastblt.io.export import abstract_params, save_export
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from train_utils import small_config
 from fastblt import sharding
 from fastblt.data import make_train_iterator
 from fastblt.model import BLT
-from fastblt.train import Trainer, make_task
+from fastblt.train.loop import Trainer, make_task
 
 
 def test_logical_names_map_to_mesh_axes():

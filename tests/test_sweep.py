@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from train_utils import SMALL_MODEL
 
-from fastblt import cli, sweep
+from fastblt import cli
 from fastblt.config import ConfigError
+from fastblt.launch import sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,7 +80,7 @@ def _experiment(tmp_path, grid: str) -> str:
         textwrap.dedent(
             f"""\
             from experiments import tiny
-            from fastblt.sweep import product, sweep
+            from fastblt.launch.sweep import product, sweep
 
             def get_config():
                 return tiny.get_config("patching=static")

@@ -15,7 +15,7 @@ from train_utils import small_config
 
 from fastblt import sharding
 from fastblt.data import make_train_iterator
-from fastblt.train import Trainer, run, train
+from fastblt.train.loop import Trainer, run, train
 
 
 def _losses(cfg, mesh, batches, frozen=None):
@@ -32,7 +32,7 @@ def _losses(cfg, mesh, batches, frozen=None):
 def single_device_entropy_run():
     """(config, batches, frozen entropy params, losses on one device): the reference of every mesh
     below, computed once (each Trainer compiles its own steps)."""
-    from fastblt.tasks import frozen_template
+    from fastblt.train.tasks import frozen_template
 
     cfg = small_config(patching="entropy")
     it = make_train_iterator(cfg.data)
@@ -181,8 +181,8 @@ def test_trained_workdir_exports_and_converts_to_hf(tmp_path, two_stage):
     import jax.numpy as jnp
 
     from fastblt import cli
-    from fastblt.export import load_export
-    from fastblt.loading import load_model
+    from fastblt.io.export import load_export
+    from fastblt.io.loading import load_model
     from fastblt.model import BLT
 
     shutil.copytree(two_stage[0], tmp_path / "run")  # the shared run stays as it was
@@ -250,7 +250,7 @@ def test_blt_d_training_step_with_zero_diffusion_weight_equals_plain_blt():
 
 
 def test_resume_with_a_changed_model_names_the_changed_key(tmp_path, uninterrupted):
-    from fastblt.checkpoint import ConfigMismatchError
+    from fastblt.io.checkpoint import ConfigMismatchError
 
     workdir = _copy_of(uninterrupted[0], tmp_path)
     changed = small_config("model.decoder.n_layers=2", steps=9)
@@ -262,7 +262,7 @@ def test_resume_with_a_changed_model_names_the_changed_key(tmp_path, uninterrupt
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step_and_saves_none(tmp_path):
-    from fastblt.train import NonFiniteLossError
+    from fastblt.train.loop import NonFiniteLossError
 
     cfg = small_config("optimizer.lr=1e30", "optimizer.warmup_steps=0", "checkpoint.save_every=1", steps=6)
     with pytest.raises(NonFiniteLossError) as info:
@@ -280,7 +280,7 @@ def _poison_step(monkeypatch, bad_step: int) -> None:
     import jax
     import jax.numpy as jnp
 
-    from fastblt.train import Trainer
+    from fastblt.train.loop import Trainer
 
     original = Trainer._grads
 
@@ -299,7 +299,7 @@ def _poison_step(monkeypatch, bad_step: int) -> None:
 def test_skip_mode_skips_a_non_finite_step_and_trains_on(tmp_path, monkeypatch):
     import numpy as np
 
-    from fastblt.train import NonFiniteLossError
+    from fastblt.train.loop import NonFiniteLossError
 
     _poison_step(monkeypatch, 3)
     with pytest.raises(NonFiniteLossError, match="step 3: loss nan"):  # the default: stop
@@ -334,9 +334,9 @@ def test_console_progress_off_a_terminal_is_the_plain_lines(tmp_path, capsys):
 def test_inference_loading_reads_parameters_only(tmp_path, monkeypatch, uninterrupted):
     """load_trained_params restores the parameters the full train state holds, without building an
     optimizer; a template that differs is named path by path, not by the optimizer's leaves."""
-    from fastblt import checkpoint as ckpt_lib
-    from fastblt import optim
-    from fastblt.loading import load_trained_params
+    from fastblt.io import checkpoint as ckpt_lib
+    from fastblt.io.loading import load_trained_params
+    from fastblt.train import optimizer as optim
 
     cfg = small_config(steps=6)
     workdir = _copy_of(uninterrupted[0], tmp_path)
@@ -365,7 +365,7 @@ def test_inference_loading_reads_parameters_only(tmp_path, monkeypatch, uninterr
 def test_frozen_parameters_on_a_sharded_mesh_are_replicated_for_the_step():
     """Stage 2 gets its frozen entropy model as restored (on the parameters' fsdp/tensor shardings);
     the step declares it replicated, so the trainer places it so (jit refused the mismatch)."""
-    from fastblt.tasks import frozen_template
+    from fastblt.train.tasks import frozen_template
 
     cfg = small_config("mesh.data=1", "mesh.fsdp=2", patching="entropy")
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2}, jax.devices()[:2])

@@ -7,7 +7,7 @@ from train_utils import small_config
 
 from fastblt import sharding
 from fastblt.model.attention import MAX_SEGMENTS
-from fastblt.train import Trainer
+from fastblt.train.loop import Trainer
 
 
 def test_step_for_picks_the_packed_step_only_when_every_row_fits():

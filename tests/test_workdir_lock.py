@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fastblt.workdir_lock import LOCK_NAME, WorkdirLockedError, workdir_lock
+from fastblt.io.workdir_lock import LOCK_NAME, WorkdirLockedError, workdir_lock
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD = "import sys, time; from fastblt.workdir_lock import workdir_lock\nwith workdir_lock(sys.argv[1], print):\n    print('held', flush=True); time.sleep(60)\n"
+HOLD = "import sys, time; from fastblt.io.workdir_lock import workdir_lock\nwith workdir_lock(sys.argv[1], print):\n    print('held', flush=True); time.sleep(60)\n"
 
 
 def _holder(workdir: Path) -> subprocess.Popen:

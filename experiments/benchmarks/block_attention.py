@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastblt import diffusion as objective
 from fastblt.model.block_rows import block_attention
+from fastblt.train import blt_d as objective
 
 
 def main(argv: list[str] | None = None) -> None:

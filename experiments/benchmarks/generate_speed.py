@@ -197,7 +197,7 @@ def measure_hf(args, config, texts, prompt_bytes: int) -> dict:
     import torch
     import transformers
 
-    from fastblt.convert import config_to_hf
+    from fastblt.io.huggingface import config_to_hf
     from fastblt.sampler import encode_prompts
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -98,7 +98,7 @@ def load(args):
     (mask embedding on, an entropy threshold at ``--bytes-per-patch``: rounding near the threshold
     moves boundaries there as in a trained model)."""
     if args.checkpoint:
-        from fastblt.loading import load_model, trained_block_size
+        from fastblt.io.loading import load_model, trained_block_size
 
         config, params = load_model(args.checkpoint)
         return config, params, args.block_size or trained_block_size(args.checkpoint)

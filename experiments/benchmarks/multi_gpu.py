@@ -74,8 +74,8 @@ def run_layout(args) -> dict:
     import jax
 
     from fastblt import sharding
-    from fastblt.checkpoint import Checkpointer
-    from fastblt.train import Trainer
+    from fastblt.io.checkpoint import Checkpointer
+    from fastblt.train.loop import Trainer
 
     layout, steps = args.layout, args.steps
     cfg = _config(args)

@@ -156,7 +156,7 @@ def heldout_prompts(n: int, length: int, eval_fraction: float | None = None) -> 
 
 
 def param_summary(params: Any, config: Any) -> dict[str, int]:
-    from fastblt.export import param_count
+    from fastblt.io.export import param_count
     from fastblt.sampler import param_counts
 
     counts = dataclasses.asdict(param_counts(params, config))
@@ -314,7 +314,7 @@ def bench_hf(
     except ImportError as e:
         report({**base, "skipped": f"torch/transformers not importable ({e})"})
         return
-    from fastblt import convert
+    from fastblt.io import huggingface as convert
     from fastblt.tokenizer import encode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     header["prompt_0"] = prompts[0].decode("utf-8", "replace")
     report(header)
 
-    from fastblt.loading import load_model, trained_block_size
+    from fastblt.io.loading import load_model, trained_block_size
 
     def loaded(path: str, label: str, **extra: Any):
         start = time.perf_counter()

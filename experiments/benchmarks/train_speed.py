@@ -104,10 +104,10 @@ def run_jax_row(args, row: str) -> dict:
     import numpy as np
 
     from fastblt import sharding
-    from fastblt.metrics import entropy_model_flops_per_byte, model_flops_per_byte, peak_flops
     from fastblt.model import EntropyModel
     from fastblt.model.patcher import entropy as entropy_of
-    from fastblt.train import Trainer, entropy_stage_config
+    from fastblt.train.loop import Trainer, entropy_stage_config
+    from fastblt.train.metrics import entropy_model_flops_per_byte, model_flops_per_byte, peak_flops
 
     cfg = experiment(args.shape, row, args.batch, args.seq_len)
     data = batches(cfg)
@@ -233,7 +233,7 @@ def run_torch_row(args, row: str) -> dict:
     import transformers
 
     from fastblt import configs
-    from fastblt.convert import config_to_hf
+    from fastblt.io.huggingface import config_to_hf
     from fastblt.model import patcher as patching
 
     cfg = experiment(args.shape, row, args.batch, args.seq_len)

@@ -29,7 +29,7 @@ def _run_preprocess(args: argparse.Namespace) -> None:
 
     entropy_fn = None
     if args.entropy_workdir:
-        from fastblt.train import entropy_function
+        from fastblt.train.loop import entropy_function
 
         entropy_fn = entropy_function(config, str(existing_dir(args.entropy_workdir, "--entropy-workdir")))
     preprocess(config.data, args.dst, entropy_fn=entropy_fn, overwrite=args.overwrite)

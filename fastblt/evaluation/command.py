@@ -59,7 +59,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     from fastblt.configs import load_config
     from fastblt.evaluation.harness import evaluate, parse_settings, plan
     from fastblt.evaluation.tasks import code_completion, humaneval, translation
-    from fastblt.loading import load_model
+    from fastblt.io.loading import load_model
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit {args.limit}: must be >= 1")

@@ -143,7 +143,7 @@ def missing_workers(exits: dict[str, tuple[str, int]], n_workers: int) -> list[i
     return [i for i in range(n_workers) if str(i) not in exits]
 
 
-# `fastblt train`'s status after a preemption save (fastblt.checkpoint.PREEMPTED_EXIT, kept here
+# `fastblt train`'s status after a preemption save (fastblt.io.checkpoint.PREEMPTED_EXIT, kept here
 # as a literal so that launchers do not import JAX): stopped cleanly, unfinished, not a failure.
 PREEMPTED_EXIT = 75
 STOPPED_CLEANLY = (0, PREEMPTED_EXIT)

@@ -49,7 +49,7 @@ def rows_checked() -> Iterator[None]:
     LocalMasks on cuDNN use the packed layout unconditionally (a row of more documents would be
     masked wrongly, so nothing else may be traced inside). The context is read while tracing and
     jit's caches do not see it: enter it inside a function jitted on its own (as
-    ``fastblt.train.Trainer.packed_train_step`` does), never jit one function both inside and
+    ``fastblt.train.loop.Trainer.packed_train_step`` does), never jit one function both inside and
     outside it."""
     token = _ROWS_CHECKED.set(True)
     try:

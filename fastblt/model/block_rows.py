@@ -25,7 +25,7 @@ costs R * (C + B) scores per head, not R * N, and holds the gathered keys and sc
 blocks at a time, forward and backward (recomputed per chunk under ``jax.checkpoint``). Where the
 attention impl resolves to a fused kernel and patches have a length bound, tiles of consecutive
 blocks over one shared slice of clean keys go through the attention core in one call
-(:func:`_tiles_in_one_call`). See fastblt/diffusion.py for numbers.
+(:func:`_tiles_in_one_call`). See fastblt/train/blt_d.py for numbers.
 """
 
 from __future__ import annotations

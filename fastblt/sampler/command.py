@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> None:
-    from fastblt.loading import load_model, trained_block_size
+    from fastblt.io.loading import load_model, trained_block_size
     from fastblt.sampler import generate
     from fastblt.sampler.methods import REGISTRY
 

@@ -1,5 +1,5 @@
 """``fastblt convert``: model weights between Hugging Face checkpoints and fastblt exports
-(fastblt/convert.py for the mapping, fastblt/export.py for the export format)."""
+(fastblt/io/huggingface.py for the mapping, fastblt/io/export.py for the export format)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run_hf_to_orbax(args: argparse.Namespace) -> None:
     src = existing_dir(args.src, "--src")
     writable_dst(args.dst, args.overwrite)
-    from fastblt import convert
-    from fastblt.export import param_count, save_export
+    from fastblt.io import huggingface as convert
+    from fastblt.io.export import param_count, save_export
 
     config, params = convert.from_hf(src)
     dst = save_export(args.dst, config, params, dtype=args.dtype, overwrite=args.overwrite)
@@ -53,9 +53,9 @@ def _run_hf_to_orbax(args: argparse.Namespace) -> None:
 def _run_orbax_to_hf(args: argparse.Namespace) -> None:
     src = existing_dir(args.src, "--src")
     dst = writable_dst(args.dst, args.overwrite)
-    from fastblt import convert
-    from fastblt.export import param_count
-    from fastblt.loading import load_model
+    from fastblt.io import huggingface as convert
+    from fastblt.io.export import param_count
+    from fastblt.io.loading import load_model
 
     config, params = load_model(src)
     convert.to_hf(config, params, dst)

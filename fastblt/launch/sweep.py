@@ -2,7 +2,7 @@
 
 An experiment file may define, next to ``get_config``::
 
-    from fastblt.sweep import product, sweep
+    from fastblt.launch.sweep import product, sweep
 
     def get_sweep():
         return product(sweep("optimizer.lr", [1e-3, 3e-3]), sweep("seed", [0, 1]))
@@ -166,7 +166,7 @@ def load_sweep(spec: str) -> list[Overrides]:
     if not callable(get_sweep):
         raise ConfigError(
             f"{path} defines no get_sweep(); a sweep experiment returns a list of override dicts, e.g. "
-            f"product(sweep('optimizer.lr', [1e-3, 3e-3]), sweep('seed', [0, 1])) from fastblt.sweep"
+            f"product(sweep('optimizer.lr', [1e-3, 3e-3]), sweep('seed', [0, 1])) from fastblt.launch.sweep"
         )
     takes_arg = bool(inspect.signature(get_sweep).parameters)
     result = get_sweep(arg if sep else None) if takes_arg else get_sweep()

@@ -1,4 +1,4 @@
-"""``fastblt sweep``: train every run of an experiment's ``get_sweep()`` (fastblt/sweep.py) locally or
+"""``fastblt sweep``: train every run of an experiment's ``get_sweep()`` (fastblt/launch/sweep.py) locally or
 through a launcher (fastblt/launch/), then tabulate the results."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sweep",
         help="train every run of an experiment's get_sweep() and tabulate the results",
-        description="Expands the experiment's get_sweep() (fastblt/sweep.py), trains each run in "
+        description="Expands the experiment's get_sweep() (fastblt/launch/sweep.py), trains each run in "
         "WORKDIR/<run name> (finished runs are skipped, unfinished ones resume) and prints a table of "
         "overrides and final metrics. Launcher options (tpu, slurm) follow `--`, as for `fastblt launch`.",
     )
@@ -76,7 +76,7 @@ def _sweep_remote(args: argparse.Namespace, runs: list, root_dir: str) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
-    from fastblt import sweep
+    from fastblt.launch import sweep
 
     is_local_root = "://" not in args.workdir
     root_dir = os.path.abspath(os.path.expanduser(args.workdir)) if is_local_root else args.workdir

@@ -1,4 +1,4 @@
-"""``fastblt train``: train a config's model (fastblt/train.py), on one process or many."""
+"""``fastblt train``: train a config's model (fastblt/train/loop.py), on one process or many."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from fastblt import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from fastblt.checkpoint import PREEMPTED_EXIT
-    from fastblt.train import run
+    from fastblt.io.checkpoint import PREEMPTED_EXIT
+    from fastblt.train.loop import run
 
     result = run(config, str(Path(args.workdir).expanduser()))
     if "preempted_at_step" in result:

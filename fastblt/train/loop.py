@@ -21,14 +21,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from fastblt import calibration, configs, sharding
-from fastblt import checkpoint as ckpt_lib
-from fastblt.checkpoint import Checkpointer
+from fastblt import configs, sharding
 from fastblt.config import as_dict
 from fastblt.data import make_eval_batches, make_train_iterator
 from fastblt.errors import NonFiniteLossError
-from fastblt.loading import load_trained_params
-from fastblt.metrics import (
+from fastblt.io import checkpoint as ckpt_lib
+from fastblt.io.checkpoint import Checkpointer
+from fastblt.io.loading import load_trained_params
+from fastblt.io.workdir_lock import workdir_lock
+from fastblt.model.attention import rows_checked, rows_fit_packed
+from fastblt.train import calibration
+from fastblt.train.metrics import (
     MetricWriter,
     ProgressBar,
     bits_per_byte,
@@ -36,10 +39,8 @@ from fastblt.metrics import (
     mfu,
     model_flops_per_byte,
 )
-from fastblt.model.attention import rows_checked, rows_fit_packed
-from fastblt.optim import learning_rate_schedule, make_optimizer
-from fastblt.tasks import BLTTask, make_task
-from fastblt.workdir_lock import workdir_lock
+from fastblt.train.optimizer import learning_rate_schedule, make_optimizer
+from fastblt.train.tasks import BLTTask, make_task
 
 
 @flax.struct.dataclass
@@ -266,7 +267,7 @@ def train(
     log: Callable[[str], Any] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
-    """:func:`_train` holding the workdir's trainer lock (fastblt/workdir_lock.py): a second
+    """:func:`_train` holding the workdir's trainer lock (fastblt/io/workdir_lock.py): a second
     trainer on the same workdir is refused, naming the first one's host and pid.
 
     ``log``: takes every message and progress line; None (default): the console, where process 0
@@ -501,7 +502,7 @@ def _stage2_patching(
     log,
     saved: dict | None = None,
 ) -> ml_collections.ConfigDict:
-    """Stage 2's patching from the frozen entropy model on 4 training batches (fastblt/calibration.py):
+    """Stage 2's patching from the frozen entropy model on 4 training batches (fastblt/train/calibration.py):
     the threshold for ``entropy_stage.target_patch_len`` where set, then ``model.patcher.max_patches``
     raised where a row needs more slots (said loudly; the run's saved config keeps the new value).
 
@@ -547,7 +548,7 @@ def _saved_patcher(blt_dir: str) -> dict | None:
     readable (a fresh run; an unreadable newest step is the trainer's to handle)."""
     from pathlib import Path
 
-    from fastblt.loading import read_meta
+    from fastblt.io.loading import read_meta
 
     if not os.path.isdir(os.path.join(blt_dir, "checkpoints")):
         return None

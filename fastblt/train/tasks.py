@@ -18,7 +18,7 @@ from fastblt import configs
 from fastblt.config import EntropyModelConfig, ModelConfig
 from fastblt.model import BLT, EntropyModel
 from fastblt.model import patcher as patching
-from fastblt.objectives import next_byte_loss
+from fastblt.train.objectives import next_byte_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,17 +107,17 @@ def patch_metrics(p: patching.Patching, n: int) -> dict[str, jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class BLTDTask(BLTTask):
-    """BLT-D: next-byte loss plus the block-wise masked-diffusion loss (fastblt/diffusion.py).
+    """BLT-D: next-byte loss plus the block-wise masked-diffusion loss (fastblt/train/blt_d.py).
     Evaluation reports the plain next-byte loss (``eval_loss``), comparable with BLT's."""
 
-    objective: Any = None  # fastblt.diffusion.ObjectiveConfig
+    objective: Any = None  # fastblt.train.blt_d.ObjectiveConfig
 
     name = "blt_d"
 
     def loss(
         self, params: Any, frozen: Any, batch: dict, rng: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
-        from fastblt import diffusion
+        from fastblt.train import blt_d as diffusion
 
         tokens = batch["inputs"]
         p = self.patch(frozen, tokens)

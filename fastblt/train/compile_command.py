@@ -1,4 +1,4 @@
-"""``fastblt compile``: compile the sharded train step ahead of time for a topology (fastblt/aot.py)."""
+"""``fastblt compile``: compile the sharded train step ahead of time for a topology (fastblt/train/aot.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _run_compile(args: argparse.Namespace) -> None:
             jax.config.update("jax_num_cpu_devices", int(cpu.group(1)))
         except RuntimeError:
             pass
-    from fastblt.aot import compile_train_step
+    from fastblt.train.aot import compile_train_step
 
     report = compile_train_step(config, args.topology)
     if args.json:

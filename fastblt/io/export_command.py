@@ -1,4 +1,4 @@
-"""``fastblt export``: an inference export (fastblt/export.py) from a training workdir's checkpoint."""
+"""``fastblt export``: an inference export (fastblt/io/export.py) from a training workdir's checkpoint."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> None:
     src = existing_dir(args.workdir, "--workdir")
     writable_dst(args.dst, args.overwrite)
-    from fastblt.export import param_count, save_export
-    from fastblt.loading import load_model
+    from fastblt.io.export import param_count, save_export
+    from fastblt.io.loading import load_model
 
     config, params = load_model(src, step=args.step)
     dst = save_export(args.dst, config, params, dtype=args.dtype, overwrite=args.overwrite)

@@ -62,7 +62,7 @@ def load_model(
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such checkpoint, export or workdir")
     if (p / "config.json").is_file():
-        from fastblt.export import load_export
+        from fastblt.io.export import load_export
 
         if step is not None:
             raise ConfigError(
@@ -108,8 +108,8 @@ def load_trained_params(cfg: Any, workdir: str, step: int | None = None) -> tupl
     import jax
 
     from fastblt import sharding
-    from fastblt.checkpoint import Checkpointer
-    from fastblt.tasks import frozen_template, make_task
+    from fastblt.io.checkpoint import Checkpointer
+    from fastblt.train.tasks import frozen_template, make_task
 
     task = make_task(cfg)
     boxed = jax.eval_shape(lambda: task.init_params(jax.random.key(0), int(cfg.data.seq_len)))

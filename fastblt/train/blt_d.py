@@ -25,7 +25,7 @@ the NLL of its masked cells (unshifted: a cell predicts its own byte). ``normali
 * ``"mean"``: loss = w_nb * mean L_clean + w_d * L_mask / n_cells, n_cells the non-padding block
   cells (an unbiased per-cell estimate, E[#masked] = t * n_cells).
 
-With w_d = 0 and w_nb = 1 both equal BLT's next-byte loss (``fastblt.objectives.next_byte_loss``).
+With w_d = 0 and w_nb = 1 both equal BLT's next-byte loss (``fastblt.train.objectives.next_byte_loss``).
 
 Cost (per example; the encoder and global model are BLT's). The decoder runs N + K * B rows
 (K = P - 1 = max_patches - 1), so its activations grow by (N + K * B) / N. A block row attends a
@@ -59,7 +59,7 @@ from fastblt.config import ConfigError, ModelConfig
 from fastblt.model.attention import document_ids
 from fastblt.model.block_rows import DecoderBlocks
 from fastblt.model.blt import blt_d_logits
-from fastblt.objectives import next_byte_loss
+from fastblt.train.objectives import next_byte_loss
 
 if TYPE_CHECKING:  # ml-collections is imported where a section is built (not on every machine)
     import ml_collections

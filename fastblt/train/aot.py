@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the sharded train step for a device topology, without its hardware.
 
-``fastblt compile --config blt_1b --topology v5p-128`` builds the same :class:`fastblt.train.Trainer`
+``fastblt compile --config blt_1b --topology v5p-128`` builds the same :class:`fastblt.train.loop.Trainer`
 that ``fastblt train`` builds, over a mesh of *compile-only* TPU devices that libtpu describes from
 the topology name (``jax.experimental.topologies.get_topology_desc``, as MaxText's
 ``train_compile.py``), lowers its jitted train step on abstract arguments (ShapeDtypeStructs that
@@ -146,13 +146,13 @@ def _abstract_batch(cfg: Any, sharding: Any) -> dict[str, Any]:
 
 
 def compile_train_step(cfg: Any, topology: str) -> CompileReport:
-    """Compiles ``fastblt.train.Trainer``'s train step for ``topology``; raises ConfigError if it can't."""
+    """Compiles ``fastblt.train.loop.Trainer``'s train step for ``topology``; raises ConfigError if it can't."""
     import jax
     import numpy as np
 
     from fastblt import sharding
-    from fastblt.tasks import frozen_template
-    from fastblt.train import Trainer, make_task
+    from fastblt.train.loop import Trainer, make_task
+    from fastblt.train.tasks import frozen_template
 
     devices, name, hbm = topology_devices(topology)
     try:

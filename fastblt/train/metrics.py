@@ -126,7 +126,7 @@ def model_flops_breakdown(config: ModelConfig, seq_len: int, avg_patch_len: floa
 def blt_d_block_flops_per_byte(
     config: ModelConfig, seq_len: int, avg_patch_len: float, block_size: int
 ) -> float:
-    """Forward FLOPs per byte of BLT-D's block rows in the decoder (fastblt/diffusion.py).
+    """Forward FLOPs per byte of BLT-D's block rows in the decoder (fastblt/train/blt_d.py).
 
     Each real patch after the BOS patch carries one block of ``B`` cells, so there are ``B / L``
     block rows per byte. A block row runs every decoder layer (matmuls; attention over its clean
