@@ -134,3 +134,18 @@ def test_bandwidth_formula_reproduces_the_paper_blt_1b_rows(task):
     assert counts.encoder_global == pytest.approx(1304.0e6, rel=2e-3)
     n_dec, n_eg, paper_gb = PAPER_BLT_1B[task]
     assert bandwidth_bytes(n_dec, n_eg, counts) / 1e9 == pytest.approx(paper_gb, rel=0.01)
+
+
+def test_loop_counters_add_events_by_name_and_refuse_unknown_ones():
+    import jax.numpy as jnp
+
+    from fastblt.sampler.cost import Counters
+
+    c = Counters.zeros(3).add(decoder_passes=1, eg_passes=jnp.array([True, False, True]))
+    c = c.add(decoder_passes=jnp.array([2, 0, 1]), rounds=jnp.array([1, 1, 0]))
+    np.testing.assert_array_equal(c.decoder_passes, [3, 1, 2])
+    np.testing.assert_array_equal(c.eg_passes, [1, 0, 1])
+    np.testing.assert_array_equal(c.rounds, [1, 1, 0])
+    np.testing.assert_array_equal(c.accepted, [0, 0, 0])
+    with pytest.raises(ValueError, match="unknown counters \\['passes'\\]"):
+        c.add(passes=1)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.sampler.cached import Runner
+from fastblt.sampler.cost import Counters
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.state import State, init_state, scatter_rows
 from fastblt.tokenizer import EOS
@@ -26,23 +27,6 @@ from fastblt.tokenizer import EOS
 # Incremented each time a loop function is traced (a Python side effect): tests use it to check that
 # repeated calls with the same shapes do not recompile.
 TRACE_COUNT = {"ar": 0, "blt_s": 0}
-
-
-class Counters(NamedTuple):
-    """Per-row work counters (int32[B]); see fastblt.sampler.cost for their meaning."""
-
-    decoder_passes: jax.Array
-    eg_passes: jax.Array
-    entropy_passes: jax.Array
-    drafted: jax.Array
-    accepted: jax.Array
-    rounds: jax.Array
-    clean_passes: jax.Array
-
-
-def zero_counters(batch: int) -> Counters:
-    z = jnp.zeros((batch,), jnp.int32)
-    return Counters(z, z, z, z, z, z, z)
 
 
 class Prompts(NamedTuple):
@@ -105,11 +89,7 @@ def build_ar(
         st = init_state(config, b, n_bytes, n_patches)
         st, logits = prefill(runner, st, prompts, prefill_chunk)
         rows = jnp.arange(b, dtype=jnp.int32)
-        counters = zero_counters(b)._replace(
-            decoder_passes=jnp.ones((b,), jnp.int32),
-            eg_passes=jnp.ones((b,), jnp.int32),
-            entropy_passes=jnp.ones((b,), jnp.int32),
-        )
+        counters = Counters.zeros(b).add(decoder_passes=1, eg_passes=1, entropy_passes=1)  # the prefill
         done = prompts.budget <= 0
         generated = jnp.zeros((b,), jnp.int32)
         rec = jnp.zeros((b, n_buf if record else 0, config.vocab_size), jnp.float32)
@@ -134,11 +114,7 @@ def build_ar(
             store = jnp.where(finish, st.length, n_buf)[:, None]
             st = st._replace(tokens=scatter_rows(st.tokens, store, x[:, None]), length=st.length + finish)
             st, new_logits, new_patches = runner.extend(st, x[:, None], go.astype(jnp.int32))
-            counters = counters._replace(
-                decoder_passes=counters.decoder_passes + go,
-                entropy_passes=counters.entropy_passes + go,
-                eg_passes=counters.eg_passes + (go & (new_patches > 0)),
-            )
+            counters = counters.add(decoder_passes=go, entropy_passes=go, eg_passes=go & (new_patches > 0))
             logits = jnp.where(go[:, None], new_logits[:, 0], logits)
             return st, logits, done | finish, generated, counters, rec
 

@@ -46,11 +46,38 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fastblt.config import ModelConfig
+
+
+class Counters(NamedTuple):
+    """Per-row work counters inside a generation loop (int32[B] each; meanings in the module
+    docstring). Loops record events with :meth:`add`; :class:`GenerationCounters` reports them."""
+
+    decoder_passes: jax.Array
+    eg_passes: jax.Array
+    entropy_passes: jax.Array
+    drafted: jax.Array
+    accepted: jax.Array
+    rounds: jax.Array
+    clean_passes: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int) -> Counters:
+        z = jnp.zeros((batch,), jnp.int32)
+        return cls(*(z for _ in cls._fields))
+
+    def add(self, **events: jax.Array) -> Counters:
+        """The counters with ``events`` (counter name -> int or bool [B] increments) added."""
+        unknown = set(events) - set(self._fields)
+        if unknown:
+            raise ValueError(f"unknown counters {sorted(unknown)}; counters: {', '.join(self._fields)}")
+        return self._replace(**{k: getattr(self, k) + jnp.asarray(v, jnp.int32) for k, v in events.items()})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,8 +38,9 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.model.attention import attention, document_ids
-from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
+from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill
 from fastblt.sampler.cached import Runner
+from fastblt.sampler.cost import Counters
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import accept_verified, cut_at_eos, run_rounds
 from fastblt.sampler.state import State, gather_rows, init_state, read_layer
@@ -218,10 +219,7 @@ def build_blt_d(
         b = prompts.prompt.shape[0]
         st = init_state(config, b, n_bytes, n_patches)
         st, logits = prefill(runner, st, prompts, prefill_chunk)
-        ones = jnp.ones((b,), jnp.int32)
-        counters = zero_counters(b)._replace(eg_passes=ones, entropy_passes=ones)
-        if verify:
-            counters = counters._replace(decoder_passes=ones)
+        counters = Counters.zeros(b).add(eg_passes=1, entropy_passes=1, decoder_passes=int(verify))
         done = prompts.budget <= 0
         generated = jnp.zeros((b,), jnp.int32)
         # BLT-D: the first block's o_M here; each commit's extend closes the next one's (one global
@@ -263,12 +261,12 @@ def build_blt_d(
                 st, _, _, read = runner.extend_closed(st, tokens, commit)
                 finish = ((commit >= limit) | hit | (st.completed + bs > n_patches)) & active
                 go = (active & ~finish).astype(jnp.int32)
-                counters = counters._replace(
-                    decoder_passes=counters.decoder_passes + passes,
-                    eg_passes=counters.eg_passes + go,
-                    entropy_passes=counters.entropy_passes + a,
-                    rounds=counters.rounds + a,
-                    clean_passes=counters.clean_passes + a,  # the extend's decoder pass over the block
+                counters = counters.add(
+                    decoder_passes=passes,
+                    eg_passes=go,
+                    entropy_passes=a,
+                    rounds=a,
+                    clean_passes=a,  # the extend's decoder pass over the block
                 )
                 return st, logits, done | finish, generated + commit, counters, read
 
@@ -279,13 +277,13 @@ def build_blt_d(
             st, next_logits, commit, accepted, finish = accept_verified(
                 runner, st, chunk, pred_logits, start, limit, prompts.stop_at_eos, active, bs + 1
             )
-            counters = counters._replace(
-                decoder_passes=counters.decoder_passes + passes + 2 * a,
-                eg_passes=counters.eg_passes + 2 * a + (forced & active).astype(jnp.int32),
-                entropy_passes=counters.entropy_passes + 2 * a,
-                drafted=counters.drafted + a * bs,
-                accepted=counters.accepted + a * accepted,
-                rounds=counters.rounds + a,
+            counters = counters.add(
+                decoder_passes=passes + 2 * a,
+                eg_passes=2 * a + (forced & active),
+                entropy_passes=2 * a,
+                drafted=a * bs,
+                accepted=a * accepted,
+                rounds=a,
             )
             logits = jnp.where(active[:, None], next_logits, logits)
             return st, logits, done | finish, generated + commit, counters, read

@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
-from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill, zero_counters
+from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill
 from fastblt.sampler.cached import Runner
+from fastblt.sampler.cost import Counters
 from fastblt.sampler.sampling import filtered_probs, round_keys, sample_logits, speculative_accept
 from fastblt.sampler.state import State, init_state
 from fastblt.tokenizer import EOS
@@ -153,8 +154,7 @@ def build_blt_s(
         rows = jnp.arange(b, dtype=jnp.int32)
         st = init_state(config, b, n_bytes, n_patches)
         st, logits = prefill(runner, st, prompts, prefill_chunk)
-        ones = jnp.ones((b,), jnp.int32)
-        counters = zero_counters(b)._replace(decoder_passes=ones, eg_passes=ones, entropy_passes=ones)
+        counters = Counters.zeros(b).add(decoder_passes=1, eg_passes=1, entropy_passes=1)  # the prefill
         done = prompts.budget <= 0
         generated = jnp.zeros((b,), jnp.int32)
         if greedy:
@@ -211,13 +211,13 @@ def build_blt_s(
                 draft + 1,
             )
             a = active.astype(jnp.int32)
-            counters = counters._replace(
-                decoder_passes=counters.decoder_passes + a * (draft + 1),
-                eg_passes=counters.eg_passes + a,
-                entropy_passes=counters.entropy_passes + a,
-                drafted=counters.drafted + a * draft,
-                accepted=counters.accepted + a * accepted,
-                rounds=counters.rounds + a,
+            counters = counters.add(
+                decoder_passes=a * (draft + 1),
+                eg_passes=a,
+                entropy_passes=a,
+                drafted=a * draft,
+                accepted=a * accepted,
+                rounds=a,
             )
             logits = jnp.where(active[:, None], next_logits, logits)
             # Greedy: the argmax after the commit (the correction, or the free byte after the last
