@@ -154,7 +154,7 @@ class ModelConfig:
     scan_layers: bool = False
     # The sampler's form of the same idea: the entropy model's, global model's and decoder's layers
     # as one lax.scan each in every generation program (fastblt.sampler.state.scanned_stacks).
-    # Programs 4.5x smaller and compiled 31% faster, but each byte 1.8x slower on one H200 (jax
+    # Programs 4.5x smaller and compiles 31% shorter, but each byte 1.7x slower on one H200 (jax
     # 0.11.2: XLA copies each layer's weights out of the stack), so off by default
     # (experiments/results/generate_speed.md, run 7). A compute setting only.
     scan_decode_layers: bool = False

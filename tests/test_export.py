@@ -293,7 +293,9 @@ def fake_convert(monkeypatch, tiny_config, tiny_params):
 
     module.from_hf, module.to_hf = from_hf, to_hf
     monkeypatch.setitem(sys.modules, "fastblt.io.huggingface", module)
-    monkeypatch.setattr(fastblt, "convert", module, raising=False)
+    # `from fastblt.io import huggingface` reads the package attribute once the real module is loaded
+    # (test_parity_hf.py imports it at collection), so the stand-in replaces that too.
+    monkeypatch.setattr(fastblt.io, "huggingface", module, raising=False)
     return calls
 
 

@@ -53,11 +53,13 @@ def timed_compiled(record: dict):
     """A stand-in for ``fastblt.sampler.api._compiled`` that records lowering and compile times."""
     import jax
 
+    from fastblt.sampler import api
+
     def compiled(key, fn, args):
         t0 = time.perf_counter()
         lowered = jax.jit(fn).lower(*args)
         t1 = time.perf_counter()
-        exe = lowered.compile()
+        exe = lowered.compile(compiler_options=api.compiler_options())
         t2 = time.perf_counter()
         text = exe.as_text() or ""
         record.update(

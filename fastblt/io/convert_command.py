@@ -42,10 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run_hf_to_orbax(args: argparse.Namespace) -> None:
     src = existing_dir(args.src, "--src")
     writable_dst(args.dst, args.overwrite)
-    from fastblt.io import huggingface as convert
+    from fastblt.io import huggingface
     from fastblt.io.export import param_count, save_export
 
-    config, params = convert.from_hf(src)
+    config, params = huggingface.from_hf(src)
     dst = save_export(args.dst, config, params, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {dst} ({param_count(params):,} parameters)")
 
@@ -53,10 +53,10 @@ def _run_hf_to_orbax(args: argparse.Namespace) -> None:
 def _run_orbax_to_hf(args: argparse.Namespace) -> None:
     src = existing_dir(args.src, "--src")
     dst = writable_dst(args.dst, args.overwrite)
-    from fastblt.io import huggingface as convert
+    from fastblt.io import huggingface
     from fastblt.io.export import param_count
     from fastblt.io.loading import load_model
 
     config, params = load_model(src)
-    convert.to_hf(config, params, dst)
+    huggingface.to_hf(config, params, dst)
     print(f"wrote {dst} ({param_count(params):,} parameters)")

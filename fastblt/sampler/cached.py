@@ -25,6 +25,8 @@ projections, decoder head), and each stack's transformer layers in decode form
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -82,7 +84,14 @@ def _window_rows(x: jax.Array, start: jax.Array, span: int, axis: int) -> jax.Ar
 
 
 def cached_attend(
-    k_stack: Layers, v_stack: Layers, layer, cols, mask, impl: str, window=None, qpos=None
+    k_stack: Layers,
+    v_stack: Layers,
+    layer: int | jax.Array,
+    cols: jax.Array,
+    mask: jax.Array,
+    impl: str,
+    window: int | None = None,
+    qpos: jax.Array | None = None,
 ) -> fused.Attend:
     """Attention over layer ``layer``'s KV cache in a stack's caches (either form of
     fastblt.sampler.state.Layers): the new keys/values are written at ``cols`` int32[B, T] (out of
@@ -362,9 +371,7 @@ class Runner:
         logits, (ks, vs) = self.decoder_layers(st, h, qpos, read, attend_of, (st.dec_k, st.dec_v))
         return st._replace(dec_k=ks, dec_v=vs), logits
 
-    def decoder_layers(
-        self, st: State, h, positions, read, attend_of, caches=None
-    ) -> tuple[jax.Array, object]:
+    def decoder_layers(self, st: State, h, positions, read, attend_of, caches=None) -> tuple[jax.Array, Any]:
         """The decoder stack (unrolled or scanned), shared by the byte steps and BLT-D's block passes.
 
         Args: h: float[B, T, D_d] inputs; positions: int32[B, T]; read: int32[B, T], the patch whose

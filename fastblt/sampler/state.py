@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig, TransformerConfig
 
-# Per-layer caches of one stack: a tuple of [B, L, ...] arrays, or one stacked [n_layers, B, L, ...].
+# Per-layer caches of one stack: a tuple of [B, N, ...] arrays, or one stacked [n_layers, B, N, ...].
 Layers = tuple[jax.Array, ...] | jax.Array
 
 
@@ -37,6 +37,9 @@ class State(NamedTuple):
     completed: int32[B] patches whose last byte is committed *and* whose successor has started,
       i.e. patches ``0 .. completed - 1`` have final latents (kept as the decoder's ``dec_ck/dec_cv``).
     entropies: float32[B, N] entropy-model entropies (nats) of committed bytes.
+    Per-layer caches are :data:`Layers`: a tuple of the shapes below, or stacked on a leading layer
+    axis for a stack the sampler scans (:func:`scanned_stacks`).
+
     ent_k, ent_v: per entropy-model layer, [B, N, kv_heads, head_dim].
     enc_k, enc_v: per local-encoder layer, [B, N, kv_heads, head_dim].
     enc_h: per encoder cross-attention layer, the byte states it reads: [B, N, D_e] (max-pooling).
@@ -104,7 +107,9 @@ def _layers(n: int, shape: tuple, dtype: jnp.dtype, stacked: bool) -> Layers:
     return tuple(jnp.zeros(shape, dtype) for _ in range(n))
 
 
-def _kv(c: TransformerConfig, batch: int, length: int, dtype: jnp.dtype, stacked: bool = False):
+def _kv(
+    c: TransformerConfig, batch: int, length: int, dtype: jnp.dtype, stacked: bool = False
+) -> tuple[Layers, Layers]:
     shape = (batch, length, c.kv_heads, c.head_dim)
     return _layers(c.n_layers, shape, dtype, stacked), _layers(c.n_layers, shape, dtype, stacked)
 
@@ -172,7 +177,8 @@ def gather_rows(buffer: jax.Array, index: jax.Array) -> jax.Array:
 
 def write_layer(stack: Layers, i: int | jax.Array, cols: jax.Array, values: jax.Array) -> Layers:
     """Layer ``i``'s ``scatter_rows(cache, cols, values)`` in a stack's caches (either form; a
-    stacked one is written in place, only at ``cols``). values: [B, T, ...]."""
+    stacked one is written in place, only at ``cols``). cols: int32[B, T] (out of range: dropped);
+    values: [B, T, ...]."""
     if isinstance(stack, tuple):
         return stack[:i] + (scatter_rows(stack[i], cols, values),) + stack[i + 1 :]
     rows = jnp.arange(stack.shape[1])[:, None]

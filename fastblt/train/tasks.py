@@ -1,7 +1,7 @@
 """What is trained: BLT patched by a frozen entropy model, or the entropy model itself.
 
-A task knows its module, how to initialise trainable parameters and its loss; the train loop in
-train.py is the same for both.
+A task knows its module, how to initialise trainable parameters and its loss; the train loop
+(loop.py) is the same for all of them.
 """
 
 from __future__ import annotations
@@ -117,11 +117,11 @@ class BLTDTask(BLTTask):
     def loss(
         self, params: Any, frozen: Any, batch: dict, rng: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
-        from fastblt.train import blt_d as diffusion
+        from fastblt.train import blt_d
 
         tokens = batch["inputs"]
         p = self.patch(frozen, tokens)
-        loss, metrics = diffusion.blt_d_loss(
+        loss, metrics = blt_d.blt_d_loss(
             params, self.config, self.objective, tokens, batch["targets"], batch["mask"], p.lengths, rng
         )
         return loss, {**metrics, **patch_metrics(p, tokens.shape[1])}
