@@ -1,5 +1,5 @@
-"""Test environment: 8 CPU devices, LLVM at -O0 (and, on request, a persistent compilation cache),
-set before JAX is imported.
+"""Test environment, set before JAX is imported: 8 CPU devices, LLVM at -O0, and a directory for the
+session that holds its persistent compilation cache.
 
 pytest imports this file before any test module, so the variables below are in place when a test
 first imports JAX. Markers (``slow``, ``parity``) are registered in setup.cfg.
@@ -8,6 +8,8 @@ first imports JAX. Markers (``slow``, ``parity``) are registered in setup.cfg.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -25,15 +27,35 @@ if "--xla_force_host_platform_device_count" not in _flags:
 if "--xla_backend_optimization_level" not in _flags:
     _flags = f"{_flags} --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags
-# The persistent compilation cache is off by default here: with jaxlib 0.10.2 on CPU, serializing or
-# loading a train-step executable crashed a test worker with a segfault (inside
-# compilation_cache.put_executable_and_time / get_executable_and_time) in 2 of 3 cold full runs on
-# 2026-12-02, and never without the cache. FASTBLT_TEST_COMPILE_CACHE=1 turns it on for warm local
-# reruns (compilation dominates CPU test time; a cold suite takes ~20% longer without it).
-if os.environ.get("FASTBLT_TEST_COMPILE_CACHE", "") not in ("", "0"):
-    os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "true")
-else:
-    os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_REPO / ".jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# A directory for the pytest session, made by the controlling process (or the one process of a run
+# without xdist), inherited by its xdist workers and by the `fastblt` subprocesses that tests start,
+# and removed at the end: a session starts cold, as CI does.
+SESSION_ENV = "FASTBLT_TEST_SESSION_DIR"
+_own_session: str | None = None
+if SESSION_ENV not in os.environ:
+    _own_session = tempfile.mkdtemp(prefix="fastblt-tests-")
+    os.environ[SESSION_ENV] = _own_session
+# The persistent compilation cache, in that directory. Many tests compile the same programs (a small
+# config's init and eval steps, a train step several tests run, one sampler program per method and
+# shape): the first compile is written there, and every later one, in any process of the session, is a
+# load (tests/test_train.py, -n 2: 237 -> 151 s, 455 -> 294 CPU-s). It was off from 2026-12-02 to
+# 2026-12-04: jaxlib 0.10.2 segfaulted serializing or loading a train-step executable in 2 of 3 cold
+# full runs that shared the repo's .jax_cache. Since then setup.cfg reruns a test whose worker crashed
+# (the compiler crashes now and then without the cache too), and 200 serialize/load round trips of
+# train-step executables in two processes at once did not crash. FASTBLT_TEST_COMPILE_CACHE=0 turns it
+# off; =1 keeps it in the repo's .jax_cache, for warm local reruns.
+_MODE = os.environ.get("FASTBLT_TEST_COMPILE_CACHE", "")
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false" if _MODE == "0" else "true")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(_REPO / ".jax_cache") if _MODE not in ("", "0") else os.path.join(os.environ[SESSION_ENV], "jax"),
+)
+# Programs that compile faster than this are left out: loading one costs about as much as compiling
+# it, and each written entry is one more serialization.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+    if _own_session is not None:
+        shutil.rmtree(_own_session, ignore_errors=True)
