@@ -1,5 +1,5 @@
 """Test environment, set before JAX is imported: 8 CPU devices, LLVM at -O0, and a directory for the
-session that holds its persistent compilation cache.
+session (its persistent compilation cache, the runs that shared_runs.py builds once).
 
 pytest imports this file before any test module, so the variables below are in place when a test
 first imports JAX. Markers (``slow``, ``parity``) are registered in setup.cfg.
@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from shared_runs import SESSION_ENV
+
 _REPO = Path(__file__).resolve().parent.parent
 
 # Tests never touch an accelerator: results must not depend on which machine runs them.
@@ -23,14 +25,14 @@ if "--xla_force_host_platform_device_count" not in _flags:
 # LLVM at -O0 (XLA's own HLO passes still run): compiling dominates the suite's time on CPU, and the
 # tests' programs are small and run a few steps. A small train step compiles in 5.8 CPU-s instead of
 # 11.8 and runs 20 steps in 2.0 s instead of 1.0. Values can differ from -O2's in the last bits (after
-# 300 BLT-D steps one accuracy read 0.5557 instead of 0.5547); no test's tolerance changed.
+# 300 BLT-D steps one accuracy read 0.5557 instead of 0.5547); no test's tolerance changed. A setup of
+# hundreds of steps trains in a subprocess at the default level (shared_runs.train_subprocess).
 if "--xla_backend_optimization_level" not in _flags:
     _flags = f"{_flags} --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags
 # A directory for the pytest session, made by the controlling process (or the one process of a run
 # without xdist), inherited by its xdist workers and by the `fastblt` subprocesses that tests start,
 # and removed at the end: a session starts cold, as CI does.
-SESSION_ENV = "FASTBLT_TEST_SESSION_DIR"
 _own_session: str | None = None
 if SESSION_ENV not in os.environ:
     _own_session = tempfile.mkdtemp(prefix="fastblt-tests-")
