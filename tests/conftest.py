@@ -44,10 +44,12 @@ if SESSION_ENV not in os.environ:
 # 2026-12-04: jaxlib 0.10.2 segfaulted serializing or loading a train-step executable in 2 of 3 cold
 # full runs that shared the repo's .jax_cache. Since then setup.cfg reruns a test whose worker crashed
 # (the compiler crashes now and then without the cache too), and 200 serialize/load round trips of
-# train-step executables in two processes at once did not crash; the first full run with it (2026-12-04,
-# 914 s) lost two workers, one in put_executable_and_time and one in the compiler, and both reruns
-# passed. FASTBLT_TEST_COMPILE_CACHE=0 turns it off; =1 keeps it in the repo's .jax_cache, for warm
-# local reruns.
+# train-step executables in two processes at once did not crash; the first full -n 2 run with it
+# (2026-12-04) took 914 s (1739 CPU-s) and lost two workers, one in put_executable_and_time and one in
+# the compiler, both reruns passing; the same suite with FASTBLT_TEST_COMPILE_CACHE=0 took 959 s (1849
+# CPU-s) and lost two workers in the compiler. Its gain in the whole suite is that 5% (the kill -9 test,
+# whose `fastblt` subprocesses load the steps: 55 -> 37 s). FASTBLT_TEST_COMPILE_CACHE=0 turns it off;
+# =1 keeps it in the repo's .jax_cache, for warm local reruns.
 _MODE = os.environ.get("FASTBLT_TEST_COMPILE_CACHE", "")
 os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false" if _MODE == "0" else "true")
 os.environ.setdefault(
