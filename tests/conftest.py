@@ -1,5 +1,5 @@
-"""Test environment: 8 CPU devices (and, on request, a persistent compilation cache), set before JAX
-is imported.
+"""Test environment, set before JAX is imported: 8 CPU devices, LLVM at -O0, and a directory for the
+session (its persistent compilation cache, the runs that shared_runs.py builds once).
 
 pytest imports this file before any test module, so the variables below are in place when a test
 first imports JAX. Markers (``slow``, ``parity``) are registered in setup.cfg.
@@ -8,7 +8,11 @@ first imports JAX. Markers (``slow``, ``parity``) are registered in setup.cfg.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+from shared_runs import SESSION_ENV
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -17,16 +21,45 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 # 8 fake CPU devices are enough to test meshes, FSDP/tensor sharding and resharded restores.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
-# The persistent compilation cache is off by default here: with jaxlib 0.10.2 on CPU, serializing or
-# loading a train-step executable crashed a test worker with a segfault (inside
-# compilation_cache.put_executable_and_time / get_executable_and_time) in 2 of 3 cold full runs on
-# 2026-12-02, and never without the cache. FASTBLT_TEST_COMPILE_CACHE=1 turns it on for warm local
-# reruns (compilation dominates CPU test time; a cold suite takes ~20% longer without it).
-if os.environ.get("FASTBLT_TEST_COMPILE_CACHE", "") not in ("", "0"):
-    os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "true")
-else:
-    os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_REPO / ".jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    _flags = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+# LLVM at -O0 (XLA's own HLO passes still run): compiling dominates the suite's time on CPU, and the
+# tests' programs are small and run a few steps. A small train step compiles in 5.8 CPU-s instead of
+# 11.8 and runs 20 steps in 2.0 s instead of 1.0. Values can differ from -O2's in the last bits (after
+# 300 BLT-D steps one accuracy read 0.5557 instead of 0.5547); no test's tolerance changed. A setup of
+# hundreds of steps trains in a subprocess at the default level (shared_runs.train_subprocess).
+if "--xla_backend_optimization_level" not in _flags:
+    _flags = f"{_flags} --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags
+# A directory for the pytest session, made by the controlling process (or the one process of a run
+# without xdist), inherited by its xdist workers and by the `fastblt` subprocesses that tests start,
+# and removed at the end: a session starts cold, as CI does.
+_own_session: str | None = None
+if SESSION_ENV not in os.environ:
+    _own_session = tempfile.mkdtemp(prefix="fastblt-tests-")
+    os.environ[SESSION_ENV] = _own_session
+# The persistent compilation cache: off unless asked for. Many tests compile the same programs (a
+# small config's init and eval steps, a train step several tests run, one sampler program per method
+# and shape), and with a cache in the session directory the first compile is written there and every
+# later one, in any process of the session, is a load (tests/test_train.py, -n 2: 237 -> 151 s, 455 ->
+# 294 CPU-s). But jaxlib 0.10.2 segfaults now and then serializing or loading a CPU executable: 2 of 3
+# cold full runs on 2026-12-02 with the repo's .jax_cache, and one worker in the first full -n 2 run
+# with the session cache (2026-12-04: 914 s, 1739 CPU-s; a crashed test is rerun once, setup.cfg).
+# Without it the same suite took 959 s (1849 CPU-s): a 5% gain is not worth a test that fails when
+# its rerun crashes too. FASTBLT_TEST_COMPILE_CACHE=session turns the session cache on; =1 keeps one
+# in the repo's .jax_cache, for warm local reruns.
+_MODE = os.environ.get("FASTBLT_TEST_COMPILE_CACHE", "0")
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false" if _MODE == "0" else "true")
+if _MODE != "0":
+    os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR",
+        os.path.join(os.environ[SESSION_ENV], "jax") if _MODE == "session" else str(_REPO / ".jax_cache"),
+    )
+# Programs that compile faster than this are left out: loading one costs about as much as compiling
+# it, and each written entry is one more serialization.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+    if _own_session is not None:
+        shutil.rmtree(_own_session, ignore_errors=True)

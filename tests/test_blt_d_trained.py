@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_utils import small_config
+from shared_runs import built_once, train_subprocess
+from train_utils import small_config, small_config_args
 
 from fastblt import cli
 from fastblt.configs import objective_config
@@ -27,38 +28,40 @@ from fastblt.io.loading import load_model, trained_block_size
 from fastblt.model import BLT
 from fastblt.model.blt import blt_d_logits
 from fastblt.sampler import generate
-from fastblt.train import blt_d as objective
-from fastblt.train.loop import run
 
 BLOCK = 4
 STEPS = 300
 
 
+TRAINED = (
+    "model.mask_embedding=True",
+    "model.patcher.max_patch_length=8",
+    "objective.kind=blt_d",
+    f"objective.block_size={BLOCK}",
+    "model.decoder.dim=64",
+    "model.decoder.n_layers=2",
+    "model.decoder.n_heads=4",
+    "model.encoder.dim=64",
+    "model.encoder.n_heads=4",
+    "data.seq_len=128",
+    "model.patcher.max_patches=64",
+    "optimizer.lr=3e-3",
+    "optimizer.warmup_steps=10",
+    "train.log_every=50",
+    "checkpoint.save_every=1000",
+)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(workdir, experiment config, model config, params) of a tiny BLT-D after STEPS steps."""
-    workdir = tmp_path_factory.mktemp("blt_d") / "run"
-    cfg = small_config(
-        "model.mask_embedding=True",
-        "model.patcher.max_patch_length=8",
-        "objective.kind=blt_d",
-        f"objective.block_size={BLOCK}",
-        "model.decoder.dim=64",
-        "model.decoder.n_layers=2",
-        "model.decoder.n_heads=4",
-        "model.encoder.dim=64",
-        "model.encoder.n_heads=4",
-        "data.seq_len=128",
-        "model.patcher.max_patches=64",
-        "optimizer.lr=3e-3",
-        "optimizer.warmup_steps=10",
-        "train.log_every=50",
-        "checkpoint.save_every=1000",
-        steps=STEPS,
+def trained():
+    """(workdir, experiment config, model config, params) of a tiny BLT-D after STEPS steps, trained
+    once per session (shared_runs.py: a subprocess at XLA's default level, ~80 s on 2 cores)."""
+    workdir = built_once(
+        "blt_d_trained",
+        lambda path: train_subprocess(path, *small_config_args(*TRAINED, steps=STEPS)),
     )
-    run(cfg, str(workdir), log=lambda *_: None)
     config, params = load_model(workdir)
-    return workdir, cfg, config, params
+    return workdir, small_config(*TRAINED, steps=STEPS), config, params
 
 
 def _inference_layout_logits(config, params, tokens, lengths, q, cells, valid, masked):

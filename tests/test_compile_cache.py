@@ -12,13 +12,19 @@ from fastblt.compile_cache import ENV, use_compilation_cache
 
 @pytest.fixture
 def jax_cache_dir(monkeypatch):
-    """Runs the test with JAX's cache directory unset, and puts the session's back afterwards."""
+    """Runs the test with JAX's cache directory unset and every compiled program written, and puts the
+    session's settings back afterwards."""
     before = jax.config.jax_compilation_cache_dir
     enabled = jax.config.jax_enable_compilation_cache
+    min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_enable_compilation_cache", True)  # whatever the suite runs with
+    # The suite writes only programs slower to compile than its threshold; these tests' tiny programs
+    # must land in the cache all the same.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     monkeypatch.delenv(ENV, raising=False)
     yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
     jax.config.update("jax_enable_compilation_cache", enabled)
     jax.config.update("jax_compilation_cache_dir", before)
     reset_cache()  # the open cache follows the restored directory

@@ -86,7 +86,9 @@ def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir,
 
     before = jax.config.jax_compilation_cache_dir
     enabled = jax.config.jax_enable_compilation_cache
+    min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_enable_compilation_cache", True)  # whatever the suite runs with
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # and however fast it compiles
     cache = tmp_path / "programs"
     try:
         argv = ["sample", "--checkpoint", export_dir, "--prompt", "ab", "--max-bytes", "3"]
@@ -99,6 +101,7 @@ def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir,
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
         jax.config.update("jax_enable_compilation_cache", enabled)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
         reset_cache()  # the open cache follows the restored directory
 
 

@@ -11,6 +11,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from shared_runs import built_once, read_json, write_json
 from train_utils import small_config
 
 from fastblt import sharding
@@ -31,7 +32,7 @@ def _losses(cfg, mesh, batches, frozen=None):
 @pytest.fixture(scope="module")
 def single_device_entropy_run():
     """(config, batches, frozen entropy params, losses on one device): the reference of every mesh
-    below, computed once (each Trainer compiles its own steps)."""
+    below, computed once in the session (shared_runs.py; each Trainer compiles its own steps)."""
     from fastblt.train.tasks import frozen_template
 
     cfg = small_config(patching="entropy")
@@ -42,7 +43,12 @@ def single_device_entropy_run():
         lambda s: np.random.default_rng(0).normal(0, 0.2, s.shape).astype(s.dtype),
         frozen_template(Trainer(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1])).task),
     )
-    single, _ = _losses(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batches, frozen)
+
+    def build(path):
+        single, _ = _losses(cfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), batches, frozen)
+        write_json(path / "losses.json", single.tolist())
+
+    single = np.array(read_json(built_once("single_device_entropy_run", build) / "losses.json"))
     return cfg, batches, frozen, single
 
 
@@ -82,20 +88,25 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted():
     """(workdir, {step: loss}) of one uninterrupted run of ``small_config(steps=6)`` (checkpoints 3
     and 6): the losses are the resume tests' reference, and tests that change the workdir copy it
-    first. One run for all of them: each run compiles its steps."""
-    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    losses: dict[int, float] = {}
-    train(
-        small_config(steps=6),
-        str(workdir),
-        log=lambda *_: None,
-        on_step=lambda s, m: losses.__setitem__(s, m["loss"]),
-    )
+    first. One run for all of them, in the whole session (shared_runs.py): each run compiles its steps."""
+
+    def build(path):
+        losses: dict[int, float] = {}
+        train(
+            small_config(steps=6),
+            str(path / "run"),
+            log=lambda *_: None,
+            on_step=lambda s, m: losses.__setitem__(s, m["loss"]),
+        )
+        write_json(path / "losses.json", sorted(losses.items()))
+
+    done = built_once("uninterrupted", build)
+    losses = {int(s): loss for s, loss in read_json(done / "losses.json")}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-    return workdir, losses
+    return done / "run", losses
 
 
 def _copy_of(workdir, tmp_path):
@@ -141,21 +152,26 @@ def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path, uninterrupted):
 
 
 @pytest.fixture(scope="module")
-def two_stage(tmp_path_factory):
+def two_stage():
     """(workdir, logs, last metrics) of a finished two-stage run, shared by the tests that read one
-    (each run compiles both stages' steps). It prints the end-of-run greedy sample, which
-    train_utils turns off elsewhere."""
-    workdir = tmp_path_factory.mktemp("two_stage") / "run"
-    cfg = small_config(
-        "entropy_stage.steps=3",
-        "entropy_stage.target_patch_len=4.0",
-        "train.sample_bytes=8",
-        steps=3,
-        patching="entropy",
-    )
-    logs: list[str] = []
-    last = run(cfg, str(workdir), log=logs.append)
-    return workdir, logs, last
+    in the whole session (shared_runs.py; each run compiles both stages' steps). It prints the
+    end-of-run greedy sample, which train_utils turns off elsewhere."""
+
+    def build(path):
+        cfg = small_config(
+            "entropy_stage.steps=3",
+            "entropy_stage.target_patch_len=4.0",
+            "train.sample_bytes=8",
+            steps=3,
+            patching="entropy",
+        )
+        logs: list[str] = []
+        last = run(cfg, str(path / "run"), log=logs.append)
+        write_json(path / "result.json", {"logs": logs, "last": last})
+
+    done = built_once("two_stage", build)
+    result = read_json(done / "result.json")
+    return done / "run", result["logs"], result["last"]
 
 
 def test_two_stage_run_trains_entropy_model_then_blt(two_stage):
@@ -315,7 +331,10 @@ def test_skip_mode_skips_a_non_finite_step_and_trains_on(tmp_path, monkeypatch):
     assert any("step 3" in line and "update skipped" in line for line in logs)
     assert (tmp_path / "skip" / "checkpoints" / "5").is_dir()  # a skipped step is no reason to stop
 
-    cfg = small_config("train.on_nonfinite='skip'", "train.max_nonfinite_skips=0", steps=5)
+    # The skip run's config but for the host-side limit: the same compiled steps (loaded, not compiled).
+    cfg = small_config(
+        "train.on_nonfinite='skip'", "optimizer.warmup_steps=9", "train.max_nonfinite_skips=0", steps=5
+    )
     with pytest.raises(NonFiniteLossError, match="in a row, more than train.max_nonfinite_skips"):
         train(cfg, str(tmp_path / "zero"), log=lambda *_: None)
 

@@ -34,8 +34,13 @@ SMALL_MODEL = [
 ]
 
 
-def small_config(*overrides: str, steps: int = 6, patching: str = "static"):
-    """The tiny experiment shrunk further; static patching unless ``patching='entropy'``."""
+def small_config_args(*overrides: str, steps: int = 6, patching: str = "static") -> tuple[str, list[str]]:
+    """(experiment spec, overrides) of :func:`small_config`, for ``fastblt train --config --set``."""
     spec = "tiny" if patching == "entropy" else f"tiny:patching={patching}"
     extra = [o for o in SMALL_MODEL if patching == "entropy" or not o.startswith("model.entropy_model")]
-    return load_config(spec, [*extra, f"train.steps={steps}", "checkpoint.save_every=3", *overrides])
+    return spec, [*extra, f"train.steps={steps}", "checkpoint.save_every=3", *overrides]
+
+
+def small_config(*overrides: str, steps: int = 6, patching: str = "static"):
+    """The tiny experiment shrunk further; static patching unless ``patching='entropy'``."""
+    return load_config(*small_config_args(*overrides, steps=steps, patching=patching))

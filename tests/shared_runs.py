@@ -1,0 +1,62 @@
+"""Expensive setups (trained workdirs) built once per pytest session and shared by its processes.
+
+Under xdist's default scheduling the tests of one module run on both workers, so a module fixture
+is built once per worker. A setup made with :func:`built_once` is built by the first process that
+asks for it, in the session's directory (tests/conftest.py); the others wait for it and read the
+same files. A test that changes such a directory copies it first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+SESSION_ENV = "FASTBLT_TEST_SESSION_DIR"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def built_once(name: str, build: Callable[[Path], None]) -> Path:
+    """The directory ``build(path)`` fills, built once per session under ``name``.
+
+    A lock file serialises the builders: the process that gets it first builds, the others then find
+    the finished directory. A build that failed (or whose process died) leaves no finished directory,
+    so the next process to ask builds again and fails the same way, each test with its own error."""
+    root = Path(os.environ[SESSION_ENV]) / "shared"
+    root.mkdir(exist_ok=True)
+    done = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        if not done.is_dir():
+            partial = root / f"{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            build(partial)
+            partial.rename(done)
+    return done
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value))  # floats round-trip exactly (repr), so losses stay bitwise
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def train_subprocess(workdir: Path, spec: str, overrides: list[str]) -> None:
+    """``python -m fastblt train`` of ``spec`` with ``--set`` overrides, compiled at XLA's default
+    LLVM level: the tests' -O0 (tests/conftest.py) halves compile time but doubles step time, and a
+    run of hundreds of steps spends its time in steps."""
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
+    argv = [sys.executable, "-m", "fastblt", "train", "--config", spec, "--workdir", str(workdir)]
+    argv += [a for o in overrides for a in ("--set", o)]
+    done = subprocess.run(
+        argv, cwd=REPO, env=dict(os.environ, XLA_FLAGS=flags), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
