@@ -28,6 +28,7 @@ from fastblt.io.loading import load_model, trained_block_size
 from fastblt.model import BLT
 from fastblt.model.blt import blt_d_logits
 from fastblt.sampler import generate
+from fastblt.train import blt_d as objective
 
 BLOCK = 4
 STEPS = 300
