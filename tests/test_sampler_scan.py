@@ -101,12 +101,7 @@ def test_a_scanned_program_does_not_grow_with_depth(monkeypatch, method):
     for scan in (False, True):
         for n in (2, 4):
             config = deeper(base, n).replace(scan_decode_layers=scan)
-            params = model_params(config)
+            params = random_params(config, np.random.default_rng(0))  # shapes only matter
             dots[scan, n] = _lowered_dots(monkeypatch, config, params, method)
     assert dots[False, 4] > dots[False, 2]
     assert dots[True, 4] == dots[True, 2] < dots[False, 2]
-
-
-def model_params(config):
-    """Random params of ``config``'s tree (shapes only matter for lowering)."""
-    return random_params(config, np.random.default_rng(0))

@@ -175,7 +175,7 @@ def gather_rows(buffer: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(lambda x, i: x[i])(buffer, index)
 
 
-def write_layer(stack: Layers, i: int | jax.Array, cols: jax.Array, values: jax.Array) -> Layers:
+def write_layer(stack: Layers, i: int | jax.Array | slice, cols: jax.Array, values: jax.Array) -> Layers:
     """Layer ``i``'s ``scatter_rows(cache, cols, values)`` in a stack's caches (either form; a
     stacked one is written in place, only at ``cols``). cols: int32[B, T] (out of range: dropped);
     values: [B, T, ...]."""
@@ -187,8 +187,7 @@ def write_layer(stack: Layers, i: int | jax.Array, cols: jax.Array, values: jax.
 
 def write_all_layers(stack: jax.Array, cols: jax.Array, values: jax.Array) -> jax.Array:
     """Every layer's ``scatter_rows`` in a stacked stack: values [n_layers, B, T, ...] at ``cols``."""
-    rows = jnp.arange(stack.shape[1])[:, None]
-    return stack.at[:, rows, cols].set(values.astype(stack.dtype), mode="drop")
+    return write_layer(stack, slice(None), cols, values)
 
 
 def read_layer(stack: Layers, i: int | jax.Array) -> jax.Array:
