@@ -80,15 +80,25 @@ def test_translation_prompts_have_the_few_shot_prefix(tmp_path):
         translation(str(path), None, 100, "source", "target")
 
 
-def test_plan_runs_ar_first_and_a_grid_of_each_methods_settings():
-    settings = parse_settings(["draft=4,8", "alpha=0.7,0.9", "one_step=true,false"])
-    assert settings == {"draft": [4, 8], "alpha": [0.7, 0.9], "one_step": [True, False]}
+def test_plan_runs_ar_first_then_each_rule_once_over_the_other_settings():
+    settings = parse_settings(["draft=4,8", "block_size=4,8", "alpha=0.7,0.9", "gamma=0.5", "one_step=true"])
+    assert settings == {
+        "draft": [4, 8],
+        "block_size": [4, 8],
+        "alpha": [0.7, 0.9],
+        "gamma": [0.5],
+        "one_step": [True],
+    }
     runs = plan(["blt_s", "blt_d"], settings)
-    assert runs[0] == ("ar", {})
-    assert ("blt_s", {"draft": 8}) in runs and len([r for r in runs if r[0] == "blt_s"]) == 2
-    blt_d = [s for m, s in runs if m == "blt_d"]
-    assert {"alpha": 0.7, "one_step": False} in blt_d
-    assert all(not (s.get("one_step") and "alpha" in s) for s in blt_d)  # two rules at once: left out
+    rules = [{"alpha": 0.7}, {"alpha": 0.9}, {"gamma": 0.5}, {"one_step": True}]
+    assert runs == [("ar", {}), ("blt_s", {"draft": 4}), ("blt_s", {"draft": 8})] + [
+        ("blt_d", {"block_size": b, **rule}) for b in (4, 8) for rule in rules
+    ]
+    # No rule given: the method's default rule, once per other setting; one_step=false is no rule.
+    assert plan(["blt_dv"], {"block_size": [4], "one_step": [False]}) == [
+        ("ar", {}),
+        ("blt_dv", {"block_size": 4}),
+    ]
     with pytest.raises(ConfigError, match="--setting"):
         parse_settings(["temperature=1"])
     with pytest.raises(ConfigError, match="--method"):
@@ -110,7 +120,8 @@ def test_judge_bits_per_byte_is_the_unpadded_forward_nll(tiny):
     from fastblt.tokenizer import encode
 
     config, params = tiny
-    prompts, outputs = [b"def f(x):", b"ab"], [b" return x", b"c"]
+    # Three lengths in chunks of two: padded rows and a short last chunk must not change a byte's score.
+    prompts, outputs = [b"def f(x):", b"ab", b"x" * 70], [b" return x", b"c", b"yz"]
     want_nll, n = 0.0, 0
     for p, o in zip(prompts, outputs, strict=True):
         ids = encode(p + o, add_bos=True, add_eos=False)
@@ -119,7 +130,7 @@ def test_judge_bits_per_byte_is_the_unpadded_forward_nll(tiny):
         for t in range(len(ids) - len(o), len(ids)):
             want_nll -= logp[t - 1, ids[t]]
             n += 1
-    got = judge_bits_per_byte(params, config, prompts, outputs)
+    got = judge_bits_per_byte(params, config, prompts, outputs, batch_size=2)
     assert got == pytest.approx(want_nll / n / np.log(2), rel=1e-4)
 
 
@@ -129,7 +140,17 @@ def test_harness_writes_table_plot_and_resumes(tiny, tmp_path, monkeypatch):
     examples = tuple(Example(f"k{i}", f"def f{i}(x):\n".encode(), b"    return x\n") for i in range(3))
     task = Task("code_completion", examples, None, ("exact_first_line", "chrf"))
     out = str(tmp_path / "eval")
-    rows = evaluate(params, config, task, ["ar", "blt_s"], {"draft": [2]}, max_bytes=6, batch_size=2, out=out)
+    rows = evaluate(
+        params,
+        config,
+        task,
+        ["ar", "blt_s"],
+        {"draft": [2]},
+        max_bytes=6,
+        batch_size=2,
+        out=out,
+        compile_workers=2,
+    )
     assert [(r["method"], r["setting"]) for r in rows] == [("ar", {}), ("blt_s", {"draft": 2})]
     ar, spec = rows
     assert ar["agreement_with_ar"] == 1.0 and spec["agreement_with_ar"] == 1.0  # greedy blt_s is ar
@@ -168,6 +189,9 @@ def test_eval_cli_runs_translation(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--checkpoint", export, "--task", "translation"])
     assert e.value.code == 2 and "--data FILE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv[:-2] + ["--max-prompt-bytes", str(config.max_bytes)])
+    assert e.value.code == 2 and "--max-prompt-bytes" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- humaneval

@@ -39,6 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="bytes generated per prompt (default 512 for humaneval, as the paper; 128 otherwise)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=None,
+        help="a prompt's last N bytes are kept (default: as many as model.max_bytes leaves; a model "
+        "trained on shorter rows does best with prompts within its training length)",
+    )
+    parser.add_argument(
+        "--compile-workers",
+        type=int,
+        default=4,
+        help="generation programs compiled side by side before the first run (1: one at a time)",
+    )
     parser.add_argument("--out", default=None, help="results directory (resumable)")
     parser.add_argument(
         "--judge", default=None, help="checkpoint that scores the generations (default: the model)"
@@ -65,14 +78,21 @@ def _run_eval(args: argparse.Namespace) -> None:
         raise UsageError(f"--limit {args.limit}: must be >= 1")
     if args.max_bytes is None:
         args.max_bytes = 512 if args.task == "humaneval" else 128
-    if args.max_bytes < 1 or args.batch_size < 1:
-        raise UsageError("--max-bytes and --batch-size must be >= 1")
+    if args.max_bytes < 1 or args.batch_size < 1 or args.compile_workers < 1:
+        raise UsageError("--max-bytes, --batch-size and --compile-workers must be >= 1")
     settings = parse_settings(args.setting)
     plan(args.method, settings)  # a bad method fails before anything loads
     config, params = load_model(args.checkpoint)
     max_prompt = config.max_bytes - args.max_bytes - 2  # BOS, and one byte of room
     if max_prompt < 1:
         raise UsageError(f"--max-bytes {args.max_bytes} leaves no room for a prompt in model.max_bytes")
+    if args.max_prompt_bytes is not None:
+        if not 1 <= args.max_prompt_bytes <= max_prompt:
+            raise UsageError(
+                f"--max-prompt-bytes {args.max_prompt_bytes}: must be in [1, {max_prompt}] "
+                f"(model.max_bytes {config.max_bytes} less --max-bytes {args.max_bytes} and 2)"
+            )
+        max_prompt = args.max_prompt_bytes
     if args.task == "code_completion":
         task = code_completion(load_config(args.corpus_config).data, args.limit, max_prompt)
     elif args.task == "humaneval":
@@ -94,6 +114,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         out=args.out,
         judge=judge,
+        compile_workers=args.compile_workers,
     )
     if args.out:
         print(Path(args.out, "results.md").read_text())

@@ -13,6 +13,7 @@ not recomputed.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -36,6 +37,10 @@ METHOD_SETTINGS = {
     "blt_d": ("block_size", "alpha", "gamma", "one_step"),
     "blt_dv": ("block_size", "alpha", "gamma", "one_step"),
 }
+
+
+# The unmasking rules: alternatives, not a grid (see plan).
+RULES = ("alpha", "gamma", "one_step")
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, list]:
@@ -65,9 +70,12 @@ def _value(v: str) -> Any:
 
 
 def plan(methods: Sequence[str], settings: Mapping[str, list]) -> list[tuple[str, dict]]:
-    """(method, setting) runs: ``ar`` first, then each method over the product of its settings.
+    """(method, setting) runs: ``ar`` first, then each method over its settings.
 
-    alpha, gamma and one_step are alternative rules: a product that sets two of them is left out.
+    The unmasking rules (each ``alpha`` value, each ``gamma`` value, ``one_step=true``) are
+    alternatives: a method runs each rule given once, crossed with the product of its other settings
+    (``draft``, ``block_size``); with no rule given, the method's default rule. So
+    ``block_size=4 alpha=0.7,0.9 gamma=0.5 one_step=true`` is four runs per method.
     """
     for m in methods:
         if m not in METHOD_SETTINGS:
@@ -76,12 +84,13 @@ def plan(methods: Sequence[str], settings: Mapping[str, list]) -> list[tuple[str
     for m in dict.fromkeys(methods):
         if m == "ar":
             continue
-        keys = [k for k in settings if k in METHOD_SETTINGS[m]]
+        keys = [k for k in settings if k in METHOD_SETTINGS[m] and k not in RULES]
+        rules = [{k: v} for k in ("alpha", "gamma") if k in METHOD_SETTINGS[m] for v in settings.get(k, ())]
+        if "one_step" in METHOD_SETTINGS[m] and True in settings.get("one_step", ()):
+            rules.append({"one_step": True})
         for values in itertools.product(*(settings[k] for k in keys)):
-            s = dict(zip(keys, values, strict=True))
-            rules = [k for k in ("alpha", "gamma") if k in s] + (["one_step"] if s.get("one_step") else [])
-            if len(rules) <= 1:
-                runs.append((m, s))
+            base = dict(zip(keys, values, strict=True))
+            runs += [(m, {**base, **rule}) for rule in rules or [{}]]
     return runs
 
 
@@ -99,33 +108,59 @@ def agreement(outputs: Sequence[bytes], reference: Sequence[bytes]) -> float:
 
 
 def judge_bits_per_byte(
-    params, config: ModelConfig, prompts: Sequence[bytes], outputs: Sequence[bytes]
+    params,
+    config: ModelConfig,
+    prompts: Sequence[bytes],
+    outputs: Sequence[bytes],
+    batch_size: int = 8,
 ) -> float | None:
-    """Bits per byte of ``outputs`` after their prompts under a BLT (a full forward per example,
-    the model's own patching): the generative-perplexity measure of diffusion LM papers. None when
-    nothing was generated."""
-    import jax
+    """Bits per byte of ``outputs`` after their prompts under a BLT (a full forward, the model's own
+    patching): the generative-perplexity measure of diffusion LM papers. None when nothing was
+    generated.
+
+    Examples run ``batch_size`` at a time in rows of one width (the longest, rounded up to 64 bytes;
+    at most ``model.max_bytes``, keeping each example's last bytes), padded at the end: a byte's
+    logits depend only on the bytes before it, and one shape is one compilation.
+    """
     import jax.numpy as jnp
 
-    from fastblt.model import BLT
     from fastblt.tokenizer import encode
 
-    forward = jax.jit(lambda p, x: BLT(config).apply({"params": p}, x))
+    rows = [
+        (encode(p + o, add_bos=True, add_eos=False)[-config.max_bytes :], len(o))
+        for p, o in zip(prompts, outputs, strict=True)
+        if o
+    ]
+    if not rows:
+        return None
+    width = min(config.max_bytes, -(-max(len(ids) for ids, _ in rows) // 64) * 64)
+    forward = _judge_forward(config)
     nll = n = 0.0
-    for prompt, out in zip(prompts, outputs, strict=True):
-        if not out:
-            continue
-        ids = encode(prompt + out, add_bos=True, add_eos=False)[-config.max_bytes :]
-        width = min(config.max_bytes, -(-len(ids) // 64) * 64)  # few shapes: few compilations
-        row = np.zeros((1, width), np.int32)
-        row[0, : len(ids)] = ids
-        logp = jax.nn.log_softmax(forward(params, jnp.asarray(row))[0].astype(jnp.float32), axis=-1)
-        logp = np.asarray(logp)
-        k = min(len(out), len(ids) - 1)
-        pos = np.arange(len(ids) - 1 - k, len(ids) - 1)  # logits at t predict token t + 1
-        nll -= float(logp[pos, np.asarray(ids)[pos + 1]].sum())
-        n += k
-    return nll / n / math.log(2) if n else None
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = np.zeros((batch_size, width), np.int32)  # a short last chunk: empty rows, same shape
+        for i, (ids, _) in enumerate(chunk):
+            batch[i, : len(ids)] = ids
+        logp = np.asarray(forward(params, jnp.asarray(batch)))
+        for i, (ids, g) in enumerate(chunk):
+            k = min(g, len(ids) - 1)
+            pos = np.arange(len(ids) - 1 - k, len(ids) - 1)  # logits at t predict token t + 1
+            nll -= float(logp[i, pos, ids[pos + 1]].sum())
+            n += k
+    return nll / n / math.log(2)
+
+
+@functools.cache
+def _judge_forward(config: ModelConfig):
+    """The judge's jitted forward: log-probabilities float32[B, T, V] of ids int32[B, T]."""
+    import jax
+
+    from fastblt.model import BLT
+
+    def logp(params, ids):
+        return jax.nn.log_softmax(BLT(config).apply({"params": params}, ids).astype(jax.numpy.float32), -1)
+
+    return jax.jit(logp)
 
 
 def _progress(total: int, desc: str):
@@ -183,20 +218,23 @@ def evaluate(
     batch_size: int = 8,
     out: str | None = None,
     judge: tuple[ModelConfig, Any] | None = None,
+    compile_workers: int = 1,
     log=print,
 ) -> list[dict]:
     """Runs :func:`plan` over ``task``; returns the rows (see the module docstring).
 
     judge: ``(config, params)`` of the model that scores the generations (default: this model).
+    compile_workers: programs compiled side by side before the first run (XLA's compiler releases
+      the GIL; the runs themselves stay one at a time, so their timings are not shared).
     """
     judge_config, judge_params = judge if judge is not None else (config, params)
     done, gens = _load(out)
+    todo = [(m, s) for m, s in plan(methods, settings or {}) if _key(task, max_bytes, m, s) not in done]
+    if compile_workers > 1 and len(todo) > 1:
+        _precompile(params, config, task, todo, max_bytes, batch_size, compile_workers, log)
     rows, ar_outputs = [], None
     for method, setting in plan(methods, settings or {}):
-        key = json.dumps(
-            [ROW_FORMAT, task.name, len(task.examples), max_bytes, method, sorted(setting.items())],
-            separators=(",", ":"),
-        )
+        key = _key(task, max_bytes, method, setting)
         if key in done:
             row, outputs = done[key], [o.encode("latin-1") for o in gens[key]]
             log(f"{_label(method, setting)}: read from {out}")
@@ -236,6 +274,33 @@ def evaluate(
         write_table(rows, task, os.path.join(out, "results.md"))
         plot(rows, task, os.path.join(out, "quality_vs_bandwidth.png"))
     return rows
+
+
+def _key(task: Task, max_bytes: int, method: str, setting: Mapping) -> str:
+    """A run's identity in ``results.jsonl``: what must match for a finished run to be read back."""
+    return json.dumps(
+        [ROW_FORMAT, task.name, len(task.examples), max_bytes, method, sorted(setting.items())],
+        separators=(",", ":"),
+    )
+
+
+def _precompile(params, config, task, runs, max_bytes: int, batch_size: int, workers: int, log) -> None:
+    """Compiles the programs of ``runs`` (for the first batch's shapes) in ``workers`` threads; the
+    runs then find them in the sampler's cache (fastblt.sampler.api)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastblt.sampler.api import prepare
+
+    prompts = [e.prompt for e in task.examples[:batch_size]]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [
+            pool.submit(prepare, params, config, prompts, method=m, max_bytes=max_bytes, **s) for m, s in runs
+        ]
+        for f in futures:
+            f.result()
+    log(f"compiled {len(runs)} runs' programs in {time.perf_counter() - start:.1f} s ({workers} threads)")
 
 
 def _jsonl(path: str) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from fastblt.tokenizer import decode_bytes, encode
 METHODS = tuple(methods.REGISTRY)
 _BUFFER_MULTIPLE = 64  # default buffers are rounded up so nearby prompt lengths share one compile
 _COMPILED: dict = {}
+_COMPILING: dict = {}  # sig -> lock: threads asking for one program compile it once
+_COMPILING_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -97,12 +100,15 @@ def _compiled(key, fn, args):
         treedef,
         tuple((np.shape(x), str(jnp.result_type(x)), getattr(x, "sharding", None)) for x in leaves),
     )
-    if sig in _COMPILED:
-        return _COMPILED[sig], 0.0
-    start = time.perf_counter()
-    exe = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options())
-    _COMPILED[sig] = exe
-    return exe, time.perf_counter() - start
+    with _COMPILING_LOCK:
+        lock = _COMPILING.setdefault(sig, threading.Lock())
+    with lock:
+        if sig in _COMPILED:
+            return _COMPILED[sig], 0.0
+        start = time.perf_counter()
+        exe = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options())
+        _COMPILED[sig] = exe
+        return exe, time.perf_counter() - start
 
 
 @dataclasses.dataclass
