@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The paper's tables at a size one GPU trains in a session: plain BLT, BLT-D-4, BLT-D-8 and BLT-D-16
+# with the same entropy model, data, batches and schedule, each evaluated on code_completion with every
+# method and setting of the paper's tables (fastblt eval) as soon as it is trained, beside the next
+# model's training; and the exact mode's greedy identity on the trained plain BLT and BLT-D-4
+# (greedy_identity.py). Results: experiments/results/paper_tables.md.
+#
+#   bash experiments/benchmarks/reproduce_gpu.sh ROOT             # everything, in order; log: ROOT/log.txt
+#   bash experiments/benchmarks/reproduce_gpu.sh ROOT collect OUT # tables, plot and an archive into OUT
+#
+# A device call is capped (10 minutes) but a started process session outlives it while the machine
+# is held, so on the GPU the run is started with `setsid nohup ... &` and later calls wait on and
+# collect it. Finished phases leave ROOT/<phase>.done and are skipped on a rerun; a training cut short
+# resumes from its last checkpoint.
+#
+# Environment (defaults: the reproduction of experiments/results/paper_tables.md):
+#   PLAIN, BLT_D   experiments (blt_mid, blt_d_mid); BLT-D gets ":block=B"
+#   SIZE           overrides giving the model size (the mid model with a 768 x 8 global model)
+#   STEPS          steps per model (2000: 10x the 200-step runs of blt_d_mid.md, at 16 x 4096 bytes)
+#   ENTROPY_STEPS  the entropy model's steps (400); BLOCKS (4 8 16)
+#   LIMIT, EVAL_BATCH, PROMPT_BYTES, GEN_BYTES   the evaluation: prompts, prompts per call, a prompt's
+#                  last bytes kept, bytes generated (64, 32, 3072, 128)
+#   IDENTITY_BATCH batch of the identity checks (32; empty: none)
+set -uo pipefail
+root=${1:?usage: reproduce_gpu.sh ROOT [collect OUT]}
+mkdir -p "$root/eval"
+here=$(cd "$(dirname "$0")" && pwd)
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(cd "$here/../.." && pwd)  # greedy_identity.py imports experiments/
+
+if [ "${2:-}" = collect ]; then
+  out=${3:?usage: reproduce_gpu.sh ROOT collect OUT}
+  mkdir -p "$out"
+  python3 "$here/paper_tables.py" "$root" --out "$out" || echo "paper_tables.py failed" >&2
+  (cd "$root" && find . \( -path ./jax-cache -o -name 'checkpoints' -o -name '*.tfevents*' \) -prune -o \
+    -type f \( -name '*.jsonl' -o -name '*.md' -o -name '*.txt' -o -name '*.png' \) -print |
+    tar czf "$out/reproduction.tgz" -T -)
+  ls -la "$out"
+  exit 0
+fi
+
+plain=${PLAIN:-blt_mid}
+blt_d=${BLT_D:-blt_d_mid}
+read -r -a size <<<"${SIZE:---config.model.global_model.dim=768 --config.model.global_model.n_layers=8 --config.model.global_model.n_heads=12}"
+steps=${STEPS:-2000}
+entropy_steps=${ENTROPY_STEPS:-400}
+read -r -a blocks <<<"${BLOCKS:-4 8 16}"
+limit=${LIMIT:-64}
+eval_batch=${EVAL_BATCH:-32}
+prompt_bytes=${PROMPT_BYTES:-3072}
+gen_bytes=${GEN_BYTES:-128}
+identity_batch=${IDENTITY_BATCH-32}
+log="$root/log.txt"
+export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$root/jax-cache}
+
+say() { echo "[$(date -u +%T)] $*" | tee -a "$log"; }
+
+# Same schedule and patching for all four: max_patch_length=8 is BLT-D's (experiments/base.py blt_d),
+# given to plain BLT too, so the objective is the only difference.
+common=("${size[@]}" --config.train.steps="$steps" --config.train.log_every=100
+  --config.train.eval_every="$steps" --config.checkpoint.save_every=1000
+  --config.model.patcher.max_patch_length=8)
+
+train() {  # name, then fastblt train arguments
+  local name=$1
+  shift
+  [ -e "$root/$name.done" ] && return 0
+  say "train $name: start"
+  # The training takes ~60% of the GPU's memory; the evaluations beside it allocate as they go.
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${TRAIN_MEM_FRACTION:-0.6} python3 -m fastblt.cli train \
+    --workdir "$root/$name" "$@" "${common[@]}" 2>&1 | grep -v '^W[0-9]' >>"$root/train_$name.txt"
+  local rc=${PIPESTATUS[0]}
+  say "train $name: exit $rc"
+  [ "$rc" -eq 0 ] && touch "$root/$name.done"
+  [ "$rc" -eq 0 ]
+}
+
+evaluate() {  # name, then fastblt eval's --method/--setting arguments
+  local name=$1
+  shift
+  [ -e "$root/eval_$name.done" ] && return 0
+  say "eval $name: start"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m fastblt.cli eval --checkpoint "$root/$name" \
+    --task code_completion --limit "$limit" --batch-size "$eval_batch" --max-bytes "$gen_bytes" \
+    --max-prompt-bytes "$prompt_bytes" --compile-workers 8 --out "$root/eval/$name" "$@" \
+    >"$root/eval_$name.txt" 2>&1
+  local rc=$?
+  say "eval $name: exit $rc"
+  [ "$rc" -eq 0 ] && touch "$root/eval_$name.done"
+}
+
+identity() {  # name, then greedy_identity.py's --methods ... arguments
+  local name=$1
+  shift
+  [ -z "$identity_batch" ] || [ -e "$root/identity_$name.done" ] && return 0
+  say "identity $name: start"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 "$here/greedy_identity.py" --checkpoint "$root/$name" \
+    --batch "$identity_batch" --max-bytes "$gen_bytes" --dtypes model --modes exact default \
+    --out "$root/identity_$name.jsonl" "$@" >"$root/identity_$name.txt" 2>&1
+  local rc=$?
+  say "identity $name: exit $rc"
+  [ "$rc" -eq 0 ] && touch "$root/identity_$name.done"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$log"
+say "start: $plain / $blt_d, ${size[*]}, $steps steps"
+pids=()
+if train plain --config "$plain" --config.entropy_stage.steps="$entropy_steps"; then
+  evaluate plain --method blt_s --setting draft=4,8,16 &
+  pids+=($!)
+  identity plain --methods blt_s ar_batch1 &
+  pids+=($!)
+fi
+for b in "${blocks[@]}"; do
+  [ -e "$root/plain.done" ] || break
+  if train "d$b" --config "$blt_d:block=$b" --config.entropy_stage.checkpoint="$root/plain/entropy"; then
+    # alpha, gamma and one_step are alternative rules: each value is one run (fastblt.evaluation.harness.plan).
+    evaluate "d$b" --method blt_d blt_dv --setting block_size="$b" --setting alpha=0.7,0.9 \
+      --setting gamma=0.5,1.0 --setting one_step=true &
+    pids+=($!)
+    if [ "$b" = 4 ]; then
+      identity d4 --methods blt_dv --block-size 4 &
+      pids+=($!)
+    fi
+  fi
+done
+for p in "${pids[@]}"; do wait "$p"; done
+say "done"

@@ -1,0 +1,43 @@
+"""experiments/benchmarks/paper_tables.py: several models' evaluations in one table and one plot."""
+
+from __future__ import annotations
+
+import json
+
+from experiments.benchmarks import paper_tables
+
+
+def _row(method: str, setting: dict, key: str, chrf: float) -> dict:
+    return {
+        "task": "code_completion", "method": method, "setting": setting, "examples": 2, "max_bytes": 4,
+        "exact_first_line": 0.5, "chrf": chrf, "judge_bits_per_byte": 1.25, "generated_bytes": 8.0,
+        "decoder_passes_per_byte": 1.0, "eg_passes_per_byte": 0.25, "bandwidth_gb_per_byte": 0.07,
+        "decoder_passes_per_byte_implementation": 1.0, "eg_passes_per_byte_implementation": 0.25,
+        "bandwidth_gb_per_byte_implementation": 0.06, "bytes_per_s": 100.0, "key": key,
+    }  # fmt: skip
+
+
+def _write(path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_tables_and_plot_of_two_models(tmp_path):
+    root = tmp_path / "root"
+    for model, method, setting in (("plain", "blt_s", {"draft": 8}), ("d4", "blt_d", {"block_size": 4})):
+        ev = root / "eval" / model
+        _write(ev / "results.jsonl", [_row("ar", {}, "k-ar", 30.0), _row(method, setting, "k-m", 12.5)])
+        # Against ar's "abcd" + "wxyz": 3 of 4 and 2 of 4 bytes equal at the same positions.
+        _write(ev / "generations.jsonl", [{"key": "k-ar", "outputs": ["abcd", "wxyz"]},
+                                          {"key": "k-m", "outputs": ["abXd", "wxQQ"]}])  # fmt: skip
+        metrics = [{"step": 10, "loss": 1.0, "bytes_per_sec": 5.0}, {"step": 20, "bytes_per_sec": 7.0},
+                   {"step": 20, "eval_loss": 0.7, "eval_bits_per_byte": 1.0099}]  # fmt: skip
+        _write(root / model / "blt" / "tensorboard" / "metrics.jsonl", metrics)
+    out = tmp_path / "out"
+    paper_tables.main([str(root), "--out", str(out)])
+    table = (out / "paper_tables.md").read_text()
+    assert "| plain | 20 | 1.0099 | 0.7000 | 7 |" in table  # the first speed (compile) is left out
+    assert "| plain | blt_s draft=8 | 0.500 | 12.50 |" in table and "| 0.62 |" in table
+    assert "| d4 | blt_d |" in table  # block_size is the model's, not a column
+    assert table.index("| plain | ar") < table.index("| d4 | ar")
+    assert (out / "paper_tables.png").stat().st_size > 0
