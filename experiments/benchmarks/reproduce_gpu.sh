@@ -18,6 +18,10 @@
 #   SIZE           overrides giving the model size (the mid model with a 768 x 8 global model)
 #   STEPS          steps per model (2000: 10x the 200-step runs of blt_d_mid.md, at 16 x 4096 bytes)
 #   ENTROPY_STEPS  the entropy model's steps (400); BLOCKS (4 8 16)
+#   DATA           overrides of the data section (default: none, the stdlib corpus, ~10.5 MB: 131 M
+#                  bytes are ~12 epochs of it); e.g. the installed packages' sources:
+#                  DATA="--config.data.source=text --config.data.paths=$(python3 -c 'import sysconfig;
+#                  print(sysconfig.get_paths()["purelib"])')/**/*.py"
 #   LIMIT, EVAL_BATCH, PROMPT_BYTES, GEN_BYTES   the evaluation: prompts, prompts per call, a prompt's
 #                  last bytes kept, bytes generated (64, 32, 3072, 128)
 #   IDENTITY_BATCH batch of the identity checks (32; empty: none)
@@ -44,6 +48,7 @@ read -r -a size <<<"${SIZE:---config.model.global_model.dim=768 --config.model.g
 steps=${STEPS:-2000}
 entropy_steps=${ENTROPY_STEPS:-400}
 read -r -a blocks <<<"${BLOCKS:-4 8 16}"
+read -r -a data <<<"${DATA:-}"
 limit=${LIMIT:-64}
 eval_batch=${EVAL_BATCH:-32}
 prompt_bytes=${PROMPT_BYTES:-3072}
@@ -57,7 +62,7 @@ say() { echo "[$(date -u +%T)] $*" | tee -a "$log"; }
 
 # Same schedule and patching for all four: max_patch_length=8 is BLT-D's (experiments/base.py blt_d),
 # given to plain BLT too, so the objective is the only difference.
-common=("${size[@]}" --config.train.steps="$steps" --config.train.log_every=100
+common=("${size[@]}" "${data[@]}" --config.train.steps="$steps" --config.train.log_every=100
   --config.train.eval_every="$steps" --config.checkpoint.save_every=1000
   --config.model.patcher.max_patch_length=8)
 
