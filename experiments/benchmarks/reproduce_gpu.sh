@@ -15,13 +15,14 @@
 #
 # Environment (defaults: the reproduction of experiments/results/paper_tables.md):
 #   PLAIN, BLT_D   experiments (blt_mid, blt_d_mid); BLT-D gets ":block=B"
-#   SIZE           overrides giving the model size (the mid model with a 768 x 8 global model)
+#   SIZE           overrides giving the model size (default: the mid model with a 768 x 8 global model
+#                  and 384-wide local models, a 2-layer decoder: the four trainings' estimated ~10
+#                  minutes fit one device session; experiments/results/paper_tables.md)
 #   STEPS          steps per model (2000: 10x the 200-step runs of blt_d_mid.md, at 16 x 4096 bytes)
 #   ENTROPY_STEPS  the entropy model's steps (400); BLOCKS (4 8 16)
-#   DATA           overrides of the data section (default: none, the stdlib corpus, ~10.5 MB: 131 M
-#                  bytes are ~12 epochs of it); e.g. the installed packages' sources:
-#                  DATA="--config.data.source=text --config.data.paths=$(python3 -c 'import sysconfig;
-#                  print(sysconfig.get_paths()["purelib"])')/**/*.py"
+#   DATA           overrides of the data section; "" for the stdlib corpus (~10.5 MB: 131 M bytes are
+#                  ~12 epochs of it); default "auto": the installed packages' Python sources
+#                  (sysconfig's purelib) when they hold >= 200 MB, else the stdlib corpus
 #   LIMIT, EVAL_BATCH, PROMPT_BYTES, GEN_BYTES   the evaluation: prompts, prompts per call, a prompt's
 #                  last bytes kept, bytes generated (64, 32, 3072, 128)
 #   IDENTITY_BATCH batch of the identity checks (32; empty: none)
@@ -44,11 +45,19 @@ fi
 
 plain=${PLAIN:-blt_mid}
 blt_d=${BLT_D:-blt_d_mid}
-read -r -a size <<<"${SIZE:---config.model.global_model.dim=768 --config.model.global_model.n_layers=8 --config.model.global_model.n_heads=12}"
+read -r -a size <<<"${SIZE:---config.model.global_model.dim=768 --config.model.global_model.n_layers=8 --config.model.global_model.n_heads=12 --config.model.encoder.dim=384 --config.model.encoder.n_heads=6 --config.model.decoder.dim=384 --config.model.decoder.n_layers=2 --config.model.decoder.n_heads=6}"
 steps=${STEPS:-2000}
 entropy_steps=${ENTROPY_STEPS:-400}
 read -r -a blocks <<<"${BLOCKS:-4 8 16}"
-read -r -a data <<<"${DATA:-}"
+if [ "${DATA-auto}" = auto ]; then
+  # The installed packages' Python sources when they are a corpus of >= 200 MB, else the stdlib's.
+  purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  megabytes=$(python3 -c 'import pathlib, sys; print(sum(p.stat().st_size for p in pathlib.Path(sys.argv[1]).rglob("*.py") if p.is_file()) >> 20)' "$purelib")
+  data=()
+  [ "$megabytes" -ge 200 ] && data=(--config.data.source=text "--config.data.paths=$purelib/**/*.py")
+else
+  read -r -a data <<<"$DATA"
+fi
 limit=${LIMIT:-64}
 eval_batch=${EVAL_BATCH:-32}
 prompt_bytes=${PROMPT_BYTES:-3072}
@@ -108,7 +117,7 @@ identity() {  # name, then greedy_identity.py's --methods ... arguments
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$log"
-say "start: $plain / $blt_d, ${size[*]}, $steps steps"
+say "start: $plain / $blt_d, ${size[*]}, ${data[*]:-stdlib corpus}, $steps steps"
 pids=()
 if train plain --config "$plain" --config.entropy_stage.steps="$entropy_steps"; then
   evaluate plain --method blt_s --setting draft=4,8,16 &
