@@ -10,8 +10,10 @@ import ml_collections
 import pytest
 
 from fastblt import cli
-from fastblt.config import ConfigError, EntropyModelConfig, ModelConfig
-from fastblt.configs import (
+from fastblt.config import (
+    ConfigError,
+    EntropyModelConfig,
+    ModelConfig,
     available_experiments,
     entropy_model_config,
     load_config,
@@ -141,7 +143,7 @@ def test_overrides_of_each_type():
             "model.encoder.window=None",
             "model.encoder.n_kv_heads=2",  # a field whose default is None
             "model.patcher.mode=static",  # a bare word is a string
-            "data.source='/tmp/corpus.txt'",
+            "train.sample_prompt='def f(x):'",  # a quoted string
             "model.document_masking=false",
         ],
     )
@@ -150,7 +152,7 @@ def test_overrides_of_each_type():
     assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
     assert m.hash.group_sizes == (3, 4)
     assert m.patcher.mode == "static" and m.document_masking is False
-    assert config.data.source == "/tmp/corpus.txt"
+    assert config.train.sample_prompt == "def f(x):"
 
 
 def test_overrides_do_not_leak_between_loads():
@@ -265,14 +267,13 @@ def test_standalone_experiment_file(tmp_path):
     path.write_text(
         textwrap.dedent(
             """
-            import ml_collections
-            from fastblt.config import ModelConfig, LocalModelConfig
+            from fastblt.config import Experiment, LocalModelConfig, ModelConfig, config_dict
 
             def get_config():
-                config = ml_collections.ConfigDict()
-                config.model = ModelConfig(encoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8),
-                                           decoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8)).to_dict()
-                config.data = ml_collections.ConfigDict(dict(seq_len=1024))
+                model = ModelConfig(encoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8),
+                                    decoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8))
+                config = config_dict(Experiment(model=model))  # every section at its defaults
+                config.data.seq_len = 1024
                 return config
             """
         )
@@ -385,3 +386,4 @@ def test_batch_that_does_not_split_over_the_devices_fails_before_compiling():
         sharding.check_batch(mesh, 6)
     with pytest.raises(ConfigError, match="needs 6 devices, 4 are present"):
         sharding.make_mesh({"data": 3, "fsdp": 2}, jax.devices()[:4])
+
