@@ -1,8 +1,8 @@
 """The ``model`` section: the BLT's stacks, patcher and hash embeddings; the ``entropy_model`` section.
 
 Frozen, hashable dataclasses (the model reads them; a module reads its own sub-config). The defaults
-are BLT-1B in float32. Rules between keys live in each class's ``check``; :func:`fastblt.config.
-schema.build` runs them with the section's dotted key.
+are BLT-1B in float32. Rules between keys live in each class's ``check``, which the one validator
+(fastblt/config/schema.py's ``build``) runs with the section's dotted key.
 """
 
 from __future__ import annotations
