@@ -23,8 +23,8 @@ from fastblt.config import (
     ModelConfig,
     PatcherConfig,
     TransformerConfig,
+    parse_arg,
 )
-from fastblt.configs import parse_arg
 
 BLT_1B = ModelConfig(
     encoder=LocalModelConfig(
@@ -52,8 +52,7 @@ BLT_1B = ModelConfig(
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """BLT-1B; the base optimizer is the reference's AdamW recipe (its peak lr is a placeholder)."""
     args = parse_arg(arg, runlocal=False)
-    config = base.training_sections()
-    config.model = BLT_1B.to_dict()
+    config = base.blt(BLT_1B)
     config.data.seq_len = 24576  # the reference's longest byte row (max_encoder_seq_length)
     # Training buffers: ~5.5k patches per 24576-byte row at ~4.5 bytes per patch; 8192 slots leave
     # room (None would give the global model 24577 slots: 1.3 TB of temporaries per v5p chip).

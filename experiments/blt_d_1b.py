@@ -12,7 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import base, blt_1b
-from fastblt.configs import parse_arg
+from fastblt.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -39,8 +39,7 @@ MID = ModelConfig(
 
 def get_config() -> ml_collections.ConfigDict:
     """The mid-size BLT with single-GPU training settings."""
-    config = base.training_sections()
-    config.model = MID.to_dict()
+    config = base.blt(MID)
     config.data.batch_size = 16
     config.data.seq_len = 4096
     config.optimizer.lr = 1e-3

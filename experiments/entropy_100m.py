@@ -19,8 +19,7 @@ from experiments import base, blt_1b
 
 def get_config() -> ml_collections.ConfigDict:
     """The entropy model of BLT-1B with the base optimizer recipe."""
-    config = base.training_sections()
-    config.entropy_model = blt_1b.BLT_1B.to_dict()["entropy_model"]
+    config = base.entropy_model(blt_1b.BLT_1B.entropy_model)
     config.data.batch_size = 64
     config.data.seq_len = 8192
     return config

@@ -16,8 +16,7 @@ from experiments import base, tiny
 
 def get_config() -> ml_collections.ConfigDict:
     """The tiny entropy model with CPU-sized training settings."""
-    config = base.training_sections()
-    config.entropy_model = tiny.TINY.to_dict()["entropy_model"]
+    config = base.entropy_model(tiny.TINY.entropy_model)
     config.data.batch_size = 8
     config.data.seq_len = 512
     config.optimizer.lr = 1e-3

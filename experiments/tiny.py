@@ -24,8 +24,8 @@ from fastblt.config import (
     ModelConfig,
     PatcherConfig,
     TransformerConfig,
+    parse_arg,
 )
-from fastblt.configs import parse_arg
 
 # Windows shorter than a row so that the sliding-window masks are exercised on CPU too.
 TINY = ModelConfig(
@@ -45,8 +45,7 @@ TINY = ModelConfig(
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The tiny BLT; ``patching=static|space`` drops the entropy model."""
     args = parse_arg(arg, patching="entropy")
-    config = base.training_sections()
-    config.model = TINY.to_dict()
+    config = base.blt(TINY)
     if args.patching != "entropy":
         config.model.patcher.mode = args.patching
         config.model.entropy_model = None

@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Submodules reachable as attributes of the package; each is imported only when first touched.
-_LAZY_SUBMODULES = frozenset({"config", "configs", "io", "model", "sampler", "tokenizer", "train"})
+_LAZY_SUBMODULES = frozenset({"config", "io", "model", "sampler", "tokenizer", "train"})
 
 __all__ = ["__version__", *sorted(_LAZY_SUBMODULES)]
 

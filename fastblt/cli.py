@@ -3,7 +3,7 @@
 Each subcommand lives beside the code it runs, in a module with ``register(subparsers)``, which adds
 its parser and sets ``run`` (the handler, called with the parsed arguments):
 
-    config_command.py              fastblt config       (configs.py)
+    config_command.py              fastblt config       (fastblt/config/)
     io/convert_command.py          fastblt convert      (io/huggingface.py, io/export.py)
     train/command.py               fastblt train        (train/)
     data/preprocess_command.py     fastblt preprocess   (data/preprocess.py)

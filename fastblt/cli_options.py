@@ -37,7 +37,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The config named by ``--config`` with the ``--set`` overrides applied and validated."""
-    from fastblt.configs import load_config
+    from fastblt.config import load_config
 
     return load_config(args.config, args.overrides)
 

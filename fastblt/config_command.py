@@ -1,4 +1,4 @@
-"""``fastblt config``: print an experiment config (fastblt/configs.py) after overrides and validation."""
+"""``fastblt config``: print an experiment config (fastblt/config/) after overrides and validation."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fastblt.config import ConfigError
+from fastblt.config import MESH_AXES, ConfigError
 
 # Logical axes used by the model. Parameters: embed, heads, kv_heads, mlp, vocab, hash_vocab,
 # patch_embed, norm. Activations: batch, bytes, patches, embed, heads, vocab.
@@ -92,8 +92,6 @@ class MeshJit:
 
 
 # ----------------------------------------------------------------------------- meshes
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -22,7 +22,7 @@ from shared_runs import built_once, train_subprocess
 from train_utils import small_config, small_config_args
 
 from fastblt import cli
-from fastblt.configs import objective_config
+from fastblt.config import objective_config
 from fastblt.data.pipeline import make_eval_batches
 from fastblt.io.loading import load_model, trained_block_size
 from fastblt.model import BLT

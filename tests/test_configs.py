@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import ml_collections
 import pytest
 
 from fastblt import cli
-from fastblt.config import ConfigError, EntropyModelConfig, ModelConfig
-from fastblt.configs import (
+from fastblt.config import (
+    ConfigError,
+    EntropyModelConfig,
+    ModelConfig,
     available_experiments,
     entropy_model_config,
     load_config,
@@ -141,7 +144,7 @@ def test_overrides_of_each_type():
             "model.encoder.window=None",
             "model.encoder.n_kv_heads=2",  # a field whose default is None
             "model.patcher.mode=static",  # a bare word is a string
-            "data.source='/tmp/corpus.txt'",
+            "train.sample_prompt='def f(x):'",  # a quoted string
             "model.document_masking=false",
         ],
     )
@@ -150,7 +153,7 @@ def test_overrides_of_each_type():
     assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
     assert m.hash.group_sizes == (3, 4)
     assert m.patcher.mode == "static" and m.document_masking is False
-    assert config.data.source == "/tmp/corpus.txt"
+    assert config.train.sample_prompt == "def f(x):"
 
 
 def test_overrides_do_not_leak_between_loads():
@@ -265,14 +268,13 @@ def test_standalone_experiment_file(tmp_path):
     path.write_text(
         textwrap.dedent(
             """
-            import ml_collections
-            from fastblt.config import ModelConfig, LocalModelConfig
+            from fastblt.config import Experiment, LocalModelConfig, ModelConfig, config_dict
 
             def get_config():
-                config = ml_collections.ConfigDict()
-                config.model = ModelConfig(encoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8),
-                                           decoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8)).to_dict()
-                config.data = ml_collections.ConfigDict(dict(seq_len=1024))
+                model = ModelConfig(encoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8),
+                                    decoder=LocalModelConfig(dim=512, n_layers=1, n_heads=8))
+                config = config_dict(Experiment(model=model))  # every section at its defaults
+                config.data.seq_len = 1024
                 return config
             """
         )
@@ -385,3 +387,158 @@ def test_batch_that_does_not_split_over_the_devices_fails_before_compiling():
         sharding.check_batch(mesh, 6)
     with pytest.raises(ConfigError, match="needs 6 devices, 4 are present"):
         sharding.make_mesh({"data": 3, "fsdp": 2}, jax.devices()[:4])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One form: every section typed, every key required, the defaults written once.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _experiment_file(tmp_path, body: str) -> str:
+    """An experiment file that starts from tiny and runs ``body`` (indented code on ``config``)."""
+    path = tmp_path / "changed.py"
+    path.write_text(
+        "from experiments import tiny\n\n\ndef get_config():\n    config = tiny.get_config()\n"
+        + textwrap.indent(textwrap.dedent(body), "    ")
+        + "    return config\n"
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("del config.train['log_every']\n", "train.log_every"),
+        ("del config.model.encoder['window']\n", "model.encoder.window"),  # was BLT-1B's 512, silently
+        ("del config.data['seq_len']\n", "data.seq_len"),
+        ("del config.optimizer['b2']\n", "optimizer.b2"),
+        ("del config.checkpoint['keep']\n", "checkpoint.keep"),
+        ("del config.mesh['fsdp']\n", "mesh.fsdp"),
+        ("del config.objective['normalization']\n", "objective.normalization"),
+        ("del config.entropy_stage['lr']\n", "entropy_stage.lr"),
+        ("del config['seed']\n", "seed"),
+    ],
+)
+def test_a_missing_key_is_an_error_naming_it(tmp_path, body, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} is missing; set it \(the default is"):
+        load_config(_experiment_file(tmp_path, body))
+
+
+def test_a_missing_section_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^objective is missing; a BLT experiment needs it"):
+        load_config(_experiment_file(tmp_path, "del config['objective']\n"))
+    with pytest.raises(ConfigError, match=r"^train is missing"):
+        load_config(_experiment_file(tmp_path, "del config['train']\n"))
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("config.train.stepz = 5\n", "train.stepz"),
+        ("config.data.batchsize = 4\n", "data.batchsize"),
+        ("config.checkpoint.workdir = '/tmp/x'\n", "checkpoint.workdir"),  # dropped: nothing read it
+        ("config.mesh.pipeline = 2\n", "mesh.pipeline"),
+        ("config.objective.blocks = 4\n", "objective.blocks"),
+        ("config.entropy_stage.stepz = 4\n", "entropy_stage.stepz"),
+        ("config.optimiser = {'lr': 1.0}\n", "optimiser"),
+    ],
+)
+def test_an_unknown_key_in_any_section_is_an_error_naming_it(tmp_path, body, key):
+    with pytest.raises(ConfigError, match=rf"^unknown config key {re.escape(key)}; valid keys under"):
+        load_config(_experiment_file(tmp_path, body))
+
+
+@pytest.mark.parametrize(
+    ("where", "change", "key"),
+    [
+        ("file", "config.train.steps = '100'\n", "train.steps"),
+        ("file", "config.optimizer.lr = None\n", "optimizer.lr"),
+        ("file", "config.checkpoint.async_save = 'yes'\n", "checkpoint.async_save"),
+        ("override", "data.num_epochs='two'", "data.num_epochs"),  # default None: no ConfigDict type
+        ("override", "data.eval_batches=1.5", "data.eval_batches"),
+        ("override", "entropy_stage.steps=1e3", "entropy_stage.steps"),
+        ("override", "objective.noise_eps=nan", "objective.noise_eps"),
+    ],
+)
+def test_a_wrong_type_in_any_section_names_the_key(tmp_path, where, change, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} (must be|is missing)"):
+        if where == "file":
+            load_config(_experiment_file(tmp_path, change))
+        else:
+            load_config("tiny", [change])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.source='/tmp/corpus.txt'", r"data\.source='/tmp/corpus\.txt' is not one of 'stdlib'"),
+        ("data.source='text'", r"data\.paths is required for data\.source='text'"),
+        ("data.eval_fraction=1.0", r"data\.eval_fraction: must be < 1"),
+        ("train.on_nonfinite='ignore'", r"train\.on_nonfinite='ignore' is not one of 'stop', 'skip'"),
+        ("optimizer.b2=1.0", r"optimizer\.b2: must be < 1"),
+        ("objective.kind='blt_d'", r"model\.mask_embedding: .* set model\.mask_embedding=True"),
+        ("objective.block_size=129", r"objective\.block_size: 129 exceeds model\.decoder\.window \(128\)"),
+    ],
+)
+def test_every_section_is_validated_at_load(override, message):
+    """The data and objective sections were checked only when training read them; now at load."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+def test_the_experiment_kinds_have_their_own_sections(tmp_path):
+    path = tmp_path / "entropy_with_objective.py"
+    path.write_text(
+        "from experiments import base, tiny\n\n\ndef get_config():\n"
+        "    config = base.entropy_model(tiny.TINY.entropy_model)\n"
+        "    config.objective = base.blt(tiny.TINY).objective\n"
+        "    return config\n"
+    )
+    with pytest.raises(ConfigError, match=r"^objective: an entropy-model experiment .* remove it"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^entropy_model: an experiment trains a BLT .* not both"):
+        load_config(_experiment_file(tmp_path, "config.entropy_model = config.model.entropy_model\n"))
+
+
+def test_the_defaults_are_the_dataclass_defaults():
+    """experiments/base.py holds no number of its own: its configs are the dataclasses' defaults."""
+    from experiments import base
+    from fastblt.config import EntropyModelConfig, Experiment, ObjectiveConfig, experiment_config
+    from fastblt.train import blt_d
+
+    assert experiment_config(base.get_config()) == Experiment()
+    assert experiment_config(load_config("base")) == Experiment()
+    entropy = experiment_config(base.entropy_model(EntropyModelConfig()))
+    assert entropy == Experiment.of_entropy_model(EntropyModelConfig())
+    assert "model" not in base.entropy_model(EntropyModelConfig()) and entropy.objective is None
+    assert blt_d.objective_section().to_dict() == base.get_config().objective.to_dict()
+    assert blt_d.objective_config(None, ModelConfig()) == ObjectiveConfig() == Experiment().objective
+
+
+def test_loaded_config_is_the_validated_typed_form():
+    """What load_config returns converts to the Experiment the package reads, and back, unchanged."""
+    from fastblt.config import as_dict, config_dict, experiment_config
+
+    config = load_config("blt_d_tiny:block=8", ["optimizer.lr=1", "data.paths=None"])
+    experiment = experiment_config(config)
+    assert experiment.objective.block_size == 8 and experiment.optimizer.lr == 1.0
+    assert experiment.data.paths == () and config.data.paths == []
+    assert config.to_dict() == config_dict(experiment).to_dict() == as_dict(experiment)
+    assert experiment_config(as_dict(experiment)) == experiment
+
+
+def test_an_old_saved_experiment_reads_back_once_upgraded():
+    """A checkpoint's saved experiment from the first version that wrote one (3cd069d) lacks every
+    key added since; read strictly it names the first, upgraded it is a valid experiment."""
+    import json
+
+    from fastblt.config import experiment_config, upgrade_experiment
+
+    meta_file = REPO / "tests" / "fixtures" / "saved" / "3cd069d" / "run" / "checkpoints" / "2" / "meta"
+    saved = json.loads((meta_file / "metadata").read_text())["experiment"]
+    with pytest.raises(ConfigError, match=r"^model\.remat is missing"):
+        experiment_config(saved)
+    experiment = experiment_config(upgrade_experiment(saved))
+    assert experiment.objective.kind == "next_byte" and experiment.train.on_nonfinite == "stop"
+    assert experiment.model.scan_layers is False and experiment.train.sample_bytes == 0
+    assert experiment.data.seq_len == saved["data"]["seq_len"] and experiment.data.paths == ()

@@ -12,8 +12,7 @@ import random
 
 import pytest
 
-from fastblt.config import ConfigError
-from fastblt.data.settings import parse_data_config
+from fastblt.config import ConfigError, parse_data_config
 from fastblt.data.sources import DataError, JsonlSource, TextFileSource, heldout_mask
 from fastblt.data.splits import iterate_documents, open_split
 from fastblt.data.stdlib import StdlibSource, stdlib_files, stdlib_root

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from fastblt import cli
-from fastblt.config import ConfigError
-from fastblt.configs import load_config, model_config
+from fastblt.config import ConfigError, load_config, model_config
 from fastblt.evaluation import Example, Task, evaluate, function_examples, parse_settings, plan, translation
 from fastblt.evaluation.harness import agreement, judge_bits_per_byte
 from fastblt.evaluation.tasks import exact_first_line

@@ -15,8 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import fastblt
 from fastblt import cli
-from fastblt.config import ModelConfig
-from fastblt.configs import load_config, model_config
+from fastblt.config import ModelConfig, load_config, model_config
 from fastblt.io.export import (
     FORMAT_VERSION,
     ExportError,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastblt import cli, config_command
-from fastblt.configs import load_config, model_config
+from fastblt.config import load_config, model_config
 from fastblt.io.export import abstract_params, save_export
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastblt.configs import load_config
+from fastblt.config import load_config
 
 SMALL_MODEL = [
     "model.encoder.dim=32",

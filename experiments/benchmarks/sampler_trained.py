@@ -129,11 +129,11 @@ def heldout_prompts(n: int, length: int, eval_fraction: float | None = None) -> 
     Round-robin over the held-out files (consecutive chunks within a file) so that a batch mixes
     modules instead of reading one file's header n times.
     """
-    from fastblt.data.settings import DEFAULTS
+    from fastblt.config import DataConfig
     from fastblt.data.splits import open_split
 
     data = {"source": "stdlib", "seq_len": 1, "batch_size": 1}
-    data["eval_fraction"] = DEFAULTS["eval_fraction"] if eval_fraction is None else eval_fraction
+    data["eval_fraction"] = DataConfig().eval_fraction if eval_fraction is None else eval_fraction
     source = open_split(data, "eval")
     docs = [source[i] for i in range(len(source))]
     chunks = [[d[o : o + length] for o in range(0, len(d) - length + 1, length)] for d in docs]

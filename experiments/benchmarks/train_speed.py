@@ -104,6 +104,7 @@ def run_jax_row(args, row: str) -> dict:
     import numpy as np
 
     from fastblt import sharding
+    from fastblt.config import experiment_config
     from fastblt.model import EntropyModel
     from fastblt.model.patcher import entropy as entropy_of
     from fastblt.train.loop import Trainer, entropy_stage_config
@@ -123,7 +124,8 @@ def run_jax_row(args, row: str) -> dict:
             jax.jit(lambda p, t: entropy_of(em.apply({"params": p}, t)))(frozen, data[0]["inputs"])
         )
         cfg.model.patcher.threshold = float(np.quantile(ent[:, 1:], 1 - 1 / 4.5))
-    mesh = sharding.make_mesh(cfg.get("mesh", {}))
+    cfg = experiment_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, mesh, frozen)
     state = trainer.init_state(0)
     gb = [sharding.global_batch(b, trainer.batch_sharding) for b in data]
@@ -191,9 +193,9 @@ def run_jax_row(args, row: str) -> dict:
 
 
 def _entropy_cfg(cfg):
-    from fastblt import configs
+    from fastblt.config import model_config
 
-    return configs.model_config(cfg).entropy_model
+    return model_config(cfg).entropy_model
 
 
 def run_matmul_row(args) -> dict:
@@ -232,12 +234,12 @@ def run_torch_row(args, row: str) -> dict:
     import torch
     import transformers
 
-    from fastblt import configs
+    from fastblt.config import model_config
     from fastblt.io.huggingface import config_to_hf
     from fastblt.model import patcher as patching
 
     cfg = experiment(args.shape, row, args.batch, args.seq_len)
-    model_cfg = configs.model_config(cfg)
+    model_cfg = model_config(cfg)
     hf_model_cfg = model_cfg.replace(patcher=model_cfg.patcher.__class__(mode="entropy"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = transformers.BltConfig(**config_to_hf(hf_model_cfg))

@@ -2,7 +2,6 @@
 
 Modules, one job each:
 
-- ``settings``: the ``config.data`` keys, defaults and validation (:func:`parse_data_config`).
 - ``sources``: text / JSONL / ArrayRecord random-access sources and the held-out hash rule.
 - ``stdlib``: the default corpus, the interpreter's standard-library source.
 - ``tensorstore_corpus``: the preprocessed corpus format and its source.
@@ -13,6 +12,8 @@ Modules, one job each:
   import it from its module (``from fastblt.data.preprocess import preprocess``): the package attribute
   ``fastblt.data.preprocess`` is the module.
 
+The ``data`` config section (its keys, defaults and rules) is :class:`fastblt.config.DataConfig`.
+
 Names below load on first access, so ``import fastblt.data`` does not import grain or JAX.
 """
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 from fastblt.lazy_exports import lazy_exports
 
 _EXPORTS = {
-    "DataConfig": "settings",
-    "parse_data_config": "settings",
     "DataError": "sources",
     "open_split": "splits",
     "iterate_documents": "splits",

@@ -36,9 +36,8 @@ import grain
 import numpy as np
 
 from fastblt import tokenizer
-from fastblt.config import ConfigError
+from fastblt.config import ConfigError, DataConfig, parse_data_config
 from fastblt.data.packing import PackIterDataset
-from fastblt.data.settings import DataConfig, parse_data_config
 from fastblt.data.sources import DataError, DocumentSource
 from fastblt.data.splits import open_split
 
@@ -173,7 +172,7 @@ def make_train_iterator(
     """A checkpointable iterator over this host's training batches (see the module docstring).
 
     Args:
-      data_cfg: the ``config.data`` section (ConfigDict or mapping; keys in fastblt.data.settings).
+      data_cfg: the ``config.data`` section (ConfigDict or mapping; keys in fastblt/config/data.py).
       process_index: this host's index, ``jax.process_index()``.
       process_count: the number of hosts, ``jax.process_count()``; must divide ``data.batch_size``.
     """

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fastblt import tokenizer
-from fastblt.data.settings import DataConfig, parse_data_config
+from fastblt.config import DataConfig, parse_data_config
 from fastblt.data.splits import iterate_labeled
 from fastblt.data.tensorstore_corpus import FORMAT, META, VERSION, zarr_spec
 

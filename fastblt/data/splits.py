@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fastblt.config import ConfigError
-from fastblt.data.settings import DataConfig, parse_data_config
+from fastblt.config import ConfigError, DataConfig, parse_data_config
 from fastblt.data.sources import (
     ArrayRecordSource,
     DocumentSource,

@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from fastblt.configs import load_config
+    from fastblt.config import load_config
     from fastblt.evaluation.harness import evaluate, parse_settings, plan
     from fastblt.evaluation.tasks import code_completion, humaneval, translation
     from fastblt.io.loading import load_model

@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax.linen import meta
 
-from fastblt.config import DTYPES, ConfigError, ModelConfig, model_config_from_dict
+from fastblt.config import DTYPES, ConfigError, ModelConfig, model_config_from_dict, upgrade_model
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -227,8 +227,8 @@ def load_export_config(src: str | Path) -> ModelConfig:
             f"{path}: format_version is {version!r}; this fastblt reads version {FORMAT_VERSION}. "
             f"Re-export the model with this version of fastblt"
         )
-    try:
-        return model_config_from_dict(values, prefix="")
+    try:  # an export of an older fastblt lacks the keys added since (fastblt/config/saved.py)
+        return model_config_from_dict(upgrade_model(values), prefix="")
     except ConfigError as e:
         raise ExportError(f"{path}: {e}") from None
 

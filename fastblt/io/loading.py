@@ -9,7 +9,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastblt.config import ConfigError, ModelConfig, model_config_from_dict
+from fastblt.config import (
+    ConfigError,
+    Experiment,
+    ModelConfig,
+    experiment_config,
+    model_config_from_dict,
+    upgrade_experiment,
+    upgrade_model,
+)
 
 
 def training_dir(path: str | Path) -> Path | None:
@@ -80,11 +88,12 @@ def load_model(
             f"{directory} holds a {meta.get('task', 'unknown')!r} run, not a BLT: point to the BLT workdir"
         )
     import jax
-    import ml_collections
 
-    experiment = ml_collections.ConfigDict(meta["experiment"])
+    # Saved configs are read as strictly as any other, once the keys added since are filled in
+    # (fastblt/config/saved.py lists them).
+    experiment = experiment_config(upgrade_experiment(meta["experiment"]))
     params, frozen = load_trained_params(experiment, str(directory), step)
-    config = model_config_from_dict(meta["model_config"])
+    config = model_config_from_dict(upgrade_model(meta["model_config"]))
     params = dict(params)
     if frozen:
         params["entropy_model"] = frozen
@@ -97,9 +106,10 @@ def load_model(
     return config, params
 
 
-def load_trained_params(cfg: Any, workdir: str, step: int | None = None) -> tuple[Any, Any]:
+def load_trained_params(cfg: Experiment | Any, workdir: str, step: int | None = None) -> tuple[Any, Any]:
     """(params, frozen) of a checkpoint (None: the newest readable one) of a training workdir made
-    with the experiment config ``cfg``; frozen is None when the run has no frozen parameters.
+    with the experiment ``cfg`` (an Experiment or its ConfigDict); frozen is None when the run has no
+    frozen parameters.
 
     Only the parameters' values are read (no optimizer is built, its values are not read; the
     checkpoint's metadata is), onto the shardings of ``cfg``'s mesh, with the parameters' logical
@@ -111,9 +121,10 @@ def load_trained_params(cfg: Any, workdir: str, step: int | None = None) -> tupl
     from fastblt.io.checkpoint import Checkpointer
     from fastblt.train.tasks import frozen_template, make_task
 
+    cfg = experiment_config(cfg)
     task = make_task(cfg)
-    boxed = jax.eval_shape(lambda: task.init_params(jax.random.key(0), int(cfg.data.seq_len)))
-    mesh = sharding.make_mesh(cfg.get("mesh", {}))
+    boxed = jax.eval_shape(lambda: task.init_params(jax.random.key(0), cfg.data.seq_len))
+    mesh = sharding.make_mesh(cfg.mesh)
     params, _ = sharding.abstract_sharded(boxed, mesh)
     template: dict[str, Any] = {"train": {"params": params}}
     frozen = frozen_template(task)

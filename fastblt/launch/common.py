@@ -73,7 +73,7 @@ class TrainJob:
 
     def validate(self) -> None:
         """Loads the config with its overrides here, so that a typo fails before any machine starts."""
-        from fastblt.configs import load_config
+        from fastblt.config import load_config
 
         load_config(self.config, list(self.overrides))
 

@@ -66,8 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    from fastblt.config import ConfigError
-    from fastblt.configs import load_config
+    from fastblt.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -157,11 +157,11 @@ class Run:
 
 def load_sweep(spec: str) -> list[Overrides]:
     """The list of override dicts of an experiment's ``get_sweep`` (``spec`` as for load_config)."""
-    from fastblt import configs
+    from fastblt.config import import_experiment, resolve_experiment
 
     name, sep, arg = spec.partition(":")
-    path = configs.resolve_experiment(name)
-    module = configs._import_experiment(path)
+    path = resolve_experiment(name)
+    module = import_experiment(path)
     get_sweep = getattr(module, "get_sweep", None)
     if not callable(get_sweep):
         raise ConfigError(
@@ -177,7 +177,7 @@ def load_sweep(spec: str) -> list[Overrides]:
 
 def expand(spec: str, root: str, base_overrides: Sequence[str] = ()) -> list[Run]:
     """The runs of ``spec``'s sweep under ``root``, each config loaded and validated here."""
-    from fastblt.configs import load_config
+    from fastblt.config import load_config
 
     grid = load_sweep(spec)
     keys = list(dict.fromkeys(k for d in grid for k in d))
@@ -304,7 +304,7 @@ def run_local(
     """
     import shlex
 
-    from fastblt.configs import load_config
+    from fastblt.config import load_config
     from fastblt.launch.status import is_finished as finished
 
     out = out or sys.stdout

@@ -23,7 +23,7 @@ import re
 import time
 from typing import Any
 
-from fastblt.config import ConfigError
+from fastblt.config import ConfigError, experiment_config
 
 __all__ = ["CompileReport", "compile_train_step", "topology_devices"]
 
@@ -137,9 +137,8 @@ def _abstract_batch(cfg: Any, sharding: Any) -> dict[str, Any]:
 
     from fastblt.data.pipeline import MakeBatch
 
-    entropies = bool(cfg.data.get("entropies", False))
-    one_row = MakeBatch(1, int(cfg.data.seq_len), entropies)([])
-    batch = int(cfg.data.batch_size)
+    one_row = MakeBatch(1, cfg.data.seq_len, cfg.data.entropies)([])
+    batch = cfg.data.batch_size
     return {
         k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype, sharding=sharding) for k, v in one_row.items()
     }
@@ -154,13 +153,14 @@ def compile_train_step(cfg: Any, topology: str) -> CompileReport:
     from fastblt.train.loop import Trainer, make_task
     from fastblt.train.tasks import frozen_template
 
+    cfg = experiment_config(cfg)
     devices, name, hbm = topology_devices(topology)
     try:
-        mesh = sharding.make_mesh(cfg.get("mesh", {}), devices)
+        mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise ConfigError(f"{e} (the topology has {len(devices)} devices)") from None
     data_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-    if int(cfg.data.batch_size) % data_ways:
+    if cfg.data.batch_size % data_ways:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} does not split over the {data_ways} data-parallel "
             f"devices (mesh.data x mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}): set "

@@ -47,15 +47,13 @@ decoder has N * (1 + B) rows.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fastblt.config import ConfigError, ModelConfig
+from fastblt.config import ModelConfig, ObjectiveConfig, build, check_objective, config_dict
 from fastblt.model.attention import document_ids
 from fastblt.model.block_rows import DecoderBlocks
 from fastblt.model.blt import blt_d_logits
@@ -64,44 +62,15 @@ from fastblt.train.objectives import next_byte_loss
 if TYPE_CHECKING:  # ml-collections is imported where a section is built (not on every machine)
     import ml_collections
 
-OBJECTIVE_KINDS = ("next_byte", "blt_d")
-NORMALIZATIONS = ("sum", "mean")
-
 
 # ---------------------------------------------------------------------------------------------------------
-# The ``objective`` config section.
+# The ``objective`` config section (fastblt/config/training.py), built by hand.
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-    """The ``objective`` section of an experiment.
-
-    kind: "next_byte" (plain BLT) or "blt_d" (next-byte + block diffusion; needs model.mask_embedding).
-    block_size: B, bytes per diffusion block (the paper trains 4, 8, 16); <= model.decoder.window.
-    noise_eps: t ~ U(noise_eps, 1): keeps the 1/t weight finite (0 < noise_eps < 1).
-    diffusion_weight, next_byte_weight: w_d, w_nb >= 0 (the paper: 1 and 1).
-    normalization: "sum" (the paper's ratio of summed terms, scaled by 1 / clean targets) or "mean".
-    """
-
-    kind: str = "next_byte"
-    block_size: int = 4
-    noise_eps: float = 1e-3
-    diffusion_weight: float = 1.0
-    next_byte_weight: float = 1.0
-    normalization: str = "sum"
-
-
-def objective_section(**overrides: Any) -> ml_collections.ConfigDict:
-    """A default ``objective`` section (plain next-byte) for experiment files, with ``overrides``."""
-    import ml_collections
-
-    values = dataclasses.asdict(ObjectiveConfig())
-    unknown = sorted(set(overrides) - set(values))
-    if unknown:
-        raise ConfigError(f"unknown config key objective.{unknown[0]}; valid keys: {', '.join(values)}")
-    values.update(overrides)
-    return ml_collections.ConfigDict(values)
+def objective_section(**changes: Any) -> ml_collections.ConfigDict:
+    """The ``objective`` section at its defaults (plain next-byte) with ``changes``, as a ConfigDict."""
+    return config_dict(build(ObjectiveConfig, changes, "objective.", fill=True))
 
 
 def objective_config(
@@ -109,67 +78,16 @@ def objective_config(
     model: ModelConfig,
     prefix: str = "objective.",
 ) -> ObjectiveConfig:
-    """Validated ObjectiveConfig of an experiment's ``objective`` section (None: next-byte).
+    """The validated ObjectiveConfig of one ``objective`` section (None: next-byte), checked against
+    ``model``; keys left out take the defaults (a whole experiment is read strictly by
+    :func:`fastblt.config.experiment_config`).
 
     Raises ConfigError naming the key (``objective.block_size``) for unknown keys, wrong types,
     values out of range, or a BLT-D objective on a model without ``model.mask_embedding``.
     """
-    if section is None:
-        return ObjectiveConfig()
-    values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-    fields = {f.name: f for f in dataclasses.fields(ObjectiveConfig)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys under {prefix.rstrip('.')}: "
-            f"{', '.join(sorted(fields))}"
-        )
-    for key, value in values.items():
-        hint = fields[key].type
-        if hint == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif hint == "float":
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            raise ConfigError(
-                f"{prefix}{key} must be {'a number' if hint == 'float' else hint}, got {value!r}"
-            )
-    cfg = ObjectiveConfig(**values)
-
-    def check(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"{prefix}{key}: {msg}")
-
-    check(cfg.kind in OBJECTIVE_KINDS, "kind", f"{cfg.kind!r} is not one of {OBJECTIVE_KINDS}")
-    check(
-        cfg.normalization in NORMALIZATIONS,
-        "normalization",
-        f"{cfg.normalization!r} is not one of {NORMALIZATIONS}",
-    )
-    check(cfg.block_size >= 1, "block_size", f"must be >= 1, got {cfg.block_size}")
-    window = model.decoder.window
-    check(
-        window is None or cfg.block_size <= window,
-        "block_size",
-        f"{cfg.block_size} exceeds model.decoder.window ({window}): a block attends itself whole",
-    )
-    check(0.0 < cfg.noise_eps < 1.0, "noise_eps", f"must be in (0, 1), got {cfg.noise_eps}")
-    check(cfg.diffusion_weight >= 0, "diffusion_weight", f"must be >= 0, got {cfg.diffusion_weight}")
-    check(cfg.next_byte_weight >= 0, "next_byte_weight", f"must be >= 0, got {cfg.next_byte_weight}")
-    if cfg.kind == "blt_d":
-        check(
-            cfg.diffusion_weight > 0 or cfg.next_byte_weight > 0,
-            "diffusion_weight",
-            f"is 0 and so is {prefix}next_byte_weight: nothing to train",
-        )
-        if not model.mask_embedding:
-            raise ConfigError(
-                "model.mask_embedding: objective.kind='blt_d' needs the decoder's learned [MASK] input; "
-                "set model.mask_embedding=True"
-            )
-    return cfg
+    objective = ObjectiveConfig() if section is None else build(ObjectiveConfig, section, prefix, fill=True)
+    check_objective(objective, model, prefix)
+    return objective
 
 
 # ---------------------------------------------------------------------------------------------------------

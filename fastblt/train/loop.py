@@ -7,7 +7,7 @@ BLT: train the entropy model (unless a trained one is given), then BLT patched b
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -17,12 +17,11 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from fastblt import configs, sharding
-from fastblt.config import as_dict
+from fastblt import sharding
+from fastblt.config import Experiment, TrainConfig, as_dict, experiment_config
 from fastblt.data import make_eval_batches, make_train_iterator
 from fastblt.errors import NonFiniteLossError
 from fastblt.io import checkpoint as ckpt_lib
@@ -51,20 +50,21 @@ class TrainState:
 
 
 class Trainer:
-    """Builds the sharded state and the jitted steps of one task on one mesh."""
+    """Builds the sharded state and the jitted steps of one task on one mesh (``cfg``: an
+    Experiment or its ConfigDict)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, mesh, frozen: Any = None):
-        self.cfg = cfg
+    def __init__(self, cfg: Experiment | Any, mesh, frozen: Any = None):
+        self.experiment = e = experiment_config(cfg)
         self.mesh = mesh
-        self.task = make_task(cfg)
-        self.seq_len = int(cfg.data.seq_len)
-        self.steps = int(cfg.train.steps)
-        self.accum = int(cfg.train.get("grad_accum", 1))
-        self.skip_nonfinite = cfg.train.get("on_nonfinite", "stop") == "skip"
-        self.tx = make_optimizer(cfg.optimizer, self.steps)
-        self.schedule = learning_rate_schedule(cfg.optimizer, self.steps)
+        self.task = make_task(e)
+        self.seq_len = e.data.seq_len
+        self.steps = e.train.steps
+        self.accum = e.train.grad_accum
+        self.skip_nonfinite = e.train.on_nonfinite == "skip"
+        self.tx = make_optimizer(e.optimizer, self.steps)
+        self.schedule = learning_rate_schedule(e.optimizer, self.steps)
         self.frozen = {} if frozen is None else frozen
-        self.noise_seed = int(cfg.seed) + 1
+        self.noise_seed = e.seed + 1
 
         def init(rng):
             params = self.task.init_params(rng, self.seq_len)
@@ -261,7 +261,7 @@ def _flops_per_byte(task, seq_len: int, avg_patch_len: float) -> float:
 
 
 def train(
-    cfg: ml_collections.ConfigDict,
+    cfg: Experiment | Any,
     workdir: str,
     frozen: Any = None,
     log: Callable[[str], Any] | None = None,
@@ -277,13 +277,14 @@ def train(
 
 
 def _train(
-    cfg: ml_collections.ConfigDict,
+    cfg: Experiment | Any,
     workdir: str,
     frozen: Any = None,
     log: Callable[[str], Any] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
-    """Trains one task from ``cfg`` in ``workdir`` (resuming from its latest checkpoint).
+    """Trains one task from ``cfg`` (an Experiment or its ConfigDict) in ``workdir`` (resuming from
+    its latest checkpoint).
 
     ``on_step(step, metrics)`` is called after every logged step (metrics as floats).
     Returns the last logged and evaluated metrics; after a preemption save they hold
@@ -291,24 +292,23 @@ def _train(
     """
     # ---------------------------------------------------------------- setup
     console, log = log is None, log or print
-    mesh = sharding.make_mesh(cfg.get("mesh", {}))
-    sharding.check_batch(mesh, int(cfg.data.batch_size))
+    cfg = experiment_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(mesh, cfg.data.batch_size)
     trainer = Trainer(cfg, mesh, frozen)
     task = trainer.task
     chief = jax.process_index() == 0
     ck = cfg.checkpoint
     ckpt = Checkpointer(
         workdir,
-        save_every=int(ck.save_every),
-        keep=int(ck.keep),
-        keep_every=ck.get("keep_every") or None,
-        async_save=bool(ck.get("async_save", True)),
+        save_every=ck.save_every,
+        keep=ck.keep,
+        keep_every=ck.keep_every or None,
+        async_save=ck.async_save,
     )
     ckpt_lib.install_preemption_handler()
     model_config = task.config
-    meta = ckpt_lib.config_meta(
-        as_dict(model_config), task=task.name, experiment=json.loads(cfg.to_json_best_effort())
-    )
+    meta = ckpt_lib.config_meta(as_dict(model_config), task=task.name, experiment=as_dict(cfg))
 
     # ---------------------------------------------------------------- data
     data_iter = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())
@@ -321,7 +321,7 @@ def _train(
         state = restored["train"]
         log(f"resumed {task.name} from step {int(state.step)} in {workdir}")
     else:
-        state = trainer.init_state(int(cfg.seed))
+        state = trainer.init_state(cfg.seed)
     start = int(state.step)
 
     # ---------------------------------------------------------------- loop
@@ -330,22 +330,19 @@ def _train(
         trainer.steps, start_step=start, write=None if console else log, bar=None if chief else False
     )
     log = progress.write  # on a terminal, messages go above the bar instead of through it
-    log_every = int(cfg.train.log_every)
-    eval_every = int(cfg.train.eval_every)
-    bytes_per_step = int(cfg.data.batch_size) * trainer.seq_len
+    log_every = cfg.train.log_every
+    eval_every = cfg.train.eval_every
+    bytes_per_step = cfg.data.batch_size * trainer.seq_len
     last: dict[str, float] = {}
     t0, t_step = time.time(), start
     in_flight = None
-    warmup = int(cfg.optimizer.get("warmup_steps", 0))
+    warmup = cfg.optimizer.warmup_steps
     if chief and warmup >= trainer.steps > 1:  # legal (short smoke runs), but say what it means
         log(
             f"optimizer.warmup_steps={warmup} >= train.steps={trainer.steps}: the warmup is cut to {trainer.steps - 1} steps"
         )
     guard = NonFiniteGuard(
-        ckpt,
-        str(cfg.train.get("on_nonfinite", "stop")),
-        int(cfg.train.get("max_nonfinite_skips", 10)),
-        log if chief else (lambda *_: None),
+        ckpt, cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, log if chief else (lambda *_: None)
     )
     try:
         for step in range(start, trainer.steps):
@@ -400,7 +397,7 @@ def _train(
                         )
                     )
                 last.update(ev)
-                if chief and isinstance(task, BLTTask) and int(cfg.train.get("sample_bytes", 0)) > 0:
+                if chief and isinstance(task, BLTTask) and cfg.train.sample_bytes > 0:
                     log(
                         f"[{task.name}] sample: {_sample_text(task, state.params, trainer.frozen, cfg.train)!r}"
                     )
@@ -436,54 +433,49 @@ def _overflow_warning(step: int, m: dict[str, float], task: Any) -> str:
     )
 
 
-def _sample_text(task: BLTTask, params: Any, frozen: Any, train_cfg: Any) -> str:
+def _sample_text(task: BLTTask, params: Any, frozen: Any, train_cfg: TrainConfig) -> str:
     """Greedy continuation of ``train.sample_prompt`` by the current model (cached sampler)."""
     from fastblt.sampler import generate
 
     full = dict(params, entropy_model=frozen) if frozen else dict(params)
-    prompt = str(train_cfg.get("sample_prompt", "def "))
+    prompt = train_cfg.sample_prompt
     # The training process keeps JAX's cache setting as it is (the sampler's default would turn the
     # on-disk cache on for every later training compile).
-    out = generate(
-        full, task.config, [prompt], max_bytes=int(train_cfg.sample_bytes), compilation_cache=False
-    )
+    out = generate(full, task.config, [prompt], max_bytes=train_cfg.sample_bytes, compilation_cache=False)
     return prompt + out.texts[0].decode("utf-8", errors="replace")
 
 
 # ------------------------------------------------------------------------- two stages
 
 
-def entropy_stage_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The stage-1 config of an entropy-patched BLT config: its entropy model, same data."""
-    stage = cfg.entropy_stage
-    out = ml_collections.ConfigDict()
-    out.seed = cfg.seed
-    out.entropy_model = cfg.model.entropy_model.to_dict()
-    out.data = cfg.data.to_dict()
-    out.optimizer = cfg.optimizer.to_dict()
-    out.optimizer.lr = stage.lr
-    out.optimizer.warmup_steps = stage.warmup_steps
-    out.train = cfg.train.to_dict()
-    out.train.steps = stage.steps
-    out.train.eval_every = stage.steps
-    out.checkpoint = cfg.checkpoint.to_dict()
-    if "mesh" in cfg:
-        out.mesh = cfg.mesh.to_dict()
-    return ml_collections.ConfigDict(out)
+def entropy_stage_config(cfg: Experiment | Any) -> Experiment:
+    """The stage-1 experiment of an entropy-patched BLT experiment: its entropy model, same data,
+    the ``entropy_stage`` section's steps and learning rate."""
+    e = experiment_config(cfg)
+    assert e.model is not None and e.model.entropy_model is not None and e.entropy_stage is not None
+    stage = e.entropy_stage
+    return Experiment.of_entropy_model(
+        e.model.entropy_model,
+        seed=e.seed,
+        data=e.data,
+        optimizer=dataclasses.replace(e.optimizer, lr=stage.lr, warmup_steps=stage.warmup_steps),
+        train=dataclasses.replace(e.train, steps=stage.steps, eval_every=stage.steps),
+        checkpoint=e.checkpoint,
+        mesh=e.mesh,
+    )
 
 
-def run(
-    cfg: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] | None = None
-) -> dict[str, float]:
+def run(cfg: Experiment | Any, workdir: str, log: Callable[[str], Any] | None = None) -> dict[str, float]:
     """``fastblt train``: one task, or both stages of an entropy-patched BLT (``log``: see :func:`train`)."""
     os.makedirs(workdir, exist_ok=True)
-    if "model" not in cfg or cfg.model.patcher.mode != "entropy":
+    cfg = experiment_config(cfg)
+    if cfg.model is None or cfg.model.patcher.mode != "entropy":
         return train(cfg, workdir, log=log)
     train_log, log = log, log or print  # train's None keeps its console bar
-    stage = cfg.entropy_stage
-    entropy_dir = stage.checkpoint or os.path.join(workdir, "entropy")
+    assert cfg.entropy_stage is not None
+    entropy_dir = cfg.entropy_stage.checkpoint or os.path.join(workdir, "entropy")
     stage_cfg = entropy_stage_config(cfg)
-    if not stage.checkpoint:
+    if not cfg.entropy_stage.checkpoint:
         log(f"== stage 1: entropy model -> {entropy_dir}")
         first = train(stage_cfg, entropy_dir, log=train_log)
         if "preempted_at_step" in first:  # stage 2 needs the finished entropy model
@@ -496,12 +488,12 @@ def run(
 
 
 def _stage2_patching(
-    cfg: ml_collections.ConfigDict,
-    stage_cfg: ml_collections.ConfigDict,
+    cfg: Experiment,
+    stage_cfg: Experiment,
     entropy_params: Any,
     log,
     saved: dict | None = None,
-) -> ml_collections.ConfigDict:
+) -> Experiment:
     """Stage 2's patching from the frozen entropy model on 4 training batches (fastblt/train/calibration.py):
     the threshold for ``entropy_stage.target_patch_len`` where set, then ``model.patcher.max_patches``
     raised where a row needs more slots (said loudly; the run's saved config keeps the new value).
@@ -509,38 +501,41 @@ def _stage2_patching(
     Every process decides the same (process 0's figures): the threshold and the buffer are baked into
     the compiled step. ``saved``: the patcher config of a stage 2 that resumes, whose buffer it keeps
     (its checkpoints were written with it)."""
+    assert cfg.model is not None and cfg.entropy_stage is not None and stage_cfg.entropy_model is not None
     rows = make_train_iterator(cfg.data, jax.process_index(), jax.process_count())
     batches = [next(rows) for _ in range(4)]
-    values = calibration.entropies(
-        configs.entropy_model_config(stage_cfg), entropy_params, batches, cfg.model.attention_impl
-    )
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    values = calibration.entropies(stage_cfg.entropy_model, entropy_params, batches, cfg.model.attention_impl)
     stage = cfg.entropy_stage
-    if stage.get("target_patch_len"):
-        threshold = _same_on_every_process(
-            calibration.threshold_for(values, batches, float(stage.target_patch_len))
-        )
-        cfg.model.patcher.threshold = threshold
+    patcher = cfg.model.patcher
+    if stage.target_patch_len:
+        threshold = _same_on_every_process(calibration.threshold_for(values, batches, stage.target_patch_len))
+        patcher = dataclasses.replace(patcher, threshold=threshold)
         log(
             f"patch threshold calibrated to {threshold:.4f} nats for ~{stage.target_patch_len} bytes per patch"
         )
     if saved is not None:
-        cfg.model.patcher.max_patches = saved.get("max_patches", cfg.model.patcher.get("max_patches"))
-        return cfg
-    needed = calibration.patches_needed(values, batches, configs.model_config(cfg).patcher)
-    seq_len = int(cfg.data.seq_len)
-    old = cfg.model.patcher.get("max_patches")
-    new = calibration.sized_buffer(needed, old, seq_len)
+        patcher = dataclasses.replace(patcher, max_patches=saved.get("max_patches", patcher.max_patches))
+        return _with_patcher(cfg, patcher)
+    needed = calibration.patches_needed(values, batches, patcher)
+    old = patcher.max_patches
+    new = calibration.sized_buffer(needed, old, cfg.data.seq_len)
     if new is not None:
         new = int(_same_on_every_process(float(new)))
     if new != old:
-        cfg.model.patcher.max_patches = new
+        patcher = dataclasses.replace(patcher, max_patches=new)
         log(
             f"WARNING: model.patcher.max_patches raised from {old} to {new}: rows of the first batches need "
             f"up to {int(needed.max())} patches (mean {needed.mean():.0f}); with {old} slots a row's surplus "
             "patches would merge into its last slot. Set model.patcher.max_patches to choose the buffer."
         )
-    return cfg
+    return _with_patcher(cfg, patcher)
+
+
+def _with_patcher(cfg: Experiment, patcher: Any) -> Experiment:
+    """``cfg`` with ``model.patcher`` replaced, validated again (a calibrated threshold is a number)."""
+    values = as_dict(cfg)
+    values["model"]["patcher"] = as_dict(patcher)
+    return experiment_config(values)
 
 
 def _saved_patcher(blt_dir: str) -> dict | None:
@@ -568,16 +563,18 @@ def _same_on_every_process(value: float) -> float:
     return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
 
 
-def entropy_function(cfg: ml_collections.ConfigDict, workdir: str, bucket: int = 1024):
+def entropy_function(cfg: Experiment | Any, workdir: str, bucket: int = 1024):
     """``fn(ids: int[n]) -> float32[n]`` next-byte entropies from the entropy model trained in
     ``workdir`` (a stage-1 workdir of ``cfg``, or an entropy-model experiment's). Rows are padded
     to a multiple of ``bucket`` so that few shapes compile."""
     from fastblt.model import EntropyModel
     from fastblt.model.patcher import entropy
 
-    stage_cfg = entropy_stage_config(cfg) if "model" in cfg else cfg
+    cfg = experiment_config(cfg)
+    stage_cfg = entropy_stage_config(cfg) if cfg.model is not None else cfg
     params, _ = load_trained_params(stage_cfg, workdir)
-    model = EntropyModel(configs.entropy_model_config(stage_cfg))
+    assert stage_cfg.entropy_model is not None
+    model = EntropyModel(stage_cfg.entropy_model)
     fn = jax.jit(lambda p, t: entropy(model.apply({"params": p}, t)))
 
     def entropies(ids: np.ndarray) -> np.ndarray:

@@ -12,10 +12,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from fastblt import configs
-from fastblt.config import EntropyModelConfig, ModelConfig
+from fastblt.config import EntropyModelConfig, Experiment, ModelConfig, ObjectiveConfig, experiment_config
 from fastblt.model import BLT, EntropyModel
 from fastblt.model import patcher as patching
 from fastblt.train.objectives import next_byte_loss
@@ -110,7 +108,7 @@ class BLTDTask(BLTTask):
     """BLT-D: next-byte loss plus the block-wise masked-diffusion loss (fastblt/train/blt_d.py).
     Evaluation reports the plain next-byte loss (``eval_loss``), comparable with BLT's."""
 
-    objective: Any = None  # fastblt.train.blt_d.ObjectiveConfig
+    objective: ObjectiveConfig | None = None
 
     name = "blt_d"
 
@@ -142,12 +140,13 @@ def frozen_template(task: BLTTask | EntropyTask) -> Any:
     return {}
 
 
-def make_task(cfg: ml_collections.ConfigDict) -> BLTTask | BLTDTask | EntropyTask:
-    """The task an experiment config trains: the entropy model (no ``model`` section), BLT, or BLT-D."""
-    if "model" not in cfg:
-        return EntropyTask(configs.entropy_model_config(cfg))
-    model_config = configs.model_config(cfg)
-    objective = configs.objective_config(cfg)
-    if objective.kind == "blt_d":
-        return BLTDTask(model_config, objective)
-    return BLTTask(model_config)
+def make_task(cfg: Experiment | Any) -> BLTTask | BLTDTask | EntropyTask:
+    """The task an experiment (an Experiment or its ConfigDict) trains: the entropy model (no ``model``
+    section), BLT, or BLT-D."""
+    experiment = experiment_config(cfg)
+    if experiment.model is None:
+        assert experiment.entropy_model is not None  # experiment_config checks that one is there
+        return EntropyTask(experiment.entropy_model)
+    if experiment.objective is not None and experiment.objective.kind == "blt_d":
+        return BLTDTask(experiment.model, experiment.objective)
+    return BLTTask(experiment.model)
