@@ -351,7 +351,10 @@ class BLT(nn.Module):
         byte_pos = positions_like(tokens)
         docs = document_ids(tokens) if m.document_masking else None
         enc_mask = LocalMask(byte_pos, docs, m.encoder.window)
-        patch_ids = patching.patch_ids_from_lengths(patch_lengths, n)
+        # Patch of each byte column 0..N (column N: the unseen next byte): the encoder pools bytes
+        # 0..N-1 by it, and the decoder's byte t reads the latent its next byte t + 1 implies.
+        column_ids = patching.patch_ids_from_lengths(patch_lengths, n + 1)
+        patch_ids = column_ids[:, :n]
 
         h = self.hash_embed(tokens, self.local_encoder.embed_tokens(tokens))
         h = nn.with_logical_constraint(h, _BYTES)
@@ -365,7 +368,7 @@ class BLT(nn.Module):
         g = self.global_transformer(pe, patch_pos, LocalMask(patch_pos, pdocs, None))
 
         dec_mask = LocalMask(byte_pos, docs, m.decoder.window)
-        read_patch = patching.decoder_patch_ids_from_lengths(patch_lengths, n)
+        read_patch = patching.latent_index(column_ids[:, 1:])  # decoder_patch_ids_from_lengths
         slots = self.local_decoder.slots(g)
         if blocks is None:
             return self.local_decoder(h, slots, read_patch, byte_pos, dec_mask)

@@ -429,8 +429,8 @@ class Runner:
         Returns: (forced bool[B]: that patch is still open, so its latent must be computed as scratch
         into slot ``completed``; read int32[B]: the slot to read, ``completed`` or ``completed - 1``).
         """
-        forced = gather_rows(byte_pid, (length - 1)[:, None])[:, 0] == completed
-        return forced, jnp.where(forced, completed, completed - 1)
+        last = gather_rows(byte_pid, (length - 1)[:, None])[:, 0]  # the patch of byte length - 1
+        return last == completed, patching.latent_index(completed, last_patch=last)
 
     def _extend(self, st: State, chunk, count, close_last: bool):
         b, t_in = chunk.shape
@@ -465,7 +465,7 @@ class Runner:
             lambda s: s,
             st,
         )
-        read = jnp.take_along_axis(column_pid, jnp.clip(qpos + 1, 0, n), axis=1) - 1
+        read = patching.latent_index(jnp.take_along_axis(column_pid, jnp.clip(qpos + 1, 0, n), axis=1))
         with jax.named_scope(SCOPES["decoder"]):
             st, logits = self.decoder(st, h, qpos, cols, read, tokens)
         st = st._replace(tokens=tokens, length=length, completed=completed)
