@@ -14,7 +14,7 @@ The layer is a pure function, :func:`transformer_layer`: ``h + attn(norm(h))``, 
   :class:`~fastblt.model.attention.LocalMask` description), ``BlockRows.attention`` (BLT-D's block
   rows: the clean rows' keys of the same layer as extra context, plus their own block),
   ``fastblt.sampler.cached.cached_attend`` (a KV cache written and read) and the block passes of
-  ``fastblt.sampler.diffusion`` (the cached clean rows plus the block's own cells).
+  ``fastblt.sampler.unmasking`` (the cached clean rows plus the block's own cells).
 
 :func:`read_latents` is the decoder's cross-attention over each row's patch latent, shared the
 same way by :class:`CrossAttention` and the sampler.

@@ -414,7 +414,7 @@ class Runner:
         self, st: State, chunk: jax.Array, count: jax.Array
     ) -> tuple[State, jax.Array, jax.Array, jax.Array]:
         """:meth:`extend`, plus the latent of the new prefix's last patch forced closed (BLT-D's o_M:
-        fastblt.sampler.diffusion.close_last_patch) in the same global call, as scratch in patch slot
+        fastblt.sampler.unmasking.close_last_patch) in the same global call, as scratch in patch slot
         ``completed`` where that patch is still open.
 
         Returns: (state, logits, new_patches as :meth:`extend`, read int32[B]: the patch slot of

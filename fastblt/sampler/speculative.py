@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.model.patcher import latent_index
-from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill
+from fastblt.sampler.ar import Prompts, prefill
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.cost import Counters
 from fastblt.sampler.sampling import filtered_probs, round_keys, sample_logits, speculative_accept
@@ -149,7 +149,6 @@ def build_blt_s(
 
     def run(params, prompts: Prompts, rule_params, seed, temperature, top_p):
         del rule_params  # the methods' common signature (fastblt.sampler.methods)
-        TRACE_COUNT["blt_s"] += 1
         runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
         rows = jnp.arange(b, dtype=jnp.int32)
