@@ -12,8 +12,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_sampler_diffusion import d_model
 from test_sampler_support import model, random_prompts
+from test_sampler_unmasking import d_model
 
 from fastblt.sampler import generate
 

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 try:
-    from test_sampler_diffusion import d_model, naive_blt_d
+    from naive_sampler import naive_generate
     from test_sampler_support import model, random_params, random_prompts
+    from test_sampler_unmasking import d_model, naive_blt_d
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.test_sampler_diffusion import d_model, naive_blt_d
+    from tests.naive_sampler import naive_generate
     from tests.test_sampler_support import model, random_params, random_prompts
+    from tests.test_sampler_unmasking import d_model, naive_blt_d
 
-from fastblt.sampler import api, encode_prompts, generate, naive_generate
+from fastblt.sampler import api, encode_prompts, generate
 from fastblt.sampler.state import scanned_stacks
 
 PAD = 64

@@ -16,9 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+try:
+    from naive_sampler import naive_generate
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.naive_sampler import naive_generate
+
 from fastblt.config import EntropyModelConfig, HashConfig, LocalModelConfig, ModelConfig, TransformerConfig
 from fastblt.model import BLT, abstract_params
-from fastblt.sampler import naive_generate
 from fastblt.tokenizer import encode
 
 CONFIGS = {

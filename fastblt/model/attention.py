@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.struct
 import jax
@@ -28,6 +29,13 @@ import numpy as np
 from fastblt.model.lookup import take_rows_batched
 
 _NEG = -1e30  # finite: an all-masked row stays finite before it is zeroed
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+"""A transformer layer's attention (fastblt.model.layers.transformer_layer): ``attend(q, k, v) ->
+(out, aux)`` with q: float[B, T, H, hd], k, v: float[B, T, KV, hd] (the layer's new rows, rotated)
+and out: float[B, T, H, hd]. It decides which keys the queries see (a mask, extra context, a cache)
+and where the new keys go; ``aux`` is what the layer's caller gets back (the keys, written caches,
+or None)."""
 
 # Documents per row the fused kernels' packed layout holds (a static shape); a batch with a row of
 # more takes the bias path. cuDNN's grid grows with it (empty segments still launch their tiles): at

@@ -14,8 +14,9 @@ Decoder input rows (the paper's D_0 = Embed([x ; x_block^t])):
   ``local_decoder.mask_embedding`` (created when ``model.mask_embedding`` is on).
 
 Each decoder layer (fastblt.model.layers.TransformerBlock) runs the clean rows as BLT does (so clean
-logits are BLT's logits) and, given :class:`BlockRows`, the block rows through the same weights,
-with the clean rows' keys and values of that layer as extra context: a block row attends the clean
+logits are BLT's logits) and, given :class:`BlockRows`, the block rows through the same layer function
+(fastblt.model.layers.transformer_layer) and weights, with :meth:`BlockRows.attention`: the clean
+rows' keys and values of that layer are extra context; a block row attends the clean
 keys of its block's context window that ``context_mask`` allows, plus the cells of its own block
 that ``self_mask`` allows. The clean stream never reads the block stream.
 
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastblt.model.attention import attention, resolve_impl
+from fastblt.model.attention import Attend, attention, resolve_impl
 from fastblt.model.lookup import take_windows_batched
 
 _NEG = -1e30  # as fastblt.model.attention: finite, so an all-masked row stays finite
@@ -86,24 +87,28 @@ class BlockRows:
     max_patch_length: int | None = flax.struct.field(pytree_node=False, default=None)
     chunk_blocks: int | None = flax.struct.field(pytree_node=False, default=None)
 
-    def attend(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, k_ctx: jax.Array, v_ctx: jax.Array, impl: str
-    ) -> jax.Array:
-        """The rows' attention: queries/keys/values of the rows [b, R, ...] over the clean rows' keys
-        and values of the same layer [b, N, ...] and their own blocks."""
-        return block_attention(
-            q,
-            k,
-            v,
-            k_ctx,
-            v_ctx,
-            self.context_start,
-            self.context_mask,
-            self.self_mask,
-            self.chunk_blocks,
-            self.max_patch_length,
-            impl,
-        )
+    def attention(self, k_ctx: jax.Array, v_ctx: jax.Array, impl: str) -> Attend:
+        """The rows' attention in a layer (fastblt.model.attention.Attend): their queries, keys and
+        values [b, R, ...] over the clean rows' keys and values of the same layer [b, N, ...]
+        (``k_ctx``, ``v_ctx``: extra context, never written) and their own blocks; no aux."""
+
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, None]:
+            out = block_attention(
+                q,
+                k,
+                v,
+                k_ctx,
+                v_ctx,
+                self.context_start,
+                self.context_mask,
+                self.self_mask,
+                self.chunk_blocks,
+                self.max_patch_length,
+                impl,
+            )
+            return out, None
+
+        return attend
 
 
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the

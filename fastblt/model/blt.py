@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastblt.config import HashConfig, ModelConfig
+from fastblt.config import HashConfig, LocalModelConfig, ModelConfig
 from fastblt.model import patcher as patching
 from fastblt.model.attention import LocalMask, document_ids
 from fastblt.model.block_rows import BlockRows, DecoderBlocks, check_patch_bound
@@ -76,6 +76,30 @@ class HashEmbedding(nn.Module):
         return base
 
 
+def local_layers(m: ModelConfig, c: LocalModelConfig) -> list[TransformerBlock]:
+    """A local model's transformer layers ``layers_0 ..`` (created in its ``setup``)."""
+    dtype = jnp.dtype(m.dtype)
+    return [
+        block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+        for i in range(c.n_layers)
+    ]
+
+
+def local_cross_layers(m: ModelConfig, c: LocalModelConfig) -> list[CrossAttention]:
+    """A local model's patch cross-attentions ``cross_attn_layers_0 ..`` (created in its ``setup``)."""
+    return [
+        CrossAttention(
+            c.dim,
+            c.cross_heads,
+            c.norm_eps,
+            c.dim**-0.5 / depth_factor(m.init_std_factor, i, c.n_cross_layers, c.dim),
+            jnp.dtype(m.dtype),
+            name=f"cross_attn_layers_{i}",
+        )
+        for i in range(c.n_cross_layers)
+    ]
+
+
 class LocalEncoder(nn.Module):
     """Byte transformer whose patch slots cross-attend their own bytes."""
 
@@ -86,25 +110,11 @@ class LocalEncoder(nn.Module):
         c = m.encoder
         dtype = jnp.dtype(m.dtype)
         self.tok_embeddings = embed(m.vocab_size, c.dim, ("vocab", "embed"), dtype, "tok_embeddings")
-        self.layers = [
-            block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
-            for i in range(c.n_layers)
-        ]
+        self.layers = local_layers(m, c)
         self.patch_embedding_projection = dense(
             c.dim * m.cross_attn_k, ("embed", "patch_embed"), c.dim**-0.5, dtype, "patch_embedding_projection"
         )
-        self.cross_attn_layers = [
-            CrossAttention(
-                c.dim,
-                c.cross_heads,
-                c.norm_eps,
-                c.dim**-0.5 / depth_factor(m.init_std_factor, i, c.n_cross_layers, c.dim),
-                dtype,
-                m.attention_impl,
-                name=f"cross_attn_layers_{i}",
-            )
-            for i in range(c.n_cross_layers)
-        ]
+        self.cross_attn_layers = local_cross_layers(m, c)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return self.tok_embeddings(tokens)
@@ -202,22 +212,8 @@ class LocalDecoder(nn.Module):
             dtype,
             "patch_embedding_projection",
         )
-        self.layers = [
-            block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
-            for i in range(c.n_layers)
-        ]
-        self.cross_attn_layers = [
-            CrossAttention(
-                c.dim,
-                c.cross_heads,
-                c.norm_eps,
-                c.dim**-0.5 / depth_factor(m.init_std_factor, i, c.n_cross_layers, c.dim),
-                dtype,
-                m.attention_impl,
-                name=f"cross_attn_layers_{i}",
-            )
-            for i in range(c.n_cross_layers)
-        ]
+        self.layers = local_layers(m, c)
+        self.cross_attn_layers = local_cross_layers(m, c)
         self.norm = RMSNorm(c.norm_eps)
         self.output = dense(m.vocab_size, ("embed", "vocab"), c.dim**-0.5, dtype, "output")
         if m.mask_embedding:
@@ -351,7 +347,10 @@ class BLT(nn.Module):
         byte_pos = positions_like(tokens)
         docs = document_ids(tokens) if m.document_masking else None
         enc_mask = LocalMask(byte_pos, docs, m.encoder.window)
-        patch_ids = patching.patch_ids_from_lengths(patch_lengths, n)
+        # Patch of each byte column 0..N (column N: the unseen next byte): the encoder pools bytes
+        # 0..N-1 by it, and the decoder's byte t reads the latent its next byte t + 1 implies.
+        column_ids = patching.patch_ids_from_lengths(patch_lengths, n + 1)
+        patch_ids = column_ids[:, :n]
 
         h = self.hash_embed(tokens, self.local_encoder.embed_tokens(tokens))
         h = nn.with_logical_constraint(h, _BYTES)
@@ -365,7 +364,7 @@ class BLT(nn.Module):
         g = self.global_transformer(pe, patch_pos, LocalMask(patch_pos, pdocs, None))
 
         dec_mask = LocalMask(byte_pos, docs, m.decoder.window)
-        read_patch = patching.decoder_patch_ids_from_lengths(patch_lengths, n)
+        read_patch = patching.latent_index(column_ids[:, 1:])  # decoder_patch_ids_from_lengths
         slots = self.local_decoder.slots(g)
         if blocks is None:
             return self.local_decoder(h, slots, read_patch, byte_pos, dec_mask)

@@ -1,4 +1,23 @@
-"""Building blocks shared by every BLT stack: RMSNorm, interleaved RoPE, SwiGLU, attention blocks.
+"""Building blocks shared by every BLT stack: RMSNorm, interleaved RoPE, SwiGLU, and the one
+transformer layer that training, BLT-D's block rows, cached decoding and block unmasking all run.
+
+The layer is a pure function, :func:`transformer_layer`: ``h + attn(norm(h))``, then
+``h + ffn(norm(h))``. What differs between its callers is passed in, not written again:
+
+* the weights, as a :class:`LayerWeights` (norms, rotated q/k/v projection, output projection,
+  SwiGLU): :class:`TransformerBlock` (the Flax module; q, k, v and w1, w3 as separate kernels, as
+  the reference stores them) or the sampler's decode form (fastblt.sampler.fused: q|k|v and w1|w3
+  concatenated once per generation, one-row products padded to a GEMM);
+* the attention, as an ``Attend`` callback ``(q, k, v) -> (out, aux)`` (fastblt.model.attention) that
+  says which keys the queries see and where the new keys go, as MaxText's layers take a ``model_mode``:
+  :func:`self_attention` (training and prefill: the rows' own keys under a mask or a
+  :class:`~fastblt.model.attention.LocalMask` description), ``BlockRows.attention`` (BLT-D's block
+  rows: the clean rows' keys of the same layer as extra context, plus their own block),
+  ``fastblt.sampler.cached.cached_attend`` (a KV cache written and read) and the block passes of
+  ``fastblt.sampler.unmasking`` (the cached clean rows plus the block's own cells).
+
+:func:`read_latents` is the decoder's cross-attention over each row's patch latent, shared the
+same way by :class:`CrossAttention` and the sampler.
 
 Parameter names follow the reference (``attention.wq``, ``feed_forward.w1``, ``attention_norm``)
 so that conversion is a rename plus a transpose. Parameters are float32; ``dtype`` is the compute
@@ -8,13 +27,14 @@ dtype. Every parameter carries logical axis names (see fastblt/sharding.py).
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
-from fastblt.model.attention import LocalMask, attention, gathered_attention, segment_attention
+from fastblt.model.attention import Attend, LocalMask, attention, gathered_attention, segment_attention
 from fastblt.model.block_rows import BlockRows
 from fastblt.model.lookup import take_rows, take_rows_batched
 
@@ -105,13 +125,67 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
+class LayerWeights(Protocol):
+    """What :func:`transformer_layer` needs of a layer's weights (see the module docstring)."""
+
+    def attention_norm(self, x: jax.Array) -> jax.Array:
+        """RMSNorm before attention: float[B, T, D] -> float[B, T, D]."""
+        ...
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normed x: float[B, T, D] -> q [B, T, H, hd], k and v [B, T, KV, hd]; q, k rotated (RoPE at
+        positions int32[B, T])."""
+        ...
+
+    def out(self, o: jax.Array) -> jax.Array:
+        """Output projection: float[B, T, H, hd] -> float[B, T, D]."""
+        ...
+
+    def ffn_norm(self, x: jax.Array) -> jax.Array:
+        """RMSNorm before the feed-forward: float[B, T, D] -> float[B, T, D]."""
+        ...
+
+    def feed_forward(self, x: jax.Array) -> jax.Array:
+        """SwiGLU ``w2(silu(w1 x) * w3 x)``: float[B, T, D] -> float[B, T, D]."""
+        ...
+
+
+def transformer_layer(
+    w: LayerWeights, h: jax.Array, positions: jax.Array, attend: Attend
+) -> tuple[jax.Array, Any]:
+    """One pre-norm layer: ``h + attn(norm(h))``, then ``h + ffn(norm(h))`` (the reference's
+    ``TransformerBlock``), for every stack and every caller.
+
+    Args:
+      w: the layer's weights (:class:`LayerWeights`); h: float[B, T, D] the rows' states;
+      positions: int32[B, T] their RoPE positions; attend: which keys they see (``Attend``).
+
+    Returns: (h float[B, T, D], attend's aux).
+    """
+    q, k, v = w.qkv(w.attention_norm(h), positions)
+    o, aux = attend(q, k, v)
+    h = h + w.out(o)
+    return h + w.feed_forward(w.ffn_norm(h)), aux
+
+
+def self_attention(mask: jax.Array | LocalMask, impl: str) -> Attend:
+    """The rows attend their own keys under ``mask`` (bool[B, T, T] or a LocalMask description),
+    as in a training forward or a prefill; aux: the layer's (k, v), the extra context BLT-D's block
+    rows read."""
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        return attention(q, k, v, mask, impl), (k, v)
+
+    return attend
+
+
 class SelfAttention(nn.Module):
-    """Multi-head (or grouped-query) self-attention with RoPE."""
+    """Multi-head (or grouped-query) self-attention's projections, with RoPE (the attention itself
+    is the caller's ``Attend``)."""
 
     config: TransformerConfig
     std: float
     dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
 
     def setup(self) -> None:
         c = self.config
@@ -132,11 +206,6 @@ class SelfAttention(nn.Module):
         """float[b, len, H, hd] -> float[b, len, dim]."""
         return self.wo(o.reshape(*o.shape[:2], -1))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | LocalMask) -> jax.Array:
-        """x: float[b, len, dim]; positions: int32[b, len]; mask: bool[b, len, len] or a LocalMask."""
-        q, k, v = self.qkv(x, positions)
-        return self.out(attention(q, k, v, mask, self.attention_impl))
-
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
@@ -155,7 +224,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: h + attn(norm(h)), then h + ffn(norm(h))."""
+    """A pre-norm layer's parameters (:class:`LayerWeights` with separate kernels), run by
+    :func:`transformer_layer`."""
 
     config: TransformerConfig
     layer_idx: int
@@ -167,11 +237,17 @@ class TransformerBlock(nn.Module):
         c = self.config
         f = depth_factor(self.init_std_factor, self.layer_idx, c.n_layers, c.dim)
         self.attention_norm = RMSNorm(c.norm_eps)
-        self.attention = SelfAttention(c, c.dim**-0.5 / f, self.dtype, self.attention_impl)
+        self.attention = SelfAttention(c, c.dim**-0.5 / f, self.dtype)
         self.ffn_norm = RMSNorm(c.norm_eps)
         self.feed_forward = FeedForward(
             c.dim, c.hidden_dim, c.dim**-0.5 / f, c.hidden_dim**-0.5 / f, self.dtype
         )
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.attention.qkv(x, positions)
+
+    def out(self, o: jax.Array) -> jax.Array:
+        return self.attention.out(o)
 
     def __call__(
         self,
@@ -186,22 +262,39 @@ class TransformerBlock(nn.Module):
         the block rows, whose attention reads this layer's keys and values of the clean rows;
         returns (h, rows with their new states). The clean rows never read the block rows.
         """
-        x = self.attention_norm(h)
-        q, k, v = self.attention.qkv(x, positions)
-        h = h + self.attention.out(attention(q, k, v, mask, self.attention_impl))
-        h = h + self.feed_forward(self.ffn_norm(h))
+        h, (k, v) = transformer_layer(self, h, positions, self_attention(mask, self.attention_impl))
         if rows is None:
             return h
         with jax.named_scope("blt_d_blocks"):  # fastblt.profiling's component of the block rows
-            qb, kb, vb = self.attention.qkv(self.attention_norm(rows.h), rows.positions)
-            hb = rows.h + self.attention.out(rows.attend(qb, kb, vb, k, v, self.attention_impl))
-            hb = hb + self.feed_forward(self.ffn_norm(hb))
+            hb, _ = transformer_layer(self, rows.h, rows.positions, rows.attention(k, v, self.attention_impl))
         return h, rows.replace(h=hb)
 
 
 def block_class(remat: bool) -> type[TransformerBlock]:
     """TransformerBlock, or its rematerialised form (same parameters, activations recomputed)."""
     return nn.remat(TransformerBlock) if remat else TransformerBlock
+
+
+class CrossWeights(Protocol):
+    """The query side of a cross-attention, as :func:`read_latents` needs it."""
+
+    def query(self, x: jax.Array) -> jax.Array:
+        """Normed and projected queries: float[B, T, D] -> float[B, T, heads, head_dim]."""
+        ...
+
+    def out(self, o: jax.Array) -> jax.Array:
+        """Output projection: float[B, T, heads, head_dim] -> float[B, T, D]."""
+        ...
+
+
+def read_latents(w: CrossWeights, x: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The decoder's cross-attention: each row attends the k slots of the one patch latent it
+    reads (fastblt.model.patcher.latent_index), their keys and values already gathered per row.
+
+    Args: x: float[B, T, D] the rows; k, v: float[B, T, k, heads, head_dim].
+    Returns ``x + wo(attn)``: the caller adds x once more (the reference's double residual).
+    """
+    return x + w.out(gathered_attention(w.query(x), k, v))
 
 
 class CrossAttention(nn.Module):
@@ -213,7 +306,6 @@ class CrossAttention(nn.Module):
     eps: float
     std: float
     dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
 
     def setup(self) -> None:
         self.cross_attn_norm_q = RMSNorm(self.eps)
@@ -232,19 +324,18 @@ class CrossAttention(nn.Module):
         return self._heads(self.wk(kv_in)), self._heads(self.wv(kv_in))
 
     def query(self, x: jax.Array) -> jax.Array:
+        """float[..., dim] -> float[..., heads, head_dim]."""
         return self._heads(self.wq(self.cross_attn_norm_q(x)))
 
-    def __call__(self, x: jax.Array, kv_in: jax.Array, mask: jax.Array) -> jax.Array:
-        """Dense form. x: float[b, q_len, dim]; kv_in: float[b, kv_len, dim]; mask: bool[b, q_len, kv_len]."""
-        k, v = self.kv(kv_in)
-        o = attention(self.query(x), k, v, mask, self.attention_impl)
-        return x + self.wo(o.reshape(*x.shape[:-1], self.dim))
+    def out(self, o: jax.Array) -> jax.Array:
+        """float[..., heads, head_dim] -> float[..., dim]."""
+        return self.wo(o.reshape(*o.shape[:-2], self.dim))
 
     def segmented(
         self, x: jax.Array, kv_in: jax.Array, segment_ids: jax.Array, num_patches: int
     ) -> jax.Array:
-        """The encoder's case: slot queries attend only the bytes of their own patch (exactly the
-        dense form with mask ``segment_ids[t] == s // k``, in memory linear in the row length).
+        """The encoder's case: slot queries attend only the bytes of their own patch (exactly a dense
+        attention with mask ``segment_ids[t] == s // k``, in memory linear in the row length).
 
         Args:
           x: float[b, num_patches * k, dim] slot queries (slot s belongs to patch s // k);
@@ -254,10 +345,10 @@ class CrossAttention(nn.Module):
         k, v = self.kv(kv_in)
         q = self.query(x).reshape(b, num_patches, pk // num_patches, self.n_heads, -1)
         o = segment_attention(q, k, v, segment_ids)
-        return x + self.wo(o.reshape(b, pk, self.dim))
+        return x + self.out(o.reshape(b, pk, self.n_heads, -1))
 
     def gathered(self, x: jax.Array, slots: jax.Array, index: jax.Array) -> jax.Array:
-        """Each query attends only the k slots of one patch (the decoder's case).
+        """Each query attends only the k slots of one patch (the decoder's case, :func:`read_latents`).
 
         Args:
           x: float[b, len, dim] queries; slots: float[b, patches, k, dim];
@@ -265,12 +356,9 @@ class CrossAttention(nn.Module):
         """
         k, v = self.slot_kv(slots)
         # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
-        o = gathered_attention(
-            self.query(x),
-            take_rows_batched(k, index, ids_sorted=True),
-            take_rows_batched(v, index, ids_sorted=True),
-        )
-        return x + self.wo(o.reshape(*x.shape[:-1], self.dim))
+        k_rows = take_rows_batched(k, index, ids_sorted=True)
+        v_rows = take_rows_batched(v, index, ids_sorted=True)
+        return read_latents(self, x, k_rows, v_rows)
 
     def slot_kv(self, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of patch slots float[b, patches, k, dim]: [b, patches, k, heads, head_dim]."""

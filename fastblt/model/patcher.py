@@ -232,18 +232,50 @@ def patch_ids_from_lengths(lengths: jax.Array, n: int) -> jax.Array:
     return jnp.cumsum(marks, axis=1) - 1
 
 
-def decoder_patch_ids_from_lengths(lengths: jax.Array, n: int) -> jax.Array:
-    """Patch whose global output byte ``t`` reads in the decoder: ids from ``lengths[:, 1:]``.
+def latent_index(next_patch: jax.Array, last_patch: jax.Array | None = None) -> jax.Array:
+    """Which patch latent a decoder row reads: the one place that decides it, for training and
+    generation alike.
 
-    Byte ``t`` predicts byte ``t + 1``; it reads the last patch completed before byte ``t + 1``.
+    A row that predicts from the bytes before byte ``s`` reads the latent of the last patch that
+    ends before ``s``: the patch before ``s``'s own (its latent has seen exactly the patches up to
+    there, so the row reads no byte at or after ``s``). The callers, and their ``s``:
+
+    * a clean row ``t`` (predicting byte ``t + 1``): ``s = t + 1``, in the model's forward
+      (``BLT.__call__``; :func:`decoder_patch_ids_from_lengths` from lengths alone) and in cached
+      generation (``Runner.extend``);
+    * a BLT-D training block starting at patch ``q + 1``'s first byte: ``s`` is that byte, so the
+      block reads patch ``q`` (fastblt.train.blt_d.block_layout);
+    * BLT-S's draft bytes after a committed prefix of length ``L``: ``s = L`` for all of them (their
+      own boundaries are not known while drafting), ``next_patch = State.completed``;
+    * BLT-D generation's blocks after a prefix of length ``L`` (Algorithm 1's o_M): ``s = L`` with
+      the patch of byte ``L - 1`` closed there, as training's blocks start at a patch start;
+      ``last_patch`` says so (fastblt.sampler.cached.Runner.closed_last_patch).
 
     Args:
-      lengths: int32[batch, patches]; n: byte positions (static).
+      next_patch: int[...], the patch of byte ``s``: column ``s`` of the patch ids of a row's
+        boundary columns (column ``bytes`` is the unseen next byte).
+      last_patch: int[...], the patch of byte ``s - 1``, where that patch counts as closed at byte
+        ``s - 1`` even if the patcher keeps it open; None: the patcher's boundaries.
+
+    Returns: int[...], the index of the patch whose latent each row reads.
+    """
+    if last_patch is not None:
+        return last_patch  # closed at s - 1: the last patch that ends before s
+    return next_patch - 1
+
+
+def decoder_patch_ids_from_lengths(lengths: jax.Array, n: int) -> jax.Array:
+    """Patch whose global output byte ``t`` reads in the decoder (:func:`latent_index` with
+    ``s = t + 1``); the reference computes it as the patch ids of ``lengths[:, 1:]``.
+
+    Args:
+      lengths: int32[batch, patches], reference convention (``lengths[:, 0] == 1``, the BOS patch);
+      n: byte positions (static).
 
     Returns:
       int32[batch, n].
     """
-    return patch_ids_from_lengths(lengths[:, 1:], n)
+    return latent_index(patch_ids_from_lengths(lengths, n + 1)[:, 1:])
 
 
 def patch(

@@ -6,10 +6,10 @@ BLT-D checkpoints block diffusion (``blt_d``) and diffusion drafts with verifica
     result.texts[0], result.counters.summary(), result.bytes_per_second
 
 Modules: ``state`` (buffers and caches), ``cached`` (incremental stages: append bytes, draft a byte),
-``ar``, ``speculative`` and ``diffusion`` (the jitted while-loops), ``methods`` (the registry that
+``ar``, ``speculative`` and ``unmasking`` (BLT-D's blocks; the jitted while-loops), ``methods`` (the registry that
 ``generate`` and the commands read: each method's checks, loop builder and counting), ``sampling`` (greedy / temperature / top-p),
-``cost`` (NFE counters and the paper's bandwidth estimate), ``naive`` (the no-cache test oracle),
-``command`` (``fastblt sample``).
+``cost`` (NFE counters and the paper's bandwidth estimate), ``command`` (``fastblt sample``). The
+no-cache oracle the tests check generation against is tests/naive_sampler.py.
 
 Names below load on first access, so ``import fastblt.sampler.command`` (which ``fastblt --help``
 does) does not import JAX.
@@ -31,7 +31,6 @@ _EXPORTS = {
     "ParamCounts": "cost",
     "bandwidth_bytes": "cost",
     "param_counts": "cost",
-    "naive_generate": "naive",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,10 +24,6 @@ from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.state import State, init_state, scatter_rows
 from fastblt.tokenizer import EOS
 
-# Incremented each time a loop function is traced (a Python side effect): tests use it to check that
-# repeated calls with the same shapes do not recompile.
-TRACE_COUNT = {"ar": 0, "blt_s": 0}
-
 
 class Prompts(NamedTuple):
     """Inputs of a generation. prompt: int32[B, N_pad] left-aligned ids (BOS first), N_pad a multiple
@@ -82,7 +78,6 @@ def build_ar(
 
     def run(params, prompts: Prompts, rule_params, seed, temperature, top_p):
         del rule_params
-        TRACE_COUNT["ar"] += 1
         runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
         n_buf = n_bytes

@@ -3,7 +3,8 @@
 Random weights, so text quality means nothing; the patch threshold is set to the entropy quantile
 that gives ``--bytes-per-patch`` (BLT-1B averages about 4.5), so the global model runs about as
 often as with trained weights. Prints one JSON line per measurement: method, batch, bytes/s,
-seconds, compile seconds, counters. The naive no-cache generator is timed for comparison.
+seconds, compile seconds, counters. The uncached peer (the reference's ``generate_nocache`` as
+transformers runs it) is ``experiments/benchmarks/generate_speed.py``'s ``hf`` row.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,6 @@ from fastblt.config import (
 )
 from fastblt.model import BLT, abstract_params
 from fastblt.sampler.api import encode_prompts, generate
-from fastblt.sampler.naive import naive_generate
 
 
 def _config(size: str, dtype: str) -> ModelConfig:
@@ -68,7 +67,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-bytes", type=int, default=64)
     parser.add_argument("--max-bytes", type=int, default=256)
     parser.add_argument("--drafts", type=int, nargs="*", default=[8])
-    parser.add_argument("--naive-bytes", type=int, default=16)
     parser.add_argument("--bytes-per-patch", type=float, default=4.5)
     args = parser.parse_args(argv)
 
@@ -98,16 +96,6 @@ def main(argv: list[str] | None = None) -> None:
         for name, method in runs:
             warmup = generate(params, config, prompts[:batch], **method, **kw)  # compiles
             report(name, batch, warmup, generate(params, config, prompts[:batch], **method, **kw))
-    if args.naive_bytes:
-        pad = args.prompt_bytes + 1 + args.naive_bytes
-        naive = dict(pad_to=pad, stop_at_eos=False)
-        naive_generate(params, config, encode_prompts(prompts[:1]), 1, **naive)  # compile
-        start = time.perf_counter()
-        naive_generate(params, config, encode_prompts(prompts[:1]), args.naive_bytes, **naive)
-        seconds = time.perf_counter() - start
-        print(
-            json.dumps({"method": "naive", "batch": 1, "bytes_per_s": round(args.naive_bytes / seconds, 1)})
-        )
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ causality makes exact:
    patch): max-pool + cross-attention over exactly its bytes, then one global step per patch (global
    KV cache over patches). Skipped with ``lax.cond`` when no row completed a patch;
 5. local decoder over the new bytes: byte ``t`` reads the latent of the last patch completed before
-   byte ``t + 1`` (the model's ``decoder_patch_ids_from_lengths``).
+   byte ``t + 1`` (``fastblt.model.patcher.latent_index``, as the model's forward).
 
 :meth:`Runner.draft_step` is the BLT-S drafter: encoder byte layers + decoder for one byte that read
 a given (stale) latent; no entropy model, no patching, no global model.
 
 Parameters are the model's own: ``BLT(config).bind(params)`` submodules (embeddings, cross-attention
-projections, decoder head), and each stack's transformer layers in decode form
-(fastblt.sampler.fused: q|k|v and w1|w3 fused once per generation, the same math).
+projections, decoder head), and each stack's transformer layers in decode form (fastblt.sampler.fused:
+q|k|v and w1|w3 fused once per generation), run by the model's own layer function
+(fastblt.model.layers.transformer_layer) with the attention of :func:`cached_attend`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.model import patcher as patching
-from fastblt.model.attention import attention, causal_mask, document_ids
+from fastblt.model.attention import Attend, attention, causal_mask, document_ids
 from fastblt.model.blt import BLT
 from fastblt.model.layers import embed
 from fastblt.sampler import fused
@@ -92,7 +93,7 @@ def cached_attend(
     impl: str,
     window: int | None = None,
     qpos: jax.Array | None = None,
-) -> fused.Attend:
+) -> Attend:
     """Attention over layer ``layer``'s KV cache in a stack's caches (either form of
     fastblt.sampler.state.Layers): the new keys/values are written at ``cols`` int32[B, T] (out of
     range: not written) and the queries attend the layer's cache [B, N, KV, hd] under ``mask``
@@ -312,7 +313,7 @@ class Runner:
                 pe = self.enc.patch_embedding_projection(pooled).reshape(b, n_cand * k, d_e)
             cross = self.enc.cross_attn_layers[j]
             o = attention(cross.query(pe), st.enc_ck[j], st.enc_cv[j], cross_mask, m.attention_impl)
-            pe = pe + (pe + cross.wo(o.reshape(b, n_cand * k, d_e)))  # the double residual
+            pe = pe + (pe + cross.out(o))  # the double residual
         return pe
 
     def _global_steps(self, st: State, tokens, byte_pid, cand, gcols, pe, seg) -> State:
@@ -376,7 +377,7 @@ class Runner:
 
         Args: h: float[B, T, D_d] inputs; positions: int32[B, T]; read: int32[B, T], the patch whose
           slots each row cross-attends (their keys/values cached by the global step);
-          attend_of(i, caches) -> layer i's self-attention (fastblt.sampler.fused.Attend) whose aux
+          attend_of(i, caches) -> layer i's self-attention (fastblt.model.attention.Attend) whose aux
           is ``caches`` after layer i's writes; caches: what the layers write (None: nothing).
         Returns: (logits float32[B, T, V], the written caches).
         """
@@ -413,7 +414,7 @@ class Runner:
         self, st: State, chunk: jax.Array, count: jax.Array
     ) -> tuple[State, jax.Array, jax.Array, jax.Array]:
         """:meth:`extend`, plus the latent of the new prefix's last patch forced closed (BLT-D's o_M:
-        fastblt.sampler.diffusion.close_last_patch) in the same global call, as scratch in patch slot
+        fastblt.sampler.unmasking.close_last_patch) in the same global call, as scratch in patch slot
         ``completed`` where that patch is still open.
 
         Returns: (state, logits, new_patches as :meth:`extend`, read int32[B]: the patch slot of
@@ -429,8 +430,8 @@ class Runner:
         Returns: (forced bool[B]: that patch is still open, so its latent must be computed as scratch
         into slot ``completed``; read int32[B]: the slot to read, ``completed`` or ``completed - 1``).
         """
-        forced = gather_rows(byte_pid, (length - 1)[:, None])[:, 0] == completed
-        return forced, jnp.where(forced, completed, completed - 1)
+        last = gather_rows(byte_pid, (length - 1)[:, None])[:, 0]  # the patch of byte length - 1
+        return last == completed, patching.latent_index(completed, last_patch=last)
 
     def _extend(self, st: State, chunk, count, close_last: bool):
         b, t_in = chunk.shape
@@ -465,7 +466,7 @@ class Runner:
             lambda s: s,
             st,
         )
-        read = jnp.take_along_axis(column_pid, jnp.clip(qpos + 1, 0, n), axis=1) - 1
+        read = patching.latent_index(jnp.take_along_axis(column_pid, jnp.clip(qpos + 1, 0, n), axis=1))
         with jax.named_scope(SCOPES["decoder"]):
             st, logits = self.decoder(st, h, qpos, cols, read, tokens)
         st = st._replace(tokens=tokens, length=length, completed=completed)

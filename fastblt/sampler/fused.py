@@ -4,8 +4,10 @@ A one-byte decode step is a chain of matrix-vector products whose cost is launch
 not FLOPs. The model's modules (fastblt.model.layers) project q, k and v with three matmuls and the
 SwiGLU gate and up with two; here each pair or triple is one matrix (``wqkv = [wq | wk | wv]``,
 ``w13 = [w1 | w3]``), concatenated and cast to the compute dtype once, outside the sampler's loop.
-The math is the model's (the same RMSNorm, interleaved RoPE and SwiGLU functions), column for column,
-so greedy generations stay the model's (tests/test_greedy_identity.py).
+The layer is the model's own function (fastblt.model.layers.transformer_layer and read_latents), given
+these weights through :class:`DecodeLayer` and :class:`DecodeCross`: the same RMSNorm, interleaved
+RoPE and SwiGLU, column for column, so greedy generations stay the model's
+(tests/test_greedy_identity.py).
 
 Every matmul of a decode step goes through :func:`dot`. On GPUs a one-row product is given a second
 (zero) row: XLA rewrites a vector-times-matrix dot whose matrix has under 10M elements (all of the
@@ -15,6 +17,7 @@ fraction of the copy bandwidth; two rows keep it a GEMM for cuBLAS (experiments/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -23,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
-from fastblt.model.attention import gathered_attention
-from fastblt.model.layers import rms_norm, rope
+from fastblt.model.attention import Attend
+from fastblt.model.layers import read_latents, rms_norm, rope, transformer_layer
 
 # Fewest rows of a GPU matmul in decode form (see the module docstring); 1 turns the padding off.
 GPU_MIN_DOT_ROWS = 2
@@ -120,19 +123,36 @@ def dot(x: jax.Array, w: jax.Array, at_least: int | None = None) -> jax.Array:
     return jnp.dot(flat, w)[:rows].reshape(*x.shape[:-1], w.shape[1])
 
 
-def qkv(layer: FusedLayer, c: TransformerConfig, x: jax.Array, positions: jax.Array):
-    """Normed input x: float[B, T, D] -> rotated q [B, T, H, hd], k and v [B, T, KV, hd]."""
-    b, t, _ = x.shape
-    h, kv, hd = c.n_heads, c.kv_heads, c.head_dim
-    y = dot(x, layer.wqkv)
-    qk = rope(y[..., : (h + kv) * hd].reshape(b, t, h + kv, hd), positions, c.rope_theta)
-    return qk[:, :, :h], qk[:, :, h:], y[..., (h + kv) * hd :].reshape(b, t, kv, hd)
+@dataclasses.dataclass(frozen=True)
+class DecodeLayer:
+    """A :class:`FusedLayer` as fastblt.model.layers.LayerWeights: q|k|v as one product, w1|w3 as
+    one product, every product through :func:`dot`."""
 
+    w: FusedLayer
+    c: TransformerConfig
 
-def feed_forward(layer: FusedLayer, x: jax.Array) -> jax.Array:
-    """SwiGLU ``w2(silu(w1 x) * w3 x)`` with w1 and w3 as one matmul. x: float[B, T, D]."""
-    gate, up = jnp.split(dot(x, layer.w13), 2, axis=-1)
-    return dot(jax.nn.silu(gate) * up, layer.w2)
+    def attention_norm(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.w.attn_norm, self.c.norm_eps)
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normed x: float[B, T, D] -> rotated q [B, T, H, hd], k and v [B, T, KV, hd]."""
+        b, t, _ = x.shape
+        h, kv, hd = self.c.n_heads, self.c.kv_heads, self.c.head_dim
+        y = dot(x, self.w.wqkv)
+        # q and k rotated as one array: one RoPE for both.
+        qk = rope(y[..., : (h + kv) * hd].reshape(b, t, h + kv, hd), positions, self.c.rope_theta)
+        return qk[:, :, :h], qk[:, :, h:], y[..., (h + kv) * hd :].reshape(b, t, kv, hd)
+
+    def out(self, o: jax.Array) -> jax.Array:
+        return dot(o.reshape(*o.shape[:2], -1), self.w.wo)
+
+    def ffn_norm(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.w.ffn_norm, self.c.norm_eps)
+
+    def feed_forward(self, x: jax.Array) -> jax.Array:
+        """SwiGLU ``w2(silu(w1 x) * w3 x)`` with w1 and w3 as one matmul. x: float[B, T, D]."""
+        gate, up = jnp.split(dot(x, self.w.w13), 2, axis=-1)
+        return dot(jax.nn.silu(gate) * up, self.w.w2)
 
 
 class CrossQuery(NamedTuple):
@@ -152,13 +172,27 @@ def fuse_cross(params: dict, dtype: jnp.dtype) -> CrossQuery:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeCross:
+    """A :class:`CrossQuery` as fastblt.model.layers.CrossWeights."""
+
+    w: CrossQuery
+    n_heads: int
+    eps: float
+
+    def query(self, x: jax.Array) -> jax.Array:
+        q = dot(rms_norm(x, self.w.norm_q, self.eps), self.w.wq)
+        return q.reshape(*x.shape[:-1], self.n_heads, -1)
+
+    def out(self, o: jax.Array) -> jax.Array:
+        return dot(o.reshape(*o.shape[:-2], -1), self.w.wo)
+
+
 def cross_attend(cq: CrossQuery, n_heads: int, eps: float, x: jax.Array, k: jax.Array, v: jax.Array):
-    """``CrossAttention.gathered`` in decode form, the slots' keys/values already gathered: x float[B, T, D]
-    queries over their own slots' keys/values [B, T, k, heads, hd]. Returns ``x + wo(attn)`` (the
-    caller adds x once more)."""
-    q = dot(rms_norm(x, cq.norm_q, eps), cq.wq)
-    o = gathered_attention(q.reshape(*x.shape[:-1], n_heads, -1), k, v)
-    return x + dot(o.reshape(x.shape), cq.wo)
+    """``CrossAttention.gathered`` in decode form (fastblt.model.layers.read_latents), the slots'
+    keys/values already gathered: x float[B, T, D] queries over their own slots' keys/values
+    [B, T, k, heads, hd]. Returns ``x + wo(attn)`` (the caller adds x once more)."""
+    return read_latents(DecodeCross(cq, n_heads, eps), x, k, v)
 
 
 class Head(NamedTuple):
@@ -177,19 +211,13 @@ def head_logits(head: Head, eps: float, h: jax.Array) -> jax.Array:
     return dot(rms_norm(h, head.norm, eps), head.w).astype(jnp.float32)
 
 
-Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
-
-
 def layer_step(
     layer: FusedLayer, c: TransformerConfig, h: jax.Array, positions: jax.Array, attend: Attend
 ) -> tuple[jax.Array, object]:
-    """``h + attn(norm(h))`` then ``h + ffn(norm(h))`` (TransformerBlock), attention by ``attend``.
+    """The model's layer (fastblt.model.layers.transformer_layer) on decode-form weights.
 
     Args: h: float[B, T, D]; positions: int32[B, T] (RoPE); attend(q, k, v) -> (o [B, T, H, hd],
       aux): where the new keys go (a cache write, a concatenation) and what they attend.
     Returns: (h, aux).
     """
-    q, k, v = qkv(layer, c, rms_norm(h, layer.attn_norm, c.norm_eps), positions)
-    o, aux = attend(q, k, v)
-    h = h + dot(o.reshape(*o.shape[:2], -1), layer.wo)
-    return h + feed_forward(layer, rms_norm(h, layer.ffn_norm, c.norm_eps)), aux
+    return transformer_layer(DecodeLayer(layer, c), h, positions, attend)

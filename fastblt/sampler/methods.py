@@ -25,7 +25,7 @@ EXACT_WIDTH = 16
 
 @struct.dataclass
 class RuleParams:
-    """Traced parameters of an unmasking rule (fastblt.sampler.diffusion.reveal): changing them does
+    """Traced parameters of an unmasking rule (fastblt.sampler.unmasking.reveal): changing them does
     not recompile. alpha: float32[] confidence threshold; gamma: float32[] entropy bound (nats)."""
 
     alpha: jax.Array
@@ -116,9 +116,9 @@ def _check_blt_s(r: Request, config: ModelConfig) -> None:
         raise ValueError("record_logits is only available with method='ar'")
 
 
-def _check_diffusion(verify: bool) -> Callable[[Request, ModelConfig], None]:
+def _check_unmasking(verify: bool) -> Callable[[Request, ModelConfig], None]:
     def check(r: Request, config: ModelConfig) -> None:
-        from fastblt.sampler.diffusion import check_mask_embedding
+        from fastblt.sampler.unmasking import check_mask_embedding
 
         check_mask_embedding(config)
         if verify and not r.greedy:
@@ -148,9 +148,9 @@ def _build_blt_s(config, **kw):
     return build_blt_s(config, **kw)
 
 
-def _build_diffusion(verify: bool):
+def _build_unmasking(verify: bool):
     def build(config, **kw):
-        from fastblt.sampler.diffusion import build_blt_d
+        from fastblt.sampler.unmasking import build_blt_d
 
         return build_blt_d(config, verify=verify, **kw)
 
@@ -181,9 +181,9 @@ for _verify in (False, True):  # BLT-D; BLT-DV (its drafts verified: the AR byte
     register(
         Method(
             "blt_dv" if _verify else "blt_d",
-            _build_diffusion(verify=_verify),
+            _build_unmasking(verify=_verify),
             static=lambda r: {"block_size": r.block_size, "rule": r.rule},
-            check=_check_diffusion(verify=_verify),
+            check=_check_unmasking(verify=_verify),
             patches_per_round=lambda r, v=_verify: r.block_size + int(v),
             step_bytes=lambda r: r.block_size,
             lossless=_verify,

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
-from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill
+from fastblt.model.patcher import latent_index
+from fastblt.sampler.ar import Prompts, prefill
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.cost import Counters
 from fastblt.sampler.sampling import filtered_probs, round_keys, sample_logits, speculative_accept
@@ -148,7 +149,6 @@ def build_blt_s(
 
     def run(params, prompts: Prompts, rule_params, seed, temperature, top_p):
         del rule_params  # the methods' common signature (fastblt.sampler.methods)
-        TRACE_COUNT["blt_s"] += 1
         runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
         rows = jnp.arange(b, dtype=jnp.int32)
@@ -167,7 +167,9 @@ def build_blt_s(
             st, logits, done, generated, counters, first = c
             active = ~done
             start = st.length
-            read = st.completed - 1  # the last available latent, read by every draft byte
+            # Every draft byte reads the latent a row ending at the committed prefix reads: the drafts'
+            # own boundaries are unknown (completed: the patch of the next byte, column `length`).
+            read = latent_index(st.completed)
             draft_keys = None if greedy else round_keys(seed, rows, counters.rounds, 1, draft)
 
             def draft_body(j, carry):

@@ -13,7 +13,7 @@ for RoPE. The decoder's input is N + K * B rows.
 Masks. Clean rows: BLT's causal mask (window, documents). Block cell at position j of block q
 (start s) sees clean rows c < s with j - c < window and in the prefix end's document, and the
 non-padding cells of block q (bidirectional); nothing else (no other block, no clean row >= s).
-Cross-attention: clean rows as BLT (``decoder_patch_ids_from_lengths``); block q reads patch q,
+Cross-attention (``fastblt.model.patcher.latent_index``): clean rows as BLT; block q reads patch q,
 the last patch completed before s (the patch whose latent has seen exactly x_{<s}).
 
 Noise and loss. One t ~ U(noise_eps, 1) per example; each non-padding cell shows [MASK] with
@@ -57,6 +57,7 @@ from fastblt.config import ModelConfig, ObjectiveConfig, build, check_objective,
 from fastblt.model.attention import document_ids
 from fastblt.model.block_rows import DecoderBlocks
 from fastblt.model.blt import blt_d_logits
+from fastblt.model.patcher import latent_index
 from fastblt.train.objectives import next_byte_loss
 
 if TYPE_CHECKING:  # ml-collections is imported where a section is built (not on every machine)
@@ -124,7 +125,8 @@ def block_layout(patch_lengths: jax.Array, n: int, block_size: int) -> BlockLayo
     starts = (jnp.cumsum(lengths, axis=1) - lengths)[:, 1:]
     positions = starts[..., None] + jnp.arange(block_size, dtype=jnp.int32)
     in_row = (lengths[:, 1:, None] > 0) & (positions <= n)
-    read_patch = jnp.broadcast_to(jnp.arange(p - 1, dtype=jnp.int32), (b, p - 1))
+    # Block q starts at patch q + 1's first byte: it reads the latent of patch q.
+    read_patch = latent_index(jnp.broadcast_to(jnp.arange(1, p, dtype=jnp.int32), (b, p - 1)))
     return BlockLayout(starts, positions, read_patch, in_row)
 
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.model.attention import attention, document_ids
-from fastblt.sampler.ar import TRACE_COUNT, Prompts, prefill
+from fastblt.sampler.ar import Prompts, prefill
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.cost import Counters
 from fastblt.sampler.sampling import sample_logits, step_keys
@@ -46,8 +46,6 @@ from fastblt.sampler.speculative import accept_verified, cut_at_eos, run_rounds
 from fastblt.sampler.state import State, gather_rows, init_state, read_layer
 
 RULES = ("alpha", "gamma", "one_step")
-TRACE_COUNT.setdefault("blt_d", 0)
-TRACE_COUNT.setdefault("blt_dv", 0)
 
 
 def check_mask_embedding(config: ModelConfig) -> None:
@@ -214,7 +212,6 @@ def build_blt_d(
 
     def run(params, prompts: Prompts, rule_params, seed, temperature, top_p):
         alpha, gamma = rule_params.alpha, rule_params.gamma
-        TRACE_COUNT["blt_dv" if verify else "blt_d"] += 1
         runner = Runner(config, params, exact_width)
         b = prompts.prompt.shape[0]
         st = init_state(config, b, n_bytes, n_patches)

@@ -1,4 +1,4 @@
-"""BLT-D / BLT-DV generation (fastblt.sampler.diffusion) against independent oracles.
+"""BLT-D / BLT-DV generation (fastblt.sampler.unmasking) against independent oracles.
 
 * blt_d: a naive Python loop that, for every decoder pass, runs the non-cached BLT-D forward
   (``fastblt.model.blt.blt_d_logits``) on the whole prefix with one appended block (masked cells

@@ -1,4 +1,4 @@
-"""The test oracle: generation by re-running the whole model on the whole prefix for every byte.
+"""The sampler's test oracle: generation by re-running the whole model on the whole prefix for every byte.
 
 This is the reference's ``generate_nocache``: for each new byte, ``BLT.apply`` runs its own entropy
 model and patcher (``patch_lengths=None``, include_next_token) over the full prefix and the next
