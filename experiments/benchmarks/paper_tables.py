@@ -48,7 +48,10 @@ def training_summary(root: Path, model: str) -> dict:
 
 
 def label(row: dict) -> str:
-    return row["method"] + "".join(f" {k}={v}" for k, v in row["setting"].items() if k != "block_size")
+    """The harness's run label without block_size (the model's, shown in the model column)."""
+    from fastblt.evaluation.harness import _label
+
+    return _label(row["method"], {k: v for k, v in row["setting"].items() if k != "block_size"})
 
 
 def write_table(root: Path, models: list[str], path: Path) -> list[dict]:

@@ -10,7 +10,8 @@
 #
 # A device call is capped (10 minutes) but a started process session outlives it while the machine
 # is held, so on the GPU the run is started with `setsid nohup ... &` and later calls wait on and
-# collect it. Finished phases leave ROOT/<phase>.done and are skipped on a rerun; a training cut short
+# collect it; run it from a copy of the repository under ROOT/src (left out of the archive), so that a
+# later call's fresh working tree never rewrites a file the run is reading. Finished phases leave ROOT/<phase>.done and are skipped on a rerun; a training cut short
 # resumes from its last checkpoint.
 #
 # Environment (defaults: the reproduction of experiments/results/paper_tables.md):
@@ -36,7 +37,7 @@ if [ "${2:-}" = collect ]; then
   out=${3:?usage: reproduce_gpu.sh ROOT collect OUT}
   mkdir -p "$out"
   python3 "$here/paper_tables.py" "$root" --out "$out" || echo "paper_tables.py failed" >&2
-  (cd "$root" && find . \( -path ./jax-cache -o -name 'checkpoints' -o -name '*.tfevents*' \) -prune -o \
+  (cd "$root" && find . \( -path ./jax-cache -o -path ./src -o -name 'checkpoints' -o -name '*.tfevents*' \) -prune -o \
     -type f \( -name '*.jsonl' -o -name '*.md' -o -name '*.txt' -o -name '*.png' \) -print |
     tar czf "$out/reproduction.tgz" -T -)
   ls -la "$out"

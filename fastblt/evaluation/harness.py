@@ -229,11 +229,12 @@ def evaluate(
     """
     judge_config, judge_params = judge if judge is not None else (config, params)
     done, gens = _load(out)
-    todo = [(m, s) for m, s in plan(methods, settings or {}) if _key(task, max_bytes, m, s) not in done]
+    runs = plan(methods, settings or {})
+    todo = [(m, s) for m, s in runs if _key(task, max_bytes, m, s) not in done]
     if compile_workers > 1 and len(todo) > 1:
         _precompile(params, config, task, todo, max_bytes, batch_size, compile_workers, log)
     rows, ar_outputs = [], None
-    for method, setting in plan(methods, settings or {}):
+    for method, setting in runs:
         key = _key(task, max_bytes, method, setting)
         if key in done:
             row, outputs = done[key], [o.encode("latin-1") for o in gens[key]]
