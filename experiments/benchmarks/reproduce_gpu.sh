@@ -11,8 +11,8 @@
 # A device call is capped (10 minutes) but a started process session outlives it while the machine
 # is held, so on the GPU the run is started with `setsid nohup ... &` and later calls wait on and
 # collect it; run it from a copy of the repository under ROOT/src (left out of the archive), so that a
-# later call's fresh working tree never rewrites a file the run is reading. Finished phases leave ROOT/<phase>.done and are skipped on a rerun; a training cut short
-# resumes from its last checkpoint.
+# later call's fresh working tree never rewrites a file the run is reading. Finished phases leave
+# ROOT/<phase>.done and are skipped on a rerun; a training cut short resumes from its last checkpoint.
 #
 # Environment (defaults: the reproduction of experiments/results/paper_tables.md):
 #   PLAIN, BLT_D   experiments (blt_mid, blt_d_mid); BLT-D gets ":block=B"
