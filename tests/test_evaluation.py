@@ -98,6 +98,17 @@ def test_plan_runs_ar_first_then_each_rule_once_over_the_other_settings():
         ("ar", {}),
         ("blt_dv", {"block_size": 4}),
     ]
+    # anchor takes words and crosses the rules (blt_d only: blt_dv ignores it).
+    anchors = parse_settings(["anchor=forced,patch", "one_step=true"])
+    assert anchors == {"anchor": ["forced", "patch"], "one_step": [True]}
+    assert plan(["blt_d", "blt_dv"], anchors) == [
+        ("ar", {}),
+        ("blt_d", {"anchor": "forced", "one_step": True}),
+        ("blt_d", {"anchor": "patch", "one_step": True}),
+        ("blt_dv", {"one_step": True}),
+    ]
+    with pytest.raises(ConfigError, match="anchor='patchy'.*forced, patch"):
+        parse_settings(["anchor=patchy"])
     with pytest.raises(ConfigError, match="--setting"):
         parse_settings(["temperature=1"])
     with pytest.raises(ConfigError, match="--method"):

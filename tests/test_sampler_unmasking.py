@@ -104,8 +104,16 @@ def np_reveal(logits, masked, rule, alpha, gamma):
     return out or [min(cells, key=lambda j: ent[j])]
 
 
-def naive_blt_d(params, config, prompt, max_new, block, rule, alpha=0.7, gamma=0.0):
-    """Greedy BLT-D, every decoder pass a full non-cached forward over prefix + block."""
+def naive_blt_d(
+    params, config, prompt, max_new, block, rule, alpha=0.7, gamma=0.0, anchor="forced", stats=None
+):
+    """Greedy BLT-D, every decoder pass a full non-cached forward over prefix + block.
+
+    anchor="patch": where the patching of the row leaves the prefix's last patch open (no patch
+    starts at byte n) and it holds fewer than ``block`` bytes and no EOS, the block starts at that
+    patch's first byte, its known bytes given as cells, and reads the latent of the patch before
+    it under the row's own patching (as a training block at that patch start would). ``stats``
+    (a dict) receives the blocks run and how many of them started before byte n."""
     closed_latent, fwd, patch_lengths = _oracle_fns(config)
     seq = [int(t) for t in prompt]
     out = []
@@ -121,21 +129,30 @@ def naive_blt_d(params, config, prompt, max_new, block, rule, alpha=0.7, gamma=0
         # ends at n - 1; the block reads that patch's latent, o_M. Clean rows keep the patching of
         # the whole row (the cached prefix, as BLT generated it).
         q = int(np.sum((starts <= n - 1) & (lengths > 0))) - 1
-        closed = lengths.copy()
-        closed[q] = n - starts[q]
-        closed[q + 1] = PAD + 1 - n
-        closed[q + 2 :] = 0
-        latent = closed_latent(params, jnp.asarray(tokens), jnp.asarray(closed)[None], q)
+        s = n  # the block's first position
+        is_open = not np.any((starts == n) & (lengths > 0))
+        if anchor == "patch" and is_open and n - starts[q] < block and EOS not in seq[starts[q] : n]:
+            s = int(starts[q])
+            if stats is not None:
+                stats["back"] = stats.get("back", 0) + 1
+            latent = closed_latent(params, jnp.asarray(tokens), jnp.asarray(lengths)[None], q - 1)
+        else:
+            closed = lengths.copy()
+            closed[q] = n - starts[q]
+            closed[q + 1] = PAD + 1 - n
+            closed[q + 2 :] = 0
+            latent = closed_latent(params, jnp.asarray(tokens), jnp.asarray(closed)[None], q)
         docs = np.cumsum(tokens[0] == EOS) - (tokens[0] == EOS)
-        positions = n + np.arange(block)
+        positions = s + np.arange(block)
         ctx = np.zeros((block, PAD), bool)
         for j in range(block):
-            for c in range(n):
+            for c in range(s):
                 ok = window is None or positions[j] - c < window
-                ok &= (not config.document_masking) or docs[c] == docs[n - 1]
+                ok &= (not config.document_masking) or docs[c] == docs[s - 1]
                 ctx[j, c] = ok
         cells = np.zeros(block, np.int32)
-        masked = np.ones(block, bool)
+        cells[: n - s] = seq[s:n]
+        masked = np.arange(block) >= n - s
         while masked.any():
             blocks = DecoderBlocks(
                 tokens=jnp.asarray(cells)[None, None],
@@ -150,7 +167,9 @@ def naive_blt_d(params, config, prompt, max_new, block, rule, alpha=0.7, gamma=0
             for j in np_reveal(lg, masked, rule, alpha, gamma):
                 cells[j] = int(np.argmax(lg[j]))
                 masked[j] = False
-        for x in cells:
+        if stats is not None:
+            stats["blocks"] = stats.get("blocks", 0) + 1
+        for x in cells[n - s :]:
             if len(out) < max_new:
                 out.append(int(x))
                 seq.append(int(x))
@@ -166,6 +185,8 @@ def naive_blt_d(params, config, prompt, max_new, block, rule, alpha=0.7, gamma=0
         ("base", 4, dict(alpha=0.2), "alpha"),
         ("variant", 3, dict(gamma=2.0), "gamma"),
         ("base", 4, dict(one_step=True), "one_step"),
+        ("base", 4, dict(one_step=True, anchor="patch"), "one_step"),
+        ("variant", 3, dict(alpha=0.2, anchor="patch"), "alpha"),
     ],
 )
 def test_blt_d_greedy_matches_naive_block_forward(name, block, kw, rule):
@@ -176,12 +197,27 @@ def test_blt_d_greedy_matches_naive_block_forward(name, block, kw, rule):
         params, config, prompts, method="blt_d", block_size=block, max_bytes=max_new, **SHAPES, **kw
     )
     ids = encode_prompts(prompts)
+    anchor = kw.get("anchor", "forced")
+    c = res.counters
     for row, prompt in enumerate(ids):
+        stats: dict = {}
         want = naive_blt_d(
-            params, config, prompt, max_new, block, rule, kw.get("alpha", 0.7), kw.get("gamma", 0.0)
+            params,
+            config,
+            prompt,
+            max_new,
+            block,
+            rule,
+            kw.get("alpha", 0.7),
+            kw.get("gamma", 0.0),
+            anchor,
+            stats,
         )
         np.testing.assert_array_equal(res.ids[row], want, err_msg=f"row {row}")
-    c = res.counters
+        assert c.rounds[row] == stats["blocks"], (row, c.rounds[row], stats)
+        assert (stats.get("back", 0) > 0) == (anchor == "patch"), stats  # the anchor was exercised
+    if anchor == "patch":
+        return
     blocks = -(-c.generated // block)
     np.testing.assert_array_equal(c.rounds, blocks)
     np.testing.assert_array_equal(c.eg_passes, blocks)

@@ -2,8 +2,9 @@
 # The paper's tables at a size one GPU trains in a session: plain BLT, BLT-D-4, BLT-D-8 and BLT-D-16
 # with the same entropy model, data, batches and schedule, each evaluated on code_completion with every
 # method and setting of the paper's tables (fastblt eval) as soon as it is trained, beside the next
-# model's training; and the exact mode's greedy identity on the trained plain BLT and BLT-D-4
-# (greedy_identity.py). Results: experiments/results/paper_tables.md.
+# model's training (blt_d with both block anchors); the first BLT-D block after natural and forced
+# patch ends (forced_boundary.py); and the exact mode's greedy identity on the trained plain BLT and
+# BLT-D-4 (greedy_identity.py). Results: experiments/results/paper_tables.md.
 #
 #   bash experiments/benchmarks/reproduce_gpu.sh ROOT             # everything, in order; log: ROOT/log.txt
 #   bash experiments/benchmarks/reproduce_gpu.sh ROOT collect OUT # tables, plot and an archive into OUT
@@ -90,31 +91,37 @@ train() {  # name, then fastblt train arguments
   [ "$rc" -eq 0 ]
 }
 
+job() {  # kind, name, then the command: runs once (ROOT/<kind>_<name>.done), output in <kind>_<name>.txt
+  local kind=$1 name=$2
+  shift 2
+  [ -e "$root/${kind}_$name.done" ] && return 0
+  say "$kind $name: start"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false "$@" >"$root/${kind}_$name.txt" 2>&1
+  local rc=$?
+  say "$kind $name: exit $rc"
+  [ "$rc" -eq 0 ] && touch "$root/${kind}_$name.done"
+}
+
 evaluate() {  # name, then fastblt eval's --method/--setting arguments
   local name=$1
   shift
-  [ -e "$root/eval_$name.done" ] && return 0
-  say "eval $name: start"
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m fastblt.cli eval --checkpoint "$root/$name" \
+  job eval "$name" python3 -m fastblt.cli eval --checkpoint "$root/$name" \
     --task code_completion --limit "$limit" --batch-size "$eval_batch" --max-bytes "$gen_bytes" \
-    --max-prompt-bytes "$prompt_bytes" --compile-workers 8 --out "$root/eval/$name" "$@" \
-    >"$root/eval_$name.txt" 2>&1
-  local rc=$?
-  say "eval $name: exit $rc"
-  [ "$rc" -eq 0 ] && touch "$root/eval_$name.done"
+    --max-prompt-bytes "$prompt_bytes" --compile-workers 8 --out "$root/eval/$name" "$@"
 }
 
 identity() {  # name, then greedy_identity.py's --methods ... arguments
   local name=$1
   shift
-  [ -z "$identity_batch" ] || [ -e "$root/identity_$name.done" ] && return 0
-  say "identity $name: start"
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 "$here/greedy_identity.py" --checkpoint "$root/$name" \
+  [ -z "$identity_batch" ] && return 0
+  job identity "$name" python3 "$here/greedy_identity.py" --checkpoint "$root/$name" \
     --batch "$identity_batch" --max-bytes "$gen_bytes" --dtypes model --modes exact default \
-    --out "$root/identity_$name.jsonl" "$@" >"$root/identity_$name.txt" 2>&1
-  local rc=$?
-  say "identity $name: exit $rc"
-  [ "$rc" -eq 0 ] && touch "$root/identity_$name.done"
+    --out "$root/identity_$name.jsonl" "$@"
+}
+
+boundary() {  # name: BLT-D's first block after natural and forced patch ends, and both anchors
+  job boundary "$1" python3 "$here/forced_boundary.py" --checkpoint "$root/$1" --prompts 64 \
+    --prompt-bytes 512 --out "$root/boundary_$1.jsonl"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$log"
@@ -130,8 +137,11 @@ for b in "${blocks[@]}"; do
   [ -e "$root/plain.done" ] || break
   if train "d$b" --config "$blt_d:block=$b" --config.entropy_stage.checkpoint="$root/plain/entropy"; then
     # alpha, gamma and one_step are alternative rules: each value is one run (fastblt.evaluation.harness.plan).
-    evaluate "d$b" --method blt_d blt_dv --setting block_size="$b" --setting alpha=0.7,0.9 \
-      --setting gamma=0.5,1.0 --setting one_step=true &
+    # anchor=patch (blt_d only) starts blocks at patch starts as training does; forced is the paper's.
+    evaluate "d$b" --method blt_d blt_dv --setting block_size="$b" --setting anchor=forced,patch \
+      --setting alpha=0.7,0.9 --setting gamma=0.5,1.0 --setting one_step=true &
+    pids+=($!)
+    boundary "d$b" &
     pids+=($!)
     if [ "$b" = 4 ]; then
       identity d4 --methods blt_dv --block-size 4 &

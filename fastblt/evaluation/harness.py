@@ -34,13 +34,16 @@ ROW_FORMAT = 2
 METHOD_SETTINGS = {
     "ar": (),
     "blt_s": ("draft",),
-    "blt_d": ("block_size", "alpha", "gamma", "one_step"),
+    "blt_d": ("block_size", "anchor", "alpha", "gamma", "one_step"),
     "blt_dv": ("block_size", "alpha", "gamma", "one_step"),
 }
 
 
 # The unmasking rules: alternatives, not a grid (see plan).
 RULES = ("alpha", "gamma", "one_step")
+
+# Settings whose values are words, with the words they take.
+WORD_SETTINGS = {"anchor": ("forced", "patch")}
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, list]:
@@ -53,12 +56,16 @@ def parse_settings(items: Sequence[str]) -> dict[str, list]:
             raise ConfigError(
                 f"--setting {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(known)}"
             )
-        out[key] = [_value(v) for v in values.split(",")]
+        out[key] = [_value(key, v) for v in values.split(",")]
     return out
 
 
-def _value(v: str) -> Any:
+def _value(key: str, v: str) -> Any:
     low = v.strip().lower()
+    if key in WORD_SETTINGS:
+        if low not in WORD_SETTINGS[key]:
+            raise ConfigError(f"--setting {key}={v!r}: expected one of {', '.join(WORD_SETTINGS[key])}")
+        return low
     if low in ("true", "false"):
         return low == "true"
     for cast in (int, float):

@@ -249,7 +249,9 @@ def latent_index(next_patch: jax.Array, last_patch: jax.Array | None = None) -> 
       own boundaries are not known while drafting), ``next_patch = State.completed``;
     * BLT-D generation's blocks after a prefix of length ``L`` (Algorithm 1's o_M): ``s = L`` with
       the patch of byte ``L - 1`` closed there, as training's blocks start at a patch start;
-      ``last_patch`` says so (fastblt.sampler.cached.Runner.closed_last_patch).
+      ``last_patch`` says so (fastblt.sampler.cached.Runner.closed_last_patch); with
+      ``anchor="patch"`` a block starts at the open patch's first byte ``s`` instead and reads the
+      patch before it (fastblt.sampler.unmasking.patch_anchor), as a training block there would.
 
     Args:
       next_patch: int[...], the patch of byte ``s``: column ``s`` of the patch ids of a row's

@@ -151,6 +151,7 @@ def prepare(
     alpha: float | None = None,
     gamma: float | None = None,
     one_step: bool = False,
+    anchor: str = "forced",
     exact: bool = False,
     exact_width: int = methods.EXACT_WIDTH,
     compilation_cache: bool | str = True,
@@ -183,6 +184,9 @@ def prepare(
       gamma: ("blt_d", "blt_dv") entropy bound instead of alpha: reveal cells by increasing entropy while the
         cumulative entropy (nats) stays <= gamma (at least one).
       one_step: ("blt_d", "blt_dv") reveal the whole block in one decoder pass.
+      anchor: ("blt_d") where blocks start: "forced" (the paper's Algorithm 1: where the last block
+        ended, closing the prefix's last patch there) or "patch" (at the start of the prefix's open
+        patch, its bytes given, as training places blocks; fewer new bytes per block).
       exact: ("ar", "blt_s", "blt_dv") every step after the prompt runs ``exact_width`` columns
         (the rest inert), so ``ar``'s one-byte steps and the lossless methods' verification passes
         compute each byte with the same kernels and shapes: greedy outputs are then byte-identical
@@ -213,6 +217,7 @@ def prepare(
         draft=draft,
         block_size=block_size,
         rule="one_step" if one_step else "gamma" if gamma is not None else "alpha",
+        anchor=anchor,
         greedy=temperature == 0,
         record_logits=record_logits,
         exact=exact,

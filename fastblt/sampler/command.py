@@ -60,6 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     rule.add_argument("--one-step", action="store_true", help="blt_d/blt_dv: reveal the block at once")
     parser.add_argument(
+        "--anchor",
+        choices=("forced", "patch"),
+        default="forced",
+        help="blt_d: where a block starts: 'forced' (the paper: where the last one ended, closing the "
+        "open patch there) or 'patch' (at the open patch's start, as in training)",
+    )
+    parser.add_argument(
         "--exact",
         action="store_true",
         help="ar/blt_s/blt_dv: every step at --exact-width columns, so greedy blt_s and blt_dv are "
@@ -112,6 +119,7 @@ def _run_sample(args: argparse.Namespace) -> None:
             alpha=args.alpha,
             gamma=args.gamma,
             one_step=args.one_step,
+            anchor=args.anchor,
             exact=args.exact,
             **({} if args.exact_width is None else {"exact_width": args.exact_width}),
             temperature=args.temperature,

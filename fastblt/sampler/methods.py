@@ -40,6 +40,7 @@ class Request:
     draft: int = 8
     block_size: int = 4
     rule: str = "alpha"  # "alpha", "gamma" or "one_step" (BLT-D's unmasking rule)
+    anchor: str = "forced"  # where BLT-D's blocks start: "forced" or "patch" (fastblt.sampler.unmasking)
     greedy: bool = True
     record_logits: bool = False
     exact: bool = False
@@ -118,7 +119,7 @@ def _check_blt_s(r: Request, config: ModelConfig) -> None:
 
 def _check_unmasking(verify: bool) -> Callable[[Request, ModelConfig], None]:
     def check(r: Request, config: ModelConfig) -> None:
-        from fastblt.sampler.unmasking import check_mask_embedding
+        from fastblt.sampler.unmasking import ANCHORS, check_mask_embedding
 
         check_mask_embedding(config)
         if verify and not r.greedy:
@@ -132,6 +133,12 @@ def _check_unmasking(verify: bool) -> Callable[[Request, ModelConfig], None]:
             raise ValueError("record_logits is only available with method='ar'")
         if not isinstance(r.block_size, int) or r.block_size < (2 if verify else 1):
             raise ValueError(f"block_size={r.block_size!r} must be an int >= 1 (>= 2 for blt_dv)")
+        if r.anchor not in ANCHORS:
+            raise ValueError(f"anchor={r.anchor!r} is not one of {ANCHORS}")
+        if verify and r.anchor != "forced":
+            raise ValueError(
+                f"anchor={r.anchor!r} is for method='blt_d'; blt_dv's blocks are anchored 'forced'"
+            )
 
     return check
 
@@ -182,7 +189,7 @@ for _verify in (False, True):  # BLT-D; BLT-DV (its drafts verified: the AR byte
         Method(
             "blt_dv" if _verify else "blt_d",
             _build_unmasking(verify=_verify),
-            static=lambda r: {"block_size": r.block_size, "rule": r.rule},
+            static=lambda r: {"block_size": r.block_size, "rule": r.rule, "anchor": r.anchor},
             check=_check_unmasking(verify=_verify),
             patches_per_round=lambda r, v=_verify: r.block_size + int(v),
             step_bytes=lambda r: r.block_size,

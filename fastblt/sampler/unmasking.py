@@ -23,12 +23,23 @@ length L):
    accept to the first mismatch with the greedy next-byte prediction, plus the free byte): up to
    B + 1 bytes per round, and its greedy output is the ``ar`` greedy output.
 
+Anchors (``anchor``): ``"forced"`` is Algorithm 1 above (every block starts where the last ended and
+closes the prefix's last patch there). Training never shows the decoder such a latent: its blocks
+start at natural patch starts and read the patch that the patcher closed right before them.
+``"patch"`` keeps generation in that layout: where the patcher has left the prefix's last patch open
+(byte L does not start a patch; the patcher decides that from the bytes before L), the block starts
+at that patch's first byte s < L and reads the latent before it (already cached); the bytes
+``s .. L - 1`` are revealed cells of the block, as an unmasked cell in training, and the block
+writes ``B - (L - s)`` new bytes. Where the open patch already holds B bytes or more (or an EOS),
+the block falls back to the forced closure. The cost: fewer bytes per block, so more blocks.
+
 Counters (fastblt.sampler.cost): ``blt_d``: ``decoder_passes`` = diffusion passes, ``eg_passes`` =
 ``rounds`` = blocks (the paper's one E/G pass per block: here the extend that commits the previous
 block plus the forced closure), ``clean_passes`` = the extends' decoder passes over the committed
 blocks (which the paper does not count). ``blt_dv``: per round s diffusion passes + 2 (the first
 byte's extend and the verify pass); E/G passes = those two extends + the forced closure where one
-was needed (the paper counts 2 per round: ``paper_eg_passes``); ``drafted += B``.
+was needed (the paper counts 2 per round: ``paper_eg_passes``); ``drafted += B``. With
+``anchor="patch"``, ``blt_d``'s ``eg_passes`` also count the fallback closures.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
+from fastblt.model import patcher as patching
 from fastblt.model.attention import attention, document_ids
 from fastblt.sampler.ar import Prompts, prefill
 from fastblt.sampler.cached import Runner
@@ -44,8 +56,10 @@ from fastblt.sampler.cost import Counters
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import accept_verified, cut_at_eos, run_rounds
 from fastblt.sampler.state import State, gather_rows, init_state, read_layer
+from fastblt.tokenizer import EOS
 
 RULES = ("alpha", "gamma", "one_step")
+ANCHORS = ("forced", "patch")
 
 
 def check_mask_embedding(config: ModelConfig) -> None:
@@ -145,13 +159,46 @@ def close_last_patch(runner: Runner, st: State) -> tuple[State, jax.Array, jax.A
     """
     byte_pid, _, completed = runner.patches(st.tokens, st.entropies, st.length)
     forced, read = runner.closed_last_patch(byte_pid, st.length, completed)
-    st = jax.lax.cond(
+    return _close(runner, st, byte_pid, completed, forced), read, forced
+
+
+def _close(runner: Runner, st: State, byte_pid, completed, forced) -> State:
+    """The latent of each ``forced`` row's open last patch, closed at byte L - 1, into patch slot
+    ``completed`` as scratch (one global step, skipped when no row needs it)."""
+    return jax.lax.cond(
         jnp.any(forced),
         lambda s: runner.latents(s, s.tokens, byte_pid, completed, forced.astype(jnp.int32), 1),
         lambda s: s,
         st,
     )
-    return st, read, forced
+
+
+def patch_anchor(runner: Runner, st: State, block_size: int, active: jax.Array):
+    """Where the next block starts with ``anchor="patch"`` (module docstring), and its first cells.
+
+    Returns: (state, start int32[b]: the block's first position, read int32[b]: the latent its
+    cells read, tokens int32[b, B]: the known bytes ``start .. L - 1`` then 0, masked bool[b, B]:
+    the cells to generate (none where the row is not ``active``), known int32[b]: L - start,
+    forced bool[b]: the row fell back to closing its last patch at L (one more global step)).
+    """
+    n = st.tokens.shape[1]
+    j = jnp.arange(block_size, dtype=jnp.int32)[None]
+    byte_pid, _, completed = runner.patches(st.tokens, st.entropies, st.length)
+    open_last, read = runner.closed_last_patch(byte_pid, st.length, completed)
+    # the open patch's first byte: the bytes of the patches before it
+    first = jnp.sum((byte_pid >= 0) & (byte_pid < read[:, None]), axis=1, dtype=jnp.int32)
+    known = jnp.where(open_last, st.length - first, 0)
+    cols = (st.length - known)[:, None] + j
+    tokens = jnp.where(j < known[:, None], gather_rows(st.tokens, jnp.minimum(cols, n - 1)), 0)
+    # A known EOS would put a document boundary inside the block, which training never shows.
+    back = open_last & (known < block_size) & ~jnp.any(tokens == EOS, axis=1)
+    forced = open_last & ~back & active
+    known = jnp.where(back, known, 0)
+    tokens = jnp.where(back[:, None], tokens, 0)
+    read = jnp.where(back, patching.latent_index(read), read)
+    st = _close(runner, st, byte_pid, completed, forced)
+    masked = active[:, None] & (j >= known[:, None])
+    return st, st.length - known, read, tokens, masked, known, forced
 
 
 def _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma, draw=None):
@@ -185,6 +232,7 @@ def build_blt_d(
     verify: bool = False,
     greedy: bool = True,
     exact_width: int | None = None,
+    anchor: str = "forced",
 ):
     """The BLT-D (``verify=False``) or BLT-DV (``verify=True``, greedy only) generation function (to
     be jitted); see :func:`fastblt.sampler.ar.build_ar` for the outputs (no ``logits``).
@@ -195,12 +243,15 @@ def build_blt_d(
     position ``L + j`` in decoder pass ``s`` of its block with the key of
     :func:`fastblt.sampler.sampling.step_keys` for (row, ``(L + j) * (B + 1) + s``).
     ``exact_width`` (BLT-DV only): the exact mode's step width, at least ``block_size``.
+    ``anchor`` (BLT-D only): where blocks start, ``"forced"`` or ``"patch"`` (module docstring).
     """
     check_mask_embedding(config)
     if block_size < 1 or (verify and block_size < 2):
         raise ValueError(f"block_size={block_size} must be >= 1 (>= 2 for blt_dv)")
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not one of {RULES}")
+    if anchor not in ANCHORS or (verify and anchor != "forced"):
+        raise ValueError(f"anchor={anchor!r} must be one of {ANCHORS} ('forced' for blt_dv)")
     if verify and not greedy:
         raise ValueError("BLT-DV verifies greedily: sampling is for BLT-D (verify=False)")
     if exact_width is not None and (not verify or block_size > exact_width):
@@ -221,7 +272,10 @@ def build_blt_d(
         generated = jnp.zeros((b,), jnp.int32)
         # BLT-D: the first block's o_M here; each commit's extend closes the next one's (one global
         # call per block). BLT-DV closes at the top of each round: its verify pass may roll back.
-        st, read, _ = close_last_patch(runner, st)
+        if anchor == "forced":
+            st, read, _ = close_last_patch(runner, st)
+        else:  # each block finds its own (patch_anchor)
+            read = jnp.zeros((b,), jnp.int32)
 
         def body(c):
             st, logits, done, generated, counters, read = c
@@ -237,13 +291,17 @@ def build_blt_d(
                 st, first_logits, _ = runner.extend(st, first[:, None], a)
                 st, read, forced = close_last_patch(runner, st)
                 block_start = start + 1
-            tokens = jnp.zeros((b, bs), jnp.int32)
-            masked = jnp.broadcast_to(active[:, None], (b, bs))
+            known, fell_back = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
+            if anchor == "patch":
+                st, block_start, read, tokens, masked, known, fell_back = patch_anchor(runner, st, bs, active)
+            else:
+                tokens = jnp.zeros((b, bs), jnp.int32)
+                masked = jnp.broadcast_to(active[:, None], (b, bs))
             draw = None
             if not greedy:
 
                 def draw(lg, passes):
-                    cols = start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None]  # [b, B]
+                    cols = block_start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None]  # [b, B]
                     rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, bs))
                     keys = step_keys(seed, rows.reshape(-1), (cols * (bs + 1) + passes[:, None]).reshape(-1))
                     flat = sample_logits(lg.reshape(b * bs, -1), keys, temperature, top_p, greedy=False)
@@ -253,14 +311,19 @@ def build_blt_d(
             limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
 
             if not verify:
-                commit, hit = cut_at_eos(tokens, jnp.minimum(bs, limit), prompts.stop_at_eos)
+                # the new bytes: the cells after the known ones (all of them with anchor="forced")
+                new = gather_rows(tokens, known[:, None] + jnp.arange(bs, dtype=jnp.int32)[None])
+                commit, hit = cut_at_eos(new, jnp.minimum(bs - known, limit), prompts.stop_at_eos)
                 commit = jnp.where(active, commit, 0)
-                st, _, _, read = runner.extend_closed(st, tokens, commit)
+                if anchor == "patch":
+                    st, _, _ = runner.extend(st, new, commit)
+                else:
+                    st, _, _, read = runner.extend_closed(st, new, commit)
                 finish = ((commit >= limit) | hit | (st.completed + bs > n_patches)) & active
                 go = (active & ~finish).astype(jnp.int32)
                 counters = counters.add(
                     decoder_passes=passes,
-                    eg_passes=go,
+                    eg_passes=go + fell_back,
                     entropy_passes=a,
                     rounds=a,
                     clean_passes=a,  # the extend's decoder pass over the block
