@@ -3,8 +3,9 @@
 # with the same entropy model, data, batches and schedule, each evaluated on code_completion with every
 # method and setting of the paper's tables (fastblt eval) as soon as it is trained, beside the next
 # model's training (blt_d with both block anchors); the first BLT-D block after natural and forced
-# patch ends (forced_boundary.py); and the exact mode's greedy identity on the trained plain BLT and
-# BLT-D-4 (greedy_identity.py). Results: experiments/results/paper_tables.md.
+# patch ends (forced_boundary.py) and the one-step chain (blt_d_consistency.py); and the exact
+# mode's greedy identity on the trained plain BLT and BLT-D-4 (greedy_identity.py). Results:
+# experiments/results/paper_tables.md.
 #
 #   bash experiments/benchmarks/reproduce_gpu.sh ROOT             # everything, in order; log: ROOT/log.txt
 #   bash experiments/benchmarks/reproduce_gpu.sh ROOT collect OUT # tables, plot and an archive into OUT
@@ -122,6 +123,9 @@ identity() {  # name, then greedy_identity.py's --methods ... arguments
 boundary() {  # name: BLT-D's first block after natural and forced patch ends, and both anchors
   job boundary "$1" python3 "$here/forced_boundary.py" --checkpoint "$root/$1" --prompts 64 \
     --prompt-bytes 512 --out "$root/boundary_$1.jsonl"
+  # and the chain from training's masked accuracy to the sampler's one-step draft
+  job consistency "$1" python3 "$here/blt_d_consistency.py" --checkpoint "$root/$1" --rows 8 \
+    --blocks 16 --out "$root/consistency_$1.jsonl"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$log"
