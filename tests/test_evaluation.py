@@ -98,14 +98,14 @@ def test_plan_runs_ar_first_then_each_rule_once_over_the_other_settings():
         ("ar", {}),
         ("blt_dv", {"block_size": 4}),
     ]
-    # anchor takes words and crosses the rules (blt_d only: blt_dv ignores it).
+    # anchor takes words and crosses the rules (blt_s ignores it).
     anchors = parse_settings(["anchor=forced,patch", "one_step=true"])
     assert anchors == {"anchor": ["forced", "patch"], "one_step": [True]}
-    assert plan(["blt_d", "blt_dv"], anchors) == [
+    assert plan(["blt_dv", "blt_s"], anchors) == [
         ("ar", {}),
-        ("blt_d", {"anchor": "forced", "one_step": True}),
-        ("blt_d", {"anchor": "patch", "one_step": True}),
-        ("blt_dv", {"one_step": True}),
+        ("blt_dv", {"anchor": "forced", "one_step": True}),
+        ("blt_dv", {"anchor": "patch", "one_step": True}),
+        ("blt_s", {}),
     ]
     with pytest.raises(ConfigError, match="anchor='patchy'.*forced, patch"):
         parse_settings(["anchor=patchy"])

@@ -35,7 +35,7 @@ METHOD_SETTINGS = {
     "ar": (),
     "blt_s": ("draft",),
     "blt_d": ("block_size", "anchor", "alpha", "gamma", "one_step"),
-    "blt_dv": ("block_size", "alpha", "gamma", "one_step"),
+    "blt_dv": ("block_size", "anchor", "alpha", "gamma", "one_step"),
 }
 
 

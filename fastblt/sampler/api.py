@@ -184,7 +184,7 @@ def prepare(
       gamma: ("blt_d", "blt_dv") entropy bound instead of alpha: reveal cells by increasing entropy while the
         cumulative entropy (nats) stays <= gamma (at least one).
       one_step: ("blt_d", "blt_dv") reveal the whole block in one decoder pass.
-      anchor: ("blt_d") where blocks start: "forced" (the paper's Algorithm 1: where the last block
+      anchor: ("blt_d", "blt_dv") where blocks start: "forced" (the paper's Algorithm 1: where the last block
         ended, closing the prefix's last patch there) or "patch" (at the start of the prefix's open
         patch, its bytes given, as training places blocks; fewer new bytes per block).
       exact: ("ar", "blt_s", "blt_dv") every step after the prompt runs ``exact_width`` columns

@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--anchor",
         choices=("forced", "patch"),
         default="forced",
-        help="blt_d: where a block starts: 'forced' (the paper: where the last one ended, closing the "
+        help="blt_d/blt_dv: where a block starts: 'forced' (the paper: where the last one ended, closing the "
         "open patch there) or 'patch' (at the open patch's start, as in training)",
     )
     parser.add_argument(

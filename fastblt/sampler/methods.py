@@ -40,7 +40,7 @@ class Request:
     draft: int = 8
     block_size: int = 4
     rule: str = "alpha"  # "alpha", "gamma" or "one_step" (BLT-D's unmasking rule)
-    anchor: str = "forced"  # where BLT-D's blocks start: "forced" or "patch" (fastblt.sampler.unmasking)
+    anchor: str = "forced"  # where diffusion blocks start: "forced" or "patch" (fastblt.sampler.unmasking)
     greedy: bool = True
     record_logits: bool = False
     exact: bool = False
@@ -135,10 +135,6 @@ def _check_unmasking(verify: bool) -> Callable[[Request, ModelConfig], None]:
             raise ValueError(f"block_size={r.block_size!r} must be an int >= 1 (>= 2 for blt_dv)")
         if r.anchor not in ANCHORS:
             raise ValueError(f"anchor={r.anchor!r} is not one of {ANCHORS}")
-        if verify and r.anchor != "forced":
-            raise ValueError(
-                f"anchor={r.anchor!r} is for method='blt_d'; blt_dv's blocks are anchored 'forced'"
-            )
 
     return check
 

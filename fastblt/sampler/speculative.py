@@ -89,30 +89,6 @@ def commit_verified(
     return st._replace(length=length, completed=completed), next_logits, commit, finish
 
 
-def accept_verified(
-    runner: Runner,
-    st: State,
-    chunk: jax.Array,
-    verify_logits: jax.Array,
-    start: jax.Array,
-    limit: jax.Array,
-    stop_at_eos: jax.Array,
-    active: jax.Array,
-    room: int,
-) -> tuple[State, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Greedy acceptance of a verified chunk (Algorithm 2): ``chunk[:, j]`` is accepted while it
-    equals the prediction after ``chunk[:, j - 1]``; then :func:`commit_verified`.
-
-    Returns: (state, next_logits, commit, accepted int32[b]: chunk bytes after the first that
-    matched, finish bool[b]).
-    """
-    accepted = greedy_accepted(chunk, verify_logits)
-    st, next_logits, commit, finish = commit_verified(
-        runner, st, chunk, verify_logits, accepted, start, limit, stop_at_eos, active, room
-    )
-    return st, next_logits, commit, accepted, finish
-
-
 def run_rounds(body, carry: tuple) -> dict:
     """Runs ``body`` over ``(state, logits, done, generated, counters, *extra)`` until every row is
     done; returns the generation outputs of :func:`fastblt.sampler.ar.build_ar` (no ``logits``)."""

@@ -31,15 +31,17 @@ start at natural patch starts and read the patch that the patcher closed right b
 at that patch's first byte s < L and reads the latent before it (already cached); the bytes
 ``s .. L - 1`` are revealed cells of the block, as an unmasked cell in training, and the block
 writes ``B - (L - s)`` new bytes. Where the open patch already holds B bytes or more (or an EOS),
-the block falls back to the forced closure. The cost: fewer bytes per block, so more blocks.
+the block falls back to the forced closure. The cost: fewer bytes per block, so more blocks. For
+``blt_dv`` the prefix includes the round's AR byte, so a round drafts ``B - (L + 1 - s)`` bytes.
 
 Counters (fastblt.sampler.cost): ``blt_d``: ``decoder_passes`` = diffusion passes, ``eg_passes`` =
 ``rounds`` = blocks (the paper's one E/G pass per block: here the extend that commits the previous
 block plus the forced closure), ``clean_passes`` = the extends' decoder passes over the committed
 blocks (which the paper does not count). ``blt_dv``: per round s diffusion passes + 2 (the first
 byte's extend and the verify pass); E/G passes = those two extends + the forced closure where one
-was needed (the paper counts 2 per round: ``paper_eg_passes``); ``drafted += B``. With
-``anchor="patch"``, ``blt_d``'s ``eg_passes`` also count the fallback closures.
+was needed (the paper counts 2 per round: ``paper_eg_passes``); ``drafted`` += the drafted cells
+(B with ``anchor="forced"``). With ``anchor="patch"``, ``blt_d``'s ``eg_passes`` also count the
+fallback closures.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from fastblt.sampler.ar import Prompts, prefill
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.cost import Counters
 from fastblt.sampler.sampling import sample_logits, step_keys
-from fastblt.sampler.speculative import accept_verified, cut_at_eos, run_rounds
+from fastblt.sampler.speculative import commit_verified, cut_at_eos, greedy_accepted, run_rounds
 from fastblt.sampler.state import State, gather_rows, init_state, read_layer
 from fastblt.tokenizer import EOS
 
@@ -250,8 +252,8 @@ def build_blt_d(
         raise ValueError(f"block_size={block_size} must be >= 1 (>= 2 for blt_dv)")
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not one of {RULES}")
-    if anchor not in ANCHORS or (verify and anchor != "forced"):
-        raise ValueError(f"anchor={anchor!r} must be one of {ANCHORS} ('forced' for blt_dv)")
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor={anchor!r} is not one of {ANCHORS}")
     if verify and not greedy:
         raise ValueError("BLT-DV verifies greedily: sampling is for BLT-D (verify=False)")
     if exact_width is not None and (not verify or block_size > exact_width):
@@ -289,12 +291,16 @@ def build_blt_d(
                 # diffused after it: a round can commit up to B + 1 bytes.
                 first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
                 st, first_logits, _ = runner.extend(st, first[:, None], a)
-                st, read, forced = close_last_patch(runner, st)
-                block_start = start + 1
+            # known: bytes before the new cells that the block holds (anchor="patch"); fell_back:
+            # rows whose last patch was closed early for this block (one more global step).
             known, fell_back = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
             if anchor == "patch":
                 st, block_start, read, tokens, masked, known, fell_back = patch_anchor(runner, st, bs, active)
             else:
+                if verify:
+                    st, read, fell_back = close_last_patch(runner, st)
+                    fell_back &= active
+                    block_start = start + 1
                 tokens = jnp.zeros((b, bs), jnp.int32)
                 masked = jnp.broadcast_to(active[:, None], (b, bs))
             draw = None
@@ -309,10 +315,10 @@ def build_blt_d(
 
             tokens, passes = _unmask(runner, st, tokens, masked, block_start, read, rule, alpha, gamma, draw)
             limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
+            # the new bytes: the cells after the known ones (all B of them with anchor="forced")
+            new = gather_rows(tokens, known[:, None] + jnp.arange(bs, dtype=jnp.int32)[None])
 
             if not verify:
-                # the new bytes: the cells after the known ones (all of them with anchor="forced")
-                new = gather_rows(tokens, known[:, None] + jnp.arange(bs, dtype=jnp.int32)[None])
                 commit, hit = cut_at_eos(new, jnp.minimum(bs - known, limit), prompts.stop_at_eos)
                 commit = jnp.where(active, commit, 0)
                 if anchor == "patch":
@@ -330,18 +336,20 @@ def build_blt_d(
                 )
                 return st, logits, done | finish, generated + commit, counters, read
 
-            st, verify_logits, _ = runner.extend(st, tokens, a * bs)
-            # Verified as one chunk [first, d_1 .. d_B]: d_1 against the prediction after `first`.
-            chunk = jnp.concatenate([first[:, None], tokens], axis=1)
+            drafted = a * (bs - known)
+            st, verify_logits, _ = runner.extend(st, new, drafted)
+            # Verified as one chunk [first, d_1 .. d_r]: d_1 against the prediction after `first`.
+            chunk = jnp.concatenate([first[:, None], new], axis=1)
             pred_logits = jnp.concatenate([first_logits[:, :1], verify_logits], axis=1)
-            st, next_logits, commit, accepted, finish = accept_verified(
-                runner, st, chunk, pred_logits, start, limit, prompts.stop_at_eos, active, bs + 1
+            accepted = jnp.minimum(greedy_accepted(chunk, pred_logits), bs - known)
+            st, next_logits, commit, finish = commit_verified(
+                runner, st, chunk, pred_logits, accepted, start, limit, prompts.stop_at_eos, active, bs + 1
             )
             counters = counters.add(
                 decoder_passes=passes + 2 * a,
-                eg_passes=2 * a + (forced & active),
+                eg_passes=2 * a + fell_back,
                 entropy_passes=2 * a,
-                drafted=a * bs,
+                drafted=drafted,
                 accepted=a * accepted,
                 rounds=a,
             )
