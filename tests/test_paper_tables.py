@@ -33,6 +33,10 @@ def test_tables_and_plot_of_two_models(tmp_path):
         metrics = [{"step": 10, "loss": 1.0, "bytes_per_sec": 5.0}, {"step": 20, "bytes_per_sec": 7.0},
                    {"step": 20, "eval_loss": 0.7, "eval_bits_per_byte": 1.0099}]  # fmt: skip
         _write(root / model / "blt" / "tensorboard" / "metrics.jsonl", metrics)
+    # A BLT-D diagnostic: the last line of ROOT/consistency_d4.jsonl, a column for d4 only.
+    _write(root / "consistency_d4.jsonl", [{"checkpoint": "x", "C/agreement_with_B": 0.5},
+                                           {"checkpoint": "x", "B/accuracy_per_cell": [0.5, 0.25],
+                                            "C/agreement_with_B": 1.0}])  # fmt: skip
     out = tmp_path / "out"
     paper_tables.main([str(root), "--out", str(out)])
     table = (out / "paper_tables.md").read_text()
@@ -40,4 +44,6 @@ def test_tables_and_plot_of_two_models(tmp_path):
     assert "| plain | blt_s draft=8 | 0.500 | 12.50 |" in table and "| 0.62 |" in table
     assert "| d4 | blt_d |" in table  # block_size is the model's, not a column
     assert table.index("| plain | ar") < table.index("| d4 | ar")
+    assert "| figure | d4 |" in table and "| B/accuracy_per_cell | 0.500 / 0.250 |" in table
+    assert "| C/agreement_with_B | 1.000 |" in table and "checkpoint" not in table
     assert (out / "paper_tables.png").stat().st_size > 0
