@@ -6,7 +6,8 @@ BLT-D checkpoints block diffusion (``blt_d``) and diffusion drafts with verifica
     result.texts[0], result.counters.summary(), result.bytes_per_second
 
 Modules: ``state`` (buffers and caches), ``cached`` (incremental stages: append bytes, draft a byte),
-``ar``, ``speculative`` and ``unmasking`` (BLT-D's blocks; the jitted while-loops), ``methods`` (the registry that
+``decoding`` (the loop every method shares: prefill, then one round per ``lax.while_loop`` step),
+``ar``, ``speculative`` and ``unmasking`` (each method's round; BLT-D's blocks), ``methods`` (the registry that
 ``generate`` and the commands read: each method's checks, loop builder and counting), ``sampling`` (greedy / temperature / top-p),
 ``cost`` (NFE counters and the paper's bandwidth estimate), ``command`` (``fastblt sample``). The
 no-cache oracle the tests check generation against is tests/naive_sampler.py.

@@ -16,8 +16,8 @@ import numpy as np
 from fastblt.compile_cache import use_compilation_cache
 from fastblt.config import ModelConfig
 from fastblt.sampler import fused, methods
-from fastblt.sampler.ar import Prompts
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
+from fastblt.sampler.decoding import Prompts
 from fastblt.tokenizer import decode_bytes, encode
 
 METHODS = tuple(methods.REGISTRY)

@@ -2,10 +2,10 @@
 how its counters are read. ``generate``/``prepare`` (and through them ``fastblt sample`` and
 ``fastblt eval``) read :data:`REGISTRY`; adding a method is one :func:`register` call next to its loop.
 
-Every method's loop has one signature, ``run(params, prompts, rule_params, seed, temperature, top_p)
--> dict`` (see fastblt.sampler.ar.build_ar for the outputs): ``rule_params`` (:class:`RuleParams`) holds the
-traced parameters of BLT-D's unmasking rules, which the other methods ignore, so a caller never
-reorders arguments per method.
+Every method is one round of the shared loop (fastblt.sampler.decoding.decode), which gives its
+function one signature, ``run(params, prompts, rule_params, seed, temperature, top_p) -> dict``:
+``rule_params`` (:class:`RuleParams`) holds the traced parameters of BLT-D's unmasking rules, which
+the other methods ignore, so a caller never reorders arguments per method.
 """
 
 from __future__ import annotations

@@ -29,11 +29,10 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.model.patcher import latent_index
-from fastblt.sampler.ar import Prompts, prefill
 from fastblt.sampler.cached import Runner
-from fastblt.sampler.cost import Counters
+from fastblt.sampler.decoding import Call, Loop, decode
 from fastblt.sampler.sampling import filtered_probs, round_keys, sample_logits, speculative_accept
-from fastblt.sampler.state import State, init_state
+from fastblt.sampler.state import State
 from fastblt.tokenizer import EOS
 
 
@@ -89,13 +88,6 @@ def commit_verified(
     return st._replace(length=length, completed=completed), next_logits, commit, finish
 
 
-def run_rounds(body, carry: tuple) -> dict:
-    """Runs ``body`` over ``(state, logits, done, generated, counters, *extra)`` until every row is
-    done; returns the generation outputs of :func:`fastblt.sampler.ar.build_ar` (no ``logits``)."""
-    st, _, _, generated, counters, *_ = jax.lax.while_loop(lambda c: jnp.any(~c[2]), body, carry)
-    return {"tokens": st.tokens, "length": st.length, "generated": generated, "counters": counters}
-
-
 def build_blt_s(
     config: ModelConfig,
     *,
@@ -106,8 +98,8 @@ def build_blt_s(
     greedy: bool = True,
     exact_width: int | None = None,
 ):
-    """The BLT-S generation function (to be jitted); see :func:`fastblt.sampler.ar.build_ar` for the
-    arguments and outputs (no ``logits``). ``exact_width``: at least ``draft + 1``.
+    """The BLT-S generation function (to be jitted): :func:`fastblt.sampler.decoding.decode` with
+    one draft-and-verify round. ``exact_width``: at least ``draft + 1``.
 
     ``greedy=False``: speculative sampling at ``temperature``/``top_p``
     (:func:`fastblt.sampler.sampling.speculative_accept`): drafts are drawn from the drafter's
@@ -123,87 +115,88 @@ def build_blt_s(
             f"draft={draft} needs exact_width >= {draft + 1} (the verified chunk), got {exact_width}"
         )
 
-    def run(params, prompts: Prompts, rule_params, seed, temperature, top_p):
-        del rule_params  # the methods' common signature (fastblt.sampler.methods)
-        runner = Runner(config, params, exact_width)
-        b = prompts.prompt.shape[0]
-        rows = jnp.arange(b, dtype=jnp.int32)
-        st = init_state(config, b, n_bytes, n_patches)
-        st, logits = prefill(runner, st, prompts, prefill_chunk)
-        counters = Counters.zeros(b).add(decoder_passes=1, eg_passes=1, entropy_passes=1)  # the prefill
-        done = prompts.budget <= 0
-        generated = jnp.zeros((b,), jnp.int32)
+    def init(call: Call, loop: Loop) -> Loop:
         if greedy:
-            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            first = jnp.argmax(loop.logits, axis=-1).astype(jnp.int32)
         else:  # stream 0: the first byte after the prompt; every later first byte comes from a round
-            keys = round_keys(seed, rows, jnp.zeros_like(rows), 0, 1)[:, 0]
-            first = sample_logits(logits, keys, temperature, top_p, greedy=False)
+            keys = round_keys(call.seed, call.rows, jnp.zeros_like(call.rows), 0, 1)[:, 0]
+            first = sample_logits(loop.logits, keys, call.temperature, call.top_p, greedy=False)
+        return loop._replace(extra=first)
 
-        def body(c):
-            st, logits, done, generated, counters, first = c
-            active = ~done
-            start = st.length
-            # Every draft byte reads the latent a row ending at the committed prefix reads: the drafts'
-            # own boundaries are unknown (completed: the patch of the next byte, column `length`).
-            read = latent_index(st.completed)
-            draft_keys = None if greedy else round_keys(seed, rows, counters.rounds, 1, draft)
+    def step(call: Call, loop: Loop) -> Loop:
+        st, logits, done, generated, counters, first = loop
+        runner, prompts, rows = call.runner, call.prompts, call.rows
+        seed, temperature, top_p = call.seed, call.temperature, call.top_p
+        b = first.shape[0]
+        active = ~done
+        start = st.length
+        # Every draft byte reads the latent a row ending at the committed prefix reads: the drafts'
+        # own boundaries are unknown (completed: the patch of the next byte, column `length`).
+        read = latent_index(st.completed)
+        draft_keys = None if greedy else round_keys(seed, rows, counters.rounds, 1, draft)
 
-            def draft_body(j, carry):
-                st, chunk, q, prev = carry
-                st, lg = runner.draft_step(st, prev, start + j, read, active)
-                if greedy:
-                    nxt = jnp.argmax(lg, axis=-1).astype(jnp.int32)
-                else:
-                    nxt = sample_logits(lg, draft_keys[:, j], temperature, top_p, greedy=False)
-                    q = q.at[:, j].set(filtered_probs(lg, temperature, top_p))
-                return st, chunk.at[:, j + 1].set(nxt), q, nxt
-
-            chunk = jnp.zeros((b, draft + 1), jnp.int32).at[:, 0].set(first)
-            q = jnp.zeros((b, draft, logits.shape[-1]) if not greedy else (b, 0, 0), jnp.float32)
-            st, chunk, q, _ = jax.lax.fori_loop(0, draft, draft_body, (st, chunk, q, first))
-
-            count = jnp.where(active, draft + 1, 0).astype(jnp.int32)
-            st, verify_logits, _ = runner.extend(st, chunk, count)
+        def draft_body(j, carry):
+            st, chunk, q, prev = carry
+            st, lg = runner.draft_step(st, prev, start + j, read, active)
             if greedy:
-                accepted = greedy_accepted(chunk, verify_logits)
+                nxt = jnp.argmax(lg, axis=-1).astype(jnp.int32)
             else:
-                accepted, nxt = speculative_accept(
-                    filtered_probs(verify_logits, temperature, top_p),
-                    q,
-                    chunk[:, 1:],
-                    round_keys(seed, rows, counters.rounds, 2, draft),
-                    round_keys(seed, rows, counters.rounds, 3, 1)[:, 0],
-                )
-            # Commit d_0 .. d_a; a verify pass completes at most draft + 1 patches.
-            limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
-            st, next_logits, commit, finish = commit_verified(
-                runner,
-                st,
-                chunk,
-                verify_logits,
-                accepted,
-                start,
-                limit,
-                prompts.stop_at_eos,
-                active,
-                draft + 1,
-            )
-            a = active.astype(jnp.int32)
-            counters = counters.add(
-                decoder_passes=a * (draft + 1),
-                eg_passes=a,
-                entropy_passes=a,
-                drafted=a * draft,
-                accepted=a * accepted,
-                rounds=a,
-            )
-            logits = jnp.where(active[:, None], next_logits, logits)
-            # Greedy: the argmax after the commit (the correction, or the free byte after the last
-            # draft). Sampling: the residual draw or the draw from p after the last draft.
-            nxt = jnp.argmax(next_logits, axis=-1).astype(jnp.int32) if greedy else nxt
-            first = jnp.where(active, nxt, first)
-            return st, logits, done | finish, generated + commit, counters, first
+                nxt = sample_logits(lg, draft_keys[:, j], temperature, top_p, greedy=False)
+                q = q.at[:, j].set(filtered_probs(lg, temperature, top_p))
+            return st, chunk.at[:, j + 1].set(nxt), q, nxt
 
-        return run_rounds(body, (st, logits, done, generated, counters, first))
+        chunk = jnp.zeros((b, draft + 1), jnp.int32).at[:, 0].set(first)
+        q = jnp.zeros((b, draft, logits.shape[-1]) if not greedy else (b, 0, 0), jnp.float32)
+        st, chunk, q, _ = jax.lax.fori_loop(0, draft, draft_body, (st, chunk, q, first))
 
-    return run
+        count = jnp.where(active, draft + 1, 0).astype(jnp.int32)
+        st, verify_logits, _ = runner.extend(st, chunk, count)
+        if greedy:
+            accepted = greedy_accepted(chunk, verify_logits)
+        else:
+            accepted, nxt = speculative_accept(
+                filtered_probs(verify_logits, temperature, top_p),
+                q,
+                chunk[:, 1:],
+                round_keys(seed, rows, counters.rounds, 2, draft),
+                round_keys(seed, rows, counters.rounds, 3, 1)[:, 0],
+            )
+        # Commit d_0 .. d_a; a verify pass completes at most draft + 1 patches.
+        limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
+        st, next_logits, commit, finish = commit_verified(
+            runner,
+            st,
+            chunk,
+            verify_logits,
+            accepted,
+            start,
+            limit,
+            prompts.stop_at_eos,
+            active,
+            draft + 1,
+        )
+        a = active.astype(jnp.int32)
+        counters = counters.add(
+            decoder_passes=a * (draft + 1),
+            eg_passes=a,
+            entropy_passes=a,
+            drafted=a * draft,
+            accepted=a * accepted,
+            rounds=a,
+        )
+        logits = jnp.where(active[:, None], next_logits, logits)
+        # Greedy: the argmax after the commit (the correction, or the free byte after the last
+        # draft). Sampling: the residual draw or the draw from p after the last draft.
+        nxt = jnp.argmax(next_logits, axis=-1).astype(jnp.int32) if greedy else nxt
+        first = jnp.where(active, nxt, first)
+        return Loop(st, logits, done | finish, generated + commit, counters, first)
+
+    return decode(
+        config,
+        n_bytes=n_bytes,
+        n_patches=n_patches,
+        prefill_chunk=prefill_chunk,
+        exact_width=exact_width,
+        init=init,
+        step=step,
+    )

@@ -52,12 +52,11 @@ import jax.numpy as jnp
 from fastblt.config import ModelConfig
 from fastblt.model import patcher as patching
 from fastblt.model.attention import attention, document_ids
-from fastblt.sampler.ar import Prompts, prefill
 from fastblt.sampler.cached import Runner
-from fastblt.sampler.cost import Counters
+from fastblt.sampler.decoding import Call, Loop, decode
 from fastblt.sampler.sampling import sample_logits, step_keys
-from fastblt.sampler.speculative import commit_verified, cut_at_eos, greedy_accepted, run_rounds
-from fastblt.sampler.state import State, gather_rows, init_state, read_layer
+from fastblt.sampler.speculative import commit_verified, cut_at_eos, greedy_accepted
+from fastblt.sampler.state import State, gather_rows, read_layer
 from fastblt.tokenizer import EOS
 
 RULES = ("alpha", "gamma", "one_step")
@@ -237,7 +236,7 @@ def build_blt_d(
     anchor: str = "forced",
 ):
     """The BLT-D (``verify=False``) or BLT-DV (``verify=True``, greedy only) generation function (to
-    be jitted); see :func:`fastblt.sampler.ar.build_ar` for the outputs (no ``logits``).
+    be jitted): :func:`fastblt.sampler.decoding.decode` with one block per round.
 
     ``run(params, prompts, rule_params, seed, temperature, top_p) -> dict``; rule_params:
     fastblt.sampler.methods.RuleParams (alpha, gamma: float32[], see :func:`reveal`). ``greedy=False`` (BLT-D): revealed bytes are drawn with
@@ -263,99 +262,102 @@ def build_blt_d(
         )
     bs = block_size
 
-    def run(params, prompts: Prompts, rule_params, seed, temperature, top_p):
-        alpha, gamma = rule_params.alpha, rule_params.gamma
-        runner = Runner(config, params, exact_width)
-        b = prompts.prompt.shape[0]
-        st = init_state(config, b, n_bytes, n_patches)
-        st, logits = prefill(runner, st, prompts, prefill_chunk)
-        counters = Counters.zeros(b).add(eg_passes=1, entropy_passes=1, decoder_passes=int(verify))
-        done = prompts.budget <= 0
-        generated = jnp.zeros((b,), jnp.int32)
+    def init(call: Call, loop: Loop) -> Loop:
         # BLT-D: the first block's o_M here; each commit's extend closes the next one's (one global
         # call per block). BLT-DV closes at the top of each round: its verify pass may roll back.
         if anchor == "forced":
-            st, read, _ = close_last_patch(runner, st)
-        else:  # each block finds its own (patch_anchor)
-            read = jnp.zeros((b,), jnp.int32)
+            st, read, _ = close_last_patch(call.runner, loop.st)
+            return loop._replace(st=st, extra=read)
+        return loop._replace(extra=jnp.zeros_like(loop.generated))  # each block finds its own
 
-        def body(c):
-            st, logits, done, generated, counters, read = c
-            active = ~done
-            a = active.astype(jnp.int32)
-            start = st.length
-            block_start = start
+    def step(call: Call, loop: Loop) -> Loop:
+        st, logits, done, generated, counters, read = loop
+        runner, prompts = call.runner, call.prompts
+        alpha, gamma = call.rule_params.alpha, call.rule_params.gamma
+        seed, temperature, top_p = call.seed, call.temperature, call.top_p
+        b = logits.shape[0]
+        active = ~done
+        a = active.astype(jnp.int32)
+        start = st.length
+        block_start = start
+        if verify:
+            # The AR byte of position L (the last round's correction or free byte) is appended
+            # first (the paper's second E/G pass of a round), then a full block of B cells is
+            # diffused after it: a round can commit up to B + 1 bytes.
+            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            st, first_logits, _ = runner.extend(st, first[:, None], a)
+        # known: bytes before the new cells that the block holds (anchor="patch"); fell_back:
+        # rows whose last patch was closed early for this block (one more global step).
+        known, fell_back = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
+        if anchor == "patch":
+            st, block_start, read, tokens, masked, known, fell_back = patch_anchor(runner, st, bs, active)
+        else:
             if verify:
-                # The AR byte of position L (the last round's correction or free byte) is appended
-                # first (the paper's second E/G pass of a round), then a full block of B cells is
-                # diffused after it: a round can commit up to B + 1 bytes.
-                first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-                st, first_logits, _ = runner.extend(st, first[:, None], a)
-            # known: bytes before the new cells that the block holds (anchor="patch"); fell_back:
-            # rows whose last patch was closed early for this block (one more global step).
-            known, fell_back = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool)
+                st, read, fell_back = close_last_patch(runner, st)
+                fell_back &= active
+                block_start = start + 1
+            tokens = jnp.zeros((b, bs), jnp.int32)
+            masked = jnp.broadcast_to(active[:, None], (b, bs))
+        draw = None
+        if not greedy:
+
+            def draw(lg, passes):
+                cols = block_start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None]  # [b, B]
+                rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, bs))
+                keys = step_keys(seed, rows.reshape(-1), (cols * (bs + 1) + passes[:, None]).reshape(-1))
+                flat = sample_logits(lg.reshape(b * bs, -1), keys, temperature, top_p, greedy=False)
+                return flat.reshape(b, bs)
+
+        tokens, passes = _unmask(runner, st, tokens, masked, block_start, read, rule, alpha, gamma, draw)
+        limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
+        # the new bytes: the cells after the known ones (all B of them with anchor="forced")
+        new = gather_rows(tokens, known[:, None] + jnp.arange(bs, dtype=jnp.int32)[None])
+
+        if not verify:
+            commit, hit = cut_at_eos(new, jnp.minimum(bs - known, limit), prompts.stop_at_eos)
+            commit = jnp.where(active, commit, 0)
             if anchor == "patch":
-                st, block_start, read, tokens, masked, known, fell_back = patch_anchor(runner, st, bs, active)
+                st, _, _ = runner.extend(st, new, commit)
             else:
-                if verify:
-                    st, read, fell_back = close_last_patch(runner, st)
-                    fell_back &= active
-                    block_start = start + 1
-                tokens = jnp.zeros((b, bs), jnp.int32)
-                masked = jnp.broadcast_to(active[:, None], (b, bs))
-            draw = None
-            if not greedy:
-
-                def draw(lg, passes):
-                    cols = block_start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None]  # [b, B]
-                    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, bs))
-                    keys = step_keys(seed, rows.reshape(-1), (cols * (bs + 1) + passes[:, None]).reshape(-1))
-                    flat = sample_logits(lg.reshape(b * bs, -1), keys, temperature, top_p, greedy=False)
-                    return flat.reshape(b, bs)
-
-            tokens, passes = _unmask(runner, st, tokens, masked, block_start, read, rule, alpha, gamma, draw)
-            limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
-            # the new bytes: the cells after the known ones (all B of them with anchor="forced")
-            new = gather_rows(tokens, known[:, None] + jnp.arange(bs, dtype=jnp.int32)[None])
-
-            if not verify:
-                commit, hit = cut_at_eos(new, jnp.minimum(bs - known, limit), prompts.stop_at_eos)
-                commit = jnp.where(active, commit, 0)
-                if anchor == "patch":
-                    st, _, _ = runner.extend(st, new, commit)
-                else:
-                    st, _, _, read = runner.extend_closed(st, new, commit)
-                finish = ((commit >= limit) | hit | (st.completed + bs > n_patches)) & active
-                go = (active & ~finish).astype(jnp.int32)
-                counters = counters.add(
-                    decoder_passes=passes,
-                    eg_passes=go + fell_back,
-                    entropy_passes=a,
-                    rounds=a,
-                    clean_passes=a,  # the extend's decoder pass over the block
-                )
-                return st, logits, done | finish, generated + commit, counters, read
-
-            drafted = a * (bs - known)
-            st, verify_logits, _ = runner.extend(st, new, drafted)
-            # Verified as one chunk [first, d_1 .. d_r]: d_1 against the prediction after `first`.
-            chunk = jnp.concatenate([first[:, None], new], axis=1)
-            pred_logits = jnp.concatenate([first_logits[:, :1], verify_logits], axis=1)
-            accepted = jnp.minimum(greedy_accepted(chunk, pred_logits), bs - known)
-            st, next_logits, commit, finish = commit_verified(
-                runner, st, chunk, pred_logits, accepted, start, limit, prompts.stop_at_eos, active, bs + 1
-            )
+                st, _, _, read = runner.extend_closed(st, new, commit)
+            finish = ((commit >= limit) | hit | (st.completed + bs > n_patches)) & active
+            go = (active & ~finish).astype(jnp.int32)
             counters = counters.add(
-                decoder_passes=passes + 2 * a,
-                eg_passes=2 * a + fell_back,
-                entropy_passes=2 * a,
-                drafted=drafted,
-                accepted=a * accepted,
+                decoder_passes=passes,
+                eg_passes=go + fell_back,
+                entropy_passes=a,
                 rounds=a,
+                clean_passes=a,  # the extend's decoder pass over the block
             )
-            logits = jnp.where(active[:, None], next_logits, logits)
-            return st, logits, done | finish, generated + commit, counters, read
+            return Loop(st, logits, done | finish, generated + commit, counters, read)
 
-        return run_rounds(body, (st, logits, done, generated, counters, read))
+        drafted = a * (bs - known)
+        st, verify_logits, _ = runner.extend(st, new, drafted)
+        # Verified as one chunk [first, d_1 .. d_r]: d_1 against the prediction after `first`.
+        chunk = jnp.concatenate([first[:, None], new], axis=1)
+        pred_logits = jnp.concatenate([first_logits[:, :1], verify_logits], axis=1)
+        accepted = jnp.minimum(greedy_accepted(chunk, pred_logits), bs - known)
+        st, next_logits, commit, finish = commit_verified(
+            runner, st, chunk, pred_logits, accepted, start, limit, prompts.stop_at_eos, active, bs + 1
+        )
+        counters = counters.add(
+            decoder_passes=passes + 2 * a,
+            eg_passes=2 * a + fell_back,
+            entropy_passes=2 * a,
+            drafted=drafted,
+            accepted=a * accepted,
+            rounds=a,
+        )
+        logits = jnp.where(active[:, None], next_logits, logits)
+        return Loop(st, logits, done | finish, generated + commit, counters, read)
 
-    return run
+    return decode(
+        config,
+        n_bytes=n_bytes,
+        n_patches=n_patches,
+        prefill_chunk=prefill_chunk,
+        exact_width=exact_width,
+        init=init,
+        step=step,
+        count_prefill_decoder=verify,  # BLT-D's first block does not read the prefill's logits
+    )
