@@ -64,12 +64,10 @@ def build_ar(
         logits = jnp.where(go[:, None], new_logits[:, 0], logits)
         return Loop(st, logits, done | finish, generated, counters, rec)
 
+    shape = dict(n_bytes=n_bytes, n_patches=n_patches, prefill_chunk=prefill_chunk, exact_width=exact_width)
     return decode(
         config,
-        n_bytes=n_bytes,
-        n_patches=n_patches,
-        prefill_chunk=prefill_chunk,
-        exact_width=exact_width,
+        **shape,
         init=init,
         step=step,
         outputs=(lambda loop: {"logits": loop.extra}) if record else None,

@@ -191,12 +191,5 @@ def build_blt_s(
         first = jnp.where(active, nxt, first)
         return Loop(st, logits, done | finish, generated + commit, counters, first)
 
-    return decode(
-        config,
-        n_bytes=n_bytes,
-        n_patches=n_patches,
-        prefill_chunk=prefill_chunk,
-        exact_width=exact_width,
-        init=init,
-        step=step,
-    )
+    shape = dict(n_bytes=n_bytes, n_patches=n_patches, prefill_chunk=prefill_chunk, exact_width=exact_width)
+    return decode(config, **shape, init=init, step=step)

@@ -351,13 +351,6 @@ def build_blt_d(
         logits = jnp.where(active[:, None], next_logits, logits)
         return Loop(st, logits, done | finish, generated + commit, counters, read)
 
-    return decode(
-        config,
-        n_bytes=n_bytes,
-        n_patches=n_patches,
-        prefill_chunk=prefill_chunk,
-        exact_width=exact_width,
-        init=init,
-        step=step,
-        count_prefill_decoder=verify,  # BLT-D's first block does not read the prefill's logits
-    )
+    shape = dict(n_bytes=n_bytes, n_patches=n_patches, prefill_chunk=prefill_chunk, exact_width=exact_width)
+    # BLT-D's first block does not read the prefill's logits: its decoder pass is not counted.
+    return decode(config, **shape, init=init, step=step, count_prefill_decoder=verify)
