@@ -22,10 +22,11 @@ try:
 except ImportError:  # pragma: no cover - when tests/ is a package
     from tests.test_sampler_support import model, random_prompts
 
+from fastblt.evaluation import parse_settings, plan
 from fastblt.model import BLT
 from fastblt.model.block_rows import DecoderBlocks
 from fastblt.model.blt import blt_d_logits
-from fastblt.sampler import encode_prompts, generate
+from fastblt.sampler import encode_prompts, generate, rules
 from fastblt.tokenizer import BOE, EOS
 
 PAD = 64  # the oracle's one compiled shape; also the sampler's buffer
@@ -90,6 +91,8 @@ def np_reveal(logits, masked, rule, alpha, gamma):
     cells = [j for j in range(len(masked)) if masked[j]]
     if rule == "one_step":
         return cells
+    if rule == "leftmost":  # the rule test_a_rule_is_one_registry_entry adds
+        return cells[:1]
     if rule == "alpha":
         conf = {j: p[j].max() for j in cells}
         out = [j for j in cells if conf[j] >= alpha]
@@ -291,3 +294,33 @@ def test_blt_d_sampling_is_seeded_per_row_and_tight_top_p_is_greedy():
     np.testing.assert_array_equal(alone.ids[0], a.ids[0])
     with pytest.raises(ValueError, match="blt_dv.*greedily"):
         generate(params, config, prompts, **{**kw, "method": "blt_dv", "gamma": None}, temperature=1.0)
+
+
+def test_a_rule_is_one_registry_entry(monkeypatch):
+    """Adding an unmasking rule is one entry of fastblt.sampler.rules.RULES: generate takes it by
+    name and runs it (here: reveal the leftmost masked cell, checked against the naive oracle with
+    the same rule), and fastblt eval offers it as a setting."""
+
+    def leftmost(logits, masked, value):
+        del logits, value
+        return jnp.zeros_like(masked), jnp.argmax(masked, axis=-1)
+
+    monkeypatch.setitem(rules.RULES, "leftmost", rules.Rule("leftmost", "the leftmost masked cell", leftmost))
+    config, params = d_model("base")
+    prompts = random_prompts(1, [5, 11])
+    res = generate(
+        params, config, prompts, method="blt_d", block_size=3, max_bytes=9, leftmost=True, **SHAPES
+    )
+    for row, prompt in enumerate(encode_prompts(prompts)):
+        want = naive_blt_d(params, config, prompt, 9, 3, "leftmost")
+        np.testing.assert_array_equal(res.ids[row], want, err_msg=f"row {row}")
+    np.testing.assert_array_equal(res.counters.decoder_passes, res.counters.generated)  # one cell a pass
+    assert plan(["blt_d"], parse_settings(["leftmost=true", "alpha=0.5"])) == [
+        ("ar", {}),
+        ("blt_d", {"alpha": 0.5}),
+        ("blt_d", {"leftmost": True}),
+    ]
+    with pytest.raises(ValueError, match="give at most one of alpha, gamma, one_step, leftmost"):
+        generate(params, config, prompts, method="blt_d", leftmost=True, alpha=0.5, **SHAPES)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*alpah"):
+        generate(params, config, prompts, method="blt_d", alpah=0.5, **SHAPES)

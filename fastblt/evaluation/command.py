@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from fastblt.errors import UsageError
+from fastblt.sampler.rules import RULES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=V1,V2",
-        help="generation settings (draft, block_size, alpha, gamma, one_step); repeatable, a grid",
+        help="generation settings (draft, block_size, anchor, and the unmasking rules "
+        f"{', '.join(RULES)}: each rule value its own run); repeatable, a grid over the rest",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts")
     parser.add_argument(

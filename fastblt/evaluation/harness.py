@@ -26,6 +26,7 @@ import numpy as np
 
 from fastblt.config import ConfigError, ModelConfig
 from fastblt.evaluation.tasks import Task
+from fastblt.sampler.rules import RULES
 
 # Part of every run's key: runs written with another accounting of passes are computed again.
 ROW_FORMAT = 2
@@ -34,13 +35,17 @@ ROW_FORMAT = 2
 METHOD_SETTINGS = {
     "ar": (),
     "blt_s": ("draft",),
-    "blt_d": ("block_size", "anchor", "alpha", "gamma", "one_step"),
-    "blt_dv": ("block_size", "anchor", "alpha", "gamma", "one_step"),
+    "blt_d": ("block_size", "anchor"),
+    "blt_dv": ("block_size", "anchor"),
 }
+# Methods that also take the unmasking rules (fastblt.sampler.rules.RULES, read when used).
+RULE_METHODS = ("blt_d", "blt_dv")
 
 
-# The unmasking rules: alternatives, not a grid (see plan).
-RULES = ("alpha", "gamma", "one_step")
+def method_settings(method: str) -> tuple[str, ...]:
+    """The settings ``method`` takes: its own, then the unmasking rules where it unmasks."""
+    return METHOD_SETTINGS[method] + (tuple(RULES) if method in RULE_METHODS else ())
+
 
 # Settings whose values are words, with the words they take.
 WORD_SETTINGS = {"anchor": ("forced", "patch")}
@@ -48,7 +53,7 @@ WORD_SETTINGS = {"anchor": ("forced", "patch")}
 
 def parse_settings(items: Sequence[str]) -> dict[str, list]:
     """``["draft=4,8", "one_step=true"]`` -> ``{"draft": [4, 8], "one_step": [True]}``."""
-    known = sorted({k for ks in METHOD_SETTINGS.values() for k in ks})
+    known = sorted({k for m in METHOD_SETTINGS for k in method_settings(m)})
     out: dict[str, list] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -91,10 +96,14 @@ def plan(methods: Sequence[str], settings: Mapping[str, list]) -> list[tuple[str
     for m in dict.fromkeys(methods):
         if m == "ar":
             continue
-        keys = [k for k in settings if k in METHOD_SETTINGS[m] and k not in RULES]
-        rules = [{k: v} for k in ("alpha", "gamma") if k in METHOD_SETTINGS[m] for v in settings.get(k, ())]
-        if "one_step" in METHOD_SETTINGS[m] and True in settings.get("one_step", ()):
-            rules.append({"one_step": True})
+        keys = [k for k in settings if k in method_settings(m) and k not in RULES]
+        rules = []  # each value of a rule that takes one; a flag rule where true is among its values
+        for name, rule in RULES.items():
+            given = settings.get(name, ()) if name in method_settings(m) else ()
+            if rule.takes_value:
+                rules += [{name: v} for v in given]
+            elif True in given:
+                rules.append({name: True})
         for values in itertools.product(*(settings[k] for k in keys)):
             base = dict(zip(keys, values, strict=True))
             runs += [(m, {**base, **rule}) for rule in rules or [{}]]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from fastblt.errors import UsageError
+from fastblt.sampler.rules import RULES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,12 +54,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="blt_d/blt_dv: bytes per diffusion block (default: the block size the checkpoint was "
         "trained with, else 4)",
     )
-    rule = parser.add_mutually_exclusive_group()
-    rule.add_argument("--alpha", type=float, help="blt_d/blt_dv: reveal cells with confidence >= A (0.7)")
-    rule.add_argument(
-        "--gamma", type=float, help="blt_d, blt_dv: reveal cells while summed entropy <= G (nats)"
-    )
-    rule.add_argument("--one-step", action="store_true", help="blt_d/blt_dv: reveal the block at once")
+    group = parser.add_mutually_exclusive_group()  # the unmasking rules (fastblt.sampler.rules)
+    for rule in RULES.values():
+        flag = "--" + rule.name.replace("_", "-")
+        default = f" (the default, {rule.default})" if rule.default is not None else ""
+        if rule.takes_value:
+            group.add_argument(
+                flag, type=float, metavar=rule.metavar, help=f"blt_d/blt_dv: {rule.help}{default}"
+            )
+        else:
+            group.add_argument(flag, action="store_true", help=f"blt_d/blt_dv: {rule.help}")
     parser.add_argument(
         "--anchor",
         choices=("forced", "patch"),
@@ -116,9 +121,7 @@ def _run_sample(args: argparse.Namespace) -> None:
             buffer_bytes=args.buffer_bytes,
             draft=args.draft,
             block_size=block_size,
-            alpha=args.alpha,
-            gamma=args.gamma,
-            one_step=args.one_step,
+            **{name: getattr(args, name) for name in RULES},
             anchor=args.anchor,
             exact=args.exact,
             **({} if args.exact_width is None else {"exact_width": args.exact_width}),

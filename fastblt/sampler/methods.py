@@ -4,7 +4,7 @@ how its counters are read. ``generate``/``prepare`` (and through them ``fastblt 
 
 Every method is one round of the shared loop (fastblt.sampler.decoding.decode), which gives its
 function one signature, ``run(params, prompts, rule_params, seed, temperature, top_p) -> dict``:
-``rule_params`` (:class:`RuleParams`) holds the traced parameters of BLT-D's unmasking rules, which
+``rule_params`` (:class:`RuleParams`) holds the traced value of BLT-D's unmasking rule, which
 the other methods ignore, so a caller never reorders arguments per method.
 """
 
@@ -25,11 +25,10 @@ EXACT_WIDTH = 16
 
 @struct.dataclass
 class RuleParams:
-    """Traced parameters of an unmasking rule (fastblt.sampler.unmasking.reveal): changing them does
-    not recompile. alpha: float32[] confidence threshold; gamma: float32[] entropy bound (nats)."""
+    """The traced value of the unmasking rule (fastblt.sampler.rules; ``alpha``'s threshold,
+    ``gamma``'s bound): changing it does not recompile. value: float32[]."""
 
-    alpha: jax.Array
-    gamma: jax.Array
+    value: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,7 @@ class Request:
 
     draft: int = 8
     block_size: int = 4
-    rule: str = "alpha"  # "alpha", "gamma" or "one_step" (BLT-D's unmasking rule)
+    rule: str = "alpha"  # BLT-D's unmasking rule, a name of fastblt.sampler.rules.RULES
     anchor: str = "forced"  # where diffusion blocks start: "forced" or "patch" (fastblt.sampler.unmasking)
     greedy: bool = True
     record_logits: bool = False

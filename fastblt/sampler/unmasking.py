@@ -14,8 +14,9 @@ length L):
    ``local_encoder.tok_embeddings[byte]``, a masked one ``local_decoder.mask_embedding`` (as in
    training, fastblt.model.block_rows); cells attend the cached clean decoder rows ``c < L`` within the
    decoder window (``j - c < window``) and in the document of byte ``L - 1``, plus the whole block
-   (bidirectional), and cross-attend o_M. Each pass reveals masked cells by a rule (:func:`reveal`):
-   confidence ``alpha``, entropy bound ``gamma`` or all at once (``one_step``), always at least one;
+   (bidirectional), and cross-attend o_M. Each pass reveals masked cells by a rule (:func:`reveal`,
+   fastblt.sampler.rules: confidence ``alpha``, entropy bound ``gamma``, all at once ``one_step``),
+   always at least one;
 3. ``blt_d``: the block is committed (cut at EOS / the byte budget / a full buffer) and appended with
    :meth:`Runner.extend_closed`. ``blt_dv`` (as the paper runs it): the AR prediction of byte L (the
    previous round's correction or free byte) is appended first (one extend), then a full block of B
@@ -54,12 +55,12 @@ from fastblt.model import patcher as patching
 from fastblt.model.attention import attention, document_ids
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.decoding import Call, Loop, decode
+from fastblt.sampler.rules import RULES
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import commit_verified, cut_at_eos, greedy_accepted
 from fastblt.sampler.state import State, gather_rows, read_layer
 from fastblt.tokenizer import EOS
 
-RULES = ("alpha", "gamma", "one_step")
 ANCHORS = ("forced", "patch")
 
 
@@ -108,39 +109,24 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
     return logits
 
 
-def reveal(logits, masked, rule: str, alpha, gamma, pred=None) -> tuple[jax.Array, jax.Array]:
+def reveal(logits, masked, rule: str, value, pred=None) -> tuple[jax.Array, jax.Array]:
     """Which masked cells to reveal and their bytes.
 
-    Args: logits: float32[b, B, V]; masked: bool[b, B]; rule: one of RULES; alpha, gamma: float[];
-      pred: int32[b, B] the cells' bytes if sampled (None: greedy, the argmax). The rule always
-      reads the model's own distribution (confidence, entropy), whatever the bytes were drawn from.
-
-    alpha: every masked cell with max prob >= alpha; gamma: masked cells in order of increasing
-    entropy (nats) while the cumulative entropy stays <= gamma; one_step: all masked cells. Always at
-    least one (the most confident / lowest-entropy) where a row has masked cells.
+    Args: logits: float32[b, B, V]; masked: bool[b, B]; rule: a name of
+      :data:`fastblt.sampler.rules.RULES`; value: float32[] the rule's value; pred: int32[b, B] the
+      cells' bytes if sampled (None: greedy, the argmax). The rule always reads the model's own
+      distribution (confidence, entropy), whatever the bytes were drawn from. At least one cell is
+      revealed where a row has masked cells.
 
     Returns: (reveal bool[b, B], bytes int32[b, B]).
     """
     if pred is None:
         pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if rule == "one_step":
-        return masked, pred
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    if rule == "alpha":
-        conf = jnp.exp(jnp.max(logp, axis=-1))
-        pick = masked & (conf >= alpha)
-        best = jnp.argmax(jnp.where(masked, conf, -1.0), axis=-1)
-    elif rule == "gamma":
-        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-        key = jnp.where(masked, ent, jnp.inf)
-        order = jnp.argsort(key, axis=-1, stable=True)
-        cum = jnp.cumsum(jnp.take_along_axis(key, order, axis=-1), axis=-1)
-        ok_sorted = cum <= gamma
-        rank = jnp.argsort(order, axis=-1)
-        pick = masked & jnp.take_along_axis(ok_sorted, rank, axis=-1)
-        best = order[:, 0]
-    else:
-        raise ValueError(f"rule={rule!r} is not one of {RULES}")
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r} is not one of {tuple(RULES)}")
+    pick, best = RULES[rule].pick(logits, masked, value)
+    if best is None:
+        return pick, pred
     one = jax.nn.one_hot(best, masked.shape[1], dtype=bool) & masked
     return pick | one, pred
 
@@ -202,7 +188,7 @@ def patch_anchor(runner: Runner, st: State, block_size: int, active: jax.Array):
     return st, st.length - known, read, tokens, masked, known, forced
 
 
-def _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma, draw=None):
+def _unmask(runner, st, tokens, masked, start, read, rule, value, draw=None):
     """Decoder passes until no cell is masked. ``draw(logits, passes) -> int32[b, B]`` samples the
     cells' bytes (None: greedy). Returns (tokens, passes int32[b])."""
 
@@ -213,7 +199,7 @@ def _unmask(runner, st, tokens, masked, start, read, rule, alpha, gamma, draw=No
         tokens, masked, passes = c
         lg = block_logits(runner, st, tokens, masked, start, read)
         pred = None if draw is None else draw(lg, passes)
-        pick, pred = reveal(lg, masked, rule, alpha, gamma, pred)
+        pick, pred = reveal(lg, masked, rule, value, pred)
         passes = passes + jnp.any(masked, axis=1)
         return jnp.where(pick, pred, tokens), masked & ~pick, passes
 
@@ -239,7 +225,8 @@ def build_blt_d(
     be jitted): :func:`fastblt.sampler.decoding.decode` with one block per round.
 
     ``run(params, prompts, rule_params, seed, temperature, top_p) -> dict``; rule_params:
-    fastblt.sampler.methods.RuleParams (alpha, gamma: float32[], see :func:`reveal`). ``greedy=False`` (BLT-D): revealed bytes are drawn with
+    fastblt.sampler.methods.RuleParams (the rule's value, see :func:`reveal`). ``greedy=False``
+    (BLT-D): revealed bytes are drawn with
     temperature and top-p (the paper's EB + top-p sampling with ``rule="gamma"``), cell ``j`` at
     position ``L + j`` in decoder pass ``s`` of its block with the key of
     :func:`fastblt.sampler.sampling.step_keys` for (row, ``(L + j) * (B + 1) + s``).
@@ -250,7 +237,7 @@ def build_blt_d(
     if block_size < 1 or (verify and block_size < 2):
         raise ValueError(f"block_size={block_size} must be >= 1 (>= 2 for blt_dv)")
     if rule not in RULES:
-        raise ValueError(f"rule={rule!r} is not one of {RULES}")
+        raise ValueError(f"rule={rule!r} is not one of {tuple(RULES)}")
     if anchor not in ANCHORS:
         raise ValueError(f"anchor={anchor!r} is not one of {ANCHORS}")
     if verify and not greedy:
@@ -273,7 +260,7 @@ def build_blt_d(
     def step(call: Call, loop: Loop) -> Loop:
         st, logits, done, generated, counters, read = loop
         runner, prompts = call.runner, call.prompts
-        alpha, gamma = call.rule_params.alpha, call.rule_params.gamma
+        value = call.rule_params.value
         seed, temperature, top_p = call.seed, call.temperature, call.top_p
         b = logits.shape[0]
         active = ~done
@@ -308,7 +295,7 @@ def build_blt_d(
                 flat = sample_logits(lg.reshape(b * bs, -1), keys, temperature, top_p, greedy=False)
                 return flat.reshape(b, bs)
 
-        tokens, passes = _unmask(runner, st, tokens, masked, block_start, read, rule, alpha, gamma, draw)
+        tokens, passes = _unmask(runner, st, tokens, masked, block_start, read, rule, value, draw)
         limit = jnp.minimum(prompts.budget - generated, n_bytes - start)
         # the new bytes: the cells after the known ones (all B of them with anchor="forced")
         new = gather_rows(tokens, known[:, None] + jnp.arange(bs, dtype=jnp.int32)[None])
