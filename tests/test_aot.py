@@ -81,6 +81,8 @@ def test_roofline_bounds_and_lines():
     memory = Roofline(1e12, 3e9, 4, 4e12, 1000, peak_flops=1e12, hbm_bandwidth=1e9)
     assert (memory.step_seconds, memory.bound) == (3.0, "memory")
     assert "step time      3000.0 ms  (memory-bound)" in "\n".join(memory.lines())
+    memory.loop_trips = (25, 0, 0)
+    assert "3 while loop(s), trip counts 25; 2 of unknown trip count" in "\n".join(memory.lines())
     v5p = parse_tpu("v5p-128")  # Cloud TPU's published v5p figures
     assert (v5p.peak_flops, v5p.hbm_bandwidth) == (459e12, 2765e9)
     with pytest.raises(ConfigError, match="both a peak FLOP/s and an HBM bandwidth"):

@@ -15,7 +15,8 @@ What the cost analysis does not see:
   of its operands and results are counted;
 * loop trip counts. A while loop's body is counted once, however often it runs: the layers of
   ``model.scan_layers=True`` (a lax.scan) count as one layer. The report lists the step's loops and
-  their trip counts; compile with ``model.scan_layers=False`` for a count of every layer.
+  their trip counts where XLA records them; compile with ``model.scan_layers=False`` to count every
+  layer of the global model (BLT-D's chunked block attention stays a loop).
 """
 
 from __future__ import annotations
@@ -105,10 +106,14 @@ class Roofline:
             f"  bytes accessed {self.bytes_accessed:.4g}",
         ]
         if self.loop_trips:
-            trips = ", ".join(str(n) if n else "?" for n in self.loop_trips)
+            known = [str(n) for n in self.loop_trips if n]
+            unknown = len(self.loop_trips) - len(known)
+            trips = (["trip counts " + ", ".join(known)] if known else []) + (
+                [f"{unknown} of unknown trip count"] if unknown else []
+            )
             out.append(
-                f"  (lower bounds: {len(self.loop_trips)} while loop(s), trip counts {trips}, each body "
-                "counted once; model.scan_layers=False counts every layer)"
+                f"  (lower bounds: {len(self.loop_trips)} while loop(s), {'; '.join(trips)}, each body "
+                "counted once; model.scan_layers=False unrolls the global model's layers)"
             )
         if self.model_flops is not None:
             at = "" if self.avg_patch_len is None else f" at a mean patch of {self.avg_patch_len:g} bytes"
