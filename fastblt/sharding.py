@@ -2,7 +2,7 @@
 
 Model code names the axes of every parameter (``nn.with_logical_partitioning``) and main activation
 (``nn.with_logical_constraint``) with the short logical table below; nothing else in the model knows
-about meshes. Activation constraints are Flax's: no-ops unless a mesh and logical rules are in
+about meshes (a kernel XLA cannot partition asks :func:`activation_spec` where its inputs live). Activation constraints are Flax's: no-ops unless a mesh and logical rules are in
 context, which :class:`MeshJit` sets around the train step's tracing, lowering and calls
 (MaxText's ``with mesh, nn.logical_axis_rules(...)``), so the same model runs unsharded on one CPU
 and in the sampler.
@@ -11,7 +11,7 @@ and in the sampler.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -136,6 +136,30 @@ def check_batch(mesh: Mesh, batch_size: int) -> None:
         )
 
 
+def _even(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping[str, int]) -> PartitionSpec:
+    """``spec`` with every dimension that its mesh axes do not divide evenly left unsharded."""
+    out = list(spec)
+    for dim, axes in enumerate(out):
+        if axes is None:
+            continue
+        ways = int(np.prod([mesh_shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+        if shape[dim] % ways:
+            out[dim] = None
+    return PartitionSpec(*out)
+
+
+def activation_spec(names: Sequence[str | None], shape: Sequence[int]) -> tuple[Any, PartitionSpec] | None:
+    """(mesh, PartitionSpec) of an activation with logical axes ``names`` and ``shape`` under the mesh
+    and rules in context (:func:`activation_sharding`), for code that must place its work itself (a
+    ``shard_map`` around a kernel XLA cannot partition); a dimension its mesh axes do not divide is
+    left unsharded. None outside such a context (one device, the sampler)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return None
+    return mesh, _even(logical_to_spec(names, rules), shape, mesh.shape)
+
+
 def tree_shardings(
     logical_specs: Any,
     mesh: Mesh,
@@ -151,15 +175,8 @@ def tree_shardings(
 
     def one(spec: Any, shape: tuple[int, ...] | None) -> NamedSharding:
         names = tuple(spec) if isinstance(spec, PartitionSpec) else ()
-        mesh_spec = list(logical_to_spec(names, rules))
-        if shape is not None:
-            for dim, axes in enumerate(mesh_spec):
-                if axes is None:
-                    continue
-                ways = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-                if shape[dim] % ways:
-                    mesh_spec[dim] = None
-        return NamedSharding(mesh, PartitionSpec(*mesh_spec))
+        mesh_spec = logical_to_spec(names, rules)
+        return NamedSharding(mesh, mesh_spec if shape is None else _even(mesh_spec, shape, mesh.shape))
 
     is_leaf = lambda x: isinstance(x, PartitionSpec) or x is None  # noqa: E731
     if shapes is None:

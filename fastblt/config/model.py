@@ -29,7 +29,7 @@ HASH_PRIMES = (
 )
 
 PATCHING_MODES = ("entropy", "static", "space", "byte")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 INIT_STD_FACTORS = ("current_depth", "global_depth", "dim_ratio", "disabled")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -176,7 +176,8 @@ class ModelConfig:
     max_bytes: int = 24576  # longest byte row (RoPE positions, buffers)
     max_global_patches: int = 4096
     dtype: str = setting("float32", choices=DTYPES)  # compute dtype; parameters and logits float32
-    attention_impl: str = setting("xla", choices=ATTENTION_IMPLS)  # auto: cudnn on GPU when possible
+    # auto: cudnn on GPU, splash on TPU where the call fits (fastblt.model.attention.resolve_impl)
+    attention_impl: str = setting("xla", choices=ATTENTION_IMPLS)
     remat: bool = False  # recompute each transformer block in the backward pass (saves memory)
     # Run the global model's layers as one lax.scan over their stacked parameters: compile time and
     # program size stop growing with depth. Same parameter tree (layers_0 .. layers_{L-1}), so

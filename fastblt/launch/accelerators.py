@@ -3,8 +3,8 @@
 Cloud TPU names a slice by generation and a count: TensorCores for v4 and v5p (two per chip, run as
 one "megacore" device), chips for v5e and v6e. From the name this module derives the number of chips
 (= JAX devices), of hosts (= TPU VM workers = JAX processes), the physical topology that libtpu
-uses for ahead-of-time compilation (``v5p:4x4x4``), the per-chip HBM and the TPU VM runtime
-version to boot.
+uses for ahead-of-time compilation (``v5p:4x4x4``), the per-chip HBM (size, bandwidth), bf16 peak
+FLOP/s and the TPU VM runtime version to boot.
 
 Topologies follow Cloud TPU's standard slice shapes: for the 3-D tori of v4/v5p, start from a
 2x2x1 host and double the smallest dimension (the last of equals) until the chip count is reached
@@ -20,7 +20,7 @@ import dataclasses
 import math
 import re
 
-__all__ = ["TpuSlice", "parse_tpu"]
+__all__ = ["TpuSlice", "generation_peak_flops", "parse_tpu"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +32,20 @@ class _Generation:
     hbm_gib: float  # HBM per chip as published by Cloud TPU
     runtime: str  # TPU VM software version for JAX
     chips_per_vm: int  # chips per host (a single-host slice may hold up to 8 for v5e/v6e)
+    peak_tflops: float  # bf16 dense peak per chip, as published by Cloud TPU
+    hbm_gbps: float  # HBM bandwidth per chip, GB/s (10^9 bytes), as published by Cloud TPU
 
 
+# Peak compute and HBM bandwidth per chip from Cloud TPU's system-architecture pages (read 2026-12):
+# v4  https://cloud.google.com/tpu/docs/v4   "275 teraflops (bf16 or int8)", "32 GiB, 1200 GBps"
+# v5p https://cloud.google.com/tpu/docs/v5p  "459 TFLOPs" (bf16), "95GB, 2765 GBps"
+# v5e https://cloud.google.com/tpu/docs/v5e  "197 TFLOPs" (bf16), "16 GB, 819 GBps"
+# v6e https://cloud.google.com/tpu/docs/v6e  "918 TFLOPs" (bf16), "1638 GBps"
 _GENERATIONS = {
-    "v4": _Generation("v4", 2, 3, "megacore", 32.0, "tpu-ubuntu2204-base", 4),
-    "v5p": _Generation("v5p", 2, 3, "megacore", 95.0, "v2-alpha-tpuv5", 4),
-    "v5e": _Generation("v5e", 1, 2, "default", 16.0, "v2-alpha-tpuv5-lite", 4),
-    "v6e": _Generation("v6e", 1, 2, "default", 32.0, "v2-alpha-tpuv6e", 4),
+    "v4": _Generation("v4", 2, 3, "megacore", 32.0, "tpu-ubuntu2204-base", 4, 275.0, 1200.0),
+    "v5p": _Generation("v5p", 2, 3, "megacore", 95.0, "v2-alpha-tpuv5", 4, 459.0, 2765.0),
+    "v5e": _Generation("v5e", 1, 2, "default", 16.0, "v2-alpha-tpuv5-lite", 4, 197.0, 819.0),
+    "v6e": _Generation("v6e", 1, 2, "default", 32.0, "v2-alpha-tpuv6e", 4, 918.0, 1638.0),
 }
 # Other spellings of the generations (the Cloud accelerator type of v5e is v5litepod-N).
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p"}
@@ -64,6 +71,16 @@ class TpuSlice:
         if _GENERATIONS[self.generation].dims == 2 and self.chips <= 8:
             return 1  # v5e/v6e single-host slices hold up to 8 chips
         return max(1, math.ceil(self.chips / per_vm))
+
+    @property
+    def peak_flops(self) -> float:
+        """bf16 dense peak FLOP/s of one chip (Cloud TPU's published figure)."""
+        return _GENERATIONS[self.generation].peak_tflops * 1e12
+
+    @property
+    def hbm_bandwidth(self) -> float:
+        """HBM bandwidth of one chip, bytes/s (Cloud TPU's published figure)."""
+        return _GENERATIONS[self.generation].hbm_gbps * 1e9
 
     @property
     def topology(self) -> str:
@@ -109,6 +126,11 @@ def _generation(raw: str, spec: str) -> _Generation:
         known = ", ".join(sorted([*_GENERATIONS, *_ALIASES]))
         raise ValueError(f"unknown TPU generation {raw!r} in {spec!r}; known: {known}")
     return _GENERATIONS[key]
+
+
+def generation_peak_flops(generation: str) -> float:
+    """bf16 dense peak FLOP/s of one chip of a TPU generation (v4, v5p, v5e, v6e)."""
+    return _GENERATIONS[generation].peak_tflops * 1e12
 
 
 def parse_tpu(spec: str) -> TpuSlice:

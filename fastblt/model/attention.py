@@ -7,11 +7,14 @@ patch slots). Both give exactly 0 for a query with no visible key, as the refere
 flex-attention does, and never NaN: a NaN in a masked row would leak into other rows through
 0 * NaN in later matmuls.
 
-Which kernel runs is decided in one place, :func:`resolve_impl`. On the fused (cuDNN) path a
-LocalMask is never materialised: causal and window are the kernel's own masks, and documents are
-cuDNN's packed layout (one segment per document, offsets from the document ids), so a layer costs
-what its visible keys cost. A batch with a row of more than ``max_segments`` documents takes the
-mask-as-bias path for that call (same values, slower). The XLA path is the reference.
+Which kernel runs is decided in one place, :func:`resolve_impl`, for the platform the step is
+compiled for (:func:`target_platform`). On the fused (cuDNN) path a LocalMask is never
+materialised: causal and window are the kernel's own masks, and documents are cuDNN's packed layout
+(one segment per document, offsets from the document ids), so a layer costs what its visible keys
+cost. A batch with a row of more than ``max_segments`` documents takes the mask-as-bias path for
+that call (same values, slower). On TPU a LocalMask runs on the Pallas splash-attention kernel
+(:mod:`fastblt.model.splash`: causal and window as its block-sparse masks, documents as segment
+ids, any number of them). The XLA path is the reference.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastblt.config import ATTENTION_IMPLS
 from fastblt.model.lookup import take_rows_batched
+from fastblt.model.splash import splash_local
 
 _NEG = -1e30  # finite: an all-masked row stays finite before it is zeroed
 
@@ -49,6 +54,29 @@ MAX_SEGMENTS = 8
 # conditional copies its predicate to the host and waits for the device (XLA GPU's conditional
 # thunk): at blt_mid on an H200 the ~34 per step cost 10 ms of 90 (experiments/results/train_speed.md).
 _ROWS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastblt_rows_checked", default=False)
+
+
+# Set inside :func:`target_platform`: the platform the traced step will run on, when it is not JAX's
+# default backend (ahead-of-time compilation for TPU on a CPU host, fastblt/train/aot.py).
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastblt_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+    """Traces attention for ``platform`` ("cpu", "gpu", "tpu") instead of JAX's default backend:
+    :func:`resolve_impl` picks that platform's kernels and the splash kernel is compiled for TPU
+    rather than interpreted. Read while tracing, like :func:`rows_checked`: enter it around the
+    tracing and lowering of a function jitted on its own."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def platform() -> str:
+    """The platform attention is traced for: :func:`target_platform`'s, else JAX's default backend."""
+    return _PLATFORM.get() or jax.default_backend()
 
 
 @contextlib.contextmanager
@@ -115,15 +143,22 @@ def attention(
       k, v: float[batch, kv_len, kv_heads, head_dim]; kv_heads divides heads.
       mask: bool[batch, q_len, kv_len] (True = visible), or a LocalMask for self-attention.
       impl: "xla" (the reference path: float32 softmax, written here), "cudnn" (the fused cuDNN
-        kernel through ``jax.nn.dot_product_attention``, the mask as a bias; GPU, bf16/fp16 only)
-        or "auto" (:func:`resolve_impl` decides). A TPU Pallas/splash kernel slots in here as
-        another ``impl``.
+        kernel through ``jax.nn.dot_product_attention``, the mask as a bias; GPU, bf16/fp16 only),
+        "splash" (JAX's Pallas TPU splash-attention kernel, :mod:`fastblt.model.splash`, for a
+        LocalMask; off TPU it runs in Pallas interpret mode, which is how the CPU tests run it) or
+        "auto" (:func:`resolve_impl` decides). Dense masks (cross-attention, BLT-D's block rows, the
+        sampler's caches) have no splash form and take the XLA path under "splash": the kernel's
+        masks are static or one dense [heads, q, k] array shared by the batch, while these are
+        per-row, data-dependent key sets.
 
     Returns:
       float[batch, q_len, heads, head_dim] in q's dtype; rows with no visible key are 0.
     """
     if isinstance(mask, LocalMask):
-        if resolve_impl(impl, q) == "cudnn":
+        kernel = resolve_impl(impl, q, local=True)
+        if kernel == "splash":
+            return splash_local(q, k, v, mask.docs, mask.window, interpret=platform() != "tpu")
+        if kernel == "cudnn":
             return _cudnn_local(q, k, v, mask)
         if mask.window is not None and q.shape[1] >= 2 * mask.window:
             return _blockwise_local(q, k, v, mask, "xla")
@@ -144,31 +179,40 @@ def attention(
     return jnp.where(has_key, out, 0).astype(q.dtype)
 
 
-# "auto" runs the fused kernel only for at least this many queries: the decode steps of the sampler
+# "auto" runs a fused kernel only for at least this many queries: the decode steps of the sampler
 # (1 to ~17 queries) stay on the XLA path, whose small matmuls cost less than a fused launch.
 AUTO_MIN_QUERIES = 64
 
 
-def resolve_impl(impl: str, q: jax.Array) -> str:
-    """The one place that decides which kernel an attention call runs: "xla" or "cudnn".
+def resolve_impl(impl: str, q: jax.Array, local: bool = False) -> str:
+    """The one place that decides which kernel an attention call runs: "xla", "cudnn" or "splash".
 
-    "auto" picks cuDNN's fused flash attention on a GPU for bf16/fp16 queries with a head dim it
-    supports (a multiple of 8, at most 256) and at least :data:`AUTO_MIN_QUERIES` queries, and the
-    XLA reference path everywhere else (CPU, TPU, float32, decoding).
+    Args:
+      impl: the configured impl, one of ``fastblt.config.ATTENTION_IMPLS``.
+      q: the call's queries (shape and dtype decide), float[batch, q_len, heads, head_dim].
+      local: the call's mask is a :class:`LocalMask` (self-attention described by ids), not dense.
+
+    "splash" runs only LocalMasks (a dense mask takes "xla"). "auto" picks, for the platform of
+    :func:`platform` and at least :data:`AUTO_MIN_QUERIES` queries: cuDNN's fused flash attention
+    on a GPU for bf16/fp16 queries with a head dim it supports (a multiple of 8, at most 256); the
+    splash kernel on a TPU for a LocalMask; the XLA reference path everywhere else (CPU, dense
+    masks on TPU, float32 on GPU, decoding).
     """
-    if impl not in ("xla", "cudnn", "auto"):
-        raise ValueError(f"attention impl {impl!r} is not one of ('xla', 'cudnn', 'auto')")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
+    if impl == "splash":
+        return "splash" if local else "xla"
     if impl != "auto":
         return impl
+    if q.shape[1] < AUTO_MIN_QUERIES:
+        return "xla"
     d = q.shape[-1]
-    fused = (
-        jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and d % 8 == 0
-        and d <= 256
-        and q.shape[1] >= AUTO_MIN_QUERIES
-    )
-    return "cudnn" if fused else "xla"
+    where = platform()
+    if where == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 256:
+        return "cudnn"
+    if where == "tpu" and local:
+        return "splash"
+    return "xla"
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

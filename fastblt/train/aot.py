@@ -7,7 +7,12 @@ the topology name (``jax.experimental.topologies.get_topology_desc``, as MaxText
 carry the shardings) and compiles it. XLA's ``memory_analysis()`` of the compiled step then says
 what each chip needs: the arguments (parameters, optimizer state, batch and frozen entropy model),
 the outputs (the new state, aliased to the donated arguments) and the temporaries. A config that
-does not fit fails here, on a CPU, in a minute, instead of on the pod.
+does not fit fails here, on a CPU, in a minute, instead of on the pod. XLA's cost analysis of the
+same program gives its FLOPs and bytes per chip, and with the chip's published peak and HBM
+bandwidth the roofline step time, MFU and bytes/s they imply (fastblt/train/roofline.py), so a pod
+run's speed is bounded before it is paid for. The step is traced for the topology's platform
+(``fastblt.model.attention.target_platform``): on TPU, attention's "auto" and "splash" impls
+compile the Pallas splash kernel.
 
 ``--topology cpu:N`` compiles for N local CPU devices instead (the code path the CPU tests cover).
 TPU topologies need the ``libtpu`` package of the installed jax (``pip install 'jax[tpu]'`` pins it).
@@ -24,8 +29,14 @@ import time
 from typing import Any
 
 from fastblt.config import ConfigError, experiment_config
+from fastblt.train.roofline import Roofline, step_cost
 
 __all__ = ["CompileReport", "compile_train_step", "topology_devices"]
+
+# Mean patch length assumed for the model-FLOPs count of entropy (and space) patching, whose real
+# lengths come with the data: ~4.5 bytes is BLT-1B's entropy patching on text (experiments/blt_1b.py).
+# Static patching uses its patch_size, byte patching 1; --avg-patch-len overrides.
+DEFAULT_PATCH_LEN = 4.5
 
 
 @dataclasses.dataclass
@@ -43,6 +54,7 @@ class CompileReport:
     generated_code_bytes: int
     compile_seconds: float
     hbm_bytes: float | None = None  # per chip, for TPU topologies
+    roofline: Roofline | None = None  # the step's cost per chip and the speed it implies
 
     @property
     def total_bytes(self) -> int:
@@ -68,6 +80,15 @@ class CompileReport:
             share = self.total_bytes / self.hbm_bytes
             verdict = "fits" if share <= 1 else "does NOT fit"
             out.append(f"  HBM per chip   {gib(self.hbm_bytes)}: {verdict} ({share:.0%} used)")
+        if self.roofline is not None:
+            out += self.roofline.lines()
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, ``total_bytes`` and the roofline's derived figures (``fastblt compile --json``)."""
+        out = dataclasses.asdict(self)
+        out["total_bytes"] = self.total_bytes
+        out["roofline"] = None if self.roofline is None else self.roofline.as_dict()
         return out
 
 
@@ -89,8 +110,9 @@ def _check_libtpu() -> None:
         )
 
 
-def topology_devices(topology: str) -> tuple[list[Any], str, float | None]:
-    """(devices, canonical topology name, HBM bytes per chip or None) for ``v5p-128`` or ``cpu:8``."""
+def topology_devices(topology: str) -> tuple[list[Any], str, Any]:
+    """(devices, canonical topology name, the TPU slice (fastblt.launch.accelerators.TpuSlice) or
+    None for CPU devices) for ``v5p-128`` or ``cpu:8``."""
     import jax
 
     cpu = re.fullmatch(r"cpu:(\d+)", topology.strip().lower())
@@ -128,7 +150,7 @@ def topology_devices(topology: str) -> tuple[list[Any], str, float | None]:
         raise ConfigError(
             f"libtpu could not describe the topology {tpu.topology} ({tpu.name}): {e}"
         ) from None
-    return list(desc.devices), f"{tpu.name} ({tpu.topology})", tpu.hbm_gib * 2**30
+    return list(desc.devices), f"{tpu.name} ({tpu.topology})", tpu
 
 
 def _abstract_batch(cfg: Any, sharding: Any) -> dict[str, Any]:
@@ -144,17 +166,45 @@ def _abstract_batch(cfg: Any, sharding: Any) -> dict[str, Any]:
     }
 
 
-def compile_train_step(cfg: Any, topology: str) -> CompileReport:
-    """Compiles ``fastblt.train.loop.Trainer``'s train step for ``topology``; raises ConfigError if it can't."""
+def _patch_len(cfg: Any, given: float | None) -> float | None:
+    """The mean patch length the model-FLOPs count assumes (None for an entropy-model experiment)."""
+    if cfg.model is None:  # an entropy-model experiment: no patches
+        return None
+    if given is not None:
+        return float(given)
+    patcher = cfg.model.patcher
+    return {"static": float(patcher.patch_size), "byte": 1.0}.get(patcher.mode, DEFAULT_PATCH_LEN)
+
+
+def compile_train_step(
+    cfg: Any,
+    topology: str,
+    peak_flops: float | None = None,
+    hbm_bandwidth: float | None = None,
+    avg_patch_len: float | None = None,
+) -> CompileReport:
+    """Compiles ``fastblt.train.loop.Trainer``'s train step for ``topology``; raises ConfigError if it can't.
+
+    ``peak_flops`` (FLOP/s) and ``hbm_bandwidth`` (bytes/s) per chip replace the TPU generation's
+    published figures (or supply them for CPU devices, which have none) in the roofline;
+    ``avg_patch_len`` replaces the mean patch length the model-FLOPs count assumes.
+    """
     import jax
     import numpy as np
 
     from fastblt import sharding
-    from fastblt.train.loop import Trainer, make_task
+    from fastblt.model.attention import target_platform
+    from fastblt.train.loop import Trainer, flops_per_byte, make_task
     from fastblt.train.tasks import frozen_template
 
+    if (peak_flops is None) != (hbm_bandwidth is None):
+        raise ConfigError(
+            "give both a peak FLOP/s and an HBM bandwidth per chip for the roofline, or neither"
+        )
     cfg = experiment_config(cfg)
-    devices, name, hbm = topology_devices(topology)
+    devices, name, tpu = topology_devices(topology)
+    if peak_flops is None and tpu is not None:
+        peak_flops, hbm_bandwidth = tpu.peak_flops, tpu.hbm_bandwidth
     try:
         mesh = sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
@@ -167,14 +217,16 @@ def compile_train_step(cfg: Any, topology: str) -> CompileReport:
             f"data.batch_size to a multiple of {data_ways}"
         )
     # The frozen entropy model of an entropy-patched BLT is an argument too (replicated, as in training).
-    frozen = frozen_template(make_task(cfg))
+    task = make_task(cfg)
+    frozen = frozen_template(task)
     abstract_frozen = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), frozen
     )
-    trainer = Trainer(cfg, mesh, abstract_frozen)
-    batch = _abstract_batch(cfg, trainer.batch_sharding)
-    start = time.perf_counter()
-    lowered = trainer.train_step.lower(trainer.abstract_state, abstract_frozen, batch)
+    with target_platform(devices[0].platform):
+        trainer = Trainer(cfg, mesh, abstract_frozen)
+        batch = _abstract_batch(cfg, trainer.batch_sharding)
+        start = time.perf_counter()
+        lowered = trainer.train_step.lower(trainer.abstract_state, abstract_frozen, batch)
     try:
         compiled = lowered.compile()
     except Exception as e:  # XLA reports an over-full device as RESOURCE_EXHAUSTED at compile time
@@ -187,6 +239,20 @@ def compile_train_step(cfg: Any, topology: str) -> CompileReport:
         raise
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
+    flops, bytes_accessed, loops = step_cost(compiled)
+    patch_len = _patch_len(cfg, avg_patch_len)
+    step_bytes = cfg.data.batch_size * cfg.data.seq_len
+    roofline = Roofline(
+        flops=flops,
+        bytes_accessed=bytes_accessed,
+        chips=len(devices),
+        model_flops=flops_per_byte(task, cfg.data.seq_len, patch_len or 1.0) * step_bytes,
+        step_bytes=step_bytes,
+        peak_flops=peak_flops,
+        hbm_bandwidth=hbm_bandwidth,
+        avg_patch_len=patch_len,
+        loop_trips=loops,
+    )
     return CompileReport(
         topology=name,
         device_kind=devices[0].device_kind,
@@ -198,5 +264,6 @@ def compile_train_step(cfg: Any, topology: str) -> CompileReport:
         temp_bytes=int(mem.temp_size_in_bytes),
         generated_code_bytes=int(mem.generated_code_size_in_bytes),
         compile_seconds=seconds,
-        hbm_bytes=hbm,
+        hbm_bytes=None if tpu is None else tpu.hbm_gib * 2**30,
+        roofline=roofline,
     )

@@ -249,7 +249,9 @@ def _peak_memory_gb() -> float | None:
     return None if peak is None else peak / 1e9
 
 
-def _flops_per_byte(task, seq_len: int, avg_patch_len: float) -> float:
+def flops_per_byte(task, seq_len: int, avg_patch_len: float) -> float:
+    """Model FLOPs per byte of one training step of ``task`` (fastblt.train.metrics' count): the
+    trained model's forward and backward, and a BLT's frozen entropy model's forward when it patches."""
     if isinstance(task, BLTTask):
         total = model_flops_per_byte(
             task.config, seq_len, avg_patch_len, objective=getattr(task, "objective", None)
@@ -366,7 +368,7 @@ def _train(
                 if peak is not None:
                     m["peak_memory_gb"] = peak
                 m["bytes_per_sec"] = bytes_per_step * (done - t_step) / elapsed
-                fpb = _flops_per_byte(task, trainer.seq_len, m.get("avg_patch_len", 1.0))
+                fpb = flops_per_byte(task, trainer.seq_len, m.get("avg_patch_len", 1.0))
                 util = (
                     mfu(fpb, m["bytes_per_sec"], jax.device_count(), jax.devices()[0].device_kind)
                     if fpb

@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from fastblt.config import EntropyModelConfig, LocalModelConfig, ModelConfig, TransformerConfig
+from fastblt.launch.accelerators import generation_peak_flops
 
 LN2 = math.log(2.0)
 
@@ -185,19 +186,20 @@ def entropy_model_flops_per_byte(
 # --------------------------------------------------------------------------- MFU
 
 # bf16 dense peak FLOP/s per chip, by a lower-case substring of ``jax.devices()[0].device_kind``.
-# The first matching entry wins, so more specific names come first (``TPU v5 lite`` is a v5e).
+# The first matching entry wins, so more specific names come first (``TPU v5 lite`` is a v5e). TPU
+# figures are fastblt.launch.accelerators' (with their sources).
 PEAK_FLOPS: dict[str, float] = {
     "h100 pcie": 756e12,
     "h100": 989e12,  # SXM
     "h200": 989e12,
     "a100": 312e12,
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v4": 275e12,
+    "tpu v6 lite": generation_peak_flops("v6e"),
+    "tpu v6e": generation_peak_flops("v6e"),
+    "tpu v5 lite": generation_peak_flops("v5e"),
+    "tpu v5e": generation_peak_flops("v5e"),
+    "tpu v5p": generation_peak_flops("v5p"),
+    "tpu v5": generation_peak_flops("v5p"),
+    "tpu v4": generation_peak_flops("v4"),
 }
 
 
