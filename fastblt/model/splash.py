@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec
 
 from fastblt import sharding
@@ -35,8 +34,16 @@ LANES = 128
 BLOCKS = (512, 256, 128)
 
 
-def _block_sizes(block: int) -> sa.BlockSizes:
-    return sa.BlockSizes(
+def _library():
+    """JAX's splash-attention package, imported on first use: importing the model on a GPU or CPU
+    install never depends on its Pallas TPU modules."""
+    from jax.experimental.pallas.ops.tpu import splash_attention
+
+    return splash_attention
+
+
+def _block_sizes(block: int):
+    return _library().BlockSizes(
         block_q=block,
         block_kv=block,
         block_kv_compute=block,
@@ -53,6 +60,7 @@ def _kernel(
 ) -> Callable[..., jax.Array]:
     """The kernel for one head count, padded length and window (the library caches the processing
     of its mask on the host; the kernel holds arrays, so it is made anew in each trace)."""
+    sa = _library()
     shape = (length, length)
     # The project's window W shows a query its own key and the W - 1 before it.
     one = sa.CausalMask(shape) if window is None else sa.LocalMask(shape, (window - 1, 0), 0)
@@ -89,7 +97,8 @@ def _local(
         # Padded rows are a segment of their own (-1; documents are numbered from 0), so padded
         # queries stay off real documents too (their rows are sliced off either way).
         seg = jnp.pad(docs.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
-        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(*args, seg)
+        ids = _library().SegmentIds
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=ids(s, s)))(*args, seg)
     return out.transpose(0, 2, 1, 3)[:, :n]
 
 
