@@ -168,6 +168,7 @@ def test_verified_methods_equal_greedy_ar_on_the_trained_model(trained):
     "method,extra",
     [
         ("blt_d", dict(block_size=BLOCK, alpha=0.7)),
+        ("blt_d", dict(block_size=BLOCK, one_step=True, anchor="patch")),
         ("blt_dv", dict(block_size=BLOCK, alpha=0.3)),
         ("blt_s", dict(draft=4)),
     ],

@@ -46,6 +46,18 @@ def test_exact_mode_blt_s_and_blt_dv_equal_ar_in_bf16():
             exact_width=8,
             **SHAPES,
         ),
+        "blt_dv block 4 anchor patch": generate(
+            params,
+            config,
+            PROMPTS,
+            method="blt_dv",
+            block_size=4,
+            one_step=True,
+            anchor="patch",
+            exact=True,
+            exact_width=8,
+            **SHAPES,
+        ),
     }
     assert all(len(x) == SHAPES["max_bytes"] for x in ar.ids)
     for name, got in runs.items():
