@@ -3,7 +3,7 @@
 # with the same entropy model, data, batches and schedule, each evaluated on code_completion with every
 # method and setting of the paper's tables (fastblt eval) as soon as it is trained, beside the next
 # model's training (blt_d with both block anchors); the first BLT-D block after natural and forced
-# patch ends (forced_boundary.py) and the one-step chain (blt_d_consistency.py); and the exact
+# patch ends (forced_boundary.py, BLT-D-4) and the one-step chain (blt_d_consistency.py); and the exact
 # mode's greedy identity on the trained plain BLT and BLT-D-4 (greedy_identity.py). Results:
 # experiments/results/paper_tables.md.
 #
@@ -120,12 +120,15 @@ identity() {  # name, then greedy_identity.py's --methods ... arguments
     --out "$root/identity_$name.jsonl" "$@"
 }
 
-boundary() {  # name: BLT-D's first block after natural and forced patch ends, and both anchors
-  job boundary "$1" python3 "$here/forced_boundary.py" --checkpoint "$root/$1" --prompts 64 \
-    --prompt-bytes 512 --out "$root/boundary_$1.jsonl"
-  # and the chain from training's masked accuracy to the sampler's one-step draft
+diagnose() {  # name, then "boundary" to run forced_boundary.py too
+  # the chain from training's masked accuracy to the sampler's one-step draft (two programs)
   job consistency "$1" python3 "$here/blt_d_consistency.py" --checkpoint "$root/$1" --rows 8 \
     --blocks 16 --out "$root/consistency_$1.jsonl"
+  # BLT-D's first block after natural and forced patch ends, and both anchors (~10 programs: d4 only,
+  # so that the last model's tail stays short)
+  [ "${2:-}" = boundary ] || return 0
+  job boundary "$1" python3 "$here/forced_boundary.py" --checkpoint "$root/$1" --prompts 64 \
+    --prompt-bytes 512 --out "$root/boundary_$1.jsonl"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$log"
@@ -141,14 +144,17 @@ for b in "${blocks[@]}"; do
   [ -e "$root/plain.done" ] || break
   if train "d$b" --config "$blt_d:block=$b" --config.entropy_stage.checkpoint="$root/plain/entropy"; then
     # alpha, gamma and one_step are alternative rules: each value is one run (fastblt.evaluation.harness.plan).
-    # anchor=patch (blt_d only) starts blocks at patch starts as training does; forced is the paper's.
+    # anchor=patch starts blocks at patch starts as training does; forced is the paper's.
     evaluate "d$b" --method blt_d blt_dv --setting block_size="$b" --setting anchor=forced,patch \
       --setting alpha=0.7,0.9 --setting gamma=0.5,1.0 --setting one_step=true &
     pids+=($!)
-    boundary "d$b" &
-    pids+=($!)
     if [ "$b" = 4 ]; then
+      diagnose d4 boundary &
+      pids+=($!)
       identity d4 --methods blt_dv --block-size 4 &
+      pids+=($!)
+    else
+      diagnose "d$b" &
       pids+=($!)
     fi
   fi
