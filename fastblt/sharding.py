@@ -2,8 +2,8 @@
 
 Model code names the axes of every parameter (``nn.with_logical_partitioning``) and main activation
 (``nn.with_logical_constraint``) with the short logical table below; nothing else in the model knows
-about meshes (a kernel XLA cannot partition asks :func:`activation_spec` where its inputs live). Activation constraints are Flax's: no-ops unless a mesh and logical rules are in
-context, which :class:`MeshJit` sets around the train step's tracing, lowering and calls
+about meshes (a kernel XLA cannot partition asks :func:`activation_spec` where its inputs live).
+Activation constraints are Flax's: no-ops unless a mesh and logical rules are in context, which :class:`MeshJit` sets around the train step's tracing, lowering and calls
 (MaxText's ``with mesh, nn.logical_axis_rules(...)``), so the same model runs unsharded on one CPU
 and in the sampler.
 """

@@ -143,7 +143,8 @@ fi
 for b in "${blocks[@]}"; do
   [ -e "$root/plain.done" ] || break
   if train "d$b" --config "$blt_d:block=$b" --config.entropy_stage.checkpoint="$root/plain/entropy"; then
-    # alpha, gamma and one_step are alternative rules: each value is one run (fastblt.evaluation.harness.plan).
+    # alpha, gamma and one_step are alternative rules: each value is one run
+    # (fastblt.evaluation.harness.plan).
     # anchor=patch starts blocks at patch starts as training does; forced is the paper's.
     evaluate "d$b" --method blt_d blt_dv --setting block_size="$b" --setting anchor=forced,patch \
       --setting alpha=0.7,0.9 --setting gamma=0.5,1.0 --setting one_step=true &

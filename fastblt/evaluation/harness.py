@@ -26,7 +26,7 @@ import numpy as np
 
 from fastblt.config import ConfigError, ModelConfig
 from fastblt.evaluation.tasks import Task
-from fastblt.sampler.rules import RULES
+from fastblt.sampler.rules import ANCHORS, RULES
 
 # Part of every run's key: runs written with another accounting of passes are computed again.
 ROW_FORMAT = 2
@@ -48,7 +48,7 @@ def method_settings(method: str) -> tuple[str, ...]:
 
 
 # Settings whose values are words, with the words they take.
-WORD_SETTINGS = {"anchor": ("forced", "patch")}
+WORD_SETTINGS = {"anchor": ANCHORS}
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, list]:

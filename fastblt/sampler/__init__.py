@@ -7,9 +7,9 @@ BLT-D checkpoints block diffusion (``blt_d``) and diffusion drafts with verifica
 
 Modules: ``state`` (buffers and caches), ``cached`` (incremental stages: append bytes, draft a byte),
 ``decoding`` (the loop every method shares: prefill, then one round per ``lax.while_loop`` step),
-``ar``, ``speculative`` and ``unmasking`` (each method's round; BLT-D's blocks), ``methods`` (the registry that
-``generate`` and the commands read: each method's checks, loop builder and counting), ``sampling`` (greedy / temperature / top-p),
-``cost`` (NFE counters and the paper's bandwidth estimate), ``command`` (``fastblt sample``). The
+``ar``, ``speculative`` and ``unmasking`` (each method's round; BLT-D's blocks), ``methods`` and
+``rules`` (the registries of methods and of BLT-D's unmasking rules that ``generate`` and the
+commands read), ``sampling`` (greedy / temperature / top-p), ``cost`` (NFE counters and the paper's bandwidth estimate), ``command`` (``fastblt sample``). The
 no-cache oracle the tests check generation against is tests/naive_sampler.py.
 
 Names below load on first access, so ``import fastblt.sampler.command`` (which ``fastblt --help``

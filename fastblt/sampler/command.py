@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from fastblt.errors import UsageError
-from fastblt.sampler.rules import RULES
+from fastblt.sampler.rules import ANCHORS, RULES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             group.add_argument(flag, action="store_true", help=f"blt_d/blt_dv: {rule.help}")
     parser.add_argument(
         "--anchor",
-        choices=("forced", "patch"),
+        choices=ANCHORS,
         default="forced",
         help="blt_d/blt_dv: where a block starts: 'forced' (the paper: where the last one ended, closing the "
         "open patch there) or 'patch' (at the open patch's start, as in training)",

@@ -39,7 +39,7 @@ class Request:
     draft: int = 8
     block_size: int = 4
     rule: str = "alpha"  # BLT-D's unmasking rule, a name of fastblt.sampler.rules.RULES
-    anchor: str = "forced"  # where diffusion blocks start: "forced" or "patch" (fastblt.sampler.unmasking)
+    anchor: str = "forced"  # where diffusion blocks start, one of fastblt.sampler.rules.ANCHORS
     greedy: bool = True
     record_logits: bool = False
     exact: bool = False
@@ -118,7 +118,8 @@ def _check_blt_s(r: Request, config: ModelConfig) -> None:
 
 def _check_unmasking(verify: bool) -> Callable[[Request, ModelConfig], None]:
     def check(r: Request, config: ModelConfig) -> None:
-        from fastblt.sampler.unmasking import ANCHORS, check_mask_embedding
+        from fastblt.sampler.rules import ANCHORS
+        from fastblt.sampler.unmasking import check_mask_embedding
 
         check_mask_embedding(config)
         if verify and not r.greedy:

@@ -1,4 +1,5 @@
-"""BLT-D's unmasking rules: which masked cells of a block one decoder pass reveals (Fast BLT §3.1).
+"""BLT-D's unmasking rules: which masked cells of a block one decoder pass reveals (Fast BLT §3.1),
+and the block anchors (:data:`ANCHORS`).
 
 Each rule is one :class:`Rule` in :data:`RULES`, and everything that offers rules reads this registry:
 ``generate``/``prepare`` take a rule by name as a keyword (``alpha=0.7``, ``gamma=1.0``,
@@ -94,6 +95,10 @@ RULES: dict[str, Rule] = {
     )
 }
 DEFAULT = "alpha"
+
+# Where BLT-D's blocks start (fastblt.sampler.unmasking): "forced", the paper's Algorithm 1, or
+# "patch", at the open patch's first byte as training places blocks. Read by the same places.
+ANCHORS = ("forced", "patch")
 
 
 def choose(given: Mapping[str, Any]) -> tuple[str, float]:

@@ -55,13 +55,11 @@ from fastblt.model import patcher as patching
 from fastblt.model.attention import attention, document_ids
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.decoding import Call, Loop, decode
-from fastblt.sampler.rules import RULES
+from fastblt.sampler.rules import ANCHORS, RULES
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import commit_verified, cut_at_eos, greedy_accepted
 from fastblt.sampler.state import State, gather_rows, read_layer
 from fastblt.tokenizer import EOS
-
-ANCHORS = ("forced", "patch")
 
 
 def check_mask_embedding(config: ModelConfig) -> None:
@@ -226,12 +224,11 @@ def build_blt_d(
 
     ``run(params, prompts, rule_params, seed, temperature, top_p) -> dict``; rule_params:
     fastblt.sampler.methods.RuleParams (the rule's value, see :func:`reveal`). ``greedy=False``
-    (BLT-D): revealed bytes are drawn with
-    temperature and top-p (the paper's EB + top-p sampling with ``rule="gamma"``), cell ``j`` at
-    position ``L + j`` in decoder pass ``s`` of its block with the key of
-    :func:`fastblt.sampler.sampling.step_keys` for (row, ``(L + j) * (B + 1) + s``).
+    (BLT-D): revealed bytes are drawn with temperature and top-p (the paper's EB + top-p sampling
+    with ``rule="gamma"``), the cell at position ``p`` in decoder pass ``s`` of its block with the
+    key of :func:`fastblt.sampler.sampling.step_keys` for (row, ``p * (B + 1) + s``).
     ``exact_width`` (BLT-DV only): the exact mode's step width, at least ``block_size``.
-    ``anchor`` (BLT-D only): where blocks start, ``"forced"`` or ``"patch"`` (module docstring).
+    ``anchor``: where blocks start, one of fastblt.sampler.rules.ANCHORS (module docstring).
     """
     check_mask_embedding(config)
     if block_size < 1 or (verify and block_size < 2):
