@@ -7,11 +7,11 @@ import json
 from experiments.benchmarks import paper_tables
 
 
-def _row(method: str, setting: dict, key: str, chrf: float) -> dict:
+def _row(method: str, setting: dict, key: str, chrf: float, bandwidth: float = 0.07) -> dict:
     return {
         "task": "code_completion", "method": method, "setting": setting, "examples": 2, "max_bytes": 4,
         "exact_first_line": 0.5, "chrf": chrf, "judge_bits_per_byte": 1.25, "generated_bytes": 8.0,
-        "decoder_passes_per_byte": 1.0, "eg_passes_per_byte": 0.25, "bandwidth_gb_per_byte": 0.07,
+        "decoder_passes_per_byte": 1.0, "eg_passes_per_byte": 0.25, "bandwidth_gb_per_byte": bandwidth,
         "decoder_passes_per_byte_implementation": 1.0, "eg_passes_per_byte_implementation": 0.25,
         "bandwidth_gb_per_byte_implementation": 0.06, "bytes_per_s": 100.0, "key": key,
     }  # fmt: skip
@@ -26,7 +26,9 @@ def test_tables_and_plot_of_two_models(tmp_path):
     root = tmp_path / "root"
     for model, method, setting in (("plain", "blt_s", {"draft": 8}), ("d4", "blt_d", {"block_size": 4})):
         ev = root / "eval" / model
-        _write(ev / "results.jsonl", [_row("ar", {}, "k-ar", 30.0), _row(method, setting, "k-m", 12.5)])
+        _write(
+            ev / "results.jsonl", [_row("ar", {}, "k-ar", 30.0), _row(method, setting, "k-m", 12.5, 0.0175)]
+        )
         # Against ar's "abcd" + "wxyz": 3 of 4 and 2 of 4 bytes equal at the same positions.
         _write(ev / "generations.jsonl", [{"key": "k-ar", "outputs": ["abcd", "wxyz"]},
                                           {"key": "k-m", "outputs": ["abXd", "wxQQ"]}])  # fmt: skip
@@ -42,6 +44,7 @@ def test_tables_and_plot_of_two_models(tmp_path):
     table = (out / "paper_tables.md").read_text()
     assert "| plain | 20 | 1.0099 | 0.7000 | 7 |" in table  # the first speed (compile) is left out
     assert "| plain | blt_s draft=8 | 0.500 | 12.50 |" in table and "| 0.62 |" in table
+    assert "| 0.01750 | 0.25 |" in table and "| 0.07000 | 1.00 |" in table  # bandwidth and its ratio to ar's
     assert "| d4 | blt_d |" in table  # block_size is the model's, not a column
     assert table.index("| plain | ar") < table.index("| d4 | ar")
     assert "| figure | d4 |" in table and "| B/accuracy_per_cell | 0.500 / 0.250 |" in table
