@@ -7,6 +7,8 @@ Rows (each in its own process, so peak memory and failures are its own):
 
 * ``entropy``: the entropy model trained alone (stage 1 of an entropy-patched run);
 * ``blt``: plain BLT, static 4-byte patches (the port is given the same patch lengths);
+* ``blt_p8``: plain BLT, static 8-byte patches: half the patches of ``blt`` and a patch buffer sized
+  to them, so the global model's share of the step should fall (compare ``--profile blt blt_p8``);
 * ``blt_entropy``: plain BLT patched in the step by a (random) frozen entropy model, threshold set
   to the quantile that gives ~4.5 bytes per patch;
 * ``blt_d4``, ``blt_d8``: BLT-D with blocks of 4 / 8 bytes (static 4-byte patches);
@@ -30,7 +32,7 @@ import subprocess
 import sys
 import time
 
-ROWS = ("matmul", "entropy", "blt", "blt_entropy", "blt_d4", "blt_d8", "torch", "torch_compile")
+ROWS = ("matmul", "entropy", "blt", "blt_p8", "blt_entropy", "blt_d4", "blt_d8", "torch", "torch_compile")
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -56,11 +58,12 @@ def experiment(shape: str, row: str, batch: int | None, seq_len: int | None):
         cfg.data.seq_len = seq_len
     cfg.train.steps = 1000
     cfg.checkpoint.async_save = False
-    if row in ("blt", "blt_d4", "blt_d8", "torch", "torch_compile"):
+    if row in ("blt", "blt_p8", "blt_d4", "blt_d8", "torch", "torch_compile"):
+        size = 8 if row == "blt_p8" else 4
         cfg.model.patcher.mode = "static"
-        cfg.model.patcher.patch_size = 4
-        # The real patch count of static 4-byte patches, no padded slots: BOS + ceil(N / 4) + next.
-        cfg.model.patcher.max_patches = cfg.data.seq_len // 4 + 2
+        cfg.model.patcher.patch_size = size
+        # The real patch count of static patches, no padded slots: BOS + ceil(N / size) + next.
+        cfg.model.patcher.max_patches = cfg.data.seq_len // size + 2
     if row.startswith("blt_d"):
         base.blt_d(cfg, int(row.removeprefix("blt_d")))
     return cfg
