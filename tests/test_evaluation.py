@@ -54,6 +54,33 @@ def test_function_examples_split_header_and_body():
     assert function_examples(b"\xff\xfe", "bin.py", 100) == []
 
 
+def test_a_completion_ends_where_its_function_ends():
+    ex = {e.key.split(":")[-1]: e for e in function_examples(MODULE, "m.py", 10_000)}
+    task = Task("code_completion", tuple(ex.values()), None, ("chrf",))
+    # A top-level function ends at the next line of code at column 0; blank and comment lines at
+    # any depth stay inside it.
+    out = b"    total = a + b\n\n# note\n    return total\n\n\nclass L:\n    pass\n"
+    assert task.cut(out, ex["documented"]) == b"    total = a + b\n\n# note\n    return total\n\n\n"
+    # A method ends at a line indented like its def (4) or less, not at a deeper one.
+    out = b"        x = 1\n            y\n    def other(self):\n        pass\n"
+    assert task.cut(out, ex["method"]) == b"        x = 1\n            y\n"
+    assert task.cut(b"    def other(self): ...\n", ex["method"]) == b""  # the model closed it at once
+    assert task.cut(out) == out  # no example: the task's stop alone (none here)
+    assert task.cuts([out, out]) == [out, task.cut(out, ex["method"])]  # each its example's end
+
+
+def test_word_type_token_ratio_on_hand_worked_texts():
+    from fastblt.evaluation.tasks import word_type_token_ratio
+
+    # "codecs.codecs.codecs": 1 type / 3 words; "return a + b": 3 / 3; a text without words is left out.
+    assert word_type_token_ratio(["codecs.codecs.codecs", "return a + b", " + "]) == pytest.approx(
+        (1 / 3 + 1) / 2
+    )
+    assert word_type_token_ratio(["", "()"]) is None
+    task = Task("t", (Example("k", b"", b"x x"),), None, ())
+    assert task.score([b"x x y y"]) == {"type_token_ratio": 0.5}
+
+
 def test_metrics_on_hand_worked_strings():
     assert exact_first_line(["\n  return a + b  \nmore"], ["return a + b\n"]) == 1.0
     assert exact_first_line(["return a"], ["return b"]) == 0.0

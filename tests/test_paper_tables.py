@@ -31,7 +31,7 @@ def test_tables_and_plot_of_two_models(tmp_path):
         )
         # Against ar's "abcd" + "wxyz": 3 of 4 and 2 of 4 bytes equal at the same positions.
         _write(ev / "generations.jsonl", [{"key": "k-ar", "outputs": ["abcd", "wxyz"]},
-                                          {"key": "k-m", "outputs": ["abXd", "wxQQ"]}])  # fmt: skip
+                                          {"key": "k-m", "outputs": ["abXd", "wx wx"]}])  # fmt: skip
         metrics = [{"step": 10, "loss": 1.0, "bytes_per_sec": 5.0}, {"step": 20, "bytes_per_sec": 7.0},
                    {"step": 20, "eval_loss": 0.7, "eval_bits_per_byte": 1.0099}]  # fmt: skip
         _write(root / model / "blt" / "tensorboard" / "metrics.jsonl", metrics)
@@ -43,7 +43,8 @@ def test_tables_and_plot_of_two_models(tmp_path):
     paper_tables.main([str(root), "--out", str(out)])
     table = (out / "paper_tables.md").read_text()
     assert "| plain | 20 | 1.0099 | 0.7000 | 7 |" in table  # the first speed (compile) is left out
-    assert "| plain | blt_s draft=8 | 0.500 | 12.50 |" in table and "| 0.62 |" in table
+    # word type-token ratio from the generations: "abXd" 1/1, "wx wx" 1/2
+    assert "| plain | blt_s draft=8 | 0.500 | 12.50 | 0.750 |" in table and "| 0.62 |" in table
     assert "| 0.01750 | 0.25 |" in table and "| 0.07000 | 1.00 |" in table  # bandwidth and its ratio to ar's
     assert "| d4 | blt_d |" in table  # block_size is the model's, not a column
     assert table.index("| plain | ar") < table.index("| d4 | ar")

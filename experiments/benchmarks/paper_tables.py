@@ -66,7 +66,7 @@ def write_table(root: Path, models: list[str], path: Path) -> list[dict]:
         cells = [f"{s[k]:.4f}" if k in s else "-" for k in keys]
         speed = f"{s['train_bytes_per_s']:.0f}" if "train_bytes_per_s" in s else "-"
         lines.append(f"| {s['model']} | {s.get('step', '-')} | " + " | ".join(cells) + f" | {speed} |")
-    head = ["model", "method", "exact first line", "chrF", "judge bits/byte", "decoder passes/byte",
+    head = ["model", "method", "exact first line", "chrF", "word TTR", "judge bits/byte", "decoder passes/byte",
             "E/G passes/byte", "bandwidth GB/byte", "x ar's", "GB/byte as run", "bytes/s", "= ar"]  # fmt: skip
     lines += ["", "## Generation: code_completion", "", "| " + " | ".join(head) + " |"]
     lines.append("|---|---|" + "---:|" * (len(head) - 2))
@@ -80,11 +80,13 @@ def write_table(root: Path, models: list[str], path: Path) -> list[dict]:
                 r,
                 model=m,
                 agreement_with_ar=_agreement(gens.get(r["key"]), gens.get(ar["key"]) if ar else None),
+                type_token_ratio=_type_token_ratio(r, gens.get(r["key"])),
             )
             rows.append(r)
             judge = r["judge_bits_per_byte"]
             lines.append(
                 f"| {m} | {label(r)} | {r['exact_first_line']:.3f} | {r['chrf']:.2f} | "
+                f"{'-' if r['type_token_ratio'] is None else format(r['type_token_ratio'], '.3f')} | "
                 f"{'-' if judge is None else format(judge, '.3f')} | {r['decoder_passes_per_byte']:.3f} | "
                 f"{r['eg_passes_per_byte']:.3f} | {r['bandwidth_gb_per_byte']:.5f} | "
                 f"{'-' if ar is None else format(r['bandwidth_gb_per_byte'] / ar['bandwidth_gb_per_byte'], '.2f')} | "
@@ -130,6 +132,16 @@ def _figure(value) -> str:
     if isinstance(value, list):
         return " / ".join(_figure(v) for v in value)
     return str(value)
+
+
+def _type_token_ratio(row: dict, outputs: list[str] | None) -> float | None:
+    """The row's word type-token ratio; rows written before the harness reported it (row format 2,
+    whose code_completion scored the whole generation) get it from their generations."""
+    if "type_token_ratio" in row or outputs is None:
+        return row.get("type_token_ratio")
+    from fastblt.evaluation.tasks import _text, word_type_token_ratio
+
+    return word_type_token_ratio([_text(o.encode("latin-1")) for o in outputs])
 
 
 def _agreement(outputs: list[str] | None, reference: list[str] | None) -> float | None:

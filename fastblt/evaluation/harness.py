@@ -28,8 +28,9 @@ from fastblt.config import ConfigError, ModelConfig
 from fastblt.evaluation.tasks import Task
 from fastblt.sampler.rules import ANCHORS, RULES
 
-# Part of every run's key: runs written with another accounting of passes are computed again.
-ROW_FORMAT = 2
+# Part of every run's key: runs written with another accounting of passes or another scoring
+# (3: code_completion cut at the function's end, the word type-token ratio) are computed again.
+ROW_FORMAT = 3
 
 # The settings each method takes (generate's keyword arguments); others are ignored for it.
 METHOD_SETTINGS = {
@@ -269,7 +270,7 @@ def evaluate(
                     judge_params,
                     judge_config,
                     [e.prompt for e in task.examples],
-                    [task.cut(o) for o in outputs],
+                    task.cuts(outputs),
                 ),
                 "generated_bytes": t["generated"],
                 "decoder_passes_per_byte": t["decoder_passes"] / gen,
@@ -354,7 +355,7 @@ def _fmt(x, spec: str) -> str:
 def _summary(row: dict, task: Task) -> str:
     metrics = ", ".join(f"{m} {row[m]:.3f}" for m in task.metrics)
     return (
-        f"{_label(row['method'], row['setting'])}: {metrics}, "
+        f"{_label(row['method'], row['setting'])}: {metrics}, word TTR {_fmt(row['type_token_ratio'], '.3f')}, "
         f"judge {_fmt(row['judge_bits_per_byte'], '.3f')} bits/byte, "
         f"{row['bandwidth_gb_per_byte']:.4f} GB/byte, agreement with ar {row['agreement_with_ar']:.2f}"
     )
@@ -363,13 +364,13 @@ def _summary(row: dict, task: Task) -> str:
 def write_table(rows: Sequence[dict], task: Task, path: str) -> None:
     """A markdown table of the rows, in the paper's form (quality, passes and bandwidth per byte, as
     the paper counts them; "as run": the bandwidth of the passes this implementation runs)."""
-    head = ["method", *task.metrics, "judge bits/byte", "decoder passes/byte", "E/G passes/byte",
+    head = ["method", *task.metrics, "word TTR", "judge bits/byte", "decoder passes/byte", "E/G passes/byte",
             "bandwidth GB/byte", "GB/byte as run", "bytes/s", "= ar"]  # fmt: skip
     lines = [f"task {task.name}: {len(task.examples)} prompts", "", "| " + " | ".join(head) + " |"]
     lines.append("|---|" + "---:|" * (len(head) - 1))
     for r in rows:
         cells = [_label(r["method"], r["setting"])] + [f"{r[m]:.3f}" for m in task.metrics]
-        cells += [_fmt(r["judge_bits_per_byte"], ".3f"), f"{r['decoder_passes_per_byte']:.3f}",
+        cells += [_fmt(r["type_token_ratio"], ".3f"), _fmt(r["judge_bits_per_byte"], ".3f"), f"{r['decoder_passes_per_byte']:.3f}",
                   f"{r['eg_passes_per_byte']:.3f}", f"{r['bandwidth_gb_per_byte']:.5f}",
                   f"{r['bandwidth_gb_per_byte_implementation']:.5f}",
                   _fmt(r["bytes_per_s"], ".0f"), f"{r['agreement_with_ar']:.2f}"]  # fmt: skip

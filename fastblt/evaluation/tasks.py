@@ -3,7 +3,9 @@
 - ``code_completion``: functions of the held-out Python modules of a corpus (the ``data`` section of
   an experiment; by default the standard-library corpus's held-out split). Prompt: the module up to
   and including the function's signature and docstring (its last ``max_prompt_bytes``); reference:
-  the function's body. Metrics: exact match of the first generated line, chrF (sacrebleu).
+  the function's body. A completion ends where the function does: at its first line indented no
+  deeper than the ``def`` (comments aside). Metrics: exact match of the first generated line, chrF
+  (sacrebleu).
 - ``translation``: a JSON Lines file of ``source``/``target`` pairs (field names configurable); the
   first ``shots`` pairs form a few-shot prefix in the paper's FLORES-style template, the rest are
   evaluated. Stop at the first newline. Metrics: BLEU and chrF (sacrebleu).
@@ -13,6 +15,9 @@
   problem's tests in a sandboxed process (fastblt/evaluation/sandbox.py; a completion that fails,
   hangs or crashes counts as failed), and chrF against the canonical solution.
 
+Every task also reports the word type-token ratio of its completions (distinct words over words,
+averaged over completions): the paper's diversity measure (§6), low where a generation loops.
+
 Outputs are bytes; metrics read them as UTF-8 with replacement characters (a model may write any byte).
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +48,9 @@ class Example:
     reference: bytes
     # Functional check: the program ``check[0] + completion + "\n" + check[1]`` must run to its end.
     check: tuple[str, str] | None = None
+    # This example's own end of a completion, besides the task's stop: a regular expression over the
+    # output whose first match starts the cut (code_completion: the function body's end).
+    end: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +62,24 @@ class Task:
     stop: bytes | tuple[bytes, ...] | None
     metrics: tuple[str, ...]
 
-    def cut(self, output: bytes) -> bytes:
-        """The scored part of a generation: up to the (first) stop sequence."""
+    def cut(self, output: bytes, example: Example | None = None) -> bytes:
+        """The scored part of a generation: up to the (first) stop sequence, or ``example``'s end."""
         stops = (self.stop,) if isinstance(self.stop, bytes) else self.stop or ()
         found = [i for i in (output.find(s) for s in stops) if i >= 0]
+        if example is not None and example.end is not None and (m := re.search(example.end, output)):
+            found.append(m.start())
         return output[: min(found)] if found else output
 
-    def score(self, outputs: Sequence[bytes]) -> dict[str, float]:
-        """The task's metrics over ``outputs`` (one per example, in order)."""
-        hyps = [_text(self.cut(o)) for o in outputs]
+    def cuts(self, outputs: Sequence[bytes]) -> list[bytes]:
+        """The scored part of each output (one per example, in order)."""
+        return [self.cut(o, e) for o, e in zip(outputs, self.examples, strict=False)]
+
+    def score(self, outputs: Sequence[bytes]) -> dict[str, float | None]:
+        """The task's metrics over ``outputs`` (one per example, in order), and the word type-token
+        ratio of the completions."""
+        hyps = [_text(c) for c in self.cuts(outputs)]
         refs = [_text(e.reference) for e in self.examples[: len(outputs)]]
-        out = {}
+        out: dict[str, float | None] = {"type_token_ratio": word_type_token_ratio(hyps)}
         if "exact_first_line" in self.metrics:
             out["exact_first_line"] = exact_first_line(hyps, refs)
         if "chrf" in self.metrics:
@@ -77,6 +93,13 @@ class Task:
 
 def _text(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
+
+
+def word_type_token_ratio(texts: Sequence[str]) -> float | None:
+    """Distinct words over words (words: runs of ``\\w``), averaged over the texts that hold a word;
+    None when none does."""
+    ratios = [len(set(w)) / len(w) for t in texts if (w := re.findall(r"\w+", t))]
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def exact_first_line(hyps: Sequence[str], refs: Sequence[str]) -> float:
@@ -139,8 +162,16 @@ def function_examples(source: bytes, name: str, max_prompt_bytes: int) -> list[E
             continue  # a one-line def (body on the signature line): no header/body split
         prompt = "".join(lines[:header_end]).encode("utf-8")[-max_prompt_bytes:]
         reference = "".join(lines[header_end : fn.end_lineno]).encode("utf-8")
-        out.append(Example(f"{name}:{fn.lineno}:{fn.name}", prompt, reference))
+        out.append(
+            Example(f"{name}:{fn.lineno}:{fn.name}", prompt, reference, end=function_end(fn.col_offset))
+        )
     return out
+
+
+def function_end(def_column: int) -> bytes:
+    """The end of a function body whose ``def`` starts at ``def_column``: the first line (the
+    completion's first included) that holds code and is indented no deeper than the ``def``."""
+    return rb"(?:^|(?<=\n))[ \t]{0,%d}(?=[^\s#])" % def_column
 
 
 def code_completion(data_cfg, limit: int | None, max_prompt_bytes: int) -> Task:
