@@ -69,6 +69,30 @@ def test_a_completion_ends_where_its_function_ends():
     assert task.cuts([out, out]) == [out, task.cut(out, ex["method"])]  # each its example's end
 
 
+def test_code_completion_with_a_limit_takes_functions_in_turn_from_each_module(tmp_path):
+    from fastblt.evaluation.tasks import code_completion
+
+    def module(*names: str) -> str:
+        return "".join(f"def {n}(x):\n    return x\n\n" for n in names)
+
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "a.py").write_text(module("a1", "a2", "a3"))
+    (held / "b.py").write_text(module("b1"))
+    (held / "c.py").write_text("x = 1\n")  # no function: no turn
+    (held / "d.py").write_text(module("d1", "d2"))
+    (tmp_path / "train.py").write_text(module("t"))
+    data = load_config("base").data
+    data.source, data.paths, data.eval_paths = "text", [str(tmp_path / "train.py")], [str(held / "*.py")]
+
+    def names(limit):
+        return [e.key.split(":")[-1] for e in code_completion(data, limit, 1000).examples]
+
+    assert names(None) == ["a1", "a2", "a3", "b1", "d1", "d2"]  # all, in corpus order
+    assert names(5) == ["a1", "b1", "d1", "a2", "d2"]  # round by round over the modules
+    assert names(2) == ["a1", "b1"]  # one from each of the first modules that have one
+
+
 def test_word_type_token_ratio_on_hand_worked_texts():
     from fastblt.evaluation.tasks import word_type_token_ratio
 

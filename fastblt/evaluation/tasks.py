@@ -175,19 +175,30 @@ def function_end(def_column: int) -> bytes:
 
 
 def code_completion(data_cfg, limit: int | None, max_prompt_bytes: int) -> Task:
-    """Functions of the held-out split of ``data_cfg`` (fastblt.data.splits), in corpus order."""
+    """Functions of the held-out split of ``data_cfg`` (fastblt.data.splits).
+
+    All of them in corpus order without ``limit``; with one, ``limit`` functions taken in turn from
+    each held-out module (each module's first function, in corpus order, then each one's second, ...),
+    so a short run samples many modules rather than the first one's functions.
+    """
     from fastblt.data.splits import open_split
 
     source = open_split(data_cfg, "eval")
     keys = list(source.iter_keys())
-    examples: list[Example] = []
+    modules: list[list[Example]] = []
     for i in range(len(source)):
-        examples += function_examples(source[i], keys[i], max_prompt_bytes)
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
+        if found := function_examples(source[i], keys[i], max_prompt_bytes):
+            modules.append(found)
+        if limit is not None and len(modules) >= limit:
+            break  # one function from each of these is enough
+    if not modules:
         raise ConfigError(f"the held-out split of {source!r} holds no Python function to complete")
-    return Task("code_completion", tuple(examples[:limit]), None, ("exact_first_line", "chrf"))
+    if limit is None:
+        examples = [e for m in modules for e in m]
+    else:
+        rounds = max(len(m) for m in modules)
+        examples = [m[r] for r in range(rounds) for m in modules if r < len(m)][:limit]
+    return Task("code_completion", tuple(examples), None, ("exact_first_line", "chrf"))
 
 
 # ----------------------------------------------------------------------------------------- translation
