@@ -33,7 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generation settings (draft, block_size, anchor, and the unmasking rules "
         f"{', '.join(RULES)}: each rule value its own run); repeatable, a grid over the rest",
     )
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts (code_completion: N functions taken in turn from each module)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate the first N prompts (code_completion: N functions taken in turn from each module)",
+    )
     parser.add_argument(
         "--max-bytes",
         type=int,
