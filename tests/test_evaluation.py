@@ -232,6 +232,11 @@ def test_harness_writes_table_plot_and_resumes(tiny, tmp_path, monkeypatch):
         params, config, task, ["ar", "blt_s"], {"draft": [2]}, max_bytes=6, batch_size=2, out=out
     )
     assert [r["chrf"] for r in again] == [r["chrf"] for r in rows]
+    # A later call with fewer runs returns its own, but the directory's table keeps every run in it.
+    only_ar = evaluate(params, config, task, ["ar"], {}, max_bytes=6, batch_size=2, out=out)
+    assert [r["method"] for r in only_ar] == ["ar"]
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| ar |" in table and "| blt_s draft=2 |" in table and table.count("| blt_s") == 1
 
 
 @pytest.mark.slow

@@ -289,8 +289,23 @@ def evaluate(
         log(_summary(row, task))
         rows.append(row)
     if out:
-        write_table(rows, task, os.path.join(out, "results.md"))
-        plot(rows, task, os.path.join(out, "quality_vs_bandwidth.png"))
+        # The directory's table and plot cover every run in it for this task, byte budget and row
+        # format, those of earlier calls with other methods or settings too.
+        table = rows + _earlier_runs(out, task, max_bytes, {r["key"] for r in rows}, ar_outputs)
+        write_table(table, task, os.path.join(out, "results.md"))
+        plot(table, task, os.path.join(out, "quality_vs_bandwidth.png"))
+    return rows
+
+
+def _earlier_runs(out: str, task: Task, max_bytes: int, exclude: set, ar_outputs) -> list[dict]:
+    """Rows of ``out`` from earlier calls, with their agreement with ``ar`` (``ar_outputs``)."""
+    done, gens = _load(out)
+    rows = []
+    for key, row in done.items():
+        if key in exclude or json.loads(key)[:4] != [ROW_FORMAT, task.name, len(task.examples), max_bytes]:
+            continue
+        outputs = [o.encode("latin-1") for o in gens[key]]
+        rows.append(dict(row, agreement_with_ar=agreement(outputs, ar_outputs)))
     return rows
 
 
