@@ -232,11 +232,20 @@ def test_harness_writes_table_plot_and_resumes(tiny, tmp_path, monkeypatch):
         params, config, task, ["ar", "blt_s"], {"draft": [2]}, max_bytes=6, batch_size=2, out=out
     )
     assert [r["chrf"] for r in again] == [r["chrf"] for r in rows]
-    # A later call with fewer runs returns its own, but the directory's table keeps every run in it.
+    # A later call with fewer runs returns its own, but the directory's table keeps every run in it
+    # of the same family: not a run over other examples (another key digest) or another byte budget.
+    with (
+        open(tmp_path / "eval" / "results.jsonl", "a") as f,
+        open(tmp_path / "eval" / "generations.jsonl", "a") as g,
+    ):
+        for family in (["other", 6], [json.loads(ar["key"])[3], 7]):
+            key = json.dumps([3, "code_completion", 3, *family, "blt_s", [["draft", 9]]])
+            f.write(json.dumps(dict(spec, key=key, setting={"draft": 9})) + "\n")
+            g.write(json.dumps({"key": key, "outputs": ["", "", ""]}) + "\n")
     only_ar = evaluate(params, config, task, ["ar"], {}, max_bytes=6, batch_size=2, out=out)
     assert [r["method"] for r in only_ar] == ["ar"]
     table = (tmp_path / "eval" / "results.md").read_text()
-    assert "| ar |" in table and "| blt_s draft=2 |" in table and table.count("| blt_s") == 1
+    assert "| ar |" in table and "| blt_s draft=2 |" in table and "draft=9" not in table
 
 
 @pytest.mark.slow

@@ -26,12 +26,16 @@ def test_tables_and_plot_of_two_models(tmp_path):
     root = tmp_path / "root"
     for model, method, setting in (("plain", "blt_s", {"draft": 8}), ("d4", "blt_d", {"block_size": 4})):
         ev = root / "eval" / model
-        _write(
-            ev / "results.jsonl", [_row("ar", {}, "k-ar", 30.0), _row(method, setting, "k-m", 12.5, 0.0175)]
+        k_ar, k_m, stale = (
+            json.dumps([f, "code_completion", 2, m]) for f, m in ((3, "ar"), (3, method), (2, "ar"))
         )
+        rows = [_row("ar", {}, k_ar, 30.0), _row(method, setting, k_m, 12.5, 0.0175)]
+        # A row of an older row format (a rerun into an old directory): left out, and not the ar compared with.
+        _write(ev / "results.jsonl", [_row("ar", {"draft": 99}, stale, 99.0, 1.0), *rows])
         # Against ar's "abcd" + "wxyz": 3 of 4 and 2 of 4 bytes equal at the same positions.
-        _write(ev / "generations.jsonl", [{"key": "k-ar", "outputs": ["abcd", "wxyz"]},
-                                          {"key": "k-m", "outputs": ["abXd", "wx wx"]}])  # fmt: skip
+        _write(ev / "generations.jsonl", [{"key": stale, "outputs": ["zzzz", "zzzz"]},
+                                          {"key": k_ar, "outputs": ["abcd", "wxyz"]},
+                                          {"key": k_m, "outputs": ["abXd", "wx wx"]}])  # fmt: skip
         metrics = [{"step": 10, "loss": 1.0, "bytes_per_sec": 5.0}, {"step": 20, "bytes_per_sec": 7.0},
                    {"step": 20, "eval_loss": 0.7, "eval_bits_per_byte": 1.0099}]  # fmt: skip
         _write(root / model / "blt" / "tensorboard" / "metrics.jsonl", metrics)
@@ -47,6 +51,7 @@ def test_tables_and_plot_of_two_models(tmp_path):
     assert "| plain | blt_s draft=8 | 0.500 | 12.50 | 0.750 |" in table and "| 0.62 |" in table
     assert "| 0.01750 | 0.25 |" in table and "| 0.07000 | 1.00 |" in table  # bandwidth and its ratio to ar's
     assert "| d4 | blt_d |" in table  # block_size is the model's, not a column
+    assert "99.00" not in table and "draft=99" not in table
     assert table.index("| plain | ar") < table.index("| d4 | ar")
     assert "| figure | d4 |" in table and "| B/accuracy_per_cell | 0.500 / 0.250 |" in table
     assert "| C/agreement_with_B | 1.000 |" in table and "checkpoint" not in table

@@ -72,7 +72,7 @@ def write_table(root: Path, models: list[str], path: Path) -> list[dict]:
     lines.append("|---|---|" + "---:|" * (len(head) - 2))
     rows = []
     for m in models:
-        results = _jsonl(root / "eval" / m / "results.jsonl")
+        results = _newest_format(_jsonl(root / "eval" / m / "results.jsonl"))
         ar = next((r for r in results if r["method"] == "ar"), None)
         gens = {g["key"]: g["outputs"] for g in _jsonl(root / "eval" / m / "generations.jsonl")}
         for r in results:
@@ -132,6 +132,21 @@ def _figure(value) -> str:
     if isinstance(value, list):
         return " / ".join(_figure(v) for v in value)
     return str(value)
+
+
+def _row_format(row: dict) -> int | None:
+    try:
+        head = json.loads(row["key"])[0]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    return head if isinstance(head, int) else None
+
+
+def _newest_format(results: list[dict]) -> list[dict]:
+    """The rows of the newest row format in a results file (fastblt.evaluation.harness.ROW_FORMAT):
+    a rerun into an old directory leaves the old format's rows there, scored another way."""
+    newest = max((f for r in results if (f := _row_format(r)) is not None), default=None)
+    return results if newest is None else [r for r in results if _row_format(r) == newest]
 
 
 def _type_token_ratio(row: dict, outputs: list[str] | None) -> float | None:

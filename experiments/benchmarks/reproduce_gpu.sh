@@ -168,5 +168,5 @@ for b in "${blocks[@]}"; do
     fi
   fi
 done
-for p in "${pids[@]}"; do wait "$p"; done
+for p in ${pids[@]+"${pids[@]}"}; do wait "$p"; done  # empty under set -u on bash < 4.4
 say "done"

@@ -14,6 +14,7 @@ not recomputed.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -300,9 +301,10 @@ def evaluate(
 def _earlier_runs(out: str, task: Task, max_bytes: int, exclude: set, ar_outputs) -> list[dict]:
     """Rows of ``out`` from earlier calls, with their agreement with ``ar`` (``ar_outputs``)."""
     done, gens = _load(out)
+    family = _run_family(task, max_bytes)
     rows = []
     for key, row in done.items():
-        if key in exclude or json.loads(key)[:4] != [ROW_FORMAT, task.name, len(task.examples), max_bytes]:
+        if key in exclude or json.loads(key)[:5] != family:
             continue
         outputs = [o.encode("latin-1") for o in gens[key]]
         rows.append(dict(row, agreement_with_ar=agreement(outputs, ar_outputs)))
@@ -312,9 +314,20 @@ def _earlier_runs(out: str, task: Task, max_bytes: int, exclude: set, ar_outputs
 def _key(task: Task, max_bytes: int, method: str, setting: Mapping) -> str:
     """A run's identity in ``results.jsonl``: what must match for a finished run to be read back."""
     return json.dumps(
-        [ROW_FORMAT, task.name, len(task.examples), max_bytes, method, sorted(setting.items())],
+        [*_run_family(task, max_bytes), method, sorted(setting.items())],
         separators=(",", ":"),
     )
+
+
+def _run_family(task: Task, max_bytes: int) -> list:
+    """The head of the keys of runs comparable in one table: row format, task, the examples (their
+    number, and a digest of their keys, prompts and references: another corpus, ``--limit`` or
+    prompt length is another family) and the byte budget."""
+    digest = hashlib.sha256()
+    for e in task.examples:
+        for part in (e.key.encode(), e.prompt, e.reference):
+            digest.update(len(part).to_bytes(8, "little") + part)
+    return [ROW_FORMAT, task.name, len(task.examples), digest.hexdigest()[:16], max_bytes]
 
 
 def _precompile(params, config, task, runs, max_bytes: int, batch_size: int, workers: int, log) -> None:

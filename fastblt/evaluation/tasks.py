@@ -170,7 +170,12 @@ def function_examples(source: bytes, name: str, max_prompt_bytes: int) -> list[E
 
 def function_end(def_column: int) -> bytes:
     """The end of a function body whose ``def`` starts at ``def_column``: the first line (the
-    completion's first included) that holds code and is indented no deeper than the ``def``."""
+    completion's first included) that holds code and is indented no deeper than the ``def``.
+
+    Lines are not tokenized: a line inside a multi-line string or brackets that starts that far left
+    ends the body too (the bodies of 0.2% of the standard library's functions hold such a line, none
+    in the default held-out split's).
+    """
     return rb"(?:^|(?<=\n))[ \t]{0,%d}(?=[^\s#])" % def_column
 
 
