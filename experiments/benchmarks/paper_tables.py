@@ -154,9 +154,10 @@ def _type_token_ratio(row: dict, outputs: list[str] | None) -> float | None:
     whose code_completion scored the whole generation) get it from their generations."""
     if "type_token_ratio" in row or outputs is None:
         return row.get("type_token_ratio")
-    from fastblt.evaluation.tasks import _text, word_type_token_ratio
+    from fastblt.evaluation.tasks import word_type_token_ratio
 
-    return word_type_token_ratio([_text(o.encode("latin-1")) for o in outputs])
+    # generations.jsonl holds bytes as latin-1; the metrics read them as UTF-8 (fastblt.evaluation.tasks)
+    return word_type_token_ratio([o.encode("latin-1").decode("utf-8", errors="replace") for o in outputs])
 
 
 def _agreement(outputs: list[str] | None, reference: list[str] | None) -> float | None:

@@ -248,12 +248,13 @@ def evaluate(
     judge_config, judge_params = judge if judge is not None else (config, params)
     done, gens = _load(out)
     runs = plan(methods, settings or {})
-    todo = [(m, s) for m, s in runs if _key(task, max_bytes, m, s) not in done]
+    family = _run_family(task, max_bytes)
+    todo = [(m, s) for m, s in runs if _key(family, m, s) not in done]
     if compile_workers > 1 and len(todo) > 1:
         _precompile(params, config, task, todo, max_bytes, batch_size, compile_workers, log)
     rows, ar_outputs = [], None
     for method, setting in runs:
-        key = _key(task, max_bytes, method, setting)
+        key = _key(family, method, setting)
         if key in done:
             row, outputs = done[key], [o.encode("latin-1") for o in gens[key]]
             log(f"{_label(method, setting)}: read from {out}")
@@ -292,16 +293,15 @@ def evaluate(
     if out:
         # The directory's table and plot cover every run in it for this task, byte budget and row
         # format, those of earlier calls with other methods or settings too.
-        table = rows + _earlier_runs(out, task, max_bytes, {r["key"] for r in rows}, ar_outputs)
+        table = rows + _earlier_runs(done, gens, family, {r["key"] for r in rows}, ar_outputs)
         write_table(table, task, os.path.join(out, "results.md"))
         plot(table, task, os.path.join(out, "quality_vs_bandwidth.png"))
     return rows
 
 
-def _earlier_runs(out: str, task: Task, max_bytes: int, exclude: set, ar_outputs) -> list[dict]:
-    """Rows of ``out`` from earlier calls, with their agreement with ``ar`` (``ar_outputs``)."""
-    done, gens = _load(out)
-    family = _run_family(task, max_bytes)
+def _earlier_runs(done: dict, gens: dict, family: list, exclude: set, ar_outputs) -> list[dict]:
+    """The runs of ``family`` that earlier calls left in the directory (``done``, ``gens``: as
+    :func:`_load` read them before this call), with their agreement with ``ar`` (``ar_outputs``)."""
     rows = []
     for key, row in done.items():
         if key in exclude or json.loads(key)[:5] != family:
@@ -311,10 +311,11 @@ def _earlier_runs(out: str, task: Task, max_bytes: int, exclude: set, ar_outputs
     return rows
 
 
-def _key(task: Task, max_bytes: int, method: str, setting: Mapping) -> str:
-    """A run's identity in ``results.jsonl``: what must match for a finished run to be read back."""
+def _key(family: list, method: str, setting: Mapping) -> str:
+    """A run's identity in ``results.jsonl`` (``family``: :func:`_run_family`): what must match for a
+    finished run to be read back."""
     return json.dumps(
-        [*_run_family(task, max_bytes), method, sorted(setting.items())],
+        [*family, method, sorted(setting.items())],
         separators=(",", ":"),
     )
 

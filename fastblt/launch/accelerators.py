@@ -75,7 +75,7 @@ class TpuSlice:
     @property
     def peak_flops(self) -> float:
         """bf16 dense peak FLOP/s of one chip (Cloud TPU's published figure)."""
-        return _GENERATIONS[self.generation].peak_tflops * 1e12
+        return generation_peak_flops(self.generation)
 
     @property
     def hbm_bandwidth(self) -> float:
