@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One GPU session's measurements for the training- and generation-speed issues, in priority order:
+#   1. the blt_mid train step with 4- and 8-byte patches (speed follows real work), BLT-D-4 and the
+#      PyTorch port in the same run, both BLT rows profiled;
+#   2. the plain train step under XLA flag sets that could fuse more (one process per set);
+#   3. the sampler's cold compile (BLT-1B, ar) with XLA's default compile threads and with 16, each
+#      in a fresh process with an empty compilation cache;
+#   4. ar at batch 1 and 32, profiled (the unrolled program's op lists);
+#   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port.
+#
+#   . experiments/benchmarks/gpu_env.sh && bash experiments/benchmarks/xla_flags_gpu.sh OUT_DIR
+#
+# Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
+# so the same command resumes on a machine that kept OUT_DIR. PHASES (default "1 2 3 4 5") picks phases.
+set -uo pipefail
+out=${1:?usage: xla_flags_gpu.sh OUT_DIR}
+mkdir -p "$out"
+bench=experiments/benchmarks
+
+phase() {  # name, command...
+  local name=$1
+  shift
+  [ -e "$out/$name/done" ] && return 0
+  mkdir -p "$out/$name"
+  echo "[$name] start $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
+  "$@" > "$out/$name/stdout.txt" 2>&1
+  local rc=$?
+  echo "[$name] exit $rc $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
+  [ "$rc" -eq 0 ] && touch "$out/$name/done"
+}
+
+# Dropped after the run of 2026-12-05 (experiments/results/train_speed.md, run 7):
+# --xla_gpu_cudnn_gemm_fusion_level=2 had not compiled the train step after 10 minutes, and jax
+# 0.11.2's XLA does not know --xla_gpu_enable_llvm_module_compilation_parallelism (it exits at start).
+declare -A flag_sets=(
+  [triton_gemm_any]="--xla_gpu_triton_gemm_any=true"
+  [block_level_rewriter]="--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
+  [threads16]="--xla_gpu_force_compilation_parallelism=16"
+)
+
+for p in ${PHASES:-1 2 3 4 5}; do
+  case $p in
+  1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
+       --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
+  2) for name in triton_gemm_any block_level_rewriter; do
+       XLA_FLAGS="$(echo ${XLA_FLAGS:-} ${flag_sets[$name]})" JAX_COMPILATION_CACHE_DIR="/tmp/cache-$name" \
+         phase "flags_$name" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+         --timeout 200 --out "$out/flags_$name"
+     done ;;
+  3) for name in default threads16; do
+       flags=""
+       [ "$name" = default ] || flags=${flag_sets[$name]}
+       XLA_FLAGS="$(echo ${XLA_FLAGS:-} $flags)" JAX_COMPILATION_CACHE_DIR="/tmp/cold-$name" \
+         phase "compile_$name" python3 $bench/compile_time.py --shape 1b --variants full --methods ar \
+         --out "$out/compile_$name"
+     done ;;
+  4) phase gen python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
+       --batch 1 32 --profile ar:1 ar:32 --out "$out/gen" ;;
+  5) phase train1b python3 $bench/train_speed.py --shape 1b --rows matmul blt torch --steps 10 --warmup 2 \
+       --timeout 300 --out "$out/train1b" ;;
+  esac
+done
+echo "all phases ended $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
