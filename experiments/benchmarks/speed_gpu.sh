@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# One GPU session's measurements for the training- and generation-speed issues, in priority order:
+# GPU sessions' measurements for the training- and generation-speed issues, as numbered phases:
 #   1. the blt_mid train step with 4- and 8-byte patches (speed follows real work), BLT-D-4 and the
 #      PyTorch port in the same run, both BLT rows profiled;
 #   2. the plain train step under XLA flag sets that could fuse more (one process per set);
 #   3. the sampler's cold compile (BLT-1B, ar) with XLA's default compile threads and with 16, each
 #      in a fresh process with an empty compilation cache;
 #   4. ar at batch 1 and 32, profiled (the unrolled program's op lists);
-#   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port.
+#   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port;
+#   6. the attention kernels against the XLA path, each bias variant with and without its gradient;
+#   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port;
+#   8, 9. ar and blt_s8 at batch 32 as they run, then with an inert second column (--min-dot-rows 64:
+#      two query rows per attention product, as batch 1 has; at batch 1 this setting would run 64
+#      columns, so it is not run there).
+# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 5-9 are next.
 #
-#   . experiments/benchmarks/gpu_env.sh && bash experiments/benchmarks/xla_flags_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && PHASES="6 7 8 9 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
-# so the same command resumes on a machine that kept OUT_DIR. PHASES (default "1 2 3 4 5") picks phases.
+# so the same command resumes on a machine that kept OUT_DIR. PHASES (default "1 2 3 4 5 6 7 8 9") picks
+# phases, in the order given.
 set -uo pipefail
-out=${1:?usage: xla_flags_gpu.sh OUT_DIR}
+out=${1:?usage: speed_gpu.sh OUT_DIR}
 mkdir -p "$out"
 bench=experiments/benchmarks
 
@@ -38,7 +45,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -58,6 +65,13 @@ for p in ${PHASES:-1 2 3 4 5}; do
        --batch 1 32 --profile ar:1 ar:32 --out "$out/gen" ;;
   5) phase train1b python3 $bench/train_speed.py --shape 1b --rows matmul blt torch --steps 10 --warmup 2 \
        --timeout 300 --out "$out/train1b" ;;
+  6) phase attention python3 $bench/attention_check.py --cases local global blt_d4 blt_d8 --out "$out/attention" ;;
+  7) phase train_d python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 blt_d8 torch \
+       --profile blt_d4 --steps 20 --warmup 3 --timeout 300 --out "$out/train_d" ;;
+  8) phase gen_b32 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
+       blt_s8 --batch 32 --out "$out/gen_b32" ;;
+  9) phase gen_rows2 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
+       blt_s8 --batch 32 --min-dot-rows 64 --profile ar:32 --out "$out/gen_rows2" ;;
   esac
 done
 echo "all phases ended $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
