@@ -42,16 +42,11 @@ def install(monkeypatch, calls: dict | None = None) -> dict:
         calls["dense"] = calls.get("dense", 0) + 1
         return real(q, k, v, mask=mask, is_causal=is_causal, local_window_size=local_window_size)
 
-    def mask_bias_stand_in(q, k, v, mask):
-        calls["bias"] = calls.get("bias", 0) + 1
-        return real(q, k, v, mask=mask)
-
     def packed_stand_in(q, k, v, seqlen, offsets, window):
         calls["packed"] = calls.get("packed", 0) + 1
         mask = packed_layout_mask(seqlen, offsets, q.shape[1], window)
         return attn_lib.attention(q, k, v, mask, "xla")
 
     monkeypatch.setattr(attn_lib.jax.nn, "dot_product_attention", dense_stand_in)
-    monkeypatch.setattr(attn_lib, "_cudnn_mask_bias", mask_bias_stand_in)
     monkeypatch.setattr(attn_lib, "_cudnn_packed", packed_stand_in)
     return calls

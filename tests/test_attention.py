@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,11 +53,12 @@ def test_fused_path_wrapper_agrees_with_reference_path(dtype, tol, monkeypatch):
     real = jax.nn.dot_product_attention
     seen = {}
 
-    def stand_in(q, k, v, mask):
+    def stand_in(q, k, v, *, mask, implementation):
         seen["shapes"] = (q.shape[1], k.shape[1])
+        assert implementation == "cudnn"
         return real(q, k, v, mask=mask)
 
-    monkeypatch.setattr(attn_lib, "_cudnn_mask_bias", stand_in)
+    monkeypatch.setattr(attn_lib.jax.nn, "dot_product_attention", stand_in)
     q, k, v, mask = (jnp.asarray(x, dtype) if x.dtype != bool else jnp.asarray(x) for x in _inputs(1))
     g = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
 
@@ -75,65 +74,6 @@ def test_fused_path_wrapper_agrees_with_reference_path(dtype, tol, monkeypatch):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol)
     out = attention(q, k, v, mask, "cudnn")
     assert np.all(np.asarray(out[0, 3], np.float32) == 0)  # the row with no visible key
-
-
-def _cudnn_calls(monkeypatch, fn, *args) -> dict[str, str]:
-    """The cuDNN custom calls (target -> the text of the call) of ``fn``'s program lowered for a
-    CUDA GPU, which the CPU can do (nothing runs)."""
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
-    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)  # no cuDNN library on the CPU
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    calls = {}
-    for line in text.splitlines():
-        if "custom_call @__cudnn" in line:
-            target = line.split("custom_call @")[1].split("(")[0]
-            # SSA names dropped: they number the other ops too
-            calls[target] = re.sub(r"%[\w#]+", "%", line.split(" at loc(")[0].split("=", 1)[1])
-    return calls
-
-
-def test_cudnn_mask_bias_skips_the_bias_gradient(monkeypatch):
-    """The dense-mask cuDNN path runs JAX's kernel as jax.nn's wrapper does, but its backward
-    returns dq, dk, dv (and the workspace) without the bias gradient that the wrapper always has
-    the kernel write ([b, 1, t, s] here; a mask has no gradient to give)."""
-    q = jnp.zeros((2, 64, 4, 64), jnp.bfloat16)
-    mask = jnp.asarray(np.random.default_rng(0).random((2, 64, 64)) < 0.7)
-
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32))
-
-    ours = _cudnn_calls(
-        monkeypatch, jax.grad(loss(lambda q, k, v: attention(q, k, v, mask, "cudnn")), (0, 1, 2)), q, q, q
-    )
-    public = _cudnn_calls(
-        monkeypatch,
-        jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")), (0, 1, 2)),
-        q, q, q,
-    )  # fmt: skip
-    fwd, bwd = "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"
-    assert set(ours) == set(public) == {fwd, bwd}
-    assert ours[fwd] == public[fwd]  # the same forward kernel, configuration and operands
-    results = lambda call: call.split(") -> (")[1].split(", tensor")  # noqa: E731
-    assert len(results(public[bwd])) == 5 and "2x1x64x64xbf16>" in results(public[bwd])[3]  # dbias
-    assert len(results(ours[bwd])) == 4 and "x64x64xbf16" not in results(ours[bwd])[3]
-    config = lambda call: call.split("backend_config")[1].split("operand_layouts")[0]  # noqa: E731
-    assert config(ours[bwd]) == config(public[bwd])
-
-
-def test_cudnn_mask_bias_falls_back_to_the_public_wrapper(monkeypatch):
-    """Where JAX's private entry point has other arguments, the public wrapper runs (with its bias
-    gradient) instead of a call with misplaced arguments."""
-    monkeypatch.setattr(attn_lib, "_CUDNN_PRIVATE_ARGS", ("query", "key", "value"))
-    q = jnp.zeros((2, 64, 4, 64), jnp.bfloat16)
-    mask = jnp.ones((2, 64, 64), bool)
-    calls = _cudnn_calls(
-        monkeypatch,
-        jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, mask, "cudnn").astype(jnp.float32)), (0, 1, 2)),
-        q, q, q,
-    )  # fmt: skip
-    results = calls["__cudnn$fmhaScaleBiasSoftmaxBackward"].split(") -> (")[1].split(", tensor")
-    assert len(results) == 5  # dq, dk, dv, the bias gradient, the workspace
 
 
 def test_auto_dispatch_rules(monkeypatch):
@@ -293,7 +233,7 @@ def test_fused_local_mask_path_agrees_with_reference_path(window, dtype, tol, mo
             np.testing.assert_allclose(
                 np.asarray(a, np.float32), np.asarray(r, np.float32), atol=tol, rtol=tol
             )
-    assert calls["packed"] >= 2 and calls["bias"] >= 2 and calls["dense"] >= 1
+    assert calls["packed"] >= 2 and calls["dense"] >= 2
 
 
 @pytest.mark.parametrize("mode", ["static", "space"])

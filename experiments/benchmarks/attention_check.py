@@ -13,16 +13,13 @@ Cases:
 Variants: ``xla`` (the reference), ``bias`` (cuDNN with the mask as a bias: the LocalMask's fallback
 when a row has more documents than the packed layout holds), ``packed{M}`` (cuDNN's packed segments,
 M per row), ``no_docs`` (the kernel's causal/window masks alone: a lower bound, other values) and,
-for BLT-D, ``fused`` (what ``"auto"`` runs: tiles in one call). A variant named ``*_dbias`` is its
-twin through jax.nn's public cuDNN wrapper, whose backward also writes the bias's gradient (what
-the bias path ran before fastblt.model.attention._cudnn_mask_bias). Errors are ||x - ref|| / ||ref||
+for BLT-D, ``fused`` (what ``"auto"`` runs: tiles in one call). Errors are ||x - ref|| / ||ref||
 over outputs and over each gradient. Prints a table; ``--out`` also writes JSON lines.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -32,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastblt.model import attention as attn_lib
 from fastblt.model.attention import LocalMask, attention, document_ids
 from fastblt.model.block_rows import block_attention
 
@@ -67,7 +63,6 @@ def local_cases(rng, b: int):
         variants = {
             "xla": ("xla", LocalMask(pos, docs, w)),
             "bias": ("cudnn", LocalMask(pos, docs, w, max_segments=1)),  # 3 documents > 1: bias path
-            "bias_dbias": ("cudnn", LocalMask(pos, docs, w, max_segments=1)),
             "no_docs": ("cudnn", LocalMask(pos, None, w)),  # the kernel's own masks: a lower bound
         }
         for m in (4, 8, 64):
@@ -92,19 +87,7 @@ def blt_d_case(rng, b: int, bs: int):
         impl, (kc, vc, start, ctx, own) = arg
         return block_attention(q, k, v, kc, vc, start, ctx, own, None, max_len, impl)
 
-    variants = {"xla": ("xla", extra), "fused": ("auto", extra), "fused_dbias": ("auto", extra)}
-    return f"blt_d{bs}", (q, k, v), fn, variants
-
-
-@contextlib.contextmanager
-def _public_cudnn_wrapper():
-    """Traces inside run the bias path through jax.nn's wrapper (its fallback), bias gradient and all."""
-    saved = attn_lib._CUDNN_PRIVATE_ARGS
-    attn_lib._CUDNN_PRIVATE_ARGS = ()
-    try:
-        yield
-    finally:
-        attn_lib._CUDNN_PRIVATE_ARGS = saved
+    return f"blt_d{bs}", (q, k, v), fn, {"xla": ("xla", extra), "fused": ("auto", extra)}
 
 
 def _vjp(fn, impl, g, q, k, v, a):
@@ -119,10 +102,8 @@ def run_case(name, qkv, fn, variants, rng) -> list[dict]:
         fwd = jax.jit(lambda q, k, v, a, impl=impl: fn(q, k, v, (impl, a)))
         vjp = jax.jit(functools.partial(_vjp, fn, impl, g))
         row = {"case": name, "variant": variant, "shape": list(qkv[0].shape)}
-        wrapper = _public_cudnn_wrapper() if variant.endswith("_dbias") else contextlib.nullcontext()
         try:
-            with wrapper:  # the first calls trace
-                out, grads = fwd(*qkv, arrays), vjp(*qkv, arrays)
+            out, grads = fwd(*qkv, arrays), vjp(*qkv, arrays)
             row["fwd_ms"] = 1e3 * _time(fwd, *qkv, arrays)
             row["fwd_bwd_ms"] = 1e3 * _time(vjp, *qkv, arrays)  # the vjp runs the forward too
         except Exception as e:  # a kernel that refuses a shape is a finding, not a crash

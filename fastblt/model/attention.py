@@ -143,7 +143,7 @@ def attention(
       k, v: float[batch, kv_len, kv_heads, head_dim]; kv_heads divides heads.
       mask: bool[batch, q_len, kv_len] (True = visible), or a LocalMask for self-attention.
       impl: "xla" (the reference path: float32 softmax, written here), "cudnn" (the fused cuDNN
-        kernel, the mask as a bias whose gradient the backward skips; GPU, bf16/fp16 only),
+        kernel through ``jax.nn.dot_product_attention``, the mask as a bias; GPU, bf16/fp16 only),
         "splash" (JAX's Pallas TPU splash-attention kernel, :mod:`fastblt.model.splash`, for a
         LocalMask; off TPU it runs in Pallas interpret mode, which is how the CPU tests run it) or
         "auto" (:func:`resolve_impl` decides). Dense masks (cross-attention, BLT-D's block rows, the
@@ -225,51 +225,8 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
         k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
         mask = jnp.pad(mask, ((0, 0), (0, pt), (0, ps)))
-    return _cudnn_mask_bias(q, k, v, mask[:, None])[:, :t]
-
-
-# The arguments of JAX's private cuDNN entry point that _cudnn_mask_bias calls (jax 0.10.2).
-_CUDNN_PRIVATE_ARGS = (
-    "query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets",
-    "page_table_k", "page_table_v", "scale", "seed", "dropout_rate", "variadic_args", "mask_type",
-    "layout", "sliding_window_length", "cudnn_version", "return_residual",
-)  # fmt: skip
-
-
-def _cudnn_mask_bias(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """cuDNN flash attention under a boolean mask bool[b, 1, t, s] given as an additive bias,
-    without the bias's gradient.
-
-    JAX's cuDNN wrappers always have the kernel's backward write the bias gradient
-    (``should_export_dbias`` is ``True``): a [b, heads, t, s] score gradient summed over heads, far
-    more memory traffic than dq, dk and dv at these shapes. A bias made from a boolean mask has no
-    gradient to give, so this calls JAX's private entry point with ``has_dbias`` off; where its
-    arguments differ from those this was written against, the public wrapper runs instead (same
-    values, slower backward)."""
-    import inspect
-
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
-    entry = getattr(fa, "_dot_product_attention", None)
-    helpers = all(hasattr(fa, n) for n in ("get_large_negative_number", "AttentionLayout", "MaskType"))
-    if entry is None or not helpers or tuple(inspect.signature(entry).parameters) != _CUDNN_PRIVATE_ARGS:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-    # What jax.nn's wrapper builds from a boolean mask (fused_attention_stablehlo.combine_bias_and_mask).
-    bias = jnp.where(mask, jnp.zeros((), q.dtype), fa.get_large_negative_number(q.dtype))
-    layout = fa.AttentionLayout.BTNH
-    unused = jnp.zeros(0, dtype=q.dtype)
-    return entry(
-        q, k, v, bias, unused, unused, unused, unused, unused, unused,
-        q.shape[-1] ** -0.5,  # scale: jax.nn's default
-        42,  # seed (no dropout)
-        0.0,  # dropout_rate
-        (True, False),  # variadic_args: (has_bias, has_dbias)
-        fa.MaskType.NO_MASK,
-        layout.value,
-        None,  # sliding_window_length
-        fa.check_cudnn_version(),
-        False,  # return_residual
-    )  # fmt: skip
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    return out[:, :t]
 
 
 def packed_segments(docs: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
