@@ -7,7 +7,8 @@
 #      in a fresh process with an empty compilation cache;
 #   4. ar at batch 1 and 32, profiled (the unrolled program's op lists);
 #   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port;
-#   6. the attention kernels against the XLA path, each bias variant with and without its gradient;
+#   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
+#      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port;
 #   8, 9. ar and blt_s8 at batch 32 as they run, then with an inert second column (--min-dot-rows 64:
 #      two query rows per attention product, as batch 1 has; at batch 1 this setting would run 64
@@ -65,7 +66,10 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9}; do
        --batch 1 32 --profile ar:1 ar:32 --out "$out/gen" ;;
   5) phase train1b python3 $bench/train_speed.py --shape 1b --rows matmul blt torch --steps 10 --warmup 2 \
        --timeout 300 --out "$out/train1b" ;;
-  6) phase attention python3 $bench/attention_check.py --cases local global blt_d4 blt_d8 --out "$out/attention" ;;
+  6) python3 -c "import inspect; from jax._src.cudnn import fused_attention_stablehlo as fa; \
+       print('dbias gated on a differentiable operand:', 'bias_is_differentiable' in inspect.getsource(fa.dot_product_attention))" \
+       | tee -a "$out/log.txt"
+     phase attention python3 $bench/attention_check.py --cases local global blt_d4 blt_d8 --out "$out/attention" ;;
   7) phase train_d python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 blt_d8 torch \
        --profile blt_d4 --steps 20 --warmup 3 --timeout 300 --out "$out/train_d" ;;
   8) phase gen_b32 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
