@@ -37,10 +37,10 @@ def test_method_names_parse_and_typos_fail():
 def test_generate_speed_tiny_writes_rows_table_and_plot(tmp_path):
     generate_speed.main(
         ["--shape", "tiny", "--methods", "ar", "--batch", "2", "--gen-bytes", "6",
-         "--repeats", "1", "--out", str(tmp_path)]
+         "--repeats", "1", "--attention-impl", "xla", "--out", str(tmp_path)]
     )  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "generate_speed.jsonl").read_text().splitlines()]
-    assert [(r["method"], r["batch"]) for r in rows] == [("ar", 2)]
+    assert [(r["method"], r["batch"], r["attention_impl"]) for r in rows] == [("ar", 2, "xla")]
     for r in rows:
         assert "failed" not in r, r
         assert r["bytes_per_s"] > 0 and r["decode_bytes_per_s"] > 0 and r["compile_s"] > 0

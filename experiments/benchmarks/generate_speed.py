@@ -116,7 +116,9 @@ def _setup(args):
 
     from fastblt.sampler.bench import random_params
 
-    config = model_config(args.shape).replace(scan_decode_layers=args.scan_layers)
+    config = model_config(args.shape).replace(
+        scan_decode_layers=args.scan_layers, attention_impl=args.attention_impl
+    )
     params = random_params(config, 0, config.dtype)
     rng = np.random.default_rng(0)
     longest = max(args.prompt_bytes)
@@ -176,6 +178,7 @@ def measure(args, config, params, texts, name: str, batch: int, prompt_bytes: in
         "prompt_bytes": prompt_bytes,
         "gen_bytes": args.gen_bytes,
         "scan_layers": config.scan_decode_layers,
+        "attention_impl": config.attention_impl,
         "bytes_per_s": float(c.generated.sum()) / full.seconds,
         "decode_bytes_per_s": gen / decode_s,
         "decode_ms_per_byte": 1e3 * decode_s / max(gen / batch, 1e-9),
@@ -407,6 +410,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--min-dot-rows", type=int, default=None, help="override fastblt.sampler.fused.GPU_MIN_DOT_ROWS"
     )
+    p.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=("auto", "cudnn", "xla"),
+        help="the model's attention_impl; auto runs decode steps (under 64 queries) on the XLA path, "
+        "cudnn runs every attention call, decode steps included, on cuDNN's fused kernel",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -472,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         cmd += ["--patch-every", str(args.patch_every), "--bytes-per-patch", str(args.bytes_per_patch)]
         cmd += ["--scan-layers"] if args.scan_layers else []
+        cmd += ["--attention-impl", args.attention_impl]
         cmd += [a for o in args.compiler_option for a in ("--compiler-option", o)]
         cmd += ["--min-dot-rows", str(args.min_dot_rows)] if args.min_dot_rows is not None else []
         cmd += ["--out", args.out] if args.out else []

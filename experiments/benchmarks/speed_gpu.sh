@@ -10,15 +10,17 @@
 #   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port;
-#   8, 9. ar and blt_s8 at batch 32 as they run, then with an inert second column (--min-dot-rows 64:
-#      two query rows per attention product, as batch 1 has; at batch 1 this setting would run 64
-#      columns, so it is not run there).
-# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 5-9 are next.
+#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9 and 10);
+#   9. the same at batch 32 with an inert second column (--min-dot-rows 64: two query rows per
+#      attention product, as batch 1 has; at batch 1 this setting would run 64 columns);
+#   10. the same at batch 1 and 32 with every attention call on cuDNN, decode steps included
+#      (--attention-impl cudnn: one fused kernel for the ~7 of XLA's attention per layer and step).
+# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 5-10 are next.
 #
-#   . experiments/benchmarks/gpu_env.sh && PHASES="6 7 8 9 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && PHASES="8 9 10 6 7 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
-# so the same command resumes on a machine that kept OUT_DIR. PHASES (default "1 2 3 4 5 6 7 8 9") picks
+# so the same command resumes on a machine that kept OUT_DIR. PHASES (default "1 2 3 4 5 6 7 8 9 10") picks
 # phases, in the order given.
 set -uo pipefail
 out=${1:?usage: speed_gpu.sh OUT_DIR}
@@ -46,7 +48,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -72,10 +74,12 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9}; do
      phase attention python3 $bench/attention_check.py --cases local global blt_d4 blt_d8 --out "$out/attention" ;;
   7) phase train_d python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 blt_d8 torch \
        --profile blt_d4 --steps 20 --warmup 3 --timeout 300 --out "$out/train_d" ;;
-  8) phase gen_b32 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
-       blt_s8 --batch 32 --out "$out/gen_b32" ;;
+  8) phase gen_ref python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
+       blt_s8 --batch 1 32 --out "$out/gen_ref" ;;
   9) phase gen_rows2 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        blt_s8 --batch 32 --min-dot-rows 64 --profile ar:32 --out "$out/gen_rows2" ;;
+  10) phase gen_cudnn python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
+       blt_s8 --batch 1 32 --attention-impl cudnn --profile ar:1 --out "$out/gen_cudnn" ;;
   esac
 done
 echo "all phases ended $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
