@@ -14,13 +14,15 @@
 #   9. the same at batch 32 with an inert second column (--min-dot-rows 64: two query rows per
 #      attention product, as batch 1 has; at batch 1 this setting would run 64 columns);
 #   10. the same at batch 1 and 32 with every attention call on cuDNN, decode steps included
-#      (--attention-impl cudnn: one fused kernel for the ~7 of XLA's attention per layer and step).
-# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 5-10 are next.
+#      (--attention-impl cudnn: one fused kernel for the ~7 of XLA's attention per layer and step);
+#   11. the same at batch 1 with XLA's block-level (Triton) fusions, which may put a decode step's
+#      softmax chain (select, max, sum, normalize, convert: 5 kernels per layer) in one kernel.
+# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 5-11 are next.
 #
-#   . experiments/benchmarks/gpu_env.sh && PHASES="8 9 10 6 7 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && PHASES="8 9 10 11 6 7 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
-# so the same command resumes on a machine that kept OUT_DIR. PHASES (default "1 2 3 4 5 6 7 8 9 10") picks
+# so the same command resumes on a machine that kept OUT_DIR. PHASES (default "1 2 3 4 5 6 7 8 9 10 11") picks
 # phases, in the order given.
 set -uo pipefail
 out=${1:?usage: speed_gpu.sh OUT_DIR}
@@ -48,7 +50,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -80,6 +82,10 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10}; do
        blt_s8 --batch 32 --min-dot-rows 64 --profile ar:32 --out "$out/gen_rows2" ;;
   10) phase gen_cudnn python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        blt_s8 --batch 1 32 --attention-impl cudnn --profile ar:1 --out "$out/gen_cudnn" ;;
+  11) phase gen_block_fusion python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+       --methods ar blt_s8 --batch 1 --profile ar:1 \
+       --compiler-option xla_gpu_experimental_enable_fusion_block_level_rewriter=true \
+       --out "$out/gen_block_fusion" ;;
   esac
 done
 echo "all phases ended $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
