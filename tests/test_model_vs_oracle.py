@@ -155,7 +155,7 @@ def test_no_nan_for_empty_patches_and_batch_padding():
     def loss(p):
         return BLT(config).apply({"params": p}, tokens, lengths).sum()
 
-    value, grads = jax.value_and_grad(loss)(params)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)  # one compile, not one per op
     assert np.isfinite(float(value))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
@@ -165,8 +165,8 @@ def test_bf16_compute_close_to_fp32():
     config = small_config(k=2)
     tokens, lengths = batch(rng, [64])
     params = init_params(config)
-    f32 = BLT(config).apply({"params": params}, tokens, lengths)
-    bf16 = BLT(config.replace(dtype="bfloat16")).apply({"params": params}, tokens, lengths)
+    f32 = jax.jit(BLT(config).apply)({"params": params}, tokens, lengths)
+    bf16 = jax.jit(BLT(config.replace(dtype="bfloat16")).apply)({"params": params}, tokens, lengths)
     assert bf16.dtype == jnp.float32  # logits are always float32
     assert float(jnp.max(jnp.abs(bf16 - f32))) < 0.1
 
@@ -183,8 +183,9 @@ def test_remat_and_scan_change_nothing_but_memory_and_compile_time(changes):
     def loss(c, p):
         return BLT(c).apply({"params": p}, tokens, lengths).sum()
 
-    v0, g0 = jax.value_and_grad(lambda p: loss(config, p))(params)
-    v1, g1 = jax.value_and_grad(lambda p: loss(config.replace(**changes), p))(params)
+    # Jitted: one compile per program instead of one per operation.
+    v0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(config, p)))(params)
+    v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(config.replace(**changes), p)))(params)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
 
     # Scanned layers fuse differently: float32 rounding, not a different function.
