@@ -184,9 +184,10 @@ def test_judge_bits_per_byte_is_the_unpadded_forward_nll(tiny):
     # Three lengths in chunks of two: padded rows and a short last chunk must not change a byte's score.
     prompts, outputs = [b"def f(x):", b"ab", b"x" * 70], [b" return x", b"c", b"yz"]
     want_nll, n = 0.0, 0
+    forward = jax.jit(BLT(config).apply)  # one compile per length, not one per operation
     for p, o in zip(prompts, outputs, strict=True):
         ids = encode(p + o, add_bos=True, add_eos=False)
-        logits = BLT(config).apply({"params": params}, jnp.asarray(ids)[None])[0]
+        logits = forward({"params": params}, jnp.asarray(ids)[None])[0]
         logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
         for t in range(len(ids) - len(o), len(ids)):
             want_nll -= logp[t - 1, ids[t]]
