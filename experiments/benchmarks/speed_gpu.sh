@@ -45,6 +45,7 @@ phase() {  # name, command...
 # --xla_gpu_cudnn_gemm_fusion_level=2 had not compiled the train step after 10 minutes, and jax
 # 0.11.2's XLA does not know --xla_gpu_enable_llvm_module_compilation_parallelism (it exits at start).
 declare -A flag_sets=(
+  [default]=""
   [triton_gemm_any]="--xla_gpu_triton_gemm_any=true"
   [block_level_rewriter]="--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
@@ -60,9 +61,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11}; do
          --timeout 200 --out "$out/flags_$name"
      done ;;
   3) for name in default threads16; do
-       flags=""
-       [ "$name" = default ] || flags=${flag_sets[$name]}
-       XLA_FLAGS="$(echo ${XLA_FLAGS:-} $flags)" JAX_COMPILATION_CACHE_DIR="/tmp/cold-$name" \
+       XLA_FLAGS="$(echo ${XLA_FLAGS:-} ${flag_sets[$name]})" JAX_COMPILATION_CACHE_DIR="/tmp/cold-$name" \
          phase "compile_$name" python3 $bench/compile_time.py --shape 1b --variants full --methods ar \
          --out "$out/compile_$name"
      done ;;

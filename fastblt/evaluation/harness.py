@@ -304,7 +304,7 @@ def _earlier_runs(done: dict, gens: dict, family: list, exclude: set, ar_outputs
     :func:`_load` read them before this call), with their agreement with ``ar`` (``ar_outputs``)."""
     rows = []
     for key, row in done.items():
-        if key in exclude or json.loads(key)[:5] != family:
+        if key in exclude or json.loads(key)[: len(family)] != family:
             continue
         outputs = [o.encode("latin-1") for o in gens[key]]
         rows.append(dict(row, agreement_with_ar=agreement(outputs, ar_outputs)))
