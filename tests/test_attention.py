@@ -46,6 +46,24 @@ def test_xla_path_matches_naive_and_zeroes_empty_rows():
     assert np.all(out[0, 3] == 0)
 
 
+@pytest.mark.parametrize("h,kv", [(4, 4), (4, 2)])
+def test_one_query_decode_on_gpu_runs_two_row_products(h, kv):
+    """Traced for a GPU, a one-query call pads each (row, kv head) product to two query rows (so
+    XLA keeps them GEMMs); the values are the naive loop's, and a group of >= 2 heads needs no pad."""
+    q, k, v, mask = _inputs(b=3, t=4, s=7, h=h, kv=kv)
+    q, mask = q[:, :1], mask[:, :1]  # one query per row
+    mask[1, 0] = False  # the padded row's neighbour with no visible key stays 0
+    fn = jax.jit(lambda *a: attention(*a, "xla"))
+    with attn_lib.target_platform("gpu"):
+        out = np.asarray(fn(q, k, v, jnp.asarray(mask)))
+        hlo = fn.lower(q, k, v, jnp.asarray(mask)).as_text()
+    np.testing.assert_allclose(out, naive(q, k, v, mask), atol=1e-5)
+    assert np.all(out[1, 0] == 0)
+    g = h // kv
+    t_run = 2 if g == 1 else 1  # queries run: one zero query added when a product would have one row
+    assert f"tensor<3x{t_run}x{kv}x{g}x8xf32>" in hlo  # q as the products take it: [b, t, kv, g, d]
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_fused_path_wrapper_agrees_with_reference_path(dtype, tol, monkeypatch):
     """The "cudnn" path's own work (mask as bias, odd lengths padded to even, empty rows zeroed),

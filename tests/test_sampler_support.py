@@ -50,6 +50,13 @@ CONFIGS = {
     ),
 }
 
+# "base" with head dims of 16 in every stack (the decode kernel's smallest, fastblt.model.decode_attention).
+CONFIGS["heads16"] = CONFIGS["base"].replace(
+    encoder=dataclasses.replace(CONFIGS["base"].encoder, n_heads=2),
+    global_model=dataclasses.replace(CONFIGS["base"].global_model, dim=64),
+    decoder=dataclasses.replace(CONFIGS["base"].decoder, n_heads=2),
+)
+
 
 def random_params(config: ModelConfig, rng: np.random.Generator) -> dict:
     """Random params of the model's tree (shapes from ``abstract_params``; no compilation): kernels

@@ -179,6 +179,7 @@ def measure(args, config, params, texts, name: str, batch: int, prompt_bytes: in
         "gen_bytes": args.gen_bytes,
         "scan_layers": config.scan_decode_layers,
         "attention_impl": config.attention_impl,
+        **_row_settings(),
         "bytes_per_s": float(c.generated.sum()) / full.seconds,
         "decode_bytes_per_s": gen / decode_s,
         "decode_ms_per_byte": 1e3 * decode_s / max(gen / batch, 1e-9),
@@ -359,7 +360,7 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _apply_overrides(args) -> None:
-    """--compiler-option / --min-dot-rows: set only when given (older trees lack the settings)."""
+    """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel: set only when given (older trees lack the settings)."""
     if args.compiler_option:
         from fastblt.sampler import api
 
@@ -373,6 +374,25 @@ def _apply_overrides(args) -> None:
         from fastblt.sampler import fused
 
         fused.GPU_MIN_DOT_ROWS = args.min_dot_rows
+    if args.min_query_rows is not None or args.decode_kernel is not None:
+        from fastblt.model import attention
+
+        if args.min_query_rows is not None:
+            attention.GPU_MIN_QUERY_ROWS = args.min_query_rows
+        if args.decode_kernel is not None:
+            attention.GPU_DECODE_KERNEL = args.decode_kernel
+
+
+def _row_settings() -> dict:
+    """The padding settings a row ran with (None where this tree lacks the setting)."""
+    from fastblt.model import attention
+    from fastblt.sampler import fused
+
+    return {
+        "min_dot_rows": getattr(fused, "GPU_MIN_DOT_ROWS", None),
+        "min_query_rows": getattr(attention, "GPU_MIN_QUERY_ROWS", None),
+        "decode_kernel": getattr(attention, "GPU_DECODE_KERNEL", None),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -409,6 +429,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--min-dot-rows", type=int, default=None, help="override fastblt.sampler.fused.GPU_MIN_DOT_ROWS"
+    )
+    p.add_argument(
+        "--min-query-rows",
+        type=int,
+        default=None,
+        help="override fastblt.model.attention.GPU_MIN_QUERY_ROWS (1: one-query decode products unpadded)",
+    )
+    p.add_argument(
+        "--decode-kernel",
+        default=None,
+        choices=("xla", "decode"),
+        help="override fastblt.model.attention.GPU_DECODE_KERNEL: decode steps' attention on XLA's "
+        "kernels or on one Pallas kernel (fastblt.model.decode_attention)",
     )
     p.add_argument(
         "--attention-impl",
@@ -485,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--attention-impl", args.attention_impl]
         cmd += [a for o in args.compiler_option for a in ("--compiler-option", o)]
         cmd += ["--min-dot-rows", str(args.min_dot_rows)] if args.min_dot_rows is not None else []
+        cmd += ["--min-query-rows", str(args.min_query_rows)] if args.min_query_rows is not None else []
+        cmd += ["--decode-kernel", args.decode_kernel] if args.decode_kernel is not None else []
         cmd += ["--out", args.out] if args.out else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         for line in proc.stdout.splitlines():

@@ -10,19 +10,24 @@
 #   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port;
-#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9 and 10);
-#   9. the same at batch 32 with an inert second column (--min-dot-rows 64: two query rows per
-#      attention product, as batch 1 has; at batch 1 this setting would run 64 columns);
+#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9 and 10), batch 32 profiled:
+#      one-query attention products padded to two query rows on the GPU (attention.GPU_MIN_QUERY_ROWS);
+#   9. the same at batch 32 without that padding (--min-query-rows 1: run 8's program, whose
+#      one-row products ran as reduction fusions), profiled: the before of 8;
 #   10. the same at batch 1 and 32 with every attention call on cuDNN, decode steps included
 #      (--attention-impl cudnn: one fused kernel for the ~7 of XLA's attention per layer and step);
 #   11. the same at batch 1 with XLA's block-level (Triton) fusions, which may put a decode step's
 #      softmax chain (select, max, sum, normalize, convert: 5 kernels per layer) in one kernel.
-# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 5-11 are next.
+#   12. ar and blt_s8 at batch 1 and 32 with decode steps' attention in one Pallas kernel
+#      (--decode-kernel decode: fastblt.model.decode_attention), both batches profiled;
+#   13. ar at batch 1 with 4 000- and 16 000-byte prompts, XLA's decode attention and the kernel
+#      (which skips key blocks no query sees: the global model's unused patch slots).
+# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 5-13 are next.
 #
-#   . experiments/benchmarks/gpu_env.sh && PHASES="8 9 10 11 6 7 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && PHASES="8 9 12 10 13 11 7 6 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
-# so the same command resumes on a machine that kept OUT_DIR. PHASES (default "1 2 3 4 5 6 7 8 9 10 11") picks
+# so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
 # phases, in the order given.
 set -uo pipefail
 out=${1:?usage: speed_gpu.sh OUT_DIR}
@@ -51,7 +56,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -76,15 +81,21 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11}; do
   7) phase train_d python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 blt_d8 torch \
        --profile blt_d4 --steps 20 --warmup 3 --timeout 300 --out "$out/train_d" ;;
   8) phase gen_ref python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
-       blt_s8 --batch 1 32 --out "$out/gen_ref" ;;
-  9) phase gen_rows2 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
-       blt_s8 --batch 32 --min-dot-rows 64 --profile ar:32 --out "$out/gen_rows2" ;;
+       blt_s8 --batch 1 32 --profile ar:32 --out "$out/gen_ref" ;;
+  9) phase gen_rows1 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
+       blt_s8 --batch 32 --min-query-rows 1 --profile ar:32 --out "$out/gen_rows1" ;;
   10) phase gen_cudnn python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        blt_s8 --batch 1 32 --attention-impl cudnn --profile ar:1 --out "$out/gen_cudnn" ;;
   11) phase gen_block_fusion python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 --profile ar:1 \
        --compiler-option xla_gpu_experimental_enable_fusion_block_level_rewriter=true \
        --out "$out/gen_block_fusion" ;;
+  12) phase gen_decode_kernel python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+       --methods ar blt_s8 --batch 1 32 --decode-kernel decode --profile ar:1 ar:32 --out "$out/gen_decode_kernel" ;;
+  13) for kernel in xla decode; do
+        phase "gen_long_$kernel" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+          --methods ar --batch 1 --prompt-bytes 4000 16000 --decode-kernel $kernel --out "$out/gen_long_$kernel"
+      done ;;
   esac
 done
 echo "all phases ended $(date -u +%FT%TZ)" | tee -a "$out/log.txt"

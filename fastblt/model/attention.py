@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastblt.config import ATTENTION_IMPLS
+from fastblt.model.decode_attention import decode_attention
+from fastblt.model.decode_attention import supported as decode_supported
 from fastblt.model.lookup import take_rows_batched
 from fastblt.model.splash import splash_local
 
@@ -163,29 +165,59 @@ def attention(
         if mask.window is not None and q.shape[1] >= 2 * mask.window:
             return _blockwise_local(q, k, v, mask, "xla")
         mask = mask.dense()
+    kernel = resolve_impl(impl, q)
+    if kernel == "decode":
+        return decode_attention(q, k, v, mask)
     b, t, h, d = q.shape
     kv = k.shape[2]
     has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [b, t, 1, 1]
-    if resolve_impl(impl, q) == "xla":
+    if kernel == "xla":
         g = h // kv
-        qg = q.reshape(b, t, kv, g, d)
+        rows = query_rows(t, g)
+        if rows > t:  # zero queries that see no key: their rows are cut off below
+            q = jnp.pad(q, ((0, 0), (0, rows - t), (0, 0), (0, 0)))
+            mask = jnp.pad(mask, ((0, 0), (0, rows - t), (0, 0)))
+        qg = q.reshape(b, rows, kv, g, d)
         logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
         logits = logits * (d**-0.5)
         logits = jnp.where(mask[:, None, None], logits, _NEG)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, rows, h, d)[:, :t]
     else:
         out = _cudnn(q, k, v, mask)
     return jnp.where(has_key, out, 0).astype(q.dtype)
 
 
+# Fewest query rows per (batch row, kv head) in the XLA path's two products on a GPU; 1 turns the
+# padding off. With one row (a decode step at batch > 1 without inert columns) XLA runs each product
+# as a reduction fusion instead of a GEMM: at BLT-1B shapes, batch 32, 0.556 ms per byte, against
+# 0.146 ms as GEMMs at batch 1 where the sampler's inert column gives two rows
+# (experiments/results/generate_speed.md, run 8). A zero query row costs one more row of scores.
+GPU_MIN_QUERY_ROWS = 2
+
+
+def query_rows(t: int, group: int) -> int:
+    """Query rows the XLA path runs for ``t`` queries of ``group`` heads per kv head: ``t``, or
+    more on a GPU (:data:`GPU_MIN_QUERY_ROWS` rows per product, decided for :func:`platform`)."""
+    if platform() != "gpu" or t * group >= GPU_MIN_QUERY_ROWS:
+        return t
+    return -(-GPU_MIN_QUERY_ROWS // group)
+
+
 # "auto" runs a fused kernel only for at least this many queries: the decode steps of the sampler
-# (1 to ~17 queries) stay on the XLA path, whose small matmuls cost less than a fused launch.
+# (1 to ~17 queries) stay on the XLA path, whose small matmuls cost less than a fused launch, or on
+# the decode kernel (GPU_DECODE_KERNEL).
 AUTO_MIN_QUERIES = 64
+
+# What "auto" runs on a GPU for fewer than AUTO_MIN_QUERIES queries under a dense mask (the sampler's
+# decode steps): "xla" (the reference path, ~7 kernels per layer and step) or "decode" (one Pallas
+# Triton kernel, fastblt.model.decode_attention; not yet measured against "xla" on a GPU).
+GPU_DECODE_KERNEL = "xla"
 
 
 def resolve_impl(impl: str, q: jax.Array, local: bool = False) -> str:
-    """The one place that decides which kernel an attention call runs: "xla", "cudnn" or "splash".
+    """The one place that decides which kernel an attention call runs: "xla", "cudnn", "splash" or
+    "decode".
 
     Args:
       impl: the configured impl, one of ``fastblt.config.ATTENTION_IMPLS``.
@@ -196,7 +228,8 @@ def resolve_impl(impl: str, q: jax.Array, local: bool = False) -> str:
     :func:`platform` and at least :data:`AUTO_MIN_QUERIES` queries: cuDNN's fused flash attention
     on a GPU for bf16/fp16 queries with a head dim it supports (a multiple of 8, at most 256); the
     splash kernel on a TPU for a LocalMask; the XLA reference path everywhere else (CPU, dense
-    masks on TPU, float32 on GPU, decoding).
+    masks on TPU, float32 on GPU), and for decode steps (fewer queries under a dense mask) on a GPU
+    :data:`GPU_DECODE_KERNEL`.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
@@ -204,10 +237,11 @@ def resolve_impl(impl: str, q: jax.Array, local: bool = False) -> str:
         return "splash" if local else "xla"
     if impl != "auto":
         return impl
-    if q.shape[1] < AUTO_MIN_QUERIES:
-        return "xla"
-    d = q.shape[-1]
     where = platform()
+    if q.shape[1] < AUTO_MIN_QUERIES:
+        decode = where == "gpu" and not local and GPU_DECODE_KERNEL == "decode" and decode_supported(q)
+        return "decode" if decode else "xla"
+    d = q.shape[-1]
     if where == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 256:
         return "cudnn"
     if where == "tpu" and local:

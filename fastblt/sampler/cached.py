@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
 from fastblt.model import patcher as patching
-from fastblt.model.attention import Attend, attention, causal_mask, document_ids
+from fastblt.model.attention import Attend, attention, causal_mask, document_ids, resolve_impl
 from fastblt.model.blt import BLT
 from fastblt.model.layers import embed
 from fastblt.sampler import fused
@@ -106,7 +106,8 @@ def cached_attend(
 
     def attend(q, k, v):
         ks, vs = write_layer(k_stack, layer, cols, k), write_layer(v_stack, layer, cols, v)
-        if span is None:
+        # The decode kernel skips key blocks no query sees itself: no window gathered for it.
+        if span is None or resolve_impl(impl, q) == "decode":
             return attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl), (ks, vs)
         # Keys qpos[:, 0] - window + 1 .. qpos[:, -1] hold everything visible (clipped into the buffer).
         start = jnp.clip(qpos[:, 0] - (window - 1), 0, n - span)

@@ -1,0 +1,130 @@
+"""The decode-step attention kernel (fastblt.model.decode_attention) in Pallas interpret mode against
+a naive loop and the XLA reference path, its Triton lowering for CUDA, and its dispatch."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+try:
+    from test_attention import naive
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.test_attention import naive
+
+from fastblt.model import attention as attn_lib
+from fastblt.model.attention import attention, causal_mask
+from fastblt.model.decode_attention import decode_attention, key_splits
+
+
+def _case(b, t, n, h, kv, d=16, window=None, seed=0):
+    """Queries at the buffer's last t positions of rows of different lengths, causal (and windowed)
+    over a cache of n slots, one query with no visible key."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    k, v = (rng.normal(size=(b, n, kv, d)).astype(np.float32) for _ in range(2))
+    lengths = np.linspace(t, n, b).astype(np.int32)  # row r holds lengths[r] bytes
+    qpos = lengths[:, None] - t + np.arange(t, dtype=np.int32)[None]
+    kpos = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n))
+    mask = np.array(causal_mask(jnp.asarray(qpos), jnp.asarray(kpos), window))
+    mask[0, 0] = False
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize(
+    "b,t,n,h,kv,window,splits",
+    [
+        (2, 1, 37, 4, 4, None, 1),  # one query, keys not a whole block
+        (2, 3, 200, 4, 2, 24, 1),  # grouped heads, a window: blocks before it are skipped
+        (3, 2, 300, 2, 1, None, 3),  # key splits combined outside the kernel
+        (2, 1, 1100, 2, 2, 40, None),  # the splits' own choice, some splits see nothing
+    ],
+)
+def test_kernel_matches_naive_and_xla_path(b, t, n, h, kv, window, splits):
+    q, k, v, mask = _case(b, t, n, h, kv, window=window)
+    run = jax.jit(functools.partial(decode_attention, block_k=32, splits=splits, interpret=True))
+    out = np.asarray(run(q, k, v, jnp.asarray(mask)))
+    np.testing.assert_allclose(out, naive(q, k, v, mask), atol=2e-5)
+    np.testing.assert_allclose(out, np.asarray(attention(q, k, v, jnp.asarray(mask), "xla")), atol=2e-5)
+    assert np.all(out[0, 0] == 0)  # no visible key: exactly 0
+
+
+def test_bf16_within_rounding_of_the_xla_path():
+    q, k, v, mask = (jnp.asarray(x) for x in _case(2, 2, 150, 4, 2, d=64, window=64))
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    out = decode_attention(q, k, v, mask, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    ref = attention(q, k, v, mask, "xla")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+
+
+def test_key_splits_hand_worked():
+    # Batch 1, 16 kv heads, the global buffer of a 16 000-byte prompt: 8 splits of 2 048 keys.
+    assert key_splits(16, 16193) == 8
+    # Enough programs already (batch 32), or too few keys to split: one.
+    assert key_splits(512, 16193) == 1
+    assert key_splits(16, 320) == 1
+    # 1 000 keys may split once (>= 512 per split): 2 splits of 512 (whole blocks of 128).
+    assert key_splits(1, 1000) == 1 and key_splits(1, 1024) == 2
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_lowers_to_triton_for_cuda(splits):
+    """The kernel lowers through Pallas' Triton backend for a GPU (every load a power of two, every
+    op one Triton has), here on a CPU: BLT-1B's local layer shape in bf16."""
+    q = jax.ShapeDtypeStruct((2, 2, 16, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 2100, 16, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((2, 2, 2100), jnp.bool_)
+    run = jax.jit(functools.partial(decode_attention, splits=splits, interpret=False))
+    text = run.trace(q, kv, kv, mask).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+
+
+def test_auto_picks_the_kernel_for_gpu_decode_steps_only(monkeypatch):
+    q = jnp.zeros((2, 1, 4, 16), jnp.bfloat16)
+    k = jnp.zeros((2, 9, 2, 16), jnp.bfloat16)
+    mask = jnp.ones((2, 1, 9), bool)
+    monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
+    with attn_lib.target_platform("gpu"):
+        assert attn_lib.resolve_impl("auto", q) == "decode"
+        assert attn_lib.resolve_impl("auto", q, local=True) == "xla"  # a LocalMask: its own paths
+        assert attn_lib.resolve_impl("xla", q) == "xla"
+        jaxpr = str(jax.make_jaxpr(lambda *a: attention(*a, mask, "auto"))(q, k, k))
+    assert "pallas_call" in jaxpr
+    assert attn_lib.resolve_impl("auto", q) == "xla"  # CPU
+    monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "xla")
+    with attn_lib.target_platform("gpu"):
+        assert attn_lib.resolve_impl("auto", q) == "xla"
+
+
+@pytest.mark.slow
+def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch):
+    """The sampler traced for a GPU with decode steps on the kernel (interpreted here): every stack's
+    cached attention, windowed reads included, gives the naive oracle's greedy bytes and logits."""
+    from naive_sampler import naive_generate
+    from test_sampler_support import model, random_prompts
+
+    from fastblt.sampler import encode_prompts, generate
+
+    monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
+    prompts = random_prompts(3, [5, 12])
+    config, params = model("heads16")
+    config = config.replace(attention_impl="auto")  # what a GPU run uses; "xla" pins the reference path
+    pad = 72  # a buffer no other test compiles, so the program is traced here, for a GPU
+    with attn_lib.target_platform("gpu"):
+        jaxpr_calls = []
+        real = attn_lib.decode_attention
+        monkeypatch.setattr(
+            attn_lib, "decode_attention", lambda *a, **k: jaxpr_calls.append(1) or real(*a, **k)
+        )
+        result = generate(
+            params, config, prompts, max_bytes=30, buffer_bytes=pad, prefill_chunk=4, record_logits=True
+        )
+    assert jaxpr_calls  # the kernel was traced
+    ids, logits = naive_generate(params, config, encode_prompts(prompts), 30, pad_to=pad)
+    for row in range(len(prompts)):
+        np.testing.assert_array_equal(result.ids[row], ids[row], err_msg=f"row {row}")
+        np.testing.assert_allclose(result.logits[row], logits[row], atol=1e-4, rtol=0, err_msg=f"row {row}")
