@@ -14,7 +14,9 @@ materialised: causal and window are the kernel's own masks, and documents are cu
 cost. A batch with a row of more than ``max_segments`` documents takes the mask-as-bias path for
 that call (same values, slower). On TPU a LocalMask runs on the Pallas splash-attention kernel
 (:mod:`fastblt.model.splash`: causal and window as its block-sparse masks, documents as segment
-ids, any number of them). The XLA path is the reference.
+ids, any number of them). Decode steps (a few queries over a cache under a dense mask) may run on
+one Pallas kernel on a GPU (:mod:`fastblt.model.decode_attention`, :data:`GPU_DECODE_KERNEL`). The
+XLA path is the reference.
 """
 
 from __future__ import annotations
@@ -165,9 +167,9 @@ def attention(
         if mask.window is not None and q.shape[1] >= 2 * mask.window:
             return _blockwise_local(q, k, v, mask, "xla")
         mask = mask.dense()
-    kernel = resolve_impl(impl, q)
+    kernel = resolve_impl(impl, q, kv_heads=k.shape[2])
     if kernel == "decode":
-        return decode_attention(q, k, v, mask)
+        return _decode_kernel(q, k, v, mask)
     b, t, h, d = q.shape
     kv = k.shape[2]
     has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [b, t, 1, 1]
@@ -215,7 +217,27 @@ AUTO_MIN_QUERIES = 64
 GPU_DECODE_KERNEL = "xla"
 
 
-def resolve_impl(impl: str, q: jax.Array, local: bool = False) -> str:
+@jax.custom_vjp
+def _decode_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """fastblt.model.decode_attention (forward only) with the XLA path's gradient, so a differentiated
+    call that "auto" sends to the kernel still trains."""
+    return decode_attention(q, k, v, mask)
+
+
+def _decode_kernel_fwd(q, k, v, mask):
+    return decode_attention(q, k, v, mask), (q, k, v, mask)
+
+
+def _decode_kernel_bwd(res, g):
+    q, k, v, mask = res
+    _, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, "xla"), q, k, v)
+    return (*vjp(g), None)
+
+
+_decode_kernel.defvjp(_decode_kernel_fwd, _decode_kernel_bwd)
+
+
+def resolve_impl(impl: str, q: jax.Array, local: bool = False, kv_heads: int | None = None) -> str:
     """The one place that decides which kernel an attention call runs: "xla", "cudnn", "splash" or
     "decode".
 
@@ -223,6 +245,7 @@ def resolve_impl(impl: str, q: jax.Array, local: bool = False) -> str:
       impl: the configured impl, one of ``fastblt.config.ATTENTION_IMPLS``.
       q: the call's queries (shape and dtype decide), float[batch, q_len, heads, head_dim].
       local: the call's mask is a :class:`LocalMask` (self-attention described by ids), not dense.
+      kv_heads: the keys' kv heads (the decode kernel is considered only when given).
 
     "splash" runs only LocalMasks (a dense mask takes "xla"). "auto" picks, for the platform of
     :func:`platform` and at least :data:`AUTO_MIN_QUERIES` queries: cuDNN's fused flash attention
@@ -239,7 +262,8 @@ def resolve_impl(impl: str, q: jax.Array, local: bool = False) -> str:
         return impl
     where = platform()
     if q.shape[1] < AUTO_MIN_QUERIES:
-        decode = where == "gpu" and not local and GPU_DECODE_KERNEL == "decode" and decode_supported(q)
+        decode = where == "gpu" and not local and GPU_DECODE_KERNEL == "decode"
+        decode = decode and kv_heads is not None and decode_supported(q, kv_heads)
         return "decode" if decode else "xla"
     d = q.shape[-1]
     if where == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 256:

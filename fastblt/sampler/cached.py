@@ -106,8 +106,10 @@ def cached_attend(
 
     def attend(q, k, v):
         ks, vs = write_layer(k_stack, layer, cols, k), write_layer(v_stack, layer, cols, v)
-        # The decode kernel skips key blocks no query sees itself: no window gathered for it.
-        if span is None or resolve_impl(impl, q) == "decode":
+        # The decode kernel reads only the visible keys itself: no window gathered for it (from an
+        # unrolled stack; a stacked one's read_layer would copy the layer's whole cache).
+        own_window = isinstance(k_stack, tuple) and resolve_impl(impl, q, kv_heads=k.shape[2]) == "decode"
+        if span is None or own_window:
             return attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl), (ks, vs)
         # Keys qpos[:, 0] - window + 1 .. qpos[:, -1] hold everything visible (clipped into the buffer).
         start = jnp.clip(qpos[:, 0] - (window - 1), 0, n - span)
