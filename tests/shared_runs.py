@@ -60,3 +60,28 @@ def train_subprocess(workdir: Path, spec: str, overrides: list[str]) -> None:
         argv, cwd=REPO, env=dict(os.environ, XLA_FLAGS=flags), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def uninterrupted_run() -> tuple[Path, dict[int, float]]:
+    """(workdir, {step: loss}) of one uninterrupted run of ``train_utils.small_config(steps=6)``
+    (checkpoints 3 and 6), built once per session: the reference of the resume tests
+    (tests/test_train.py) and of the killed runs (tests/test_preemption_exit.py). Losses do not
+    depend on when checkpoints are written. A test that changes the workdir copies it first."""
+    from train_utils import small_config
+
+    from fastblt.train.loop import train
+
+    def build(path: Path) -> None:
+        losses: dict[int, float] = {}
+        train(
+            small_config(steps=6),
+            str(path / "run"),
+            log=lambda *_: None,
+            on_step=lambda s, m: losses.__setitem__(s, m["loss"]),
+        )
+        write_json(path / "losses.json", sorted(losses.items()))
+
+    done = built_once("uninterrupted", build)
+    losses = {int(s): loss for s, loss in read_json(done / "losses.json")}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    return done / "run", losses

@@ -65,18 +65,12 @@ def test_sigterm_saves_the_next_step_and_exits_75(tmp_path):
 def test_kill_9_during_async_saves_then_resume_repeats_the_uninterrupted_losses(tmp_path):
     """A checkpoint is being written after every step (asynchronously), so SIGKILL lands in or between
     saves; the resumed run must restore a complete step and log exactly the uninterrupted losses."""
-    from train_utils import small_config
+    from shared_runs import uninterrupted_run
 
-    from fastblt.train.loop import train
-
-    steps = 10
-    # The reference saves only at its end: checkpointing must not change the losses, and the 9 saves
-    # the killed runs make would cost it ~5 s (CPU) and check nothing more.
-    cfg = small_config("checkpoint.save_every=1000", steps=steps)
-    full: dict[int, float] = {}
-    train(
-        cfg, str(tmp_path / "full"), log=lambda *_: None, on_step=lambda s, m: full.__setitem__(s, m["loss"])
-    )
+    # The reference: the session's uninterrupted run of the same model (saves every 3 steps, which
+    # does not change losses).
+    _, full = uninterrupted_run()
+    steps = len(full)
 
     workdir = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -87,7 +81,7 @@ def test_kill_9_during_async_saves_then_resume_repeats_the_uninterrupted_losses(
         "checkpoint.async_save=True",
         "checkpoint.keep=2",
     )
-    for kill_after in (3, 7):  # two kills, then a run to the end
+    for kill_after in (2, 4):  # two kills, then a run to the end
         proc = subprocess.Popen(
             argv,
             cwd=REPO,
@@ -99,7 +93,7 @@ def test_kill_9_during_async_saves_then_resume_repeats_the_uninterrupted_losses(
         seen = []
         for line in proc.stdout:
             seen.append(line)
-            if f"step {kill_after:>2}/{steps}" in line:
+            if f"step {kill_after:>{len(str(steps))}}/{steps} " in line:  # the log pads to the total's width
                 break
         proc.kill()
         proc.wait(timeout=60)

@@ -11,7 +11,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from shared_runs import built_once, read_json, write_json
+from shared_runs import built_once, read_json, uninterrupted_run, write_json
 from train_utils import small_config
 
 from fastblt import sharding
@@ -89,24 +89,9 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 @pytest.fixture(scope="module")
 def uninterrupted():
-    """(workdir, {step: loss}) of one uninterrupted run of ``small_config(steps=6)`` (checkpoints 3
-    and 6): the losses are the resume tests' reference, and tests that change the workdir copy it
-    first. One run for all of them, in the whole session (shared_runs.py): each run compiles its steps."""
-
-    def build(path):
-        losses: dict[int, float] = {}
-        train(
-            small_config(steps=6),
-            str(path / "run"),
-            log=lambda *_: None,
-            on_step=lambda s, m: losses.__setitem__(s, m["loss"]),
-        )
-        write_json(path / "losses.json", sorted(losses.items()))
-
-    done = built_once("uninterrupted", build)
-    losses = {int(s): loss for s, loss in read_json(done / "losses.json")}
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-    return done / "run", losses
+    """(workdir, {step: loss}) of one uninterrupted run of ``small_config(steps=6)``, shared by the
+    session (shared_runs.uninterrupted_run)."""
+    return uninterrupted_run()
 
 
 def _copy_of(workdir, tmp_path):
