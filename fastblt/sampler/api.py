@@ -15,6 +15,7 @@ import numpy as np
 
 from fastblt.compile_cache import use_compilation_cache
 from fastblt.config import ModelConfig
+from fastblt.model import attention
 from fastblt.sampler import fused, methods, rules
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
 from fastblt.sampler.decoding import Prompts
@@ -97,6 +98,8 @@ def _compiled(key, fn, args):
         key,
         tuple(sorted((compiler_options() or {}).items())),
         fused.min_rows(),  # a decode program's shapes depend on it (fastblt.sampler.fused)
+        attention.GPU_MIN_QUERY_ROWS,  # and its attention kernels on these (fastblt.model.attention)
+        attention.GPU_DECODE_KERNEL,
         treedef,
         tuple((np.shape(x), str(jnp.result_type(x)), getattr(x, "sharding", None)) for x in leaves),
     )
