@@ -31,8 +31,9 @@ from fastblt.sampler import generate
 from fastblt.train import blt_d as objective
 
 BLOCK = 4
-# 150 steps: masked accuracy 0.24 in both layouts (chance 1/256, the test's floor 20/256) and blt_dv
-# acceptance 0.16 (floor 0.05), measured 2026-12-05; 300 steps read 0.55 and cost CI ~80 more seconds.
+# 150 steps (measured 2026-12-05): masked accuracy 0.24 in both layouts (chance 1/256, the test's floor
+# 20/256; layouts agree on all 347 cells, floor 0.98), acceptance 0.16 for blt_dv and 0.98 for blt_s
+# (floor 0.05). 300 steps read 0.55 and cost CI ~80 more seconds.
 STEPS = 150
 
 

@@ -447,8 +447,9 @@ def main(argv: list[str] | None = None) -> None:
         "--attention-impl",
         default="auto",
         choices=("auto", "cudnn", "xla"),
-        help="the model's attention_impl; auto runs decode steps (under 64 queries) on the XLA path, "
-        "cudnn runs every attention call, decode steps included, on cuDNN's fused kernel",
+        help="the model's attention_impl; auto runs decode steps (under 64 queries) on the XLA path "
+        "(or on the decode kernel, --decode-kernel decode), cudnn runs every attention call, decode "
+        "steps included, on cuDNN's fused kernel",
     )
     p.add_argument("--out", default=None)
     p.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)

@@ -10,7 +10,7 @@
 #   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port;
-#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9 and 10), batch 32 profiled:
+#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9, 10 and 12), batch 32 profiled:
 #      one-query attention products padded to two query rows on the GPU (attention.GPU_MIN_QUERY_ROWS);
 #   9. the same at batch 32 without that padding (--min-query-rows 1: run 8's program, whose
 #      one-row products ran as reduction fusions), profiled: the before of 8;
