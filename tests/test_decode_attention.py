@@ -90,14 +90,51 @@ def test_lowers_to_triton_for_cuda(splits):
     q = jax.ShapeDtypeStruct((2, 2, 16, 64), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 2100, 16, 64), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((2, 2, 2100), jnp.bool_)
-    run = jax.jit(functools.partial(decode_attention, splits=splits, interpret=False))
+    run = functools.partial(decode_attention, splits=splits, interpret=False)
+    assert _cuda_text(run, q, kv, kv, mask).count("xla.gpu.triton") == 1
+
+
+def _cuda_text(fn, *args) -> str:
+    """``fn`` traced for a GPU and lowered for CUDA (StableHLO text), here on a CPU."""
     try:
-        text = run.trace(q, kv, kv, mask).lower(lowering_platforms=("cuda",)).as_text()
+        with attn_lib.target_platform("gpu"):
+            return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
         if "No supported GPU" not in str(e):
             raise
         pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
-    assert text.count("xla.gpu.triton") == 1
+
+
+def test_the_sampler_program_lowers_for_cuda_with_one_kernel_per_attention(monkeypatch):
+    """The whole ar program traced for a GPU with the kernel on lowers through Triton, one kernel per
+    cached attention: 2 entropy-model layers, 1 encoder layer, its cross-attention, 2 global layers,
+    2 decoder layers (the decoder's cross-attention gathers its own keys and stays on XLA)."""
+    from test_sampler_support import model, random_prompts
+
+    from fastblt.sampler import api, generate
+
+    class Lowered(Exception):
+        pass
+
+    texts = []
+
+    def lower_only(key, fn, args):
+        texts.append(_cuda_text(fn, *args))
+        raise Lowered
+
+    monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
+    monkeypatch.setattr(attn_lib, "decode_attention", functools.partial(decode_attention, interpret=False))
+    monkeypatch.setattr(api, "_compiled", lower_only)
+    config, params = model("heads16")
+    with pytest.raises(Lowered):
+        generate(
+            params,
+            config.replace(attention_impl="auto"),
+            random_prompts(3, [5]),
+            max_bytes=8,
+            buffer_bytes=64,
+        )
+    assert texts[0].count("xla.gpu.triton") == 8
 
 
 def test_auto_picks_the_kernel_for_gpu_decode_steps_only(monkeypatch):
