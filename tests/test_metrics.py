@@ -472,6 +472,19 @@ def test_metric_writer_does_not_import_torch(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def _read_all(screen, quiet_s: float = 0.5) -> bytes:
+    """Everything written to a pseudo-terminal so far: one read may return only part of it."""
+    import select
+
+    chunks = []
+    while select.select([screen], [], [], quiet_s)[0]:
+        chunk = screen.read(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs pseudo-terminals (POSIX)")
 def test_progress_bar_needs_a_terminal_with_a_width():
     """A pseudo-terminal of unset size (0 columns) would show an empty bar: plain lines instead."""
@@ -486,7 +499,7 @@ def test_progress_bar_needs_a_terminal_with_a_width():
         with ProgressBar(4, stream=tty) as bar:
             bar.update(3, {"loss": 1.0})
         tty.flush()
-        shown = screen.read(65536).decode()
+        shown = _read_all(screen).decode()
     plain, drawn = shown.split("\n", 1)
     assert plain.rstrip("\r").startswith("step 2/4 ( 50.0%) | loss 1.0000")
     assert "3/4" in drawn and "|" in drawn and "step 3/4" not in drawn
