@@ -195,6 +195,9 @@ def attention(
 # as a reduction fusion instead of a GEMM: at BLT-1B shapes, batch 32, 0.556 ms per byte, against
 # 0.146 ms as GEMMs at batch 1 where the sampler's inert column gives two rows
 # (experiments/results/generate_speed.md, run 8). A zero query row costs one more row of scores.
+# With the decode kernel on (GPU_DECODE_KERNEL) only calls the kernel does not support take this path;
+# run 9 (H100) measured the padding within noise of none: ar at batch 32 2.33 ms padded against 2.25,
+# blt_s8 1.42 ms per pass against 1.47.
 GPU_MIN_QUERY_ROWS = 2
 
 
@@ -213,8 +216,10 @@ AUTO_MIN_QUERIES = 64
 
 # What "auto" runs on a GPU for fewer than AUTO_MIN_QUERIES queries under a dense mask (the sampler's
 # decode steps): "xla" (the reference path, ~7 kernels per layer and step) or "decode" (one Pallas
-# Triton kernel, fastblt.model.decode_attention; not yet measured against "xla" on a GPU).
-GPU_DECODE_KERNEL = "xla"
+# Triton kernel, fastblt.model.decode_attention). Measured on one H100 at BLT-1B shapes, in one run
+# (experiments/results/generate_speed.md, run 9): ar 1.52 -> 1.43 ms per byte at batch 1 and
+# 2.33 -> 1.82 ms per step at batch 32; blt_s8 1.67 -> 1.44 and 3.41 -> 2.63 ms per byte.
+GPU_DECODE_KERNEL = "decode"
 
 
 @jax.custom_vjp
