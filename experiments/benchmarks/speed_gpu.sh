@@ -22,7 +22,10 @@
 #      (--decode-kernel decode: fastblt.model.decode_attention), both batches profiled;
 #   13. ar at batch 1 with 4 000- and 16 000-byte prompts, XLA's decode attention and the kernel
 #      (which skips key blocks no query sees: the global model's unused patch slots).
-# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 5-13 are next.
+# Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
+# half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
+# measures it too); 5, 6, 7, 10, 11 and 13's decode half are next. A device call's background jobs end
+# with the call: poll in the call that started them.
 #
 #   . experiments/benchmarks/gpu_env.sh && PHASES="8 9 12 10 13 11 7 6 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
