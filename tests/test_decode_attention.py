@@ -37,7 +37,9 @@ def _case(b, t, n, h, kv, d=16, window=None, seed=0):
 @pytest.mark.parametrize(
     "b,t,n,h,kv,window,splits",
     [
-        (2, 1, 37, 4, 4, None, 1),  # one query, keys not a whole block
+        (2, 1, 37, 4, 4, None, 1),  # one query, keys not a whole block (the direct layout)
+        (2, 2, 70, 3, 3, 16, 1),  # two queries of one head each, a window (the direct layout)
+        (3, 1, 90, 8, 2, None, 1),  # one query's group of 4 heads (the direct layout)
         (2, 3, 200, 4, 2, 24, 1),  # grouped heads, a window: blocks before it are skipped
         (3, 2, 300, 2, 1, None, 3),  # key splits combined outside the kernel
         (2, 1, 1100, 2, 2, 40, None),  # the splits' own choice, some splits see nothing
@@ -45,17 +47,20 @@ def _case(b, t, n, h, kv, d=16, window=None, seed=0):
 )
 def test_kernel_matches_naive_and_xla_path(b, t, n, h, kv, window, splits):
     q, k, v, mask = _case(b, t, n, h, kv, window=window)
-    run = jax.jit(functools.partial(decode_attention, block_k=32, splits=splits, interpret=True))
+    run = jax.jit(
+        functools.partial(decode_attention, block_k=32, splits=splits, direct_rows=4, interpret=True)
+    )
     out = np.asarray(run(q, k, v, jnp.asarray(mask)))
     np.testing.assert_allclose(out, naive(q, k, v, mask), atol=2e-5)
     np.testing.assert_allclose(out, np.asarray(attention(q, k, v, jnp.asarray(mask), "xla")), atol=2e-5)
     assert np.all(out[0, 0] == 0)  # no visible key: exactly 0
 
 
-def test_bf16_within_rounding_of_the_xla_path():
-    q, k, v, mask = (jnp.asarray(x) for x in _case(2, 2, 150, 4, 2, d=64, window=64))
+@pytest.mark.parametrize("h,kv", [(4, 2), (4, 4)])  # 16 zero-padded rows; the direct layout
+def test_bf16_within_rounding_of_the_xla_path(h, kv):
+    q, k, v, mask = (jnp.asarray(x) for x in _case(2, 2, 150, h, kv, d=64, window=64))
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    out = decode_attention(q, k, v, mask, interpret=True)
+    out = decode_attention(q, k, v, mask, direct_rows=4, interpret=True)
     assert out.dtype == jnp.bfloat16
     ref = attention(q, k, v, mask, "xla")
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2)
@@ -83,15 +88,19 @@ def test_key_splits_hand_worked():
     assert key_splits(1, 1000) == 1 and key_splits(1, 1024) == 2
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_lowers_to_triton_for_cuda(splits):
+@pytest.mark.parametrize("splits,direct_rows", [(1, 4), (1, 0), (4, 4)])
+def test_lowers_to_triton_for_cuda(splits, direct_rows):
     """The kernel lowers through Pallas' Triton backend for a GPU (every load a power of two, every
-    op one Triton has), here on a CPU: BLT-1B's local layer shape in bf16."""
+    op one Triton has), here on a CPU: BLT-1B's local layer shape in bf16, two queries."""
     q = jax.ShapeDtypeStruct((2, 2, 16, 64), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 2100, 16, 64), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((2, 2, 2100), jnp.bool_)
-    run = functools.partial(decode_attention, splits=splits, interpret=False)
-    assert _cuda_text(run, q, kv, kv, mask).count("xla.gpu.triton") == 1
+    run = functools.partial(decode_attention, splits=splits, direct_rows=direct_rows, interpret=False)
+    text = _cuda_text(run, q, kv, kv, mask)
+    assert text.count("xla.gpu.triton") == 1
+    # The direct layout (one split, few rows): no query transposed or padded to 16 rows around it.
+    wrapped = splits > 1 or direct_rows < 2
+    assert ("stablehlo.pad" in text) == wrapped and ("stablehlo.transpose" in text) == wrapped
 
 
 def _cuda_text(fn, *args) -> str:

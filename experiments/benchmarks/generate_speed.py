@@ -360,7 +360,8 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _apply_overrides(args) -> None:
-    """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel: set only when given (older trees lack the settings)."""
+    """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel / --decode-direct-rows:
+    set only when given (older trees lack the settings)."""
     if args.compiler_option:
         from fastblt.sampler import api
 
@@ -381,17 +382,22 @@ def _apply_overrides(args) -> None:
             attention.GPU_MIN_QUERY_ROWS = args.min_query_rows
         if args.decode_kernel is not None:
             attention.GPU_DECODE_KERNEL = args.decode_kernel
+    if args.decode_direct_rows is not None:
+        from fastblt.model import decode_attention
+
+        decode_attention.MAX_DIRECT_ROWS = args.decode_direct_rows
 
 
 def _row_settings() -> dict:
     """The padding settings a row ran with (None where this tree lacks the setting)."""
-    from fastblt.model import attention
+    from fastblt.model import attention, decode_attention
     from fastblt.sampler import fused
 
     return {
         "min_dot_rows": getattr(fused, "GPU_MIN_DOT_ROWS", None),
         "min_query_rows": getattr(attention, "GPU_MIN_QUERY_ROWS", None),
         "decode_kernel": getattr(attention, "GPU_DECODE_KERNEL", None),
+        "decode_direct_rows": getattr(decode_attention, "MAX_DIRECT_ROWS", None),
     }
 
 
@@ -442,6 +448,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=("xla", "decode"),
         help="override fastblt.model.attention.GPU_DECODE_KERNEL: decode steps' attention on XLA's "
         "kernels or on one Pallas kernel (fastblt.model.decode_attention)",
+    )
+    p.add_argument(
+        "--decode-direct-rows",
+        type=int,
+        default=None,
+        help="override fastblt.model.decode_attention.MAX_DIRECT_ROWS: calls of up to this many query "
+        "rows run in the arrays' own layouts, without zero rows or transposes (0: off)",
     )
     p.add_argument(
         "--attention-impl",
@@ -521,6 +534,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--min-dot-rows", str(args.min_dot_rows)] if args.min_dot_rows is not None else []
         cmd += ["--min-query-rows", str(args.min_query_rows)] if args.min_query_rows is not None else []
         cmd += ["--decode-kernel", args.decode_kernel] if args.decode_kernel is not None else []
+        if args.decode_direct_rows is not None:
+            cmd += ["--decode-direct-rows", str(args.decode_direct_rows)]
         cmd += ["--out", args.out] if args.out else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         for line in proc.stdout.splitlines():

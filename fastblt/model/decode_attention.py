@@ -90,11 +90,12 @@ def visible_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(has, lo, 0), jnp.where(has, hi, 0)
 
 
-def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, *out_refs, n, per_split, block_k, scale):
+def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, *out_refs, n, per_split, block_k, scale, dot):
     """One (row, kv head, split): lo_ref/hi_ref the row's visible key range (scalars), q_ref [R, hd],
     k_ref/v_ref [N, hd], m_ref int8[R or 1, N] (1 = visible; one row: every query row's mask).
     Outputs: o [R, hd] (normalised, when there is one split), or o [R, hd] float32 unnormalised with
-    the softmax max [R] and sum [R] (several splits)."""
+    the softmax max [R] and sum [R] (several splits). ``dot``: the products as Triton dots (R >= 16),
+    else as elementwise products reduced in float32 (what a dot with float32 accumulation computes)."""
     r = q_ref.shape[0]
     first = pl.program_id(2) * per_split
     lo = jnp.maximum(lo_ref[()], first)
@@ -108,12 +109,21 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, *out_refs, n, per_split,
         vis = plgpu.load(m_ref.at[:, pl.ds(start, block_k)], mask=in_range[None, :], other=0) != 0
         k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=in_range[:, None], other=0)
         v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=in_range[:, None], other=0)
-        s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, block_k]
+        if dot:
+            s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32)
+        else:
+            s = jnp.sum(q.astype(jnp.float32)[:, None, :] * k.astype(jnp.float32)[None], axis=2)
+        s = s * scale  # [R, block_k]
         s = jnp.where(vis, s, _NEG)
         new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
         p = jnp.where(vis, jnp.exp(s - new_mx[:, None]), 0.0)
         fix = jnp.exp(mx - new_mx)
-        o = o * fix[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        p_v = p.astype(v.dtype)
+        if dot:
+            pv = plgpu.dot(p_v, v).astype(jnp.float32)
+        else:
+            pv = jnp.sum(p_v.astype(jnp.float32)[:, :, None] * v.astype(jnp.float32)[None], axis=1)
+        o = o * fix[:, None] + pv
         return o, new_mx, den * fix + jnp.sum(p, axis=1)
 
     init = (
@@ -133,6 +143,27 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, *out_refs, n, per_split,
         den_ref[...] = den
 
 
+# At most this many query rows run without Triton's dot, in the arrays' own layouts (direct_layout),
+# with blocks of keys small enough that a block's [rows, block_k, hd] float32 products hold at most
+# DIRECT_PRODUCT_VALUES values (64 registers per thread of 4 warps). The zero rows, transpose and
+# slice around the kernel cost ~3 us per layer and step at batch 1 (generate_speed.md, run 9: the
+# query's pad 1.6 us, a transpose 1.1 us), ~0.08 ms of a 1.43 ms byte. 0 (off) until a GPU measures
+# it (generate_speed.py --decode-direct-rows 4); 4 takes a decode step's usual calls (1 or 2 queries
+# of one head per kv head).
+MAX_DIRECT_ROWS = 0
+DIRECT_PRODUCT_VALUES = 8192
+
+
+def direct_layout(t: int, group: int, splits: int, max_rows: int | None = None) -> bool:
+    """Whether a call runs on q, the mask and the output as they are (no transpose, no zero rows, no
+    combine), its products without Triton's dot: one key split, at most ``max_rows`` (None:
+    MAX_DIRECT_ROWS) query rows, a power of two, and either one head per kv head (the rows are t
+    queries) or one query (the rows are its heads)."""
+    rows_ = t * group
+    limit = MAX_DIRECT_ROWS if max_rows is None else max_rows
+    return splits == 1 and rows_ <= limit and rows_ == _pow2(rows_) and (group == 1 or t == 1)
+
+
 def decode_attention(
     q: jax.Array,
     k: jax.Array,
@@ -141,6 +172,7 @@ def decode_attention(
     *,
     block_k: int | None = None,
     splits: int | None = None,
+    direct_rows: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Attention of a few queries per row over a key cache, under a dense mask, in one kernel.
@@ -151,6 +183,8 @@ def decode_attention(
       mask: bool[B, T, N] (True = visible).
       block_k: keys per block, a power of two >= 16 (None: :func:`block_keys`).
       splits: key splits (None: :func:`key_splits`).
+      direct_rows: the most query rows run in the arrays' own layouts (:func:`direct_layout`; None:
+        MAX_DIRECT_ROWS, 0: never).
       interpret: run in Pallas interpret mode (None: unless JAX's backend is a GPU; decided by the
         device, not by fastblt.model.attention.target_platform, so that CPU tests can trace the
         sampler for a GPU and still run the kernel).
@@ -167,6 +201,7 @@ def decode_attention(
         )
     if mask.shape != (b, t, n):
         raise ValueError(f"mask must be bool[{b}, {t}, {n}], got {mask.shape}")
+    chosen_block = block_k
     block_k = block_keys(d, q.dtype) if block_k is None else block_k
     if block_k < 16 or block_k != _pow2(block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
@@ -179,6 +214,39 @@ def decode_attention(
     per_split = _ceil(_ceil(n, splits), block_k) * block_k  # keys per split, whole blocks
 
     lo, hi = visible_range(mask)
+    params = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+    row_scalar = pl.BlockSpec((None,), lambda i, j, s: (i,))
+    cache_spec = pl.BlockSpec((None, n, None, d), lambda i, j, s: (i, 0, j, 0))
+    if direct_layout(t, g, splits, direct_rows):
+        if chosen_block is None:  # the products' [rows, block_k, hd] float32 values in registers
+            block_k = min(block_k, max(16, _pow2(DIRECT_PRODUCT_VALUES // (t * g * d) + 1) // 2))
+        # A decode step's usual call (t = 1 or 2, one head per kv head): the ~3 us of XLA's transpose
+        # and pad to 16 rows around the kernel (generate_speed.md, run 9) would cost what it does.
+        if g == 1:
+            qd, q_spec = q, pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0))
+        else:
+            qd, q_spec = (
+                q.reshape(b, kv, g, d),
+                pl.BlockSpec((None, None, g, d), lambda i, j, s: (i, j, 0, 0)),
+            )
+        out = pl.pallas_call(
+            functools.partial(_kernel, n=n, per_split=n, block_k=block_k, scale=d**-0.5, dot=False),
+            grid=(b, kv, 1),
+            in_specs=[
+                row_scalar,
+                row_scalar,
+                q_spec,
+                cache_spec,
+                cache_spec,
+                pl.BlockSpec((None, t, n), lambda i, j, s: (i, 0, 0)),
+            ],
+            out_specs=q_spec,
+            out_shape=jax.ShapeDtypeStruct(qd.shape, q.dtype),
+            interpret=interpret,
+            name="fastblt_decode_attention",
+            **params,
+        )(lo, hi, qd, k, v, mask.astype(jnp.int8))
+        return out.reshape(b, t, h, d)
     # Rows of a program: (query, head of the group), then zero rows up to a power of two. A single
     # query's mask row serves every row (padding rows' outputs are dropped whatever they see).
     qr = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
@@ -201,9 +269,7 @@ def decode_attention(
             stats_spec,
             stats_spec,
         ]
-    kernel = functools.partial(_kernel, n=n, per_split=per_split, block_k=block_k, scale=d**-0.5)
-    params = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
-    row_scalar = pl.BlockSpec((None,), lambda i, j, s: (i,))
+    kernel = functools.partial(_kernel, n=n, per_split=per_split, block_k=block_k, scale=d**-0.5, dot=True)
     outs = pl.pallas_call(
         kernel,
         grid=(b, kv, splits),
@@ -211,8 +277,8 @@ def decode_attention(
             row_scalar,
             row_scalar,
             pl.BlockSpec((None, None, r, d), lambda i, j, s: (i, j, 0, 0)),
-            pl.BlockSpec((None, n, None, d), lambda i, j, s: (i, 0, j, 0)),
-            pl.BlockSpec((None, n, None, d), lambda i, j, s: (i, 0, j, 0)),
+            cache_spec,
+            cache_spec,
             pl.BlockSpec((None, m_rows, n), lambda i, j, s: (i, 0, 0)),
         ],
         out_specs=out_specs,

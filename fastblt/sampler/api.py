@@ -15,7 +15,7 @@ import numpy as np
 
 from fastblt.compile_cache import use_compilation_cache
 from fastblt.config import ModelConfig
-from fastblt.model import attention
+from fastblt.model import attention, decode_attention
 from fastblt.sampler import fused, methods, rules
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
 from fastblt.sampler.decoding import Prompts
@@ -100,6 +100,7 @@ def _compiled(key, fn, args):
         fused.min_rows(),  # a decode program's shapes depend on it (fastblt.sampler.fused)
         attention.GPU_MIN_QUERY_ROWS,  # and its attention kernels on these (fastblt.model.attention)
         attention.GPU_DECODE_KERNEL,
+        decode_attention.MAX_DIRECT_ROWS,
         treedef,
         tuple((np.shape(x), str(jnp.result_type(x)), getattr(x, "sharding", None)) for x in leaves),
     )
