@@ -184,15 +184,26 @@ def test_gradient_through_the_kernel_is_the_xla_paths(monkeypatch):
 
 
 @pytest.mark.slow
-def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch):
+@pytest.mark.parametrize("variant", ["default", "direct_and_cache_write"])
+def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     """The sampler traced for a GPU with decode steps on the kernel (interpreted here): every stack's
-    cached attention, windowed reads included, gives the naive oracle's greedy bytes and logits."""
+    cached attention, windowed reads included, gives the naive oracle's greedy bytes and logits; also
+    with the kernel in the arrays' own layouts writing the caches itself (both off by default)."""
     from naive_sampler import naive_generate
     from test_sampler_support import model, random_prompts
 
+    from fastblt.model import decode_attention as decode_lib
     from fastblt.sampler import encode_prompts, generate
 
     monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
+    writes = []
+    if variant != "default":
+        monkeypatch.setattr(decode_lib, "MAX_DIRECT_ROWS", 4)
+        monkeypatch.setattr(decode_lib, "WRITE_CACHE", True)
+        real_write = decode_lib.decode_attention_write
+        monkeypatch.setattr(
+            decode_lib, "decode_attention_write", lambda *a, **k: writes.append(1) or real_write(*a, **k)
+        )
     prompts = random_prompts(3, [5, 12])
     config, params = model("heads16")
     config = config.replace(attention_impl="auto")  # what a GPU run uses; "xla" pins the reference path
@@ -207,7 +218,66 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch):
             params, config, prompts, max_bytes=30, buffer_bytes=pad, prefill_chunk=4, record_logits=True
         )
     assert jaxpr_calls  # the kernel was traced
+    assert bool(writes) == (variant != "default")  # and the cache-writing one where it is on
     ids, logits = naive_generate(params, config, encode_prompts(prompts), 30, pad_to=pad)
     for row in range(len(prompts)):
         np.testing.assert_array_equal(result.ids[row], ids[row], err_msg=f"row {row}")
         np.testing.assert_allclose(result.logits[row], logits[row], atol=1e-4, rtol=0, err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize(
+    "t,h,kv,direct_rows",
+    [
+        (1, 4, 4, 4),  # one query of one head per kv head: the direct layout
+        (2, 2, 2, 4),  # two queries, the second column inert (written nowhere, seen by no one)
+        (2, 4, 2, 0),  # grouped heads in 16 zero-padded rows (Triton dots)
+    ],
+)
+def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows):
+    """decode_attention_write equals scatter_rows of the new keys and values (the sampler's write)
+    followed by the naive loop over the written caches, and leaves every other cache entry alone."""
+    from fastblt.model.decode_attention import decode_attention_write
+    from fastblt.sampler.state import scatter_rows
+
+    b, n, d = 3, 70, 16
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    k_new, v_new = (rng.normal(size=(b, t, kv, d)).astype(np.float32) for _ in range(2))
+    k_cache, v_cache = (rng.normal(size=(b, n, kv, d)).astype(np.float32) for _ in range(2))
+    lengths = np.array([t, 40, n])  # row r's new bytes end at lengths[r]; the cache holds earlier ones
+    cols = lengths[:, None] - t + np.arange(t)[None]
+    if t == 2:
+        cols[1, 1] = n + 5  # an inert column: out of range, its key and value garbage
+        k_new[1, 1], v_new[1, 1] = np.nan, np.nan
+    qpos = np.where(cols < n, cols, cols[:, :1])
+    mask = np.array(causal_mask(jnp.asarray(qpos), jnp.asarray(np.broadcast_to(np.arange(n), (b, n))), 24))
+    mask[0, 0] = False  # a query that sees nothing, its own new key included
+    run = jax.jit(
+        functools.partial(decode_attention_write, block_k=32, direct_rows=direct_rows, interpret=True)
+    )
+    out, kc, vc = (
+        np.asarray(x) for x in run(q, k_new, v_new, jnp.asarray(cols, jnp.int32), k_cache, v_cache, mask)
+    )
+    want_k = np.asarray(scatter_rows(jnp.asarray(k_cache), jnp.asarray(cols), jnp.asarray(k_new)))
+    want_v = np.asarray(scatter_rows(jnp.asarray(v_cache), jnp.asarray(cols), jnp.asarray(v_new)))
+    np.testing.assert_array_equal(kc, want_k)
+    np.testing.assert_array_equal(vc, want_v)
+    np.testing.assert_allclose(out, naive(q, want_k, want_v, mask), atol=2e-5)
+    assert np.all(out[0, 0] == 0)
+
+
+@pytest.mark.parametrize("direct_rows", [4, 0])
+def test_the_cache_writing_kernel_lowers_to_triton_for_cuda(direct_rows):
+    """decode_attention_write at BLT-1B's local layer shape lowers through Triton for a GPU as one
+    kernel whose outputs alias the caches, with no scatter left to XLA."""
+    from fastblt.model.decode_attention import decode_attention_write
+
+    q = jax.ShapeDtypeStruct((2, 2, 16, 64), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((2, 2, 16, 64), jnp.bfloat16)
+    cols = jax.ShapeDtypeStruct((2, 2), jnp.int32)
+    cache = jax.ShapeDtypeStruct((2, 320, 16, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((2, 2, 320), jnp.bool_)
+    run = functools.partial(decode_attention_write, direct_rows=direct_rows, interpret=False)
+    text = _cuda_text(run, q, new, new, cols, cache, cache, mask)
+    assert text.count("xla.gpu.triton") == 1 and "stablehlo.scatter" not in text
+    assert "output_operand_alias" in text or "output_operand_aliases" in text

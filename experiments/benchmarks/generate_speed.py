@@ -360,8 +360,8 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _apply_overrides(args) -> None:
-    """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel / --decode-direct-rows:
-    set only when given (older trees lack the settings)."""
+    """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel / --decode-direct-rows /
+    --decode-cache-write: set only when given (older trees lack the settings)."""
     if args.compiler_option:
         from fastblt.sampler import api
 
@@ -382,10 +382,13 @@ def _apply_overrides(args) -> None:
             attention.GPU_MIN_QUERY_ROWS = args.min_query_rows
         if args.decode_kernel is not None:
             attention.GPU_DECODE_KERNEL = args.decode_kernel
-    if args.decode_direct_rows is not None:
+    if args.decode_direct_rows is not None or args.decode_cache_write:
         from fastblt.model import decode_attention
 
-        decode_attention.MAX_DIRECT_ROWS = args.decode_direct_rows
+        if args.decode_direct_rows is not None:
+            decode_attention.MAX_DIRECT_ROWS = args.decode_direct_rows
+        if args.decode_cache_write:
+            decode_attention.WRITE_CACHE = True
 
 
 def _row_settings() -> dict:
@@ -398,6 +401,7 @@ def _row_settings() -> dict:
         "min_query_rows": getattr(attention, "GPU_MIN_QUERY_ROWS", None),
         "decode_kernel": getattr(attention, "GPU_DECODE_KERNEL", None),
         "decode_direct_rows": getattr(decode_attention, "MAX_DIRECT_ROWS", None),
+        "decode_cache_write": getattr(decode_attention, "WRITE_CACHE", None),
     }
 
 
@@ -455,6 +459,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="override fastblt.model.decode_attention.MAX_DIRECT_ROWS: calls of up to this many query "
         "rows run in the arrays' own layouts, without zero rows or transposes (0: off)",
+    )
+    p.add_argument(
+        "--decode-cache-write",
+        action="store_true",
+        help="set fastblt.model.decode_attention.WRITE_CACHE: the decode kernel writes the step's new "
+        "keys and values into the caches (no scatter kernels)",
     )
     p.add_argument(
         "--attention-impl",
@@ -536,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--decode-kernel", args.decode_kernel] if args.decode_kernel is not None else []
         if args.decode_direct_rows is not None:
             cmd += ["--decode-direct-rows", str(args.decode_direct_rows)]
+        cmd += ["--decode-cache-write"] if args.decode_cache_write else []
         cmd += ["--out", args.out] if args.out else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         for line in proc.stdout.splitlines():

@@ -23,13 +23,14 @@
 #   13. ar at batch 1 with 4 000- and 16 000-byte prompts, XLA's decode attention and the kernel
 #      (which skips key blocks no query sees: the global model's unused patch slots);
 #   14. ar and blt_s8 at batch 1 and 32 with the decode kernel's direct layout (--decode-direct-rows 4:
-#      no zero rows or transposes around calls of 1-4 query rows), batch 1 profiled: against phase 8.
+#      no zero rows or transposes around calls of 1-4 query rows), batch 1 profiled: against phase 8;
+#   15. the same with the kernel also writing the caches (--decode-cache-write: no scatter kernels).
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 5, 6, 7, 10, 11 and 13's decode half are next. A device call's background jobs end
 # with the call: poll in the call that started them.
 #
-#   . experiments/benchmarks/gpu_env.sh && PHASES="8 14 13 10 11 7 6 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && PHASES="8 14 15 13 10 11 7 6 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -61,7 +62,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -97,6 +98,9 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14}; do
        --out "$out/gen_block_fusion" ;;
   14) phase gen_direct python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-direct-rows 4 --profile ar:1 --out "$out/gen_direct" ;;
+  15) phase gen_direct_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+       --methods ar blt_s8 --batch 1 32 --decode-direct-rows 4 --decode-cache-write --profile ar:1 \
+       --out "$out/gen_direct_write" ;;
   12) phase gen_decode_kernel python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-kernel decode --profile ar:1 ar:32 --out "$out/gen_decode_kernel" ;;
   13) for kernel in xla decode; do

@@ -90,23 +90,36 @@ def visible_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(has, lo, 0), jnp.where(has, hi, 0)
 
 
-def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, *out_refs, n, per_split, block_k, scale, dot):
-    """One (row, kv head, split): lo_ref/hi_ref the row's visible key range (scalars), q_ref [R, hd],
-    k_ref/v_ref [N, hd], m_ref int8[R or 1, N] (1 = visible; one row: every query row's mask).
-    Outputs: o [R, hd] (normalised, when there is one split), or o [R, hd] float32 unnormalised with
-    the softmax max [R] and sum [R] (several splits). ``dot``: the products as Triton dots (R >= 16),
-    else as elementwise products reduced in float32 (what a dot with float32 accumulation computes)."""
+def _kernel(*refs, n, per_split, block_k, scale, dot, new_keys=0):
+    """One (row, kv head, split). Inputs: lo_ref/hi_ref the row's visible key range (scalars), q_ref
+    [R, hd], k_ref/v_ref [N, hd], m_ref int8[R or 1, N] (1 = visible; one row: every query row's
+    mask); with ``new_keys`` = T > 0 (one split) also nv_ref int8[R or 1, T] (which of the step's T
+    new keys each query row sees), kn_ref/vn_ref [T, hd] (the new keys and values) and T column
+    scalars (where each goes in the cache; out of range: nowhere). Outputs: o [R, hd] (normalised,
+    when there is one split), or o [R, hd] float32 unnormalised with the softmax max [R] and sum [R]
+    (several splits); with new keys also the caches (aliased to k_ref/v_ref), written at the columns.
+    ``dot``: the products as Triton dots (R >= 16), else as elementwise products reduced in float32
+    (what a dot with float32 accumulation computes)."""
+    n_in = 6 + (3 + new_keys if new_keys else 0)
+    (lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref), extra, out_refs = refs[:6], refs[6:n_in], refs[n_in:]
     r = q_ref.shape[0]
     first = pl.program_id(2) * per_split
     lo = jnp.maximum(lo_ref[()], first)
     hi = jnp.minimum(hi_ref[()], first + per_split)
     q = q_ref[...]
+    cols = []  # the new keys' columns, -1 where out of range
+    for col_ref in extra[3:]:
+        col = col_ref[()]
+        cols.append(jnp.where((col >= 0) & (col < n), col, -1))
 
     def body(i, carry):
         o, mx, den = carry
         start = i * block_k
-        in_range = start + jnp.arange(block_k) < n
+        pos = start + jnp.arange(block_k)
+        in_range = pos < n
         vis = plgpu.load(m_ref.at[:, pl.ds(start, block_k)], mask=in_range[None, :], other=0) != 0
+        for col in cols:  # the cache holds the old entry there: the new key is added after the loop
+            vis = vis & (pos != col)[None, :]
         k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=in_range[:, None], other=0)
         v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=in_range[:, None], other=0)
         if dot:
@@ -133,6 +146,9 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, *out_refs, n, per_split,
     )
     # Only the blocks of the visible range: a window at the end of a long buffer reads the window.
     o, mx, den = jax.lax.fori_loop(lo // block_k, (hi + block_k - 1) // block_k, body, init)
+    if new_keys:
+        o, mx, den = _add_new_keys(q, extra, cols, out_refs[1:], (o, mx, den), scale)
+        out_refs = out_refs[:1]
     if len(out_refs) == 1:  # one split: finish here (a row with no visible key gives 0)
         out = jnp.where(den[:, None] > 0, o / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
         out_refs[0][...] = out.astype(out_refs[0].dtype)
@@ -152,6 +168,37 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref, *out_refs, n, per_split,
 # of one head per kv head).
 MAX_DIRECT_ROWS = 0
 DIRECT_PRODUCT_VALUES = 8192
+# Whether the sampler's cached attention lets the kernel write the step's new keys and values into
+# the caches (decode_attention_write) instead of XLA's two scatters per layer and step (2.3 us each at
+# batch 1, ~0.16 ms of a 1.43 ms byte in generate_speed.md run 9). Off until a GPU measures it
+# (generate_speed.py --decode-cache-write).
+WRITE_CACHE = False
+
+
+def _add_new_keys(q, extra, cols, cache_outs, carry, scale):
+    """The step's new keys folded into the online softmax (o [R, hd], max [R], sum [R]), and written
+    into the caches at their columns (after the loop: the loop's reads saw the old entries, masked)."""
+    nv_ref, kn_ref, vn_ref = extra[:3]
+    o, mx, den = carry
+    kn, vn = kn_ref[...], vn_ref[...]  # [T, hd]
+    seen = nv_ref[...] != 0  # [R or 1, T]
+    s = jnp.sum(q.astype(jnp.float32)[:, None, :] * kn.astype(jnp.float32)[None], axis=2) * scale
+    s = jnp.where(seen, s, _NEG)  # [R, T]
+    new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
+    p = jnp.where(seen, jnp.exp(s - new_mx[:, None]), 0.0)
+    fix = jnp.exp(mx - new_mx)
+    # A key no query sees may be garbage (an inert column's NaN): selected away, not multiplied by 0.
+    pv = p.astype(vn.dtype).astype(jnp.float32)[:, :, None] * vn.astype(jnp.float32)[None]
+    pv = jnp.sum(jnp.where(seen[:, :, None], pv, 0.0), axis=1)
+    kc_ref, vc_ref = cache_outs
+    for t, col in enumerate(cols):
+
+        @pl.when(col >= 0)
+        def _write(t=t, col=col):
+            kc_ref[pl.ds(col, 1), :] = kn_ref[pl.ds(t, 1), :]
+            vc_ref[pl.ds(col, 1), :] = vn_ref[pl.ds(t, 1), :]
+
+    return o * fix[:, None] + pv, new_mx, den * fix + jnp.sum(p, axis=1)
 
 
 def direct_layout(t: int, group: int, splits: int, max_rows: int | None = None) -> bool:
@@ -192,6 +239,67 @@ def decode_attention(
     Returns:
       float[B, T, H, hd] in q's dtype; a query with no visible key gives 0.
     """
+    return _attend(q, k, v, mask, None, block_k, splits, direct_rows, interpret)[0]
+
+
+def writes_cache(q: jax.Array, cache: jax.Array) -> bool:
+    """Whether the sampler lets the kernel write its caches: WRITE_CACHE on and :func:`write_supported`."""
+    return WRITE_CACHE and write_supported(q, cache)
+
+
+def write_supported(q: jax.Array, cache: jax.Array) -> bool:
+    """Whether :func:`decode_attention_write` takes queries float[B, T, H, hd] over ``cache``
+    [B, N, KV, hd]: a supported call of one key split, T a power of two."""
+    b, t = q.shape[:2]
+    n, kv, d = cache.shape[1:]
+    return (
+        t == _pow2(t)
+        and q.dtype == cache.dtype
+        and supported(q, kv)
+        and key_splits(b * kv, n, block_keys(d, q.dtype)) == 1
+    )
+
+
+def decode_attention_write(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    cols: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    mask: jax.Array,
+    *,
+    block_k: int | None = None,
+    direct_rows: int | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode step's cache write and attention in one kernel: ``scatter_rows`` of the new keys and
+    values into the caches at ``cols``, then :func:`decode_attention` over the written caches, without
+    the two scatter kernels XLA runs for the writes.
+
+    Args:
+      q: float[B, T, H, hd]; k_new, v_new: float[B, T, KV, hd] (cast to the caches' dtype).
+      cols: int32[B, T], where each new key goes (out of range: not written, not seen).
+      k_cache, v_cache: [B, N, KV, hd]; mask: bool[B, T, N] over the written caches.
+      block_k, direct_rows, interpret: as :func:`decode_attention`.
+
+    Returns:
+      (o float[B, T, H, hd], k_cache, v_cache written).
+    """
+    if not write_supported(q, k_cache):
+        raise ValueError(
+            f"decode_attention_write takes one key split and a power-of-two number of queries, got q "
+            f"{q.shape} {q.dtype} over a cache {k_cache.shape} {k_cache.dtype}: check write_supported first"
+        )
+    if k_new.shape != (*q.shape[:2], *k_cache.shape[2:]) or cols.shape != q.shape[:2]:
+        raise ValueError(f"k_new must be [B, T, KV, hd] and cols [B, T], got {k_new.shape} and {cols.shape}")
+    new = (k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype), cols.astype(jnp.int32))
+    return _attend(q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret)
+
+
+def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
+    """decode_attention, with the step's new keys written by the kernel where ``new`` = (k_new,
+    v_new, cols) is given. Returns (o,) or (o, k written, v written)."""
     b, t, h, d = q.shape
     n, kv = k.shape[1], k.shape[2]
     if not supported(q, kv) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -206,60 +314,52 @@ def decode_attention(
     if block_k < 16 or block_k != _pow2(block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     g = h // kv
-    r = rows(t, g)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if splits is None:
         splits = key_splits(b * kv, n, block_k)
+    direct = direct_layout(t, g, splits, direct_rows)
+    if direct and chosen_block is None:  # the products' [rows, block_k, hd] float32 values in registers
+        block_k = min(block_k, max(16, _pow2(DIRECT_PRODUCT_VALUES // (t * g * d) + 1) // 2))
     per_split = _ceil(_ceil(n, splits), block_k) * block_k  # keys per split, whole blocks
+    one = splits == 1
+    r = t * g if direct else rows(t, g)
 
-    lo, hi = visible_range(mask)
-    params = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+    # Query rows of a program and the mask rows they read. Direct: q as it is (t queries of one head,
+    # or one query's g heads); else (query, head of the group) rows, then zero rows up to a power of
+    # two, and a single query's mask row serves every row (padding rows' outputs are dropped).
+    def program_rows(x):  # [b, t, kv * g, ...] -> [b, kv, r, ...]
+        x = x.reshape(b, t, kv, g, *x.shape[3:]).swapaxes(1, 2).reshape(b, kv, t * g, *x.shape[3:])
+        return jnp.pad(x, [(0, 0), (0, 0), (0, r - t * g)] + [(0, 0)] * (x.ndim - 3))
+
+    def mask_rows(m):  # [b, t, ...] -> [b, t or r, ...]
+        if direct or t == 1:
+            return m.astype(jnp.int8)
+        return jnp.pad(jnp.repeat(m, g, axis=1), [(0, 0), (0, r - t * g), (0, 0)]).astype(jnp.int8)
+
+    if not direct:
+        q_in, q_spec = program_rows(q), pl.BlockSpec((None, None, r, d), lambda i, j, s: (i, j, 0, 0))
+    elif g == 1:  # the ~3 us of XLA's transpose and pad around the kernel (run 9) are not run
+        q_in, q_spec = q, pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0))
+    else:
+        q_in, q_spec = q.reshape(b, kv, g, d), pl.BlockSpec((None, None, g, d), lambda i, j, s: (i, j, 0, 0))
+    mr = mask_rows(mask)
+    m_rows = mr.shape[1]
     row_scalar = pl.BlockSpec((None,), lambda i, j, s: (i,))
     cache_spec = pl.BlockSpec((None, n, None, d), lambda i, j, s: (i, 0, j, 0))
-    if direct_layout(t, g, splits, direct_rows):
-        if chosen_block is None:  # the products' [rows, block_k, hd] float32 values in registers
-            block_k = min(block_k, max(16, _pow2(DIRECT_PRODUCT_VALUES // (t * g * d) + 1) // 2))
-        # A decode step's usual call (t = 1 or 2, one head per kv head): the ~3 us of XLA's transpose
-        # and pad to 16 rows around the kernel (generate_speed.md, run 9) would cost what it does.
-        if g == 1:
-            qd, q_spec = q, pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0))
-        else:
-            qd, q_spec = (
-                q.reshape(b, kv, g, d),
-                pl.BlockSpec((None, None, g, d), lambda i, j, s: (i, j, 0, 0)),
-            )
-        out = pl.pallas_call(
-            functools.partial(_kernel, n=n, per_split=n, block_k=block_k, scale=d**-0.5, dot=False),
-            grid=(b, kv, 1),
-            in_specs=[
-                row_scalar,
-                row_scalar,
-                q_spec,
-                cache_spec,
-                cache_spec,
-                pl.BlockSpec((None, t, n), lambda i, j, s: (i, 0, 0)),
-            ],
-            out_specs=q_spec,
-            out_shape=jax.ShapeDtypeStruct(qd.shape, q.dtype),
-            interpret=interpret,
-            name="fastblt_decode_attention",
-            **params,
-        )(lo, hi, qd, k, v, mask.astype(jnp.int8))
-        return out.reshape(b, t, h, d)
-    # Rows of a program: (query, head of the group), then zero rows up to a power of two. A single
-    # query's mask row serves every row (padding rows' outputs are dropped whatever they see).
-    qr = q.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, r - t * g), (0, 0)))
-    mr = mask.astype(jnp.int8)
-    if t > 1:
-        mr = jnp.pad(jnp.repeat(mr, g, axis=1), ((0, 0), (0, r - t * g), (0, 0)))
-    m_rows = mr.shape[1]
+    args = [*visible_range(mask), q_in, k, v, mr]
+    in_specs = [
+        row_scalar,
+        row_scalar,
+        q_spec,
+        cache_spec,
+        cache_spec,
+        pl.BlockSpec((None, m_rows, n), lambda i, j, s: (i, 0, 0)),
+    ]
 
-    one = splits == 1
     if one:  # the kernel writes the normalised output
-        out_shape = [jax.ShapeDtypeStruct((b, kv, r, d), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, r, d), lambda i, j, s: (i, j, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct(q_in.shape, q.dtype)]
+        out_specs = [q_spec]
     else:  # each split writes its unnormalised output, softmax max and sum; XLA combines them
         stats = jax.ShapeDtypeStruct((splits, b, kv, r), jnp.float32)
         out_shape = [jax.ShapeDtypeStruct((splits, b, kv, r, d), jnp.float32), stats, stats]
@@ -269,31 +369,47 @@ def decode_attention(
             stats_spec,
             stats_spec,
         ]
-    kernel = functools.partial(_kernel, n=n, per_split=per_split, block_k=block_k, scale=d**-0.5, dot=True)
+    aliases = {}
+    if new is not None:
+        k_new, v_new, cols = new
+        valid = (cols >= 0) & (cols < n)
+        seen = jnp.take_along_axis(mask, jnp.clip(cols, 0, n - 1)[:, None, :], axis=2) & valid[:, None, :]
+        new_spec = pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0))
+        args += [mask_rows(seen), k_new, v_new] + [cols[:, i] for i in range(t)]
+        in_specs += [pl.BlockSpec((None, m_rows, t), lambda i, j, s: (i, 0, 0)), new_spec, new_spec]
+        in_specs += [row_scalar] * t
+        out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+        out_specs += [cache_spec, cache_spec]
+        aliases = {3: 1, 4: 2}  # the caches are written in place
+    kernel = functools.partial(
+        _kernel,
+        n=n,
+        per_split=per_split,
+        block_k=block_k,
+        scale=d**-0.5,
+        dot=not direct,
+        new_keys=0 if new is None else t,
+    )
+    params = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
     outs = pl.pallas_call(
         kernel,
         grid=(b, kv, splits),
-        in_specs=[
-            row_scalar,
-            row_scalar,
-            pl.BlockSpec((None, None, r, d), lambda i, j, s: (i, j, 0, 0)),
-            cache_spec,
-            cache_spec,
-            pl.BlockSpec((None, m_rows, n), lambda i, j, s: (i, 0, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=interpret,
         name="fastblt_decode_attention",
         **params,
-    )(lo, hi, qr, k, v, mr)
-    if one:
-        o = outs[0]
-    else:
-        o, mx, den = outs
+    )(*args)
+    o = outs[0]
+    if not one:
+        _, mx, den = outs
         w = jnp.exp(mx - jnp.max(mx, axis=0))  # [S, b, kv, r]
         total = jnp.sum(den * w, axis=0)
         o = jnp.sum(o * w[..., None], axis=0)
         o = jnp.where(total[..., None] > 0, o / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
-    o = o[:, :, : t * g].reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
-    return o.astype(q.dtype)
+    if not direct:
+        o = o[:, :, : t * g].reshape(b, kv, t, g, d).swapaxes(1, 2)
+    caches = () if new is None else tuple(outs[1:])
+    return (o.reshape(b, t, h, d).astype(q.dtype), *caches)

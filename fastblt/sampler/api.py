@@ -101,6 +101,7 @@ def _compiled(key, fn, args):
         attention.GPU_MIN_QUERY_ROWS,  # and its attention kernels on these (fastblt.model.attention)
         attention.GPU_DECODE_KERNEL,
         decode_attention.MAX_DIRECT_ROWS,
+        decode_attention.WRITE_CACHE,
         treedef,
         tuple((np.shape(x), str(jnp.result_type(x)), getattr(x, "sharding", None)) for x in leaves),
     )

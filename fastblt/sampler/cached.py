@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
+from fastblt.model import decode_attention as decode_kernel
 from fastblt.model import patcher as patching
 from fastblt.model.attention import Attend, attention, causal_mask, document_ids, resolve_impl
 from fastblt.model.blt import BLT
@@ -84,6 +85,10 @@ def _window_rows(x: jax.Array, start: jax.Array, span: int, axis: int) -> jax.Ar
     return jax.vmap(lambda xb, sb: jax.lax.dynamic_slice_in_dim(xb, sb, span, axis=axis))(x, start)
 
 
+def _replace(stack: tuple, i: int, cache: jax.Array) -> tuple:
+    return stack[:i] + (cache,) + stack[i + 1 :]
+
+
 def cached_attend(
     k_stack: Layers,
     v_stack: Layers,
@@ -105,10 +110,17 @@ def cached_attend(
     span = window_span(n, t, window)
 
     def attend(q, k, v):
+        kernel = resolve_impl(impl, q, kv_heads=k.shape[2]) == "decode"
+        if kernel and isinstance(k_stack, tuple) and decode_kernel.writes_cache(q, k_stack[layer]):
+            # The kernel writes the new keys and values itself (no scatter kernels per layer).
+            o, kc, vc = decode_kernel.decode_attention_write(
+                q, k, v, cols, k_stack[layer], v_stack[layer], mask
+            )
+            return o, (_replace(k_stack, layer, kc), _replace(v_stack, layer, vc))
         ks, vs = write_layer(k_stack, layer, cols, k), write_layer(v_stack, layer, cols, v)
         # The decode kernel reads only the visible keys itself: no window gathered for it (from an
         # unrolled stack; a stacked one's read_layer would copy the layer's whole cache).
-        own_window = isinstance(k_stack, tuple) and resolve_impl(impl, q, kv_heads=k.shape[2]) == "decode"
+        own_window = isinstance(k_stack, tuple) and kernel
         if span is None or own_window:
             return attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl), (ks, vs)
         # Keys qpos[:, 0] - window + 1 .. qpos[:, -1] hold everything visible (clipped into the buffer).
