@@ -113,14 +113,12 @@ def _sharpened(name: str, factor: float):
     return config, {**params, "local_decoder": dec}
 
 
-def _exact_first_two(config, params, prompt: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
-    """float64[V, V]: P(first generated id, second generated id) under ar sampling."""
-    # One call: the prompt, and the prompt followed by each possible first id (260 rows).
+def _exact_first_two(logits: list[np.ndarray], temperature: float, top_p: float) -> np.ndarray:
+    """float64[V, V]: P(first generated id, second generated id) under ar sampling, from the logits
+    of the first byte after the prompt (``logits[0]``) and after the prompt plus each first id
+    (``logits[1 + i]``), as ``ar`` with ``record_logits`` returns them."""
     v = 260
-    prompts = [prompt] + [np.append(prompt, i).astype(np.int32) for i in range(v)]
-    kw = dict(max_bytes=1, buffer_bytes=64, prefill_chunk=4, record_logits=True, stop_at_eos=False)
-    logits = generate(params, config, prompts, **kw).logits
-    probs = np.stack([_np_filtered(np.asarray(x[0]), temperature, top_p) for x in logits])
+    probs = np.stack([_np_filtered(np.asarray(x[0]), temperature, top_p) for x in logits[: 1 + v]])
     joint = probs[0][:, None] * probs[1:]
     return joint / joint.sum()
 
@@ -134,13 +132,24 @@ def test_blt_s_sampling_is_distributed_as_ar(monkeypatch):
     config, params = _sharpened("base", 2.5)
     prompt = np.asarray([1, 40, 77, 101, 9, 64], np.int32)  # BOS + five ids
     top_p = 0.9
-    exact = _exact_first_two(config, params, prompt, 1.0, top_p)
-    assert exact.max() < 0.5 and (exact > 0.01).sum() >= 4  # a distribution the test can tell apart
     n = 2000
     gen = 6
+    # A 32-byte buffer holds the 6-id prompt, 6 bytes and a round's 4 patches of room (every byte is a
+    # patch here). The 2000-row runs scan the whole buffer: at 64 (and 128 for the wrong rule) this
+    # test took 77.9 CPU-s, at 32 and 48 with the shared ar program below 65.1 (2 loaded cores).
     kw = dict(
-        max_bytes=gen, buffer_bytes=64, prefill_chunk=4, stop_at_eos=False, temperature=1.0, top_p=top_p
+        max_bytes=gen, buffer_bytes=32, prefill_chunk=4, stop_at_eos=False, temperature=1.0, top_p=top_p
     )
+    # One ar program (sampling, record_logits, n rows) gives both the oracle's logits and the ar
+    # draws below; a separate greedy 261-row program for the logits was one more compile.
+    # Its rows: the prompt, and the prompt followed by each possible first id (260 rows); the rest
+    # repeat the prompt. The recorded logits are the model's, before temperature and top-p.
+    ar_kw = dict(kw, record_logits=True)
+    variants = [prompt] + [np.append(prompt, i).astype(np.int32) for i in range(260)]
+    variants += [prompt] * (n - len(variants))
+    logits = generate(params, config, variants, method="ar", **{**ar_kw, "max_bytes": 1}).logits
+    exact = _exact_first_two(logits, 1.0, top_p)
+    assert exact.max() < 0.5 and (exact > 0.01).sum() >= 4  # a distribution the test can tell apart
 
     def pairs(out):
         ids = np.stack([out.ids[r][:2] for r in range(n)])
@@ -152,7 +161,7 @@ def test_blt_s_sampling_is_distributed_as_ar(monkeypatch):
     assert chi_square_p_value(pairs(out), exact.reshape(-1)) > ALPHA
     # Bytes 3-6 (later drafts, the draw after an all-accepted round, later rounds' first bytes):
     # against ar sampling's, position by position (two-sample tests, Bonferroni over 4).
-    ar = generate(params, config, [prompt] * n, method="ar", seed=11, **kw)
+    ar = generate(params, config, [prompt] * n, method="ar", seed=11, **ar_kw)
     for pos in range(2, gen):
         spec_counts = np.bincount([out.ids[r][pos] for r in range(n)], minlength=260)
         ar_counts = np.bincount([ar.ids[r][pos] for r in range(n)], minlength=260)
@@ -168,7 +177,7 @@ def test_blt_s_sampling_is_distributed_as_ar(monkeypatch):
     monkeypatch.setattr(speculative, "speculative_accept", accept_every_draft)
     # Another buffer size: a program of its own, traced with the wrong rule (not the cached one).
     wrong = generate(
-        params, config, [prompt] * n, method="blt_s", draft=3, seed=7, **{**kw, "buffer_bytes": 128}
+        params, config, [prompt] * n, method="blt_s", draft=3, seed=7, **{**kw, "buffer_bytes": 48}
     )
     assert chi_square_p_value(pairs(wrong), exact.reshape(-1)) < ALPHA
 
