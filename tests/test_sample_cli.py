@@ -96,7 +96,9 @@ def test_compilation_cache_flag_keeps_the_program_there(monkeypatch, export_dir,
         code, _, _ = _run(monkeypatch, argv + ["--buffer-bytes", "200", "--compilation-cache", str(cache)])
         assert code == 0 and any(cache.iterdir()), "no compiled program was written to the cache"
         jax.config.update("jax_compilation_cache_dir", before)
-        code, _, _ = _run(monkeypatch, argv + ["--buffer-bytes", "208", "--no-compilation-cache"])
+        # The same program, found compiled in this process: the flag is read before any compile
+        # (fastblt.sampler.api.prepare), so a second program (~15 CPU-s) would check nothing more.
+        code, _, _ = _run(monkeypatch, argv + ["--buffer-bytes", "200", "--no-compilation-cache"])
         assert code == 0 and jax.config.jax_compilation_cache_dir == before
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
