@@ -85,3 +85,35 @@ def uninterrupted_run() -> tuple[Path, dict[int, float]]:
     losses = {int(s): loss for s, loss in read_json(done / "losses.json")}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     return done / "run", losses
+
+
+# The two-stage run's settings. Its patch buffer starts at 8 slots, fewer than a row of ~17 patches
+# (64 bytes at ~4 bytes a patch) needs, so stage 2 raises it: the run tests/test_calibration.py reads
+# for that raise is this one, instead of a two-stage run of its own (51 s in the full suite).
+TWO_STAGE_ARGS = (
+    "entropy_stage.steps=3",
+    "entropy_stage.target_patch_len=4.0",
+    "model.patcher.max_patches=8",
+)
+
+
+def two_stage_run() -> tuple[Path, list[str], dict]:
+    """(workdir, logs, last metrics) of a finished two-stage run of ``train_utils.small_config(
+    *TWO_STAGE_ARGS, steps=3, patching="entropy")``, built once per session: read by
+    tests/test_train.py (the stages, export and conversion) and tests/test_calibration.py (the raised
+    patch buffer, and resuming with it). Each run compiles both stages' steps. It prints the
+    end-of-run greedy sample, which train_utils turns off elsewhere. A test that changes the workdir
+    copies it first."""
+    from train_utils import small_config
+
+    from fastblt.train.loop import run
+
+    def build(path: Path) -> None:
+        cfg = small_config(*TWO_STAGE_ARGS, "train.sample_bytes=8", steps=3, patching="entropy")
+        logs: list[str] = []
+        last = run(cfg, str(path / "run"), log=logs.append)
+        write_json(path / "result.json", {"logs": logs, "last": last})
+
+    done = built_once("two_stage", build)
+    result = read_json(done / "result.json")
+    return done / "run", result["logs"], result["last"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+from shared_runs import TWO_STAGE_ARGS, two_stage_run
 from train_utils import small_config
 
 from fastblt.config import PatcherConfig
@@ -34,25 +37,24 @@ def test_patches_needed_counts_patches_past_the_buffer():
 
 
 def test_stage_two_raises_a_patch_buffer_that_rows_would_overflow(tmp_path):
-    cfg_args = (
-        "entropy_stage.steps=2",
-        "entropy_stage.target_patch_len=4.0",
-        "model.patcher.max_patches=8",  # ~17 patches per 64-byte row at 4 bytes per patch
-    )
-    cfg = small_config(*cfg_args, steps=2, patching="entropy")
-    logs: list[str] = []
-    last = run(cfg, str(tmp_path), log=logs.append)
+    # The session's two-stage run starts with 8 slots (shared_runs.TWO_STAGE_ARGS), about half the
+    # ~17 patches a 64-byte row needs at 4 bytes per patch; it also serves tests/test_train.py.
+    shared, logs, last = two_stage_run()
+    assert "model.patcher.max_patches=8" in TWO_STAGE_ARGS
     raised = [line for line in logs if "max_patches raised from 8 to" in line]
     assert raised, logs
-    config, _ = load_model(tmp_path)  # the checkpoint keeps the raised buffer
+    config, _ = load_model(shared)  # the checkpoint keeps the raised buffer
     assert config.patcher.max_patches > 8
     assert last["patch_overflow"] == 0.0
     assert not any(line.startswith("WARNING step") for line in logs)
     # Resuming keeps the buffer its checkpoints were written with (no second sizing, no mismatch).
-    logs.clear()
-    more = run(small_config(*cfg_args, steps=3, patching="entropy"), str(tmp_path), log=logs.append)
-    assert any("resumed" in line for line in logs) and not any("raised from" in line for line in logs)
-    assert load_model(tmp_path)[0].patcher.max_patches == config.patcher.max_patches
+    workdir = shutil.copytree(shared, tmp_path / "run")  # the shared run stays as it was
+    logs = []
+    more = run(small_config(*TWO_STAGE_ARGS, steps=4, patching="entropy"), str(workdir), log=logs.append)
+    assert any("resumed blt from step 3" in line for line in logs) and not any(
+        "raised from" in line for line in logs
+    )
+    assert load_model(workdir)[0].patcher.max_patches == config.patcher.max_patches
     assert more["patch_overflow"] == 0.0
 
 
