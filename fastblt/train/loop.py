@@ -409,6 +409,7 @@ def _train(
             due = preempted or done == trainer.steps or done % ckpt.save_every == 0
             if due:
                 guard.check(*in_flight)  # never save a state a non-finite step produced
+                in_flight = None  # checked: the next step must not count a skipped step twice
                 ckpt.save(done, payload, data_iter, meta, force=True)
             if preempted:
                 log(
