@@ -29,6 +29,13 @@ if "--xla_force_host_platform_device_count" not in _flags:
 # hundreds of steps trains in a subprocess at the default level (shared_runs.train_subprocess).
 if "--xla_backend_optimization_level" not in _flags:
     _flags = f"{_flags} --xla_backend_optimization_level=0"
+# XLA's older CPU fusion code generator instead of its MLIR fusion emitters: on the 2-core dev machine
+# (jaxlib 0.10.2, 2026-12-05) a tiny ar and blt_s program and a 2-step train run took 34.9 CPU-s to
+# compile and run with the emitters and 23.5 without (the train run 16.1 -> 11.3 s). Disabling the
+# expensive LLVM passes, one codegen split or the old (non-thunk) runtime changed nothing. Tests
+# compare programs with oracles, never with the emitters' own bits, so the generator is free to pick.
+if "--xla_cpu_use_fusion_emitters" not in _flags:
+    _flags = f"{_flags} --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags
 # A directory for the pytest session, made by the controlling process (or the one process of a run
 # without xdist), inherited by its xdist workers and by the `fastblt` subprocesses that tests start,

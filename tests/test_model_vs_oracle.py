@@ -188,12 +188,12 @@ def test_remat_and_scan_change_nothing_but_memory_and_compile_time(changes):
     v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(config.replace(**changes), p)))(params)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
 
-    # Scanned layers fuse differently: float32 rounding, not a different function.
+    # Scanned layers, and remat's recomputed forward, fuse differently: float32 rounding, not a
+    # different function (remat alone: 6 of 1 152 gradient entries of one leaf off by up to 1.1e-6,
+    # 1e-4 relative, under XLA's older CPU fusion generator of tests/conftest.py; a wrong recompute
+    # moves gradients by far more).
     def close(a, b):
-        if changes.get("scan_layers"):
-            np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(b).max()))
-        else:
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(b).max()))
 
     jax.tree.map(close, g1, g0)
     if changes.get("scan_layers"):  # one block in the program, not three
