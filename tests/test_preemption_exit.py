@@ -86,25 +86,24 @@ def test_kill_9_during_async_saves_then_resume_repeats_the_uninterrupted_losses(
     # and 4 being saved. It was two kills (after steps 2 and 4), 93 s in the full suite: each
     # launch costs ~30 s of startup and compiling (93 s / 3), and a second kill only repeats the first one's
     # path (restore the newest complete checkpoint, drop a half-written one) with another timing.
-    for kill_after in (3,):
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            # The first progress line at or past kill_after (a resumed run may start past it).
-            done = re.search(rf"step +(\d+)/{steps} ", line)
-            if done and int(done.group(1)) >= kill_after:
-                break
-        proc.kill()
-        proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        # The first progress line at or past step 3.
+        done = re.search(rf"step +(\d+)/{steps} ", line)
+        if done and int(done.group(1)) >= 3:
+            break
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(x) for x in (workdir / "tensorboard" / "metrics.jsonl").read_text().splitlines()]

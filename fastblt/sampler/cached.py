@@ -46,6 +46,7 @@ from fastblt.sampler.state import (
     gather_layer_rows,
     gather_rows,
     read_layer,
+    replace_layer,
     scanned_stacks,
     scatter_rows,
     uses_entropy_model,
@@ -85,10 +86,6 @@ def _window_rows(x: jax.Array, start: jax.Array, span: int, axis: int) -> jax.Ar
     return jax.vmap(lambda xb, sb: jax.lax.dynamic_slice_in_dim(xb, sb, span, axis=axis))(x, start)
 
 
-def _replace(stack: tuple, i: int, cache: jax.Array) -> tuple:
-    return stack[:i] + (cache,) + stack[i + 1 :]
-
-
 def cached_attend(
     k_stack: Layers,
     v_stack: Layers,
@@ -116,7 +113,7 @@ def cached_attend(
             o, kc, vc = decode_kernel.decode_attention_write(
                 q, k, v, cols, k_stack[layer], v_stack[layer], mask
             )
-            return o, (_replace(k_stack, layer, kc), _replace(v_stack, layer, vc))
+            return o, (replace_layer(k_stack, layer, kc), replace_layer(v_stack, layer, vc))
         ks, vs = write_layer(k_stack, layer, cols, k), write_layer(v_stack, layer, cols, v)
         # The decode kernel reads only the visible keys itself: no window gathered for it (from an
         # unrolled stack; a stacked one's read_layer would copy the layer's whole cache).

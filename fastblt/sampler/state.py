@@ -180,9 +180,14 @@ def write_layer(stack: Layers, i: int | jax.Array | slice, cols: jax.Array, valu
     stacked one is written in place, only at ``cols``). cols: int32[B, T] (out of range: dropped);
     values: [B, T, ...]."""
     if isinstance(stack, tuple):
-        return stack[:i] + (scatter_rows(stack[i], cols, values),) + stack[i + 1 :]
+        return replace_layer(stack, i, scatter_rows(stack[i], cols, values))
     rows = jnp.arange(stack.shape[1])[:, None]
     return stack.at[i, rows, cols].set(values.astype(stack.dtype), mode="drop")
+
+
+def replace_layer(stack: tuple, i: int, cache: jax.Array) -> tuple:
+    """An unrolled stack's caches with layer ``i``'s replaced by ``cache``."""
+    return stack[:i] + (cache,) + stack[i + 1 :]
 
 
 def write_all_layers(stack: jax.Array, cols: jax.Array, values: jax.Array) -> jax.Array:
