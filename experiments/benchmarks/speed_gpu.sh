@@ -25,6 +25,8 @@
 #   14. ar and blt_s8 at batch 1 and 32 with the decode kernel's direct layout (--decode-direct-rows 4:
 #      no zero rows or transposes around calls of 1-4 query rows), batch 1 profiled: against phase 8;
 #   15. the same with the kernel also writing the caches (--decode-cache-write: no scatter kernels).
+#   16. where a cold compile of ar (batch 1) goes: XLA's own logging timers (HLO passes, autotuning,
+#       LLVM, ptxas) in a fresh process with an empty cache; the timer lines in compile_log/timers.txt.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 5, 6, 7, 10, 11 and 13's decode half are next. A device call's background jobs end
@@ -62,7 +64,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -103,6 +105,15 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15}; do
        --out "$out/gen_direct_write" ;;
   12) phase gen_decode_kernel python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-kernel decode --profile ar:1 ar:32 --out "$out/gen_decode_kernel" ;;
+  16) mkdir -p "$out/compile_log"
+      JAX_COMPILATION_CACHE_DIR=/tmp/cold-log TF_CPP_MIN_LOG_LEVEL=0 \
+        TF_CPP_VMODULE=gpu_compiler=1,nvptx_compiler=1,compile_module_to_llvm_ir=1,gemm_fusion_autotuner=1,autotuner_pass=1,triton_fusion_emitter=1 \
+        phase compile_log python3 $bench/compile_time.py --shape 1b --variants full --methods ar \
+        --out "$out/compile_log"
+      if [ -e "$out/compile_log/stdout.txt" ]; then
+        grep -aE 'took|[0-9.]+ ?(s|ms|us)\b' "$out/compile_log/stdout.txt" | grep -avE '^\{' > "$out/compile_log/timers.txt"
+        gzip -f "$out/compile_log/stdout.txt"
+      fi ;;
   13) for kernel in xla decode; do
         phase "gen_long_$kernel" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes 4000 16000 --decode-kernel $kernel --out "$out/gen_long_$kernel"
