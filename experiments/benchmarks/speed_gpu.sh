@@ -27,6 +27,10 @@
 #   15. the same with the kernel also writing the caches (--decode-cache-write: no scatter kernels).
 #   16. where a cold compile of ar (batch 1) goes: XLA's own logging timers (HLO passes, autotuning,
 #       LLVM, ptxas) in a fresh process with an empty cache; the timer lines in compile_log/timers.txt.
+#   17. whether XLA's own caches in the persistent cache directory (jax_persistent_cache_enable_xla_caches:
+#       autotuning results alone, JAX's default, or "all": compiled kernels too) shorten a second
+#       program's compile: ar at batch 1, then ar at batch 32 and blt_s8 at batch 1, one fresh
+#       process each, one empty cache directory per setting.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 5, 6, 7, 10, 11 and 13's decode half are next. A device call's background jobs end
@@ -64,7 +68,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -114,6 +118,16 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16}; do
         grep -aE 'took|[0-9.]+ ?(s|ms|us)\b' "$out/compile_log/stdout.txt" | grep -avE '^\{' > "$out/compile_log/timers.txt"
         gzip -f "$out/compile_log/stdout.txt"
       fi ;;
+  17) for caches in default all; do
+        for job in "ar 1" "ar 32" "blt_s8 1"; do
+          set -- $job
+          if [ $caches = all ]; then export JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all; fi
+          JAX_COMPILATION_CACHE_DIR=/tmp/xla-caches-$caches \
+            phase "xla_caches_${caches}_$1_$2" python3 $bench/compile_time.py --shape 1b --variants full \
+            --methods $1 --batch $2 --out "$out/xla_caches_$caches"
+          unset JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES
+        done
+      done ;;
   13) for kernel in xla decode; do
         phase "gen_long_$kernel" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes 4000 16000 --decode-kernel $kernel --out "$out/gen_long_$kernel"
