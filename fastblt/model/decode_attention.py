@@ -299,7 +299,20 @@ def decode_attention_write(
 
 def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
     """decode_attention, with the step's new keys written by the kernel where ``new`` = (k_new,
-    v_new, cols) is given. Returns (o,) or (o, k written, v written)."""
+    v_new, cols) is given. Returns (o,) or (o, k written, v written).
+
+    The module's switches are read here, outside the jit: a traced call is cached by its static
+    arguments, so a program's calls of one shape (a stack's layers, prefill and step alike) trace
+    and lower the kernel once instead of once per layer."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if direct_rows is None:
+        direct_rows = MAX_DIRECT_ROWS
+    return _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
     b, t, h, d = q.shape
     n, kv = k.shape[1], k.shape[2]
     if not supported(q, kv) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -314,8 +327,6 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
     if block_k < 16 or block_k != _pow2(block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     g = h // kv
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     if splits is None:
         splits = key_splits(b * kv, n, block_k)
     direct = direct_layout(t, g, splits, direct_rows)
