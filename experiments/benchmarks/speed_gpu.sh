@@ -33,6 +33,9 @@
 #       process each, one empty cache directory per setting.
 #   18. ar's program (batch 1) compiled whole, as its prefill and loop halves one after the other, and
 #       as the two halves in two threads at once (split_compile.py), one fresh process each, no cache.
+#   19. plain BLT and BLT-D-4 with the decoder's cross-attention as row blocks over windows of patch
+#       slots on cuDNN (--latent-windows, fastblt.model.attention.GPU_LATENT_WINDOWS) and without, the
+#       two runs one after the other, plain BLT profiled in both.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 5, 6, 7, 10, 11 and 13's decode half are next. A device call's background jobs end
@@ -70,7 +73,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -134,6 +137,10 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18}; do
         JAX_COMPILATION_CACHE_DIR= phase "split_compile_$mode" python3 $bench/split_compile.py --shape 1b \
           --mode $mode --out "$out/split_compile"
       done ;;
+  19) phase latent_gathered python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 --profile blt \
+        --steps 20 --warmup 3 --timeout 300 --out "$out/latent_gathered"
+      phase latent_windows python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
+        --latent-windows --steps 20 --warmup 3 --timeout 300 --out "$out/latent_windows" ;;
   13) for kernel in xla decode; do
         phase "gen_long_$kernel" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes 4000 16000 --decode-kernel $kernel --out "$out/gen_long_$kernel"

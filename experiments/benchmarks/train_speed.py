@@ -313,6 +313,11 @@ def run_row(args, row: str) -> dict:
         return run_matmul_row(args)
     if row.startswith("torch"):
         return run_torch_row(args, row)
+    if args.latent_windows:
+        from fastblt.model import attention
+
+        attention.GPU_LATENT_WINDOWS = True
+        return {**run_jax_row(args, row), "latent_windows": True}
     return run_jax_row(args, row)
 
 
@@ -413,6 +418,12 @@ def main(argv: list[str] | None = None) -> None:
         help="time the step that checks documents per row in every layer (the train loop's choice for "
         "a batch with a row of more than MAX_SEGMENTS documents) instead of the host-checked one",
     )
+    p.add_argument(
+        "--latent-windows",
+        action="store_true",
+        help="turn fastblt.model.attention.GPU_LATENT_WINDOWS on: the decoder's cross-attention as row "
+        "blocks over windows of patch slots through the fused kernel",
+    )
     args = p.parse_args(argv)
     if args.row:
         print("RESULT " + json.dumps(run_row(args, args.row)), flush=True)
@@ -450,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
 def _forward(args) -> list[str]:
     out = ["--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out += ["--checked-step"] if args.checked_step else []
+    out += ["--latent-windows"] if args.latent_windows else []
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:

@@ -34,7 +34,7 @@ import numpy as np
 from fastblt.config import ATTENTION_IMPLS
 from fastblt.model.decode_attention import decode_attention
 from fastblt.model.decode_attention import supported as decode_supported
-from fastblt.model.lookup import take_rows_batched
+from fastblt.model.lookup import take_rows_batched, take_windows_batched
 from fastblt.model.splash import splash_local
 
 _NEG = -1e30  # finite: an all-masked row stays finite before it is zeroed
@@ -442,6 +442,78 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     logits = jnp.einsum("bthd,btshd->bths", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bths,btshd->bthd", probs, v).astype(q.dtype)
+
+
+# Rows per block of :func:`latent_attention`'s windowed form: patch ids rise by at most one per row,
+# so R consecutive rows read at most R consecutive patches, and a block's keys are one window of the
+# slots of R patches (R * k keys).
+LATENT_BLOCK_ROWS = 64
+
+# Whether :func:`latent_attention` runs its windowed form where the attention core resolves to a fused
+# kernel (cuDNN on a GPU). The gathered form reads ~0.13 GB of gathered keys and values per layer at
+# blt_mid and spends its gradient in sorted-id sums and scatters: 7.7 ms of an 85 ms step in the
+# decoder's cross-attention, 1.7 ms of it scatters (experiments/results/train_speed.md, run 7). Off
+# until a GPU measures it (train_speed.py --latent-windows).
+GPU_LATENT_WINDOWS = False
+
+
+def latent_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, impl: str = "xla"
+) -> jax.Array:
+    """The decoder's cross-attention: each row attends the k slots of the one patch it reads.
+
+    Args:
+      q: float[batch, len, heads, head_dim]; k, v: float[batch, patches, k, heads, head_dim], each
+        patch's slot keys and values; index: int32[batch, len], the patch each row reads
+        (fastblt.model.patcher.latent_index): non-decreasing along a row, by at most one per row.
+      impl: the attention core's kernel. Where it resolves to a fused kernel and
+        :data:`GPU_LATENT_WINDOWS` is on, blocks of :data:`LATENT_BLOCK_ROWS` rows go through
+        :func:`attention` over one window of slots each (:func:`latent_windows`); otherwise each
+        row's k keys are gathered (:func:`gathered_attention`, the reference).
+
+    Returns: float[batch, len, heads, head_dim].
+    """
+    block_q = jax.ShapeDtypeStruct((q.shape[0], LATENT_BLOCK_ROWS, *q.shape[2:]), q.dtype)
+    kernel = resolve_impl(impl, block_q)
+    if GPU_LATENT_WINDOWS and kernel not in ("xla", "splash"):
+        return latent_windows(q, k, v, index, LATENT_BLOCK_ROWS, kernel)
+    # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
+    k_rows = take_rows_batched(k, index, ids_sorted=True)
+    v_rows = take_rows_batched(v, index, ids_sorted=True)
+    return gathered_attention(q, k_rows, v_rows)
+
+
+def latent_windows(
+    q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, block_rows: int, impl: str
+) -> jax.Array:
+    """:func:`latent_attention` as dense attention of row blocks over windows of patch slots.
+
+    A block of R = ``block_rows`` rows starting at patch s reads patches s .. s + R - 1 at most: its
+    keys are those patches' R * k slots (one window of consecutive slots, read without a gather and
+    with a scatter-free gradient: fastblt.model.lookup.take_windows), and each row sees the k of
+    its own patch. Exact where the index rises by at most one per row; elsewhere the output is NaN,
+    so a loss fails loudly instead of reading the wrong slots. Shapes as latent_attention.
+    """
+    b, t, h, d = q.shape
+    p, kk = k.shape[1], k.shape[2]
+    r = block_rows
+    nb = -(-t // r)
+    index = jnp.pad(index.astype(jnp.int32), ((0, 0), (0, nb * r - t)), mode="edge")
+    start = index[:, ::r]  # [b, nb]: the first row's patch
+    local = index.reshape(b, nb, r) - start[..., None]  # [b, nb, r]: patch within the window
+    fits = jnp.all((local >= 0) & (local < r))
+    # Keys padded by one window at the end, so no window is clamped to the array.
+    pad = ((0, 0), (0, r * kk), (0, 0), (0, 0))
+
+    def windows(x):
+        x = jnp.pad(x.reshape(b, p * kk, h, d), pad)
+        return take_windows_batched(x, start * kk, r * kk).reshape(b * nb, r * kk, h, d)
+
+    visible = local[..., None] == (jnp.arange(r * kk, dtype=jnp.int32) // kk)  # [b, nb, r, r * kk]
+    qb = jnp.pad(q, ((0, 0), (0, nb * r - t), (0, 0), (0, 0))).reshape(b * nb, r, h, d)
+    out = attention(qb, windows(k), windows(v), visible.reshape(b * nb, r, r * kk), impl)
+    out = out.reshape(b, nb * r, h, d)[:, :t]
+    return jnp.where(fits, out, jnp.nan).astype(q.dtype)
 
 
 def document_ids(tokens: jax.Array, eos_id: int = 2) -> jax.Array:

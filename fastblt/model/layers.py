@@ -34,9 +34,16 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
-from fastblt.model.attention import Attend, LocalMask, attention, gathered_attention, segment_attention
+from fastblt.model.attention import (
+    Attend,
+    LocalMask,
+    attention,
+    gathered_attention,
+    latent_attention,
+    segment_attention,
+)
 from fastblt.model.block_rows import BlockRows
-from fastblt.model.lookup import take_rows, take_rows_batched
+from fastblt.model.lookup import take_rows
 
 Dtype = jnp.dtype
 
@@ -347,18 +354,17 @@ class CrossAttention(nn.Module):
         o = segment_attention(q, k, v, segment_ids)
         return x + self.out(o.reshape(b, pk, self.n_heads, -1))
 
-    def gathered(self, x: jax.Array, slots: jax.Array, index: jax.Array) -> jax.Array:
-        """Each query attends only the k slots of one patch (the decoder's case, :func:`read_latents`).
+    def gathered(self, x: jax.Array, slots: jax.Array, index: jax.Array, impl: str = "xla") -> jax.Array:
+        """Each query attends only the k slots of one patch (the decoder's case; the sampler's
+        cached form is :func:`read_latents`).
 
         Args:
           x: float[b, len, dim] queries; slots: float[b, patches, k, dim];
-          index: int32[b, len], the patch each query reads.
+          index: int32[b, len], the patch each query reads (fastblt.model.attention.latent_attention);
+          impl: the attention core's kernel.
         """
         k, v = self.slot_kv(slots)
-        # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
-        k_rows = take_rows_batched(k, index, ids_sorted=True)
-        v_rows = take_rows_batched(v, index, ids_sorted=True)
-        return read_latents(self, x, k_rows, v_rows)
+        return x + self.out(latent_attention(self.query(x), k, v, index, impl))
 
     def slot_kv(self, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of patch slots float[b, patches, k, dim]: [b, patches, k, heads, head_dim]."""
