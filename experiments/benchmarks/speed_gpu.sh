@@ -33,15 +33,18 @@
 #       process each, one empty cache directory per setting.
 #   18. ar's program (batch 1) compiled whole, as its prefill and loop halves one after the other, and
 #       as the two halves in two threads at once (split_compile.py), one fresh process each, no cache.
+#   20. ar and blt_s8 at batch 1 and 32 with the kernel writing the caches in its dot layout
+#       (--decode-cache-write alone; phase 15 paired it with the direct layout), batch 1 profiled.
 #   19. plain BLT and BLT-D-4 with the decoder's cross-attention as row blocks over windows of patch
 #       slots on cuDNN (--latent-windows, fastblt.model.attention.GPU_LATENT_WINDOWS) and without, the
 #       two runs one after the other, plain BLT profiled in both.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
-# measures it too); 5, 6, 7, 10, 11 and 13's decode half are next. A device call's background jobs end
+# measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 20, 19, 17,
+# 13's decode half, 7, 5, 10, 11 and 6 are next. A device call's background jobs end
 # with the call: poll in the call that started them.
 #
-#   . experiments/benchmarks/gpu_env.sh && PHASES="8 14 15 13 10 11 7 6 5" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && PHASES="8 20 19 17 13 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -73,7 +76,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -141,6 +144,8 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19}; do
         --steps 20 --warmup 3 --timeout 300 --out "$out/latent_gathered"
       phase latent_windows python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
         --latent-windows --steps 20 --warmup 3 --timeout 300 --out "$out/latent_windows" ;;
+  20) phase gen_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+       --methods ar blt_s8 --batch 1 32 --decode-cache-write --profile ar:1 --out "$out/gen_write" ;;
   13) for kernel in xla decode; do
         phase "gen_long_$kernel" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes 4000 16000 --decode-kernel $kernel --out "$out/gen_long_$kernel"

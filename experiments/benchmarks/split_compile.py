@@ -8,14 +8,14 @@ about one thread (16 compile threads did not shorten it: generate_speed.md, run 
 carry, the two halves can compile concurrently in two threads. This script times ``ar``'s program
 three ways, one way per fresh process (run each with an empty ``JAX_COMPILATION_CACHE_DIR``, or none):
 
-* ``full``: the program as the sampler compiles it;
+* ``full``: the program as one module (the sampler's way before run 10);
 * ``serial``: the prefill half, then the loop half;
 * ``parallel``: both halves in two threads at once.
 
 ``--check`` compiles the full program as well and checks that the halves give its bytes.
 
-It reaches into the sampler: it records the arguments ``ar`` gives ``decode`` and rebuilds the two
-halves from them, as ``decode``'s ``run`` does in one piece.
+The halves are fastblt.sampler.decoding.Generation's; since run 10 (generate_speed.md) the sampler
+compiles them the ``parallel`` way (fastblt.sampler.api._compile_halves).
 """
 
 from __future__ import annotations
@@ -31,26 +31,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def halves(batch: int, shape: str):
-    """(full function, prefill half, loop half, args) of ``ar`` at ``shape`` (random weights)."""
-    import jax
-    import jax.numpy as jnp
-
-    import fastblt.sampler.ar as ar_module
+    """(whole function, prefill half, loop half, args) of ``ar`` at ``shape`` (random weights): the
+    halves of fastblt.sampler.decoding.Generation, as the sampler compiles them."""
     from experiments.benchmarks.generate_speed import method_kwargs, model_config
-    from fastblt.sampler import api, decoding
+    from fastblt.sampler import api
     from fastblt.sampler.bench import random_params
-    from fastblt.sampler.cached import Runner
-    from fastblt.sampler.cost import Counters
-    from fastblt.sampler.state import init_state
 
     config = model_config(shape)
     params = random_params(config, 0, config.dtype)
     recorded: dict = {}
-    real_decode, real_compiled = ar_module.decode, api._compiled
-
-    def spy(config, **kw):
-        recorded.update(kw, config=config)
-        return real_decode(config, **kw)
+    real_compiled = api._compiled
 
     class Built(Exception):
         pass
@@ -59,7 +49,7 @@ def halves(batch: int, shape: str):
         recorded.update(fn=fn, args=args)
         raise Built
 
-    ar_module.decode, api._compiled = spy, capture
+    api._compiled = capture
     try:
         api.prepare(
             params,
@@ -73,36 +63,9 @@ def halves(batch: int, shape: str):
     except Built:
         pass
     finally:
-        ar_module.decode, api._compiled = real_decode, real_compiled
-    kw = recorded
-    cfg, step, init, outputs = kw["config"], kw["step"], kw.get("init"), kw.get("outputs")
-
-    def call_of(params, prompts, rule_params, seed, temperature, top_p):
-        runner = Runner(cfg, params, kw["exact_width"])
-        return decoding.Call(runner, prompts, rule_params, seed, temperature, top_p)
-
-    def prefill_half(*args):
-        call = call_of(*args)
-        prompts = call.prompts
-        b = prompts.prompt.shape[0]
-        st = init_state(cfg, b, kw["n_bytes"], kw["n_patches"])
-        st, logits = decoding.prefill(call.runner, st, prompts, kw["prefill_chunk"])
-        counters = Counters.zeros(b).add(
-            decoder_passes=int(kw.get("count_prefill_decoder", True)), eg_passes=1, entropy_passes=1
-        )
-        loop = decoding.Loop(st, logits, prompts.budget <= 0, jnp.zeros((b,), jnp.int32), counters)
-        return loop if init is None else init(call, loop)
-
-    def loop_half(*args_and_loop):
-        *args, loop = args_and_loop
-        call = call_of(*args)
-        loop = jax.lax.while_loop(lambda c: jnp.any(~c.done), lambda c: step(call, c), loop)
-        out = {"tokens": loop.st.tokens, "length": loop.st.length, "generated": loop.generated}
-        if outputs is not None:
-            out.update(outputs(loop))
-        return out
-
-    return kw["fn"], prefill_half, loop_half, kw["args"]
+        api._compiled = real_compiled
+    fn = recorded["fn"]
+    return fn, fn.start, lambda *a: fn.finish(*a)[0], recorded["args"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from fastblt.config import ModelConfig
 from fastblt.model import attention, decode_attention
 from fastblt.sampler import fused, methods, rules
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
-from fastblt.sampler.decoding import Prompts
+from fastblt.sampler.decoding import Generation, Prompts
 from fastblt.tokenizer import decode_bytes, encode
 
 METHODS = tuple(methods.REGISTRY)
@@ -111,9 +111,77 @@ def _compiled(key, fn, args):
         if sig in _COMPILED:
             return _COMPILED[sig], 0.0
         start = time.perf_counter()
-        exe = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options())
+        if isinstance(fn, Generation) and _one_device(leaves):
+            exe = _compile_halves(fn, args)
+        else:
+            exe = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options())
         _COMPILED[sig] = exe
         return exe, time.perf_counter() - start
+
+
+def _one_device(leaves: list) -> bool:
+    """Every array argument lives on one and the same device (or is a host value)."""
+    devices = set()
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None:
+            devices |= set(sharding.device_set)
+    return len(devices) <= 1
+
+
+class _Halves:
+    """A generation compiled as its two halves (decoding.Generation); called as one executable."""
+
+    def __init__(self, start, finish):
+        self.start, self.finish = start, finish
+
+    def __call__(self, *args) -> dict:
+        return self.finish(*args, self.start(*args))[0]
+
+    def as_text(self) -> str:
+        """Both optimized modules, the loop's last: where the two reuse an instruction name, a lookup
+        by name (fastblt.profiling) finds the loop's, which is where generation spends its time."""
+        return (self.start.as_text() or "") + "\n" + (self.finish.as_text() or "")
+
+
+def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _Halves:
+    """Compiles a generation's prefill half and loop half as two programs, in two threads at once.
+
+    XLA compiles one module on about one thread and its time grows faster than the module (at BLT-1B
+    shapes on one H100, ``ar`` took 29.0 s whole and 9.4 s as two halves at once:
+    experiments/results/generate_speed.md, run 10). The loop half takes the carry donated, so its
+    buffers (the caches) are reused, not copied. Arguments on several devices keep the one-program
+    path: the halves' AOT signatures would need the carry's shardings before either is compiled.
+    ``times``, if given, receives ``lower_s`` and ``compile_s`` (wall seconds).
+
+    Each half builds the decode-form fused weights (fastblt.sampler.fused) from the parameters, so a
+    call concatenates them twice instead of once: at BLT-1B a 128-byte call took 0.352 s against
+    0.350 s as one module (run 10).
+    """
+    t0 = time.perf_counter()
+    start = jax.jit(fn.start).lower(*args)
+    finish = jax.jit(fn.finish, donate_argnums=len(args)).lower(*args, start.out_info)
+    lowered = [start, finish]
+    t1 = time.perf_counter()
+    exes: list = [None, None]
+    errors: list = []
+
+    def compile_one(i: int) -> None:
+        try:
+            exes[i] = lowered[i].compile(compiler_options=compiler_options())
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=compile_one, args=(i,), name=f"fastblt-compile-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    if times is not None:
+        times.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
+    return _Halves(*exes)
 
 
 @dataclasses.dataclass
