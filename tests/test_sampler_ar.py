@@ -166,3 +166,28 @@ def test_gpu_row_padding_is_inert_batch_of_one_matches_naive(monkeypatch, method
     np.testing.assert_array_equal(result.ids[0], ids[0])
     if method == "ar":
         np.testing.assert_allclose(result.logits[0], logits[0], atol=TOL, rtol=0)
+
+
+def test_generation_compiles_as_two_programs_equal_to_one(monkeypatch):
+    """prepare compiles the prefill half and the loop half as two programs (api._compile_halves);
+    run as one jitted module, the same function gives the same ids, lengths, logits and counters."""
+    import jax
+
+    from fastblt.sampler import api
+
+    config, params = model("base")
+    prompts = random_prompts(5, [3, 9])
+    program = api.prepare(params, config, prompts, max_bytes=12, **SHAPES)
+    assert isinstance(program.executable, api._Halves)
+    got = program.executable(*program.args)
+    recorded = {}
+    real = api._compiled
+    monkeypatch.setattr(
+        api, "_compiled", lambda key, fn, args: recorded.setdefault("fn", fn) and real(key, fn, args)
+    )
+    api.prepare(params, config, prompts, max_bytes=12, **SHAPES)  # the cached program; records its function
+    whole = jax.jit(recorded["fn"])(*program.args)
+    for name in ("tokens", "length", "generated", "logits"):
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(whole[name]), err_msg=name)
+    for a, b in zip(jax.tree.leaves(got["counters"]), jax.tree.leaves(whole["counters"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -163,22 +164,9 @@ def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _
     finish = jax.jit(fn.finish, donate_argnums=len(args)).lower(*args, start.out_info)
     lowered = [start, finish]
     t1 = time.perf_counter()
-    exes: list = [None, None]
-    errors: list = []
-
-    def compile_one(i: int) -> None:
-        try:
-            exes[i] = lowered[i].compile(compiler_options=compiler_options())
-        except BaseException as e:  # re-raised in the caller's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=compile_one, args=(i,), name=f"fastblt-compile-{i}") for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    options = compiler_options()
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fastblt-compile") as pool:
+        exes = list(pool.map(lambda lowered: lowered.compile(compiler_options=options), lowered))
     if times is not None:
         times.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
     return _Halves(*exes)
