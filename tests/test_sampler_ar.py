@@ -182,9 +182,12 @@ def test_generation_compiles_as_two_programs_equal_to_one(monkeypatch):
     got = program.executable(*program.args)
     recorded = {}
     real = api._compiled
-    monkeypatch.setattr(
-        api, "_compiled", lambda key, fn, args: recorded.setdefault("fn", fn) and real(key, fn, args)
-    )
+
+    def capture(key, fn, args):
+        recorded["fn"] = fn
+        return real(key, fn, args)
+
+    monkeypatch.setattr(api, "_compiled", capture)
     api.prepare(params, config, prompts, max_bytes=12, **SHAPES)  # the cached program; records its function
     whole = jax.jit(recorded["fn"])(*program.args)
     for name in ("tokens", "length", "generated", "logits"):
