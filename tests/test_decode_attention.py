@@ -202,11 +202,12 @@ def test_gradient_through_the_kernel_is_the_xla_paths(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["default", "direct_and_cache_write"])
+@pytest.mark.parametrize("variant", ["default", "cache_write", "direct_and_cache_write"])
 def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     """The sampler traced for a GPU with decode steps on the kernel (interpreted here): every stack's
     cached attention, windowed reads included, gives the naive oracle's greedy bytes and logits; also
-    with the kernel in the arrays' own layouts writing the caches itself (both off by default)."""
+    with the kernel writing the caches itself, in its dot layout and in the arrays' own layouts (both
+    off by default)."""
     from naive_sampler import naive_generate
     from test_sampler_support import model, random_prompts
 
@@ -216,7 +217,7 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
     writes = []
     if variant != "default":
-        monkeypatch.setattr(decode_lib, "MAX_DIRECT_ROWS", 4)
+        monkeypatch.setattr(decode_lib, "MAX_DIRECT_ROWS", 4 if variant.startswith("direct") else 0)
         monkeypatch.setattr(decode_lib, "WRITE_CACHE", True)
         real_write = decode_lib.decode_attention_write
         monkeypatch.setattr(
