@@ -65,7 +65,7 @@ def halves(batch: int, shape: str):
     finally:
         api._compiled = real_compiled
     fn = recorded["fn"]
-    return fn, fn.start, lambda *a: fn.finish(*a)[0], recorded["args"]
+    return fn, fn.start, lambda *a: fn.results(fn.finish(*a)), recorded["args"]
 
 
 def main(argv: list[str] | None = None) -> None:

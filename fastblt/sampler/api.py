@@ -133,11 +133,11 @@ def _one_device(leaves: list) -> bool:
 class _Halves:
     """A generation compiled as its two halves (decoding.Generation); called as one executable."""
 
-    def __init__(self, start, finish):
-        self.start, self.finish = start, finish
+    def __init__(self, start, finish, results):
+        self.start, self.finish, self.results = start, finish, results
 
     def __call__(self, *args) -> dict:
-        return self.finish(*args, self.start(*args))[0]
+        return self.results(self.finish(*args, self.start(*args)))
 
     def as_text(self) -> str:
         """Both optimized modules, the loop's last: where the two reuse an instruction name, a lookup
@@ -169,7 +169,7 @@ def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _
         exes = list(pool.map(lambda lowered: lowered.compile(compiler_options=options), lowered))
     if times is not None:
         times.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
-    return _Halves(*exes)
+    return _Halves(*exes, fn.results)
 
 
 @dataclasses.dataclass

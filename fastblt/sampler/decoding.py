@@ -145,37 +145,45 @@ def decode(
         loop = Loop(st, logits, prompts.budget <= 0, jnp.zeros((b,), jnp.int32), counters)
         return loop if init is None else init(call, loop)
 
-    def finish(*args_and_loop) -> tuple[dict, Loop]:
+    def finish(*args_and_loop) -> Loop:
         *args, loop = args_and_loop
         call = call_of(*args)
-        loop = jax.lax.while_loop(lambda c: jnp.any(~c.done), lambda c: step(call, c), loop)
-        st = loop.st
+        return jax.lax.while_loop(lambda c: jnp.any(~c.done), lambda c: step(call, c), loop)
+
+    def results(loop: Loop) -> dict:
         out = {
-            "tokens": st.tokens,
-            "length": st.length,
+            "tokens": loop.st.tokens,
+            "length": loop.st.length,
             "generated": loop.generated,
             "counters": loop.counters,
         }
         if outputs is not None:
             out.update(outputs(loop))
-        return out, loop
+        return out
 
-    return Generation(start, finish)
+    return Generation(start, finish, results)
 
 
 class Generation:
     """A method's generation function in two halves cut at the loop's carry (module docstring).
 
     ``start(params, prompts, rule_params, seed, temperature, top_p) -> Loop`` runs the prefill and the
-    method's init; ``finish(same arguments, loop) -> (outputs, final loop)`` runs the loop (the final
-    loop is returned so that a donated carry's buffers can hold it: no copy of the caches). Calling
-    the object runs both and returns the outputs, so it can also be jitted as one program.
+    method's init; ``finish(same arguments, loop) -> Loop`` runs the loop and returns the final loop
+    whole, so that a donated carry's buffers hold it (no copy of the caches, and no array returned
+    twice); ``results(loop) -> dict`` picks the outputs from it (a selection: no computation).
+    Calling the object runs all three, so it can also be jitted as one program.
     """
 
-    def __init__(self, start: Callable[..., Loop], finish: Callable[..., tuple[dict, Loop]]):
+    def __init__(
+        self,
+        start: Callable[..., Loop],
+        finish: Callable[..., Loop],
+        results: Callable[[Loop], dict],
+    ):
         self.start = start
         self.finish = finish
+        self.results = results
         self.__name__ = "run"
 
     def __call__(self, *args) -> dict:
-        return self.finish(*args, self.start(*args))[0]
+        return self.results(self.finish(*args, self.start(*args)))
