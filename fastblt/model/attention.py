@@ -452,8 +452,9 @@ LATENT_BLOCK_ROWS = 64
 # Whether :func:`latent_attention` runs its windowed form where the attention core resolves to a fused
 # kernel (cuDNN on a GPU). The gathered form reads ~0.13 GB of gathered keys and values per layer at
 # blt_mid and spends its gradient in sorted-id sums and scatters: 7.7 ms of an 85 ms step in the
-# decoder's cross-attention, 1.7 ms of it scatters (experiments/results/train_speed.md, run 7). Off
-# until a GPU measures it (train_speed.py --latent-windows).
+# decoder's cross-attention, 1.7 ms of it scatters (experiments/results/train_speed.md, run 7). Off:
+# on one H100 the windows were slower (cross-attention 10.8 against 8.9 ms, the step 92.2 against
+# 90.2 ms: cuDNN over 1 024 small windows with a bias, run 8; train_speed.py --latent-windows).
 GPU_LATENT_WINDOWS = False
 
 

@@ -163,14 +163,17 @@ def _kernel(*refs, n, per_split, block_k, scale, dot, new_keys=0):
 # with blocks of keys small enough that a block's [rows, block_k, hd] float32 products hold at most
 # DIRECT_PRODUCT_VALUES values (64 registers per thread of 4 warps). The zero rows, transpose and
 # slice around the kernel cost ~3 us per layer and step at batch 1 (generate_speed.md, run 9: the
-# query's pad 1.6 us, a transpose 1.1 us), ~0.08 ms of a 1.43 ms byte. 0 (off) until a GPU measures
-# it (generate_speed.py --decode-direct-rows 4); 4 takes a decode step's usual calls (1 or 2 queries
-# of one head per kv head).
+# query's pad 1.6 us, a transpose 1.1 us), ~0.08 ms of a 1.43 ms byte. 0 (off): on one H100 the
+# products without Triton's dot made each launch twice as slow, 1.53 against 1.42 ms per byte
+# (generate_speed.md run 10; generate_speed.py --decode-direct-rows 4); 4 takes a decode step's usual
+# calls (1 or 2 queries of one head per kv head).
 MAX_DIRECT_ROWS = 0
 DIRECT_PRODUCT_VALUES = 8192
 # Whether the sampler's cached attention lets the kernel write the step's new keys and values into
 # the caches (decode_attention_write) instead of XLA's two scatters per layer and step (2.3 us each at
-# batch 1, ~0.16 ms of a 1.43 ms byte in generate_speed.md run 9). Off until a GPU measures it
+# batch 1, ~0.16 ms of a 1.43 ms byte in generate_speed.md run 9). Off: measured on one H100 it
+# gained nothing (1.44 ms per byte either way, run 11), because the new keys and values then need
+# slice and transpose kernels of their own, where XLA had fused them into the scatters
 # (generate_speed.py --decode-cache-write).
 WRITE_CACHE = False
 
