@@ -90,7 +90,22 @@ def visible_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(has, lo, 0), jnp.where(has, hi, 0)
 
 
-def _kernel(*refs, n, per_split, block_k, scale, dot, new_keys=0):
+def _tile(x: jax.Array, copies: int) -> jax.Array:
+    """[R, ...] -> [copies * R, ...]: the rows repeated as a block ``copies`` times (1: x itself)."""
+    if copies == 1:
+        return x
+    return jnp.broadcast_to(x[None], (copies, *x.shape)).reshape(copies * x.shape[0], *x.shape[1:])
+
+
+def _untile(x: jax.Array, copies: int) -> jax.Array:
+    """The inverse of :func:`_tile` on rows computed alike in every copy: their max, which is any one
+    of them exactly (Triton cannot slice a block of registers)."""
+    if copies == 1:
+        return x
+    return jnp.max(x.reshape(copies, x.shape[0] // copies, *x.shape[1:]), axis=0)
+
+
+def _kernel(*refs, n, per_split, block_k, scale, copies, new_keys=0):
     """One (row, kv head, split). Inputs: lo_ref/hi_ref the row's visible key range (scalars), q_ref
     [R, hd], k_ref/v_ref [N, hd], m_ref int8[R or 1, N] (1 = visible; one row: every query row's
     mask); with ``new_keys`` = T > 0 (one split) also nv_ref int8[R or 1, T] (which of the step's T
@@ -98,15 +113,15 @@ def _kernel(*refs, n, per_split, block_k, scale, dot, new_keys=0):
     scalars (where each goes in the cache; out of range: nowhere). Outputs: o [R, hd] (normalised,
     when there is one split), or o [R, hd] float32 unnormalised with the softmax max [R] and sum [R]
     (several splits); with new keys also the caches (aliased to k_ref/v_ref), written at the columns.
-    ``dot``: the products as Triton dots (R >= 16), else as elementwise products reduced in float32
-    (what a dot with float32 accumulation computes)."""
+    ``copies``: R < 16 rows (the direct layout) are repeated ``copies`` times to the 16 rows Triton's
+    dot needs, and the repeats dropped from the output; every product is a Triton dot."""
     n_in = 6 + (3 + new_keys if new_keys else 0)
     (lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref), extra, out_refs = refs[:6], refs[6:n_in], refs[n_in:]
-    r = q_ref.shape[0]
+    r = q_ref.shape[0] * copies  # rows of the products
     first = pl.program_id(2) * per_split
     lo = jnp.maximum(lo_ref[()], first)
     hi = jnp.minimum(hi_ref[()], first + per_split)
-    q = q_ref[...]
+    q = _tile(q_ref[...], copies)
     cols = []  # the new keys' columns, -1 where out of range
     for col_ref in extra[3:]:
         col = col_ref[()]
@@ -118,25 +133,19 @@ def _kernel(*refs, n, per_split, block_k, scale, dot, new_keys=0):
         pos = start + jnp.arange(block_k)
         in_range = pos < n
         vis = plgpu.load(m_ref.at[:, pl.ds(start, block_k)], mask=in_range[None, :], other=0) != 0
+        if vis.shape[0] > 1:  # one mask row per query row (one row serves all rows as it is)
+            vis = _tile(vis, copies)
         for col in cols:  # the cache holds the old entry there: the new key is added after the loop
             vis = vis & (pos != col)[None, :]
         k = plgpu.load(k_ref.at[pl.ds(start, block_k), :], mask=in_range[:, None], other=0)
         v = plgpu.load(v_ref.at[pl.ds(start, block_k), :], mask=in_range[:, None], other=0)
-        if dot:
-            s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32)
-        else:
-            s = jnp.sum(q.astype(jnp.float32)[:, None, :] * k.astype(jnp.float32)[None], axis=2)
-        s = s * scale  # [R, block_k]
+        s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [R, block_k]
         s = jnp.where(vis, s, _NEG)
         new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
         p = jnp.where(vis, jnp.exp(s - new_mx[:, None]), 0.0)
         fix = jnp.exp(mx - new_mx)
         p_v = p.astype(v.dtype)
-        if dot:
-            pv = plgpu.dot(p_v, v).astype(jnp.float32)
-        else:
-            pv = jnp.sum(p_v.astype(jnp.float32)[:, :, None] * v.astype(jnp.float32)[None], axis=1)
-        o = o * fix[:, None] + pv
+        o = o * fix[:, None] + plgpu.dot(p_v, v).astype(jnp.float32)
         return o, new_mx, den * fix + jnp.sum(p, axis=1)
 
     init = (
@@ -147,11 +156,11 @@ def _kernel(*refs, n, per_split, block_k, scale, dot, new_keys=0):
     # Only the blocks of the visible range: a window at the end of a long buffer reads the window.
     o, mx, den = jax.lax.fori_loop(lo // block_k, (hi + block_k - 1) // block_k, body, init)
     if new_keys:
-        o, mx, den = _add_new_keys(q, extra, cols, out_refs[1:], (o, mx, den), scale)
+        o, mx, den = _add_new_keys(q, extra, cols, out_refs[1:], (o, mx, den), scale, copies)
         out_refs = out_refs[:1]
     if len(out_refs) == 1:  # one split: finish here (a row with no visible key gives 0)
         out = jnp.where(den[:, None] > 0, o / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
-        out_refs[0][...] = out.astype(out_refs[0].dtype)
+        out_refs[0][...] = _untile(out, copies).astype(out_refs[0].dtype)
     else:
         o_ref, mx_ref, den_ref = out_refs
         o_ref[...] = o
@@ -159,16 +168,16 @@ def _kernel(*refs, n, per_split, block_k, scale, dot, new_keys=0):
         den_ref[...] = den
 
 
-# At most this many query rows run without Triton's dot, in the arrays' own layouts (direct_layout),
-# with blocks of keys small enough that a block's [rows, block_k, hd] float32 products hold at most
-# DIRECT_PRODUCT_VALUES values (64 registers per thread of 4 warps). The zero rows, transpose and
-# slice around the kernel cost ~3 us per layer and step at batch 1 (generate_speed.md, run 9: the
-# query's pad 1.6 us, a transpose 1.1 us), ~0.08 ms of a 1.43 ms byte. 0 (off): on one H100 the
-# products without Triton's dot made each launch twice as slow, 1.53 against 1.42 ms per byte
-# (generate_speed.md run 10; generate_speed.py --decode-direct-rows 4); 4 takes a decode step's usual
-# calls (1 or 2 queries of one head per kv head).
+# At most this many query rows (a power of two, at most MIN_ROWS) run in the arrays' own layouts
+# (direct_layout): the kernel reads q and writes the output where they are, and repeats the rows in
+# registers up to the 16 Triton's dot needs. Outside it, XLA pads and transposes q before the kernel
+# and transposes the output after it, ~3 us per layer and step at batch 1 (generate_speed.md, run 9:
+# the query's pad 1.6 us, a transpose 1.1 us), ~0.08 ms of a 1.44 ms byte. The first version of this
+# layout computed its products elementwise instead of with the dot, and each launch took twice as
+# long (1.53 against 1.42 ms per byte, run 10). 0 (off) until a GPU measures the repeated rows
+# (generate_speed.py --decode-direct-rows 4); 4 takes a decode step's usual calls (1 or 2 queries of
+# one head per kv head).
 MAX_DIRECT_ROWS = 0
-DIRECT_PRODUCT_VALUES = 8192
 # Whether the sampler's cached attention lets the kernel write the step's new keys and values into
 # the caches (decode_attention_write) instead of XLA's two scatters per layer and step (2.3 us each at
 # batch 1, ~0.16 ms of a 1.43 ms byte in generate_speed.md run 9). Off: measured on one H100 it
@@ -178,13 +187,15 @@ DIRECT_PRODUCT_VALUES = 8192
 WRITE_CACHE = False
 
 
-def _add_new_keys(q, extra, cols, cache_outs, carry, scale):
+def _add_new_keys(q, extra, cols, cache_outs, carry, scale, copies):
     """The step's new keys folded into the online softmax (o [R, hd], max [R], sum [R]), and written
     into the caches at their columns (after the loop: the loop's reads saw the old entries, masked)."""
     nv_ref, kn_ref, vn_ref = extra[:3]
     o, mx, den = carry
     kn, vn = kn_ref[...], vn_ref[...]  # [T, hd]
     seen = nv_ref[...] != 0  # [R or 1, T]
+    if seen.shape[0] > 1:
+        seen = _tile(seen, copies)
     s = jnp.sum(q.astype(jnp.float32)[:, None, :] * kn.astype(jnp.float32)[None], axis=2) * scale
     s = jnp.where(seen, s, _NEG)  # [R, T]
     new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
@@ -206,11 +217,11 @@ def _add_new_keys(q, extra, cols, cache_outs, carry, scale):
 
 def direct_layout(t: int, group: int, splits: int, max_rows: int | None = None) -> bool:
     """Whether a call runs on q, the mask and the output as they are (no transpose, no zero rows, no
-    combine), its products without Triton's dot: one key split, at most ``max_rows`` (None:
-    MAX_DIRECT_ROWS) query rows, a power of two, and either one head per kv head (the rows are t
-    queries) or one query (the rows are its heads)."""
+    combine; the kernel repeats the rows up to MIN_ROWS in registers): one key split, at most
+    ``max_rows`` (None: MAX_DIRECT_ROWS) and at most MIN_ROWS query rows, a power of two, and either
+    one head per kv head (the rows are t queries) or one query (the rows are its heads)."""
     rows_ = t * group
-    limit = MAX_DIRECT_ROWS if max_rows is None else max_rows
+    limit = min(MAX_DIRECT_ROWS if max_rows is None else max_rows, MIN_ROWS)
     return splits == 1 and rows_ <= limit and rows_ == _pow2(rows_) and (group == 1 or t == 1)
 
 
@@ -307,7 +318,7 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
     The module's switches (MAX_DIRECT_ROWS, and whether to interpret) are read here, outside the jit:
     a traced call is cached by its static arguments, so a program's calls of one shape (a stack's
     layers, prefill and step alike) trace and lower the kernel once instead of once per layer. The
-    sizing constants read inside (MAX_ROWS, BLOCK_BYTES, TARGET_PROGRAMS, DIRECT_PRODUCT_VALUES, ...)
+    sizing constants read inside (MAX_ROWS, BLOCK_BYTES, TARGET_PROGRAMS, ...)
     are fixed for a process; changing one would need this jit's cache cleared
     (``_attend_once.clear_cache()``) as well as the sampler's."""
     if interpret is None:
@@ -328,7 +339,6 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
         )
     if mask.shape != (b, t, n):
         raise ValueError(f"mask must be bool[{b}, {t}, {n}], got {mask.shape}")
-    chosen_block = block_k
     block_k = block_keys(d, q.dtype) if block_k is None else block_k
     if block_k < 16 or block_k != _pow2(block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
@@ -336,8 +346,6 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
     if splits is None:
         splits = key_splits(b * kv, n, block_k)
     direct = direct_layout(t, g, splits, direct_rows)
-    if direct and chosen_block is None:  # the products' [rows, block_k, hd] float32 values in registers
-        block_k = min(block_k, max(16, _pow2(DIRECT_PRODUCT_VALUES // (t * g * d) + 1) // 2))
     per_split = _ceil(_ceil(n, splits), block_k) * block_k  # keys per split, whole blocks
     one = splits == 1
     r = t * g if direct else rows(t, g)
@@ -404,7 +412,7 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
         per_split=per_split,
         block_k=block_k,
         scale=d**-0.5,
-        dot=not direct,
+        copies=MIN_ROWS // (t * g) if direct else 1,
         new_keys=0 if new is None else t,
     )
     params = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
