@@ -245,17 +245,21 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
 
 
 @pytest.mark.parametrize(
-    "t,h,kv,direct_rows",
+    "t,h,kv,direct_rows,views",
     [
-        (1, 4, 4, 4),  # one query of one head per kv head: the direct layout
-        (2, 2, 2, 4),  # two queries, the second column inert (written nowhere, seen by no one)
-        (2, 4, 2, 0),  # grouped heads in 16 zero-padded rows (Triton dots)
+        (1, 4, 4, 4, False),  # one query of one head per kv head: the direct layout
+        (2, 2, 2, 4, False),  # two queries, the second column inert (written nowhere, seen by no one)
+        (2, 4, 2, 0, False),  # grouped heads in 16 zero-padded rows (Triton dots)
+        (1, 4, 4, 4, True),  # q, k and v as heads of one q|k|v array, read in place
+        (2, 2, 2, 4, True),
+        (2, 4, 2, 4, True),  # grouped heads: not read in place, cut out first
     ],
 )
-def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows):
+def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows, views):
     """decode_attention_write equals scatter_rows of the new keys and values (the sampler's write)
-    followed by the naive loop over the written caches, and leaves every other cache entry alone."""
-    from fastblt.model.decode_attention import decode_attention_write
+    followed by the naive loop over the written caches, and leaves every other cache entry alone;
+    also given q, k and v as HeadViews of one array (the sampler's layer product)."""
+    from fastblt.model.decode_attention import HeadView, decode_attention_write
     from fastblt.sampler.state import scatter_rows
 
     b, n, d = 3, 70, 16
@@ -271,11 +275,19 @@ def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows
     qpos = np.where(cols < n, cols, cols[:, :1])
     mask = np.array(causal_mask(jnp.asarray(qpos), jnp.asarray(np.broadcast_to(np.arange(n), (b, n))), 24))
     mask[0, 0] = False  # a query that sees nothing, its own new key included
-    run = jax.jit(
-        functools.partial(decode_attention_write, block_k=32, direct_rows=direct_rows, interpret=True)
-    )
+    write = functools.partial(decode_attention_write, block_k=32, direct_rows=direct_rows, interpret=True)
+    if views:  # the three as heads h.. of one array, in the order q | k | v, with a head to spare
+        qkv = np.concatenate([q, k_new, v_new, rng.normal(size=(b, t, 1, d)).astype(np.float32)], axis=2)
+
+        def run(qkv, *rest):
+            parts = HeadView(qkv, 0, h), HeadView(qkv, h, kv), HeadView(qkv, h + kv, kv)
+            return write(*parts, *rest)
+
+        first = (qkv,)
+    else:
+        run, first = write, (q, k_new, v_new)
     out, kc, vc = (
-        np.asarray(x) for x in run(q, k_new, v_new, jnp.asarray(cols, jnp.int32), k_cache, v_cache, mask)
+        np.asarray(x) for x in jax.jit(run)(*first, jnp.asarray(cols, jnp.int32), k_cache, v_cache, mask)
     )
     want_k = np.asarray(scatter_rows(jnp.asarray(k_cache), jnp.asarray(cols), jnp.asarray(k_new)))
     want_v = np.asarray(scatter_rows(jnp.asarray(v_cache), jnp.asarray(cols), jnp.asarray(v_new)))
@@ -300,3 +312,27 @@ def test_the_cache_writing_kernel_lowers_to_triton_for_cuda(direct_rows):
     text = _cuda_text(run, q, new, new, cols, cache, cache, mask)
     assert text.count("xla.gpu.triton") == 1 and "stablehlo.scatter" not in text
     assert "output_operand_alias" in text or "output_operand_aliases" in text
+
+
+@pytest.mark.parametrize("direct_rows", [4, 0])
+def test_head_views_are_read_in_place_in_the_direct_layout(direct_rows):
+    """Given q, k and v as HeadViews of one q|k|v product, the cache-writing kernel lowers for a GPU
+    with no slice of the product left to XLA in the direct layout (every slice is a copy kernel in
+    front of a Pallas call), and cuts them out otherwise."""
+    from fastblt.model.decode_attention import HeadView, decode_attention_write
+
+    qkv = jax.ShapeDtypeStruct((2, 2, 48, 64), jnp.bfloat16)
+    cols = jax.ShapeDtypeStruct((2, 2), jnp.int32)
+    cache = jax.ShapeDtypeStruct((2, 320, 16, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((2, 2, 320), jnp.bool_)
+
+    def run(qkv, *rest):
+        views = HeadView(qkv, 0, 16), HeadView(qkv, 16, 16), HeadView(qkv, 32, 16)
+        return decode_attention_write(*views, *rest, direct_rows=direct_rows, interpret=False)
+
+    text = _cuda_text(run, qkv, cols, cache, cache, mask)
+    assert text.count("xla.gpu.triton") == 1 and "stablehlo.scatter" not in text
+    cuts = [
+        line for line in text.splitlines() if "stablehlo.slice" in line and "tensor<2x2x48x64xbf16>" in line
+    ]
+    assert len(cuts) == (0 if direct_rows else 3)

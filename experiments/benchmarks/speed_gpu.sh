@@ -26,7 +26,8 @@
 #       no zero rows or transposes around calls of 1-4 query rows), batch 1 profiled: against phase 8
 #       (run 10 measured its first version, products without Triton's dot; since 2026-12-05 the
 #       kernel repeats the rows in registers and keeps the dot);
-#   15. the same with the kernel also writing the caches (--decode-cache-write: no scatter kernels).
+#   15. the same with the kernel also writing the caches (--decode-cache-write: no scatter kernels;
+#       since 2026-12-05 it also reads q, k and v in place out of the layer's q|k|v product).
 #   16. where a cold compile of ar (batch 1) goes: XLA's own logging timers (HLO passes, autotuning,
 #       LLVM, ptxas) in a fresh process with an empty cache; the timer lines in compile_log/timers.txt.
 #   17. whether XLA's own caches in the persistent cache directory (jax_persistent_cache_enable_xla_caches:
@@ -49,11 +50,11 @@
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
-# 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 21, 8,
-# 14 (the direct layout with the dot), 7, 5, 10, 11 and 6 are next. A device call's background jobs
-# end with the call: poll in the call that started them.
+# 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 8, 15
+# and 14 (the direct layout with the dot, with and without the in-place writes), 21, 7, 5, 10, 11 and
+# 6 are next. A device call's background jobs end with the call: poll in the call that started them.
 #
-#   . experiments/benchmarks/gpu_env.sh && PHASES="21 8 14 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && PHASES="8 15 14 21 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks

@@ -21,6 +21,7 @@ kernel runs in Pallas interpret mode (the CPU tests' way of running it).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,37 @@ BLOCK_BYTES = 32 * 1024
 MIN_SPLIT_KEYS = 512
 TARGET_PROGRAMS = 128
 _NEG = -1e30  # finite, as fastblt.model.attention's
+
+
+class HeadView(NamedTuple):
+    """Heads ``start .. start + count`` (axis 2) of ``parent`` float[B, T, heads, hd], not cut out.
+
+    A decode layer's q, k and v are heads of its one q|k|v product (k and q after one RoPE). XLA
+    fuses cutting them out into the scatters that write the caches, but a Pallas call takes no fused
+    producer, so for the kernel each cut is a copy kernel of its own (generate_speed.md, run 11).
+    :func:`decode_attention_write` reads views in place where :func:`reads_in_place` allows it.
+    ``start`` and ``count`` are Python ints."""
+
+    parent: jax.Array
+    start: int
+    count: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.parent.shape[:2], self.count, self.parent.shape[3])
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.parent.dtype
+
+    def value(self) -> jax.Array:
+        """The heads as their own array (a slice)."""
+        return self.parent[:, :, self.start : self.start + self.count]
+
+
+def value(x: jax.Array | HeadView) -> jax.Array:
+    """x itself, or a :class:`HeadView`'s heads as their own array."""
+    return x.value() if isinstance(x, HeadView) else x
 
 
 def _ceil(a: int, b: int) -> int:
@@ -183,7 +215,10 @@ MAX_DIRECT_ROWS = 0
 # batch 1, ~0.16 ms of a 1.43 ms byte in generate_speed.md run 9). Off: measured on one H100 it
 # gained nothing (1.44 ms per byte either way, run 11), because the new keys and values then need
 # slice and transpose kernels of their own, where XLA had fused them into the scatters
-# (generate_speed.py --decode-cache-write).
+# (generate_speed.py --decode-cache-write). With the direct layout on as well (MAX_DIRECT_ROWS), the
+# sampler hands the kernel q, k and v as HeadViews of the layer's q|k|v product, read in place: no
+# scatter, slice, pad or transpose is left around the kernel (predicted ~1.25 ms per byte against
+# 1.44; generate_speed.py --decode-direct-rows 4 --decode-cache-write, speed_gpu.sh phase 15).
 WRITE_CACHE = False
 
 
@@ -274,6 +309,14 @@ def write_supported(q: jax.Array, cache: jax.Array) -> bool:
     )
 
 
+def reads_in_place(q: jax.Array | HeadView, cache: jax.Array, direct_rows: int | None = None) -> bool:
+    """Whether :func:`decode_attention_write` reads queries float[B, T, H, hd] and the new keys and
+    values as :class:`HeadView` in place over ``cache`` [B, N, KV, hd]: a write it supports, one head
+    per kv head, and the direct layout (:func:`direct_layout`; direct_rows None: MAX_DIRECT_ROWS)."""
+    t, h = q.shape[1], q.shape[2]
+    return write_supported(q, cache) and h == cache.shape[2] and direct_layout(t, 1, 1, direct_rows)
+
+
 def decode_attention_write(
     q: jax.Array,
     k_new: jax.Array,
@@ -292,7 +335,9 @@ def decode_attention_write(
     the two scatter kernels XLA runs for the writes.
 
     Args:
-      q: float[B, T, H, hd]; k_new, v_new: float[B, T, KV, hd] (cast to the caches' dtype).
+      q: float[B, T, H, hd]; k_new, v_new: float[B, T, KV, hd] (cast to the caches' dtype). Each may
+        be a :class:`HeadView` (of the caches' dtype): read in place where :func:`reads_in_place`,
+        else cut out first.
       cols: int32[B, T], where each new key goes (out of range: not written, not seen).
       k_cache, v_cache: [B, N, KV, hd]; mask: bool[B, T, N] over the written caches.
       block_k, direct_rows, interpret: as :func:`decode_attention`.
@@ -307,7 +352,17 @@ def decode_attention_write(
         )
     if k_new.shape != (*q.shape[:2], *k_cache.shape[2:]) or cols.shape != q.shape[:2]:
         raise ValueError(f"k_new must be [B, T, KV, hd] and cols [B, T], got {k_new.shape} and {cols.shape}")
-    new = (k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype), cols.astype(jnp.int32))
+    views = (q, k_new, v_new)
+    if any(isinstance(x, HeadView) for x in views):
+        if (
+            not reads_in_place(q, k_cache, direct_rows)
+            or k_new.dtype != k_cache.dtype
+            or v_new.dtype != v_cache.dtype
+        ):
+            q, k_new, v_new = (value(x) for x in views)
+    if not isinstance(k_new, HeadView):
+        k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
+    new = (k_new, v_new, cols.astype(jnp.int32))
     return _attend(q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret)
 
 
@@ -325,14 +380,27 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
         interpret = jax.default_backend() != "gpu"
     if direct_rows is None:
         direct_rows = MAX_DIRECT_ROWS
-    return _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret)
+    # Views go in as their parents, where they start as static arguments (heads: q's own count).
+    starts = (0, 0, 0)
+    heads = q.shape[2]
+    if isinstance(q, HeadView):
+        k_new, v_new, cols = new
+        starts = (q.start, k_new.start, v_new.start)
+        q, new = q.parent, (k_new.parent, v_new.parent, cols)
+    return _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, starts, heads)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
-def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
-    b, t, h, d = q.shape
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
+def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, starts, heads):
+    b, t, _, d = q.shape
+    h = heads
+    q_start, k_start, v_start = starts
     n, kv = k.shape[1], k.shape[2]
-    if not supported(q, kv) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if (
+        not supported(jax.ShapeDtypeStruct((b, t, h, d), q.dtype), kv)
+        or k.dtype != q.dtype
+        or v.dtype != q.dtype
+    ):
         raise ValueError(
             f"decode_attention takes a power-of-two head dim of 16..256, one float dtype and at most "
             f"{MAX_ROWS} query rows per kv head, got q {q.shape} {q.dtype}, k {k.shape} {k.dtype}"
@@ -346,6 +414,8 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
     if splits is None:
         splits = key_splits(b * kv, n, block_k)
     direct = direct_layout(t, g, splits, direct_rows)
+    if (q.shape[2] != h or starts != (0, 0, 0)) and not (direct and g == 1 and new is not None):
+        raise ValueError("head views are read in place only by a cache-writing call in the direct layout")
     per_split = _ceil(_ceil(n, splits), block_k) * block_k  # keys per split, whole blocks
     one = splits == 1
     r = t * g if direct else rows(t, g)
@@ -365,7 +435,7 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
     if not direct:
         q_in, q_spec = program_rows(q), pl.BlockSpec((None, None, r, d), lambda i, j, s: (i, j, 0, 0))
     elif g == 1:  # the ~3 us of XLA's transpose and pad around the kernel (run 9) are not run
-        q_in, q_spec = q, pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0))
+        q_in, q_spec = q, pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, q_start + j, 0))
     else:
         q_in, q_spec = q.reshape(b, kv, g, d), pl.BlockSpec((None, None, g, d), lambda i, j, s: (i, j, 0, 0))
     mr = mask_rows(mask)
@@ -382,9 +452,13 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
         pl.BlockSpec((None, m_rows, n), lambda i, j, s: (i, 0, 0)),
     ]
 
-    if one:  # the kernel writes the normalised output
-        out_shape = [jax.ShapeDtypeStruct(q_in.shape, q.dtype)]
-        out_specs = [q_spec]
+    if one:  # the kernel writes the normalised output, in q's layout (a view's: its own heads only)
+        out_shape = [
+            jax.ShapeDtypeStruct((*q_in.shape[:2], h, d) if direct and g == 1 else q_in.shape, q.dtype)
+        ]
+        out_specs = [
+            pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0)) if direct and g == 1 else q_spec
+        ]
     else:  # each split writes its unnormalised output, softmax max and sum; XLA combines them
         stats = jax.ShapeDtypeStruct((splits, b, kv, r), jnp.float32)
         out_shape = [jax.ShapeDtypeStruct((splits, b, kv, r, d), jnp.float32), stats, stats]
@@ -399,9 +473,10 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
         k_new, v_new, cols = new
         valid = (cols >= 0) & (cols < n)
         seen = jnp.take_along_axis(mask, jnp.clip(cols, 0, n - 1)[:, None, :], axis=2) & valid[:, None, :]
-        new_spec = pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0))
+        k_spec = pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, k_start + j, 0))
+        v_spec = pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, v_start + j, 0))
         args += [mask_rows(seen), k_new, v_new] + [cols[:, i] for i in range(t)]
-        in_specs += [pl.BlockSpec((None, m_rows, t), lambda i, j, s: (i, 0, 0)), new_spec, new_spec]
+        in_specs += [pl.BlockSpec((None, m_rows, t), lambda i, j, s: (i, 0, 0)), k_spec, v_spec]
         in_specs += [row_scalar] * t
         out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
         out_specs += [cache_spec, cache_spec]

@@ -107,11 +107,14 @@ def cached_attend(
     span = window_span(n, t, window)
 
     def attend(q, k, v):
+        views = (q, k, v)  # HeadViews of the layer's product (fused.layer_step), or arrays
+        q, k, v = (decode_kernel.value(x) for x in views)  # slices, left unused where read in place
         kernel = resolve_impl(impl, q, kv_heads=k.shape[2]) == "decode"
         if kernel and isinstance(k_stack, tuple) and decode_kernel.writes_cache(q, k_stack[layer]):
-            # The kernel writes the new keys and values itself (no scatter kernels per layer).
+            # The kernel writes the new keys and values itself (no scatter kernels per layer), and
+            # reads q, k and v out of the layer's product where it can (no slice kernels).
             o, kc, vc = decode_kernel.decode_attention_write(
-                q, k, v, cols, k_stack[layer], v_stack[layer], mask
+                *views, cols, k_stack[layer], v_stack[layer], mask
             )
             return o, (replace_layer(k_stack, layer, kc), replace_layer(v_stack, layer, vc))
         ks, vs = write_layer(k_stack, layer, cols, k), write_layer(v_stack, layer, cols, v)
@@ -126,6 +129,7 @@ def cached_attend(
         keys, vals = gather_layer_rows(ks, layer, seen), gather_layer_rows(vs, layer, seen)
         return attention(q, keys, vals, _window_rows(mask, start, span, 1), impl), (ks, vs)
 
+    attend.takes_head_views = True
     return attend
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
 from fastblt.model.attention import Attend
+from fastblt.model.decode_attention import HeadView
 from fastblt.model.layers import read_latents, rms_norm, rope, transformer_layer
 
 # Fewest rows of a GPU matmul in decode form (see the module docstring); 1 turns the padding off.
@@ -130,6 +131,7 @@ class DecodeLayer:
 
     w: FusedLayer
     c: TransformerConfig
+    views: bool = False  # qkv gives HeadViews of the product, for an Attend that reads them in place
 
     def attention_norm(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.w.attn_norm, self.c.norm_eps)
@@ -138,10 +140,11 @@ class DecodeLayer:
         """Normed x: float[B, T, D] -> rotated q [B, T, H, hd], k and v [B, T, KV, hd]."""
         b, t, _ = x.shape
         h, kv, hd = self.c.n_heads, self.c.kv_heads, self.c.head_dim
-        y = dot(x, self.w.wqkv)
+        y = dot(x, self.w.wqkv).reshape(b, t, h + 2 * kv, hd)
         # q and k rotated as one array: one RoPE for both.
-        qk = rope(y[..., : (h + kv) * hd].reshape(b, t, h + kv, hd), positions, self.c.rope_theta)
-        return qk[:, :, :h], qk[:, :, h:], y[..., (h + kv) * hd :].reshape(b, t, kv, hd)
+        qk = rope(y[:, :, : h + kv], positions, self.c.rope_theta)
+        q, k, v = HeadView(qk, 0, h), HeadView(qk, h, kv), HeadView(y, h + kv, kv)
+        return (q, k, v) if self.views else (q.value(), k.value(), v.value())
 
     def out(self, o: jax.Array) -> jax.Array:
         return dot(o.reshape(*o.shape[:2], -1), self.w.wo)
@@ -217,7 +220,10 @@ def layer_step(
     """The model's layer (fastblt.model.layers.transformer_layer) on decode-form weights.
 
     Args: h: float[B, T, D]; positions: int32[B, T] (RoPE); attend(q, k, v) -> (o [B, T, H, hd],
-      aux): where the new keys go (a cache write, a concatenation) and what they attend.
+      aux): where the new keys go (a cache write, a concatenation) and what they attend. An attend
+      with a true ``takes_head_views`` attribute gets q, k and v as
+      fastblt.model.decode_attention.HeadView of the layer's product (fastblt.sampler.cached.cached_attend).
     Returns: (h, aux).
     """
-    return transformer_layer(DecodeLayer(layer, c), h, positions, attend)
+    views = bool(getattr(attend, "takes_head_views", False))
+    return transformer_layer(DecodeLayer(layer, c, views), h, positions, attend)
