@@ -70,7 +70,7 @@ class HeadView(NamedTuple):
         return self.parent[:, :, self.start : self.start + self.count]
 
 
-def value(x: jax.Array | HeadView) -> jax.Array:
+def cut_out(x: jax.Array | HeadView) -> jax.Array:
     """x itself, or a :class:`HeadView`'s heads as their own array."""
     return x.value() if isinstance(x, HeadView) else x
 
@@ -355,11 +355,12 @@ def decode_attention_write(
     views = (q, k_new, v_new)
     if any(isinstance(x, HeadView) for x in views):
         if (
-            not reads_in_place(q, k_cache, direct_rows)
+            not all(isinstance(x, HeadView) for x in views)
+            or not reads_in_place(q, k_cache, direct_rows)
             or k_new.dtype != k_cache.dtype
             or v_new.dtype != v_cache.dtype
         ):
-            q, k_new, v_new = (value(x) for x in views)
+            q, k_new, v_new = (cut_out(x) for x in views)
     if not isinstance(k_new, HeadView):
         k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
     new = (k_new, v_new, cols.astype(jnp.int32))

@@ -108,7 +108,7 @@ def cached_attend(
 
     def attend(q, k, v):
         views = (q, k, v)  # HeadViews of the layer's product (fused.layer_step), or arrays
-        q, k, v = (decode_kernel.value(x) for x in views)  # slices, left unused where read in place
+        q, k, v = (decode_kernel.cut_out(x) for x in views)  # slices, left unused where read in place
         kernel = resolve_impl(impl, q, kv_heads=k.shape[2]) == "decode"
         if kernel and isinstance(k_stack, tuple) and decode_kernel.writes_cache(q, k_stack[layer]):
             # The kernel writes the new keys and values itself (no scatter kernels per layer), and
