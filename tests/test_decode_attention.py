@@ -215,7 +215,14 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     from fastblt.sampler import encode_prompts, generate
 
     monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
-    writes = []
+    writes, kernel_starts = [], []
+    real_once = decode_lib._attend_once
+
+    def spy_once(*args):
+        kernel_starts.append(args[9])  # where q, k and v start in their arrays
+        return real_once(*args)
+
+    monkeypatch.setattr(decode_lib, "_attend_once", spy_once)
     if variant != "default":
         monkeypatch.setattr(decode_lib, "MAX_DIRECT_ROWS", 4 if variant.startswith("direct") else 0)
         monkeypatch.setattr(decode_lib, "WRITE_CACHE", True)
@@ -238,6 +245,8 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
         )
     assert jaxpr_calls  # the kernel was traced
     assert bool(writes) == (variant != "default")  # and the cache-writing one where it is on
+    # The direct layout's writes read q, k and v in place (views of the layers' products) somewhere.
+    assert any(starts != (0, 0, 0) for starts in kernel_starts) == variant.startswith("direct")
     ids, logits = naive_generate(params, config, encode_prompts(prompts), 30, pad_to=pad)
     for row in range(len(prompts)):
         np.testing.assert_array_equal(result.ids[row], ids[row], err_msg=f"row {row}")
@@ -276,14 +285,14 @@ def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows
     mask = np.array(causal_mask(jnp.asarray(qpos), jnp.asarray(np.broadcast_to(np.arange(n), (b, n))), 24))
     mask[0, 0] = False  # a query that sees nothing, its own new key included
     write = functools.partial(decode_attention_write, block_k=32, direct_rows=direct_rows, interpret=True)
-    if views:  # the three as heads h.. of one array, in the order q | k | v, with a head to spare
-        qkv = np.concatenate([q, k_new, v_new, rng.normal(size=(b, t, 1, d)).astype(np.float32)], axis=2)
+    if views:  # q and k as heads of one array, v of another behind a spare head (the sampler's way)
+        spare = rng.normal(size=(b, t, 1, d)).astype(np.float32)
+        qk, vs = np.concatenate([q, k_new, spare], axis=2), np.concatenate([spare, v_new], axis=2)
 
-        def run(qkv, *rest):
-            parts = HeadView(qkv, 0, h), HeadView(qkv, h, kv), HeadView(qkv, h + kv, kv)
-            return write(*parts, *rest)
+        def run(qk, vs, *rest):
+            return write(HeadView(qk, 0, h), HeadView(qk, h, kv), HeadView(vs, 1, kv), *rest)
 
-        first = (qkv,)
+        first = (qk, vs)
     else:
         run, first = write, (q, k_new, v_new)
     out, kc, vc = (
@@ -312,6 +321,17 @@ def test_the_cache_writing_kernel_lowers_to_triton_for_cuda(direct_rows):
     text = _cuda_text(run, q, new, new, cols, cache, cache, mask)
     assert text.count("xla.gpu.triton") == 1 and "stablehlo.scatter" not in text
     assert "output_operand_alias" in text or "output_operand_aliases" in text
+
+
+def test_head_view_bounds_and_cut_out():
+    """A view's heads must lie inside its array; cut out, they are the array's heads start..start+count."""
+    from fastblt.model.decode_attention import HeadView, cut_out
+
+    x = jnp.arange(2 * 1 * 5 * 2).reshape(2, 1, 5, 2)
+    np.testing.assert_array_equal(cut_out(HeadView(x, 1, 3)), np.asarray(x)[:, :, 1:4])
+    assert HeadView(x, 1, 3).shape == (2, 1, 3, 2)
+    with pytest.raises(ValueError, match="heads 4 .. 6"):
+        HeadView(x, 4, 2)
 
 
 @pytest.mark.parametrize("direct_rows", [4, 0])

@@ -10,7 +10,8 @@
 #   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port;
-#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9, 10 and 12), batch 32 profiled:
+#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9, 10, 12, 14 and 15), batch 32
+#      profiled (blt_s8's too since run 11: its batch-32 pass is 1.43x batch 1's, target 1.3x):
 #      one-query attention products padded to two query rows on the GPU (attention.GPU_MIN_QUERY_ROWS);
 #   9. the same at batch 32 without that padding (--min-query-rows 1: run 8's program, whose
 #      one-row products ran as reduction fusions), profiled: the before of 8;
@@ -111,7 +112,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21}; do
   7) phase train_d python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 blt_d8 torch \
        --profile blt_d4 --steps 20 --warmup 3 --timeout 300 --out "$out/train_d" ;;
   8) phase gen_ref python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
-       blt_s8 --batch 1 32 --profile ar:32 --out "$out/gen_ref" ;;
+       blt_s8 --batch 1 32 --profile ar:32 blt_s8:32 --out "$out/gen_ref" ;;
   9) phase gen_rows1 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        blt_s8 --batch 32 --min-query-rows 1 --profile ar:32 --out "$out/gen_rows1" ;;
   10) phase gen_cudnn python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \

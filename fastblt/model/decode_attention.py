@@ -20,8 +20,8 @@ kernel runs in Pallas interpret mode (the CPU tests' way of running it).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,18 +44,27 @@ TARGET_PROGRAMS = 128
 _NEG = -1e30  # finite, as fastblt.model.attention's
 
 
-class HeadView(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class HeadView:
     """Heads ``start .. start + count`` (axis 2) of ``parent`` float[B, T, heads, hd], not cut out.
 
     A decode layer's q, k and v are heads of its one q|k|v product (k and q after one RoPE). XLA
     fuses cutting them out into the scatters that write the caches, but a Pallas call takes no fused
     producer, so for the kernel each cut is a copy kernel of its own (generate_speed.md, run 11).
     :func:`decode_attention_write` reads views in place where :func:`reads_in_place` allows it.
-    ``start`` and ``count`` are Python ints."""
+    ``start`` and ``count`` are Python ints (a view is built and used inside one traced program; it
+    is not a pytree)."""
 
     parent: jax.Array
     start: int
     count: int
+
+    def __post_init__(self):
+        if self.parent.ndim != 4 or not 0 <= self.start < self.start + self.count <= self.parent.shape[2]:
+            raise ValueError(
+                f"a HeadView takes heads start .. start + count of a [B, T, heads, hd] array, got heads "
+                f"{self.start} .. {self.start + self.count} of {self.parent.shape}"
+            )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -288,6 +297,7 @@ def decode_attention(
     Returns:
       float[B, T, H, hd] in q's dtype; a query with no visible key gives 0.
     """
+    q = cut_out(q)  # views are read in place by the cache-writing call only
     return _attend(q, k, v, mask, None, block_k, splits, direct_rows, interpret)[0]
 
 
@@ -404,7 +414,7 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
     ):
         raise ValueError(
             f"decode_attention takes a power-of-two head dim of 16..256, one float dtype and at most "
-            f"{MAX_ROWS} query rows per kv head, got q {q.shape} {q.dtype}, k {k.shape} {k.dtype}"
+            f"{MAX_ROWS} query rows per kv head, got q {(b, t, h, d)} {q.dtype}, k {k.shape} {k.dtype}"
         )
     if mask.shape != (b, t, n):
         raise ValueError(f"mask must be bool[{b}, {t}, {n}], got {mask.shape}")

@@ -151,9 +151,10 @@ def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _
     XLA compiles one module on about one thread and its time grows faster than the module (at BLT-1B
     shapes on one H100, ``ar`` took 29.0 s whole and 9.4 s as two halves at once without a
     compilation cache directory: experiments/results/generate_speed.md, run 10; this path with an
-    empty cache directory took 22.7 s in run 11, a difference still being measured). The loop half takes the carry donated, so its
-    buffers (the caches) are reused, not copied. Arguments on several devices keep the one-program
-    path: the halves' AOT signatures would need the carry's shardings before either is compiled.
+    empty cache directory took 22.7 s in run 11, a difference still being measured). The loop half
+    takes the carry donated, so its buffers (the caches) are reused, not copied. Arguments on several
+    devices keep the one-program path: the halves' AOT signatures would need the carry's shardings
+    before either is compiled.
     ``times``, if given, receives ``lower_s`` and ``compile_s`` (wall seconds).
 
     Each half builds the decode-form fused weights (fastblt.sampler.fused) from the parameters, so a
