@@ -356,3 +356,24 @@ def test_head_views_are_read_in_place_in_the_direct_layout(direct_rows):
         line for line in text.splitlines() if "stablehlo.slice" in line and "tensor<2x2x48x64xbf16>" in line
     ]
     assert len(cuts) == (0 if direct_rows else 3)
+
+
+def test_decode_check_script_passes_the_kernel_and_catches_a_wrong_one(monkeypatch, tmp_path):
+    """experiments/benchmarks/decode_check.py (the GPU's check of the compiled kernel before a speed
+    run) passes every layout here (interpreted), and flags a kernel whose row repeats come back wrong."""
+    from experiments.benchmarks import decode_check
+    from fastblt.model import decode_attention as decode_lib
+
+    assert decode_check.main(["--small", "--out", str(tmp_path)]) == 0
+    assert len((tmp_path / "decode_check.jsonl").read_text().splitlines()) == 8
+    real = decode_lib._untile
+    monkeypatch.setattr(
+        decode_lib, "_untile", lambda x, copies: real(x, copies) * (1.01 if copies > 1 else 1.0)
+    )
+    decode_lib._attend_once.clear_cache()  # programs traced with the real _untile
+    try:
+        bad = decode_check.check_case(decode_check.SMALL[0], "write_direct_views", interpret=True)
+        good = decode_check.check_case(decode_check.SMALL[0], "dot", interpret=True)
+    finally:
+        decode_lib._attend_once.clear_cache()  # and none with the wrong one left for other tests
+    assert bad["rel_error"] > 1e-3 and good["rel_error"] < 1e-5

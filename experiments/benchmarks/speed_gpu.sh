@@ -42,6 +42,9 @@
 #   19. plain BLT and BLT-D-4 with the decoder's cross-attention as row blocks over windows of patch
 #       slots on cuDNN (--latent-windows, fastblt.model.attention.GPU_LATENT_WINDOWS) and without, the
 #       two runs one after the other, plain BLT profiled in both.
+#   22. the decode kernel compiled by Triton against the XLA path in each layout (dot, direct, cache
+#       writes, in-place head views) at BLT-1B's decode shapes (decode_check.py; exits 1 on a
+#       mismatch): run it before the speed phases of a changed kernel.
 #   21. why the sampler's cold compile of ar (batch 1) took 22.7 s in phase 17 (compile_time.py: the
 #       sampler's _compile_halves, loop half donated, an empty cache directory) and 9.4 s in phase 18
 #       (split_compile.py: the same halves in two threads, no donation, no cache directory): the
@@ -51,11 +54,12 @@
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
-# 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 8, 15
-# and 14 (the direct layout with the dot, with and without the in-place writes), 21, 7, 5, 10, 11 and
-# 6 are next. A device call's background jobs end with the call: poll in the call that started them.
+# 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 22 (the
+# kernel's check), 8, 15 and 14 (the direct layout with the dot, with and without the in-place
+# writes), 21, 7, 5, 10, 11 and 6 are next. A device call's background jobs end with the call: poll in
+# the call that started them.
 #
-#   . experiments/benchmarks/gpu_env.sh && PHASES="8 15 14 21 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && PHASES="22 8 15 14 21 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -87,7 +91,7 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -157,6 +161,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21}; do
         --latent-windows --steps 20 --warmup 3 --timeout 300 --out "$out/latent_windows" ;;
   20) phase gen_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-cache-write --profile ar:1 --out "$out/gen_write" ;;
+  22) phase decode_check python3 $bench/decode_check.py --out "$out/decode_check" ;;
   21) JAX_COMPILATION_CACHE_DIR= phase compile_why_nocache python3 $bench/compile_time.py --shape 1b \
         --variants full --methods ar --out "$out/compile_why"
       JAX_COMPILATION_CACHE_DIR=/tmp/why-split phase compile_why_split_cache python3 $bench/split_compile.py \
