@@ -8,7 +8,7 @@ repeats, in-place head views, cache writes). Before a speed run measures a layou
 the compiled kernel computes what the XLA path computes, in bf16, at BLT-1B's decode shapes:
 
 * ``dot``: queries padded to 16 rows in the kernel's own layout (the default);
-* ``direct``: queries in their own layout, rows repeated in registers (``MAX_DIRECT_ROWS``);
+* ``direct``: queries in their own layout, rows repeated in registers (``MAX_DIRECT_ROWS = 16``);
 * ``write``: the kernel also writes the step's keys and values into the caches (``WRITE_CACHE``);
 * ``write_direct_views``: both, with q, k and v read in place out of one q|k|v array (HeadView), as
   the sampler's layers hand them over.
@@ -43,8 +43,13 @@ SHAPES = [
     ("decoder b32", 32, 2, 16, 64, 320, 512),
     ("global b1", 1, 2, 16, 128, 96, None),
     ("global long b1", 1, 2, 16, 128, 4096, None),  # several key splits: the dot layout only
+    ("decoder verify b32", 32, 16, 16, 64, 320, 512),  # BLT-S's 16-byte verification chunk
 ]
-SMALL = [("small b2", 2, 2, 2, 16, 40, 24), ("small one query", 2, 1, 4, 16, 40, None)]
+SMALL = [
+    ("small b2", 2, 2, 2, 16, 40, 24),
+    ("small one query", 2, 1, 4, 16, 40, None),
+    ("small 16 queries", 2, 16, 2, 16, 40, 24),  # a verification chunk: no repeats
+]
 LAYOUTS = ("dot", "direct", "write", "write_direct_views")
 
 
@@ -66,7 +71,7 @@ def check_case(shape, layout: str, interpret: bool, seed: int = 0) -> dict:
     )
     want_k, want_v = scatter_rows(k_cache, cols, k_new), scatter_rows(v_cache, cols, v_new)
     ref = attention(q, want_k, want_v, mask, "xla")
-    direct_rows = 4 if "direct" in layout else 0
+    direct_rows = 16 if "direct" in layout else 0
     record = {"case": name, "layout": layout, "shape": [b, t, h, d, n], "window": window}
     if not layout.startswith("write"):
         run = jax.jit(

@@ -23,8 +23,9 @@
 #      (--decode-kernel decode: fastblt.model.decode_attention), both batches profiled;
 #   13. ar at batch 1 with 4 000- and 16 000-byte prompts, XLA's decode attention and the kernel
 #      (which skips key blocks no query sees: the global model's unused patch slots);
-#   14. ar and blt_s8 at batch 1 and 32 with the decode kernel's direct layout (--decode-direct-rows 4:
-#       no zero rows or transposes around calls of 1-4 query rows), batch 1 profiled: against phase 8
+#   14. ar and blt_s8 at batch 1 and 32 with the decode kernel's direct layout (--decode-direct-rows 16:
+#       no zero rows or transposes around calls of 1-16 query rows; run 10 ran 4), batch 1 profiled:
+#       against phase 8
 #       (run 10 measured its first version, products without Triton's dot; since 2026-12-05 the
 #       kernel repeats the rows in registers and keeps the dot);
 #   15. the same with the kernel also writing the caches (--decode-cache-write: no scatter kernels;
@@ -126,9 +127,9 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
        --compiler-option xla_gpu_experimental_enable_fusion_block_level_rewriter=true \
        --out "$out/gen_block_fusion" ;;
   14) phase gen_direct python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
-       --methods ar blt_s8 --batch 1 32 --decode-direct-rows 4 --profile ar:1 --out "$out/gen_direct" ;;
+       --methods ar blt_s8 --batch 1 32 --decode-direct-rows 16 --profile ar:1 --out "$out/gen_direct" ;;
   15) phase gen_direct_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
-       --methods ar blt_s8 --batch 1 32 --decode-direct-rows 4 --decode-cache-write --profile ar:1 \
+       --methods ar blt_s8 --batch 1 32 --decode-direct-rows 16 --decode-cache-write --profile ar:1 \
        --out "$out/gen_direct_write" ;;
   12) phase gen_decode_kernel python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-kernel decode --profile ar:1 ar:32 --out "$out/gen_decode_kernel" ;;

@@ -216,8 +216,8 @@ def _kernel(*refs, n, per_split, block_k, scale, copies, new_keys=0):
 # the query's pad 1.6 us, a transpose 1.1 us), ~0.08 ms of a 1.44 ms byte. The first version of this
 # layout computed its products elementwise instead of with the dot, and each launch took twice as
 # long (1.53 against 1.42 ms per byte, run 10). 0 (off) until a GPU measures the repeated rows
-# (generate_speed.py --decode-direct-rows 4); 4 takes a decode step's usual calls (1 or 2 queries of
-# one head per kv head).
+# (generate_speed.py --decode-direct-rows 16, speed_gpu.sh phase 14); 4 takes a decode step's usual
+# calls (1 or 2 queries of one head per kv head), 16 also BLT-S's verification chunks.
 MAX_DIRECT_ROWS = 0
 # Whether the sampler's cached attention lets the kernel write the step's new keys and values into
 # the caches (decode_attention_write) instead of XLA's two scatters per layer and step (2.3 us each at
@@ -227,7 +227,7 @@ MAX_DIRECT_ROWS = 0
 # (generate_speed.py --decode-cache-write). With the direct layout on as well (MAX_DIRECT_ROWS), the
 # sampler hands the kernel q, k and v as HeadViews of the layer's q|k|v product, read in place: no
 # scatter, slice, pad or transpose is left around the kernel (predicted ~1.25 ms per byte against
-# 1.44; generate_speed.py --decode-direct-rows 4 --decode-cache-write, speed_gpu.sh phase 15).
+# 1.44; generate_speed.py --decode-direct-rows 16 --decode-cache-write, speed_gpu.sh phase 15).
 WRITE_CACHE = False
 
 
