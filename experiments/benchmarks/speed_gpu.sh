@@ -9,7 +9,8 @@
 #   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port;
 #   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
-#   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port;
+#   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port, plain BLT and BLT-D-4 profiled (since run 8:
+#      SwiGLU's one-pass gradient, layers.swiglu, shows in the feed-forward rows of the profile);
 #   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9, 10, 12, 14 and 15), batch 32
 #      profiled (blt_s8's too since run 11: its batch-32 pass is 1.43x batch 1's, target 1.3x):
 #      one-query attention products padded to two query rows on the GPU (attention.GPU_MIN_QUERY_ROWS);
@@ -115,7 +116,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
        | tee -a "$out/log.txt"
      phase attention python3 $bench/attention_check.py --cases local global blt_d4 blt_d8 --out "$out/attention" ;;
   7) phase train_d python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 blt_d8 torch \
-       --profile blt_d4 --steps 20 --warmup 3 --timeout 300 --out "$out/train_d" ;;
+       --profile blt blt_d4 --steps 20 --warmup 3 --timeout 300 --out "$out/train_d" ;;
   8) phase gen_ref python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        blt_s8 --batch 1 32 --profile ar:32 blt_s8:32 --out "$out/gen_ref" ;;
   9) phase gen_rows1 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from fastblt.config import TransformerConfig
 from fastblt.model.attention import Attend
 from fastblt.model.decode_attention import HeadView
-from fastblt.model.layers import read_latents, rms_norm, rope, transformer_layer
+from fastblt.model.layers import read_latents, rms_norm, rope, swiglu, transformer_layer
 
 # Fewest rows of a GPU matmul in decode form (see the module docstring); 1 turns the padding off.
 GPU_MIN_DOT_ROWS = 2
@@ -155,7 +155,7 @@ class DecodeLayer:
     def feed_forward(self, x: jax.Array) -> jax.Array:
         """SwiGLU ``w2(silu(w1 x) * w3 x)`` with w1 and w3 as one matmul. x: float[B, T, D]."""
         gate, up = jnp.split(dot(x, self.w.w13), 2, axis=-1)
-        return dot(jax.nn.silu(gate) * up, self.w.w2)
+        return dot(swiglu(gate, up), self.w.w2)
 
 
 class CrossQuery(NamedTuple):
