@@ -194,3 +194,27 @@ def test_generation_compiles_as_two_programs_equal_to_one(monkeypatch):
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(whole[name]), err_msg=name)
     for a, b in zip(jax.tree.leaves(got["counters"]), jax.tree.leaves(whole["counters"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("n_cand", [2, 6])  # masked reductions; the segment max (more candidates)
+def test_pool_patches_is_the_max_over_each_candidates_bytes(n_cand):
+    """cached.pool_patches against a loop over rows and candidates: the max of the bytes whose patch
+    is the candidate (clipped into range), -inf for a patch without bytes; bytes of patch p are none's."""
+    import jax.numpy as jnp
+
+    from fastblt.sampler.cached import pool_patches
+
+    rng = np.random.default_rng(5)
+    b, n, d, p = 3, 20, 4, 7
+    x = rng.normal(size=(b, n, d)).astype(np.float32)
+    seg = np.sort(rng.integers(0, p + 1, size=(b, n)), axis=1)  # sorted patch ids, p past the length
+    seg[0] = np.where(seg[0] == 3, 4, seg[0])  # row 0's patch 3 has no byte
+    cand = rng.integers(-1, p + 2, size=(b, n_cand))  # some out of range: clipped
+    cand[0, 0] = 3
+    got = np.asarray(pool_patches(jnp.asarray(x), jnp.asarray(seg), jnp.asarray(cand), p))
+    for r in range(b):
+        for c in range(n_cand):
+            rows = x[r][seg[r] == min(max(cand[r, c], 0), p - 1)]
+            want = rows.max(axis=0) if len(rows) else np.full(d, -np.inf, np.float32)
+            np.testing.assert_array_equal(got[r, c], want)
+    assert np.all(got[0, 0] == -np.inf)

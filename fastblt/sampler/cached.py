@@ -72,6 +72,24 @@ def _seg_max(x: jax.Array, seg: jax.Array, p: int) -> jax.Array:
     return jax.vmap(lambda xi, si: jax.ops.segment_max(xi, si, num_segments=p))(x, seg)
 
 
+# At most this many candidate patches are max-pooled by masked reductions over the byte buffer (one
+# read of it per candidate) instead of a segment max over every patch: the segment max is a scatter
+# over the whole buffer, 106 us per global step at BLT-1B and batch 32 on an H100, the top kernel of
+# ar's step there (experiments/results/generate_speed.md, run 11). A decode step has 1-3 candidates;
+# a prefill chunk, many.
+MASKED_POOL_CANDIDATES = 4
+
+
+def pool_patches(x: jax.Array, seg: jax.Array, cand: jax.Array, p: int) -> jax.Array:
+    """Max over each candidate patch's bytes: x float[B, N, D], seg int32[B, N] (the byte's patch, p:
+    none), cand int32[B, C] (clipped into [0, p)) -> float[B, C, D]; -inf for a patch without bytes.
+    Equal to ``gather_rows(_seg_max(x, seg, p), cand)``; few candidates take masked reductions."""
+    if cand.shape[1] > MASKED_POOL_CANDIDATES:
+        return gather_rows(_seg_max(x, seg, p), cand)
+    hit = seg[:, None, :] == jnp.clip(cand, 0, p - 1)[:, :, None]  # [B, C, N]
+    return jnp.max(jnp.where(hit[..., None], x[:, None], jnp.array(-jnp.inf, x.dtype)), axis=2)
+
+
 def window_span(n: int, t: int, window: int | None) -> int | None:
     """Keys a chunk of ``t`` queries can see in a buffer of ``n`` under a sliding ``window``:
     ``window + t - 1``, or None where reading the whole buffer costs about as much (n <= 2 spans)."""
@@ -325,7 +343,7 @@ class Runner:
         pe = None
         for j, _ in enumerate(self.cross_layers):
             if pe is None or m.encoder_repool_every_layer:
-                pooled = gather_rows(_seg_max(st.enc_h[j], seg, p), cand)  # [B, C, D_e]
+                pooled = pool_patches(st.enc_h[j], seg, cand, p)  # [B, C, D_e]
                 pe = self.enc.patch_embedding_projection(pooled).reshape(b, n_cand * k, d_e)
             cross = self.enc.cross_attn_layers[j]
             o = attention(cross.query(pe), st.enc_ck[j], st.enc_cv[j], cross_mask, m.attention_impl)
