@@ -365,7 +365,7 @@ def test_decode_check_script_passes_the_kernel_and_catches_a_wrong_one(monkeypat
     from fastblt.model import decode_attention as decode_lib
 
     assert decode_check.main(["--small", "--out", str(tmp_path)]) == 0
-    assert len((tmp_path / "decode_check.jsonl").read_text().splitlines()) == 12
+    assert len((tmp_path / "decode_check.jsonl").read_text().splitlines()) == 16
     real = decode_lib._untile
     monkeypatch.setattr(
         decode_lib, "_untile", lambda x, copies: real(x, copies) * (1.01 if copies > 1 else 1.0)

@@ -11,8 +11,8 @@
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port, plain BLT and BLT-D-4 profiled (since run 8:
 #      SwiGLU's one-pass gradient, layers.swiglu, shows in the feed-forward rows of the profile);
-#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9, 10, 12, 14 and 15), batch 32
-#      profiled (blt_s8's too since run 11: its batch-32 pass is 1.43x batch 1's, target 1.3x):
+#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9, 10, 12, 14 and 15), ar at
+#      batch 1 and 32 and blt_s8 at batch 32 profiled (its batch-32 pass is 1.43x batch 1's, target 1.3x):
 #      one-query attention products padded to two query rows on the GPU (attention.GPU_MIN_QUERY_ROWS);
 #   9. the same at batch 32 without that padding (--min-query-rows 1: run 8's program, whose
 #      one-row products ran as reduction fusions), profiled: the before of 8;
@@ -46,13 +46,13 @@
 #       two runs one after the other, plain BLT profiled in both.
 #   22. the decode kernel compiled by Triton against the XLA path in each layout (dot, direct, cache
 #       writes, in-place head views) at BLT-1B's decode shapes (decode_check.py; exits 1 on a
-#       mismatch): run it before the speed phases of a changed kernel.
+#       mismatch): phases 14 and 15 run only after it passed on the same machine.
 #   21. why the sampler's cold compile of ar (batch 1) took 22.7 s in phase 17 (compile_time.py: the
 #       sampler's _compile_halves, loop half donated, an empty cache directory) and 9.4 s in phase 18
 #       (split_compile.py: the same halves in two threads, no donation, no cache directory): the
-#       sampler's path without a cache directory, split_compile.py with one, and the sampler's path
-#       with one but XLA's autotuning cache off (JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=none); one
-#       fresh process each.
+#       sampler's path and split_compile.py each with and without a cache directory, and the sampler's
+#       path with one but XLA's autotuning cache off (JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=none); one
+#       fresh process and one empty cache directory each.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -93,6 +93,13 @@ declare -A flag_sets=(
   [threads16]="--xla_gpu_force_compilation_parallelism=16"
 )
 
+# A changed decode kernel is measured only after decode_check.py (phase 22) passed on this machine.
+checked_kernel() {
+  [ -e "$out/decode_check/done" ] && return 0
+  echo "[$1] skipped: the decode kernel's check (phase 22) has not passed here" | tee -a "$out/log.txt"
+  return 1
+}
+
 for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
@@ -118,7 +125,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
   7) phase train_d python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 blt_d8 torch \
        --profile blt blt_d4 --steps 20 --warmup 3 --timeout 300 --out "$out/train_d" ;;
   8) phase gen_ref python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
-       blt_s8 --batch 1 32 --profile ar:32 blt_s8:32 --out "$out/gen_ref" ;;
+       blt_s8 --batch 1 32 --profile ar:1 ar:32 blt_s8:32 --out "$out/gen_ref" ;;
   9) phase gen_rows1 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        blt_s8 --batch 32 --min-query-rows 1 --profile ar:32 --out "$out/gen_rows1" ;;
   10) phase gen_cudnn python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
@@ -127,9 +134,11 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
        --methods ar blt_s8 --batch 1 --profile ar:1 \
        --compiler-option xla_gpu_experimental_enable_fusion_block_level_rewriter=true \
        --out "$out/gen_block_fusion" ;;
-  14) phase gen_direct python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+  14) checked_kernel 14 || continue
+      phase gen_direct python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-direct-rows 16 --profile ar:1 --out "$out/gen_direct" ;;
-  15) phase gen_direct_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+  15) checked_kernel 15 || continue
+      phase gen_direct_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-direct-rows 16 --decode-cache-write --profile ar:1 \
        --out "$out/gen_direct_write" ;;
   12) phase gen_decode_kernel python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
@@ -164,13 +173,20 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
   20) phase gen_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-cache-write --profile ar:1 --out "$out/gen_write" ;;
   22) phase decode_check python3 $bench/decode_check.py --out "$out/decode_check" ;;
-  21) JAX_COMPILATION_CACHE_DIR= phase compile_why_nocache python3 $bench/compile_time.py --shape 1b \
-        --variants full --methods ar --out "$out/compile_why"
+  21) # Both baselines again in this session (the sampler's path with a cache directory, the split
+      # halves without one), then the three crossings; an empty cache directory for each process.
+      rm -rf /tmp/why-*
+      JAX_COMPILATION_CACHE_DIR=/tmp/why-sampler phase compile_why_sampler_cache python3 $bench/compile_time.py \
+        --shape 1b --variants full --methods ar --out "$out/compile_why_sampler_cache"
+      JAX_COMPILATION_CACHE_DIR= phase compile_why_split_nocache python3 $bench/split_compile.py --shape 1b \
+        --mode parallel --out "$out/compile_why_split_nocache"
+      JAX_COMPILATION_CACHE_DIR= phase compile_why_sampler_nocache python3 $bench/compile_time.py --shape 1b \
+        --variants full --methods ar --out "$out/compile_why_sampler_nocache"
       JAX_COMPILATION_CACHE_DIR=/tmp/why-split phase compile_why_split_cache python3 $bench/split_compile.py \
-        --shape 1b --mode parallel --out "$out/compile_why"
+        --shape 1b --mode parallel --out "$out/compile_why_split_cache"
       JAX_COMPILATION_CACHE_DIR=/tmp/why-none JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=none \
         phase compile_why_no_xla_caches python3 $bench/compile_time.py --shape 1b --variants full \
-        --methods ar --out "$out/compile_why" ;;
+        --methods ar --out "$out/compile_why_no_xla_caches" ;;
   13) for kernel in xla decode; do
         phase "gen_long_$kernel" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes 4000 16000 --decode-kernel $kernel --out "$out/gen_long_$kernel"

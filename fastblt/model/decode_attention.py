@@ -217,7 +217,7 @@ def _kernel(*refs, n, per_split, block_k, scale, copies, new_keys=0):
 # layout computed its products elementwise instead of with the dot, and each launch took twice as
 # long (1.53 against 1.42 ms per byte, run 10). 0 (off) until a GPU measures the repeated rows
 # (generate_speed.py --decode-direct-rows 16, speed_gpu.sh phase 14); 4 takes a decode step's usual
-# calls (1 or 2 queries of one head per kv head), 16 also BLT-S's verification chunks.
+# calls (1 or 2 queries of one head per kv head), 16 also power-of-two chunks of up to 16 queries.
 MAX_DIRECT_ROWS = 0
 # Whether the sampler's cached attention lets the kernel write the step's new keys and values into
 # the caches (decode_attention_write) instead of XLA's two scatters per layer and step (2.3 us each at
