@@ -58,14 +58,20 @@
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
 # 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 22 (the
 # kernel's check), 8, 15 and 14 (the direct layout with the dot, with and without the in-place
-# writes), 21, 7, 5, 10, 11 and 6 are next. A device call's background jobs end with the call: poll in
-# the call that started them.
+# writes), 21, 7, 5, 10, 11 and 6 are next. A device call's background jobs end with the call, so run
+# in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
-#   . experiments/benchmarks/gpu_env.sh && PHASES="22 8 15 14 21 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
+#     PHASES="22 8 15 14 21 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
-# phases, in the order given.
+# phases, in the order given. DEADLINE (epoch seconds, optional) fits the run into a device call: a
+# phase is not started with under MIN_PHASE_S (default 120) seconds left and is stopped at DEADLINE,
+# so the call keeps time to save what finished, and the next call resumes with the unfinished phase:
+#
+#   DEADLINE=$(( $(date +%s) + 540 )) PHASES="..." bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#   tar czf $OUT/gpu.tgz OUT_DIR
 set -uo pipefail
 out=${1:?usage: speed_gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -75,9 +81,18 @@ phase() {  # name, command...
   local name=$1
   shift
   [ -e "$out/$name/done" ] && return 0
+  local limit=()
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - $(date +%s)))
+    if [ "$left" -lt "${MIN_PHASE_S:-120}" ]; then
+      echo "[$name] not started: ${left} s left before DEADLINE" | tee -a "$out/log.txt"
+      return 0
+    fi
+    limit=(timeout --kill-after=10 "$left")
+  fi
   mkdir -p "$out/$name"
   echo "[$name] start $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
-  "$@" > "$out/$name/stdout.txt" 2>&1
+  "${limit[@]}" "$@" > "$out/$name/stdout.txt" 2>&1
   local rc=$?
   echo "[$name] exit $rc $(date -u +%FT%TZ)" | tee -a "$out/log.txt"
   [ "$rc" -eq 0 ] && touch "$out/$name/done"
