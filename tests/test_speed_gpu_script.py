@@ -1,0 +1,53 @@
+"""experiments/benchmarks/speed_gpu.sh's driver logic (DEADLINE, done markers, the kernel check's gate)
+with a stand-in python3 that only sleeps or succeeds: no benchmark runs here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "speed_gpu.sh"
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """A python3 on PATH that sleeps FAKE_SLEEP seconds, then exits 0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "python3"
+    exe.write_text('#!/usr/bin/env bash\nsleep "${FAKE_SLEEP:-0}"\n')
+    exe.chmod(0o755)
+    return bin_dir
+
+
+def run(fake_python, out: Path, phases: str, **env) -> str:
+    environ = {**os.environ, "PATH": f"{fake_python}:{os.environ['PATH']}", "PHASES": phases, **env}
+    subprocess.run(
+        ["bash", str(SCRIPT), str(out)], cwd=SCRIPT.parents[2], env=environ, check=True, capture_output=True
+    )
+    return (out / "log.txt").read_text()
+
+
+def test_deadline_stops_a_phase_and_starts_none_too_late(fake_python, tmp_path):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    log = run(fake_python, out, "22 8", DEADLINE=str(int(time.time()) + 3), MIN_PHASE_S="1", FAKE_SLEEP="30")
+    assert time.monotonic() - t0 < 25  # the sleeping phase was stopped at the deadline
+    assert "[decode_check] exit 124" in log and "[gen_ref] not started" in log
+    assert not (out / "decode_check" / "done").exists()
+    log = run(fake_python, out, "22", DEADLINE=str(int(time.time()) + 60))  # under MIN_PHASE_S (120)
+    assert log.count("[decode_check] not started") == 1
+
+
+def test_done_phases_are_skipped_and_the_kernel_check_gates_its_speed_phases(fake_python, tmp_path):
+    out = tmp_path / "out"
+    log = run(fake_python, out, "14")
+    assert "[14] skipped" in log and not (out / "gen_direct").exists()
+    log = run(fake_python, out, "22 14")
+    assert (out / "decode_check" / "done").exists() and (out / "gen_direct" / "done").exists()
+    log = run(fake_python, out, "22")
+    assert log.count("[decode_check] start") == 1  # done: not run again
