@@ -384,9 +384,9 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
     The module's switches (MAX_DIRECT_ROWS, and whether to interpret) are read here, outside the jit:
     a traced call is cached by its static arguments, so a program's calls of one shape (a stack's
     layers, prefill and step alike) trace and lower the kernel once instead of once per layer. The
-    sizing constants read inside (MAX_ROWS, BLOCK_BYTES, TARGET_PROGRAMS, ...)
-    are fixed for a process; changing one would need this jit's cache cleared
-    (``_attend_once.clear_cache()``) as well as the sampler's."""
+    sizing constants read inside (MAX_ROWS, BLOCK_BYTES, TARGET_PROGRAMS, ...) are fixed for a
+    process; changing one would need this jit's cache cleared (``_attend_once.clear_cache()``) as
+    well as the sampler's."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if direct_rows is None:
@@ -445,10 +445,13 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
 
     if not direct:
         q_in, q_spec = program_rows(q), pl.BlockSpec((None, None, r, d), lambda i, j, s: (i, j, 0, 0))
+        o_shape, o_spec = q_in.shape, q_spec
     elif g == 1:  # the ~3 us of XLA's transpose and pad around the kernel (run 9) are not run
         q_in, q_spec = q, pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, q_start + j, 0))
+        o_shape, o_spec = (b, t, h, d), pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0))
     else:
         q_in, q_spec = q.reshape(b, kv, g, d), pl.BlockSpec((None, None, g, d), lambda i, j, s: (i, j, 0, 0))
+        o_shape, o_spec = q_in.shape, q_spec
     mr = mask_rows(mask)
     m_rows = mr.shape[1]
     row_scalar = pl.BlockSpec((None,), lambda i, j, s: (i,))
@@ -464,12 +467,7 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
     ]
 
     if one:  # the kernel writes the normalised output, in q's layout (a view's: its own heads only)
-        out_shape = [
-            jax.ShapeDtypeStruct((*q_in.shape[:2], h, d) if direct and g == 1 else q_in.shape, q.dtype)
-        ]
-        out_specs = [
-            pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, j, 0)) if direct and g == 1 else q_spec
-        ]
+        out_shape, out_specs = [jax.ShapeDtypeStruct(o_shape, q.dtype)], [o_spec]
     else:  # each split writes its unnormalised output, softmax max and sum; XLA combines them
         stats = jax.ShapeDtypeStruct((splits, b, kv, r), jnp.float32)
         out_shape = [jax.ShapeDtypeStruct((splits, b, kv, r, d), jnp.float32), stats, stats]

@@ -18,8 +18,9 @@ The function comes in two halves cut at the loop's carry (:class:`Generation`): 
 prefill and the method's ``init``) and ``finish`` (the loop). Each holds a whole unrolled copy of
 the model, and XLA's compile time grows faster than a module's size. fastblt.sampler.api compiles the
 halves as two programs, at the same time: at BLT-1B shapes on one H100, ``ar`` compiled in 29.0 s
-whole, 18.4 s as the two halves in turn and 9.4 s as the halves at once, at the same speed
-(experiments/results/generate_speed.md, run 10).
+whole, 18.4 s as the two halves in turn and 9.4 s as the halves at once, at the same speed, without a
+compilation cache directory (experiments/results/generate_speed.md, run 10); the sampler's own path
+with an empty cache directory took 22.7 s (run 11), a difference still being measured.
 """
 
 from __future__ import annotations
