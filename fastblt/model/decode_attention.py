@@ -212,23 +212,21 @@ def _kernel(*refs, n, per_split, block_k, scale, copies, new_keys=0):
 # At most this many query rows (a power of two, at most MIN_ROWS) run in the arrays' own layouts
 # (direct_layout): the kernel reads q and writes the output where they are, and repeats the rows in
 # registers up to the 16 Triton's dot needs. Outside it, XLA pads and transposes q before the kernel
-# and transposes the output after it, ~3 us per layer and step at batch 1 (generate_speed.md, run 9:
-# the query's pad 1.6 us, a transpose 1.1 us), ~0.08 ms of a 1.44 ms byte. The first version of this
-# layout computed its products elementwise instead of with the dot, and each launch took twice as
-# long (1.53 against 1.42 ms per byte, run 10). 0 (off) until a GPU measures the repeated rows
-# (generate_speed.py --decode-direct-rows 16, speed_gpu.sh phase 14); 4 takes a decode step's usual
-# calls (1 or 2 queries of one head per kv head), 16 also power-of-two chunks of up to 16 queries.
-MAX_DIRECT_ROWS = 0
+# and transposes the output after it, ~3 us per layer and step at batch 1 (generate_speed.md, run 9).
+# 16 takes a decode step's usual calls (1 or 2 queries of one head per kv head) and power-of-two
+# chunks of up to 16 queries. On its own it moved ar at batch 1 from 1.38 to 1.34 ms per byte on one
+# H200 (run 12); with WRITE_CACHE it is what lets the kernel read q, k and v in place (below).
+# 0 turns it off (generate_speed.py --decode-direct-rows 0).
+MAX_DIRECT_ROWS = 16
 # Whether the sampler's cached attention lets the kernel write the step's new keys and values into
-# the caches (decode_attention_write) instead of XLA's two scatters per layer and step (2.3 us each at
-# batch 1, ~0.16 ms of a 1.43 ms byte in generate_speed.md run 9). Off: measured on one H100 it
-# gained nothing (1.44 ms per byte either way, run 11), because the new keys and values then need
-# slice and transpose kernels of their own, where XLA had fused them into the scatters
-# (generate_speed.py --decode-cache-write). With the direct layout on as well (MAX_DIRECT_ROWS), the
-# sampler hands the kernel q, k and v as HeadViews of the layer's q|k|v product, read in place: no
-# scatter, slice, pad or transpose is left around the kernel (predicted ~1.25 ms per byte against
-# 1.44; generate_speed.py --decode-direct-rows 16 --decode-cache-write, speed_gpu.sh phase 15).
-WRITE_CACHE = False
+# the caches (decode_attention_write) instead of XLA's two scatters per layer and step. With the
+# direct layout on as well, the sampler hands the kernel q, k and v as HeadViews of the layer's q|k|v
+# product, read in place: no scatter, slice, pad or transpose is left around the kernel. On one H200
+# (generate_speed.md, run 12, one machine session) ar went from 1.38 to 1.27 ms per byte at batch 1
+# and from 1.63 to 1.54 ms per step at batch 32, blt_s8 from 0.74 to 0.70 and 1.01 to 0.98 ms per
+# pass. In the dot layout alone the writes gained nothing (run 11: slices and transposes of k and v
+# took the scatters' place). False: XLA's scatters (generate_speed.py --no-decode-cache-write).
+WRITE_CACHE = True
 
 
 def _add_new_keys(q, extra, cols, cache_outs, carry, scale, copies):
