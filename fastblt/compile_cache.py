@@ -11,7 +11,8 @@ config and shapes loads it from disk instead. Where the cache lives, first match
 3. ``$FASTBLT_COMPILATION_CACHE`` (``0``/``off`` turns the default off);
 4. ``$XDG_CACHE_HOME/fastblt/jax``, else ``~/.cache/fastblt/jax``.
 
-``compilation_cache=False`` (``--no-compilation-cache``) leaves JAX's setting as it is. On the CPU
+``compilation_cache=False`` (``--no-compilation-cache``) leaves JAX's setting as it is, except that an
+empty directory is made None (off). On the CPU
 backend the default (3. and 4.) is not applied: with jaxlib 0.10.2, serializing and loading CPU
 executables through the cache crashed processes (segfaults, tests/conftest.py); CPU programs compile
 in seconds anyway. An explicit directory or JAX's own setting still applies there.
@@ -44,6 +45,12 @@ def use_compilation_cache(where: bool | str | os.PathLike = True, platform: str 
     created is a warning, not an error: generation works without the cache, only slower to start.
     """
     current = jax.config.jax_compilation_cache_dir
+    if current == "":
+        # An empty directory (``JAX_COMPILATION_CACHE_DIR=``) means no cache, but JAX still turns on
+        # XLA's autotuning cache under it: a relative directory in the working directory, which
+        # quietly made later "cold" compiles there warm (generate_speed.md, run 12). None is off.
+        jax.config.update("jax_compilation_cache_dir", None)
+        current = None
     if where is False:
         return current or None
     if where is True:

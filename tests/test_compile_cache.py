@@ -64,3 +64,19 @@ def test_an_unwritable_directory_warns_and_generation_goes_on(jax_cache_dir, tmp
     blocker.write_text("not a directory")
     with pytest.warns(UserWarning, match="cannot be used"):
         assert use_compilation_cache(blocker / "jax") is None
+
+
+def test_an_empty_directory_is_off_for_xla_autotuning_cache_too(jax_cache_dir):
+    """JAX reads ``JAX_COMPILATION_CACHE_DIR=`` as a directory of "": its own cache stays off, but XLA's
+    autotuning cache is still pointed at a relative directory (JAX's compile options are the oracle)."""
+    from jax._src import compiler
+
+    def autotune_dir():
+        options = compiler.get_compile_options(num_replicas=1, num_partitions=1)
+        return options.executable_build_options.debug_options.xla_gpu_per_fusion_autotune_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", "")
+    assert autotune_dir() == "xla_gpu_per_fusion_autotune_cache_dir"  # the trap, as JAX has it
+    assert use_compilation_cache(False) is None
+    assert jax.config.jax_compilation_cache_dir is None
+    assert autotune_dir() == ""

@@ -50,3 +50,39 @@ def test_generate_speed_tiny_writes_rows_table_and_plot(tmp_path):
     table = (tmp_path / "generate_speed.md").read_text()
     assert "| tiny | 64 | ar | 2 |" in table and "copy bandwidth measured" in table
     assert (tmp_path / "generate_speed.png").stat().st_size > 0
+
+
+def test_xla_options_parse_booleans_and_reject_a_missing_value():
+    assert generate_speed.xla_options(["xla_gpu_enable_triton_gemm=false", "a=3"], "--x") == {
+        "xla_gpu_enable_triton_gemm": False,
+        "a": "3",
+    }
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        generate_speed.xla_options(["xla_gpu_enable_triton_gemm"], "--x")
+
+
+@pytest.mark.slow
+def test_compile_time_times_jax_compile_stages_in_a_fresh_process(tmp_path):
+    """compile_time.py --jax-timers wraps JAX's compile stages: XLA's compile, summed over the two
+    halves' threads, is at least most of the wall compile time it measures around them."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(generate_speed.__file__), "compile_time.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cmd = [
+        sys.executable,
+        script,
+        "--shape",
+        "tiny",
+        "--variants",
+        "small",
+        "--jax-timers",
+        "--out",
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
+    (row,) = [json.loads(line) for line in open(tmp_path / "compile_time.jsonl")]
+    stages = row["jax_stages"]
+    assert row["cache_dir"] is None
+    assert stages["backend_compile_and_load"] >= 0.5 * row["compile_s"] > 0

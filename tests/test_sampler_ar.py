@@ -196,6 +196,37 @@ def test_generation_compiles_as_two_programs_equal_to_one(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_prefill_compiler_options_reach_the_prefill_half_alone(monkeypatch):
+    """GPU_PREFILL_COMPILER_OPTIONS go to the prefill half's compile and not the loop's; the loop half
+    keeps GPU_COMPILER_OPTIONS (checked on the options each half's Lowered.compile is given)."""
+    import jax
+
+    from fastblt.sampler import api
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compiler_options' view only
+    monkeypatch.setattr(api, "GPU_COMPILER_OPTIONS", {"xla_gpu_autotune_level": 4})
+    monkeypatch.setattr(api, "GPU_PREFILL_COMPILER_OPTIONS", {"xla_gpu_enable_triton_gemm": False})
+    options = {True: api.compiler_options(prefill=True), False: api.compiler_options()}
+    monkeypatch.undo()
+    assert options[True] == {"xla_gpu_autotune_level": 4, "xla_gpu_enable_triton_gemm": False}
+    assert options[False] == {"xla_gpu_autotune_level": 4}
+
+    monkeypatch.setattr(api, "compiler_options", lambda prefill=False: options[prefill])
+    seen = {}
+    real_compile = jax.stages.Lowered.compile
+
+    def spy(self, compiler_options=None):
+        seen["start" if "@jit_start" in self.as_text() else "finish"] = compiler_options
+        return real_compile(self, compiler_options=compiler_options)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+    config, params = model("base")
+    prompts = random_prompts(5, [3])
+    program = api.prepare(params, config, prompts, max_bytes=6, **SHAPES)  # the options are in the key
+    assert program.compile_seconds > 0
+    assert seen == {"start": options[True], "finish": options[False]}
+
+
 @pytest.mark.parametrize("n_cand", [2, 6])  # masked reductions; the segment max (more candidates)
 def test_pool_patches_is_the_max_over_each_candidates_bytes(n_cand):
     """cached.pool_patches against a loop over rows and candidates: the max of the bytes whose patch

@@ -16,7 +16,12 @@ the layers (one compiled body per stack) can save:
 
 ``--scan both`` measures each variant with ``model.scan_decode_layers`` off and on. The first compile
 of a process also pays one-time costs: for figures comparable across settings run one setting per
-process, each with its own empty ``JAX_COMPILATION_CACHE_DIR`` (it holds XLA's autotuning results too).
+process, each with its own empty ``JAX_COMPILATION_CACHE_DIR`` (it holds XLA's autotuning results too),
+or with the variable unset: set but empty, JAX still keeps XLA's autotuning results, in a directory
+relative to the working directory, and the next process's compile is warm (generate_speed.md, run 12).
+``--jax-timers`` adds the seconds of JAX's compile stages (cache key, cache read, XLA's compile, cache
+write; summed over the two halves' threads) to each row; ``--prefill-compiler-option`` sets the prefill
+half's own XLA options (fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS).
 """
 
 from __future__ import annotations
@@ -72,6 +77,42 @@ def timed_compiled(record: dict):
     return compiled
 
 
+JAX_COMPILE_STAGES = ("_get_cache_key", "_cache_read", "backend_compile_and_load", "_cache_write")
+_STAGES: dict = {}  # the row being timed (time_jax_compile_stages)
+
+
+def time_jax_compile_stages(stages: dict) -> None:
+    """Adds into ``stages`` the wall seconds of each stage of ``jax._src.compiler.compile_or_get_cached``
+    (cache key, cache read, XLA's compile, cache write) from now on, summed over the two halves, which
+    compile in two threads at once: where a compile with a persistent cache directory spends what one
+    without does not. The wrappers go in once per process; later calls only redirect them."""
+    import threading
+
+    from jax._src import compiler
+
+    global _STAGES
+    _STAGES = stages
+    if getattr(compiler, "_fastblt_timed", False):
+        return
+    lock = threading.Lock()
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    _STAGES[name] = _STAGES.get(name, 0.0) + time.perf_counter() - t0
+
+        return wrapper
+
+    for name in JAX_COMPILE_STAGES:
+        if hasattr(compiler, name):
+            setattr(compiler, name, timed(name, getattr(compiler, name)))
+    compiler._fastblt_timed = True
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1b", choices=("tiny", "mid", "1b"))
@@ -80,13 +121,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scan", choices=("off", "on", "both"), default="off")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--jax-timers",
+        action="store_true",
+        help="time JAX's compile stages (cache key, cache read, XLA compile, cache write) per row",
+    )
+    p.add_argument(
+        "--prefill-compiler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an XLA option of the prefill half only (fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS)",
+    )
     args = p.parse_args(argv)
 
     import jax
 
-    from experiments.benchmarks.generate_speed import method_kwargs, model_config
+    from experiments.benchmarks.generate_speed import method_kwargs, model_config, xla_options
     from fastblt.sampler import api
     from fastblt.sampler.bench import random_params
+
+    api.GPU_PREFILL_COMPILER_OPTIONS.update(
+        xla_options(args.prefill_compiler_option, "--prefill-compiler-option")
+    )
 
     out = None
     if args.out:
@@ -102,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in args.methods:
                 record = {
                     "device": str(jax.devices()[0].device_kind),
+                    "prefill_compiler_options": dict(api.GPU_PREFILL_COMPILER_OPTIONS),
                     "shape": args.shape,
                     "variant": variant,
                     "scan_layers": scan,
@@ -114,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
                         "encoder": config.encoder.n_layers,
                     },
                 }
+                if args.jax_timers:
+                    record["cache_dir"] = jax.config.jax_compilation_cache_dir
+                    record["xla_caches"] = jax.config.jax_persistent_cache_enable_xla_caches
+                    time_jax_compile_stages(record.setdefault("jax_stages", {}))
                 api._COMPILED.clear()
                 real = api._compiled
                 api._compiled = timed_compiled(record)

@@ -359,18 +359,27 @@ def _plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def xla_options(items: list[str], flag: str) -> dict:
+    """KEY=VALUE strings as XLA options ("true"/"false" as booleans)."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
+        low = value.lower()
+        options[key] = low == "true" if low in ("true", "false") else value
+    return options
+
+
 def _apply_overrides(args) -> None:
     """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel / --decode-direct-rows /
     --decode-cache-write: set only when given (older trees lack the settings)."""
-    if args.compiler_option:
+    if args.compiler_option or getattr(args, "prefill_compiler_option", None):
         from fastblt.sampler import api
 
-        for item in args.compiler_option:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"--compiler-option {item!r}: expected KEY=VALUE")
-            low = value.lower()
-            api.GPU_COMPILER_OPTIONS[key] = low == "true" if low in ("true", "false") else value
+        api.GPU_COMPILER_OPTIONS.update(xla_options(args.compiler_option, "--compiler-option"))
+        prefill = xla_options(args.prefill_compiler_option, "--prefill-compiler-option")
+        api.GPU_PREFILL_COMPILER_OPTIONS.update(prefill)
     if args.min_dot_rows is not None:
         from fastblt.sampler import fused
 
@@ -382,13 +391,13 @@ def _apply_overrides(args) -> None:
             attention.GPU_MIN_QUERY_ROWS = args.min_query_rows
         if args.decode_kernel is not None:
             attention.GPU_DECODE_KERNEL = args.decode_kernel
-    if args.decode_direct_rows is not None or args.decode_cache_write:
+    if args.decode_direct_rows is not None or args.decode_cache_write is not None:
         from fastblt.model import decode_attention
 
         if args.decode_direct_rows is not None:
             decode_attention.MAX_DIRECT_ROWS = args.decode_direct_rows
-        if args.decode_cache_write:
-            decode_attention.WRITE_CACHE = True
+        if args.decode_cache_write is not None:
+            decode_attention.WRITE_CACHE = args.decode_cache_write
 
 
 def _row_settings() -> dict:
@@ -438,6 +447,14 @@ def main(argv: list[str] | None = None) -> None:
         help="override an XLA option of the sampler's GPU programs (fastblt.sampler.api.GPU_COMPILER_OPTIONS)",
     )
     p.add_argument(
+        "--prefill-compiler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an XLA option of the prefill half only (fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS), "
+        "e.g. xla_gpu_enable_triton_gemm=false",
+    )
+    p.add_argument(
         "--min-dot-rows", type=int, default=None, help="override fastblt.sampler.fused.GPU_MIN_DOT_ROWS"
     )
     p.add_argument(
@@ -462,9 +479,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--decode-cache-write",
-        action="store_true",
-        help="set fastblt.model.decode_attention.WRITE_CACHE: the decode kernel writes the step's new "
-        "keys and values into the caches (no scatter kernels)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override fastblt.model.decode_attention.WRITE_CACHE (on by default): the decode kernel "
+        "writes the step's new keys and values into the caches (no scatter kernels); --no-... : XLA's "
+        "scatters",
     )
     p.add_argument(
         "--attention-impl",
@@ -546,7 +565,9 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--decode-kernel", args.decode_kernel] if args.decode_kernel is not None else []
         if args.decode_direct_rows is not None:
             cmd += ["--decode-direct-rows", str(args.decode_direct_rows)]
-        cmd += ["--decode-cache-write"] if args.decode_cache_write else []
+        if args.decode_cache_write is not None:
+            cmd += ["--decode-cache-write" if args.decode_cache_write else "--no-decode-cache-write"]
+        cmd += [a for o in args.prefill_compiler_option for a in ("--prefill-compiler-option", o)]
         cmd += ["--out", args.out] if args.out else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         for line in proc.stdout.splitlines():

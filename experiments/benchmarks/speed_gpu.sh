@@ -24,7 +24,8 @@
 #      (--decode-kernel decode: fastblt.model.decode_attention), both batches profiled;
 #   13. ar at batch 1 with 4 000- and 16 000-byte prompts, XLA's decode attention and the kernel
 #      (which skips key blocks no query sees: the global model's unused patch slots);
-#   14. ar and blt_s8 at batch 1 and 32 with the decode kernel's direct layout (--decode-direct-rows 16:
+#   14. ar and blt_s8 at batch 1 and 32 with the decode kernel's direct layout alone (--decode-direct-rows 16
+#       --no-decode-cache-write since both became the default in run 12;
 #       no zero rows or transposes around calls of 1-16 query rows; run 10 ran 4), batch 1 profiled:
 #       against phase 8
 #       (run 10 measured its first version, products without Triton's dot; since 2026-12-05 the
@@ -53,16 +54,30 @@
 #       sampler's path and split_compile.py each with and without a cache directory, and the sampler's
 #       path with one but XLA's autotuning cache off (JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=none); one
 #       fresh process and one empty cache directory each.
+#   23. where a cold compile of ar (batch 1) on the sampler's path spends the time a cache directory
+#       adds (phase 21 on one H200: 7.7 s of XLA compile without a directory, 21.4 s with one, split
+#       halves 17.8 s without): without and with an empty directory, alternated twice, JAX's compile
+#       stages timed (cache key, XLA's compile, cache write: compile_time.py --jax-timers) and XLA's
+#       logging timers kept (compile_where_*/timers.txt).
+#   25. the prefill half's GEMMs on cuBLAS (--prefill-compiler-option xla_gpu_enable_triton_gemm=false,
+#       fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS) against the default: ar's cold compile at batch 1
+#       (an empty cache directory per process, alternated twice, JAX's stages timed), then ar at batch 1
+#       and 32 with 64- and 4 000-byte prompts (prefill seconds and ms per byte) each way.
+#   26. ar's program (batch 1) compiled as one module and as two halves at once (split_compile.py), each
+#       truly cold (no cache directory at all), alternated twice: phase 18's 29.0 -> 9.4 s ran its modes
+#       in that order while each process found the previous one's autotuning results.
+#   24. plain BLT next to the PyTorch port (blt_mid, unprofiled): the ratio of the training target.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
-# 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 22 (the
-# kernel's check), 8, 15 and 14 (the direct layout with the dot, with and without the in-place
-# writes), 21, 7, 5, 10, 11 and 6 are next. A device call's background jobs end with the call, so run
-# in the foreground under a DEADLINE (below) and chain calls on the warm machine:
+# 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 22, 8,
+# 15, 14, 21 and 7's first two rows on one H200, then 23 and 24 on one H100, the same evening
+# (generate_speed.md run 12, train_speed.md run 9: phases 14 and 15 measured what is now the default).
+# Next: 25, 26, 24, 7, 5, 10, 11 and 6. A device call's background jobs end with the call, so run in the
+# foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="22 8 15 14 21 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="25 26 24 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -115,7 +130,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -151,7 +166,8 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
        --out "$out/gen_block_fusion" ;;
   14) checked_kernel 14 || continue
       phase gen_direct python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
-       --methods ar blt_s8 --batch 1 32 --decode-direct-rows 16 --profile ar:1 --out "$out/gen_direct" ;;
+       --methods ar blt_s8 --batch 1 32 --decode-direct-rows 16 --no-decode-cache-write --profile ar:1 \
+       --out "$out/gen_direct" ;;
   15) checked_kernel 15 || continue
       phase gen_direct_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-direct-rows 16 --decode-cache-write --profile ar:1 \
@@ -178,7 +194,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
         done
       done ;;
   18) for mode in full serial parallel; do
-        JAX_COMPILATION_CACHE_DIR= phase "split_compile_$mode" python3 $bench/split_compile.py --shape 1b \
+        phase "split_compile_$mode" env -u JAX_COMPILATION_CACHE_DIR python3 $bench/split_compile.py --shape 1b \
           --mode $mode --out "$out/split_compile"
       done ;;
   19) phase latent_gathered python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 --profile blt \
@@ -186,22 +202,56 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22}; do
       phase latent_windows python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
         --latent-windows --steps 20 --warmup 3 --timeout 300 --out "$out/latent_windows" ;;
   20) phase gen_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
-       --methods ar blt_s8 --batch 1 32 --decode-cache-write --profile ar:1 --out "$out/gen_write" ;;
+       --methods ar blt_s8 --batch 1 32 --decode-direct-rows 0 --decode-cache-write --profile ar:1 \
+       --out "$out/gen_write" ;;
   22) phase decode_check python3 $bench/decode_check.py --out "$out/decode_check" ;;
   21) # Both baselines again in this session (the sampler's path with a cache directory, the split
       # halves without one), then the three crossings; an empty cache directory for each process.
       rm -rf /tmp/why-*
       JAX_COMPILATION_CACHE_DIR=/tmp/why-sampler phase compile_why_sampler_cache python3 $bench/compile_time.py \
         --shape 1b --variants full --methods ar --out "$out/compile_why_sampler_cache"
-      JAX_COMPILATION_CACHE_DIR= phase compile_why_split_nocache python3 $bench/split_compile.py --shape 1b \
+      phase compile_why_split_nocache env -u JAX_COMPILATION_CACHE_DIR python3 $bench/split_compile.py --shape 1b \
         --mode parallel --out "$out/compile_why_split_nocache"
-      JAX_COMPILATION_CACHE_DIR= phase compile_why_sampler_nocache python3 $bench/compile_time.py --shape 1b \
+      phase compile_why_sampler_nocache env -u JAX_COMPILATION_CACHE_DIR python3 $bench/compile_time.py --shape 1b \
         --variants full --methods ar --out "$out/compile_why_sampler_nocache"
       JAX_COMPILATION_CACHE_DIR=/tmp/why-split phase compile_why_split_cache python3 $bench/split_compile.py \
         --shape 1b --mode parallel --out "$out/compile_why_split_cache"
       JAX_COMPILATION_CACHE_DIR=/tmp/why-none JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=none \
         phase compile_why_no_xla_caches python3 $bench/compile_time.py --shape 1b --variants full \
         --methods ar --out "$out/compile_why_no_xla_caches" ;;
+  25) rm -rf /tmp/prefill-*
+      cublas=(--prefill-compiler-option xla_gpu_enable_triton_gemm=false)
+      for run in default_1 cublas_1 default_2 cublas_2; do
+        opts=()
+        case $run in cublas_*) opts=("${cublas[@]}") ;; esac
+        JAX_COMPILATION_CACHE_DIR=/tmp/prefill-$run phase "prefill_compile_$run" python3 $bench/compile_time.py \
+          --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/prefill_compile_$run"
+      done
+      for run in default cublas; do
+        opts=()
+        [ $run = cublas ] && opts=("${cublas[@]}")
+        phase "prefill_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+          --methods ar --batch 1 32 --prompt-bytes 64 4000 "${opts[@]}" --out "$out/prefill_speed_$run"
+      done ;;
+  26) for run in full_1 parallel_1 full_2 parallel_2; do
+        phase "split_cold_$run" env -u JAX_COMPILATION_CACHE_DIR python3 $bench/split_compile.py --shape 1b \
+          --mode ${run%_*} --out "$out/split_cold_$run"
+      done ;;
+  24) phase train_port python3 $bench/train_speed.py --shape mid --rows blt torch --steps 20 --warmup 3 \
+       --timeout 200 --out "$out/train_port" ;;
+  23) rm -rf /tmp/where-*
+      for run in nocache_1 cache_1 nocache_2 cache_2; do
+        cache=(env -u JAX_COMPILATION_CACHE_DIR)  # unset: an empty value still caches autotuning (cwd)
+        case $run in cache_*) cache=(env JAX_COMPILATION_CACHE_DIR=/tmp/where-$run) ;; esac
+        TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,nvptx_compiler=1,gemm_fusion_autotuner=1,autotuner_pass=1 \
+          phase "compile_where_$run" "${cache[@]}" python3 $bench/compile_time.py --shape 1b --variants full \
+          --methods ar --jax-timers --out "$out/compile_where_$run"
+        if [ -e "$out/compile_where_$run/stdout.txt" ]; then
+          grep -aE 'took|[0-9.]+ ?(s|ms|us)\b' "$out/compile_where_$run/stdout.txt" | grep -avE '^\{' \
+            > "$out/compile_where_$run/timers.txt"
+          gzip -f "$out/compile_where_$run/stdout.txt"
+        fi
+      done ;;
   13) for kernel in xla decode; do
         phase "gen_long_$kernel" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes 4000 16000 --decode-kernel $kernel --out "$out/gen_long_$kernel"

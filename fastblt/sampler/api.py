@@ -84,10 +84,24 @@ def encode_prompts(prompts: Sequence[str | bytes] | Sequence[np.ndarray]) -> lis
 # batch-1 speed (1.66 vs 1.65 ms per byte) but is 8% slower at batch 32 (2.18 vs 2.02 ms per step).
 # generate_speed.py --compiler-option sets these for experiments.
 GPU_COMPILER_OPTIONS: dict = {}
+# XLA options added for a generation's prefill half alone (_compile_halves), on top of the above.
+# Most of a cold compile is XLA's GEMM autotuning, and most of that is the prefill's: on one H100
+# (BLT-1B, ar, batch 1; generate_speed.md run 12) the prefill half's HLO passes took 14-17 s with no
+# autotuning results at hand and 4.7 s with them. ``{"xla_gpu_enable_triton_gemm": False}`` would
+# give its GEMMs (256 rows a chunk, where cuBLAS does well) to cuBLAS, which needs far less tuning,
+# and leave the decode loop's Triton GEMMs alone; empty until a GPU measures the compile and the
+# prefill's speed with it (generate_speed.py --prefill-compiler-option, speed_gpu.sh phase 25).
+GPU_PREFILL_COMPILER_OPTIONS: dict = {}
 
 
-def compiler_options() -> dict | None:
-    return dict(GPU_COMPILER_OPTIONS) if GPU_COMPILER_OPTIONS and jax.default_backend() == "gpu" else None
+def compiler_options(prefill: bool = False) -> dict | None:
+    """The XLA options of a sampler GPU program (``prefill``: its prefill half's); None elsewhere."""
+    if jax.default_backend() != "gpu":
+        return None
+    options = dict(GPU_COMPILER_OPTIONS)
+    if prefill:
+        options.update(GPU_PREFILL_COMPILER_OPTIONS)
+    return options or None
 
 
 def _compiled(key, fn, args):
@@ -98,6 +112,7 @@ def _compiled(key, fn, args):
     sig = (
         key,
         tuple(sorted((compiler_options() or {}).items())),
+        tuple(sorted((compiler_options(prefill=True) or {}).items())),
         fused.min_rows(),  # a decode program's shapes depend on it (fastblt.sampler.fused)
         attention.GPU_MIN_QUERY_ROWS,  # and its attention kernels on these (fastblt.model.attention)
         attention.GPU_DECODE_KERNEL,
@@ -148,13 +163,14 @@ class _Halves:
 def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _Halves:
     """Compiles a generation's prefill half and loop half as two programs, in two threads at once.
 
-    XLA compiles one module on about one thread and its time grows faster than the module (at BLT-1B
-    shapes on one H100, ``ar`` took 29.0 s whole and 9.4 s as two halves at once without a
-    compilation cache directory: experiments/results/generate_speed.md, run 10; this path with an
-    empty cache directory took 22.7 s in run 11, a difference still being measured). The loop half
-    takes the carry donated, so its buffers (the caches) are reused, not copied. Arguments on several
-    devices keep the one-program path: the halves' AOT signatures would need the carry's shardings
-    before either is compiled.
+    XLA compiles one module on about one thread. At BLT-1B shapes on one H100 the two halves of ``ar``
+    take 18-23 s at once, cold, most of it GEMM autotuning, and 8 s with the autotuning results at hand
+    (experiments/results/generate_speed.md, run 12). Run 10's 29.0 s whole against 9.4 s in halves
+    ran in processes that shared autotuning results, so what the split itself saves is being
+    re-measured cold (speed_gpu.sh phase 26; one module cold was 18-25 s in run 9). The prefill half gets GPU_PREFILL_COMPILER_OPTIONS on top of the common options.
+    The loop half takes the carry donated, so its buffers (the caches) are reused, not copied. Arguments
+    on several devices keep the one-program path: the halves' AOT signatures would need the carry's
+    shardings before either is compiled.
     ``times``, if given, receives ``lower_s`` and ``compile_s`` (wall seconds).
 
     Each half builds the decode-form fused weights (fastblt.sampler.fused) from the parameters, so a
@@ -166,9 +182,9 @@ def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _
     finish = jax.jit(fn.finish, donate_argnums=len(args)).lower(*args, start.out_info)
     lowered = [start, finish]
     t1 = time.perf_counter()
-    options = compiler_options()
+    options = [compiler_options(prefill=True), compiler_options()]
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fastblt-compile") as pool:
-        exes = list(pool.map(lambda lowered: lowered.compile(compiler_options=options), lowered))
+        exes = list(pool.map(lambda lowered, o: lowered.compile(compiler_options=o), lowered, options))
     if times is not None:
         times.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
     return _Halves(*exes, fn.results)
