@@ -11,8 +11,9 @@ config and shapes loads it from disk instead. Where the cache lives, first match
 3. ``$FASTBLT_COMPILATION_CACHE`` (``0``/``off`` turns the default off);
 4. ``$XDG_CACHE_HOME/fastblt/jax``, else ``~/.cache/fastblt/jax``.
 
-``compilation_cache=False`` (``--no-compilation-cache``) leaves JAX's setting as it is, except that an
-empty directory is made None (off). On the CPU
+``compilation_cache=False`` (``--no-compilation-cache``) leaves JAX's setting as it is. An empty JAX
+directory (``JAX_COMPILATION_CACHE_DIR=``) is off, as JAX means it: it is made None, and the default is
+not applied over it (``fastblt``'s commands turn it into ``FASTBLT_COMPILATION_CACHE=0``). On the CPU
 backend the default (3. and 4.) is not applied: with jaxlib 0.10.2, serializing and loading CPU
 executables through the cache crashed processes (segfaults, tests/conftest.py); CPU programs compile
 in seconds anyway. An explicit directory or JAX's own setting still applies there.
@@ -48,8 +49,11 @@ def use_compilation_cache(where: bool | str | os.PathLike = True, platform: str 
     if current == "":
         # An empty directory (``JAX_COMPILATION_CACHE_DIR=``) means no cache, but JAX still turns on
         # XLA's autotuning cache under it: a relative directory in the working directory, which
-        # quietly made later "cold" compiles there warm (generate_speed.md, run 12). None is off.
+        # quietly made later "cold" compiles there warm (generate_speed.md, run 12). None is off,
+        # and the default is not applied over the user's "off".
         jax.config.update("jax_compilation_cache_dir", None)
+        if where is True or where is False:
+            return None
         current = None
     if where is False:
         return current or None

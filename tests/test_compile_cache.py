@@ -75,8 +75,21 @@ def test_an_empty_directory_is_off_for_xla_autotuning_cache_too(jax_cache_dir):
         options = compiler.get_compile_options(num_replicas=1, num_partitions=1)
         return options.executable_build_options.debug_options.xla_gpu_per_fusion_autotune_cache_dir
 
-    jax.config.update("jax_compilation_cache_dir", "")
-    assert autotune_dir() == "xla_gpu_per_fusion_autotune_cache_dir"  # the trap, as JAX has it
-    assert use_compilation_cache(False) is None
-    assert jax.config.jax_compilation_cache_dir is None
-    assert autotune_dir() == ""
+    for where in (False, True):
+        jax.config.update("jax_compilation_cache_dir", "")
+        assert autotune_dir() == "xla_gpu_per_fusion_autotune_cache_dir"  # the trap, as JAX has it
+        assert use_compilation_cache(where, platform="gpu") is None  # off, the default not applied
+        assert jax.config.jax_compilation_cache_dir is None
+        assert autotune_dir() == ""
+
+
+def test_the_cli_unsets_an_empty_directory_before_jax_reads_it(jax_cache_dir, monkeypatch, capsys):
+    from fastblt import cli
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+    assert cli.main(["config", "--config", "tiny"]) == 0
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+    assert os.environ[ENV] == "0"  # still off for fastblt's default
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")  # a real setting is left alone
+    assert cli.main(["config", "--config", "tiny"]) == 0
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == "/somewhere"

@@ -55,8 +55,9 @@ def test_generate_speed_tiny_writes_rows_table_and_plot(tmp_path):
 def test_xla_options_parse_booleans_and_reject_a_missing_value():
     assert generate_speed.xla_options(["xla_gpu_enable_triton_gemm=false", "a=3"], "--x") == {
         "xla_gpu_enable_triton_gemm": False,
-        "a": "3",
+        "a": 3,
     }
+    assert generate_speed.xla_options(["b=fast"], "--x") == {"b": "fast"}
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         generate_speed.xla_options(["xla_gpu_enable_triton_gemm"], "--x")
 

@@ -216,15 +216,22 @@ def test_prefill_compiler_options_reach_the_prefill_half_alone(monkeypatch):
     real_compile = jax.stages.Lowered.compile
 
     def spy(self, compiler_options=None):
-        seen["start" if "@jit_start" in self.as_text() else "finish"] = compiler_options
+        text = self.as_text()
+        half = "start" if "@jit_start" in text else "finish" if "@jit_finish" in text else "other"
+        seen.setdefault(half, []).append(compiler_options)
         return real_compile(self, compiler_options=compiler_options)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
     config, params = model("base")
     prompts = random_prompts(5, [3])
-    program = api.prepare(params, config, prompts, max_bytes=6, **SHAPES)  # the options are in the key
+    program = api.prepare(params, config, prompts, max_bytes=6, **SHAPES)
     assert program.compile_seconds > 0
-    assert seen == {"start": options[True], "finish": options[False]}
+    assert seen == {"start": [options[True]], "finish": [options[False]]}
+    # The prefill half's options are part of the program's key: changing them alone compiles anew.
+    assert api.prepare(params, config, prompts, max_bytes=6, **SHAPES).compile_seconds == 0.0
+    options[True] = {"xla_gpu_autotune_level": 4, "xla_gpu_enable_triton_gemm": True}
+    assert api.prepare(params, config, prompts, max_bytes=6, **SHAPES).compile_seconds > 0
+    assert seen["start"][-1] == options[True] and seen["finish"][-1] == options[False]
 
 
 @pytest.mark.parametrize("n_cand", [2, 6])  # masked reductions; the segment max (more candidates)

@@ -21,5 +21,7 @@ def test_train_speed_tiny_writes_table_and_plot(tmp_path):
     assert "failed" not in r, r
     assert r["bytes_per_sec"] > 0 and r["batch"] == 8 and r["seq_len"] == 512
     assert r["model_tflops_per_step"] > 0 and r["compile_s"] > 0
+    # the loop's timing, a second measurement of the same step: positive and of the same order
+    assert 0 < r["loop_step_ms"] < 3 * r["step_ms"]
     assert "| entropy |" in (tmp_path / "train_speed.md").read_text()
     assert (tmp_path / "train_speed.png").stat().st_size > 0

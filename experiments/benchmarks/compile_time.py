@@ -17,11 +17,12 @@ the layers (one compiled body per stack) can save:
 ``--scan both`` measures each variant with ``model.scan_decode_layers`` off and on. The first compile
 of a process also pays one-time costs: for figures comparable across settings run one setting per
 process, each with its own empty ``JAX_COMPILATION_CACHE_DIR`` (it holds XLA's autotuning results too),
-or with the variable unset: set but empty, JAX still keeps XLA's autotuning results, in a directory
-relative to the working directory, and the next process's compile is warm (generate_speed.md, run 12).
+or with the variable unset. Set but empty, JAX used to keep XLA's autotuning results in a directory
+relative to the working directory, so the next process's compile was warm (generate_speed.md, run 12);
+``prepare`` now clears an empty value (fastblt.compile_cache) before it compiles.
 ``--jax-timers`` adds the seconds of JAX's compile stages (cache key, cache read, XLA's compile, cache
-write; summed over the two halves' threads) to each row; ``--prefill-compiler-option`` sets the prefill
-half's own XLA options (fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS).
+write; summed over the two halves' threads) to each row; ``--compiler-option`` sets XLA options of both
+halves, ``--prefill-compiler-option`` the prefill half's own (fastblt.sampler.api).
 """
 
 from __future__ import annotations
@@ -127,6 +128,13 @@ def main(argv: list[str] | None = None) -> None:
         help="time JAX's compile stages (cache key, cache read, XLA compile, cache write) per row",
     )
     p.add_argument(
+        "--compiler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an XLA option of both halves (fastblt.sampler.api.GPU_COMPILER_OPTIONS)",
+    )
+    p.add_argument(
         "--prefill-compiler-option",
         action="append",
         default=[],
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     from fastblt.sampler import api
     from fastblt.sampler.bench import random_params
 
+    api.GPU_COMPILER_OPTIONS.update(xla_options(args.compiler_option, "--compiler-option"))
     api.GPU_PREFILL_COMPILER_OPTIONS.update(
         xla_options(args.prefill_compiler_option, "--prefill-compiler-option")
     )
@@ -159,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in args.methods:
                 record = {
                     "device": str(jax.devices()[0].device_kind),
+                    "compiler_options": dict(api.GPU_COMPILER_OPTIONS),
                     "prefill_compiler_options": dict(api.GPU_PREFILL_COMPILER_OPTIONS),
                     "shape": args.shape,
                     "variant": variant,
@@ -172,10 +182,9 @@ def main(argv: list[str] | None = None) -> None:
                         "encoder": config.encoder.n_layers,
                     },
                 }
+                stages: dict = {}
                 if args.jax_timers:
-                    record["cache_dir"] = jax.config.jax_compilation_cache_dir
-                    record["xla_caches"] = jax.config.jax_persistent_cache_enable_xla_caches
-                    time_jax_compile_stages(record.setdefault("jax_stages", {}))
+                    time_jax_compile_stages(stages)
                 api._COMPILED.clear()
                 real = api._compiled
                 api._compiled = timed_compiled(record)
@@ -193,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
                     record["prepare_s"] = time.perf_counter() - t0
                 finally:
                     api._compiled = real
+                if args.jax_timers:  # prepare's own compiles only, and the directory they used
+                    record["jax_stages"] = dict(stages)
+                    record["cache_dir"] = jax.config.jax_compilation_cache_dir
+                    record["xla_caches"] = jax.config.jax_persistent_cache_enable_xla_caches
                 api.run_program(program)
                 runs = [api.run_program(program).seconds for _ in range(2)]
                 record["run_s"] = min(runs)

@@ -360,14 +360,17 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def xla_options(items: list[str], flag: str) -> dict:
-    """KEY=VALUE strings as XLA options ("true"/"false" as booleans)."""
+    """KEY=VALUE strings as XLA options ("true"/"false" as booleans, integers as ints)."""
     options = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE")
         low = value.lower()
-        options[key] = low == "true" if low in ("true", "false") else value
+        if low in ("true", "false"):
+            options[key] = low == "true"
+        else:
+            options[key] = int(value) if value.lstrip("-").isdigit() else value
     return options
 
 
@@ -401,11 +404,13 @@ def _apply_overrides(args) -> None:
 
 
 def _row_settings() -> dict:
-    """The padding settings a row ran with (None where this tree lacks the setting)."""
+    """The padding, kernel and XLA settings a row ran with (None where this tree lacks the setting)."""
     from fastblt.model import attention, decode_attention
-    from fastblt.sampler import fused
+    from fastblt.sampler import api, fused
 
     return {
+        "compiler_options": dict(getattr(api, "GPU_COMPILER_OPTIONS", {})),
+        "prefill_compiler_options": dict(getattr(api, "GPU_PREFILL_COMPILER_OPTIONS", {})),
         "min_dot_rows": getattr(fused, "GPU_MIN_DOT_ROWS", None),
         "min_query_rows": getattr(attention, "GPU_MIN_QUERY_ROWS", None),
         "decode_kernel": getattr(attention, "GPU_DECODE_KERNEL", None),
@@ -512,6 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
 
     def add(row: dict) -> None:
+        row = {**row, "copy_tb_per_s": copy}  # the row's own copy of the run's ceiling
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.out:

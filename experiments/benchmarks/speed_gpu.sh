@@ -11,7 +11,8 @@
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port, plain BLT and BLT-D-4 profiled (since run 8:
 #      SwiGLU's one-pass gradient, layers.swiglu, shows in the feed-forward rows of the profile);
-#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9, 10, 12, 14 and 15), ar at
+#   8. ar and blt_s8 at batch 1 and 32 as they run (the reference for 9, 10, 12, 14, 15 and 25; since
+#      run 12 that includes the direct layout and in-place writes, so 15 repeats it), ar at
 #      batch 1 and 32 and blt_s8 at batch 32 profiled (its batch-32 pass is 1.43x batch 1's, target 1.3x):
 #      one-query attention products padded to two query rows on the GPU (attention.GPU_MIN_QUERY_ROWS);
 #   9. the same at batch 32 without that padding (--min-query-rows 1: run 8's program, whose
@@ -27,7 +28,7 @@
 #   14. ar and blt_s8 at batch 1 and 32 with the decode kernel's direct layout alone (--decode-direct-rows 16
 #       --no-decode-cache-write since both became the default in run 12;
 #       no zero rows or transposes around calls of 1-16 query rows; run 10 ran 4), batch 1 profiled:
-#       against phase 8
+#       against phase 8 as it ran before run 12
 #       (run 10 measured its first version, products without Triton's dot; since 2026-12-05 the
 #       kernel repeats the rows in registers and keeps the dot);
 #   15. the same with the kernel also writing the caches (--decode-cache-write: no scatter kernels;
@@ -62,7 +63,9 @@
 #   25. the prefill half's GEMMs on cuBLAS (--prefill-compiler-option xla_gpu_enable_triton_gemm=false,
 #       fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS) against the default: ar's cold compile at batch 1
 #       (an empty cache directory per process, alternated twice, JAX's stages timed), then ar at batch 1
-#       and 32 with 64- and 4 000-byte prompts (prefill seconds and ms per byte) each way.
+#       and 32 with 64- and 4 000-byte prompts (prefill seconds and ms per byte) each way; a third way
+#       also autotunes without XLA's correctness check of each candidate (xla_gpu_autotune_level=2,
+#       both halves; the default is 4: init, reinit and check).
 #   26. ar's program (batch 1) compiled as one module and as two halves at once (split_compile.py), each
 #       truly cold (no cache directory at all), alternated twice: phase 18's 29.0 -> 9.4 s ran its modes
 #       in that order while each process found the previous one's autotuning results.
@@ -221,15 +224,16 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         --methods ar --out "$out/compile_why_no_xla_caches" ;;
   25) rm -rf /tmp/prefill-*
       cublas=(--prefill-compiler-option xla_gpu_enable_triton_gemm=false)
-      for run in default_1 cublas_1 default_2 cublas_2; do
+      level2=("${cublas[@]}" --compiler-option xla_gpu_autotune_level=2)
+      for run in default_1 cublas_1 level2_1 default_2 cublas_2 level2_2; do
         opts=()
-        case $run in cublas_*) opts=("${cublas[@]}") ;; esac
+        case $run in cublas_*) opts=("${cublas[@]}") ;; level2_*) opts=("${level2[@]}") ;; esac
         JAX_COMPILATION_CACHE_DIR=/tmp/prefill-$run phase "prefill_compile_$run" python3 $bench/compile_time.py \
           --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/prefill_compile_$run"
       done
-      for run in default cublas; do
+      for run in default cublas level2; do
         opts=()
-        [ $run = cublas ] && opts=("${cublas[@]}")
+        case $run in cublas) opts=("${cublas[@]}") ;; level2) opts=("${level2[@]}") ;; esac
         phase "prefill_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 32 --prompt-bytes 64 4000 "${opts[@]}" --out "$out/prefill_speed_$run"
       done ;;

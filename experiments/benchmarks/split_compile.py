@@ -6,7 +6,9 @@ A sampler program (fastblt.sampler.decoding.decode) is the prompt's prefill foll
 generation loop, and each holds a whole unrolled copy of the model. XLA compiles one module on
 about one thread (16 compile threads did not shorten it: generate_speed.md, run 8). Cut at the loop
 carry, the two halves can compile concurrently in two threads. This script times ``ar``'s program
-three ways, one way per fresh process (run each with an empty ``JAX_COMPILATION_CACHE_DIR``, or none):
+three ways, one way per fresh process, each cold: an empty cache directory of its own, or
+``JAX_COMPILATION_CACHE_DIR`` unset (run 10 ran its three with the variable set but empty, in this
+order, and each found the one before's autotuning results: generate_speed.md, run 12):
 
 * ``full``: the program as one module (the sampler's way before run 10);
 * ``serial``: the prefill half, then the loop half;

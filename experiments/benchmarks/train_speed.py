@@ -16,7 +16,9 @@ Rows (each in its own process, so peak memory and failures are its own):
   patch lengths: eager and ``torch.compile``d, sdpa attention, bf16 autocast, fused AdamW;
 * ``matmul``: an 8192^3 bf16 matmul and a large copy, the measured ceilings of this run.
 
-Per row: bytes/s (median of the timed steps), MFU against the chip's spec peak and against the
+Per row: bytes/s (median of the timed steps, each waited for), the step time as the train loop runs
+steps (``loop step ms``: the next step dispatched before the last is waited for; the port's steps
+queued back to back), MFU against the chip's spec peak and against the
 matmul rate measured in the same run, peak memory (XLA's memory analysis; the allocator's peak),
 compile seconds. ``--profile ROW [ROW ...]`` also traces those rows and prints time per component
 (fastblt/profiling.py). Results: JSON lines, a markdown table and a PNG bar chart under ``--out``.
@@ -153,6 +155,17 @@ def run_jax_row(args, row: str) -> dict:
             times.append(time.perf_counter() - t)
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     step_s = statistics.median(times)
+    # As the train loop runs (fastblt.train.loop): step i+1 is dispatched before step i is waited for,
+    # so the host's dispatch of a step overlaps the device's work on the one before.
+    t = time.perf_counter()
+    in_flight = None
+    for i in range(args.steps):
+        state, metrics = compiled(state, trainer.frozen, gb[i % len(gb)])
+        if in_flight is not None:
+            jax.block_until_ready(in_flight)
+        in_flight = metrics
+    jax.block_until_ready(in_flight)
+    loop_step_s = (time.perf_counter() - t) / args.steps
     seq_len = int(cfg.data.seq_len)
     bytes_per_step = int(cfg.data.batch_size) * seq_len
     task = trainer.task
@@ -175,6 +188,8 @@ def run_jax_row(args, row: str) -> dict:
         "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times),
         "bytes_per_sec": bps,
+        "loop_step_ms": 1e3 * loop_step_s,
+        "loop_bytes_per_sec": bytes_per_step / loop_step_s,
         "compile_s": compile_s,
         "model_tflops_per_step": fpb * bytes_per_step / 1e12,
         "mfu_spec": fpb * bps / peak if peak else None,
@@ -288,6 +303,11 @@ def run_torch_row(args, row: str) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
+    t = time.perf_counter()  # steps back to back, waited for once: eager PyTorch queues its kernels
+    for i in range(args.steps):
+        loss = fn(inputs[i % len(inputs)], plens[i % len(plens)])
+    sync()
+    loop_step_s = (time.perf_counter() - t) / args.steps
     out = {
         "row": row,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -297,6 +317,8 @@ def run_torch_row(args, row: str) -> dict:
         "seq_len": int(cfg.data.seq_len),
         "step_ms": 1e3 * step_s,
         "bytes_per_sec": int(cfg.data.batch_size) * int(cfg.data.seq_len) / step_s,
+        "loop_step_ms": 1e3 * loop_step_s,
+        "loop_bytes_per_sec": int(cfg.data.batch_size) * int(cfg.data.seq_len) / loop_step_s,
         "compile_s": compile_s,
         "loss": float(loss.detach()),
     }
@@ -330,13 +352,13 @@ def write_results(results: list[dict], out_dir: str, command: str) -> None:
     lines = [
         f"command: `{command}`",
         "",
-        "| row | bytes/s | step ms | MFU spec | MFU measured mm | peak GB | XLA GB | compile s |",
+        "| row | bytes/s | step ms | loop step ms | MFU spec | MFU measured mm | peak GB | XLA GB | compile s |",
     ]
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if r["row"] == "matmul" or "bytes_per_sec" not in r:
             if "failed" in r:
-                lines.append(f"| {r['row']} | failed: {r['failed'][:80]} | | | | | | |")
+                lines.append(f"| {r['row']} | failed: {r['failed'][:80]} | | | | | | | |")
             continue
         mfu = r.get("mfu_spec")
         mfu_mm = None
@@ -344,7 +366,8 @@ def write_results(results: list[dict], out_dir: str, command: str) -> None:
             mfu_mm = r["model_tflops_per_step"] / (r["step_ms"] / 1e3) / mm["matmul_tflops"]
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
         lines.append(
-            f"| {r['row']} | {r['bytes_per_sec'] / 1e3:.1f} k | {r['step_ms']:.1f} | {fmt(mfu and 100 * mfu, '.1f')} % | "
+            f"| {r['row']} | {r['bytes_per_sec'] / 1e3:.1f} k | {r['step_ms']:.1f} | {fmt(r.get('loop_step_ms'), '.1f')} | "
+            f"{fmt(mfu and 100 * mfu, '.1f')} % | "
             f"{fmt(mfu_mm and 100 * mfu_mm, '.1f')} % | {fmt(r.get('peak_gb'), '.1f')} | {fmt(r.get('xla_total_gb'), '.1f')} | "
             f"{r['compile_s']:.1f} |"
         )

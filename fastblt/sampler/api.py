@@ -167,7 +167,8 @@ def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _
     take 18-23 s at once, cold, most of it GEMM autotuning, and 8 s with the autotuning results at hand
     (experiments/results/generate_speed.md, run 12). Run 10's 29.0 s whole against 9.4 s in halves
     ran in processes that shared autotuning results, so what the split itself saves is being
-    re-measured cold (speed_gpu.sh phase 26; one module cold was 18-25 s in run 9). The prefill half gets GPU_PREFILL_COMPILER_OPTIONS on top of the common options.
+    re-measured cold (speed_gpu.sh phase 26; one module cold: 18.4 s in run 9). The prefill half
+    gets GPU_PREFILL_COMPILER_OPTIONS on top of the common options.
     The loop half takes the carry donated, so its buffers (the caches) are reused, not copied. Arguments
     on several devices keep the one-program path: the halves' AOT signatures would need the carry's
     shardings before either is compiled.

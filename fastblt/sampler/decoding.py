@@ -16,11 +16,10 @@ logits).
 
 The function comes in two halves cut at the loop's carry (:class:`Generation`): ``start`` (the
 prefill and the method's ``init``) and ``finish`` (the loop). Each holds a whole unrolled copy of
-the model, and XLA's compile time grows faster than a module's size. fastblt.sampler.api compiles the
-halves as two programs, at the same time: at BLT-1B shapes on one H100, ``ar`` compiled in 29.0 s
-whole, 18.4 s as the two halves in turn and 9.4 s as the halves at once, at the same speed, without a
-compilation cache directory (experiments/results/generate_speed.md, run 10); the sampler's own path
-with an empty cache directory took 22.7 s (run 11), a difference still being measured.
+the model. fastblt.sampler.api compiles the halves as two programs at the same time, with no change
+in speed. At BLT-1B shapes on one H100, ``ar``'s halves compile in 18-23 s cold, most of it XLA's
+GEMM autotuning, and in 8 s with the autotuning results at hand (experiments/results/generate_speed.md,
+run 12). Run 10's 29.0 s whole against 9.4 s in halves was not a cold comparison.
 """
 
 from __future__ import annotations
