@@ -51,6 +51,24 @@ def test_generate_speed_tiny_writes_rows_table_and_plot(tmp_path):
     assert "| tiny | 64 | ar | 2 |" in table and "copy bandwidth measured" in table
     assert (tmp_path / "generate_speed.png").stat().st_size > 0
 
+    # --resume keeps the rows of this device, the failed one too, and measures only what is missing.
+    failed = {"shape": "tiny", "method": "blt_s8", "batch": 2, "prompt_bytes": 64, "failed": "OOM"}
+    other = {**rows[0], "method": "blt_s4", "device": "another GPU"}  # not this device's: measured again
+    with open(tmp_path / "generate_speed.jsonl", "a") as f:
+        f.write(json.dumps({**failed, "device": rows[0]["device"]}) + "\n" + json.dumps(other) + "\n")
+    generate_speed.main(
+        ["--shape", "tiny", "--methods", "ar", "blt_s4", "blt_s8", "--batch", "2", "--gen-bytes", "6",
+         "--repeats", "1", "--attention-impl", "xla", "--resume", "--out", str(tmp_path)]
+    )  # fmt: skip
+    again = [json.loads(line) for line in (tmp_path / "generate_speed.jsonl").read_text().splitlines()]
+    assert [(r["method"], "failed" in r) for r in again] == [
+        ("ar", False),
+        ("blt_s8", True),
+        ("blt_s4", False),
+    ]
+    assert again[0] == rows[0]  # the earlier measurement, not a new one
+    assert again[2]["device"] == rows[0]["device"] and again[2]["bytes_per_s"] > 0
+
 
 def test_xla_options_parse_booleans_and_reject_a_missing_value():
     assert generate_speed.xla_options(["xla_gpu_enable_triton_gemm=false", "a=3"], "--x") == {

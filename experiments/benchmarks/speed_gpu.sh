@@ -69,6 +69,12 @@
 #   26. ar's program (batch 1) compiled as one module and as two halves at once (split_compile.py), each
 #       truly cold (no cache directory at all), alternated twice: phase 18's 29.0 -> 9.4 s ran its modes
 #       in that order while each process found the previous one's autotuning results.
+#   27. the generation issue's full sweep: every method (ar, blt_s 4/8/16, blt_d and blt_dv with their
+#       rules, B = 4/8, the uncached Hugging Face peer) at batch 1, 8, 32 and 128, 64- and 4 000-byte
+#       prompts, BLT-1B then mid shapes. It takes longer than a device call: generate_speed.py --resume
+#       goes on where the last call stopped, and rows committed under
+#       experiments/results/generate_speed/sweep_<shape>.jsonl seed a fresh machine (rows of another
+#       kind of device are measured again).
 #   24. plain BLT next to the PyTorch port (blt_mid, unprofiled): the ratio of the training target.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
@@ -76,11 +82,11 @@
 # 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 22, 8,
 # 15, 14, 21 and 7's first two rows on one H200, then 23 and 24 on one H100, the same evening
 # (generate_speed.md run 12, train_speed.md run 9: phases 14 and 15 measured what is now the default).
-# Next: 25, 26, 24, 7, 5, 10, 11 and 6. A device call's background jobs end with the call, so run in the
-# foreground under a DEADLINE (below) and chain calls on the warm machine:
+# Next: 25, 26, 24, 7, 27 (several calls), 5, 10, 11 and 6. A device call's background jobs end with
+# the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="25 26 24 7 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="25 26 24 7 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -133,7 +139,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -240,6 +246,15 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
   26) for run in full_1 parallel_1 full_2 parallel_2; do
         phase "split_cold_$run" env -u JAX_COMPILATION_CACHE_DIR python3 $bench/split_compile.py --shape 1b \
           --mode ${run%_*} --out "$out/split_cold_$run"
+      done ;;
+  27) for shape in 1b mid; do
+        seed=experiments/results/generate_speed/sweep_$shape.jsonl
+        if [ -e "$seed" ] && [ ! -e "$out/sweep_$shape/generate_speed.jsonl" ]; then
+          mkdir -p "$out/sweep_$shape" && cp "$seed" "$out/sweep_$shape/generate_speed.jsonl"
+        fi
+        phase "sweep_$shape" python3 $bench/generate_speed.py --shape $shape --gen-bytes 128 --repeats 2 \
+          --methods ar blt_s4 blt_s8 blt_s16 blt_d4 blt_d4_gamma blt_d4_one blt_d8 blt_d8_gamma blt_d8_one \
+          blt_dv4 blt_dv8 hf --batch 1 8 32 128 --prompt-bytes 64 4000 --resume --out "$out/sweep_$shape"
       done ;;
   24) phase train_port python3 $bench/train_speed.py --shape mid --rows blt torch --steps 20 --warmup 3 \
        --timeout 200 --out "$out/train_port" ;;
