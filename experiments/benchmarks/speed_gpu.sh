@@ -75,6 +75,10 @@
 #       goes on where the last call stopped, and rows committed under
 #       experiments/results/generate_speed/sweep_<shape>.jsonl seed a fresh machine (rows of another
 #       kind of device are measured again).
+#   28. the RMSNorm kernel (fastblt.model.norm_kernel): first checked as Triton compiles it against XLA's
+#       norm at blt_mid's and BLT-1B's shapes (norm_check.py; exits 1 on a mismatch, and the train
+#       rows run only after it passed here), then plain BLT and BLT-D-4 without and with it
+#       (--fused-norm), plain BLT profiled both times: predicted ~4 ms off the 84 ms step (H200).
 #   24. plain BLT next to the PyTorch port (blt_mid, unprofiled): the ratio of the training target.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
@@ -82,11 +86,11 @@
 # 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 22, 8,
 # 15, 14, 21 and 7's first two rows on one H200, then 23 and 24 on one H100, the same evening
 # (generate_speed.md run 12, train_speed.md run 9: phases 14 and 15 measured what is now the default).
-# Next: 25, 26, 24, 7, 27 (several calls), 5, 10, 11 and 6. A device call's background jobs end with
+# Next: 25, 28, 26, 24, 7, 27 (several calls), 5, 10, 11 and 6. A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="25 26 24 7 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="25 28 26 24 7 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -139,7 +143,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -256,6 +260,17 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
           --methods ar blt_s4 blt_s8 blt_s16 blt_d4 blt_d4_gamma blt_d4_one blt_d8 blt_d8_gamma blt_d8_one \
           blt_dv4 blt_dv8 hf --batch 1 8 32 128 --prompt-bytes 64 4000 --resume --out "$out/sweep_$shape"
       done ;;
+  28) phase norm_check python3 $bench/norm_check.py --out "$out/norm_check"
+      if [ -e "$out/norm_check/done" ]; then
+        for norm in xla fused; do
+          flag=()
+          [ $norm = fused ] && flag=(--fused-norm)
+          phase "train_norm_$norm" python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
+            --steps 20 --warmup 3 --timeout 300 "${flag[@]}" --out "$out/train_norm_$norm"
+        done
+      else
+        echo "[train_norm] skipped: the norm kernel's check (norm_check) has not passed here" | tee -a "$out/log.txt"
+      fi ;;
   24) phase train_port python3 $bench/train_speed.py --shape mid --rows blt torch --steps 20 --warmup 3 \
        --timeout 200 --out "$out/train_port" ;;
   23) rm -rf /tmp/where-*

@@ -335,12 +335,18 @@ def run_row(args, row: str) -> dict:
         return run_matmul_row(args)
     if row.startswith("torch"):
         return run_torch_row(args, row)
+    settings = {}
     if args.latent_windows:
         from fastblt.model import attention
 
         attention.GPU_LATENT_WINDOWS = True
-        return {**run_jax_row(args, row), "latent_windows": True}
-    return run_jax_row(args, row)
+        settings["latent_windows"] = True
+    if args.fused_norm:
+        from fastblt.model import layers
+
+        layers.GPU_FUSED_NORM = True
+        settings["fused_norm"] = True
+    return {**run_jax_row(args, row), **settings}
 
 
 def write_results(results: list[dict], out_dir: str, command: str) -> None:
@@ -442,6 +448,12 @@ def main(argv: list[str] | None = None) -> None:
         "a batch with a row of more than MAX_SEGMENTS documents) instead of the host-checked one",
     )
     p.add_argument(
+        "--fused-norm",
+        action="store_true",
+        help="turn fastblt.model.layers.GPU_FUSED_NORM on: training-sized RMSNorms as one Pallas kernel "
+        "per direction (one GPU)",
+    )
+    p.add_argument(
         "--latent-windows",
         action="store_true",
         help="turn fastblt.model.attention.GPU_LATENT_WINDOWS on: the decoder's cross-attention as row "
@@ -489,6 +501,7 @@ def _forward(args) -> list[str]:
     out = ["--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out += ["--checked-step"] if args.checked_step else []
     out += ["--latent-windows"] if args.latent_windows else []
+    out += ["--fused-norm"] if args.fused_norm else []
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:

@@ -34,12 +34,14 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
+from fastblt.model import norm_kernel
 from fastblt.model.attention import (
     Attend,
     LocalMask,
     attention,
     gathered_attention,
     latent_attention,
+    platform,
     segment_attention,
 )
 from fastblt.model.block_rows import BlockRows
@@ -110,8 +112,30 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
+# RMSNorm of training-sized calls as one Pallas kernel per direction on a GPU (fastblt.model.norm_kernel):
+# XLA's norm kernels ran at 35-40% of the copy rate, 7.2 ms of a 76.8 ms blt_mid step on one H200
+# (experiments/results/train_speed.md, run 9). Off until a GPU measures it (train_speed.py
+# --fused-norm, speed_gpu.sh phase 28). One device only: XLA's SPMD partitioner cannot split a
+# Pallas call, so a step over a mesh of several devices would need it under shard_map.
+GPU_FUSED_NORM = False
+FUSED_NORM_MIN_ROWS = 1024  # decode steps' few rows stay in XLA's fusions with their neighbours
+
+
+def use_fused_norm(x: jax.Array) -> bool:
+    """The one place that decides whether :func:`rms_norm` of x: float[..., D] runs the kernel."""
+    return (
+        GPU_FUSED_NORM
+        and platform() == "gpu"
+        and jax.device_count() == 1
+        and x.size // x.shape[-1] >= FUSED_NORM_MIN_ROWS
+        and norm_kernel.supported(x)
+    )
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm of x: float[..., D] with scale float[D]: float32 inside, x's dtype out."""
+    if use_fused_norm(x):
+        return norm_kernel.rms_norm(x, scale, eps)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)

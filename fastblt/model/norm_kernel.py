@@ -1,0 +1,138 @@
+"""RMSNorm as one Pallas (Triton) kernel per direction, for training-sized calls on a GPU.
+
+XLA runs a training step's RMSNorm as two kernels forward (a row reduction, then the scaling) and two
+or three backward, each at 35-40% of the copy rate: 7.2 ms of a 76.8 ms blt_mid step on one H200,
+for a floor near 3 ms (experiments/results/train_speed.md, run 9). Here the forward reads x once and
+writes y and each row's 1/rms; the backward reads x, dy and 1/rms once and writes dx and one partial
+sum of the scale's gradient per block of rows.
+
+The arithmetic is the reference's (fastblt.model.layers.rms_norm): float32 inside,
+``x * rsqrt(mean(x^2) + eps)`` then ``* scale``, cast to x's dtype; only the order of the row sums
+differs. :func:`supported` says which calls qualify; fastblt.model.layers decides whether to use it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+MAX_ROWS = 16
+# Elements of one program's tile: with 8 warps, 32 float32 values per thread for each of the
+# backward's ~5 live [rows, D] tiles stay in registers.
+TILE = 8192
+MAX_DIM = 4096
+NUM_WARPS = 8
+
+
+def block_rows(n: int, d: int) -> int:
+    """Rows per program for ``n`` rows of ``d``: the largest power of two up to MAX_ROWS and
+    TILE // d that divides n."""
+    r = max(min(MAX_ROWS, TILE // d), 1)
+    while r > 1 and n % r:
+        r //= 2
+    return r
+
+
+def supported(x: jax.Array) -> bool:
+    """Whether the kernel takes x: float[..., D] with D a power of two (Triton's block shapes) in
+    [16, MAX_DIM] and its rows in blocks of at least 2."""
+    d = x.shape[-1]
+    n = x.size // d if d else 0
+    return (
+        x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
+        and 16 <= d <= MAX_DIM
+        and d & (d - 1) == 0
+        and n > 0
+        and block_rows(n, d) >= 2
+    )
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, interpret: bool | None = None) -> jax.Array:
+    """RMSNorm of x: float[..., D] with scale float[D] (:func:`supported` shapes): x's dtype out.
+
+    interpret: Pallas interpret mode (None: unless JAX's backend is a GPU, so CPU tests can trace a
+    model for a GPU and still run the kernel).
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    d = x.shape[-1]
+    y = _norm(x.reshape(-1, d), scale, float(eps), bool(interpret))
+    return y.reshape(x.shape)
+
+
+def _params(interpret: bool) -> dict:
+    return {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)}
+
+
+def _fwd_kernel(x_ref, s_ref, y_ref, r_ref, *, eps):
+    x = x_ref[...].astype(jnp.float32)  # [R, D]
+    r = jax.lax.rsqrt(jnp.mean(x * x, axis=1) + eps)  # [R]
+    y_ref[...] = (x * r[:, None] * s_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
+    r_ref[...] = r
+
+
+def _bwd_kernel(x_ref, s_ref, r_ref, dy_ref, dx_ref, ds_ref):
+    x = x_ref[...].astype(jnp.float32)
+    r = r_ref[...][:, None]
+    dy = dy_ref[...].astype(jnp.float32)
+    xh = x * r
+    g = dy * s_ref[...].astype(jnp.float32)[None, :]
+    # d/dx of x * rsqrt(mean(x^2) + eps): r * (g - xh * mean(xh * g)), per row.
+    dx_ref[...] = (r * (g - xh * jnp.mean(xh * g, axis=1)[:, None])).astype(dx_ref.dtype)
+    ds_ref[...] = jnp.sum(dy * xh, axis=0)[None, :]
+
+
+def _forward(x, scale, eps, interpret):
+    n, d = x.shape
+    rows = block_rows(n, d)
+    y, r = pl.pallas_call(
+        functools.partial(_fwd_kernel, eps=eps),
+        grid=(n // rows,),
+        in_specs=[pl.BlockSpec((rows, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,))],
+        out_specs=[pl.BlockSpec((rows, d), lambda i: (i, 0)), pl.BlockSpec((rows,), lambda i: (i,))],
+        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)],
+        interpret=interpret,
+        name="fastblt_rms_norm",
+        **_params(interpret),
+    )(x, scale)
+    return y, r
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _norm(x, scale, eps, interpret):
+    return _forward(x, scale, eps, interpret)[0]
+
+
+def _norm_fwd(x, scale, eps, interpret):
+    y, r = _forward(x, scale, eps, interpret)
+    return y, (x, scale, r)
+
+
+def _norm_bwd(eps, interpret, res, dy):
+    x, scale, r = res
+    n, d = x.shape
+    rows = block_rows(n, d)
+    row_block = pl.BlockSpec((rows, d), lambda i: (i, 0))
+    dx, ds = pl.pallas_call(
+        _bwd_kernel,
+        grid=(n // rows,),
+        in_specs=[
+            row_block,
+            pl.BlockSpec((d,), lambda i: (0,)),
+            pl.BlockSpec((rows,), lambda i: (i,)),
+            row_block,
+        ],
+        out_specs=[row_block, pl.BlockSpec((1, d), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n // rows, d), jnp.float32)],
+        interpret=interpret,
+        name="fastblt_rms_norm_bwd",
+        **_params(interpret),
+    )(x, scale, r, dy)
+    return dx, jnp.sum(ds, axis=0).astype(scale.dtype)
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)

@@ -1,0 +1,163 @@
+"""The RMSNorm kernel (fastblt.model.norm_kernel) in Pallas interpret mode: values and gradients
+against a float64 recomputation, where the model uses it, and the BLT forward with it against the
+numpy oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+try:
+    import oracle
+    from test_model_vs_oracle import batch, init_params, small_config
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests import oracle
+    from tests.test_model_vs_oracle import batch, init_params, small_config
+
+import jax
+import jax.numpy as jnp
+
+from fastblt.model import BLT, layers, norm_kernel
+from fastblt.model import attention as attn_lib
+
+EPS = 1e-5
+
+
+def _oracle(x, scale, dy):
+    """RMSNorm's value and its gradients for cotangent dy, in float64 (by hand)."""
+    x, scale, dy = (np.asarray(a, np.float64) for a in (x, scale, dy))
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS)
+    xh = x * r
+    g = dy * scale
+    dx = r * (g - xh * np.mean(xh * g, axis=-1, keepdims=True))
+    ds = np.sum((dy * xh).reshape(-1, x.shape[-1]), axis=0)
+    return xh * scale, dx, ds
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 40, 64), (2, 16, 512)])
+def test_kernel_value_and_gradients_match_float64(dtype, shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(0, 2.0, shape), dtype)
+    scale = jnp.asarray(rng.normal(1.0, 0.3, shape[-1]), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=shape), dtype)
+    assert norm_kernel.supported(x)
+
+    def run(x, scale):
+        return norm_kernel.rms_norm(x, scale, EPS, interpret=True)
+
+    y, vjp = jax.vjp(run, x, scale)
+    dx, ds = vjp(dy)
+    want_y, want_dx, want_ds = _oracle(x, scale, dy)
+    assert y.dtype == dtype and dx.dtype == dtype and ds.dtype == jnp.float32
+    # float32 inside: the outputs are the float64 values rounded to the output dtype (and sums in
+    # another order); bf16 outputs are within one bf16 rounding.
+    tol = 2e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        np.asarray(dx, np.float64), want_dx, rtol=tol, atol=tol * np.abs(want_dx).max()
+    )
+    np.testing.assert_allclose(
+        np.asarray(ds, np.float64), want_ds, rtol=1e-4, atol=1e-4 * np.abs(want_ds).max()
+    )
+
+
+def test_which_calls_the_kernel_takes():
+    assert norm_kernel.supported(jnp.zeros((16400, 1024), jnp.bfloat16))  # blt_mid's global rows
+    assert not norm_kernel.supported(jnp.zeros((64, 768), jnp.bfloat16))  # not a power of two
+    assert not norm_kernel.supported(jnp.zeros((3, 7, 64), jnp.bfloat16))  # 21 rows: blocks of 1
+    assert not norm_kernel.supported(jnp.zeros((64, 64), jnp.int32))
+    # up to 16 rows and 8192 elements a program, dividing the rows
+    assert norm_kernel.block_rows(65536, 512) == 16 and norm_kernel.block_rows(16400, 1024) == 8
+    assert norm_kernel.block_rows(4100, 2048) == 4 and norm_kernel.block_rows(40, 64) == 8
+
+
+@pytest.fixture
+def fused_norm_on(monkeypatch):
+    """The kernel on, as on one GPU, for calls of any row count (interpreted here)."""
+    monkeypatch.setattr(layers, "GPU_FUSED_NORM", True)
+    monkeypatch.setattr(layers, "FUSED_NORM_MIN_ROWS", 1)
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+
+
+def test_only_gpu_training_sized_calls_use_it(fused_norm_on, monkeypatch):
+    x = jnp.zeros((4, 256, 64), jnp.bfloat16)
+    assert not layers.use_fused_norm(x)  # the CPU: XLA's norm
+    with attn_lib.target_platform("gpu"):
+        assert layers.use_fused_norm(x)
+        assert not layers.use_fused_norm(x[..., :48])
+        monkeypatch.setattr(layers, "FUSED_NORM_MIN_ROWS", 1024)
+        assert layers.use_fused_norm(x) and not layers.use_fused_norm(x[:1, :8])  # a decode step's rows
+        monkeypatch.setattr(jax, "device_count", lambda *a: 2)
+        assert not layers.use_fused_norm(x)  # several devices: no partitioning rule for the kernel
+
+
+def test_blt_forward_with_the_kernel_matches_the_oracle_and_xla_gradients(fused_norm_on):
+    """BLT traced for a GPU with the kernel in every norm it takes (the local models' 32-wide rows;
+    the global model's 48 are not a power of two and stay on XLA): the forward is the numpy
+    oracle's and the parameters' gradients are XLA's."""
+    rng = np.random.default_rng(3)
+    config = small_config(attention_impl="xla")
+    tokens, lengths = batch(rng, [40, 33])
+    params = init_params(config)
+
+    def loss(p):
+        return BLT(config).apply({"params": p}, jnp.asarray(tokens), jnp.asarray(lengths)).sum()
+
+    def logits(p):
+        return BLT(config).apply({"params": p}, jnp.asarray(tokens), jnp.asarray(lengths))
+
+    with attn_lib.target_platform("gpu"):
+        assert "fastblt_rms_norm" in str(jax.make_jaxpr(jax.grad(loss))(params))
+        got = jax.jit(logits)(params)
+        got_grads = jax.jit(jax.grad(loss))(params)
+    expected = oracle.blt_forward(jax.tree.map(np.asarray, params), config, tokens, lengths)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+    want_grads = jax.jit(jax.grad(loss))(params)  # the CPU: XLA's norm everywhere
+
+    def close(a, b):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(b).max()))
+
+    jax.tree.map(close, got_grads, want_grads)
+
+
+def test_norm_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
+    """experiments/benchmarks/norm_check.py (interpreted): the kernel passes; one that drops the
+    scale's gradient is reported as a mismatch."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
+    import norm_check
+
+    (name, rows, dim) = norm_check.SMALL[0]
+    assert norm_check.check(name, rows, dim, interpret=True)["ok"]
+    real = norm_kernel._norm_bwd
+    monkeypatch.setattr(norm_kernel, "_norm_bwd", lambda *a: (real(*a)[0], real(*a)[1] * 0))
+    norm_kernel._norm.defvjp(norm_kernel._norm_fwd, norm_kernel._norm_bwd)
+    try:
+        result = norm_check.check(name, rows, dim, interpret=True)
+    finally:
+        norm_kernel._norm.defvjp(norm_kernel._norm_fwd, real)
+    assert not result["ok"] and result["dscale_rel_error"] == pytest.approx(1.0)
+
+
+def test_kernel_lowers_for_cuda_forward_and_backward():
+    """Triton takes the kernels' block shapes: blt_mid's global rows (16 x 1025 of 1024) lower for
+    CUDA to one kernel forward and one backward."""
+    x = jnp.ones((16400, 1024), jnp.bfloat16)
+
+    def loss(x, s):
+        return jnp.sum(norm_kernel.rms_norm(x, s, EPS, interpret=False).astype(jnp.float32))
+
+    try:
+        lowered = (
+            jax.jit(jax.grad(loss, argnums=(0, 1)))
+            .trace(x, jnp.ones(1024))
+            .lower(lowering_platforms=("cuda",))
+        )
+    except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
+        if "No supported GPU" not in str(e):
+            raise
+        pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
+    assert lowered.as_text().count("xla.gpu.triton") == 2
