@@ -70,6 +70,8 @@ def test_which_calls_the_kernel_takes():
     # up to 16 rows and 8192 elements a program, dividing the rows
     assert norm_kernel.block_rows(65536, 512) == 16 and norm_kernel.block_rows(16400, 1024) == 8
     assert norm_kernel.block_rows(4100, 2048) == 4 and norm_kernel.block_rows(40, 64) == 8
+    with pytest.raises(ValueError, match="power-of-two width"):
+        norm_kernel.rms_norm(jnp.zeros((64, 48)), jnp.ones(48), EPS)
 
 
 @pytest.fixture
@@ -161,3 +163,15 @@ def test_kernel_lowers_for_cuda_forward_and_backward():
             raise
         pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
     assert lowered.as_text().count("xla.gpu.triton") == 2
+
+
+def test_a_bf16_scale_gets_xlas_bf16_gradient():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(0, 2.0, (32, 128)), jnp.bfloat16)
+    scale = jnp.asarray(rng.normal(1.0, 0.3, 128), jnp.bfloat16)
+    dy = jnp.asarray(rng.normal(size=(32, 128)), jnp.bfloat16)
+    got = jax.vjp(lambda x, s: norm_kernel.rms_norm(x, s, EPS, interpret=True), x, scale)[1](dy)
+    want = jax.vjp(lambda x, s: layers.rms_norm(x, s, EPS), x, scale)[1](dy)  # the CPU: XLA's norm
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)

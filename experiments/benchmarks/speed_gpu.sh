@@ -78,7 +78,8 @@
 #   28. the RMSNorm kernel (fastblt.model.norm_kernel): first checked as Triton compiles it against XLA's
 #       norm at blt_mid's and BLT-1B's shapes (norm_check.py; exits 1 on a mismatch, and the train
 #       rows run only after it passed here), then plain BLT and BLT-D-4 without and with it
-#       (--fused-norm), plain BLT profiled both times: predicted ~4 ms off the 84 ms step (H200).
+#       (--fused-norm), plain BLT profiled both times: predicted ~1.5 ms off the step, in the norms'
+#       backward (train_speed.md, run 9's leads).
 #   24. plain BLT next to the PyTorch port (blt_mid, unprofiled): the ratio of the training target.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8

@@ -112,13 +112,14 @@ class RMSNorm(nn.Module):
         return rms_norm(x, scale, self.eps)
 
 
-# RMSNorm of training-sized calls as one Pallas kernel per direction on a GPU (fastblt.model.norm_kernel):
-# XLA's norm kernels ran at 35-40% of the copy rate, 7.2 ms of a 76.8 ms blt_mid step on one H200
-# (experiments/results/train_speed.md, run 9). Off until a GPU measures it (train_speed.py
-# --fused-norm, speed_gpu.sh phase 28). One device only: XLA's SPMD partitioner cannot split a
+# RMSNorm of training-sized calls as one Pallas kernel per direction on a GPU (fastblt.model.norm_kernel).
+# XLA's norm kernels took 7.2 of the 76.8 ms of kernels in a blt_mid step on one H200, 4.5 of it in a
+# backward that makes about ten passes over each tensor where six would do
+# (experiments/results/train_speed.md, run 9). Off until a GPU measures it (train_speed.py --fused-norm,
+# speed_gpu.sh phase 28). Only when the process has one device: XLA's SPMD partitioner cannot split a
 # Pallas call, so a step over a mesh of several devices would need it under shard_map.
 GPU_FUSED_NORM = False
-FUSED_NORM_MIN_ROWS = 1024  # decode steps' few rows stay in XLA's fusions with their neighbours
+FUSED_NORM_MIN_ROWS = 1024  # smaller calls (decode steps) stay in XLA's fusions with their neighbours
 
 
 def use_fused_norm(x: jax.Array) -> bool:
@@ -127,8 +128,8 @@ def use_fused_norm(x: jax.Array) -> bool:
         GPU_FUSED_NORM
         and platform() == "gpu"
         and jax.device_count() == 1
-        and x.size // x.shape[-1] >= FUSED_NORM_MIN_ROWS
         and norm_kernel.supported(x)
+        and x.size // x.shape[-1] >= FUSED_NORM_MIN_ROWS
     )
 
 

@@ -1,10 +1,13 @@
 """RMSNorm as one Pallas (Triton) kernel per direction, for training-sized calls on a GPU.
 
-XLA runs a training step's RMSNorm as two kernels forward (a row reduction, then the scaling) and two
-or three backward, each at 35-40% of the copy rate: 7.2 ms of a 76.8 ms blt_mid step on one H200,
-for a floor near 3 ms (experiments/results/train_speed.md, run 9). Here the forward reads x once and
-writes y and each row's 1/rms; the backward reads x, dy and 1/rms once and writes dx and one partial
-sum of the scale's gradient per block of rows.
+XLA runs a training step's RMSNorm as two kernels forward (a row reduction with the residual add, then
+the scaling), near the copy rate, and two or three backward, which make about ten passes over each
+tensor: 4.5 of the 76.8 ms of kernels in a blt_mid step on one H200 (experiments/results/train_speed.md,
+run 9). Here the forward reads x once and writes y and each row's 1/rms; the backward reads x, dy and
+1/rms once and writes dx and one partial sum of the scale's gradient per block of rows.
+
+The Pallas call is compiled for the GPU whenever JAX's backend is one and interpreted otherwise
+(``interpret``), as fastblt.model.decode_attention does.
 
 The arithmetic is the reference's (fastblt.model.layers.rms_norm): float32 inside,
 ``x * rsqrt(mean(x^2) + eps)`` then ``* scale``, cast to x's dtype; only the order of the row sums
@@ -40,7 +43,7 @@ def block_rows(n: int, d: int) -> int:
 def supported(x: jax.Array) -> bool:
     """Whether the kernel takes x: float[..., D] with D a power of two (Triton's block shapes) in
     [16, MAX_DIM] and its rows in blocks of at least 2."""
-    d = x.shape[-1]
+    d = x.shape[-1] if x.ndim else 0
     n = x.size // d if d else 0
     return (
         x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -57,6 +60,11 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, interpret: bool | None 
     interpret: Pallas interpret mode (None: unless JAX's backend is a GPU, so CPU tests can trace a
     model for a GPU and still run the kernel).
     """
+    if not supported(x):
+        raise ValueError(
+            f"norm_kernel.rms_norm takes a power-of-two width in [16, {MAX_DIM}] and rows in blocks of 2 or "
+            f"more; got {x.dtype}{list(x.shape)}: use fastblt.model.layers.rms_norm, which falls back to XLA"
+        )
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     d = x.shape[-1]
