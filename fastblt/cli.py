@@ -38,6 +38,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from fastblt import __version__, config_command
+from fastblt.compile_cache import empty_jax_dir_is_off
 from fastblt.config import ConfigError
 from fastblt.data import preprocess_command
 from fastblt.errors import CheckpointError, DataError, NonFiniteLossError, UsageError
@@ -120,12 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command in ``argv`` (default: ``sys.argv[1:]``); returns 0, or exits 2 on bad input."""
     parser = build_parser()
     args = parser.parse_args(config_flag_overrides(sys.argv[1:] if argv is None else argv))
-    # An empty JAX_COMPILATION_CACHE_DIR means no cache, but JAX would still point XLA's autotuning
-    # cache at a directory relative to the working directory (fastblt.compile_cache). Before a command
-    # imports JAX, for its own programs and any process it starts, it becomes fastblt's "off".
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") == "":
-        del os.environ["JAX_COMPILATION_CACHE_DIR"]
-        os.environ.setdefault("FASTBLT_COMPILATION_CACHE", "0")
+    empty_jax_dir_is_off()  # before a command imports JAX
     try:
         args.run(args)
     except (UsageError, *_USER_ERRORS) as e:

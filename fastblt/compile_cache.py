@@ -12,8 +12,7 @@ config and shapes loads it from disk instead. Where the cache lives, first match
 4. ``$XDG_CACHE_HOME/fastblt/jax``, else ``~/.cache/fastblt/jax``.
 
 ``compilation_cache=False`` (``--no-compilation-cache``) leaves JAX's setting as it is. An empty JAX
-directory (``JAX_COMPILATION_CACHE_DIR=``) is off, as JAX means it: it is made None, and the default is
-not applied over it (``fastblt``'s commands turn it into ``FASTBLT_COMPILATION_CACHE=0``). On the CPU
+directory (``JAX_COMPILATION_CACHE_DIR=``) is off, as JAX means it (:func:`empty_jax_dir_is_off`). On the CPU
 backend the default (3. and 4.) is not applied: with jaxlib 0.10.2, serializing and loading CPU
 executables through the cache crashed processes (segfaults, tests/conftest.py); CPU programs compile
 in seconds anyway. An explicit directory or JAX's own setting still applies there.
@@ -25,10 +24,23 @@ import os
 import warnings
 from pathlib import Path
 
-import jax
-
 ENV = "FASTBLT_COMPILATION_CACHE"
+JAX_ENV = "JAX_COMPILATION_CACHE_DIR"
 _OFF = ("0", "off", "false", "no", "")
+
+
+def empty_jax_dir_is_off() -> None:
+    """Before JAX is imported: an empty ``JAX_COMPILATION_CACHE_DIR`` becomes ``FASTBLT_COMPILATION_CACHE=0``.
+
+    JAX reads an empty directory as no cache of its own, but still points XLA's autotuning cache at a
+    directory relative to the working directory, which quietly made later "cold" compiles there warm
+    (experiments/results/generate_speed.md, run 12). Unset, it is off for JAX, XLA and processes
+    started from here; fastblt's default is turned off too, so "off" stays off. ``fastblt``'s commands
+    call this first; :func:`use_compilation_cache` handles JAX's setting already read as "".
+    """
+    if os.environ.get(JAX_ENV) == "":
+        del os.environ[JAX_ENV]
+        os.environ.setdefault(ENV, "0")
 
 
 def default_dir() -> Path:
@@ -45,12 +57,10 @@ def use_compilation_cache(where: bool | str | os.PathLike = True, platform: str 
     Returns: the cache directory in use, or None when there is none. A directory that cannot be
     created is a warning, not an error: generation works without the cache, only slower to start.
     """
+    import jax
+
     current = jax.config.jax_compilation_cache_dir
-    if current == "":
-        # An empty directory (``JAX_COMPILATION_CACHE_DIR=``) means no cache, but JAX still turns on
-        # XLA's autotuning cache under it: a relative directory in the working directory, which
-        # quietly made later "cold" compiles there warm (generate_speed.md, run 12). None is off,
-        # and the default is not applied over the user's "off".
+    if current == "":  # off, as empty_jax_dir_is_off says: None, and no default over the user's "off"
         jax.config.update("jax_compilation_cache_dir", None)
         if where is True or where is False:
             return None
