@@ -81,17 +81,23 @@
 #       (--fused-norm), plain BLT profiled both times: predicted ~1.5 ms off the step, in the norms'
 #       backward (train_speed.md, run 9's leads).
 #   24. plain BLT next to the PyTorch port (blt_mid, unprofiled): the ratio of the training target.
+#   29. the loop half's GEMMs on cuBLAS too (--compiler-option xla_gpu_enable_triton_gemm=false: both
+#       halves; the prefill's has been cuBLAS since run 13): ar's cold compile at batch 1 alternated
+#       twice as in 25, then ar and blt_s8 at batch 1 and 32 each way. Runs 2-3 found Triton's one-row
+#       GEMM fusions faster for decode steps (before the decode kernel and two-row products); what is
+#       left of a cold start after run 13 is mostly the loop half.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
 # 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 22, 8,
 # 15, 14, 21 and 7's first two rows on one H200, then 23 and 24 on one H100, the same evening
-# (generate_speed.md run 12, train_speed.md run 9: phases 14 and 15 measured what is now the default).
-# Next: 25, 28, 26, 24, 7, 27 (several calls), 5, 10, 11 and 6. A device call's background jobs end with
+# (generate_speed.md run 12, train_speed.md run 9: phases 14 and 15 measured what is now the default);
+# 25 without its level-2 speed row on one H200 (generate_speed.md run 13: cuBLAS prefill now the default).
+# Next: 28, 29, 26, 24, 7, 27 (several calls), 5, 10, 11 and 6. A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="25 28 26 24 7 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="28 29 26 24 7 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -144,7 +150,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -234,19 +240,33 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         phase compile_why_no_xla_caches python3 $bench/compile_time.py --shape 1b --variants full \
         --methods ar --out "$out/compile_why_no_xla_caches" ;;
   25) rm -rf /tmp/prefill-*
+      # Since run 13 cuBLAS is the prefill's default; "default" here names Triton's GEMMs, as it ran.
       cublas=(--prefill-compiler-option xla_gpu_enable_triton_gemm=false)
       level2=("${cublas[@]}" --compiler-option xla_gpu_autotune_level=2)
       for run in default_1 cublas_1 level2_1 default_2 cublas_2 level2_2; do
-        opts=()
+        opts=(--prefill-compiler-option xla_gpu_enable_triton_gemm=true)
         case $run in cublas_*) opts=("${cublas[@]}") ;; level2_*) opts=("${level2[@]}") ;; esac
         JAX_COMPILATION_CACHE_DIR=/tmp/prefill-$run phase "prefill_compile_$run" python3 $bench/compile_time.py \
           --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/prefill_compile_$run"
       done
       for run in default cublas level2; do
-        opts=()
+        opts=(--prefill-compiler-option xla_gpu_enable_triton_gemm=true)
         case $run in cublas) opts=("${cublas[@]}") ;; level2) opts=("${level2[@]}") ;; esac
         phase "prefill_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 32 --prompt-bytes 64 4000 "${opts[@]}" --out "$out/prefill_speed_$run"
+      done ;;
+  29) rm -rf /tmp/loop-*
+      for run in default_1 cublas_1 default_2 cublas_2; do
+        opts=()
+        case $run in cublas_*) opts=(--compiler-option xla_gpu_enable_triton_gemm=false) ;; esac
+        JAX_COMPILATION_CACHE_DIR=/tmp/loop-$run phase "loop_compile_$run" python3 $bench/compile_time.py \
+          --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/loop_compile_$run"
+      done
+      for run in default cublas; do
+        opts=()
+        [ $run = cublas ] && opts=(--compiler-option xla_gpu_enable_triton_gemm=false)
+        phase "loop_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+          --methods ar blt_s8 --batch 1 32 "${opts[@]}" --out "$out/loop_speed_$run"
       done ;;
   26) for run in full_1 parallel_1 full_2 parallel_2; do
         phase "split_cold_$run" env -u JAX_COMPILATION_CACHE_DIR python3 $bench/split_compile.py --shape 1b \

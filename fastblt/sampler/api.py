@@ -85,13 +85,15 @@ def encode_prompts(prompts: Sequence[str | bytes] | Sequence[np.ndarray]) -> lis
 # generate_speed.py --compiler-option sets these for experiments.
 GPU_COMPILER_OPTIONS: dict = {}
 # XLA options added for a generation's prefill half alone (_compile_halves), on top of the above.
-# Most of a cold compile is XLA's GEMM autotuning, and most of that is the prefill's: on one H100
-# (BLT-1B, ar, batch 1; generate_speed.md run 12) the prefill half's HLO passes took 14-17 s with no
-# autotuning results at hand and 4.7 s with them. ``{"xla_gpu_enable_triton_gemm": False}`` would
-# give its GEMMs (256 rows a chunk, where cuBLAS does well) to cuBLAS, which needs far less tuning,
-# and leave the decode loop's Triton GEMMs alone; empty until a GPU measures the compile and the
-# prefill's speed with it (generate_speed.py --prefill-compiler-option, speed_gpu.sh phase 25).
-GPU_PREFILL_COMPILER_OPTIONS: dict = {}
+# Most of a cold compile is XLA's GEMM autotuning, and most of that is the prefill's (its GEMMs run
+# 256 rows a chunk, where cuBLAS does well and needs far less tuning than Triton's GEMM fusions); the
+# decode loop's Triton GEMMs are left alone. Measured on one H200, BLT-1B, ar, jax 0.11.2, each
+# compile cold in a fresh process (experiments/results/generate_speed.md, run 13): 14.6-18.1 s from
+# call to executable against 20.0-25.1 s with Triton's GEMMs, the prefill as fast (0.130 against
+# 0.134 s for a 4 000-byte prompt at batch 1, 1.434 against 1.451 s at batch 32) and decode steps
+# unchanged (1.28 against 1.29 ms per byte). ``--prefill-compiler-option
+# xla_gpu_enable_triton_gemm=true`` (generate_speed.py, compile_time.py) restores Triton's GEMMs.
+GPU_PREFILL_COMPILER_OPTIONS: dict = {"xla_gpu_enable_triton_gemm": False}
 
 
 def compiler_options(prefill: bool = False) -> dict | None:
@@ -168,7 +170,8 @@ def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _
     (experiments/results/generate_speed.md, run 12). Run 10's 29.0 s whole against 9.4 s in halves
     ran in processes that shared autotuning results, so what the split itself saves is being
     re-measured cold (speed_gpu.sh phase 26; one module cold: 18.4 s in run 9). The prefill half
-    gets GPU_PREFILL_COMPILER_OPTIONS on top of the common options.
+    gets GPU_PREFILL_COMPILER_OPTIONS on top of the common options (its GEMMs on cuBLAS: 14.6-18.1 s
+    from call to executable, cold, against 20.0-25.1 s; run 13).
     The loop half takes the carry donated, so its buffers (the caches) are reused, not copied. Arguments
     on several devices keep the one-program path: the halves' AOT signatures would need the carry's
     shardings before either is compiled.
