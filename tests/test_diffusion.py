@@ -636,3 +636,64 @@ def test_fused_tiles_gradient_matches_gather_path(chunk_blocks, monkeypatch):
         for key in path:
             ref = ref[key.key]
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-4, atol=2e-6, err_msg=str(path))
+
+
+def test_range_kernel_gradient_matches_gather_path(monkeypatch):
+    """block_rows.GPU_RANGE_KERNEL: the block rows' context on fastblt.model.range_attention (Pallas,
+    interpreted here) merged with their own block's cells by log-sum-exp, against the XLA gather
+    path: the same loss and gradients, with documents, a window, random patch lengths and padding
+    cells (the fused stand-in runs the clean rows' kernels; the range kernel runs itself)."""
+    from fastblt.model import block_rows
+
+    fused_stand_in.install(monkeypatch)
+    monkeypatch.setattr(block_rows, "GPU_RANGE_KERNEL", True)
+    calls = []
+    real = block_rows.ranged_block_attention
+    monkeypatch.setattr(block_rows, "ranged_block_attention", lambda *a: calls.append(1) or real(*a))
+    tokens, targets, mask, lengths = make_batch(13)
+    # The kernel's head dim is a power of two >= 16: two decoder heads of 16 sharing one kv head.
+    config = CFG.replace(decoder=dataclasses.replace(CFG.decoder, n_heads=2, n_kv_heads=1))
+    params = init_params(config, seed=6)
+    obj = D.ObjectiveConfig(kind="blt_d", block_size=B)
+    ranged = config.replace(attention_impl="cudnn", patcher=PatcherConfig(mode="static", max_patch_length=5))
+    args = (tokens, targets, mask, lengths, jax.random.key(2))
+    (loss, _), got = _loss_and_grad(params, ranged, obj, *args)
+    assert calls  # one per decoder layer, traced
+    (want_loss, _), want = _loss_and_grad(params, config, obj, *args)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        ref = want
+        for key in path:
+            ref = ref[key.key]
+        np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-4, atol=2e-6, err_msg=str(path))
+
+
+def test_context_ranges_and_a_mask_that_is_not_one():
+    """context_ranges against a loop over cells; a context mask with a gap is flagged, and the ranged
+    attention then returns NaN rather than attend the gap."""
+    from fastblt.model import block_rows
+
+    tokens, targets, mask, lengths = make_batch(3)
+    masked = np.random.default_rng(4).random((2, P - 1, B)) < 0.5
+    blocks = blocks_for(tokens, targets, mask, lengths, masked)
+    start, cm = np.asarray(blocks.context_start), np.asarray(blocks.context_mask)
+    lo, hi, ok = block_rows.context_ranges(blocks.context_start, blocks.context_mask)
+    assert bool(ok)
+    for b_, q, i in np.ndindex(cm.shape[:3]):
+        rows = start[b_, q] + np.flatnonzero(cm[b_, q, i])
+        want = (rows.min(), rows.max() + 1) if rows.size else (0, 0)
+        assert (int(lo[b_, q, i]), int(hi[b_, q, i])) == want, (b_, q, i)
+    assert (np.asarray(hi) - np.asarray(lo) >= 3).any()
+
+    seen = np.argwhere(cm.sum(-1) >= 3)[0]
+    gap = cm.copy()
+    gap[tuple(seen)][np.flatnonzero(cm[tuple(seen)])[1]] = False
+    assert not bool(block_rows.context_ranges(blocks.context_start, jnp.asarray(gap))[2])
+    rng = np.random.default_rng(0)
+    r, h, d = (P - 1) * B, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(2, r, h, d)), jnp.float32) for _ in range(3))
+    kc, vc = (jnp.asarray(rng.normal(size=(2, N, h, d)), jnp.float32) for _ in range(2))
+    out = block_rows.ranged_block_attention(
+        q, k, v, kc, vc, blocks.context_start, jnp.asarray(gap), blocks.self_mask, interpret=True
+    )
+    assert np.isnan(np.asarray(out)).all()

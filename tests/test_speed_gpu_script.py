@@ -51,3 +51,19 @@ def test_done_phases_are_skipped_and_the_kernel_check_gates_its_speed_phases(fak
     assert (out / "decode_check" / "done").exists() and (out / "gen_direct" / "done").exists()
     log = run(fake_python, out, "22")
     assert log.count("[decode_check] start") == 1  # done: not run again
+
+
+def test_the_range_kernel_check_gates_its_train_rows(fake_python, tmp_path):
+    """Phase 30 runs its train rows only once range_check passed on the machine (a failing check:
+    a python3 that exits 1 for it)."""
+    out = tmp_path / "out"
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    exe = failing / "python3"
+    exe.write_text('#!/usr/bin/env bash\ncase "$*" in *range_check*) exit 1 ;; esac\n')
+    exe.chmod(0o755)
+    log = run(failing, out, "30")
+    assert "[range_check] exit 1" in log and "[train_range] skipped" in log
+    assert not (out / "train_range_tiles").exists()
+    log = run(fake_python, out, "30")
+    assert (out / "train_range_tiles" / "done").exists() and (out / "train_range_kernel" / "done").exists()

@@ -81,6 +81,13 @@
 #       (--fused-norm), plain BLT profiled both times: predicted ~1.5 ms off the step, in the norms'
 #       backward (train_speed.md, run 9's leads).
 #   24. plain BLT next to the PyTorch port (blt_mid, unprofiled): the ratio of the training target.
+#   30. BLT-D's block rows on the key-range kernel (fastblt.model.range_attention,
+#       block_rows.GPU_RANGE_KERNEL): first one decoder layer's block attention checked as Triton
+#       compiles it against the XLA path and timed against today's tiles (range_check.py; exits 1 on a
+#       mismatch, and the train rows run only after it passed here), then plain BLT, BLT-D-4 and
+#       BLT-D-8 as today and BLT-D-4 and BLT-D-8 with the kernel (BLT-D-4 profiled). Predicted: the
+#       tiles' pads and gathers (~0.35 ms per layer forward, 1.69 ms in one backward) gone and the
+#       block attention at ~0.6x the scores without a bias read, a few ms of BLT-D-4's 41 ms over plain.
 #   29. the loop half's GEMMs on cuBLAS too (--compiler-option xla_gpu_enable_triton_gemm=false: both
 #       halves; the prefill's has been cuBLAS since run 13): ar's cold compile at batch 1 alternated
 #       twice as in 25, then ar and blt_s8 at batch 1 and 32 each way. Runs 2-3 found Triton's one-row
@@ -93,11 +100,11 @@
 # 15, 14, 21 and 7's first two rows on one H200, then 23 and 24 on one H100, the same evening
 # (generate_speed.md run 12, train_speed.md run 9: phases 14 and 15 measured what is now the default);
 # 25 without its level-2 speed row on one H200 (generate_speed.md run 13: cuBLAS prefill now the default).
-# Next: 28, 29, 26, 24, 7, 27 (several calls), 5, 10, 11 and 6. A device call's background jobs end with
+# Next: 28, 30, 29, 26, 24, 7, 27 (several calls), 5, 10, 11 and 6. A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="28 29 26 24 7 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="28 30 29 26 24 7 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -150,7 +157,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -255,6 +262,15 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         phase "prefill_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 32 --prompt-bytes 64 4000 "${opts[@]}" --out "$out/prefill_speed_$run"
       done ;;
+  30) phase range_check python3 $bench/range_check.py --out "$out/range_check"
+      if [ -e "$out/range_check/done" ]; then
+        phase train_range_tiles python3 $bench/train_speed.py --shape mid --rows blt blt_d4 blt_d8 --steps 20 \
+          --warmup 3 --timeout 300 --out "$out/train_range_tiles"
+        phase train_range_kernel python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --profile blt_d4 \
+          --steps 20 --warmup 3 --timeout 300 --range-kernel --out "$out/train_range_kernel"
+      else
+        echo "[train_range] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
+      fi ;;
   29) rm -rf /tmp/loop-*
       for run in default_1 cublas_1 default_2 cublas_2; do
         opts=()

@@ -346,6 +346,11 @@ def run_row(args, row: str) -> dict:
 
         layers.GPU_FUSED_NORM = True
         settings["fused_norm"] = True
+    if args.range_kernel:
+        from fastblt.model import block_rows
+
+        block_rows.GPU_RANGE_KERNEL = True
+        settings["range_kernel"] = True
     return {**run_jax_row(args, row), **settings}
 
 
@@ -454,6 +459,12 @@ def main(argv: list[str] | None = None) -> None:
         "per direction (one GPU)",
     )
     p.add_argument(
+        "--range-kernel",
+        action="store_true",
+        help="turn fastblt.model.block_rows.GPU_RANGE_KERNEL on: BLT-D's block rows attend their context "
+        "through the key-range Pallas kernel (fastblt.model.range_attention) instead of tiles",
+    )
+    p.add_argument(
         "--latent-windows",
         action="store_true",
         help="turn fastblt.model.attention.GPU_LATENT_WINDOWS on: the decoder's cross-attention as row "
@@ -502,6 +513,7 @@ def _forward(args) -> list[str]:
     out += ["--checked-step"] if args.checked_step else []
     out += ["--latent-windows"] if args.latent_windows else []
     out += ["--fused-norm"] if args.fused_norm else []
+    out += ["--range-kernel"] if args.range_kernel else []
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:

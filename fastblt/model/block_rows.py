@@ -26,7 +26,9 @@ costs R * (C + B) scores per head, not R * N, and holds the gathered keys and sc
 blocks at a time, forward and backward (recomputed per chunk under ``jax.checkpoint``). Where the
 attention impl resolves to a fused kernel and patches have a length bound, tiles of consecutive
 blocks over one shared slice of clean keys go through the attention core in one call
-(:func:`_tiles_in_one_call`). See fastblt/train/blt_d.py for numbers.
+(:func:`_tiles_in_one_call`), or, with :data:`GPU_RANGE_KERNEL`, the context of every cell as its
+range of clean rows on the key-range kernel (:func:`ranged_block_attention`). See
+fastblt/train/blt_d.py for numbers.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastblt.model import range_attention
 from fastblt.model.attention import Attend, attention, resolve_impl
 from fastblt.model.lookup import take_windows_batched
 
@@ -111,6 +114,15 @@ class BlockRows:
         return attend
 
 
+# Where block_attention would take a fused kernel on a GPU, run the block rows' context attention on
+# fastblt.model.range_attention instead of tiles through the attention core: each cell's visible clean
+# rows are one range [lo, hi), read in place (no key windows cut per tile, no dense mask, ~0.56x the
+# scores of a tile's span plus its cells), and its own block's cells are merged by log-sum-exp. Off
+# until a GPU measures it (train_speed.py --range-kernel, speed_gpu.sh phase 30): in run 9 (one H200,
+# BLT-D-4 at blt_mid) the block rows' attention took 2.4 ms per layer backward against 1.19 ms for the
+# clean rows' windowed kernel, plus 0.35 ms of padding per layer forward and a 1.69 ms gather.
+GPU_RANGE_KERNEL = False
+
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
 # gathered context keys, C * KV * hd per block, and scores, H * B * C per block).
 CHUNK_ELEMENTS = 1 << 24
@@ -155,6 +167,74 @@ def _attend(
     has_key = has_context | jnp.any(self_mask, axis=-1)  # [b, K, B]
     out = jnp.where(has_key[..., None, None, None], out, 0)
     return out.reshape(b, r, h, d).astype(q.dtype)
+
+
+def context_ranges(
+    context_start: jax.Array, context_mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each cell's visible context as one range of clean rows.
+
+    context_start: int32[b, K]; context_mask: bool[b, K, B, C] (DecoderBlocks). Returns lo, hi:
+    int32[b, K, B] (the cell sees clean rows lo <= c < hi; lo = hi = 0 for a cell that sees none)
+    and a bool scalar: every cell's visible rows are contiguous, as fastblt.train.blt_d.context_mask
+    makes them (the first document row, the window and the block's start bound them).
+    """
+    width = context_mask.shape[-1]
+    some = jnp.any(context_mask, axis=-1)
+    first = jnp.argmax(context_mask, axis=-1).astype(jnp.int32)
+    last = width - jnp.argmax(context_mask[..., ::-1], axis=-1).astype(jnp.int32)  # one past
+    count = jnp.sum(context_mask, axis=-1, dtype=jnp.int32)
+    contiguous = jnp.all(~some | (count == last - first))
+    start = context_start[..., None]
+    lo = jnp.where(some, start + first, 0)
+    hi = jnp.where(some, start + last, 0)
+    return lo, hi, contiguous
+
+
+def ranged_block_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_ctx: jax.Array,
+    v_ctx: jax.Array,
+    context_start: jax.Array,
+    context_mask: jax.Array,
+    self_mask: jax.Array,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """block_attention with the context part on fastblt.model.range_attention (shapes as there).
+
+    The kernel attends each cell's range of clean keys where they lie in ``k_ctx``/``v_ctx``; XLA
+    attends its own block's B cells; the two softmaxes are merged exactly by their log-sum-exps.
+    A call whose context masks are not ranges returns NaN (the loss fails loudly), as the tiles do
+    when their windows do not fit.
+    """
+    b, r, h, d = q.shape
+    nblk, bs = self_mask.shape[1:3]
+    kvh = k.shape[2]
+    lo, hi, contiguous = context_ranges(context_start, context_mask)
+    out_ctx, lse_ctx = range_attention.range_attention(
+        q, k_ctx, v_ctx, lo.reshape(b, r), hi.reshape(b, r), interpret=interpret
+    )  # [b, R, H, d], [b, R, H]
+
+    qb = q.reshape(b, nblk, bs, kvh, h // kvh, d)
+    kb, vb = k.reshape(b, nblk, bs, kvh, d), v.reshape(b, nblk, bs, kvh, d)
+    s_own = jnp.einsum("bqikgd,bqjkd->bqikgj", qb, kb, preferred_element_type=jnp.float32) * d**-0.5
+    own = self_mask[:, :, :, None, None, :]  # [b, K, B, 1, 1, B]
+    s_own = jnp.where(own, s_own, _NEG)
+    top = jax.lax.stop_gradient(jnp.max(s_own, axis=-1, keepdims=True))
+    p_own = jnp.where(own, jnp.exp(s_own - top), 0.0)
+    den = jnp.sum(p_own, axis=-1)  # [b, K, B, KV, g]
+    seen = den > 0
+    lse_own = jnp.where(seen, top[..., 0] + jnp.log(jnp.where(seen, den, 1.0)), _NEG).reshape(b, r, h)
+    p_own = p_own / jnp.where(seen, den, 1.0)[..., None]
+    out_own = jnp.einsum("bqikgj,bqjkd->bqikgd", p_own.astype(v.dtype), vb).reshape(b, r, h, d)
+
+    lse = jnp.logaddexp(lse_ctx, lse_own)
+    w_ctx = jnp.exp(lse_ctx - lse)[..., None]
+    w_own = jnp.exp(lse_own - lse)[..., None]
+    out = w_ctx * out_ctx.astype(jnp.float32) + w_own * out_own.astype(jnp.float32)
+    return jnp.where(contiguous, out, jnp.nan).astype(q.dtype)
 
 
 def check_patch_bound(lengths: jax.Array, max_patch_length: int | None) -> None:
@@ -399,6 +479,9 @@ def block_attention(
                 lambda: _windowed_attention(q, k, v, k_ctx, v_ctx, start, cm, sm),
             )
 
+    fused = resolve_impl(impl, jax.ShapeDtypeStruct((b, r, h, d), q.dtype)) != "xla"
+    if fused and GPU_RANGE_KERNEL and range_attention.supported(q, k_ctx):
+        return ranged_block_attention(q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask)
     if tiled is not None:
         tile_q = jax.ShapeDtypeStruct((b, chunk_blocks * bs, h, d), q.dtype)
         if resolve_impl(impl, tile_q) != "xla":

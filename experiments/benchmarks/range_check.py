@@ -1,0 +1,135 @@
+"""BLT-D's block-row attention on the key-range kernel (fastblt.model.range_attention, as Triton
+compiles it) against the XLA reference path, and its speed against the tiles it would replace.
+
+    python experiments/benchmarks/range_check.py --out DIR     # a GPU; exits 1 on a mismatch
+    python experiments/benchmarks/range_check.py --interpret   # the CPU (Pallas interpret mode, small)
+
+At blt_mid's BLT-D-4 training shapes (batch 16, 4 096 bytes, static 4-byte patches, 1 025 blocks of 4
+cells, 8 decoder heads of 64, window 512, bf16), one decoder layer's block attention,
+fastblt.model.block_rows.block_attention, three ways: the XLA reference (gathered windows, chunked),
+the fused path of today (tiles of blocks over shared key slices through cuDNN with a dense mask) and
+the key-range kernel (block_rows.GPU_RANGE_KERNEL). For each: a loss's value and the gradients of
+q, k, v and the clean keys and values, their largest relative difference from the reference, and the
+time of a forward plus backward (median of 20 after warm-up). speed_gpu.sh's train rows with the
+kernel (phase 30) run only after this passed on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# (batch, bytes, heads, head dim, window): blt_mid's decoder; a small shape for the interpreter.
+MID = (16, 4096, 8, 64, 512)
+SMALL = (2, 256, 2, 16, 32)
+
+
+def inputs(batch: int, n: int, heads: int, hd: int, window: int, block: int = 4, patch: int = 4):
+    """Block rows as a BLT-D step with static ``patch``-byte patches builds them (documents on), and
+    random bf16 queries, keys and values. Returns (args of block_attention, the patch bound)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fastblt.train import blt_d as objective
+
+    rng = np.random.default_rng(0)
+    slots = n // patch + 2  # BOS + the row's patches + the next one, as train_speed.py sizes them
+    lengths = np.zeros((batch, slots), np.int32)
+    lengths[:, 0] = 1
+    lengths[:, 1 : 1 + n // patch] = patch
+    lengths[:, 1 + n // patch - 1] -= 1  # the BOS byte is the row's first: the last patch is short
+    tokens = rng.integers(4, 260, (batch, n))
+    tokens[rng.random((batch, n)) < 2 / n] = 2  # ~2 documents per row
+    tokens = jnp.asarray(tokens, jnp.int32)
+    layout = objective.block_layout(jnp.asarray(lengths), n, block)
+    start, ctx = objective.context_mask(layout, tokens, window, True)
+    own = objective.self_mask(layout.in_row)
+    rows = (slots - 1) * block
+    keys = jax.random.split(jax.random.key(1), 5)
+    shapes = [(batch, rows, heads, hd)] * 3 + [(batch, n, heads, hd)] * 2
+    qkv = [
+        jax.random.normal(k, s, jnp.float32).astype(jnp.bfloat16) for k, s in zip(keys, shapes, strict=True)
+    ]
+    return (*qkv, start, ctx, own), patch
+
+
+def check(shape, interpret: bool, repeats: int = 20) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fastblt.model import block_rows
+
+    args, bound = inputs(*shape)
+    q = args[0]
+    weights = jax.random.normal(jax.random.key(2), q.shape, jnp.float32)
+
+    def path(impl: str, ranged: bool):
+        block_rows.GPU_RANGE_KERNEL = ranged
+
+        def loss(q, k, v, kc, vc):
+            out = block_rows.block_attention(q, k, v, kc, vc, *args[5:], None, bound, impl)
+            return jnp.sum(out.astype(jnp.float32) * weights), out
+
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+        fn.lower(*args[:5])  # traced here, with this setting
+        return fn
+
+    # "cudnn" selects the fused dispatch; on the CPU only the ranged path can run under it (its
+    # kernel interpreted), the tiles need cuDNN itself.
+    paths = {"xla": path("xla", False), "ranged": path("cudnn", True)}
+    if not interpret:
+        paths["tiles"] = path("cudnn", False)
+    block_rows.GPU_RANGE_KERNEL = False
+
+    results = {name: fn(*args[:5]) for name, fn in paths.items()}
+    (_, ref_out), ref_grads = results["xla"]
+    rows = []
+    for name, fn in paths.items():
+        (value, out), grads = results[name]
+        r = {"path": name, "shape": list(shape), "device": str(jax.devices()[0])}
+        labels = ("out", "dq", "dk", "dv", "dk_ctx", "dv_ctx")
+        for label, a, b in zip(labels, (out, *grads), (ref_out, *ref_grads), strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            r[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+        times = []
+        for i in range(repeats + 3):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args[:5]))
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+        r["fwd_bwd_ms"] = 1e3 * statistics.median(times)
+        # bf16 inputs and outputs: the paths sum in different orders; one bf16 rounding of the
+        # largest entry (2^-8) with room for the gradients' longer sums.
+        errors = [v for k, v in r.items() if k.endswith("_rel_error")]
+        r["ok"] = bool(np.isfinite(float(value))) and max(errors) < 2e-2
+        rows.append(r)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--interpret", action="store_true", help="run the kernel in Pallas interpret mode")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows = check(SMALL if args.interpret else MID, args.interpret, repeats=2 if args.interpret else 20)
+    ok = all(r["ok"] for r in rows)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "range_check.jsonl"), "w") as f:
+            f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    print("ok" if ok else "MISMATCH", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

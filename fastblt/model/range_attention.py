@@ -1,0 +1,323 @@
+"""Attention where each query sees one contiguous range of keys, as Pallas (Triton) kernels with
+their own backward: a flash-attention forward and two backward kernels (dq; dk and dv).
+
+A mask given as key ranges, query i seeing keys ``lo[i] <= j < hi[i]``, describes causal, sliding-
+window and same-document masks, and BLT-D's block rows: a block cell sees the clean rows from its
+window's first visible row up to its block's start (fastblt.train.blt_d.context_mask builds exactly
+that). The kernels read keys where they are, one tile of queries at a time over the union of its
+rows' ranges, so nothing is cut out or padded before a call and no mask is read: fastblt.model.
+block_rows' fused path today cuts overlapping key windows per tile of blocks (a pad, a gather in
+the backward) and reads a dense bool mask as a bias over ~1.8x the keys any cell sees
+(experiments/results/train_speed.md, run 9's leads).
+
+The kernel also returns each row's log-sum-exp, so a caller can merge it with attention over other
+keys (block_rows merges the cells of each block's own block, a few keys per row, computed by XLA)
+and differentiate through both: the backward takes the log-sum-exp's cotangent too.
+
+The Pallas calls are compiled for the GPU whenever JAX's backend is one and interpreted otherwise
+(``interpret``), as in fastblt.model.decode_attention; the CPU tests run them interpreted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_NEG = -1e30  # as fastblt.model.attention: finite, so a row with no visible key stays finite
+BLOCK_Q = 64
+BLOCK_K = 64
+
+
+def supported(q: jax.Array, k: jax.Array) -> bool:
+    """Whether the kernels take these shapes: a power-of-two head dim in [16, 256] (Triton's dot and
+    loads) and heads a multiple of the kv heads."""
+    d = q.shape[-1]
+    return 16 <= d <= 256 and d & (d - 1) == 0 and q.shape[2] % k.shape[2] == 0
+
+
+def range_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    *,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention of each query over its key range, with grouped kv heads.
+
+    Args:
+      q: float[b, T, H, d]; k, v: float[b, S, KV, d] (KV divides H).
+      lo, hi: int[b, T]: query i sees keys j with lo[i] <= j < hi[i] (clipped to [0, S)); an empty
+        range (hi <= lo) sees nothing.
+      block_q, block_k: tile sizes (powers of two, at least 16).
+      interpret: Pallas interpret mode (None: unless JAX's backend is a GPU).
+
+    Returns:
+      out float[b, T, H, d] in q's dtype (0 for a query that sees nothing) and lse float32[b, T, H],
+      each row's log of the sum of exp(scores) over its keys (-1e30 for a query that sees nothing).
+      Both are differentiable (q, k, v; the ranges are not).
+    """
+    chex.assert_rank([q, k, v, lo, hi], [4, 4, 4, 2, 2])
+    chex.assert_equal_shape([k, v])
+    chex.assert_equal_shape([lo, hi])
+    chex.assert_equal_shape_prefix([q, lo], 2)
+    if not supported(q, k):
+        raise ValueError(
+            f"range_attention takes a power-of-two head dim in [16, 256] and heads a multiple of the kv "
+            f"heads; got q {list(q.shape)}, k {list(k.shape)}: use fastblt.model.attention.attention "
+            "with a dense mask instead"
+        )
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    t = q.shape[1]
+    pad = -t % block_q
+    if pad:  # padded queries see nothing
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        lo, hi = (jnp.pad(x, ((0, 0), (0, pad))) for x in (lo, hi))
+    s = k.shape[1]
+    lo = jnp.clip(lo.astype(jnp.int32), 0, s)
+    hi = jnp.clip(hi.astype(jnp.int32), 0, s)
+    out, lse = _attend(q, k, v, lo, hi, block_q, block_k, bool(interpret))
+    return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
+
+
+def _params(interpret: bool) -> dict:
+    return {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+
+
+def _span(lo: jax.Array, hi: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """The first and one-past-last tile of ``size`` keys that the rows' ranges [lo, hi) touch
+    (first >= last when every range is empty). lo, hi: int32[rows]."""
+    some = hi > lo
+    first = jnp.min(jnp.where(some, lo, jnp.iinfo(jnp.int32).max)) // size
+    last = (jnp.max(jnp.where(some, hi, 0)) + size - 1) // size
+    return first, last
+
+
+def _scores(q, k, start, lo, hi, n, scale):
+    """Scaled scores of a query tile [BQ, d] against the key tile at ``start`` [BK, d], with the
+    visibility of each pair: key start + j visible to row i iff lo[i] <= start + j < hi[i] < ... n."""
+    pos = start + jnp.arange(k.shape[0], dtype=jnp.int32)
+    vis = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None]) & (pos < n)[None, :]
+    s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
+    return jnp.where(vis, s, _NEG), vis
+
+
+def _load_keys(ref, start, block, n):
+    pos = start + jnp.arange(block, dtype=jnp.int32)
+    return plgpu.load(ref.at[pl.ds(start, block), :], mask=(pos < n)[:, None], other=0)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, block_k, scale):
+    """One (batch row, head, query tile): q_ref [BQ, d], k_ref/v_ref [S, d], lo_ref/hi_ref [BQ];
+    writes o [BQ, d] and lse [BQ]."""
+    n = k_ref.shape[0]
+    q = q_ref[...]
+    lo, hi = lo_ref[...], hi_ref[...]
+    first, last = _span(lo, hi, block_k)
+
+    def body(i, carry):
+        o, mx, den = carry
+        start = i * block_k
+        s, vis = _scores(q, _load_keys(k_ref, start, block_k, n), start, lo, hi, n, scale)
+        v = _load_keys(v_ref, start, block_k, n)
+        new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
+        p = jnp.where(vis, jnp.exp(s - new_mx[:, None]), 0.0)
+        fix = jnp.exp(mx - new_mx)
+        o = o * fix[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return o, new_mx, den * fix + jnp.sum(p, axis=1)
+
+    rows, d = q.shape
+    init = (
+        jnp.zeros((rows, d), jnp.float32),
+        jnp.full((rows,), _NEG, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    o, mx, den = jax.lax.fori_loop(first, last, body, init)
+    seen = den > 0
+    safe = jnp.where(seen, den, 1.0)
+    o_ref[...] = jnp.where(seen[:, None], o / safe[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, mx + jnp.log(safe), _NEG)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_k, scale):
+    """One (batch row, head, query tile): dq [BQ, d] over the tile's keys, as the forward visits them.
+    delta = rowsum(o * do) - dlse [BQ]."""
+    n = k_ref.shape[0]
+    q, do = q_ref[...], do_ref[...]
+    lo, hi = lo_ref[...], hi_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    first, last = _span(lo, hi, block_k)
+
+    def body(i, dq):
+        start = i * block_k
+        k = _load_keys(k_ref, start, block_k, n)
+        v = _load_keys(v_ref, start, block_k, n)
+        s, vis = _scores(q, k, start, lo, hi, n, scale)
+        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
+        ds = p * (dp - delta[:, None])
+        return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+
+    dq = jax.lax.fori_loop(first, last, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    tfirst_ref, tlast_ref, k_ref, v_ref, q_ref, do_ref, lo_ref, hi_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    *, block_q, scale,
+):  # fmt: skip
+    """One (batch row, head, key tile): k_ref/v_ref [BK, d] (the tile), q_ref/do_ref [T, d] and
+    lo/hi/lse/delta [T] (every query); loops over the query tiles [tfirst, tlast) whose ranges touch
+    this key tile. Writes dk, dv [BK, d] of this query head (the caller sums a kv head's group)."""
+    k, v = k_ref[...], v_ref[...]
+    block_k = k.shape[0]
+    n = block_k * pl.num_programs(2)  # the keys' padded length; rows past S are never visible
+    start = pl.program_id(2) * block_k
+
+    def body(t, carry):
+        dk, dv = carry
+        rows = pl.ds(t * block_q, block_q)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        lo, hi, lse, delta = lo_ref[rows], hi_ref[rows], lse_ref[rows], delta_ref[rows]
+        s, vis = _scores(q, k, start, lo, hi, n, scale)  # [BQ, BK]
+        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+        dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
+        ds = p * (dp - delta[:, None])
+        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(tfirst_ref[()], tlast_ref[()], body, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _forward(q, k, v, lo, hi, block_q, block_k, interpret):
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1:3]
+    g = h // kvh
+    q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, j, r: (i, r, j, 0))
+    kv_spec = pl.BlockSpec((None, s, None, d), lambda i, j, r: (i, 0, j // g, 0))
+    row_spec = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, block_k=block_k, scale=d**-0.5),
+        grid=(b, h, t // block_q),
+        in_specs=[q_spec, kv_spec, kv_spec, row_spec, row_spec],
+        out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+        interpret=interpret,
+        name="fastblt_range_attention",
+        **_params(interpret),
+    )(q, k, v, lo, hi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attend(q, k, v, lo, hi, block_q, block_k, interpret):
+    """q [b, T, H, d] (T a multiple of block_q), k, v [b, S, KV, d], lo, hi int32[b, T] within
+    [0, S] -> (out [b, T, H, d], lse float32[b, H, T])."""
+    return _forward(q, k, v, lo, hi, block_q, block_k, interpret)
+
+
+def _attend_fwd(q, k, v, lo, hi, block_q, block_k, interpret):
+    out, lse = _forward(q, k, v, lo, hi, block_q, block_k, interpret)
+    return (out, lse), (q, k, v, lo, hi, out, lse)
+
+
+def query_tiles_per_key_tile(lo, hi, block_q, block_k, n_key_tiles):
+    """For each key tile, the query tiles [first, last) whose rows' ranges may touch it (a contiguous
+    superset: the kernels mask each pair exactly). lo, hi: int32[b, T], T a multiple of block_q.
+    Returns first, last: int32[b, n_key_tiles] (first >= last: no query sees the tile)."""
+    b, t = lo.shape
+    rows_lo = lo.reshape(b, t // block_q, block_q)
+    rows_hi = hi.reshape(b, t // block_q, block_q)
+    some = rows_hi > rows_lo
+    kmin = jnp.min(jnp.where(some, rows_lo, jnp.iinfo(jnp.int32).max), axis=-1)  # [b, tiles]
+    kmax = jnp.max(jnp.where(some, rows_hi, 0), axis=-1)
+    key_start = jnp.arange(n_key_tiles, dtype=jnp.int32) * block_k
+    touch = (kmin[:, :, None] < key_start + block_k) & (kmax[:, :, None] > key_start)  # [b, tiles, keys]
+    tile = jnp.arange(t // block_q, dtype=jnp.int32)[None, :, None]
+    first = jnp.min(jnp.where(touch, tile, t // block_q), axis=1)
+    last = jnp.max(jnp.where(touch, tile + 1, 0), axis=1)
+    return first, last
+
+
+def _attend_bwd(block_q, block_k, interpret, res, cotangents):
+    q, k, v, lo, hi, out, lse = res
+    do, dlse = cotangents
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1:3]
+    g = h // kvh
+    scale = d**-0.5
+    # dS = P * (dP - rowsum(o * do)) from the output; a cotangent of lse adds P * dlse.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+    do = do.astype(q.dtype)
+    params = _params(interpret)
+
+    q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, j, r: (i, r, j, 0))
+    kv_full = pl.BlockSpec((None, s, None, d), lambda i, j, r: (i, 0, j // g, 0))
+    rows = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
+    head_rows = pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, block_k=block_k, scale=scale),
+        grid=(b, h, t // block_q),
+        in_specs=[q_spec, kv_full, kv_full, rows, rows, q_spec, head_rows, head_rows],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret,
+        name="fastblt_range_attention_dq",
+        **params,
+    )(q, k, v, lo, hi, do, lse, delta)
+
+    n_tiles = -(-s // block_k)
+    if n_tiles * block_k != s:  # the key-tile blocks below need whole tiles
+        pad = ((0, 0), (0, n_tiles * block_k - s), (0, 0), (0, 0))
+        k_p, v_p = jnp.pad(k, pad), jnp.pad(v, pad)
+    else:
+        k_p, v_p = k, v
+    first, last = query_tiles_per_key_tile(lo, hi, block_q, block_k, n_tiles)
+    scalar = pl.BlockSpec((None, None), lambda i, j, c: (i, c))
+    k_tile = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j // g, 0))
+    head_out = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j, 0))
+    q_full = pl.BlockSpec((None, t, None, d), lambda i, j, c: (i, 0, j, 0))
+    all_rows = pl.BlockSpec((None, t), lambda i, j, c: (i, 0))
+    all_head_rows = pl.BlockSpec((None, None, t), lambda i, j, c: (i, j, 0))
+    grad_dtype = k.dtype if g == 1 else jnp.float32  # a group's heads are summed below
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, block_q=block_q, scale=scale),
+        grid=(b, h, n_tiles),
+        in_specs=[
+            scalar,
+            scalar,
+            k_tile,
+            k_tile,
+            q_full,
+            q_full,
+            all_rows,
+            all_rows,
+            all_head_rows,
+            all_head_rows,
+        ],
+        out_specs=[head_out, head_out],
+        out_shape=[jax.ShapeDtypeStruct((b, n_tiles * block_k, h, d), grad_dtype)] * 2,
+        interpret=interpret,
+        name="fastblt_range_attention_dkv",
+        **params,
+    )(first, last, k_p, v_p, q, do, lo, hi, lse, delta)
+    dk, dv = dk[:, :s], dv[:, :s]
+    if g > 1:
+        dk = dk.reshape(b, s, kvh, g, d).sum(axis=3)
+        dv = dv.reshape(b, s, kvh, g, d).sum(axis=3)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)

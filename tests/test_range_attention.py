@@ -1,0 +1,201 @@
+"""The key-range attention kernels (fastblt.model.range_attention) in Pallas interpret mode: output,
+log-sum-exp and gradients (through both) against a float64 recomputation with a dense mask, and the
+key-tile bookkeeping of the backward against a loop."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastblt.model import range_attention as ra
+
+
+def _dense(q, k, v, lo, hi):
+    """float64 attention of each query over keys lo <= j < hi (grouped kv heads repeated); rows
+    that see nothing give 0 and lse -1e30. Returns out [b, T, H, d], lse [b, T, H]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    j = np.arange(k.shape[1])
+    vis = (j >= np.asarray(lo)[..., None]) & (j < np.asarray(hi)[..., None])  # [b, T, S]
+    s = np.einsum("bthd,bshd->bths", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(vis[:, :, None], s, -np.inf)
+    top = np.max(s, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    p = np.exp(s - top)
+    den = p.sum(-1, keepdims=True)
+    seen = den > 0
+    out = np.einsum("bths,bshd->bthd", p / np.where(seen, den, 1.0), v)
+    lse = np.where(seen[..., 0], top[..., 0] + np.log(np.where(seen[..., 0], den[..., 0], 1.0)), -1e30)
+    return out, lse
+
+
+def _case(seed, b=2, t=70, s=90, h=4, kvh=2, d=16, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, s, kvh, d)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, s, kvh, d)), dtype)
+    lo = rng.integers(-5, s, size=(b, t))  # below 0: clipped
+    hi = lo + rng.integers(0, 40, size=(b, t))  # past S: clipped; 0 long: empty
+    hi[0, :3] = lo[0, :3]  # empty rows at the start of a tile
+    hi[1, -1] = lo[1, -1] - 4  # hi < lo: empty
+    return q, k, v, jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+
+
+def _clip(lo, hi, s):
+    return np.clip(np.asarray(lo), 0, s), np.clip(np.asarray(hi), 0, s)
+
+
+@pytest.mark.parametrize("kvh,blocks", [(2, (16, 16)), (4, (32, 16)), (1, (16, 32))])
+def test_output_lse_and_gradients_match_float64(kvh, blocks):
+    """Query and key lengths that are not multiples of the tiles, grouped heads, empty ranges,
+    ranges past both ends; the loss uses the output and the log-sum-exp (rows that see something),
+    so the backward's lse cotangent is checked too."""
+    q, k, v, lo, hi = _case(kvh, kvh=kvh)
+    bq, bk = blocks
+    out, lse = ra.range_attention(q, k, v, lo, hi, block_q=bq, block_k=bk, interpret=True)
+    want_out, want_lse = _dense(q, k, v, *_clip(lo, hi, k.shape[1]))
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5, rtol=1e-6)
+    empty = np.asarray(hi) <= np.asarray(lo)
+    assert empty.any() and np.all(np.asarray(out)[empty] == 0) and np.all(np.asarray(lse)[empty] == -1e30)
+
+    rng = np.random.default_rng(7)
+    w_out = rng.normal(size=out.shape)
+    w_lse = np.where(empty[..., None], 0.0, rng.normal(size=lse.shape))
+
+    def loss(q, k, v):
+        o, s = ra.range_attention(q, k, v, lo, hi, block_q=bq, block_k=bk, interpret=True)
+        return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, s, 0.0) * w_lse)
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    # The oracle's gradient by finite differences would be slow; JAX's autodiff of the float64 dense
+    # expression (an independent formula: no online softmax, no tiles) is the reference.
+    with jax.enable_x64():
+        l64, h64 = (jnp.asarray(x) for x in _clip(lo, hi, k.shape[1]))
+
+        def dense_loss(q, k, v):
+            g = q.shape[2] // k.shape[2]
+            kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+            j = jnp.arange(k.shape[1])
+            vis = (j >= l64[..., None]) & (j < h64[..., None])
+            s = jnp.einsum("bthd,bshd->bths", q, kk) / np.sqrt(q.shape[-1])
+            s = jnp.where(vis[:, :, None], s, -1e300)
+            lse_ = jax.nn.logsumexp(s, axis=-1)
+            p = jnp.where(vis[:, :, None], jnp.exp(s - lse_[..., None]), 0.0)
+            o = jnp.einsum("bths,bshd->bthd", p, vv)
+            return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, lse_, 0.0) * w_lse)
+
+        want = jax.grad(dense_loss, argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == q.dtype, name
+        w = np.asarray(w)
+        np.testing.assert_allclose(np.asarray(g), w, atol=1e-4 * max(1.0, np.abs(w).max()), err_msg=name)
+
+
+def test_bf16_within_rounding():
+    q, k, v, lo, hi = _case(3, dtype=jnp.bfloat16)
+    out, lse = ra.range_attention(q, k, v, lo, hi, block_q=16, block_k=16, interpret=True)
+    want_out, want_lse = _dense(q, k, v, *_clip(lo, hi, k.shape[1]))
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out, np.float64), want_out, atol=3e-2, rtol=0)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=3e-2, rtol=1e-3)
+
+
+def test_causal_window_ranges_are_the_local_mask():
+    """Ranges built as a causal sliding window within documents give the dense LocalMask's
+    attention of the XLA reference path (fastblt.model.attention)."""
+    from fastblt.model import attention as attn_lib
+
+    rng = np.random.default_rng(5)
+    b, n, h, d, window = 2, 64, 2, 16, 9
+    q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
+    docs = np.cumsum(rng.random((b, n)) < 0.08, axis=1).astype(np.int32)
+    i = np.arange(n)
+    doc_start = np.stack([np.searchsorted(row, row, side="left") for row in docs])
+    lo = np.maximum(i - window + 1, doc_start)
+    hi = np.broadcast_to(i + 1, (b, n))
+    got, _ = ra.range_attention(
+        q, k, v, jnp.asarray(lo), jnp.asarray(hi), block_q=16, block_k=16, interpret=True
+    )
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    mask = attn_lib.LocalMask(pos, jnp.asarray(docs), window)
+    want = attn_lib.attention(q, k, v, mask.dense(), "xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=0)
+
+
+def test_query_tiles_per_key_tile_cover_every_touching_pair():
+    """Each key tile's [first, last) holds every query tile with a row whose range touches it (a
+    loop over rows), and is empty for a key tile no row touches."""
+    rng = np.random.default_rng(2)
+    bq, bk, t, s = 8, 16, 48, 100
+    lo = rng.integers(0, s, size=(2, t))
+    hi = lo + rng.integers(0, 12, size=(2, t))
+    lo[1, 8:16] = hi[1, 8:16] = 50  # an empty query tile
+    lo[0, :], hi[0, :] = 0, 0
+    lo[0, 20], hi[0, 20] = 17, 30  # row 0 touches key tiles 1 alone
+    n_tiles = -(-s // bk)
+    first, last = ra.query_tiles_per_key_tile(jnp.asarray(lo), jnp.asarray(hi), bq, bk, n_tiles)
+    first, last = np.asarray(first), np.asarray(last)
+    for row in range(2):
+        for c in range(n_tiles):
+            touching = {
+                i // bq
+                for i in range(t)
+                if hi[row, i] > lo[row, i] and lo[row, i] < (c + 1) * bk and hi[row, i] > c * bk
+            }
+            assert touching <= set(range(first[row, c], last[row, c])), (row, c)
+            if not touching:
+                assert first[row, c] >= last[row, c], (row, c)
+    assert (first[0, 1], last[0, 1]) == (2, 3)
+
+
+def test_unsupported_head_dim_names_the_fallback():
+    q = jnp.zeros((1, 16, 2, 24))
+    k = jnp.zeros((1, 16, 2, 24))
+    lo = jnp.zeros((1, 16), jnp.int32)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        ra.range_attention(q, k, k, lo, lo, interpret=True)
+
+
+def test_kernels_lower_for_cuda_forward_and_backward():
+    """Triton takes the kernels as written (block shapes, dynamic loop bounds, 1-D row loads): BLT-D-4's
+    block rows at blt_mid (16 x 4 100 queries, 8 heads of 64, over 4 096 clean keys) lower for CUDA to
+    three kernels: the forward, dq, and dk with dv."""
+    q = jnp.ones((16, 4100, 8, 64), jnp.bfloat16)
+    k = jnp.ones((16, 4096, 8, 64), jnp.bfloat16)
+    lo = jnp.zeros((16, 4100), jnp.int32)
+
+    def loss(q, k, v):
+        out, lse = ra.range_attention(q, k, v, lo, lo + 511, interpret=False)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+    try:
+        lowered = (
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("cuda",))
+        )
+    except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
+        if "No supported GPU" not in str(e):
+            raise
+        pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
+    assert lowered.as_text().count("xla.gpu.triton") == 3
+
+
+def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
+    """experiments/benchmarks/range_check.py (interpreted, small shape): the kernel agrees with the XLA
+    reference; ranges one key short are reported as a mismatch."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
+    import range_check
+
+    rows = range_check.check(range_check.SMALL, interpret=True, repeats=1)
+    assert [r["path"] for r in rows] == ["xla", "ranged"] and all(r["ok"] for r in rows)
+    real = ra.range_attention
+    monkeypatch.setattr(ra, "range_attention", lambda q, k, v, lo, hi, **kw: real(q, k, v, lo, hi - 1, **kw))
+    rows = range_check.check(range_check.SMALL, interpret=True, repeats=1)
+    assert not rows[1]["ok"] and rows[1]["out_rel_error"] > 0.05
