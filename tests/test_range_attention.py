@@ -105,22 +105,18 @@ def test_bf16_within_rounding():
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=3e-2, rtol=1e-3)
 
 
-def test_causal_window_ranges_are_the_local_mask():
-    """Ranges built as a causal sliding window within documents give the dense LocalMask's
-    attention of the XLA reference path (fastblt.model.attention)."""
+@pytest.mark.parametrize("window", [9, None])
+def test_causal_window_ranges_are_the_local_mask(window):
+    """local_ranges (a causal sliding window within documents) give the dense LocalMask's attention
+    of the XLA reference path (fastblt.model.attention)."""
     from fastblt.model import attention as attn_lib
 
     rng = np.random.default_rng(5)
-    b, n, h, d, window = 2, 64, 2, 16, 9
+    b, n, h, d = 2, 64, 2, 16
     q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
     docs = np.cumsum(rng.random((b, n)) < 0.08, axis=1).astype(np.int32)
-    i = np.arange(n)
-    doc_start = np.stack([np.searchsorted(row, row, side="left") for row in docs])
-    lo = np.maximum(i - window + 1, doc_start)
-    hi = np.broadcast_to(i + 1, (b, n))
-    got, _ = ra.range_attention(
-        q, k, v, jnp.asarray(lo), jnp.asarray(hi), block_q=16, block_k=16, interpret=True
-    )
+    lo, hi = ra.local_ranges(jnp.asarray(docs), n, window)
+    got, _ = ra.range_attention(q, k, v, lo, hi, block_q=16, block_k=16, interpret=True)
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     mask = attn_lib.LocalMask(pos, jnp.asarray(docs), window)
     want = attn_lib.attention(q, k, v, mask.dense(), "xla")
@@ -185,8 +181,9 @@ def test_kernels_lower_for_cuda_forward_and_backward():
 
 
 def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
-    """experiments/benchmarks/range_check.py (interpreted, small shape): the kernel agrees with the XLA
-    reference; ranges one key short are reported as a mismatch."""
+    """experiments/benchmarks/range_check.py (interpreted, small shapes): the kernel agrees with the XLA
+    reference on block rows and on windowed rows within documents; ranges one key short are reported
+    as a mismatch."""
     import os
     import sys
 
@@ -195,6 +192,8 @@ def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch)
 
     rows = range_check.check(range_check.SMALL, interpret=True, repeats=1)
     assert [r["path"] for r in rows] == ["xla", "ranged"] and all(r["ok"] for r in rows)
+    local = range_check.check_local(range_check.LOCAL_SMALL[0], interpret=True, repeats=1)
+    assert [r["path"] for r in local] == ["xla", "ranged"] and all(r["ok"] for r in local)
     real = ra.range_attention
     monkeypatch.setattr(ra, "range_attention", lambda q, k, v, lo, hi, **kw: real(q, k, v, lo, hi - 1, **kw))
     rows = range_check.check(range_check.SMALL, interpret=True, repeats=1)

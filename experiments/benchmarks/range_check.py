@@ -12,6 +12,10 @@ the key-range kernel (block_rows.GPU_RANGE_KERNEL). For each: a loss's value and
 q, k, v and the clean keys and values, their largest relative difference from the reference, and the
 time of a forward plus backward (median of 20 after warm-up). speed_gpu.sh's train rows with the
 kernel (phase 30) run only after this passed on the same machine.
+
+Then, for information (not part of the pass), the same kernel on the self-attention the attention core
+runs on cuDNN (the decoder's windowed rows and the global model's causal rows, within documents)
+against the XLA path and cuDNN: whether one kernel could serve those calls as well.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 # (batch, bytes, heads, head dim, window): blt_mid's decoder; a small shape for the interpreter.
 MID = (16, 4096, 8, 64, 512)
 SMALL = (2, 256, 2, 16, 32)
+# Self-attention the attention core runs on cuDNN today (name, batch, rows, heads, head dim, window):
+# blt_mid's decoder rows and its global model over 4-byte patches; small shapes for the interpreter.
+LOCAL = [("decoder", 16, 4096, 8, 64, 512), ("global", 16, 1025, 16, 64, None)]
+LOCAL_SMALL = [("decoder", 2, 96, 2, 16, 24), ("global", 2, 40, 2, 16, None)]
 
 
 def inputs(batch: int, n: int, heads: int, hd: int, window: int, block: int = 4, patch: int = 4):
@@ -99,17 +107,84 @@ def check(shape, interpret: bool, repeats: int = 20) -> list[dict]:
         for label, a, b in zip(labels, (out, *grads), (ref_out, *ref_grads), strict=True):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             r[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-        times = []
-        for i in range(repeats + 3):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args[:5]))
-            if i >= 3:
-                times.append(time.perf_counter() - t)
-        r["fwd_bwd_ms"] = 1e3 * statistics.median(times)
+        r["fwd_bwd_ms"] = _timed(fn, args[:5], repeats)
         # bf16 inputs and outputs: the paths sum in different orders; one bf16 rounding of the
         # largest entry (2^-8) with room for the gradients' longer sums.
         errors = [v for k, v in r.items() if k.endswith("_rel_error")]
         r["ok"] = bool(np.isfinite(float(value))) and max(errors) < 2e-2
+        rows.append(r)
+    return rows
+
+
+def _timed(fn, args, repeats: int) -> float:
+    import jax
+
+    times = []
+    for i in range(repeats + 3):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _errors(got, want) -> dict:
+    import numpy as np
+
+    (_, out), grads = got
+    (_, ref_out), ref_grads = want
+    errors = {}
+    for label, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        errors[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    return errors
+
+
+def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
+    """The same kernel on causal (windowed) self-attention within documents, the attention core's
+    LocalMask, against the XLA path and (on a GPU) cuDNN as the core runs it: whether one kernel
+    could serve these calls too. Rows per path as :func:`check` (forward plus backward)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fastblt.model import attention as attn_lib
+    from fastblt.model import range_attention as ra
+
+    name, b, n, h, d, window = shape
+    keys = jax.random.split(jax.random.key(3), 4)
+    q, k, v = (jax.random.normal(x, (b, n, h, d), jnp.float32).astype(jnp.bfloat16) for x in keys[:3])
+    weights = jax.random.normal(keys[3], q.shape, jnp.float32)
+    tokens = np.random.default_rng(1).integers(4, 260, (b, n))
+    tokens[np.random.default_rng(2).random((b, n)) < 2 / n] = 2  # ~2 documents per row
+    docs = attn_lib.document_ids(jnp.asarray(tokens, jnp.int32))
+    mask = attn_lib.LocalMask(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), docs, window)
+    lo, hi = ra.local_ranges(docs, n, window)
+
+    def loss_of(attend):
+        def loss(q, k, v):
+            out = attend(q, k, v)
+            return jnp.sum(out.astype(jnp.float32) * weights), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    def cudnn(q, k, v):
+        with attn_lib.rows_checked():  # the train step's host-checked packed layout
+            return attn_lib.attention(q, k, v, mask, "cudnn")
+
+    paths = {
+        "xla": loss_of(lambda q, k, v: attn_lib.attention(q, k, v, mask, "xla")),
+        "ranged": loss_of(lambda q, k, v: ra.range_attention(q, k, v, lo, hi, interpret=interpret)[0]),
+    }
+    if not interpret:
+        paths["cudnn"] = loss_of(cudnn)
+    results = {p: fn(q, k, v) for p, fn in paths.items()}
+    rows = []
+    for p, fn in paths.items():
+        r = {"call": name, "path": p, "shape": list(shape[1:]), "device": str(jax.devices()[0])}
+        r.update(_errors(results[p], results["xla"]))
+        r["fwd_bwd_ms"] = _timed(fn, (q, k, v), repeats)
+        r["ok"] = max(v for key, v in r.items() if key.endswith("_rel_error")) < 2e-2
         rows.append(r)
     return rows
 
@@ -119,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interpret", action="store_true", help="run the kernel in Pallas interpret mode")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    rows = check(SMALL if args.interpret else MID, args.interpret, repeats=2 if args.interpret else 20)
-    ok = all(r["ok"] for r in rows)
+    repeats = 2 if args.interpret else 20
+    rows = check(SMALL if args.interpret else MID, args.interpret, repeats=repeats)
+    ok = all(r["ok"] for r in rows)  # the block rows gate phase 30's train rows; the rest informs
+    for shape in LOCAL_SMALL if args.interpret else LOCAL:
+        rows += check_local(shape, args.interpret, repeats=repeats)
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:

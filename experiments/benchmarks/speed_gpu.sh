@@ -89,8 +89,9 @@
 #       tiles' pads and gathers (~0.35 ms per layer forward, 1.69 ms in one backward) gone and the
 #       block attention at ~0.6x the scores without a bias read, a few ms of BLT-D-4's 41 ms over plain.
 #   29. the loop half's GEMMs on cuBLAS too (--compiler-option xla_gpu_enable_triton_gemm=false: both
-#       halves; the prefill's has been cuBLAS since run 13): ar's cold compile at batch 1 alternated
-#       twice as in 25, then ar and blt_s8 at batch 1 and 32 each way. Runs 2-3 found Triton's one-row
+#       halves; the prefill's has been cuBLAS since run 13), and no autotuning at all
+#       (xla_gpu_autotune_level=0: XLA's default tiles): ar's cold compile at batch 1, the three
+#       settings alternated twice as in 25, then ar and blt_s8 at batch 1 and 32 each way. Runs 2-3 found Triton's one-row
 #       GEMM fusions faster for decode steps (before the decode kernel and two-row products); what is
 #       left of a cold start after run 13 is mostly the loop half.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
@@ -272,15 +273,19 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         echo "[train_range] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
   29) rm -rf /tmp/loop-*
-      for run in default_1 cublas_1 default_2 cublas_2; do
+      for run in default_1 cublas_1 notune_1 default_2 cublas_2 notune_2; do
         opts=()
-        case $run in cublas_*) opts=(--compiler-option xla_gpu_enable_triton_gemm=false) ;; esac
+        case $run in
+          cublas_*) opts=(--compiler-option xla_gpu_enable_triton_gemm=false) ;;
+          notune_*) opts=(--compiler-option xla_gpu_autotune_level=0) ;;
+        esac
         JAX_COMPILATION_CACHE_DIR=/tmp/loop-$run phase "loop_compile_$run" python3 $bench/compile_time.py \
           --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/loop_compile_$run"
       done
-      for run in default cublas; do
+      for run in default cublas notune; do
         opts=()
         [ $run = cublas ] && opts=(--compiler-option xla_gpu_enable_triton_gemm=false)
+        [ $run = notune ] && opts=(--compiler-option xla_gpu_autotune_level=0)
         phase "loop_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar blt_s8 --batch 1 32 "${opts[@]}" --out "$out/loop_speed_$run"
       done ;;

@@ -40,6 +40,22 @@ def supported(q: jax.Array, k: jax.Array) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0 and q.shape[2] % k.shape[2] == 0
 
 
+def local_ranges(docs: jax.Array | None, n: int, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """The key ranges of causal self-attention over rows 0..n-1, within ``window`` and each row's
+    document (fastblt.model.attention.LocalMask's mask): lo = max(i - window + 1, first row of i's
+    document), hi = i + 1.
+
+    docs: int32[b, n] document ids, non-decreasing along the row (attention.document_ids), or None.
+    Returns lo, hi: int32[b, n] (int32[1, n] without documents).
+    """
+    i = jnp.arange(n, dtype=jnp.int32)[None]
+    lo = jnp.zeros_like(i) if window is None else jnp.maximum(i - window + 1, 0)
+    if docs is not None:
+        first = jax.vmap(lambda d: jnp.searchsorted(d, d, side="left"))(docs).astype(jnp.int32)
+        lo = jnp.maximum(lo, first)
+    return lo, jnp.broadcast_to(i + 1, lo.shape)
+
+
 def range_attention(
     q: jax.Array,
     k: jax.Array,
