@@ -647,6 +647,8 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
 
     fused_stand_in.install(monkeypatch)
     monkeypatch.setattr(block_rows, "GPU_RANGE_KERNEL", True)
+    monkeypatch.setattr(block_rows, "attention_platform", lambda: "gpu")  # a GPU step, traced here
+    monkeypatch.setattr(block_rows, "_single_device", lambda: True)  # the suite's CPU has 8
     calls = []
     real = block_rows.ranged_block_attention
     monkeypatch.setattr(block_rows, "ranged_block_attention", lambda *a: calls.append(1) or real(*a))
@@ -659,6 +661,10 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
     args = (tokens, targets, mask, lengths, jax.random.key(2))
     (loss, _), got = _loss_and_grad(params, ranged, obj, *args)
     assert calls  # one per decoder layer, traced
+    monkeypatch.setattr(block_rows, "_single_device", lambda: False)
+    calls.clear()
+    jax.eval_shape(lambda p: _loss_and_grad(p, ranged, obj, *args), params)  # several devices: the tiles
+    assert not calls
     (want_loss, _), want = _loss_and_grad(params, config, obj, *args)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
     for path, g in jax.tree_util.tree_leaves_with_path(got):

@@ -48,14 +48,15 @@ def _clip(lo, hi, s):
     return np.clip(np.asarray(lo), 0, s), np.clip(np.asarray(hi), 0, s)
 
 
-@pytest.mark.parametrize("kvh,blocks", [(2, (16, 16)), (4, (32, 16)), (1, (16, 32))])
+@pytest.mark.parametrize("kvh,blocks", [(2, (16, 16, 16)), (4, (32, 16, 16)), (1, (16, 32, 32))])
 def test_output_lse_and_gradients_match_float64(kvh, blocks):
     """Query and key lengths that are not multiples of the tiles, grouped heads, empty ranges,
-    ranges past both ends; the loss uses the output and the log-sum-exp (rows that see something),
+    ranges past both ends, the dk/dv kernel's query tiles smaller than and as large as the others; the loss uses the output and the log-sum-exp (rows that see something),
     so the backward's lse cotangent is checked too."""
     q, k, v, lo, hi = _case(kvh, kvh=kvh)
-    bq, bk = blocks
-    out, lse = ra.range_attention(q, k, v, lo, hi, block_q=bq, block_k=bk, interpret=True)
+    bq, bk, bq_dkv = blocks
+    tiles = {"block_q": bq, "block_k": bk, "block_q_dkv": bq_dkv}
+    out, lse = ra.range_attention(q, k, v, lo, hi, **tiles, interpret=True)
     want_out, want_lse = _dense(q, k, v, *_clip(lo, hi, k.shape[1]))
     np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5, rtol=1e-6)
@@ -67,7 +68,7 @@ def test_output_lse_and_gradients_match_float64(kvh, blocks):
     w_lse = np.where(empty[..., None], 0.0, rng.normal(size=lse.shape))
 
     def loss(q, k, v):
-        o, s = ra.range_attention(q, k, v, lo, hi, block_q=bq, block_k=bk, interpret=True)
+        o, s = ra.range_attention(q, k, v, lo, hi, **tiles, interpret=True)
         return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, s, 0.0) * w_lse)
 
     got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
@@ -191,10 +192,12 @@ def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch)
     import range_check
 
     rows = range_check.check(range_check.SMALL, interpret=True, repeats=1)
-    assert [r["path"] for r in rows] == ["xla", "ranged"] and all(r["ok"] for r in rows)
+    assert [r["path"] for r in rows] == ["xla", "ranged", "ranged, key counts"] and all(r["ok"] for r in rows)
+    assert rows[2]["max_keys"] > 20 and rows[2]["lse_max_abs_error"] < 1e-5
     local = range_check.check_local(range_check.LOCAL_SMALL[0], interpret=True, repeats=1)
     assert [r["path"] for r in local] == ["xla", "ranged"] and all(r["ok"] for r in local)
     real = ra.range_attention
     monkeypatch.setattr(ra, "range_attention", lambda q, k, v, lo, hi, **kw: real(q, k, v, lo, hi - 1, **kw))
     rows = range_check.check(range_check.SMALL, interpret=True, repeats=1)
     assert not rows[1]["ok"] and rows[1]["out_rel_error"] > 0.05
+    assert not rows[2]["ok"] and rows[2]["lse_max_abs_error"] > 1e-3

@@ -8,9 +8,11 @@ At blt_mid's BLT-D-4 training shapes (batch 16, 4 096 bytes, static 4-byte patch
 cells, 8 decoder heads of 64, window 512, bf16), one decoder layer's block attention,
 fastblt.model.block_rows.block_attention, three ways: the XLA reference (gathered windows, chunked),
 the fused path of today (tiles of blocks over shared key slices through cuDNN with a dense mask) and
-the key-range kernel (block_rows.GPU_RANGE_KERNEL). For each: a loss's value and the gradients of
-q, k, v and the clean keys and values, their largest relative difference from the reference, and the
-time of a forward plus backward (median of 20 after warm-up). speed_gpu.sh's train rows with the
+the key-range kernel (block_rows.GPU_RANGE_KERNEL; also with other tiles, SWEEP). For each: the output
+and the gradients of q, k, v and the clean keys and values, their largest relative difference from the
+reference (bf16: about one rounding), whether the kernel is in the program, and the time of a forward
+plus backward (median of 20 after warm-up). Then the exact count of keys each row reads (zero queries:
+log-sum-exp = log(keys)), which bf16 values cannot show. speed_gpu.sh's train rows with the
 kernel (phase 30) run only after this passed on the same machine.
 
 Then, for information (not part of the pass), the same kernel on the self-attention the attention core
@@ -68,39 +70,59 @@ def inputs(batch: int, n: int, heads: int, hd: int, window: int, block: int = 4,
     return (*qkv, start, ctx, own), patch
 
 
-def check(shape, interpret: bool, repeats: int = 20) -> list[dict]:
+# Tiles of the range kernel timed on the block rows besides the default (block_q, block_k,
+# block_q_dkv): values are checked for each.
+SWEEP = [(64, 64, 64), (128, 64, 32), (64, 32, 32)]
+
+
+def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from fastblt.model import block_rows
+    from fastblt.model import range_attention as ra
 
     args, bound = inputs(*shape)
     q = args[0]
     weights = jax.random.normal(jax.random.key(2), q.shape, jnp.float32)
 
     def path(impl: str, ranged: bool):
-        block_rows.GPU_RANGE_KERNEL = ranged
+        """The block attention under this setting, compiled while the setting holds (a later call
+        cannot retrace it under another). On the CPU the ranged path is called directly: block_attention
+        takes it for GPU steps only."""
 
         def loss(q, k, v, kc, vc):
-            out = block_rows.block_attention(q, k, v, kc, vc, *args[5:], None, bound, impl)
+            if ranged and interpret:
+                out = block_rows.ranged_block_attention(q, k, v, kc, vc, *args[5:], interpret=True)
+            else:
+                out = block_rows.block_attention(q, k, v, kc, vc, *args[5:], None, bound, impl)
             return jnp.sum(out.astype(jnp.float32) * weights), out
 
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
-        fn.lower(*args[:5])  # traced here, with this setting
-        return fn
+        block_rows.GPU_RANGE_KERNEL = ranged
+        try:
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+            lowered = fn.lower(*args[:5])
+            return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
+        finally:
+            block_rows.GPU_RANGE_KERNEL = False
 
-    # "cudnn" selects the fused dispatch; on the CPU only the ranged path can run under it (its
-    # kernel interpreted), the tiles need cuDNN itself.
     paths = {"xla": path("xla", False), "ranged": path("cudnn", True)}
     if not interpret:
         paths["tiles"] = path("cudnn", False)
-    block_rows.GPU_RANGE_KERNEL = False
+        if sweep:
+            default = (ra.BLOCK_Q, ra.BLOCK_K, ra.BLOCK_Q_DKV)
+            for tiles in SWEEP:
+                ra.BLOCK_Q, ra.BLOCK_K, ra.BLOCK_Q_DKV = tiles
+                try:
+                    paths["ranged {}x{}, dkv {}".format(*tiles)] = path("cudnn", True)
+                finally:
+                    ra.BLOCK_Q, ra.BLOCK_K, ra.BLOCK_Q_DKV = default
 
-    results = {name: fn(*args[:5]) for name, fn in paths.items()}
+    results = {name: fn(*args[:5]) for name, (fn, _) in paths.items()}
     (_, ref_out), ref_grads = results["xla"]
     rows = []
-    for name, fn in paths.items():
+    for name, (fn, has_kernel) in paths.items():
         (value, out), grads = results[name]
         r = {"path": name, "shape": list(shape), "device": str(jax.devices()[0])}
         labels = ("out", "dq", "dk", "dv", "dk_ctx", "dv_ctx")
@@ -112,8 +134,38 @@ def check(shape, interpret: bool, repeats: int = 20) -> list[dict]:
         # largest entry (2^-8) with room for the gradients' longer sums.
         errors = [v for k, v in r.items() if k.endswith("_rel_error")]
         r["ok"] = bool(np.isfinite(float(value))) and max(errors) < 2e-2
+        if not interpret:  # the kernel runs where, and only where, it should
+            r["range_kernel_in_program"] = has_kernel
+            r["ok"] &= has_kernel == name.startswith("ranged")
         rows.append(r)
+    rows.append(check_counts(args, interpret))
     return rows
+
+
+def check_counts(args, interpret: bool) -> dict:
+    """Which keys the kernel reads, exactly: with zero queries every visible key scores 0, so each
+    row's log-sum-exp is log(hi - lo) in float32 whatever the dtype, and one key too many or too few
+    in a range of ~500 moves it by ~2e-3. The ranges are the block rows' (context_ranges)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fastblt.model import block_rows
+    from fastblt.model import range_attention as ra
+
+    q, _, _, kc, vc, start, ctx, _ = args
+    b, r = q.shape[:2]
+    lo, hi, contiguous = block_rows.context_ranges(start, ctx)
+    lo, hi = lo.reshape(b, r), hi.reshape(b, r)
+    _, lse = ra.range_attention(jnp.zeros_like(q), kc, vc, lo, hi, interpret=interpret)
+    count = np.asarray(hi - lo)[..., None].repeat(lse.shape[-1], -1)
+    want = np.where(count > 0, np.log(np.maximum(count, 1)), -1e30)
+    error = float(np.abs(np.asarray(lse, np.float64) - want)[count > 0].max())
+    return {
+        "path": "ranged, key counts",
+        "max_keys": int(count.max()),
+        "lse_max_abs_error": error,
+        "ok": bool(contiguous) and error < 1e-4,
+    }
 
 
 def _timed(fn, args, repeats: int) -> float:
@@ -193,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--interpret", action="store_true", help="run the kernel in Pallas interpret mode")
     p.add_argument("--out", default=None)
+    p.add_argument("--no-sweep", action="store_true", help="time the kernel's default tiles alone")
     args = p.parse_args(argv)
     repeats = 2 if args.interpret else 20
-    rows = check(SMALL if args.interpret else MID, args.interpret, repeats=repeats)
+    rows = check(SMALL if args.interpret else MID, args.interpret, repeats=repeats, sweep=not args.no_sweep)
     ok = all(r["ok"] for r in rows)  # the block rows gate phase 30's train rows; the rest informs
     for shape in LOCAL_SMALL if args.interpret else LOCAL:
         rows += check_local(shape, args.interpret, repeats=repeats)

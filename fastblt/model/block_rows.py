@@ -42,6 +42,7 @@ import numpy as np
 
 from fastblt.model import range_attention
 from fastblt.model.attention import Attend, attention, resolve_impl
+from fastblt.model.attention import platform as attention_platform
 from fastblt.model.lookup import take_windows_batched
 
 _NEG = -1e30  # as fastblt.model.attention: finite, so an all-masked row stays finite
@@ -116,7 +117,7 @@ class BlockRows:
 
 # Where block_attention would take a fused kernel on a GPU, run the block rows' context attention on
 # fastblt.model.range_attention instead of tiles through the attention core: each cell's visible clean
-# rows are one range [lo, hi), read in place (no key windows cut per tile, no dense mask, ~0.56x the
+# rows are one range [lo, hi), read in place (no key windows cut per tile, no dense mask, ~0.6x the
 # scores of a tile's span plus its cells), and its own block's cells are merged by log-sum-exp. Off
 # until a GPU measures it (train_speed.py --range-kernel, speed_gpu.sh phase 30): in run 9 (one H200,
 # BLT-D-4 at blt_mid) the block rows' attention took 2.4 ms per layer backward against 1.19 ms for the
@@ -167,6 +168,22 @@ def _attend(
     has_key = has_context | jnp.any(self_mask, axis=-1)  # [b, K, B]
     out = jnp.where(has_key[..., None, None, None], out, 0)
     return out.reshape(b, r, h, d).astype(q.dtype)
+
+
+def _use_range_kernel(q: jax.Array, k_ctx: jax.Array) -> bool:
+    """GPU_RANGE_KERNEL applies: on for a GPU step (attention.platform), one device (the kernel has
+    no sharding rule: on a mesh the partitioner would gather its operands onto every device), and
+    shapes the kernel takes."""
+    return (
+        GPU_RANGE_KERNEL
+        and attention_platform() == "gpu"
+        and _single_device()
+        and range_attention.supported(q, k_ctx)
+    )
+
+
+def _single_device() -> bool:
+    return jax.device_count() == 1
 
 
 def context_ranges(
@@ -480,7 +497,7 @@ def block_attention(
             )
 
     fused = resolve_impl(impl, jax.ShapeDtypeStruct((b, r, h, d), q.dtype)) != "xla"
-    if fused and GPU_RANGE_KERNEL and range_attention.supported(q, k_ctx):
+    if fused and _use_range_kernel(q, k_ctx):
         return ranged_block_attention(q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask)
     if tiled is not None:
         tile_q = jax.ShapeDtypeStruct((b, chunk_blocks * bs, h, d), q.dtype)

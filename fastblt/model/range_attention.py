@@ -4,11 +4,11 @@ their own backward: a flash-attention forward and two backward kernels (dq; dk a
 A mask given as key ranges, query i seeing keys ``lo[i] <= j < hi[i]``, describes causal, sliding-
 window and same-document masks, and BLT-D's block rows: a block cell sees the clean rows from its
 window's first visible row up to its block's start (fastblt.train.blt_d.context_mask builds exactly
-that). The kernels read keys where they are, one tile of queries at a time over the union of its
-rows' ranges, so nothing is cut out or padded before a call and no mask is read: fastblt.model.
-block_rows' fused path today cuts overlapping key windows per tile of blocks (a pad, a gather in
-the backward) and reads a dense bool mask as a bias over ~1.8x the keys any cell sees
-(experiments/results/train_speed.md, run 9's leads).
+that). The kernels read keys where they lie, one tile of queries at a time over the union of its
+rows' ranges, and read no mask: fastblt.model.block_rows' fused path today cuts overlapping key
+windows per tile of blocks (a pad, a gather in the backward) and reads a dense bool mask as a bias
+over ~1.7x the keys a cell sees (experiments/results/train_speed.md, run 9's leads). Queries are
+padded to whole tiles (a copy where their count is not a multiple), and so are keys in the backward.
 
 The kernel also returns each row's log-sum-exp, so a caller can merge it with attention over other
 keys (block_rows merges the cells of each block's own block, a few keys per row, computed by XLA)
@@ -29,8 +29,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 _NEG = -1e30  # as fastblt.model.attention: finite, so a row with no visible key stays finite
+# Tiles (powers of two, at least 16). The forward and dq kernels hold a [BLOCK_Q, BLOCK_K] tile of
+# scores and probabilities; the dk/dv kernel holds its key tile's k, v, dk and dv [BLOCK_K, d] for the
+# whole loop plus the scores of BLOCK_Q_DKV queries, so it takes fewer queries at a time (register
+# pressure at head dim 64 with 4 warps; JAX's Pallas flash attention uses 32 x 32 in its backward).
+# Not tuned on a GPU yet: experiments/benchmarks/range_check.py times alternatives.
 BLOCK_Q = 64
 BLOCK_K = 64
+BLOCK_Q_DKV = 32
+NUM_WARPS = 4
 
 
 def supported(q: jax.Array, k: jax.Array) -> bool:
@@ -63,8 +70,9 @@ def range_attention(
     lo: jax.Array,
     hi: jax.Array,
     *,
-    block_q: int = BLOCK_Q,
-    block_k: int = BLOCK_K,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    block_q_dkv: int | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Softmax attention of each query over its key range, with grouped kv heads.
@@ -73,7 +81,8 @@ def range_attention(
       q: float[b, T, H, d]; k, v: float[b, S, KV, d] (KV divides H).
       lo, hi: int[b, T]: query i sees keys j with lo[i] <= j < hi[i] (clipped to [0, S)); an empty
         range (hi <= lo) sees nothing.
-      block_q, block_k: tile sizes (powers of two, at least 16).
+      block_q, block_k, block_q_dkv: tile sizes (powers of two, at least 16; None: the module's
+        BLOCK_Q, BLOCK_K, BLOCK_Q_DKV, read at the call).
       interpret: Pallas interpret mode (None: unless JAX's backend is a GPU).
 
     Returns:
@@ -93,29 +102,36 @@ def range_attention(
         )
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    blocks = (block_q or BLOCK_Q, block_k or BLOCK_K, block_q_dkv or BLOCK_Q_DKV)
     t = q.shape[1]
-    pad = -t % block_q
+    pad = -t % max(blocks[0], blocks[2])
     if pad:  # padded queries see nothing
         q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
         lo, hi = (jnp.pad(x, ((0, 0), (0, pad))) for x in (lo, hi))
     s = k.shape[1]
     lo = jnp.clip(lo.astype(jnp.int32), 0, s)
     hi = jnp.clip(hi.astype(jnp.int32), 0, s)
-    out, lse = _attend(q, k, v, lo, hi, block_q, block_k, bool(interpret))
+    out, lse = _attend(q, k, v, lo, hi, blocks, bool(interpret))
     return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
 
 
 def _params(interpret: bool) -> dict:
-    return {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+    return {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2)}
 
 
-def _span(lo: jax.Array, hi: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-    """The first and one-past-last tile of ``size`` keys that the rows' ranges [lo, hi) touch
-    (first >= last when every range is empty). lo, hi: int32[rows]."""
-    some = hi > lo
-    first = jnp.min(jnp.where(some, lo, jnp.iinfo(jnp.int32).max)) // size
-    last = (jnp.max(jnp.where(some, hi, 0)) + size - 1) // size
-    return first, last
+def key_tiles_per_query_tile(
+    lo: jax.Array, hi: jax.Array, block_q: int, block_k: int
+) -> tuple[jax.Array, jax.Array]:
+    """For each tile of ``block_q`` queries, the key tiles [first, last) its rows' ranges touch
+    (first >= last: every range of the tile is empty). lo, hi: int32[b, T], T a multiple of block_q.
+    Returns int32[b, T / block_q] each; the kernels take them as scalars (loop bounds)."""
+    b, t = lo.shape
+    rows_lo = lo.reshape(b, t // block_q, block_q)
+    rows_hi = hi.reshape(b, t // block_q, block_q)
+    some = rows_hi > rows_lo
+    first = jnp.min(jnp.where(some, rows_lo, jnp.iinfo(jnp.int32).max), axis=-1) // block_k
+    last = (jnp.max(jnp.where(some, rows_hi, 0), axis=-1) + block_k - 1) // block_k
+    return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
 def _scores(q, k, start, lo, hi, n, scale):
@@ -132,13 +148,13 @@ def _load_keys(ref, start, block, n):
     return plgpu.load(ref.at[pl.ds(start, block), :], mask=(pos < n)[:, None], other=0)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, block_k, scale):
-    """One (batch row, head, query tile): q_ref [BQ, d], k_ref/v_ref [S, d], lo_ref/hi_ref [BQ];
-    writes o [BQ, d] and lse [BQ]."""
+def _fwd_kernel(first_ref, last_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, block_k, scale):
+    """One (batch row, head, query tile): the tile's key tiles [first, last) (scalars), q_ref [BQ, d],
+    k_ref/v_ref [S, d], lo_ref/hi_ref [BQ]; writes o [BQ, d] and lse [BQ]."""
     n = k_ref.shape[0]
     q = q_ref[...]
     lo, hi = lo_ref[...], hi_ref[...]
-    first, last = _span(lo, hi, block_k)
+    first, last = first_ref[()], last_ref[()]
 
     def body(i, carry):
         o, mx, den = carry
@@ -164,14 +180,29 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, block_k,
     lse_ref[...] = jnp.where(seen, mx + jnp.log(safe), _NEG)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_k, scale):
+def _dq_kernel(
+    first_ref,
+    last_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    lo_ref,
+    hi_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    block_k,
+    scale,
+):
     """One (batch row, head, query tile): dq [BQ, d] over the tile's keys, as the forward visits them.
     delta = rowsum(o * do) - dlse [BQ]."""
     n = k_ref.shape[0]
     q, do = q_ref[...], do_ref[...]
     lo, hi = lo_ref[...], hi_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
-    first, last = _span(lo, hi, block_k)
+    first, last = first_ref[()], last_ref[()]
 
     def body(i, dq):
         start = i * block_k
@@ -218,34 +249,37 @@ def _dkv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _forward(q, k, v, lo, hi, block_q, block_k, interpret):
+def _forward(q, k, v, lo, hi, blocks, interpret):
+    block_q, block_k, _ = blocks
     b, t, h, d = q.shape
     s, kvh = k.shape[1:3]
     g = h // kvh
     q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, j, r: (i, r, j, 0))
     kv_spec = pl.BlockSpec((None, s, None, d), lambda i, j, r: (i, 0, j // g, 0))
     row_spec = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
+    tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
+    first, last = key_tiles_per_query_tile(lo, hi, block_q, block_k)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, block_k=block_k, scale=d**-0.5),
         grid=(b, h, t // block_q),
-        in_specs=[q_spec, kv_spec, kv_spec, row_spec, row_spec],
+        in_specs=[tile_scalar, tile_scalar, q_spec, kv_spec, kv_spec, row_spec, row_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
         interpret=interpret,
         name="fastblt_range_attention",
         **_params(interpret),
-    )(q, k, v, lo, hi)
+    )(first, last, q, k, v, lo, hi)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attend(q, k, v, lo, hi, block_q, block_k, interpret):
-    """q [b, T, H, d] (T a multiple of block_q), k, v [b, S, KV, d], lo, hi int32[b, T] within
-    [0, S] -> (out [b, T, H, d], lse float32[b, H, T])."""
-    return _forward(q, k, v, lo, hi, block_q, block_k, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attend(q, k, v, lo, hi, blocks, interpret):
+    """q [b, T, H, d] (T a multiple of the query tiles), k, v [b, S, KV, d], lo, hi int32[b, T]
+    within [0, S]; blocks (block_q, block_k, block_q_dkv) -> (out [b, T, H, d], lse float32[b, H, T])."""
+    return _forward(q, k, v, lo, hi, blocks, interpret)
 
 
-def _attend_fwd(q, k, v, lo, hi, block_q, block_k, interpret):
-    out, lse = _forward(q, k, v, lo, hi, block_q, block_k, interpret)
+def _attend_fwd(q, k, v, lo, hi, blocks, interpret):
+    out, lse = _forward(q, k, v, lo, hi, blocks, interpret)
     return (out, lse), (q, k, v, lo, hi, out, lse)
 
 
@@ -267,7 +301,8 @@ def query_tiles_per_key_tile(lo, hi, block_q, block_k, n_key_tiles):
     return first, last
 
 
-def _attend_bwd(block_q, block_k, interpret, res, cotangents):
+def _attend_bwd(blocks, interpret, res, cotangents):
+    block_q, block_k, block_q_dkv = blocks
     q, k, v, lo, hi, out, lse = res
     do, dlse = cotangents
     b, t, h, d = q.shape
@@ -283,16 +318,29 @@ def _attend_bwd(block_q, block_k, interpret, res, cotangents):
     kv_full = pl.BlockSpec((None, s, None, d), lambda i, j, r: (i, 0, j // g, 0))
     rows = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
     head_rows = pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))
+    tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
+    kfirst, klast = key_tiles_per_query_tile(lo, hi, block_q, block_k)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=block_k, scale=scale),
         grid=(b, h, t // block_q),
-        in_specs=[q_spec, kv_full, kv_full, rows, rows, q_spec, head_rows, head_rows],
+        in_specs=[
+            tile_scalar,
+            tile_scalar,
+            q_spec,
+            kv_full,
+            kv_full,
+            rows,
+            rows,
+            q_spec,
+            head_rows,
+            head_rows,
+        ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret,
         name="fastblt_range_attention_dq",
         **params,
-    )(q, k, v, lo, hi, do, lse, delta)
+    )(kfirst, klast, q, k, v, lo, hi, do, lse, delta)
 
     n_tiles = -(-s // block_k)
     if n_tiles * block_k != s:  # the key-tile blocks below need whole tiles
@@ -300,7 +348,7 @@ def _attend_bwd(block_q, block_k, interpret, res, cotangents):
         k_p, v_p = jnp.pad(k, pad), jnp.pad(v, pad)
     else:
         k_p, v_p = k, v
-    first, last = query_tiles_per_key_tile(lo, hi, block_q, block_k, n_tiles)
+    first, last = query_tiles_per_key_tile(lo, hi, block_q_dkv, block_k, n_tiles)
     scalar = pl.BlockSpec((None, None), lambda i, j, c: (i, c))
     k_tile = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j // g, 0))
     head_out = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j, 0))
@@ -309,7 +357,7 @@ def _attend_bwd(block_q, block_k, interpret, res, cotangents):
     all_head_rows = pl.BlockSpec((None, None, t), lambda i, j, c: (i, j, 0))
     grad_dtype = k.dtype if g == 1 else jnp.float32  # a group's heads are summed below
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=block_q, scale=scale),
+        functools.partial(_dkv_kernel, block_q=block_q_dkv, scale=scale),
         grid=(b, h, n_tiles),
         in_specs=[
             scalar,
