@@ -160,6 +160,56 @@ def test_latent_windows_equal_gathered_reads_values_and_gradients(t, block_rows)
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
 
 
+@pytest.mark.parametrize("t", [37, 70])
+def test_latent_ranges_equal_gathered_reads_values_and_gradients(t):
+    """The decoder's cross-attention on the key-range kernel (interpreted): each row's slots as one
+    range of the slots laid end to end, against the gathered reference; outputs and gradients for q
+    and every slot, including rows that jump several patches (any index in range is exact)."""
+    rng = np.random.default_rng(6)
+    b, p, kk, h, d = 2, 40, 2, 2, 16
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, p, kk, h, d)), jnp.float32) for _ in range(2))
+    index = _patch_reads(rng, b, t, p)
+    index[1, t // 2 :] = np.minimum(index[1, t // 2 :] + 7, p - 1)  # a jump of 7 patches
+    index = jnp.asarray(index)
+    g = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def reference(q, k, v):
+        take = jax.vmap(lambda x, i: x[i])
+        return jnp.sum(gathered_attention(q, take(k, index), take(v, index)) * g)
+
+    def ranged(q, k, v):
+        return jnp.sum(attn_lib.latent_ranges(q, k, v, index, interpret=True) * g)
+
+    ref, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(q, k, v)
+    got, grads = jax.value_and_grad(ranged, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+    for a, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
+
+
+def test_latent_attention_takes_the_ranges_only_in_a_gpu_step_on_one_device(monkeypatch):
+    from fastblt.model import range_attention
+
+    calls = []
+    monkeypatch.setattr(attn_lib, "latent_ranges", lambda *a: calls.append(1) or jnp.zeros_like(a[0]))
+    monkeypatch.setattr(attn_lib, "GPU_LATENT_RANGES", True)
+    monkeypatch.setattr(range_attention, "on_one_device", lambda: True)
+    q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 4, 2, 2, 64), jnp.bfloat16)
+    index = jnp.zeros((1, 8), jnp.int32)
+    attn_lib.latent_attention(q, k, k, index, "cudnn")  # a CPU step: the gathered form
+    assert calls == []
+    with attn_lib.target_platform("gpu"):
+        attn_lib.latent_attention(q, k, k, index, "xla")
+        assert calls == []
+        attn_lib.latent_attention(q, k, k, index, "cudnn")
+        assert calls == [1]
+        monkeypatch.setattr(range_attention, "on_one_device", lambda: False)
+        attn_lib.latent_attention(q, k, k, index, "cudnn")
+        assert calls == [1]
+
+
 def test_latent_windows_refuse_a_jump_past_the_window_with_nan():
     rng = np.random.default_rng(4)
     q = jnp.asarray(rng.normal(size=(1, 8, 2, 8)), jnp.float32)

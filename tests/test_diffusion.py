@@ -639,19 +639,31 @@ def test_fused_tiles_gradient_matches_gather_path(chunk_blocks, monkeypatch):
 
 
 def test_range_kernel_gradient_matches_gather_path(monkeypatch):
-    """block_rows.GPU_RANGE_KERNEL: the block rows' context on fastblt.model.range_attention (Pallas,
-    interpreted here) merged with their own block's cells by log-sum-exp, against the XLA gather
-    path: the same loss and gradients, with documents, a window, random patch lengths and padding
-    cells (the fused stand-in runs the clean rows' kernels; the range kernel runs itself)."""
-    from fastblt.model import block_rows
+    """block_rows.GPU_RANGE_KERNEL and attention.GPU_LATENT_RANGES in a GPU step (traced for the GPU,
+    the kernels interpreted): the block rows' context on fastblt.model.range_attention merged with
+    their own block's cells by log-sum-exp, and the decoder's cross-attention (clean and block rows)
+    as key ranges of the patch slots, against the XLA gather path: the same loss and gradients, with
+    documents, a window, random patch lengths and padding cells (the fused stand-in runs the clean
+    rows' self-attention)."""
+    from fastblt.model import attention as attn_lib
+    from fastblt.model import block_rows, range_attention
 
     fused_stand_in.install(monkeypatch)
     monkeypatch.setattr(block_rows, "GPU_RANGE_KERNEL", True)
-    monkeypatch.setattr(block_rows, "attention_platform", lambda: "gpu")  # a GPU step, traced here
-    monkeypatch.setattr(block_rows, "_single_device", lambda: True)  # the suite's CPU has 8
-    calls = []
-    real = block_rows.ranged_block_attention
-    monkeypatch.setattr(block_rows, "ranged_block_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attn_lib, "GPU_LATENT_RANGES", True)
+    monkeypatch.setattr(range_attention, "on_one_device", lambda: True)  # the suite's CPU has 8
+    calls = {"blocks": 0, "latent": 0}
+    real_blocks, real_latent = block_rows.ranged_block_attention, attn_lib.latent_ranges
+
+    def count(name, fn):
+        def counted(*a):
+            calls[name] += 1
+            return fn(*a)
+
+        return counted
+
+    monkeypatch.setattr(block_rows, "ranged_block_attention", count("blocks", real_blocks))
+    monkeypatch.setattr(attn_lib, "latent_ranges", count("latent", real_latent))
     tokens, targets, mask, lengths = make_batch(13)
     # The kernel's head dim is a power of two >= 16: two decoder heads of 16 sharing one kv head.
     config = CFG.replace(decoder=dataclasses.replace(CFG.decoder, n_heads=2, n_kv_heads=1))
@@ -659,12 +671,13 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
     obj = D.ObjectiveConfig(kind="blt_d", block_size=B)
     ranged = config.replace(attention_impl="cudnn", patcher=PatcherConfig(mode="static", max_patch_length=5))
     args = (tokens, targets, mask, lengths, jax.random.key(2))
-    (loss, _), got = _loss_and_grad(params, ranged, obj, *args)
-    assert calls  # one per decoder layer, traced
-    monkeypatch.setattr(block_rows, "_single_device", lambda: False)
-    calls.clear()
-    jax.eval_shape(lambda p: _loss_and_grad(p, ranged, obj, *args), params)  # several devices: the tiles
-    assert not calls
+    with attn_lib.target_platform("gpu"):
+        (loss, _), got = _loss_and_grad(params, ranged, obj, *args)
+        # Traced once per decoder layer: block rows' self-attention, and both streams' cross-attention.
+        assert calls == {"blocks": 2, "latent": 4}, calls
+        monkeypatch.setattr(range_attention, "on_one_device", lambda: False)
+        jax.eval_shape(lambda p: _loss_and_grad(p, ranged, obj, *args), params)  # several devices
+        assert calls == {"blocks": 2, "latent": 4}, calls  # the tiles and gathers instead
     (want_loss, _), want = _loss_and_grad(params, config, obj, *args)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
     for path, g in jax.tree_util.tree_leaves_with_path(got):

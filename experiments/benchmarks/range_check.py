@@ -15,7 +15,9 @@ plus backward (median of 20 after warm-up). Then the exact count of keys each ro
 log-sum-exp = log(keys)), which bf16 values cannot show. speed_gpu.sh's train rows with the
 kernel (phase 30) run only after this passed on the same machine.
 
-Then, for information (not part of the pass), the same kernel on the self-attention the attention core
+Then the decoder's cross-attention, gathered and as key ranges of the patch slots on the same kernel
+(attention.GPU_LATENT_RANGES), checked and timed alike. Then, for information (not part of the pass),
+the same kernel on the self-attention the attention core
 runs on cuDNN (the decoder's windowed rows and the global model's causal rows, within documents)
 against the XLA path and cuDNN: whether one kernel could serve those calls as well.
 """
@@ -192,6 +194,64 @@ def _errors(got, want) -> dict:
     return errors
 
 
+# The decoder's cross-attention (batch, bytes, heads, head dim, slots per patch k, patch bytes):
+# blt_mid's at 4-byte patches; a small shape for the interpreter.
+LATENT = (16, 4096, 8, 64, 2, 4)
+LATENT_SMALL = (2, 96, 2, 16, 2, 3)
+
+
+def check_latent(shape, interpret: bool, repeats: int = 20) -> list[dict]:
+    """The decoder's cross-attention (fastblt.model.attention.latent_attention) gathered (the reference)
+    and as key ranges on the kernel (GPU_LATENT_RANGES): outputs and the gradients of q and the
+    slots, the kernel in the program, and the time of a forward plus backward."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastblt.model import attention as attn_lib
+
+    b, n, h, d, kk, patch = shape
+    p = n // patch + 2
+    keys = jax.random.split(jax.random.key(4), 4)
+    q = jax.random.normal(keys[0], (b, n, h, d), jnp.float32).astype(jnp.bfloat16)
+    k, v = (jax.random.normal(x, (b, p, kk, h, d), jnp.float32).astype(jnp.bfloat16) for x in keys[1:3])
+    weights = jax.random.normal(keys[3], q.shape, jnp.float32)
+    index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) // patch + 1, (b, n))  # BOS patch first
+
+    def path(ranged: bool):
+        def loss(q, k, v):
+            if ranged and interpret:
+                out = attn_lib.latent_ranges(q, k, v, index, interpret=True)
+            else:
+                out = attn_lib.latent_attention(q, k, v, index, "cudnn" if ranged else "xla")
+            return jnp.sum(out.astype(jnp.float32) * weights), out
+
+        attn_lib.GPU_LATENT_RANGES = ranged
+        try:
+            lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(q, k, v)
+            return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
+        finally:
+            attn_lib.GPU_LATENT_RANGES = False
+
+    paths = {"gathered": path(False), "ranged": path(True)}
+    results = {name: fn(q, k, v) for name, (fn, _) in paths.items()}
+    rows = []
+    for name, (fn, has_kernel) in paths.items():
+        r = {
+            "call": "decoder cross-attention",
+            "path": name,
+            "shape": list(shape),
+            "device": str(jax.devices()[0]),
+        }
+        r.update(_errors(results[name], results["gathered"]))
+        r["fwd_bwd_ms"] = _timed(fn, (q, k, v), repeats)
+        r["ok"] = max(v for key, v in r.items() if key.endswith("_rel_error")) < 2e-2
+        if not interpret:
+            r["range_kernel_in_program"] = has_kernel
+            r["ok"] &= has_kernel == (name == "ranged")
+        rows.append(r)
+    return rows
+
+
 def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     """The same kernel on causal (windowed) self-attention within documents, the attention core's
     LocalMask, against the XLA path and (on a GPU) cuDNN as the core runs it: whether one kernel
@@ -249,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     repeats = 2 if args.interpret else 20
     rows = check(SMALL if args.interpret else MID, args.interpret, repeats=repeats, sweep=not args.no_sweep)
-    ok = all(r["ok"] for r in rows)  # the block rows gate phase 30's train rows; the rest informs
+    rows += check_latent(LATENT_SMALL if args.interpret else LATENT, args.interpret, repeats=repeats)
+    ok = all(r["ok"] for r in rows)  # these gate phase 30's train rows; the rest informs
     for shape in LOCAL_SMALL if args.interpret else LOCAL:
         rows += check_local(shape, args.interpret, repeats=repeats)
     for r in rows:

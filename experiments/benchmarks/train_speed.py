@@ -351,6 +351,11 @@ def run_row(args, row: str) -> dict:
 
         block_rows.GPU_RANGE_KERNEL = True
         settings["range_kernel"] = True
+    if args.latent_ranges:
+        from fastblt.model import attention
+
+        attention.GPU_LATENT_RANGES = True
+        settings["latent_ranges"] = True
     return {**run_jax_row(args, row), **settings}
 
 
@@ -465,6 +470,12 @@ def main(argv: list[str] | None = None) -> None:
         "through the key-range Pallas kernel (fastblt.model.range_attention) instead of tiles",
     )
     p.add_argument(
+        "--latent-ranges",
+        action="store_true",
+        help="turn fastblt.model.attention.GPU_LATENT_RANGES on: the decoder's cross-attention reads each "
+        "row's patch slots as a key range on the range kernel instead of gathering them",
+    )
+    p.add_argument(
         "--latent-windows",
         action="store_true",
         help="turn fastblt.model.attention.GPU_LATENT_WINDOWS on: the decoder's cross-attention as row "
@@ -514,6 +525,7 @@ def _forward(args) -> list[str]:
     out += ["--latent-windows"] if args.latent_windows else []
     out += ["--fused-norm"] if args.fused_norm else []
     out += ["--range-kernel"] if args.range_kernel else []
+    out += ["--latent-ranges"] if args.latent_ranges else []
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastblt.config import ATTENTION_IMPLS
+from fastblt.model import range_attention
 from fastblt.model.decode_attention import decode_attention
 from fastblt.model.decode_attention import supported as decode_supported
 from fastblt.model.lookup import take_rows_batched, take_windows_batched
@@ -457,6 +458,15 @@ LATENT_BLOCK_ROWS = 64
 # 90.2 ms: cuDNN over 1 024 small windows with a bias, run 8; train_speed.py --latent-windows).
 GPU_LATENT_WINDOWS = False
 
+# Whether :func:`latent_attention` runs on the key-range kernel (fastblt.model.range_attention) in a
+# GPU step on one device: a row's k slots are the range [index * k, index * k + k) of the slots laid
+# end to end, read where they lie, with a gradient written per key tile (no gather, no scatter). A
+# tile of 64 rows spans ~16 patches at 4-byte patches, so one tile of 64 slots: 64 scores per row for
+# its 2 keys, all cheap next to the gathered form's ~0.27 GB of gathered keys and values per layer
+# and its sorted-id sums. Off until a GPU measures it (train_speed.py --latent-ranges, speed_gpu.sh
+# phase 30, which first checks it with range_check.py).
+GPU_LATENT_RANGES = False
+
 
 def latent_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, impl: str = "xla"
@@ -467,21 +477,41 @@ def latent_attention(
       q: float[batch, len, heads, head_dim]; k, v: float[batch, patches, k, heads, head_dim], each
         patch's slot keys and values; index: int32[batch, len], the patch each row reads
         (fastblt.model.patcher.latent_index): non-decreasing along a row, by at most one per row.
-      impl: the attention core's kernel. Where it resolves to a fused kernel and
-        :data:`GPU_LATENT_WINDOWS` is on, blocks of :data:`LATENT_BLOCK_ROWS` rows go through
-        :func:`attention` over one window of slots each (:func:`latent_windows`); otherwise each
-        row's k keys are gathered (:func:`gathered_attention`, the reference).
+      impl: the attention core's kernel. Where it resolves to a fused kernel: with
+        :data:`GPU_LATENT_RANGES` (a GPU step on one device) each row reads its slots as a key range
+        on the range kernel (:func:`latent_ranges`); with :data:`GPU_LATENT_WINDOWS`, blocks of
+        :data:`LATENT_BLOCK_ROWS` rows go through :func:`attention` over one window of slots each
+        (:func:`latent_windows`). Otherwise each row's k keys are gathered
+        (:func:`gathered_attention`, the reference).
 
     Returns: float[batch, len, heads, head_dim].
     """
     block_q = jax.ShapeDtypeStruct((q.shape[0], LATENT_BLOCK_ROWS, *q.shape[2:]), q.dtype)
     kernel = resolve_impl(impl, block_q)
-    if GPU_LATENT_WINDOWS and kernel not in ("xla", "splash"):
+    fused = kernel not in ("xla", "splash")
+    if fused and GPU_LATENT_RANGES and platform() == "gpu" and range_attention.on_one_device():
+        if range_attention.supported(q, k[:, :, 0]):
+            return latent_ranges(q, k, v, index)
+    if GPU_LATENT_WINDOWS and fused:
         return latent_windows(q, k, v, index, LATENT_BLOCK_ROWS, kernel)
     # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
     k_rows = take_rows_batched(k, index, ids_sorted=True)
     v_rows = take_rows_batched(v, index, ids_sorted=True)
     return gathered_attention(q, k_rows, v_rows)
+
+
+def latent_ranges(
+    q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, interpret: bool | None = None
+) -> jax.Array:
+    """:func:`latent_attention` on the key-range kernel: the patches' slots laid end to end
+    ([batch, patches * k, heads, head_dim], a free reshape) and row t reading slots
+    ``index[t] * k`` to ``index[t] * k + k``. Exact for any index in range. Shapes as latent_attention."""
+    b, p, kk, h, d = k.shape
+    lo = index.astype(jnp.int32) * kk
+    out, _ = range_attention.range_attention(
+        q, k.reshape(b, p * kk, h, d), v.reshape(b, p * kk, h, d), lo, lo + kk, interpret=interpret
+    )
+    return out
 
 
 def latent_windows(

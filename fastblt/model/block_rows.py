@@ -177,13 +177,9 @@ def _use_range_kernel(q: jax.Array, k_ctx: jax.Array) -> bool:
     return (
         GPU_RANGE_KERNEL
         and attention_platform() == "gpu"
-        and _single_device()
+        and range_attention.on_one_device()
         and range_attention.supported(q, k_ctx)
     )
-
-
-def _single_device() -> bool:
-    return jax.device_count() == 1
 
 
 def context_ranges(

@@ -40,6 +40,12 @@ BLOCK_Q_DKV = 32
 NUM_WARPS = 4
 
 
+def on_one_device() -> bool:
+    """The kernels have no sharding rule: on a mesh of several devices XLA's partitioner would
+    gather their operands onto every device, so callers use them on one device only."""
+    return jax.device_count() == 1
+
+
 def supported(q: jax.Array, k: jax.Array) -> bool:
     """Whether the kernels take these shapes: a power-of-two head dim in [16, 256] (Triton's dot and
     loads) and heads a multiple of the kv heads."""
