@@ -188,12 +188,39 @@ def test_latent_ranges_equal_gathered_reads_values_and_gradients(t):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
 
 
-def test_latent_attention_takes_the_ranges_only_in_a_gpu_step_on_one_device(monkeypatch):
+def test_segment_ranges_equal_segment_attention_values_and_gradients():
+    """The encoder's cross-attention on the key-range kernel (interpreted) against the reference's
+    segment maxima and sums: slots of a patch over its run of bytes, patches without bytes (0, as
+    the patch buffer's unused slots); outputs and gradients of q, k and v."""
+    rng = np.random.default_rng(8)
+    b, p, kk, n, h, d = 2, 9, 2, 30, 2, 16
+    ids = np.sort(rng.integers(0, p - 2, size=(b, n)), axis=1).astype(np.int32)  # the last two unused
+    ids[0, ids[0] == 3] = 4  # and patch 3 of row 0
+    ids = jnp.asarray(ids)
+    q = jnp.asarray(rng.normal(size=(b, p, kk, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(2))
+    g = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * g)
+
+    reference = loss(lambda q, k, v: attn_lib.segment_attention(q, k, v, ids))
+    ranged = loss(lambda q, k, v: attn_lib.segment_ranges(q, k, v, ids, interpret=True))
+    ref, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(q, k, v)
+    got, grads = jax.value_and_grad(ranged, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+    assert not np.asarray(attn_lib.segment_ranges(q, k, v, ids, interpret=True))[0, 3].any()
+    for a, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
+
+
+def test_cross_attention_takes_the_ranges_only_in_a_gpu_step_on_one_device(monkeypatch):
     from fastblt.model import range_attention
 
     calls = []
     monkeypatch.setattr(attn_lib, "latent_ranges", lambda *a: calls.append(1) or jnp.zeros_like(a[0]))
-    monkeypatch.setattr(attn_lib, "GPU_LATENT_RANGES", True)
+    monkeypatch.setattr(attn_lib, "segment_ranges", lambda *a: calls.append(2) or jnp.zeros_like(a[0]))
+    monkeypatch.setattr(attn_lib, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(range_attention, "on_one_device", lambda: True)
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     k = jnp.zeros((1, 4, 2, 2, 64), jnp.bfloat16)
@@ -205,9 +232,15 @@ def test_latent_attention_takes_the_ranges_only_in_a_gpu_step_on_one_device(monk
         assert calls == []
         attn_lib.latent_attention(q, k, k, index, "cudnn")
         assert calls == [1]
+        pool_q, byte_k = jnp.zeros((1, 4, 2, 2, 64), jnp.bfloat16), jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+        attn_lib.segment_attention(pool_q, byte_k, byte_k, index, "xla")
+        assert calls == [1]
+        attn_lib.segment_attention(pool_q, byte_k, byte_k, index, "cudnn")
+        assert calls == [1, 2]
         monkeypatch.setattr(range_attention, "on_one_device", lambda: False)
         attn_lib.latent_attention(q, k, k, index, "cudnn")
-        assert calls == [1]
+        attn_lib.segment_attention(pool_q, byte_k, byte_k, index, "cudnn")
+        assert calls == [1, 2]
 
 
 def test_latent_windows_refuse_a_jump_past_the_window_with_nan():

@@ -183,7 +183,7 @@ def test_kernels_lower_for_cuda_forward_and_backward():
 
 def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
     """experiments/benchmarks/range_check.py (interpreted, small shapes): the kernel agrees with the XLA
-    reference on block rows, the decoder's cross-attention and windowed rows within documents; ranges
+    reference on block rows, both cross-attentions and windowed rows within documents; ranges
     one key short are reported as a mismatch."""
     import os
     import sys
@@ -196,12 +196,12 @@ def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch)
     assert rows[2]["max_keys"] > 20 and rows[2]["lse_max_abs_error"] < 1e-5
     local = range_check.check_local(range_check.LOCAL_SMALL[0], interpret=True, repeats=1)
     assert [r["path"] for r in local] == ["xla", "ranged"] and all(r["ok"] for r in local)
-    latent = range_check.check_latent(range_check.LATENT_SMALL, interpret=True, repeats=1)
-    assert [r["path"] for r in latent] == ["gathered", "ranged"] and all(r["ok"] for r in latent)
+    cross = range_check.check_cross(range_check.CROSS_SMALL, interpret=True, repeats=1)
+    assert [r["path"] for r in cross] == ["reference", "ranged"] * 2 and all(r["ok"] for r in cross)
     real = ra.range_attention
     monkeypatch.setattr(ra, "range_attention", lambda q, k, v, lo, hi, **kw: real(q, k, v, lo, hi - 1, **kw))
     rows = range_check.check(range_check.SMALL, interpret=True, repeats=1)
     assert not rows[1]["ok"] and rows[1]["out_rel_error"] > 0.05
     assert not rows[2]["ok"] and rows[2]["lse_max_abs_error"] > 1e-3
-    latent = range_check.check_latent(range_check.LATENT_SMALL, interpret=True, repeats=1)
-    assert not latent[1]["ok"]
+    cross = range_check.check_cross(range_check.CROSS_SMALL, interpret=True, repeats=1)
+    assert not cross[1]["ok"] and not cross[3]["ok"]

@@ -15,8 +15,9 @@ plus backward (median of 20 after warm-up). Then the exact count of keys each ro
 log-sum-exp = log(keys)), which bf16 values cannot show. speed_gpu.sh's train rows with the
 kernel (phase 30) run only after this passed on the same machine.
 
-Then the decoder's cross-attention, gathered and as key ranges of the patch slots on the same kernel
-(attention.GPU_LATENT_RANGES), checked and timed alike. Then, for information (not part of the pass),
+Then both cross-attentions in their reference forms (the decoder's gathered slots, the encoder's
+segment sums) and as key ranges on the same kernel (attention.GPU_CROSS_RANGES), checked and timed
+alike. Then, for information (not part of the pass),
 the same kernel on the self-attention the attention core
 runs on cuDNN (the decoder's windowed rows and the global model's causal rows, within documents)
 against the XLA path and cuDNN: whether one kernel could serve those calls as well.
@@ -194,16 +195,17 @@ def _errors(got, want) -> dict:
     return errors
 
 
-# The decoder's cross-attention (batch, bytes, heads, head dim, slots per patch k, patch bytes):
+# The cross-attentions (batch, bytes, heads, head dim, slots per patch k, patch bytes):
 # blt_mid's at 4-byte patches; a small shape for the interpreter.
-LATENT = (16, 4096, 8, 64, 2, 4)
-LATENT_SMALL = (2, 96, 2, 16, 2, 3)
+CROSS = (16, 4096, 8, 64, 2, 4)
+CROSS_SMALL = (2, 96, 2, 16, 2, 3)
 
 
-def check_latent(shape, interpret: bool, repeats: int = 20) -> list[dict]:
-    """The decoder's cross-attention (fastblt.model.attention.latent_attention) gathered (the reference)
-    and as key ranges on the kernel (GPU_LATENT_RANGES): outputs and the gradients of q and the
-    slots, the kernel in the program, and the time of a forward plus backward."""
+def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
+    """Both cross-attentions in their reference forms (the decoder's gathered slots,
+    fastblt.model.attention.latent_attention; the encoder's segment sums, segment_attention) and as
+    key ranges on the kernel (GPU_CROSS_RANGES): outputs and the gradients of the queries, keys and
+    values, the kernel in the program, and the time of a forward plus backward."""
     import jax
     import jax.numpy as jnp
 
@@ -211,44 +213,53 @@ def check_latent(shape, interpret: bool, repeats: int = 20) -> list[dict]:
 
     b, n, h, d, kk, patch = shape
     p = n // patch + 2
-    keys = jax.random.split(jax.random.key(4), 4)
-    q = jax.random.normal(keys[0], (b, n, h, d), jnp.float32).astype(jnp.bfloat16)
-    k, v = (jax.random.normal(x, (b, p, kk, h, d), jnp.float32).astype(jnp.bfloat16) for x in keys[1:3])
-    weights = jax.random.normal(keys[3], q.shape, jnp.float32)
+    keys = jax.random.split(jax.random.key(4), 6)
+    byte_rows = jax.random.normal(keys[0], (b, n, h, d), jnp.float32).astype(jnp.bfloat16)
+    slot_rows = [jax.random.normal(x, (b, p, kk, h, d), jnp.float32).astype(jnp.bfloat16) for x in keys[1:4]]
     index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) // patch + 1, (b, n))  # BOS patch first
-
-    def path(ranged: bool):
-        def loss(q, k, v):
-            if ranged and interpret:
-                out = attn_lib.latent_ranges(q, k, v, index, interpret=True)
-            else:
-                out = attn_lib.latent_attention(q, k, v, index, "cudnn" if ranged else "xla")
-            return jnp.sum(out.astype(jnp.float32) * weights), out
-
-        attn_lib.GPU_LATENT_RANGES = ranged
-        try:
-            lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(q, k, v)
-            return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
-        finally:
-            attn_lib.GPU_LATENT_RANGES = False
-
-    paths = {"gathered": path(False), "ranged": path(True)}
-    results = {name: fn(q, k, v) for name, (fn, _) in paths.items()}
+    calls = {
+        # name: (inputs, reference, ranged on the CPU); the GPU runs the reference under the switch.
+        "decoder cross-attention": (
+            (byte_rows, slot_rows[0], slot_rows[1]),
+            lambda q, k, v, impl: attn_lib.latent_attention(q, k, v, index, impl),
+            lambda q, k, v: attn_lib.latent_ranges(q, k, v, index, interpret=True),
+        ),
+        "encoder cross-attention": (
+            (slot_rows[2], byte_rows, jax.random.normal(keys[4], (b, n, h, d)).astype(jnp.bfloat16)),
+            lambda q, k, v, impl: attn_lib.segment_attention(q, k, v, index, impl),
+            lambda q, k, v: attn_lib.segment_ranges(q, k, v, index, interpret=True),
+        ),
+    }
     rows = []
-    for name, (fn, has_kernel) in paths.items():
-        r = {
-            "call": "decoder cross-attention",
-            "path": name,
-            "shape": list(shape),
-            "device": str(jax.devices()[0]),
-        }
-        r.update(_errors(results[name], results["gathered"]))
-        r["fwd_bwd_ms"] = _timed(fn, (q, k, v), repeats)
-        r["ok"] = max(v for key, v in r.items() if key.endswith("_rel_error")) < 2e-2
-        if not interpret:
-            r["range_kernel_in_program"] = has_kernel
-            r["ok"] &= has_kernel == (name == "ranged")
-        rows.append(r)
+    for call, (args, reference, ranged_cpu) in calls.items():
+        weights = jax.random.normal(keys[5], args[0].shape, jnp.float32)
+
+        def path(ranged: bool, reference=reference, ranged_cpu=ranged_cpu, weights=weights, args=args):
+            def loss(q, k, v):
+                if ranged and interpret:
+                    out = ranged_cpu(q, k, v)
+                else:
+                    out = reference(q, k, v, "cudnn" if ranged else "xla")
+                return jnp.sum(out.astype(jnp.float32) * weights), out
+
+            attn_lib.GPU_CROSS_RANGES = ranged
+            try:
+                lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(*args)
+                return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
+            finally:
+                attn_lib.GPU_CROSS_RANGES = False
+
+        paths = {"reference": path(False), "ranged": path(True)}
+        results = {name: fn(*args) for name, (fn, _) in paths.items()}
+        for name, (fn, has_kernel) in paths.items():
+            r = {"call": call, "path": name, "shape": list(shape), "device": str(jax.devices()[0])}
+            r.update(_errors(results[name], results["reference"]))
+            r["fwd_bwd_ms"] = _timed(fn, args, repeats)
+            r["ok"] = max(e for key, e in r.items() if key.endswith("_rel_error")) < 2e-2
+            if not interpret:
+                r["range_kernel_in_program"] = has_kernel
+                r["ok"] &= has_kernel == (name == "ranged")
+            rows.append(r)
     return rows
 
 
@@ -296,7 +307,7 @@ def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
         r = {"call": name, "path": p, "shape": list(shape[1:]), "device": str(jax.devices()[0])}
         r.update(_errors(results[p], results["xla"]))
         r["fwd_bwd_ms"] = _timed(fn, (q, k, v), repeats)
-        r["ok"] = max(v for key, v in r.items() if key.endswith("_rel_error")) < 2e-2
+        r["ok"] = max(e for key, e in r.items() if key.endswith("_rel_error")) < 2e-2
         rows.append(r)
     return rows
 
@@ -309,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     repeats = 2 if args.interpret else 20
     rows = check(SMALL if args.interpret else MID, args.interpret, repeats=repeats, sweep=not args.no_sweep)
-    rows += check_latent(LATENT_SMALL if args.interpret else LATENT, args.interpret, repeats=repeats)
+    rows += check_cross(CROSS_SMALL if args.interpret else CROSS, args.interpret, repeats=repeats)
     ok = all(r["ok"] for r in rows)  # these gate phase 30's train rows; the rest informs
     for shape in LOCAL_SMALL if args.interpret else LOCAL:
         rows += check_local(shape, args.interpret, repeats=repeats)

@@ -86,10 +86,10 @@
 #       compiles it against the XLA path and timed against today's tiles (range_check.py; exits 1 on a
 #       mismatch, and the train rows run only after it passed here), then plain BLT, BLT-D-4 and
 #       BLT-D-8 as today and BLT-D-4 and BLT-D-8 with the kernel (BLT-D-4 profiled), then plain BLT and
-#       BLT-D-4 with the decoder's cross-attention on it too (--latent-ranges; plain BLT profiled).
+#       BLT-D-4 with both cross-attentions on it too (--cross-ranges; plain BLT profiled).
 #       Predicted: the tiles' pads and gathers (~0.35 ms per layer forward, 1.69 ms in one backward)
 #       gone and the block attention at ~0.6x the scores without a bias read, a few ms of BLT-D-4's
-#       41 ms over plain; the cross-attention's gathers and sorted-id sums gone (7.7 ms of plain
+#       41 ms over plain; the cross-attentions' gathers and segment sums gone (7.7 + 1.6 ms of plain
 #       BLT's step in run 9, with its projections).
 #   29. the loop half's GEMMs on cuBLAS too (--compiler-option xla_gpu_enable_triton_gemm=false: both
 #       halves; the prefill's has been cuBLAS since run 13), and no autotuning at all
@@ -272,8 +272,8 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
           --warmup 3 --timeout 300 --out "$out/train_range_tiles"
         phase train_range_kernel python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --profile blt_d4 \
           --steps 20 --warmup 3 --timeout 300 --range-kernel --out "$out/train_range_kernel"
-        phase train_range_latent python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
-          --steps 20 --warmup 3 --timeout 300 --range-kernel --latent-ranges --out "$out/train_range_latent"
+        phase train_range_cross python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
+          --steps 20 --warmup 3 --timeout 300 --range-kernel --cross-ranges --out "$out/train_range_cross"
       else
         echo "[train_range] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;

@@ -351,11 +351,11 @@ def run_row(args, row: str) -> dict:
 
         block_rows.GPU_RANGE_KERNEL = True
         settings["range_kernel"] = True
-    if args.latent_ranges:
+    if args.cross_ranges:
         from fastblt.model import attention
 
-        attention.GPU_LATENT_RANGES = True
-        settings["latent_ranges"] = True
+        attention.GPU_CROSS_RANGES = True
+        settings["cross_ranges"] = True
     return {**run_jax_row(args, row), **settings}
 
 
@@ -470,9 +470,9 @@ def main(argv: list[str] | None = None) -> None:
         "through the key-range Pallas kernel (fastblt.model.range_attention) instead of tiles",
     )
     p.add_argument(
-        "--latent-ranges",
+        "--cross-ranges",
         action="store_true",
-        help="turn fastblt.model.attention.GPU_LATENT_RANGES on: the decoder's cross-attention reads each "
+        help="turn fastblt.model.attention.GPU_CROSS_RANGES on: the decoder's cross-attention reads each "
         "row's patch slots as a key range on the range kernel instead of gathering them",
     )
     p.add_argument(
@@ -525,7 +525,7 @@ def _forward(args) -> list[str]:
     out += ["--latent-windows"] if args.latent_windows else []
     out += ["--fused-norm"] if args.fused_norm else []
     out += ["--range-kernel"] if args.range_kernel else []
-    out += ["--latent-ranges"] if args.latent_ranges else []
+    out += ["--cross-ranges"] if args.cross_ranges else []
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:

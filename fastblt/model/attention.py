@@ -402,7 +402,9 @@ def _blockwise_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask, 
     return out.reshape(b, nb * w, h, d)[:, :n]
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+def segment_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str = "xla"
+) -> jax.Array:
     """Each group of queries attends exactly the keys of its own segment (the encoder's patch
     slots over their patch's bytes), in memory linear in the number of keys.
 
@@ -410,10 +412,15 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
       q: float[batch, segments, slots, heads, head_dim] (slots of segment s query segment s).
       k, v: float[batch, len, heads, head_dim]; segment_ids: int32[batch, len] in [0, segments),
         non-decreasing along each row (patch ids are).
+      impl: the attention core's kernel; with :data:`GPU_CROSS_RANGES`, where it resolves to a fused
+        kernel in a GPU step on one device, the range kernel runs the call (:func:`segment_ranges`);
+        otherwise segment maxima and sums (the reference, below).
 
     Returns: float[batch, segments, slots, heads, head_dim]; a segment without keys gives 0.
     """
     b, p, kk, h, d = q.shape
+    if _cross_ranges(impl, q.reshape(b, p * kk, h, d), k):
+        return segment_ranges(q, k, v, segment_ids)
     # Segment ids are a row's patch ids: sorted, so the scatters may assume it and the query
     # gather's gradient sums runs of equal ids (fastblt.model.lookup) instead of colliding.
     seg = lambda x, i: jax.ops.segment_max(x, i, num_segments=p, indices_are_sorted=True)  # noqa: E731
@@ -427,6 +434,20 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     num = jax.vmap(ssum)(e[..., None] * v[:, :, None].astype(jnp.float32), segment_ids)
     out = jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
     return out.astype(q.dtype)
+
+
+def segment_ranges(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, interpret: bool | None = None
+) -> jax.Array:
+    """:func:`segment_attention` on the key-range kernel: segment s's keys are the run of rows whose
+    id is s, [first row with id >= s, first row with id > s), found by binary search in the sorted
+    ids. Shapes as segment_attention."""
+    b, p, kk, h, d = q.shape
+    ids = jnp.arange(p, dtype=segment_ids.dtype)
+    bounds = jax.vmap(lambda row: jnp.searchsorted(row, jnp.stack([ids, ids + 1]), side="left"))(segment_ids)
+    lo, hi = (jnp.repeat(x.astype(jnp.int32), kk, axis=-1) for x in (bounds[:, 0], bounds[:, 1]))  # [b, p*kk]
+    out, _ = range_attention.range_attention(q.reshape(b, p * kk, h, d), k, v, lo, hi, interpret=interpret)
+    return out.reshape(b, p, kk, h, d)
 
 
 def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -458,14 +479,26 @@ LATENT_BLOCK_ROWS = 64
 # 90.2 ms: cuDNN over 1 024 small windows with a bias, run 8; train_speed.py --latent-windows).
 GPU_LATENT_WINDOWS = False
 
-# Whether :func:`latent_attention` runs on the key-range kernel (fastblt.model.range_attention) in a
-# GPU step on one device: a row's k slots are the range [index * k, index * k + k) of the slots laid
-# end to end, read where they lie, with a gradient written per key tile (no gather, no scatter). A
-# tile of 64 rows spans ~16 patches at 4-byte patches, so one tile of 64 slots: 64 scores per row for
-# its 2 keys, all cheap next to the gathered form's ~0.27 GB of gathered keys and values per layer
-# and its sorted-id sums. Off until a GPU measures it (train_speed.py --latent-ranges, speed_gpu.sh
-# phase 30, which first checks it with range_check.py).
-GPU_LATENT_RANGES = False
+# Whether the cross-attentions run on the key-range kernel (fastblt.model.range_attention) in a GPU
+# step on one device, where the attention core resolves to a fused kernel. Both are key ranges: in the
+# decoder (:func:`latent_attention`) a byte row reads the k slots of its patch, slots [index * k,
+# index * k + k) of the slots laid end to end; in the encoder (:func:`segment_attention`) a patch's
+# slots read the bytes of their patch, one run of rows. The kernel reads them where they lie, with
+# a gradient written per key tile: no gathers, segment maxima, sums or scatters. The decoder's
+# gathered form reads ~0.27 GB of gathered keys and values per layer at blt_mid; with its projections
+# it was 7.7 ms of the 76.8 ms of kernels of a plain step, the encoder's 1.6 ms (train_speed.md, run
+# 9). Off until a GPU measures it (train_speed.py --cross-ranges, speed_gpu.sh phase 30, which first
+# checks it with range_check.py).
+GPU_CROSS_RANGES = False
+
+
+def _cross_ranges(impl: str, q: jax.Array, k: jax.Array) -> bool:
+    """Whether a cross-attention call runs on the range kernel (GPU_CROSS_RANGES): q float[b, rows,
+    heads, head_dim] (the call's query layout), k float[b, keys, heads, head_dim]."""
+    if not GPU_CROSS_RANGES or platform() != "gpu" or not range_attention.on_one_device():
+        return False
+    tile = jax.ShapeDtypeStruct((q.shape[0], LATENT_BLOCK_ROWS, *q.shape[2:]), q.dtype)
+    return resolve_impl(impl, tile) not in ("xla", "splash") and range_attention.supported(q, k)
 
 
 def latent_attention(
@@ -478,7 +511,7 @@ def latent_attention(
         patch's slot keys and values; index: int32[batch, len], the patch each row reads
         (fastblt.model.patcher.latent_index): non-decreasing along a row, by at most one per row.
       impl: the attention core's kernel. Where it resolves to a fused kernel: with
-        :data:`GPU_LATENT_RANGES` (a GPU step on one device) each row reads its slots as a key range
+        :data:`GPU_CROSS_RANGES` (a GPU step on one device) each row reads its slots as a key range
         on the range kernel (:func:`latent_ranges`); with :data:`GPU_LATENT_WINDOWS`, blocks of
         :data:`LATENT_BLOCK_ROWS` rows go through :func:`attention` over one window of slots each
         (:func:`latent_windows`). Otherwise each row's k keys are gathered
@@ -488,11 +521,9 @@ def latent_attention(
     """
     block_q = jax.ShapeDtypeStruct((q.shape[0], LATENT_BLOCK_ROWS, *q.shape[2:]), q.dtype)
     kernel = resolve_impl(impl, block_q)
-    fused = kernel not in ("xla", "splash")
-    if fused and GPU_LATENT_RANGES and platform() == "gpu" and range_attention.on_one_device():
-        if range_attention.supported(q, k[:, :, 0]):
-            return latent_ranges(q, k, v, index)
-    if GPU_LATENT_WINDOWS and fused:
+    if _cross_ranges(impl, q, k[:, :, 0]):
+        return latent_ranges(q, k, v, index)
+    if GPU_LATENT_WINDOWS and kernel not in ("xla", "splash"):
         return latent_windows(q, k, v, index, LATENT_BLOCK_ROWS, kernel)
     # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
     k_rows = take_rows_batched(k, index, ids_sorted=True)

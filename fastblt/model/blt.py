@@ -145,7 +145,9 @@ class LocalEncoder(nn.Module):
                 if pe is None or m.encoder_repool_every_layer:
                     pe = self._pool(h, patch_ids, num_patches)
                 cross = self.cross_attn_layers[i if m.encoder.cross_attn_all_layers else 0]
-                pe = nn.with_logical_constraint(pe + cross.segmented(pe, h, patch_ids, num_patches), _PATCHES)
+                pe = nn.with_logical_constraint(
+                    pe + cross.segmented(pe, h, patch_ids, num_patches, self.config.attention_impl), _PATCHES
+                )
         return h, pe.reshape(h.shape[0], num_patches, k * h.shape[-1])
 
 

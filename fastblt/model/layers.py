@@ -396,19 +396,20 @@ class CrossAttention(nn.Module):
         return self.wo(o.reshape(*o.shape[:-2], self.dim))
 
     def segmented(
-        self, x: jax.Array, kv_in: jax.Array, segment_ids: jax.Array, num_patches: int
+        self, x: jax.Array, kv_in: jax.Array, segment_ids: jax.Array, num_patches: int, impl: str = "xla"
     ) -> jax.Array:
         """The encoder's case: slot queries attend only the bytes of their own patch (exactly a dense
         attention with mask ``segment_ids[t] == s // k``, in memory linear in the row length).
 
         Args:
           x: float[b, num_patches * k, dim] slot queries (slot s belongs to patch s // k);
-          kv_in: float[b, len, dim] byte states; segment_ids: int32[b, len], each byte's patch.
+          kv_in: float[b, len, dim] byte states; segment_ids: int32[b, len], each byte's patch;
+          impl: the attention core's kernel (fastblt.model.attention.segment_attention).
         """
         b, pk, _ = x.shape
         k, v = self.kv(kv_in)
         q = self.query(x).reshape(b, num_patches, pk // num_patches, self.n_heads, -1)
-        o = segment_attention(q, k, v, segment_ids)
+        o = segment_attention(q, k, v, segment_ids, impl)
         return x + self.out(o.reshape(b, pk, self.n_heads, -1))
 
     def gathered(self, x: jax.Array, slots: jax.Array, index: jax.Array, impl: str = "xla") -> jax.Array:
