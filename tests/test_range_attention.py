@@ -181,6 +181,32 @@ def test_kernels_lower_for_cuda_forward_and_backward():
     assert lowered.as_text().count("xla.gpu.triton") == 3
 
 
+def test_cross_attentions_lower_for_cuda_at_blt_mid():
+    """Both cross-attentions on the kernel at blt_mid's shapes (4-byte patches: 1 026 patches of 2
+    slots), whose key and query counts are not powers of two: three kernels each."""
+    from fastblt.model import attention as attn_lib
+
+    n, p = 4096, 1026
+    rows = jnp.ones((16, n, 8, 64), jnp.bfloat16)
+    slots = jnp.ones((16, p, 2, 8, 64), jnp.bfloat16)
+    ids = (jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (16, n)) + 3) // 4
+
+    def decoder(q, k):
+        return jnp.sum(attn_lib.latent_ranges(q, k, k, ids, interpret=False).astype(jnp.float32))
+
+    def encoder(q, k):
+        return jnp.sum(attn_lib.segment_ranges(q, k, k, ids, interpret=False).astype(jnp.float32))
+
+    try:
+        for fn, args in ((decoder, (rows, slots)), (encoder, (slots, rows))):
+            lowered = jax.jit(jax.grad(fn, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",))
+            assert lowered.as_text().count("xla.gpu.triton") == 3, fn.__name__
+    except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
+        if "No supported GPU" not in str(e):
+            raise
+        pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
+
+
 def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
     """experiments/benchmarks/range_check.py (interpreted, small shapes): the kernel agrees with the XLA
     reference on block rows, both cross-attentions and windowed rows within documents; ranges

@@ -216,7 +216,8 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     keys = jax.random.split(jax.random.key(4), 6)
     byte_rows = jax.random.normal(keys[0], (b, n, h, d), jnp.float32).astype(jnp.bfloat16)
     slot_rows = [jax.random.normal(x, (b, p, kk, h, d), jnp.float32).astype(jnp.bfloat16) for x in keys[1:4]]
-    index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) // patch + 1, (b, n))  # BOS patch first
+    # The patcher's ids: the BOS byte alone in patch 0, then patches of ``patch`` bytes.
+    index = jnp.broadcast_to((jnp.arange(n, dtype=jnp.int32) + patch - 1) // patch, (b, n))
     calls = {
         # name: (inputs, reference, ranged on the CPU); the GPU runs the reference under the switch.
         "decoder cross-attention": (

@@ -472,8 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--cross-ranges",
         action="store_true",
-        help="turn fastblt.model.attention.GPU_CROSS_RANGES on: the decoder's cross-attention reads each "
-        "row's patch slots as a key range on the range kernel instead of gathering them",
+        help="turn fastblt.model.attention.GPU_CROSS_RANGES on: both cross-attentions on the range kernel "
+        "(the decoder's rows read their patch's slots, the encoder's slots their patch's bytes, as key ranges)",
     )
     p.add_argument(
         "--latent-windows",

@@ -419,7 +419,7 @@ def segment_attention(
     Returns: float[batch, segments, slots, heads, head_dim]; a segment without keys gives 0.
     """
     b, p, kk, h, d = q.shape
-    if _cross_ranges(impl, q.reshape(b, p * kk, h, d), k):
+    if _cross_ranges(impl, jax.ShapeDtypeStruct((b, p * kk, h, d), q.dtype), k):
         return segment_ranges(q, k, v, segment_ids)
     # Segment ids are a row's patch ids: sorted, so the scatters may assume it and the query
     # gather's gradient sums runs of equal ids (fastblt.model.lookup) instead of colliding.
@@ -440,8 +440,9 @@ def segment_ranges(
     q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, interpret: bool | None = None
 ) -> jax.Array:
     """:func:`segment_attention` on the key-range kernel: segment s's keys are the run of rows whose
-    id is s, [first row with id >= s, first row with id > s), found by binary search in the sorted
-    ids. Shapes as segment_attention."""
+    id is s, [first row with id >= s, first row with id > s), found by binary search. Exact for ids
+    sorted along each row and in [0, segments), as patch ids are (the reference assumes both).
+    Shapes as segment_attention."""
     b, p, kk, h, d = q.shape
     ids = jnp.arange(p, dtype=segment_ids.dtype)
     bounds = jax.vmap(lambda row: jnp.searchsorted(row, jnp.stack([ids, ids + 1]), side="left"))(segment_ids)
@@ -472,7 +473,7 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 LATENT_BLOCK_ROWS = 64
 
 # Whether :func:`latent_attention` runs its windowed form where the attention core resolves to a fused
-# kernel (cuDNN on a GPU). The gathered form reads ~0.13 GB of gathered keys and values per layer at
+# kernel (cuDNN on a GPU). The gathered form reads ~0.13 GB of gathered keys and as much of values per layer at
 # blt_mid and spends its gradient in sorted-id sums and scatters: 7.7 ms of an 85 ms step in the
 # decoder's cross-attention, 1.7 ms of it scatters (experiments/results/train_speed.md, run 7). Off:
 # on one H100 the windows were slower (cross-attention 10.8 against 8.9 ms, the step 92.2 against
@@ -492,7 +493,7 @@ GPU_LATENT_WINDOWS = False
 GPU_CROSS_RANGES = False
 
 
-def _cross_ranges(impl: str, q: jax.Array, k: jax.Array) -> bool:
+def _cross_ranges(impl: str, q: jax.Array | jax.ShapeDtypeStruct, k: jax.Array) -> bool:
     """Whether a cross-attention call runs on the range kernel (GPU_CROSS_RANGES): q float[b, rows,
     heads, head_dim] (the call's query layout), k float[b, keys, heads, head_dim]."""
     if not GPU_CROSS_RANGES or platform() != "gpu" or not range_attention.on_one_device():
