@@ -23,5 +23,29 @@ def test_train_speed_tiny_writes_table_and_plot(tmp_path):
     assert r["model_tflops_per_step"] > 0 and r["compile_s"] > 0
     # the loop's timing, a second measurement of the same step: positive and of the same order
     assert 0 < r["loop_step_ms"] < 3 * r["step_ms"]
+    assert r["pallas_kernels"] == []  # no switch on, and the CPU's step has no GPU kernels
     assert "| entropy |" in (tmp_path / "train_speed.md").read_text()
     assert (tmp_path / "train_speed.png").stat().st_size > 0
+
+
+def test_pallas_kernel_names_are_found_in_a_lowered_program():
+    """The names the row records come from the lowered text: the range kernel's three, traced for CUDA."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastblt.model import range_attention as ra
+
+    q = jnp.ones((1, 64, 1, 64), jnp.bfloat16)
+    lo = jnp.zeros((1, 64), jnp.int32)
+
+    def loss(q):
+        return jnp.sum(ra.range_attention(q, q, q, lo, lo + 5, interpret=False)[0].astype(jnp.float32))
+
+    try:
+        text = jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
+        if "No supported GPU" not in str(e):
+            raise
+        pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
+    names = ["fastblt_range_attention", "fastblt_range_attention_dkv", "fastblt_range_attention_dq"]
+    assert train_speed.pallas_kernels(text) == names

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,17 @@ def batches(cfg, n: int = 4) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- rows
+
+
+# Our Pallas kernels by their names in a lowered program: a row run with a switch on records whether
+# its kernels are really in the step (a switch can be on and its path not taken).
+_PALLAS_NAME = re.compile(r"fastblt_(?:range_attention|rms_norm|decode_attention)\w*")
+
+
+def pallas_kernels(text: str) -> list[str]:
+    """The distinct names of our Pallas kernels in a lowered program's text (forward and backward
+    kernels have their own names)."""
+    return sorted(set(_PALLAS_NAME.findall(text)))
 
 
 def _memory(compiled) -> dict:
@@ -144,7 +156,8 @@ def run_jax_row(args, row: str) -> dict:
         if len(steps) != 1:
             raise SystemExit("the benchmark batches take different train steps: use --checked-step")
         (step,) = steps
-    compiled = step.lower(state, trainer.frozen, gb[0]).compile()
+    lowered = step.lower(state, trainer.frozen, gb[0])
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     times, metrics = [], None
     for i in range(args.warmup + args.steps):
@@ -198,6 +211,7 @@ def run_jax_row(args, row: str) -> dict:
         "patches_per_row": m.get("patches_per_row"),
         "patch_overflow": m.get("patch_overflow"),
         **_memory(compiled),
+        "pallas_kernels": pallas_kernels(lowered.as_text()),
     }
     if row in args.profile:
         from fastblt.profiling import format_table, profile_components
