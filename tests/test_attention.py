@@ -471,3 +471,30 @@ def test_rows_checked_takes_the_packed_layout_without_a_conditional(monkeypatch)
     want = attention(q, k, v, mask, "xla")
     np.testing.assert_allclose(np.asarray(trusted), np.asarray(want), atol=1e-5)
     np.testing.assert_allclose(np.asarray(checked), np.asarray(want), atol=1e-5)
+
+
+def test_self_ranges_take_local_masks_off_cudnn_in_a_gpu_step_on_one_device(monkeypatch):
+    """GPU_SELF_RANGES: a LocalMask call the core would give cuDNN runs on the range kernel (here
+    interpreted) with the XLA path's values; off, on several devices, or for another impl it does not."""
+    from fastblt.model import range_attention
+
+    rng = np.random.default_rng(9)
+    b, n, h, d = 2, 40, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
+    docs = jnp.asarray(np.cumsum(rng.random((b, n)) < 0.1, axis=1), jnp.int32)
+    mask = attn_lib.LocalMask(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), docs, 7)
+    want = attn_lib.attention(q, k, v, mask, "xla")
+    cudnn = []
+    monkeypatch.setattr(attn_lib, "_cudnn_local", lambda *a: cudnn.append(1) or jnp.zeros_like(a[0]))
+    monkeypatch.setattr(range_attention, "on_one_device", lambda: True)
+    with attn_lib.target_platform("gpu"):
+        attn_lib.attention(q, k, v, mask, "cudnn")  # the switch off: cuDNN
+        assert cudnn == [1]
+        monkeypatch.setattr(attn_lib, "GPU_SELF_RANGES", True)
+        got = attn_lib.attention(q, k, v, mask, "cudnn")
+        assert cudnn == [1]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+        attn_lib.attention(q, k, v, mask, "xla")  # the XLA path asked for: unchanged
+        monkeypatch.setattr(range_attention, "on_one_device", lambda: False)
+        attn_lib.attention(q, k, v, mask, "cudnn")
+        assert cudnn == [1, 1]

@@ -639,10 +639,11 @@ def test_fused_tiles_gradient_matches_gather_path(chunk_blocks, monkeypatch):
 
 
 def test_range_kernel_gradient_matches_gather_path(monkeypatch):
-    """block_rows.GPU_RANGE_KERNEL and attention.GPU_CROSS_RANGES in a GPU step (traced for the GPU,
-    the kernels interpreted): the block rows' context on fastblt.model.range_attention merged with
-    their own block's cells by log-sum-exp, the decoder's cross-attention (clean and block rows) as
-    key ranges of the patch slots and the encoder's as runs of bytes, against the XLA gather path: the same loss and gradients, with
+    """block_rows.GPU_RANGE_KERNEL, attention.GPU_CROSS_RANGES and GPU_SELF_RANGES in a GPU step (traced
+    for the GPU, the kernels interpreted): the block rows' context on fastblt.model.range_attention
+    merged with their own block's cells by log-sum-exp, the decoder's cross-attention (clean and block
+    rows) as key ranges of the patch slots, the encoder's as runs of bytes, and the local stacks'
+    windowed self-attention within documents, against the XLA path: the same loss and gradients, with
     documents, a window, random patch lengths and padding cells (the fused stand-in runs the clean
     rows' self-attention)."""
     from fastblt.model import attention as attn_lib
@@ -651,8 +652,9 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
     fused_stand_in.install(monkeypatch)
     monkeypatch.setattr(block_rows, "GPU_RANGE_KERNEL", True)
     monkeypatch.setattr(attn_lib, "GPU_CROSS_RANGES", True)
+    monkeypatch.setattr(attn_lib, "GPU_SELF_RANGES", True)
     monkeypatch.setattr(range_attention, "on_one_device", lambda: True)  # the suite's CPU has 8
-    calls = {"blocks": 0, "latent": 0, "segment": 0}
+    calls = {"blocks": 0, "latent": 0, "segment": 0, "local": 0}
     real_blocks, real_latent = block_rows.ranged_block_attention, attn_lib.latent_ranges
     real_segment = attn_lib.segment_ranges
 
@@ -666,6 +668,7 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
     monkeypatch.setattr(block_rows, "ranged_block_attention", count("blocks", real_blocks))
     monkeypatch.setattr(attn_lib, "latent_ranges", count("latent", real_latent))
     monkeypatch.setattr(attn_lib, "segment_ranges", count("segment", real_segment))
+    monkeypatch.setattr(range_attention, "local_ranges", count("local", range_attention.local_ranges))
     tokens, targets, mask, lengths = make_batch(13)
     # The kernel's head dim is a power of two >= 16: two heads of 16 (the decoder's sharing one kv head).
     config = CFG.replace(
@@ -679,11 +682,13 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
     with attn_lib.target_platform("gpu"):
         (loss, _), got = _loss_and_grad(params, ranged, obj, *args)
         # Traced once per layer: block rows' self-attention and both streams' cross-attention in the
-        # decoder's two layers, the encoder's one cross-attention.
-        assert calls == {"blocks": 2, "latent": 4, "segment": 1}, calls
+        # decoder's two layers, the encoder's one cross-attention, the clean rows' self-attention in
+        # the encoder's and the decoder's layers (the global model's head dim, 12, is not the kernel's).
+        want_calls = {"blocks": 2, "latent": 4, "segment": 1, "local": 3}
+        assert calls == want_calls, calls
         monkeypatch.setattr(range_attention, "on_one_device", lambda: False)
         jax.eval_shape(lambda p: _loss_and_grad(p, ranged, obj, *args), params)  # several devices
-        assert calls == {"blocks": 2, "latent": 4, "segment": 1}, calls  # the tiles and gathers instead
+        assert calls == want_calls, calls  # several devices: the tiles, gathers and cuDNN instead
     (want_loss, _), want = _loss_and_grad(params, config, obj, *args)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
     for path, g in jax.tree_util.tree_leaves_with_path(got):

@@ -66,4 +66,5 @@ def test_the_range_kernel_check_gates_its_train_rows(fake_python, tmp_path):
     assert "[range_check] exit 1" in log and "[train_range] skipped" in log
     assert not (out / "train_range_tiles").exists()
     log = run(fake_python, out, "30")
-    assert (out / "train_range_tiles" / "done").exists() and (out / "train_range_kernel" / "done").exists()
+    for name in ("train_range_tiles", "train_range_kernel", "train_range_cross", "train_range_all"):
+        assert (out / name / "done").exists(), name

@@ -86,7 +86,8 @@
 #       compiles it against the XLA path and timed against today's tiles (range_check.py; exits 1 on a
 #       mismatch, and the train rows run only after it passed here), then plain BLT, BLT-D-4 and
 #       BLT-D-8 as today and BLT-D-4 and BLT-D-8 with the kernel (BLT-D-4 profiled), then plain BLT and
-#       BLT-D-4 with both cross-attentions on it too (--cross-ranges; plain BLT profiled).
+#       BLT-D-4 with both cross-attentions on it too (--cross-ranges; plain BLT profiled), then with
+#       every attention of the step on it (--self-ranges: the stacks' self-attention off cuDNN).
 #       Predicted: the tiles' pads and gathers (~0.35 ms per layer forward, 1.69 ms in one backward)
 #       gone and the block attention at ~0.6x the scores without a bias read, a few ms of BLT-D-4's
 #       41 ms over plain; the cross-attentions' gathers and segment sums gone (7.7 + 1.6 ms of plain
@@ -274,6 +275,8 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
           --steps 20 --warmup 3 --timeout 300 --range-kernel --out "$out/train_range_kernel"
         phase train_range_cross python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
           --steps 20 --warmup 3 --timeout 300 --range-kernel --cross-ranges --out "$out/train_range_cross"
+        phase train_range_all python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --steps 20 --warmup 3 \
+          --timeout 300 --range-kernel --cross-ranges --self-ranges --out "$out/train_range_all"
       else
         echo "[train_range] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;

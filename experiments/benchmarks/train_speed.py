@@ -370,6 +370,11 @@ def run_row(args, row: str) -> dict:
 
         attention.GPU_CROSS_RANGES = True
         settings["cross_ranges"] = True
+    if args.self_ranges:
+        from fastblt.model import attention
+
+        attention.GPU_SELF_RANGES = True
+        settings["self_ranges"] = True
     return {**run_jax_row(args, row), **settings}
 
 
@@ -490,6 +495,12 @@ def main(argv: list[str] | None = None) -> None:
         "(the decoder's rows read their patch's slots, the encoder's slots their patch's bytes, as key ranges)",
     )
     p.add_argument(
+        "--self-ranges",
+        action="store_true",
+        help="turn fastblt.model.attention.GPU_SELF_RANGES on: the stacks' causal (windowed) self-attention "
+        "within documents on the range kernel instead of cuDNN",
+    )
+    p.add_argument(
         "--latent-windows",
         action="store_true",
         help="turn fastblt.model.attention.GPU_LATENT_WINDOWS on: the decoder's cross-attention as row "
@@ -540,6 +551,7 @@ def _forward(args) -> list[str]:
     out += ["--fused-norm"] if args.fused_norm else []
     out += ["--range-kernel"] if args.range_kernel else []
     out += ["--cross-ranges"] if args.cross_ranges else []
+    out += ["--self-ranges"] if args.self_ranges else []
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:

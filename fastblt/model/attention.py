@@ -163,6 +163,12 @@ def attention(
         kernel = resolve_impl(impl, q, local=True)
         if kernel == "splash":
             return splash_local(q, k, v, mask.docs, mask.window, interpret=platform() != "tpu")
+        if kernel == "cudnn" and _self_ranges(q, k):
+            lo, hi = (
+                jnp.broadcast_to(x, q.shape[:2])
+                for x in range_attention.local_ranges(mask.docs, q.shape[1], mask.window)
+            )
+            return range_attention.range_attention(q, k, v, lo, hi)[0]
         if kernel == "cudnn":
             return _cudnn_local(q, k, v, mask)
         if mask.window is not None and q.shape[1] >= 2 * mask.window:
@@ -491,6 +497,23 @@ GPU_LATENT_WINDOWS = False
 # 9). Off until a GPU measures it (train_speed.py --cross-ranges, speed_gpu.sh phase 30, which first
 # checks it with range_check.py).
 GPU_CROSS_RANGES = False
+
+
+# Whether causal (windowed, same-document) self-attention that the core would run on cuDNN runs on
+# the key-range kernel instead (a GPU step on one device): row i's keys are
+# range_attention.local_ranges' [max(i - window + 1, its document's first row), i + 1). With it on,
+# every attention of a training step is one kernel. cuDNN reached ~140-210 TFLOP/s at head dim 64
+# (train_speed.md); whether the Pallas kernel does better is for range_check.py (the "for
+# information" rows) and phase 30 to say. Off.
+GPU_SELF_RANGES = False
+
+
+def _self_ranges(q: jax.Array, k: jax.Array) -> bool:
+    """GPU_SELF_RANGES applies to a LocalMask call: a GPU step on one device, q and k of one length
+    (self-attention over rows 0..len-1), shapes the kernel takes."""
+    if not GPU_SELF_RANGES or platform() != "gpu" or not range_attention.on_one_device():
+        return False
+    return q.shape[1] == k.shape[1] and range_attention.supported(q, k)
 
 
 def _cross_ranges(impl: str, q: jax.Array | jax.ShapeDtypeStruct, k: jax.Array) -> bool:
