@@ -17,6 +17,12 @@ that call (same values, slower). On TPU a LocalMask runs on the Pallas splash-at
 ids, any number of them). Decode steps (a few queries over a cache under a dense mask) may run on
 one Pallas kernel on a GPU (:mod:`fastblt.model.decode_attention`, :data:`GPU_DECODE_KERNEL`). The
 XLA path is the reference.
+
+Every mask of a training step is also a key range per query (:mod:`fastblt.model.range_attention`):
+causal windows within documents, the encoder's patch slots over their bytes, the decoder's rows over
+their patch's slots, BLT-D's block cells over their context. On one GPU the switches
+:data:`GPU_SELF_RANGES`, :data:`GPU_CROSS_RANGES` and ``block_rows.GPU_RANGE_KERNEL`` run those calls
+on that one Pallas kernel instead (off until measured).
 """
 
 from __future__ import annotations
