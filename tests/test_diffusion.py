@@ -638,6 +638,7 @@ def test_fused_tiles_gradient_matches_gather_path(chunk_blocks, monkeypatch):
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-4, atol=2e-6, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_range_kernel_gradient_matches_gather_path(monkeypatch):
     """block_rows.GPU_RANGE_KERNEL, attention.GPU_CROSS_RANGES and GPU_SELF_RANGES in a GPU step (traced
     for the GPU, the kernels interpreted): the block rows' context on fastblt.model.range_attention

@@ -207,6 +207,7 @@ def test_cross_attentions_lower_for_cuda_at_blt_mid():
         pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
 
 
+@pytest.mark.slow
 def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
     """experiments/benchmarks/range_check.py (interpreted, small shapes): the kernel agrees with the XLA
     reference on block rows, both cross-attentions and windowed rows within documents; ranges
