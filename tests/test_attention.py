@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from fastblt.model import attention as attn_lib
-from fastblt.model.attention import attention, causal_mask, document_ids, gathered_attention, resolve_impl
+from fastblt.model import cross_attention as cross
+from fastblt.model.attention import attention, causal_mask, document_ids, resolve_impl
+from fastblt.model.cross_attention import gathered_attention
 
 
 def naive(q, k, v, mask):
@@ -151,7 +153,7 @@ def test_latent_windows_equal_gathered_reads_values_and_gradients(t, block_rows)
         return gathered_attention(q, take(k, index), take(v, index))
 
     def windowed(q, k, v):
-        return attn_lib.latent_windows(q, k, v, index, block_rows, "xla")
+        return cross.latent_windows(q, k, v, index, block_rows, "xla")
 
     ref, ref_grads = jax.value_and_grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)
     got, grads = jax.value_and_grad(lambda *a: loss(windowed, *a), argnums=(0, 1, 2))(q, k, v)
@@ -179,7 +181,7 @@ def test_latent_ranges_equal_gathered_reads_values_and_gradients(t):
         return jnp.sum(gathered_attention(q, take(k, index), take(v, index)) * g)
 
     def ranged(q, k, v):
-        return jnp.sum(attn_lib.latent_ranges(q, k, v, index, interpret=True) * g)
+        return jnp.sum(cross.latent_ranges(q, k, v, index, interpret=True) * g)
 
     ref, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(q, k, v)
     got, grads = jax.value_and_grad(ranged, argnums=(0, 1, 2))(q, k, v)
@@ -204,12 +206,12 @@ def test_segment_ranges_equal_segment_attention_values_and_gradients():
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * g)
 
-    reference = loss(lambda q, k, v: attn_lib.segment_attention(q, k, v, ids))
-    ranged = loss(lambda q, k, v: attn_lib.segment_ranges(q, k, v, ids, interpret=True))
+    reference = loss(lambda q, k, v: cross.segment_attention(q, k, v, ids))
+    ranged = loss(lambda q, k, v: cross.segment_ranges(q, k, v, ids, interpret=True))
     ref, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(q, k, v)
     got, grads = jax.value_and_grad(ranged, argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
-    assert not np.asarray(attn_lib.segment_ranges(q, k, v, ids, interpret=True))[0, 3].any()
+    assert not np.asarray(cross.segment_ranges(q, k, v, ids, interpret=True))[0, 3].any()
     for a, r in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
 
@@ -218,28 +220,28 @@ def test_cross_attention_takes_the_ranges_only_in_a_gpu_step_on_one_device(monke
     from fastblt.model import range_attention
 
     calls = []
-    monkeypatch.setattr(attn_lib, "latent_ranges", lambda *a: calls.append(1) or jnp.zeros_like(a[0]))
-    monkeypatch.setattr(attn_lib, "segment_ranges", lambda *a: calls.append(2) or jnp.zeros_like(a[0]))
-    monkeypatch.setattr(attn_lib, "GPU_CROSS_RANGES", True)
+    monkeypatch.setattr(cross, "latent_ranges", lambda *a: calls.append(1) or jnp.zeros_like(a[0]))
+    monkeypatch.setattr(cross, "segment_ranges", lambda *a: calls.append(2) or jnp.zeros_like(a[0]))
+    monkeypatch.setattr(cross, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(range_attention, "on_one_device", lambda: True)
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     k = jnp.zeros((1, 4, 2, 2, 64), jnp.bfloat16)
     index = jnp.zeros((1, 8), jnp.int32)
-    attn_lib.latent_attention(q, k, k, index, "cudnn")  # a CPU step: the gathered form
+    cross.latent_attention(q, k, k, index, "cudnn")  # a CPU step: the gathered form
     assert calls == []
     with attn_lib.target_platform("gpu"):
-        attn_lib.latent_attention(q, k, k, index, "xla")
+        cross.latent_attention(q, k, k, index, "xla")
         assert calls == []
-        attn_lib.latent_attention(q, k, k, index, "cudnn")
+        cross.latent_attention(q, k, k, index, "cudnn")
         assert calls == [1]
         pool_q, byte_k = jnp.zeros((1, 4, 2, 2, 64), jnp.bfloat16), jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
-        attn_lib.segment_attention(pool_q, byte_k, byte_k, index, "xla")
+        cross.segment_attention(pool_q, byte_k, byte_k, index, "xla")
         assert calls == [1]
-        attn_lib.segment_attention(pool_q, byte_k, byte_k, index, "cudnn")
+        cross.segment_attention(pool_q, byte_k, byte_k, index, "cudnn")
         assert calls == [1, 2]
         monkeypatch.setattr(range_attention, "on_one_device", lambda: False)
-        attn_lib.latent_attention(q, k, k, index, "cudnn")
-        attn_lib.segment_attention(pool_q, byte_k, byte_k, index, "cudnn")
+        cross.latent_attention(q, k, k, index, "cudnn")
+        cross.segment_attention(pool_q, byte_k, byte_k, index, "cudnn")
         assert calls == [1, 2]
 
 
@@ -248,15 +250,15 @@ def test_latent_windows_refuse_a_jump_past_the_window_with_nan():
     q = jnp.asarray(rng.normal(size=(1, 8, 2, 8)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(1, 20, 2, 2, 8)), jnp.float32)
     index = jnp.asarray([[0, 0, 1, 1, 9, 9, 9, 10]], jnp.int32)  # 1 -> 9 inside one block of 8 rows
-    assert bool(jnp.all(jnp.isnan(attn_lib.latent_windows(q, k, k, index, 8, "xla"))))
-    fine = attn_lib.latent_windows(q, k, k, index, 4, "xla")  # blocks of 4 rows: the jump is between them
+    assert bool(jnp.all(jnp.isnan(cross.latent_windows(q, k, k, index, 8, "xla"))))
+    fine = cross.latent_windows(q, k, k, index, 4, "xla")  # blocks of 4 rows: the jump is between them
     assert bool(jnp.all(jnp.isfinite(fine)))
 
 
 def test_latent_attention_takes_the_windows_only_on_a_fused_kernel_when_on(monkeypatch):
     calls = []
-    real = attn_lib.latent_windows
-    monkeypatch.setattr(attn_lib, "latent_windows", lambda *a: calls.append(a[-1]) or real(*a[:-1], "xla"))
+    real = cross.latent_windows
+    monkeypatch.setattr(cross, "latent_windows", lambda *a: calls.append(a[-1]) or real(*a[:-1], "xla"))
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     k = jnp.zeros((1, 4, 2, 2, 64), jnp.bfloat16)
     index = jnp.zeros((1, 8), jnp.int32)
@@ -266,13 +268,13 @@ def test_latent_attention_takes_the_windows_only_on_a_fused_kernel_when_on(monke
         ("xla", True, []),
         ("auto", True, []),
     ]:
-        monkeypatch.setattr(attn_lib, "GPU_LATENT_WINDOWS", on)
+        monkeypatch.setattr(cross, "GPU_LATENT_WINDOWS", on)
         calls.clear()
-        attn_lib.latent_attention(q, k, k, index, impl)
+        cross.latent_attention(q, k, k, index, impl)
         assert calls == taken, (impl, on)
     monkeypatch.setattr(attn_lib.jax, "default_backend", lambda: "gpu")
     calls.clear()
-    attn_lib.latent_attention(q, k, k, index, "auto")  # a GPU: "auto" resolves to cuDNN for the blocks
+    cross.latent_attention(q, k, k, index, "auto")  # a GPU: "auto" resolves to cuDNN for the blocks
     assert calls == ["cudnn"]
 
 
@@ -311,7 +313,7 @@ def test_blockwise_local_attention_equals_dense_mask(n, w):
 
 
 def test_segment_attention_equals_dense_patch_mask():
-    from fastblt.model.attention import segment_attention
+    from fastblt.model.cross_attention import segment_attention
 
     rng = np.random.default_rng(4)
     b, n, p, kk, h, d = 2, 19, 7, 3, 2, 4
@@ -329,7 +331,7 @@ def test_segment_attention_equals_dense_patch_mask():
 def test_segment_attention_gradients_equal_dense_patch_mask():
     """Gradients through the sorted-segment scatters and the query gather's custom gradient, against
     the XLA attention under the dense patch mask."""
-    from fastblt.model.attention import segment_attention
+    from fastblt.model.cross_attention import segment_attention
 
     rng = np.random.default_rng(5)
     b, n, p, kk, h, d = 2, 300, 70, 2, 2, 4

@@ -423,11 +423,11 @@ def test_zero_diffusion_weight_is_next_byte_loss(normalization):
 
 
 def test_latent_windows_give_the_gathered_reads_loss_and_gradients(monkeypatch):
-    """The decoder's cross-attention in its windowed form (the GPU's, fastblt.model.attention.latent_windows,
+    """The decoder's cross-attention in its windowed form (the GPU's, fastblt.model.cross_attention.latent_windows,
     here on the XLA kernel) for the clean rows and the block rows of a BLT-D step with random patch
     lengths and padding slots: the loss and every gradient of the gathered form. Fails (NaN) if a
     row block's patch reads ever left its window."""
-    from fastblt.model import attention as attn_lib
+    from fastblt.model import cross_attention as cross
     from fastblt.model import layers
 
     tokens, targets, mask, lengths = make_batch(5)
@@ -441,7 +441,7 @@ def test_latent_windows_give_the_gathered_reads_loss_and_gradients(monkeypatch):
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
     (ref, _), ref_grads = loss_and_grad()
-    windows = lambda q, k, v, index, impl: attn_lib.latent_windows(q, k, v, index, 4, "xla")  # noqa: E731
+    windows = lambda q, k, v, index, impl: cross.latent_windows(q, k, v, index, 4, "xla")  # noqa: E731
     monkeypatch.setattr(layers, "latent_attention", windows)
     (got, _), grads = loss_and_grad()
     np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
@@ -640,7 +640,7 @@ def test_fused_tiles_gradient_matches_gather_path(chunk_blocks, monkeypatch):
 
 @pytest.mark.slow
 def test_range_kernel_gradient_matches_gather_path(monkeypatch):
-    """block_rows.GPU_RANGE_KERNEL, attention.GPU_CROSS_RANGES and GPU_SELF_RANGES in a GPU step (traced
+    """block_rows.GPU_RANGE_KERNEL, cross_attention.GPU_CROSS_RANGES and attention.GPU_SELF_RANGES in a GPU step (traced
     for the GPU, the kernels interpreted): the block rows' context on fastblt.model.range_attention
     merged with their own block's cells by log-sum-exp, the decoder's cross-attention (clean and block
     rows) as key ranges of the patch slots, the encoder's as runs of bytes, and the local stacks'
@@ -649,15 +649,16 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
     rows' self-attention)."""
     from fastblt.model import attention as attn_lib
     from fastblt.model import block_rows, range_attention
+    from fastblt.model import cross_attention as cross
 
     fused_stand_in.install(monkeypatch)
     monkeypatch.setattr(block_rows, "GPU_RANGE_KERNEL", True)
-    monkeypatch.setattr(attn_lib, "GPU_CROSS_RANGES", True)
+    monkeypatch.setattr(cross, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(attn_lib, "GPU_SELF_RANGES", True)
     monkeypatch.setattr(range_attention, "on_one_device", lambda: True)  # the suite's CPU has 8
     calls = {"blocks": 0, "latent": 0, "segment": 0, "local": 0}
-    real_blocks, real_latent = block_rows.ranged_block_attention, attn_lib.latent_ranges
-    real_segment = attn_lib.segment_ranges
+    real_blocks, real_latent = block_rows.ranged_block_attention, cross.latent_ranges
+    real_segment = cross.segment_ranges
 
     def count(name, fn):
         def counted(*a):
@@ -667,8 +668,8 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
         return counted
 
     monkeypatch.setattr(block_rows, "ranged_block_attention", count("blocks", real_blocks))
-    monkeypatch.setattr(attn_lib, "latent_ranges", count("latent", real_latent))
-    monkeypatch.setattr(attn_lib, "segment_ranges", count("segment", real_segment))
+    monkeypatch.setattr(cross, "latent_ranges", count("latent", real_latent))
+    monkeypatch.setattr(cross, "segment_ranges", count("segment", real_segment))
     monkeypatch.setattr(range_attention, "local_ranges", count("local", range_attention.local_ranges))
     tokens, targets, mask, lengths = make_batch(13)
     # The kernel's head dim is a power of two >= 16: two heads of 16 (the decoder's sharing one kv head).

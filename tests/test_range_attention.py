@@ -184,7 +184,7 @@ def test_kernels_lower_for_cuda_forward_and_backward():
 def test_cross_attentions_lower_for_cuda_at_blt_mid():
     """Both cross-attentions on the kernel at blt_mid's shapes (4-byte patches: 1 026 patches of 2
     slots), whose key and query counts are not powers of two: three kernels each."""
-    from fastblt.model import attention as attn_lib
+    from fastblt.model import cross_attention as cross
 
     n, p = 4096, 1026
     rows = jnp.ones((16, n, 8, 64), jnp.bfloat16)
@@ -192,10 +192,10 @@ def test_cross_attentions_lower_for_cuda_at_blt_mid():
     ids = (jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (16, n)) + 3) // 4
 
     def decoder(q, k):
-        return jnp.sum(attn_lib.latent_ranges(q, k, k, ids, interpret=False).astype(jnp.float32))
+        return jnp.sum(cross.latent_ranges(q, k, k, ids, interpret=False).astype(jnp.float32))
 
     def encoder(q, k):
-        return jnp.sum(attn_lib.segment_ranges(q, k, k, ids, interpret=False).astype(jnp.float32))
+        return jnp.sum(cross.segment_ranges(q, k, k, ids, interpret=False).astype(jnp.float32))
 
     try:
         for fn, args in ((decoder, (rows, slots)), (encoder, (slots, rows))):

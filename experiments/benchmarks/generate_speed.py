@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="an XLA option of the prefill half only (fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS), "
-        "e.g. xla_gpu_enable_triton_gemm=false",
+        "e.g. xla_gpu_enable_triton_gemm=true (Triton GEMM fusions; cuBLAS is the default since run 13)",
     )
     p.add_argument(
         "--min-dot-rows", type=int, default=None, help="override fastblt.sampler.fused.GPU_MIN_DOT_ROWS"

@@ -16,11 +16,10 @@ log-sum-exp = log(keys)), which bf16 values cannot show. speed_gpu.sh's train ro
 kernel (phase 30) run only after this passed on the same machine.
 
 Then both cross-attentions in their reference forms (the decoder's gathered slots, the encoder's
-segment sums) and as key ranges on the same kernel (attention.GPU_CROSS_RANGES), checked and timed
-alike. Then, for information (not part of the pass),
-the same kernel on the self-attention the attention core
-runs on cuDNN (the decoder's windowed rows and the global model's causal rows, within documents)
-against the XLA path and cuDNN: whether one kernel could serve those calls as well.
+segment sums) and as key ranges on the same kernel (cross_attention.GPU_CROSS_RANGES), checked and timed
+alike. Then the self-attention the attention core runs on cuDNN (the decoder's windowed rows and the
+global model's causal rows, within documents): the XLA path, cuDNN, and the same call with
+attention.GPU_SELF_RANGES on, checked and timed alike. Every row must pass for phase 30's train rows.
 """
 
 from __future__ import annotations
@@ -203,13 +202,13 @@ CROSS_SMALL = (2, 96, 2, 16, 2, 3)
 
 def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     """Both cross-attentions in their reference forms (the decoder's gathered slots,
-    fastblt.model.attention.latent_attention; the encoder's segment sums, segment_attention) and as
+    fastblt.model.cross_attention.latent_attention; the encoder's segment sums, segment_attention) and as
     key ranges on the kernel (GPU_CROSS_RANGES): outputs and the gradients of the queries, keys and
     values, the kernel in the program, and the time of a forward plus backward."""
     import jax
     import jax.numpy as jnp
 
-    from fastblt.model import attention as attn_lib
+    from fastblt.model import cross_attention as cross
 
     b, n, h, d, kk, patch = shape
     p = n // patch + 2
@@ -222,13 +221,13 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
         # name: (inputs, reference, ranged on the CPU); the GPU runs the reference under the switch.
         "decoder cross-attention": (
             (byte_rows, slot_rows[0], slot_rows[1]),
-            lambda q, k, v, impl: attn_lib.latent_attention(q, k, v, index, impl),
-            lambda q, k, v: attn_lib.latent_ranges(q, k, v, index, interpret=True),
+            lambda q, k, v, impl: cross.latent_attention(q, k, v, index, impl),
+            lambda q, k, v: cross.latent_ranges(q, k, v, index, interpret=True),
         ),
         "encoder cross-attention": (
             (slot_rows[2], byte_rows, jax.random.normal(keys[4], (b, n, h, d)).astype(jnp.bfloat16)),
-            lambda q, k, v, impl: attn_lib.segment_attention(q, k, v, index, impl),
-            lambda q, k, v: attn_lib.segment_ranges(q, k, v, index, interpret=True),
+            lambda q, k, v, impl: cross.segment_attention(q, k, v, index, impl),
+            lambda q, k, v: cross.segment_ranges(q, k, v, index, interpret=True),
         ),
     }
     rows = []
@@ -243,12 +242,12 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
                     out = reference(q, k, v, "cudnn" if ranged else "xla")
                 return jnp.sum(out.astype(jnp.float32) * weights), out
 
-            attn_lib.GPU_CROSS_RANGES = ranged
+            cross.GPU_CROSS_RANGES = ranged
             try:
                 lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(*args)
                 return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
             finally:
-                attn_lib.GPU_CROSS_RANGES = False
+                cross.GPU_CROSS_RANGES = False
 
         paths = {"reference": path(False), "ranged": path(True)}
         results = {name: fn(*args) for name, (fn, _) in paths.items()}
@@ -265,9 +264,11 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
 
 
 def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
-    """The same kernel on causal (windowed) self-attention within documents, the attention core's
-    LocalMask, against the XLA path and (on a GPU) cuDNN as the core runs it: whether one kernel
-    could serve these calls too. Rows per path as :func:`check` (forward plus backward)."""
+    """Causal (windowed) self-attention within documents, the attention core's LocalMask: the XLA path,
+    cuDNN as the core runs it (GPU), and the range kernel through the same call with
+    attention.GPU_SELF_RANGES on (on the CPU, the kernel interpreted with local_ranges directly).
+    Rows per path as :func:`check` (forward plus backward, the kernel in the program where it should
+    be)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -285,30 +286,41 @@ def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     mask = attn_lib.LocalMask(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), docs, window)
     lo, hi = ra.local_ranges(docs, n, window)
 
-    def loss_of(attend):
+    def compiled(attend, ranged: bool):
         def loss(q, k, v):
             out = attend(q, k, v)
             return jnp.sum(out.astype(jnp.float32) * weights), out
 
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        attn_lib.GPU_SELF_RANGES = ranged
+        try:
+            lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(q, k, v)
+            return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
+        finally:
+            attn_lib.GPU_SELF_RANGES = False
 
     def cudnn(q, k, v):
         with attn_lib.rows_checked():  # the train step's host-checked packed layout
             return attn_lib.attention(q, k, v, mask, "cudnn")
 
-    paths = {
-        "xla": loss_of(lambda q, k, v: attn_lib.attention(q, k, v, mask, "xla")),
-        "ranged": loss_of(lambda q, k, v: ra.range_attention(q, k, v, lo, hi, interpret=interpret)[0]),
-    }
-    if not interpret:
-        paths["cudnn"] = loss_of(cudnn)
-    results = {p: fn(q, k, v) for p, fn in paths.items()}
+    def ranged_cpu(q, k, v):
+        return ra.range_attention(q, k, v, jnp.broadcast_to(lo, (b, n)), jnp.broadcast_to(hi, (b, n)))[0]
+
+    paths = {"xla": compiled(lambda q, k, v: attn_lib.attention(q, k, v, mask, "xla"), False)}
+    if interpret:
+        paths["ranged"] = compiled(ranged_cpu, False)
+    else:
+        paths["cudnn"] = compiled(cudnn, False)
+        paths["ranged"] = compiled(cudnn, True)  # the same call, the switch on
+    results = {p: fn(q, k, v) for p, (fn, _) in paths.items()}
     rows = []
-    for p, fn in paths.items():
+    for p, (fn, has_kernel) in paths.items():
         r = {"call": name, "path": p, "shape": list(shape[1:]), "device": str(jax.devices()[0])}
         r.update(_errors(results[p], results["xla"]))
         r["fwd_bwd_ms"] = _timed(fn, (q, k, v), repeats)
         r["ok"] = max(e for key, e in r.items() if key.endswith("_rel_error")) < 2e-2
+        if not interpret:
+            r["range_kernel_in_program"] = has_kernel
+            r["ok"] &= has_kernel == (p == "ranged")
         rows.append(r)
     return rows
 
@@ -322,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 2 if args.interpret else 20
     rows = check(SMALL if args.interpret else MID, args.interpret, repeats=repeats, sweep=not args.no_sweep)
     rows += check_cross(CROSS_SMALL if args.interpret else CROSS, args.interpret, repeats=repeats)
-    ok = all(r["ok"] for r in rows)  # these gate phase 30's train rows; the rest informs
     for shape in LOCAL_SMALL if args.interpret else LOCAL:
         rows += check_local(shape, args.interpret, repeats=repeats)
+    ok = all(r["ok"] for r in rows)  # every row gates phase 30's train rows
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.out:

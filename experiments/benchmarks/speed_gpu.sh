@@ -44,7 +44,7 @@
 #   20. ar and blt_s8 at batch 1 and 32 with the kernel writing the caches in its dot layout
 #       (--decode-cache-write alone; phase 15 paired it with the direct layout), batch 1 profiled.
 #   19. plain BLT and BLT-D-4 with the decoder's cross-attention as row blocks over windows of patch
-#       slots on cuDNN (--latent-windows, fastblt.model.attention.GPU_LATENT_WINDOWS) and without, the
+#       slots on cuDNN (--latent-windows, fastblt.model.cross_attention.GPU_LATENT_WINDOWS) and without, the
 #       two runs one after the other, plain BLT profiled in both.
 #   22. the decode kernel compiled by Triton against the XLA path in each layout (dot, direct, cache
 #       writes, in-place head views) at BLT-1B's decode shapes (decode_check.py; exits 1 on a
@@ -61,7 +61,8 @@
 #       stages timed (cache key, XLA's compile, cache write: compile_time.py --jax-timers) and XLA's
 #       logging timers kept (compile_where_*/timers.txt).
 #   25. the prefill half's GEMMs on cuBLAS (--prefill-compiler-option xla_gpu_enable_triton_gemm=false,
-#       fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS) against the default: ar's cold compile at batch 1
+#       fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS) against Triton's GEMM fusions (the default until
+#       run 13, named explicitly since): ar's cold compile at batch 1
 #       (an empty cache directory per process, alternated twice, JAX's stages timed), then ar at batch 1
 #       and 32 with 64- and 4 000-byte prompts (prefill seconds and ms per byte) each way; a third way
 #       also autotunes without XLA's correctness check of each candidate (xla_gpu_autotune_level=2,

@@ -351,9 +351,9 @@ def run_row(args, row: str) -> dict:
         return run_torch_row(args, row)
     settings = {}
     if args.latent_windows:
-        from fastblt.model import attention
+        from fastblt.model import cross_attention
 
-        attention.GPU_LATENT_WINDOWS = True
+        cross_attention.GPU_LATENT_WINDOWS = True
         settings["latent_windows"] = True
     if args.fused_norm:
         from fastblt.model import layers
@@ -366,9 +366,9 @@ def run_row(args, row: str) -> dict:
         block_rows.GPU_RANGE_KERNEL = True
         settings["range_kernel"] = True
     if args.cross_ranges:
-        from fastblt.model import attention
+        from fastblt.model import cross_attention
 
-        attention.GPU_CROSS_RANGES = True
+        cross_attention.GPU_CROSS_RANGES = True
         settings["cross_ranges"] = True
     if args.self_ranges:
         from fastblt.model import attention
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--cross-ranges",
         action="store_true",
-        help="turn fastblt.model.attention.GPU_CROSS_RANGES on: both cross-attentions on the range kernel "
+        help="turn fastblt.model.cross_attention.GPU_CROSS_RANGES on: both cross-attentions on the range kernel "
         "(the decoder's rows read their patch's slots, the encoder's slots their patch's bytes, as key ranges)",
     )
     p.add_argument(
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--latent-windows",
         action="store_true",
-        help="turn fastblt.model.attention.GPU_LATENT_WINDOWS on: the decoder's cross-attention as row "
+        help="turn fastblt.model.cross_attention.GPU_LATENT_WINDOWS on: the decoder's cross-attention as row "
         "blocks over windows of patch slots through the fused kernel",
     )
     args = p.parse_args(argv)

@@ -1,9 +1,9 @@
 """The attention entry point and the masks BLT needs.
 
-All attention in the model goes through :func:`attention` (dense keys with a boolean mask, or a
-:class:`LocalMask` *description* of a causal, windowed, same-document mask) or
-:func:`gathered_attention` (each query attends its own small gathered key set: the decoder's k
-patch slots). Both give exactly 0 for a query with no visible key, as the reference's
+All self-attention in the model goes through :func:`attention` (dense keys with a boolean mask, or a
+:class:`LocalMask` *description* of a causal, windowed, same-document mask); the cross-attentions
+(the encoder's patch slots over their bytes, the decoder's rows over their patch's slots) are
+:mod:`fastblt.model.cross_attention`, which uses this module's dispatch. Both give exactly 0 for a query with no visible key, as the reference's
 flex-attention does, and never NaN: a NaN in a masked row would leak into other rows through
 0 * NaN in later matmuls.
 
@@ -21,8 +21,8 @@ XLA path is the reference.
 Every mask of a training step is also a key range per query (:mod:`fastblt.model.range_attention`):
 causal windows within documents, the encoder's patch slots over their bytes, the decoder's rows over
 their patch's slots, BLT-D's block cells over their context. On one GPU the switches
-:data:`GPU_SELF_RANGES`, :data:`GPU_CROSS_RANGES` and ``block_rows.GPU_RANGE_KERNEL`` run those calls
-on that one Pallas kernel instead (off until measured).
+:data:`GPU_SELF_RANGES`, ``cross_attention.GPU_CROSS_RANGES`` and ``block_rows.GPU_RANGE_KERNEL`` run
+those calls on that one Pallas kernel instead (off until measured; :func:`range_kernel_applies`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from fastblt.config import ATTENTION_IMPLS
 from fastblt.model import range_attention
 from fastblt.model.decode_attention import decode_attention
 from fastblt.model.decode_attention import supported as decode_supported
-from fastblt.model.lookup import take_rows_batched, take_windows_batched
 from fastblt.model.splash import splash_local
 
 _NEG = -1e30  # finite: an all-masked row stays finite before it is zeroed
@@ -157,7 +156,8 @@ def attention(
         kernel through ``jax.nn.dot_product_attention``, the mask as a bias; GPU, bf16/fp16 only),
         "splash" (JAX's Pallas TPU splash-attention kernel, :mod:`fastblt.model.splash`, for a
         LocalMask; off TPU it runs in Pallas interpret mode, which is how the CPU tests run it) or
-        "auto" (:func:`resolve_impl` decides). Dense masks (cross-attention, BLT-D's block rows, the
+        "auto" (:func:`resolve_impl` decides). A LocalMask call that resolves to "cudnn" runs on the
+        key-range kernel instead with :data:`GPU_SELF_RANGES` (:func:`range_kernel_applies`). Dense masks (cross-attention, BLT-D's block rows, the
         sampler's caches) have no splash form and take the XLA path under "splash": the kernel's
         masks are static or one dense [heads, q, k] array shared by the batch, while these are
         per-row, data-dependent key sets.
@@ -169,7 +169,7 @@ def attention(
         kernel = resolve_impl(impl, q, local=True)
         if kernel == "splash":
             return splash_local(q, k, v, mask.docs, mask.window, interpret=platform() != "tpu")
-        if kernel == "cudnn" and _self_ranges(q, k):
+        if q.shape[1] == k.shape[1] and range_kernel_applies(GPU_SELF_RANGES, kernel, q, k):
             lo, hi = (
                 jnp.broadcast_to(x, q.shape[:2])
                 for x in range_attention.local_ranges(mask.docs, q.shape[1], mask.window)
@@ -255,9 +255,36 @@ def _decode_kernel_bwd(res, g):
 _decode_kernel.defvjp(_decode_kernel_fwd, _decode_kernel_bwd)
 
 
+# Whether causal (windowed, same-document) self-attention that the core would run on cuDNN runs on
+# the key-range kernel instead (a GPU step on one device): row i's keys are
+# range_attention.local_ranges' [max(i - window + 1, its document's first row), i + 1). With it on,
+# every attention of a training step is one kernel. cuDNN runs blt_mid's global attention at ~150
+# TFLOP/s (1.44 TFLOP of causal scores forward and backward in the 9.8 ms of run 9's profile,
+# train_speed.md); whether the Pallas kernel does better is for range_check.py (the "for
+# information" rows) and phase 30 to say. Off.
+GPU_SELF_RANGES = False
+
+
+def range_kernel_applies(
+    switch: bool, kernel: str, q: jax.Array | jax.ShapeDtypeStruct, k: jax.Array
+) -> bool:
+    """The one place that decides whether a call runs on the key-range kernel
+    (fastblt.model.range_attention) instead of ``kernel``, the one :func:`resolve_impl` chose: its
+    ``switch`` is on (:data:`GPU_SELF_RANGES`, ``cross_attention.GPU_CROSS_RANGES``,
+    ``block_rows.GPU_RANGE_KERNEL``), the call would run on cuDNN in a GPU step, there is one device
+    (the kernel has no sharding rule), and the kernel takes the shapes.
+
+    Args: q: float[b, T, H, d] (or its shape); k: float[b, S, KV, d].
+    """
+    if not switch or kernel != "cudnn" or platform() != "gpu" or not range_attention.on_one_device():
+        return False
+    return range_attention.supported(q, k)
+
+
 def resolve_impl(impl: str, q: jax.Array, local: bool = False, kv_heads: int | None = None) -> str:
     """The one place that decides which kernel an attention call runs: "xla", "cudnn", "splash" or
-    "decode".
+    "decode" (where it gives "cudnn", :func:`range_kernel_applies` decides whether the key-range
+    kernel runs the call instead).
 
     Args:
       impl: the configured impl, one of ``fastblt.config.ATTENTION_IMPLS``.
@@ -412,200 +439,6 @@ def _blockwise_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask, 
         visible = visible & (q_doc[..., :, None] == k_doc[..., None, :])
     out = attention(qb, kb, vb, visible.reshape(b * nb, w, 2 * w), impl)
     return out.reshape(b, nb * w, h, d)[:, :n]
-
-
-def segment_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str = "xla"
-) -> jax.Array:
-    """Each group of queries attends exactly the keys of its own segment (the encoder's patch
-    slots over their patch's bytes), in memory linear in the number of keys.
-
-    Args:
-      q: float[batch, segments, slots, heads, head_dim] (slots of segment s query segment s).
-      k, v: float[batch, len, heads, head_dim]; segment_ids: int32[batch, len] in [0, segments),
-        non-decreasing along each row (patch ids are).
-      impl: the attention core's kernel; with :data:`GPU_CROSS_RANGES`, where it resolves to a fused
-        kernel in a GPU step on one device, the range kernel runs the call (:func:`segment_ranges`);
-        otherwise segment maxima and sums (the reference, below).
-
-    Returns: float[batch, segments, slots, heads, head_dim]; a segment without keys gives 0.
-    """
-    b, p, kk, h, d = q.shape
-    if _cross_ranges(impl, jax.ShapeDtypeStruct((b, p * kk, h, d), q.dtype), k):
-        return segment_ranges(q, k, v, segment_ids)
-    # Segment ids are a row's patch ids: sorted, so the scatters may assume it and the query
-    # gather's gradient sums runs of equal ids (fastblt.model.lookup) instead of colliding.
-    seg = lambda x, i: jax.ops.segment_max(x, i, num_segments=p, indices_are_sorted=True)  # noqa: E731
-    ssum = lambda x, i: jax.ops.segment_sum(x, i, num_segments=p, indices_are_sorted=True)  # noqa: E731
-    take = jax.vmap(lambda a, i: a[i])
-    qg = take_rows_batched(q, segment_ids, ids_sorted=True)  # [b, len, slots, heads, hd]
-    logits = jnp.einsum("bnshd,bnhd->bnsh", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    top = jax.lax.stop_gradient(jax.vmap(seg)(logits, segment_ids))  # [b, p, slots, heads]
-    e = jnp.exp(logits - take(top, segment_ids))
-    denom = jax.vmap(ssum)(e, segment_ids)
-    num = jax.vmap(ssum)(e[..., None] * v[:, :, None].astype(jnp.float32), segment_ids)
-    out = jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
-    return out.astype(q.dtype)
-
-
-def segment_ranges(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, interpret: bool | None = None
-) -> jax.Array:
-    """:func:`segment_attention` on the key-range kernel: segment s's keys are the run of rows whose
-    id is s, [first row with id >= s, first row with id > s), found by binary search. Exact for ids
-    sorted along each row and in [0, segments), as patch ids are (the reference assumes both).
-    Shapes as segment_attention."""
-    b, p, kk, h, d = q.shape
-    ids = jnp.arange(p, dtype=segment_ids.dtype)
-    bounds = jax.vmap(lambda row: jnp.searchsorted(row, jnp.stack([ids, ids + 1]), side="left"))(segment_ids)
-    lo, hi = (jnp.repeat(x.astype(jnp.int32), kk, axis=-1) for x in (bounds[:, 0], bounds[:, 1]))  # [b, p*kk]
-    out, _ = range_attention.range_attention(q.reshape(b, p * kk, h, d), k, v, lo, hi, interpret=interpret)
-    return out.reshape(b, p, kk, h, d)
-
-
-def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Attention of each query over its own key set (all visible).
-
-    Args:
-      q: float[batch, q_len, heads, head_dim].
-      k, v: float[batch, q_len, n_keys, heads, head_dim]: the keys of query t are k[:, t].
-
-    Returns:
-      float[batch, q_len, heads, head_dim].
-    """
-    d = q.shape[-1]
-    logits = jnp.einsum("bthd,btshd->bths", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bths,btshd->bthd", probs, v).astype(q.dtype)
-
-
-# Rows per block of :func:`latent_attention`'s windowed form: patch ids rise by at most one per row,
-# so R consecutive rows read at most R consecutive patches, and a block's keys are one window of the
-# slots of R patches (R * k keys).
-LATENT_BLOCK_ROWS = 64
-
-# Whether :func:`latent_attention` runs its windowed form where the attention core resolves to a fused
-# kernel (cuDNN on a GPU). The gathered form reads ~0.13 GB of gathered keys and as much of values per layer at
-# blt_mid and spends its gradient in sorted-id sums and scatters: 7.7 ms of an 85 ms step in the
-# decoder's cross-attention, 1.7 ms of it scatters (experiments/results/train_speed.md, run 7). Off:
-# on one H100 the windows were slower (cross-attention 10.8 against 8.9 ms, the step 92.2 against
-# 90.2 ms: cuDNN over 1 024 small windows with a bias, run 8; train_speed.py --latent-windows).
-GPU_LATENT_WINDOWS = False
-
-# Whether the cross-attentions run on the key-range kernel (fastblt.model.range_attention) in a GPU
-# step on one device, where the attention core resolves to a fused kernel. Both are key ranges: in the
-# decoder (:func:`latent_attention`) a byte row reads the k slots of its patch, slots [index * k,
-# index * k + k) of the slots laid end to end; in the encoder (:func:`segment_attention`) a patch's
-# slots read the bytes of their patch, one run of rows. The kernel reads them where they lie, with
-# a gradient written per key tile: no gathers, segment maxima, sums or scatters. The decoder's
-# gathered form reads ~0.27 GB of gathered keys and values per layer at blt_mid; with its projections
-# it was 7.7 ms of the 76.8 ms of kernels of a plain step, the encoder's 1.6 ms (train_speed.md, run
-# 9). Off until a GPU measures it (train_speed.py --cross-ranges, speed_gpu.sh phase 30, which first
-# checks it with range_check.py).
-GPU_CROSS_RANGES = False
-
-
-# Whether causal (windowed, same-document) self-attention that the core would run on cuDNN runs on
-# the key-range kernel instead (a GPU step on one device): row i's keys are
-# range_attention.local_ranges' [max(i - window + 1, its document's first row), i + 1). With it on,
-# every attention of a training step is one kernel. cuDNN reached ~140-210 TFLOP/s at head dim 64
-# (train_speed.md); whether the Pallas kernel does better is for range_check.py (the "for
-# information" rows) and phase 30 to say. Off.
-GPU_SELF_RANGES = False
-
-
-def _self_ranges(q: jax.Array, k: jax.Array) -> bool:
-    """GPU_SELF_RANGES applies to a LocalMask call: a GPU step on one device, q and k of one length
-    (self-attention over rows 0..len-1), shapes the kernel takes."""
-    if not GPU_SELF_RANGES or platform() != "gpu" or not range_attention.on_one_device():
-        return False
-    return q.shape[1] == k.shape[1] and range_attention.supported(q, k)
-
-
-def _cross_ranges(impl: str, q: jax.Array | jax.ShapeDtypeStruct, k: jax.Array) -> bool:
-    """Whether a cross-attention call runs on the range kernel (GPU_CROSS_RANGES): q float[b, rows,
-    heads, head_dim] (the call's query layout), k float[b, keys, heads, head_dim]."""
-    if not GPU_CROSS_RANGES or platform() != "gpu" or not range_attention.on_one_device():
-        return False
-    tile = jax.ShapeDtypeStruct((q.shape[0], LATENT_BLOCK_ROWS, *q.shape[2:]), q.dtype)
-    return resolve_impl(impl, tile) not in ("xla", "splash") and range_attention.supported(q, k)
-
-
-def latent_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, impl: str = "xla"
-) -> jax.Array:
-    """The decoder's cross-attention: each row attends the k slots of the one patch it reads.
-
-    Args:
-      q: float[batch, len, heads, head_dim]; k, v: float[batch, patches, k, heads, head_dim], each
-        patch's slot keys and values; index: int32[batch, len], the patch each row reads
-        (fastblt.model.patcher.latent_index): non-decreasing along a row, by at most one per row.
-      impl: the attention core's kernel. Where it resolves to a fused kernel: with
-        :data:`GPU_CROSS_RANGES` (a GPU step on one device) each row reads its slots as a key range
-        on the range kernel (:func:`latent_ranges`); with :data:`GPU_LATENT_WINDOWS`, blocks of
-        :data:`LATENT_BLOCK_ROWS` rows go through :func:`attention` over one window of slots each
-        (:func:`latent_windows`). Otherwise each row's k keys are gathered
-        (:func:`gathered_attention`, the reference).
-
-    Returns: float[batch, len, heads, head_dim].
-    """
-    block_q = jax.ShapeDtypeStruct((q.shape[0], LATENT_BLOCK_ROWS, *q.shape[2:]), q.dtype)
-    kernel = resolve_impl(impl, block_q)
-    if _cross_ranges(impl, q, k[:, :, 0]):
-        return latent_ranges(q, k, v, index)
-    if GPU_LATENT_WINDOWS and kernel not in ("xla", "splash"):
-        return latent_windows(q, k, v, index, LATENT_BLOCK_ROWS, kernel)
-    # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
-    k_rows = take_rows_batched(k, index, ids_sorted=True)
-    v_rows = take_rows_batched(v, index, ids_sorted=True)
-    return gathered_attention(q, k_rows, v_rows)
-
-
-def latent_ranges(
-    q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, interpret: bool | None = None
-) -> jax.Array:
-    """:func:`latent_attention` on the key-range kernel: the patches' slots laid end to end
-    ([batch, patches * k, heads, head_dim], a free reshape) and row t reading slots
-    ``index[t] * k`` to ``index[t] * k + k``. Exact for any index in range. Shapes as latent_attention."""
-    b, p, kk, h, d = k.shape
-    lo = index.astype(jnp.int32) * kk
-    out, _ = range_attention.range_attention(
-        q, k.reshape(b, p * kk, h, d), v.reshape(b, p * kk, h, d), lo, lo + kk, interpret=interpret
-    )
-    return out
-
-
-def latent_windows(
-    q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, block_rows: int, impl: str
-) -> jax.Array:
-    """:func:`latent_attention` as dense attention of row blocks over windows of patch slots.
-
-    A block of R = ``block_rows`` rows starting at patch s reads patches s .. s + R - 1 at most: its
-    keys are those patches' R * k slots (one window of consecutive slots, read without a gather and
-    with a scatter-free gradient: fastblt.model.lookup.take_windows), and each row sees the k of
-    its own patch. Exact where the index rises by at most one per row; elsewhere the output is NaN,
-    so a loss fails loudly instead of reading the wrong slots. Shapes as latent_attention.
-    """
-    b, t, h, d = q.shape
-    p, kk = k.shape[1], k.shape[2]
-    r = block_rows
-    nb = -(-t // r)
-    index = jnp.pad(index.astype(jnp.int32), ((0, 0), (0, nb * r - t)), mode="edge")
-    start = index[:, ::r]  # [b, nb]: the first row's patch
-    local = index.reshape(b, nb, r) - start[..., None]  # [b, nb, r]: patch within the window
-    fits = jnp.all((local >= 0) & (local < r))
-    # Keys padded by one window at the end, so no window is clamped to the array.
-    pad = ((0, 0), (0, r * kk), (0, 0), (0, 0))
-
-    def windows(x):
-        x = jnp.pad(x.reshape(b, p * kk, h, d), pad)
-        return take_windows_batched(x, start * kk, r * kk).reshape(b * nb, r * kk, h, d)
-
-    visible = local[..., None] == (jnp.arange(r * kk, dtype=jnp.int32) // kk)  # [b, nb, r, r * kk]
-    qb = jnp.pad(q, ((0, 0), (0, nb * r - t), (0, 0), (0, 0))).reshape(b * nb, r, h, d)
-    out = attention(qb, windows(k), windows(v), visible.reshape(b * nb, r, r * kk), impl)
-    out = out.reshape(b, nb * r, h, d)[:, :t]
-    return jnp.where(fits, out, jnp.nan).astype(q.dtype)
 
 
 def document_ids(tokens: jax.Array, eos_id: int = 2) -> jax.Array:

@@ -41,8 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastblt.model import range_attention
-from fastblt.model.attention import Attend, attention, resolve_impl
-from fastblt.model.attention import platform as attention_platform
+from fastblt.model.attention import Attend, attention, range_kernel_applies, resolve_impl
 from fastblt.model.lookup import take_windows_batched
 
 _NEG = -1e30  # as fastblt.model.attention: finite, so an all-masked row stays finite
@@ -168,18 +167,6 @@ def _attend(
     has_key = has_context | jnp.any(self_mask, axis=-1)  # [b, K, B]
     out = jnp.where(has_key[..., None, None, None], out, 0)
     return out.reshape(b, r, h, d).astype(q.dtype)
-
-
-def _use_range_kernel(q: jax.Array, k_ctx: jax.Array) -> bool:
-    """GPU_RANGE_KERNEL applies: on for a GPU step (attention.platform), one device (the kernel has
-    no sharding rule: on a mesh the partitioner would gather its operands onto every device), and
-    shapes the kernel takes."""
-    return (
-        GPU_RANGE_KERNEL
-        and attention_platform() == "gpu"
-        and range_attention.on_one_device()
-        and range_attention.supported(q, k_ctx)
-    )
 
 
 def context_ranges(
@@ -462,7 +449,9 @@ def block_attention(
         it). On the XLA kernel a tile whose starts are further apart takes the gather path; on
         a fused kernel the bound is a precondition (:func:`_tiles_in_one_call`).
       impl: the attention core's kernel (fastblt.model.attention.resolve_impl). Where it resolves
-        to a fused kernel, tiled blocks run as one call of the core (:func:`_tiles_in_one_call`);
+        to cuDNN with :data:`GPU_RANGE_KERNEL` on (attention.range_kernel_applies), every block runs on
+        the key-range kernel (:func:`ranged_block_attention`); else where it resolves to a fused
+        kernel, tiled blocks run as one call of the core (:func:`_tiles_in_one_call`);
         the gather path, and every block on the "xla" kernel, stay this module's exact XLA code.
 
     Returns: float[b, R, H, hd] in q's dtype; a row with no visible key gives 0 (as ``attention``).
@@ -492,8 +481,7 @@ def block_attention(
                 lambda: _windowed_attention(q, k, v, k_ctx, v_ctx, start, cm, sm),
             )
 
-    fused = resolve_impl(impl, jax.ShapeDtypeStruct((b, r, h, d), q.dtype)) != "xla"
-    if fused and _use_range_kernel(q, k_ctx):
+    if range_kernel_applies(GPU_RANGE_KERNEL, resolve_impl(impl, q), q, k_ctx):
         return ranged_block_attention(q, k, v, k_ctx, v_ctx, context_start, context_mask, self_mask)
     if tiled is not None:
         tile_q = jax.ShapeDtypeStruct((b, chunk_blocks * bs, h, d), q.dtype)

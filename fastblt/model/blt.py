@@ -146,7 +146,7 @@ class LocalEncoder(nn.Module):
                     pe = self._pool(h, patch_ids, num_patches)
                 cross = self.cross_attn_layers[i if m.encoder.cross_attn_all_layers else 0]
                 pe = nn.with_logical_constraint(
-                    pe + cross.segmented(pe, h, patch_ids, num_patches, self.config.attention_impl), _PATCHES
+                    pe + cross.segmented(pe, h, patch_ids, num_patches, m.attention_impl), _PATCHES
                 )
         return h, pe.reshape(h.shape[0], num_patches, k * h.shape[-1])
 

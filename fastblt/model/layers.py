@@ -35,16 +35,9 @@ import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
 from fastblt.model import norm_kernel
-from fastblt.model.attention import (
-    Attend,
-    LocalMask,
-    attention,
-    gathered_attention,
-    latent_attention,
-    platform,
-    segment_attention,
-)
+from fastblt.model.attention import Attend, LocalMask, attention, platform
 from fastblt.model.block_rows import BlockRows
+from fastblt.model.cross_attention import gathered_attention, latent_attention, segment_attention
 from fastblt.model.lookup import take_rows
 
 Dtype = jnp.dtype
@@ -404,7 +397,7 @@ class CrossAttention(nn.Module):
         Args:
           x: float[b, num_patches * k, dim] slot queries (slot s belongs to patch s // k);
           kv_in: float[b, len, dim] byte states; segment_ids: int32[b, len], each byte's patch;
-          impl: the attention core's kernel (fastblt.model.attention.segment_attention).
+          impl: the attention core's kernel (fastblt.model.cross_attention.segment_attention).
         """
         b, pk, _ = x.shape
         k, v = self.kv(kv_in)
@@ -418,7 +411,7 @@ class CrossAttention(nn.Module):
 
         Args:
           x: float[b, len, dim] queries; slots: float[b, patches, k, dim];
-          index: int32[b, len], the patch each query reads (fastblt.model.attention.latent_attention);
+          index: int32[b, len], the patch each query reads (fastblt.model.cross_attention.latent_attention);
           impl: the attention core's kernel.
         """
         k, v = self.slot_kv(slots)

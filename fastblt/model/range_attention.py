@@ -85,7 +85,7 @@ def range_attention(
 
     Args:
       q: float[b, T, H, d]; k, v: float[b, S, KV, d] (KV divides H).
-      lo, hi: int[b, T]: query i sees keys j with lo[i] <= j < hi[i] (clipped to [0, S)); an empty
+      lo, hi: int[b, T]: query i sees keys j with lo[i] <= j < hi[i] (both clipped to [0, S]); an empty
         range (hi <= lo) sees nothing.
       block_q, block_k, block_q_dkv: tile sizes (powers of two, at least 16; None: the module's
         BLOCK_Q, BLOCK_K, BLOCK_Q_DKV, read at the call).
@@ -142,7 +142,8 @@ def key_tiles_per_query_tile(
 
 def _scores(q, k, start, lo, hi, n, scale):
     """Scaled scores of a query tile [BQ, d] against the key tile at ``start`` [BK, d], with the
-    visibility of each pair: key start + j visible to row i iff lo[i] <= start + j < hi[i] < ... n."""
+    visibility of each pair: key start + j visible to row i iff lo[i] <= start + j < hi[i] and
+    start + j < n."""
     pos = start + jnp.arange(k.shape[0], dtype=jnp.int32)
     vis = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None]) & (pos < n)[None, :]
     s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
@@ -289,7 +290,9 @@ def _attend_fwd(q, k, v, lo, hi, blocks, interpret):
     return (out, lse), (q, k, v, lo, hi, out, lse)
 
 
-def query_tiles_per_key_tile(lo, hi, block_q, block_k, n_key_tiles):
+def query_tiles_per_key_tile(
+    lo: jax.Array, hi: jax.Array, block_q: int, block_k: int, n_key_tiles: int
+) -> tuple[jax.Array, jax.Array]:
     """For each key tile, the query tiles [first, last) whose rows' ranges may touch it (a contiguous
     superset: the kernels mask each pair exactly). lo, hi: int32[b, T], T a multiple of block_q.
     Returns first, last: int32[b, n_key_tiles] (first >= last: no query sees the tile)."""
