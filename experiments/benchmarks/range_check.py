@@ -94,20 +94,12 @@ def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> lis
         cannot retrace it under another). On the CPU the ranged path is called directly: block_attention
         takes it for GPU steps only."""
 
-        def loss(q, k, v, kc, vc):
+        def attend(q, k, v, kc, vc):
             if ranged and interpret:
-                out = block_rows.ranged_block_attention(q, k, v, kc, vc, *args[5:], interpret=True)
-            else:
-                out = block_rows.block_attention(q, k, v, kc, vc, *args[5:], None, bound, impl)
-            return jnp.sum(out.astype(jnp.float32) * weights), out
+                return block_rows.ranged_block_attention(q, k, v, kc, vc, *args[5:], interpret=True)
+            return block_rows.block_attention(q, k, v, kc, vc, *args[5:], None, bound, impl)
 
-        block_rows.GPU_RANGE_KERNEL = ranged
-        try:
-            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
-            lowered = fn.lower(*args[:5])
-            return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
-        finally:
-            block_rows.GPU_RANGE_KERNEL = False
+        return _compile_under(block_rows, "GPU_RANGE_KERNEL", ranged, attend, weights, args[:5])
 
     paths = {"xla": path("xla", False), "ranged": path("cudnn", True)}
     if not interpret:
@@ -168,6 +160,27 @@ def check_counts(args, interpret: bool) -> dict:
         "lse_max_abs_error": error,
         "ok": bool(contiguous) and error < 1e-4,
     }
+
+
+def _compile_under(module, switch: str, on: bool, attend, weights, args) -> tuple:
+    """``attend(*args)``'s weighted-sum loss with its value, output and gradients in every argument,
+    compiled while ``module.switch`` is ``on`` (switches are read at trace time: a later call cannot
+    retrace it under another setting). Returns (the compiled program, whether the range kernel is in
+    it)."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(*xs):
+        out = attend(*xs)
+        return jnp.sum(out.astype(jnp.float32) * weights), out
+
+    setattr(module, switch, on)
+    try:
+        grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
+        lowered = jax.jit(grad).lower(*args)
+        return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
+    finally:
+        setattr(module, switch, False)
 
 
 def _timed(fn, args, repeats: int) -> float:
@@ -235,19 +248,12 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
         weights = jax.random.normal(keys[5], args[0].shape, jnp.float32)
 
         def path(ranged: bool, reference=reference, ranged_cpu=ranged_cpu, weights=weights, args=args):
-            def loss(q, k, v):
+            def attend(q, k, v):
                 if ranged and interpret:
-                    out = ranged_cpu(q, k, v)
-                else:
-                    out = reference(q, k, v, "cudnn" if ranged else "xla")
-                return jnp.sum(out.astype(jnp.float32) * weights), out
+                    return ranged_cpu(q, k, v)
+                return reference(q, k, v, "cudnn" if ranged else "xla")
 
-            cross.GPU_CROSS_RANGES = ranged
-            try:
-                lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(*args)
-                return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
-            finally:
-                cross.GPU_CROSS_RANGES = False
+            return _compile_under(cross, "GPU_CROSS_RANGES", ranged, attend, weights, args)
 
         paths = {"reference": path(False), "ranged": path(True)}
         results = {name: fn(*args) for name, (fn, _) in paths.items()}
@@ -287,16 +293,7 @@ def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     lo, hi = ra.local_ranges(docs, n, window)
 
     def compiled(attend, ranged: bool):
-        def loss(q, k, v):
-            out = attend(q, k, v)
-            return jnp.sum(out.astype(jnp.float32) * weights), out
-
-        attn_lib.GPU_SELF_RANGES = ranged
-        try:
-            lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)).lower(q, k, v)
-            return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
-        finally:
-            attn_lib.GPU_SELF_RANGES = False
+        return _compile_under(attn_lib, "GPU_SELF_RANGES", ranged, attend, weights, (q, k, v))
 
     def cudnn(q, k, v):
         with attn_lib.rows_checked():  # the train step's host-checked packed layout

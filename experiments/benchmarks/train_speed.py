@@ -27,6 +27,7 @@ compile seconds. ``--profile ROW [ROW ...]`` also traces those rows and prints t
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -344,37 +345,27 @@ def run_torch_row(args, row: str) -> dict:
 # ----------------------------------------------------------------------------------------- driver
 
 
+# Off-by-default model switches a row can turn on: the flag's attribute -> (module, switch). Set in the
+# row's own process before its step is traced; each row records which were on.
+SWITCHES = {
+    "latent_windows": ("fastblt.model.cross_attention", "GPU_LATENT_WINDOWS"),
+    "fused_norm": ("fastblt.model.layers", "GPU_FUSED_NORM"),
+    "range_kernel": ("fastblt.model.block_rows", "GPU_RANGE_KERNEL"),
+    "cross_ranges": ("fastblt.model.cross_attention", "GPU_CROSS_RANGES"),
+    "self_ranges": ("fastblt.model.attention", "GPU_SELF_RANGES"),
+}
+
+
 def run_row(args, row: str) -> dict:
     if row == "matmul":
         return run_matmul_row(args)
     if row.startswith("torch"):
         return run_torch_row(args, row)
     settings = {}
-    if args.latent_windows:
-        from fastblt.model import cross_attention
-
-        cross_attention.GPU_LATENT_WINDOWS = True
-        settings["latent_windows"] = True
-    if args.fused_norm:
-        from fastblt.model import layers
-
-        layers.GPU_FUSED_NORM = True
-        settings["fused_norm"] = True
-    if args.range_kernel:
-        from fastblt.model import block_rows
-
-        block_rows.GPU_RANGE_KERNEL = True
-        settings["range_kernel"] = True
-    if args.cross_ranges:
-        from fastblt.model import cross_attention
-
-        cross_attention.GPU_CROSS_RANGES = True
-        settings["cross_ranges"] = True
-    if args.self_ranges:
-        from fastblt.model import attention
-
-        attention.GPU_SELF_RANGES = True
-        settings["self_ranges"] = True
+    for flag, (module, switch) in SWITCHES.items():
+        if getattr(args, flag):
+            setattr(importlib.import_module(module), switch, True)
+            settings[flag] = True
     return {**run_jax_row(args, row), **settings}
 
 
@@ -547,11 +538,7 @@ def main(argv: list[str] | None = None) -> None:
 def _forward(args) -> list[str]:
     out = ["--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out += ["--checked-step"] if args.checked_step else []
-    out += ["--latent-windows"] if args.latent_windows else []
-    out += ["--fused-norm"] if args.fused_norm else []
-    out += ["--range-kernel"] if args.range_kernel else []
-    out += ["--cross-ranges"] if args.cross_ranges else []
-    out += ["--self-ranges"] if args.self_ranges else []
+    out += ["--" + flag.replace("_", "-") for flag in SWITCHES if getattr(args, flag)]
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:
