@@ -94,12 +94,12 @@ def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> lis
         cannot retrace it under another). On the CPU the ranged path is called directly: block_attention
         takes it for GPU steps only."""
 
-        def attend(q, k, v, kc, vc):
+        def attend(q, k, v, kc, vc, start, ctx, own):
             if ranged and interpret:
-                return block_rows.ranged_block_attention(q, k, v, kc, vc, *args[5:], interpret=True)
-            return block_rows.block_attention(q, k, v, kc, vc, *args[5:], None, bound, impl)
+                return block_rows.ranged_block_attention(q, k, v, kc, vc, start, ctx, own, interpret=True)
+            return block_rows.block_attention(q, k, v, kc, vc, start, ctx, own, None, bound, impl)
 
-        return _compile_under(block_rows, "GPU_RANGE_KERNEL", ranged, attend, weights, args[:5])
+        return _compile_under(block_rows, "GPU_RANGE_KERNEL", ranged, attend, weights, args[:5], args[5:])
 
     paths = {"xla": path("xla", False), "ranged": path("cudnn", True)}
     if not interpret:
@@ -162,25 +162,27 @@ def check_counts(args, interpret: bool) -> dict:
     }
 
 
-def _compile_under(module, switch: str, on: bool, attend, weights, args) -> tuple:
-    """``attend(*args)``'s weighted-sum loss with its value, output and gradients in every argument,
-    compiled while ``module.switch`` is ``on`` (switches are read at trace time: a later call cannot
-    retrace it under another setting). Returns (the compiled program, whether the range kernel is in
-    it)."""
+def _compile_under(module, switch: str, on: bool, attend, weights, args, extra=()) -> tuple:
+    """``attend(*args, *extra)``'s weighted-sum loss with its value, output and gradients in every one
+    of ``args``, compiled while ``module.switch`` is ``on`` (switches are read at trace time: a later
+    call cannot retrace it under another setting). ``weights`` and ``extra`` (masks, ids: no gradient)
+    are arguments of the program, not constants: XLA would fold a closed-over mask for minutes.
+    Returns (a function of ``args`` running the compiled program, whether the range kernel is in it)."""
     import jax
     import jax.numpy as jnp
 
-    def loss(*xs):
-        out = attend(*xs)
+    def loss(xs, weights, extra):
+        out = attend(*xs, *extra)
         return jnp.sum(out.astype(jnp.float32) * weights), out
 
     setattr(module, switch, on)
     try:
-        grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
-        lowered = jax.jit(grad).lower(*args)
-        return lowered.compile(), lowered.as_text().count("fastblt_range_attention") > 0
+        lowered = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(tuple(args), weights, tuple(extra))
+        compiled = lowered.compile()
+        has_kernel = lowered.as_text().count("fastblt_range_attention") > 0
     finally:
         setattr(module, switch, False)
+    return (lambda *xs: compiled(tuple(xs), weights, tuple(extra))), has_kernel
 
 
 def _timed(fn, args, repeats: int) -> float:
@@ -234,13 +236,13 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
         # name: (inputs, reference, ranged on the CPU); the GPU runs the reference under the switch.
         "decoder cross-attention": (
             (byte_rows, slot_rows[0], slot_rows[1]),
-            lambda q, k, v, impl: cross.latent_attention(q, k, v, index, impl),
-            lambda q, k, v: cross.latent_ranges(q, k, v, index, interpret=True),
+            lambda q, k, v, index, impl: cross.latent_attention(q, k, v, index, impl),
+            lambda q, k, v, index: cross.latent_ranges(q, k, v, index, interpret=True),
         ),
         "encoder cross-attention": (
             (slot_rows[2], byte_rows, jax.random.normal(keys[4], (b, n, h, d)).astype(jnp.bfloat16)),
-            lambda q, k, v, impl: cross.segment_attention(q, k, v, index, impl),
-            lambda q, k, v: cross.segment_ranges(q, k, v, index, interpret=True),
+            lambda q, k, v, index, impl: cross.segment_attention(q, k, v, index, impl),
+            lambda q, k, v, index: cross.segment_ranges(q, k, v, index, interpret=True),
         ),
     }
     rows = []
@@ -248,12 +250,12 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
         weights = jax.random.normal(keys[5], args[0].shape, jnp.float32)
 
         def path(ranged: bool, reference=reference, ranged_cpu=ranged_cpu, weights=weights, args=args):
-            def attend(q, k, v):
+            def attend(q, k, v, index):
                 if ranged and interpret:
-                    return ranged_cpu(q, k, v)
-                return reference(q, k, v, "cudnn" if ranged else "xla")
+                    return ranged_cpu(q, k, v, index)
+                return reference(q, k, v, index, "cudnn" if ranged else "xla")
 
-            return _compile_under(cross, "GPU_CROSS_RANGES", ranged, attend, weights, args)
+            return _compile_under(cross, "GPU_CROSS_RANGES", ranged, attend, weights, args, (index,))
 
         paths = {"reference": path(False), "ranged": path(True)}
         results = {name: fn(*args) for name, (fn, _) in paths.items()}
@@ -289,20 +291,25 @@ def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     tokens = np.random.default_rng(1).integers(4, 260, (b, n))
     tokens[np.random.default_rng(2).random((b, n)) < 2 / n] = 2  # ~2 documents per row
     docs = attn_lib.document_ids(jnp.asarray(tokens, jnp.int32))
-    mask = attn_lib.LocalMask(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), docs, window)
-    lo, hi = ra.local_ranges(docs, n, window)
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
 
     def compiled(attend, ranged: bool):
-        return _compile_under(attn_lib, "GPU_SELF_RANGES", ranged, attend, weights, (q, k, v))
+        return _compile_under(
+            attn_lib, "GPU_SELF_RANGES", ranged, attend, weights, (q, k, v), (positions, docs)
+        )
 
-    def cudnn(q, k, v):
+    def cudnn(q, k, v, positions, docs):
         with attn_lib.rows_checked():  # the train step's host-checked packed layout
-            return attn_lib.attention(q, k, v, mask, "cudnn")
+            return attn_lib.attention(q, k, v, attn_lib.LocalMask(positions, docs, window), "cudnn")
 
-    def ranged_cpu(q, k, v):
+    def xla(q, k, v, positions, docs):
+        return attn_lib.attention(q, k, v, attn_lib.LocalMask(positions, docs, window), "xla")
+
+    def ranged_cpu(q, k, v, positions, docs):
+        lo, hi = ra.local_ranges(docs, n, window)
         return ra.range_attention(q, k, v, jnp.broadcast_to(lo, (b, n)), jnp.broadcast_to(hi, (b, n)))[0]
 
-    paths = {"xla": compiled(lambda q, k, v: attn_lib.attention(q, k, v, mask, "xla"), False)}
+    paths = {"xla": compiled(xla, False)}
     if interpret:
         paths["ranged"] = compiled(ranged_cpu, False)
     else:
@@ -329,17 +336,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="time the kernel's default tiles alone")
     args = p.parse_args(argv)
     repeats = 2 if args.interpret else 20
-    rows = check(SMALL if args.interpret else MID, args.interpret, repeats=repeats, sweep=not args.no_sweep)
-    rows += check_cross(CROSS_SMALL if args.interpret else CROSS, args.interpret, repeats=repeats)
-    for shape in LOCAL_SMALL if args.interpret else LOCAL:
-        rows += check_local(shape, args.interpret, repeats=repeats)
-    ok = all(r["ok"] for r in rows)  # every row gates phase 30's train rows
-    for r in rows:
-        print(json.dumps(r), flush=True)
+    sections = [lambda: check(SMALL if args.interpret else MID, args.interpret, repeats, not args.no_sweep)]
+    sections.append(lambda: check_cross(CROSS_SMALL if args.interpret else CROSS, args.interpret, repeats))
+    sections += [
+        lambda s=s: check_local(s, args.interpret, repeats)
+        for s in (LOCAL_SMALL if args.interpret else LOCAL)
+    ]
+    path = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "range_check.jsonl"), "w") as f:
-            f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+        path = os.path.join(args.out, "range_check.jsonl")
+        open(path, "w").close()
+    rows = []
+    for section in sections:  # each section's rows are kept as it ends: a call cut short keeps them
+        new = section()
+        rows += new
+        for r in new:
+            print(json.dumps(r), flush=True)
+        if path:
+            with open(path, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in new))
+    ok = all(r["ok"] for r in rows)  # every row gates phase 30's train rows
     print("ok" if ok else "MISMATCH", flush=True)
     return 0 if ok else 1
 
