@@ -232,3 +232,33 @@ def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch)
     assert not rows[2]["ok"] and rows[2]["lse_max_abs_error"] > 1e-3
     cross = range_check.check_cross(range_check.CROSS_SMALL, interpret=True, repeats=1)
     assert not cross[1]["ok"] and not cross[3]["ok"]
+
+
+def test_range_check_winners_picks_only_switches_faster_than_todays_path(tmp_path):
+    """range_check.py --winners: a switch is chosen where its kernel rows sum to less time than
+    today's path, never where a row failed or is missing (hand-built rows)."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
+    import range_check
+
+    def row(path, ms, call=None, ok=True):
+        return {"path": path, "fwd_bwd_ms": ms, "ok": ok, **({"call": call} if call else {})}
+
+    rows = [row("xla", 9.0), row("ranged", 2.0), row("tiles", 3.0), row("ranged 64x64x64, dkv 64", 1.0)]
+    rows += [row(p, ms, "decoder cross-attention") for p, ms in (("reference", 1.0), ("ranged", 0.5))]
+    rows += [row(p, ms, "encoder cross-attention") for p, ms in (("reference", 1.0), ("ranged", 1.6))]
+    rows += [row(p, ms, "decoder") for p, ms in (("xla", 5.0), ("cudnn", 1.0), ("ranged", 0.9))]
+    rows += [row(p, ms, "global") for p, ms in (("xla", 5.0), ("cudnn", 1.0), ("ranged", 1.2))]
+    # block rows 2 < 3; cross 2.1 > 2.0; self 2.1 > 2.0
+    assert range_check.winners(rows) == ["--range-kernel"]
+    rows[-1]["fwd_bwd_ms"] = 1.0  # self 1.9 < 2.0
+    assert range_check.winners(rows) == ["--range-kernel", "--self-ranges"]
+    rows[1]["ok"] = False
+    assert range_check.winners(rows) == ["--self-ranges"]
+    assert range_check.winners(rows[4:8]) == []  # cross slower; block and self rows missing
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert range_check.main(["--winners", str(path)]) == 0

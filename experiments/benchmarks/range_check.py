@@ -329,12 +329,45 @@ def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     return rows
 
 
+def winners(rows: list[dict]) -> list[str]:
+    """train_speed.py's switches whose range-kernel path was faster, forward plus backward, than the path
+    the train step takes today, from a GPU run's rows: ``--range-kernel`` (the block rows against the
+    tiles), ``--cross-ranges`` (both cross-attentions together against their reference forms),
+    ``--self-ranges`` (the decoder's and the global model's self-attention together against cuDNN).
+    A switch whose rows are missing or failed is not chosen."""
+
+    def total(pick) -> float:
+        times = [r["fwd_bwd_ms"] for r in rows if pick(r)]
+        return sum(times) if times and all(r.get("ok") for r in rows if pick(r)) else float("nan")
+
+    def faster(new, old) -> bool:
+        return total(new) < total(old)  # NaN compares false
+
+    chosen = []
+    if faster(lambda r: r.get("path") == "ranged" and "call" not in r, lambda r: r.get("path") == "tiles"):
+        chosen.append("--range-kernel")
+    cross = lambda r: "cross-attention" in r.get("call", "")  # noqa: E731
+    if faster(lambda r: cross(r) and r["path"] == "ranged", lambda r: cross(r) and r["path"] == "reference"):
+        chosen.append("--cross-ranges")
+    local = lambda r: r.get("call") in ("decoder", "global")  # noqa: E731
+    if faster(lambda r: local(r) and r["path"] == "ranged", lambda r: local(r) and r["path"] == "cudnn"):
+        chosen.append("--self-ranges")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--interpret", action="store_true", help="run the kernel in Pallas interpret mode")
     p.add_argument("--out", default=None)
     p.add_argument("--no-sweep", action="store_true", help="time the kernel's default tiles alone")
+    p.add_argument(
+        "--winners", metavar="JSONL", help="print the train switches a GPU run's rows found faster"
+    )
     args = p.parse_args(argv)
+    if args.winners:
+        with open(args.winners) as f:
+            print(" ".join(winners([json.loads(line) for line in f if line.strip()])))
+        return 0
     repeats = 2 if args.interpret else 20
     sections = [lambda: check(SMALL if args.interpret else MID, args.interpret, repeats, not args.no_sweep)]
     sections.append(lambda: check_cross(CROSS_SMALL if args.interpret else CROSS, args.interpret, repeats))

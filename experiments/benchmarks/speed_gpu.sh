@@ -93,6 +93,9 @@
 #       gone and the block attention at ~0.6x the scores without a bias read, a few ms of BLT-D-4's
 #       41 ms over plain; the cross-attentions' gathers and segment sums gone (7.7 + 1.6 ms of plain
 #       BLT's step in run 9, with its projections).
+#   31. phase 30 in one device call: range_check without the tile sweep, then BLT-D-4 and plain BLT as
+#       today and with the switches whose kernel range_check timed faster than today's path
+#       (range_check.py --winners), unprofiled.
 #   29. the loop half's GEMMs on cuBLAS too (--compiler-option xla_gpu_enable_triton_gemm=false: both
 #       halves; the prefill's has been cuBLAS since run 13), and no autotuning at all
 #       (xla_gpu_autotune_level=0: XLA's default tiles): ar's cold compile at batch 1, the three
@@ -163,7 +166,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -280,6 +283,17 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
           --timeout 300 --range-kernel --cross-ranges --self-ranges --out "$out/train_range_all"
       else
         echo "[train_range] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
+      fi ;;
+  31) phase range_check python3 $bench/range_check.py --no-sweep --out "$out/range_check"
+      if [ -e "$out/range_check/done" ]; then
+        won=$(python3 $bench/range_check.py --winners "$out/range_check/range_check.jsonl")
+        echo "[train_won] switches faster in range_check: ${won:-none}" | tee -a "$out/log.txt"
+        phase train_won_before python3 $bench/train_speed.py --shape mid --rows blt_d4 blt --steps 20 \
+          --warmup 3 --timeout 200 --out "$out/train_won_before"
+        [ -n "$won" ] && phase train_won_after python3 $bench/train_speed.py --shape mid --rows blt_d4 blt \
+          --steps 20 --warmup 3 --timeout 200 $won --out "$out/train_won_after"
+      else
+        echo "[train_won] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
   29) rm -rf /tmp/loop-*
       for run in default_1 cublas_1 notune_1 default_2 cublas_2 notune_2; do
