@@ -235,8 +235,8 @@ def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch)
 
 
 def test_range_check_winners_picks_only_switches_faster_than_todays_path(tmp_path):
-    """range_check.py --winners: a switch is chosen where its kernel rows sum to less time than
-    today's path, never where a row failed or is missing (hand-built rows)."""
+    """range_check.py --winners: a switch is on where its kernel rows sum to less time than the path
+    without it, off where they do not or a row failed or is missing (hand-built rows)."""
     import json
     import os
     import sys
@@ -253,12 +253,13 @@ def test_range_check_winners_picks_only_switches_faster_than_todays_path(tmp_pat
     rows += [row(p, ms, "decoder") for p, ms in (("xla", 5.0), ("cudnn", 1.0), ("ranged", 0.9))]
     rows += [row(p, ms, "global") for p, ms in (("xla", 5.0), ("cudnn", 1.0), ("ranged", 1.2))]
     # block rows 2 < 3; cross 2.1 > 2.0; self 2.1 > 2.0
-    assert range_check.winners(rows) == ["--range-kernel"]
+    assert range_check.winners(rows) == ["--range-kernel", "--no-cross-ranges", "--no-self-ranges"]
     rows[-1]["fwd_bwd_ms"] = 1.0  # self 1.9 < 2.0
-    assert range_check.winners(rows) == ["--range-kernel", "--self-ranges"]
+    assert range_check.winners(rows) == ["--range-kernel", "--no-cross-ranges", "--self-ranges"]
     rows[1]["ok"] = False
-    assert range_check.winners(rows) == ["--self-ranges"]
-    assert range_check.winners(rows[4:8]) == []  # cross slower; block and self rows missing
+    assert range_check.winners(rows) == ["--no-range-kernel", "--no-cross-ranges", "--self-ranges"]
+    off = ["--no-range-kernel", "--no-cross-ranges", "--no-self-ranges"]
+    assert range_check.winners(rows[4:8]) == off  # cross slower; block and self rows missing
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert range_check.main(["--winners", str(path)]) == 0

@@ -49,3 +49,32 @@ def test_pallas_kernel_names_are_found_in_a_lowered_program():
         pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
     names = ["fastblt_range_attention", "fastblt_range_attention_dkv", "fastblt_range_attention_dq"]
     assert train_speed.pallas_kernels(text) == names
+
+
+def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch):
+    """--x sets a model switch, --no-x clears it, neither leaves the module's default; a row's process
+    gets the same flags, and the row records every switch as it ran."""
+    import importlib
+
+    for module, switch in train_speed.SWITCHES.values():  # restored after the test
+        monkeypatch.setattr(
+            importlib.import_module(module), switch, getattr(importlib.import_module(module), switch)
+        )
+    from fastblt.model import block_rows, cross_attention, layers
+
+    monkeypatch.setattr(cross_attention, "GPU_CROSS_RANGES", True)
+    monkeypatch.setattr(layers, "GPU_FUSED_NORM", False)
+    args = train_speed.parser().parse_args(["--no-range-kernel", "--fused-norm", "--rows", "blt"])
+    forwarded = train_speed._forward(args)
+    assert "--no-range-kernel" in forwarded and "--fused-norm" in forwarded
+    assert not any("cross-ranges" in f or "self-ranges" in f for f in forwarded)  # left to the module
+    settings = train_speed.apply_switches(args)
+    assert settings == {
+        "latent_windows": False,
+        "fused_norm": True,
+        "range_kernel": False,
+        "cross_ranges": True,
+        "self_ranges": False,
+    }
+    assert not block_rows.GPU_RANGE_KERNEL and layers.GPU_FUSED_NORM and cross_attention.GPU_CROSS_RANGES
+    assert train_speed.apply_switches(train_speed.parser().parse_args(forwarded)) == settings

@@ -38,7 +38,7 @@ MID = (16, 4096, 8, 64, 512)
 SMALL = (2, 256, 2, 16, 32)
 # Self-attention the attention core runs on cuDNN today (name, batch, rows, heads, head dim, window):
 # blt_mid's decoder rows and its global model over 4-byte patches; small shapes for the interpreter.
-LOCAL = [("decoder", 16, 4096, 8, 64, 512), ("global", 16, 1025, 16, 64, None)]
+LOCAL = [("decoder", 16, 4096, 8, 64, 512), ("global", 16, 1026, 16, 64, None)]
 LOCAL_SMALL = [("decoder", 2, 96, 2, 16, 24), ("global", 2, 40, 2, 16, None)]
 
 
@@ -175,13 +175,14 @@ def _compile_under(module, switch: str, on: bool, attend, weights, args, extra=(
         out = attend(*xs, *extra)
         return jnp.sum(out.astype(jnp.float32) * weights), out
 
+    before = getattr(module, switch)
     setattr(module, switch, on)
     try:
         lowered = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(tuple(args), weights, tuple(extra))
         compiled = lowered.compile()
         has_kernel = lowered.as_text().count("fastblt_range_attention") > 0
     finally:
-        setattr(module, switch, False)
+        setattr(module, switch, before)
     return (lambda *xs: compiled(tuple(xs), weights, tuple(extra))), has_kernel
 
 
@@ -330,29 +331,38 @@ def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
 
 
 def winners(rows: list[dict]) -> list[str]:
-    """train_speed.py's switches whose range-kernel path was faster, forward plus backward, than the path
-    the train step takes today, from a GPU run's rows: ``--range-kernel`` (the block rows against the
-    tiles), ``--cross-ranges`` (both cross-attentions together against their reference forms),
-    ``--self-ranges`` (the decoder's and the global model's self-attention together against cuDNN).
-    A switch whose rows are missing or failed is not chosen."""
+    """train_speed.py's range switches as a GPU run's rows timed them, each ``--x`` where its
+    range-kernel path was faster, forward plus backward, than the path without it and ``--no-x``
+    elsewhere: ``range-kernel`` (the block rows against the tiles), ``cross-ranges`` (both
+    cross-attentions together against their reference forms), ``self-ranges`` (the decoder's and the
+    global model's self-attention together against cuDNN). Missing or failed rows give ``--no-x``."""
 
     def total(pick) -> float:
         times = [r["fwd_bwd_ms"] for r in rows if pick(r)]
         return sum(times) if times and all(r.get("ok") for r in rows if pick(r)) else float("nan")
 
-    def faster(new, old) -> bool:
-        return total(new) < total(old)  # NaN compares false
+    def flag(name: str, new, old) -> str:
+        return ("--" if total(new) < total(old) else "--no-") + name  # NaN compares false
 
-    chosen = []
-    if faster(lambda r: r.get("path") == "ranged" and "call" not in r, lambda r: r.get("path") == "tiles"):
-        chosen.append("--range-kernel")
     cross = lambda r: "cross-attention" in r.get("call", "")  # noqa: E731
-    if faster(lambda r: cross(r) and r["path"] == "ranged", lambda r: cross(r) and r["path"] == "reference"):
-        chosen.append("--cross-ranges")
     local = lambda r: r.get("call") in ("decoder", "global")  # noqa: E731
-    if faster(lambda r: local(r) and r["path"] == "ranged", lambda r: local(r) and r["path"] == "cudnn"):
-        chosen.append("--self-ranges")
-    return chosen
+    return [
+        flag(
+            "range-kernel",
+            lambda r: r.get("path") == "ranged" and "call" not in r,
+            lambda r: r.get("path") == "tiles",
+        ),
+        flag(
+            "cross-ranges",
+            lambda r: cross(r) and r["path"] == "ranged",
+            lambda r: cross(r) and r["path"] == "reference",
+        ),
+        flag(
+            "self-ranges",
+            lambda r: local(r) and r["path"] == "ranged",
+            lambda r: local(r) and r["path"] == "cudnn",
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--no-sweep", action="store_true", help="time the kernel's default tiles alone")
     p.add_argument(
-        "--winners", metavar="JSONL", help="print the train switches a GPU run's rows found faster"
+        "--winners",
+        metavar="JSONL",
+        help="print train_speed.py's range switches as a GPU run's rows timed them",
     )
     args = p.parse_args(argv)
     if args.winners:

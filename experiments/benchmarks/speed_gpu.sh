@@ -108,12 +108,15 @@
 # 13 and 7's first two rows ran the same day (generate_speed.md run 11, train_speed.md run 8); 22, 8,
 # 15, 14, 21 and 7's first two rows on one H200, then 23 and 24 on one H100, the same evening
 # (generate_speed.md run 12, train_speed.md run 9: phases 14 and 15 measured what is now the default);
-# 25 without its level-2 speed row on one H200 (generate_speed.md run 13: cuBLAS prefill now the default).
-# Next: 28, 30, 29, 26, 24, 7, 27 (several calls), 5, 10, 11 and 6. A device call's background jobs end with
+# 25 without its level-2 speed row on one H200 (generate_speed.md run 13: cuBLAS prefill now the default);
+# 28 and 31 on one H100 late that day (train_speed.md run 10: BLT-D's block rows and both cross-attentions
+# on the key-range kernel are now the default; the norm kernel and self-attention on it stay off).
+# Next: 24 (the port's ratio with the new default), 7 (with BLT-D-8 and profiles), 29, 26, 27 (several
+# calls), 5, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before". A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="28 30 29 26 24 7 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="24 7 29 26 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -234,9 +237,9 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
           --mode $mode --out "$out/split_compile"
       done ;;
   19) phase latent_gathered python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 --profile blt \
-        --steps 20 --warmup 3 --timeout 300 --out "$out/latent_gathered"
+        --no-cross-ranges --steps 20 --warmup 3 --timeout 300 --out "$out/latent_gathered"
       phase latent_windows python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
-        --latent-windows --steps 20 --warmup 3 --timeout 300 --out "$out/latent_windows" ;;
+        --latent-windows --no-cross-ranges --steps 20 --warmup 3 --timeout 300 --out "$out/latent_windows" ;;
   20) phase gen_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-direct-rows 0 --decode-cache-write --profile ar:1 \
        --out "$out/gen_write" ;;
@@ -274,9 +277,9 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
   30) phase range_check python3 $bench/range_check.py --out "$out/range_check"
       if [ -e "$out/range_check/done" ]; then
         phase train_range_tiles python3 $bench/train_speed.py --shape mid --rows blt blt_d4 blt_d8 --steps 20 \
-          --warmup 3 --timeout 300 --out "$out/train_range_tiles"
+          --warmup 3 --timeout 300 --no-range-kernel --no-cross-ranges --out "$out/train_range_tiles"
         phase train_range_kernel python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --profile blt_d4 \
-          --steps 20 --warmup 3 --timeout 300 --range-kernel --out "$out/train_range_kernel"
+          --steps 20 --warmup 3 --timeout 300 --range-kernel --no-cross-ranges --out "$out/train_range_kernel"
         phase train_range_cross python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
           --steps 20 --warmup 3 --timeout 300 --range-kernel --cross-ranges --out "$out/train_range_cross"
         phase train_range_all python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --steps 20 --warmup 3 \
@@ -287,10 +290,10 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
   31) phase range_check python3 $bench/range_check.py --no-sweep --out "$out/range_check"
       if [ -e "$out/range_check/done" ]; then
         won=$(python3 $bench/range_check.py --winners "$out/range_check/range_check.jsonl")
-        echo "[train_won] switches faster in range_check: ${won:-none}" | tee -a "$out/log.txt"
+        echo "[train_won] switches as range_check timed them: $won" | tee -a "$out/log.txt"
         phase train_won_before python3 $bench/train_speed.py --shape mid --rows blt_d4 blt --steps 20 \
-          --warmup 3 --timeout 200 --out "$out/train_won_before"
-        [ -n "$won" ] && phase train_won_after python3 $bench/train_speed.py --shape mid --rows blt_d4 blt \
+          --warmup 3 --timeout 200 --no-range-kernel --no-cross-ranges --no-self-ranges --out "$out/train_won_before"
+        phase train_won_after python3 $bench/train_speed.py --shape mid --rows blt_d4 blt \
           --steps 20 --warmup 3 --timeout 200 $won --out "$out/train_won_after"
       else
         echo "[train_won] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"

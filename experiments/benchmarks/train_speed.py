@@ -345,8 +345,9 @@ def run_torch_row(args, row: str) -> dict:
 # ----------------------------------------------------------------------------------------- driver
 
 
-# Off-by-default model switches a row can turn on: the flag's attribute -> (module, switch). Set in the
-# row's own process before its step is traced; each row records which were on.
+# Model switches a row can set or clear (--x / --no-x; default: the module's own setting): the flag's
+# attribute -> (module, switch). Set in the row's own process before its step is traced; each row
+# records every switch as it ran.
 SWITCHES = {
     "latent_windows": ("fastblt.model.cross_attention", "GPU_LATENT_WINDOWS"),
     "fused_norm": ("fastblt.model.layers", "GPU_FUSED_NORM"),
@@ -361,12 +362,20 @@ def run_row(args, row: str) -> dict:
         return run_matmul_row(args)
     if row.startswith("torch"):
         return run_torch_row(args, row)
+    settings = apply_switches(args)
+    return {**run_jax_row(args, row), **settings}
+
+
+def apply_switches(args) -> dict[str, bool]:
+    """Sets each switch the command line names (``--x``: on, ``--no-x``: off, neither: the module's
+    own setting) in this process; returns every switch as the row will run, defaults included."""
     settings = {}
     for flag, (module, switch) in SWITCHES.items():
-        if getattr(args, flag):
-            setattr(importlib.import_module(module), switch, True)
-            settings[flag] = True
-    return {**run_jax_row(args, row), **settings}
+        module = importlib.import_module(module)
+        if getattr(args, flag) is not None:
+            setattr(module, switch, getattr(args, flag))
+        settings[flag] = bool(getattr(module, switch))
+    return settings
 
 
 def write_results(results: list[dict], out_dir: str, command: str) -> None:
@@ -447,7 +456,7 @@ def _plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="mid", choices=("tiny", "mid", "1b"))
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -469,35 +478,39 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--fused-norm",
-        action="store_true",
-        help="turn fastblt.model.layers.GPU_FUSED_NORM on: training-sized RMSNorms as one Pallas kernel "
+        action=argparse.BooleanOptionalAction,
+        help="fastblt.model.layers.GPU_FUSED_NORM on or off (default: as the module sets it): training-sized RMSNorms as one Pallas kernel "
         "per direction (one GPU)",
     )
     p.add_argument(
         "--range-kernel",
-        action="store_true",
-        help="turn fastblt.model.block_rows.GPU_RANGE_KERNEL on: BLT-D's block rows attend their context "
+        action=argparse.BooleanOptionalAction,
+        help="fastblt.model.block_rows.GPU_RANGE_KERNEL on or off (default: as the module sets it): BLT-D's block rows attend their context "
         "through the key-range Pallas kernel (fastblt.model.range_attention) instead of tiles",
     )
     p.add_argument(
         "--cross-ranges",
-        action="store_true",
-        help="turn fastblt.model.cross_attention.GPU_CROSS_RANGES on: both cross-attentions on the range kernel "
+        action=argparse.BooleanOptionalAction,
+        help="fastblt.model.cross_attention.GPU_CROSS_RANGES on or off (default: as the module sets it): both cross-attentions on the range kernel "
         "(the decoder's rows read their patch's slots, the encoder's slots their patch's bytes, as key ranges)",
     )
     p.add_argument(
         "--self-ranges",
-        action="store_true",
-        help="turn fastblt.model.attention.GPU_SELF_RANGES on: the stacks' causal (windowed) self-attention "
+        action=argparse.BooleanOptionalAction,
+        help="fastblt.model.attention.GPU_SELF_RANGES on or off (default: as the module sets it): the stacks' causal (windowed) self-attention "
         "within documents on the range kernel instead of cuDNN",
     )
     p.add_argument(
         "--latent-windows",
-        action="store_true",
-        help="turn fastblt.model.cross_attention.GPU_LATENT_WINDOWS on: the decoder's cross-attention as row "
+        action=argparse.BooleanOptionalAction,
+        help="fastblt.model.cross_attention.GPU_LATENT_WINDOWS on or off (default: as the module sets it): the decoder's cross-attention as row "
         "blocks over windows of patch slots through the fused kernel",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.row:
         print("RESULT " + json.dumps(run_row(args, args.row)), flush=True)
         return
@@ -538,7 +551,9 @@ def main(argv: list[str] | None = None) -> None:
 def _forward(args) -> list[str]:
     out = ["--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out += ["--checked-step"] if args.checked_step else []
-    out += ["--" + flag.replace("_", "-") for flag in SWITCHES if getattr(args, flag)]
+    for flag in SWITCHES:
+        if getattr(args, flag) is not None:
+            out.append(("--" if getattr(args, flag) else "--no-") + flag.replace("_", "-"))
     if args.batch:
         out += ["--batch", str(args.batch)]
     if args.seq_len:

@@ -117,11 +117,10 @@ class BlockRows:
 # Where block_attention would take a fused kernel on a GPU, run the block rows' context attention on
 # fastblt.model.range_attention instead of tiles through the attention core: each cell's visible clean
 # rows are one range [lo, hi), read in place (no key windows cut per tile, no dense mask, ~0.6x the
-# scores of a tile's span plus its cells), and its own block's cells are merged by log-sum-exp. Off
-# until a GPU measures it (train_speed.py --range-kernel, speed_gpu.sh phase 30): in run 9 (one H200,
-# BLT-D-4 at blt_mid) the block rows' attention took 2.4 ms per layer backward against 1.19 ms for the
-# clean rows' windowed kernel, plus 0.35 ms of padding per layer forward and a 1.69 ms gather.
-GPU_RANGE_KERNEL = False
+# scores of a tile's span plus its cells), and its own block's cells are merged by log-sum-exp. On
+# since train_speed.md run 10 (one H100, BLT-D-4 at blt_mid, with GPU_CROSS_RANGES): one layer's block
+# attention 4.70 -> 3.53 ms forward plus backward (range_check.py), the step 126.0 -> 114.7 ms.
+GPU_RANGE_KERNEL = True
 
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
 # gathered context keys, C * KV * hd per block, and scores, H * B * C per block).
