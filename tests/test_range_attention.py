@@ -263,3 +263,36 @@ def test_range_check_winners_picks_only_switches_faster_than_todays_path(tmp_pat
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert range_check.main(["--winners", str(path)]) == 0
+
+
+def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
+    """range_check.py's SWEEP: under each setting (tiles, warps, stages) the three kernels lower for
+    CUDA with the setting's warps, and the module's own settings come back afterwards."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
+    import range_check
+
+    before = [getattr(ra, name) for name in range_check.SETTINGS]
+    q = jnp.ones((2, 1000, 4, 64), jnp.bfloat16)
+    lo = jnp.zeros((2, 1000), jnp.int32)
+
+    def loss(q, k, v):
+        out, lse = ra.range_attention(q, k, v, lo, lo + 300, interpret=False)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+    for values in range_check.SWEEP:
+        with range_check.kernel_settings(values):
+            assert [getattr(ra, name) for name in range_check.SETTINGS] == list(values)
+            assert ra._params(False)["compiler_params"].num_warps == values[3]
+            assert ra._params(False)["compiler_params"].num_stages == values[4]
+            try:
+                traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q)
+                text = traced.lower(lowering_platforms=("cuda",)).as_text()
+            except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
+                if "No supported GPU" not in str(e):
+                    raise
+                continue
+            assert text.count("xla.gpu.triton") == 3, values
+        assert [getattr(ra, name) for name in range_check.SETTINGS] == before

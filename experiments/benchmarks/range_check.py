@@ -25,6 +25,7 @@ attention.GPU_SELF_RANGES on, checked and timed alike. Every row must pass for p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -72,9 +73,39 @@ def inputs(batch: int, n: int, heads: int, hd: int, window: int, block: int = 4,
     return (*qkv, start, ctx, own), patch
 
 
-# Tiles of the range kernel timed on the block rows besides the default (block_q, block_k,
-# block_q_dkv): values are checked for each.
-SWEEP = [(64, 64, 64), (128, 64, 32), (64, 32, 32)]
+# Settings of the range kernel timed besides the default, on the block rows and on the self-attention
+# calls (block_q, block_k, block_q_dkv, num_warps, num_stages); values are checked for each. The
+# default (64, 64, 32, 4, 2) ran the self-attention at ~0.7x cuDNN's rate (train_speed.md run 10).
+SWEEP = [
+    (64, 64, 64, 4, 2),
+    (128, 64, 32, 4, 2),
+    (64, 32, 32, 4, 2),
+    (64, 64, 32, 4, 3),
+    (128, 64, 32, 8, 2),
+    (128, 128, 64, 8, 2),
+    (128, 64, 64, 8, 3),
+]
+SETTINGS = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES")
+
+
+@contextlib.contextmanager
+def kernel_settings(values):
+    """fastblt.model.range_attention's tiles, warps and stages set to ``values`` (as SWEEP's), then
+    restored."""
+    from fastblt.model import range_attention as ra
+
+    before = [getattr(ra, name) for name in SETTINGS]
+    for name, value in zip(SETTINGS, values, strict=True):
+        setattr(ra, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(SETTINGS, before, strict=True):
+            setattr(ra, name, value)
+
+
+def sweep_name(values) -> str:
+    return "ranged {}x{}, dkv {}, {} warps, {} stages".format(*values)
 
 
 def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> list[dict]:
@@ -83,7 +114,6 @@ def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> lis
     import numpy as np
 
     from fastblt.model import block_rows
-    from fastblt.model import range_attention as ra
 
     args, bound = inputs(*shape)
     q = args[0]
@@ -104,14 +134,9 @@ def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> lis
     paths = {"xla": path("xla", False), "ranged": path("cudnn", True)}
     if not interpret:
         paths["tiles"] = path("cudnn", False)
-        if sweep:
-            default = (ra.BLOCK_Q, ra.BLOCK_K, ra.BLOCK_Q_DKV)
-            for tiles in SWEEP:
-                ra.BLOCK_Q, ra.BLOCK_K, ra.BLOCK_Q_DKV = tiles
-                try:
-                    paths["ranged {}x{}, dkv {}".format(*tiles)] = path("cudnn", True)
-                finally:
-                    ra.BLOCK_Q, ra.BLOCK_K, ra.BLOCK_Q_DKV = default
+        for values in SWEEP if sweep else []:
+            with kernel_settings(values):
+                paths[sweep_name(values)] = path("cudnn", True)
 
     results = {name: fn(*args[:5]) for name, (fn, _) in paths.items()}
     (_, ref_out), ref_grads = results["xla"]
@@ -272,7 +297,7 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     return rows
 
 
-def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
+def check_local(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> list[dict]:
     """Causal (windowed) self-attention within documents, the attention core's LocalMask: the XLA path,
     cuDNN as the core runs it (GPU), and the range kernel through the same call with
     attention.GPU_SELF_RANGES on (on the CPU, the kernel interpreted with local_ranges directly).
@@ -316,6 +341,9 @@ def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
     else:
         paths["cudnn"] = compiled(cudnn, False)
         paths["ranged"] = compiled(cudnn, True)  # the same call, the switch on
+        for values in SWEEP if sweep else []:
+            with kernel_settings(values):
+                paths[sweep_name(values)] = compiled(cudnn, True)
     results = {p: fn(q, k, v) for p, (fn, _) in paths.items()}
     rows = []
     for p, (fn, has_kernel) in paths.items():
@@ -325,7 +353,7 @@ def check_local(shape, interpret: bool, repeats: int = 20) -> list[dict]:
         r["ok"] = max(e for key, e in r.items() if key.endswith("_rel_error")) < 2e-2
         if not interpret:
             r["range_kernel_in_program"] = has_kernel
-            r["ok"] &= has_kernel == (p == "ranged")
+            r["ok"] &= has_kernel == p.startswith("ranged")
         rows.append(r)
     return rows
 
@@ -384,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = [lambda: check(SMALL if args.interpret else MID, args.interpret, repeats, not args.no_sweep)]
     sections.append(lambda: check_cross(CROSS_SMALL if args.interpret else CROSS, args.interpret, repeats))
     sections += [
-        lambda s=s: check_local(s, args.interpret, repeats)
+        lambda s=s: check_local(s, args.interpret, repeats, not args.no_sweep)
         for s in (LOCAL_SMALL if args.interpret else LOCAL)
     ]
     path = None

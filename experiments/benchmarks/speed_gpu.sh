@@ -96,6 +96,10 @@
 #   31. phase 30 in one device call: range_check without the tile sweep, then BLT-D-4 and plain BLT as
 #       today and with the switches whose kernel range_check timed faster than today's path
 #       (range_check.py --winners), unprofiled.
+#   32. the key-range kernel's tiles, warps and pipeline stages (range_check.py's SWEEP) on the block
+#       rows and on the decoder's and global model's self-attention, against cuDNN and the tiles: the
+#       default ran the self-attention at ~0.7x cuDNN's rate in run 10; a setting that beats cuDNN
+#       there would turn GPU_SELF_RANGES on (then measured in a train row).
 #   29. the loop half's GEMMs on cuBLAS too (--compiler-option xla_gpu_enable_triton_gemm=false: both
 #       halves; the prefill's has been cuBLAS since run 13), and no autotuning at all
 #       (xla_gpu_autotune_level=0: XLA's default tiles): ar's cold compile at batch 1, the three
@@ -111,12 +115,12 @@
 # 25 without its level-2 speed row on one H200 (generate_speed.md run 13: cuBLAS prefill now the default);
 # 28 and 31 on one H100 late that day (train_speed.md run 10: BLT-D's block rows and both cross-attentions
 # on the key-range kernel are now the default; the norm kernel and self-attention on it stay off).
-# Next: 24 (the port's ratio with the new default), 7 (with BLT-D-8 and profiles), 29, 26, 27 (several
-# calls), 5, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before". A device call's background jobs end with
+# Next: 24 (the port's ratio with the new default), 32, 7 (with BLT-D-8 and profiles), 29, 26, 27
+# (several calls), 5, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before". A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="24 7 29 26 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="24 32 7 29 26 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -169,7 +173,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -298,6 +302,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
       else
         echo "[train_won] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
+  32) phase range_sweep python3 $bench/range_check.py --out "$out/range_sweep" ;;
   29) rm -rf /tmp/loop-*
       for run in default_1 cublas_1 notune_1 default_2 cublas_2 notune_2; do
         opts=()

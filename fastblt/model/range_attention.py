@@ -33,11 +33,13 @@ _NEG = -1e30  # as fastblt.model.attention: finite, so a row with no visible key
 # scores and probabilities; the dk/dv kernel holds its key tile's k, v, dk and dv [BLOCK_K, d] for the
 # whole loop plus the scores of BLOCK_Q_DKV queries, so it takes fewer queries at a time (register
 # pressure at head dim 64 with 4 warps; JAX's Pallas flash attention uses 32 x 32 in its backward).
-# Not tuned on a GPU yet: experiments/benchmarks/range_check.py times alternatives.
+# On one H100 (train_speed.md run 10) these tiles ran the self-attention calls at ~0.7x cuDNN's rate;
+# experiments/benchmarks/range_check.py's sweep times other tiles, warps and pipeline stages.
 BLOCK_Q = 64
 BLOCK_K = 64
 BLOCK_Q_DKV = 32
 NUM_WARPS = 4
+NUM_STAGES = 2  # Triton's software pipelining of the key (query) tile loop
 
 
 def on_one_device() -> bool:
@@ -122,7 +124,9 @@ def range_attention(
 
 
 def _params(interpret: bool) -> dict:
-    return {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2)}
+    if interpret:
+        return {}
+    return {"compiler_params": plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)}
 
 
 def key_tiles_per_query_tile(
