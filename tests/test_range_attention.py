@@ -32,13 +32,20 @@ def _dense(q, k, v, lo, hi):
     return out, lse
 
 
-def _case(seed, b=2, t=70, s=90, h=4, kvh=2, d=16, dtype=jnp.float32):
+def _case(seed, b=2, t=70, s=90, h=4, kvh=2, d=16, dtype=jnp.float32, wide=False):
+    """Random queries, keys, values and ranges; ``wide``: long ranges that drift with the row, so
+    tiles of 16 queries see whole tiles of 16 keys (the kernels' unmasked loops)."""
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
     k = jnp.asarray(rng.normal(size=(b, s, kvh, d)), dtype)
     v = jnp.asarray(rng.normal(size=(b, s, kvh, d)), dtype)
-    lo = rng.integers(-5, s, size=(b, t))  # below 0: clipped
-    hi = lo + rng.integers(0, 40, size=(b, t))  # past S: clipped; 0 long: empty
+    if wide:
+        i = np.arange(t)[None]
+        lo = i - 30 + rng.integers(-3, 3, size=(b, t))
+        hi = i + 40 + rng.integers(-3, 3, size=(b, t))
+    else:
+        lo = rng.integers(-5, s, size=(b, t))  # below 0: clipped
+        hi = lo + rng.integers(0, 40, size=(b, t))  # past S: clipped; 0 long: empty
     hi[0, :3] = lo[0, :3]  # empty rows at the start of a tile
     hi[1, -1] = lo[1, -1] - 4  # hi < lo: empty
     return q, k, v, jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
@@ -48,13 +55,27 @@ def _clip(lo, hi, s):
     return np.clip(np.asarray(lo), 0, s), np.clip(np.asarray(hi), 0, s)
 
 
-@pytest.mark.parametrize("kvh,blocks", [(2, (16, 16, 16)), (4, (32, 16, 16)), (1, (16, 32, 32))])
-def test_output_lse_and_gradients_match_float64(kvh, blocks):
+@pytest.mark.parametrize(
+    "kvh,blocks,wide",
+    [(2, (16, 16, 16), False), (4, (32, 16, 16), False), (1, (16, 32, 32), False), (2, (16, 16, 16), True)],
+)
+def test_output_lse_and_gradients_match_float64(kvh, blocks, wide):
     """Query and key lengths that are not multiples of the tiles, grouped heads, empty ranges,
-    ranges past both ends, the dk/dv kernel's query tiles smaller than and as large as the others; the loss uses the output and the log-sum-exp (rows that see something),
-    so the backward's lse cotangent is checked too."""
-    q, k, v, lo, hi = _case(kvh, kvh=kvh)
+    ranges past both ends, the dk/dv kernel's query tiles smaller than and as large as the others, and
+    (wide) key tiles that whole query tiles see, visited without a mask; the loss uses the output and
+    the log-sum-exp (rows that see something), so the backward's lse cotangent is checked too."""
+    q, k, v, lo, hi = _case(kvh, kvh=kvh, wide=wide)
     bq, bk, bq_dkv = blocks
+    if wide:  # the unmasked loops run in all three kernels
+        lo_c, hi_c = (
+            jnp.pad(jnp.asarray(x, jnp.int32), ((0, 0), (0, -q.shape[1] % bq))) for x in _clip(lo, hi, 90)
+        )
+        first, last = ra.key_tiles_per_query_tile(lo_c, hi_c, bq, bk)
+        a, e = ra.whole_key_tiles(lo_c, hi_c, bq, bk, first, last)
+        assert int(jnp.sum(e - a)) > 4
+        first, last = ra.query_tiles_per_key_tile(lo_c, hi_c, bq_dkv, bk, -(-90 // bk))
+        a, e = ra.whole_query_tiles(lo_c, hi_c, bq_dkv, bk, 90, first, last)
+        assert int(jnp.sum(e - a)) > 4
     tiles = {"block_q": bq, "block_k": bk, "block_q_dkv": bq_dkv}
     out, lse = ra.range_attention(q, k, v, lo, hi, **tiles, interpret=True)
     want_out, want_lse = _dense(q, k, v, *_clip(lo, hi, k.shape[1]))
@@ -148,6 +169,55 @@ def test_query_tiles_per_key_tile_cover_every_touching_pair():
             if not touching:
                 assert first[row, c] >= last[row, c], (row, c)
     assert (first[0, 1], last[0, 1]) == (2, 3)
+
+
+@pytest.mark.parametrize("monotone", [True, False])
+def test_whole_tiles_are_seen_whole_by_every_row_of_their_tile(monotone):
+    """The tiles the kernels visit without a mask (whole_key_tiles per query tile, whole_query_tiles
+    per key tile) lie within the touching tiles, and every row of the query tile sees every key of
+    the key tile (a loop over rows and keys); with sliding-window ranges most touched tiles are whole."""
+    rng = np.random.default_rng(3)
+    bq, bk, t, s = 8, 16, 64, 100
+    if monotone:  # causal windows of 40 keys
+        i = np.arange(t)[None].repeat(2, 0)
+        lo, hi = np.maximum(i - 39, 0), i + 1
+        hi = np.minimum(hi * 2, s)  # reach past one key tile per row
+    else:
+        lo = rng.integers(0, s, size=(2, t))
+        hi = np.minimum(lo + rng.integers(0, 60, size=(2, t)), s)
+    lo[1, 8:16] = hi[1, 8:16] = 0  # a query tile that sees nothing
+    lo_j, hi_j = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+
+    def sees_whole(row, qt, kt):
+        rows = range(qt * bq, (qt + 1) * bq)
+        return all(lo[row, r] <= kt * bk and (kt + 1) * bk <= hi[row, r] for r in rows)
+
+    first, last = (np.asarray(x) for x in ra.key_tiles_per_query_tile(lo_j, hi_j, bq, bk))
+    a, e = (np.asarray(x) for x in ra.whole_key_tiles(lo_j, hi_j, bq, bk, *map(jnp.asarray, (first, last))))
+    whole = 0
+    for row in range(2):
+        for qt in range(t // bq):
+            if first[row, qt] < last[row, qt]:
+                assert first[row, qt] <= a[row, qt] <= e[row, qt] <= last[row, qt]
+            for kt in range(a[row, qt], e[row, qt]):
+                assert sees_whole(row, qt, kt), (row, qt, kt)
+                whole += 1
+            if a[row, qt] == e[row, qt] and first[row, qt] < last[row, qt]:  # none whole: truly none
+                assert not any(sees_whole(row, qt, kt) for kt in range(first[row, qt], last[row, qt]))
+    n_tiles = -(-s // bk)
+    first, last = (np.asarray(x) for x in ra.query_tiles_per_key_tile(lo_j, hi_j, bq, bk, n_tiles))
+    a, e = ra.whole_query_tiles(lo_j, hi_j, bq, bk, s, jnp.asarray(first), jnp.asarray(last))
+    a, e = np.asarray(a), np.asarray(e)
+    for row in range(2):
+        for kt in range(n_tiles):
+            if first[row, kt] < last[row, kt]:
+                assert first[row, kt] <= a[row, kt] <= e[row, kt] <= last[row, kt]
+            for qt in range(a[row, kt], e[row, kt]):
+                assert sees_whole(row, qt, kt) and (kt + 1) * bk <= s, (row, kt, qt)
+            if a[row, kt] == e[row, kt] and first[row, kt] < last[row, kt]:
+                assert not any(sees_whole(row, qt, kt) for qt in range(first[row, kt], last[row, kt]))
+    if monotone:
+        assert whole > 10
 
 
 def test_unsupported_head_dim_names_the_fallback():
