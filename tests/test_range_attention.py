@@ -59,12 +59,13 @@ def _clip(lo, hi, s):
     "kvh,blocks,wide",
     [(2, (16, 16, 16), False), (4, (32, 16, 16), False), (1, (16, 32, 32), False), (2, (16, 16, 16), True)],
 )
-def test_output_lse_and_gradients_match_float64(kvh, blocks, wide):
+def test_output_lse_and_gradients_match_float64(kvh, blocks, wide, monkeypatch):
     """Query and key lengths that are not multiples of the tiles, grouped heads, empty ranges,
     ranges past both ends, the dk/dv kernel's query tiles smaller than and as large as the others, and
     (wide) key tiles that whole query tiles see, visited without a mask; the loss uses the output and
     the log-sum-exp (rows that see something), so the backward's lse cotangent is checked too."""
     q, k, v, lo, hi = _case(kvh, kvh=kvh, wide=wide)
+    monkeypatch.setattr(ra, "UNMASKED_WHOLE_TILES", wide)
     bq, bk, bq_dkv = blocks
     if wide:  # the unmasked loops run in all three kernels
         lo_c, hi_c = (
@@ -357,6 +358,7 @@ def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
             assert [getattr(ra, name) for name in range_check.SETTINGS] == list(values)
             assert ra._params(False)["compiler_params"].num_warps == values[3]
             assert ra._params(False)["compiler_params"].num_stages == values[4]
+            assert ra.UNMASKED_WHOLE_TILES == values[5]
             try:
                 traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q)
                 text = traced.lower(lowering_platforms=("cuda",)).as_text()

@@ -74,18 +74,21 @@ def inputs(batch: int, n: int, heads: int, hd: int, window: int, block: int = 4,
 
 
 # Settings of the range kernel timed besides the default, on the block rows and on the self-attention
-# calls (block_q, block_k, block_q_dkv, num_warps, num_stages); values are checked for each. The
-# default (64, 64, 32, 4, 2) ran the self-attention at ~0.7x cuDNN's rate (train_speed.md run 10).
+# calls (block_q, block_k, block_q_dkv, num_warps, num_stages, whole tiles unmasked); values are
+# checked for each. The default (64, 64, 32, 4, 2, False) ran the self-attention at ~0.7x cuDNN's
+# rate (train_speed.md run 10).
 SWEEP = [
-    (64, 64, 64, 4, 2),
-    (128, 64, 32, 4, 2),
-    (64, 32, 32, 4, 2),
-    (64, 64, 32, 4, 3),
-    (128, 64, 32, 8, 2),
-    (128, 128, 64, 8, 2),
-    (128, 64, 64, 8, 3),
+    (64, 64, 32, 4, 2, True),
+    (64, 64, 64, 4, 2, True),
+    (128, 64, 32, 4, 2, True),
+    (64, 64, 32, 4, 3, True),
+    (128, 64, 32, 8, 2, True),
+    (128, 128, 64, 8, 2, True),
+    (128, 64, 64, 8, 3, True),
+    (128, 64, 32, 4, 2, False),
+    (64, 32, 32, 4, 2, False),
 ]
-SETTINGS = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES")
+SETTINGS = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES", "UNMASKED_WHOLE_TILES")
 
 
 @contextlib.contextmanager
@@ -105,7 +108,8 @@ def kernel_settings(values):
 
 
 def sweep_name(values) -> str:
-    return "ranged {}x{}, dkv {}, {} warps, {} stages".format(*values)
+    name = "ranged {}x{}, dkv {}, {} warps, {} stages".format(*values[:5])
+    return name + (", whole tiles unmasked" if values[5] else "")
 
 
 def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> list[dict]:

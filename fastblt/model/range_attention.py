@@ -10,9 +10,9 @@ windows per tile of blocks (a pad, a gather in the backward) and reads a dense b
 over ~1.7x the keys a cell sees (experiments/results/train_speed.md, run 9's leads). Queries are
 padded to whole tiles (a copy where their count is not a multiple), and so are keys in the backward.
 
-Key tiles that every row of a query tile sees whole (most of them for windows hundreds of keys long)
-are visited without the mask: no comparisons, selects or masked loads (whole_key_tiles,
-whole_query_tiles); the tiles at a range's ends keep it.
+With UNMASKED_WHOLE_TILES, key tiles that every row of a query tile sees whole (most of them for
+windows hundreds of keys long) are visited without the mask: no comparisons, selects or masked loads
+(whole_key_tiles, whole_query_tiles); the tiles at a range's ends keep it.
 
 The kernel also returns each row's log-sum-exp, so a caller can merge it with attention over other
 keys (block_rows merges the cells of each block's own block, a few keys per row, computed by XLA)
@@ -44,6 +44,10 @@ BLOCK_K = 64
 BLOCK_Q_DKV = 32
 NUM_WARPS = 4
 NUM_STAGES = 2  # Triton's software pipelining of the key (query) tile loop
+# Visit the tiles every row of a tile sees whole without the mask (whole_key_tiles, whole_query_tiles).
+# Off until a GPU measures it (range_check.py's sweep, speed_gpu.sh phase 32): the block rows and
+# cross-attentions run on this kernel by default, and Triton has not compiled the three-loop form yet.
+UNMASKED_WHOLE_TILES = False
 
 
 def on_one_device() -> bool:
@@ -187,6 +191,12 @@ def whole_query_tiles(
     e = jnp.min(jnp.where((tile >= a[:, None]) & ~whole, tile, tiles), axis=1)
     a = jnp.maximum(jnp.minimum(a, last), first)
     return a.astype(jnp.int32), jnp.maximum(jnp.minimum(e, last), a).astype(jnp.int32)
+
+
+def _unmasked(whole: tuple[jax.Array, jax.Array], last: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The whole tiles' [a, e) as the kernels take them: empty (a = e = last, every tile masked)
+    unless :data:`UNMASKED_WHOLE_TILES`."""
+    return whole if UNMASKED_WHOLE_TILES else (last, last)
 
 
 def _scores(q, k, start, lo, hi, n, scale, masked=True):
@@ -343,7 +353,7 @@ def _forward(q, k, v, lo, hi, blocks, interpret):
     row_spec = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
     tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
     first, last = key_tiles_per_query_tile(lo, hi, block_q, block_k)
-    a, e = whole_key_tiles(lo, hi, block_q, block_k, first, last)
+    a, e = _unmasked(whole_key_tiles(lo, hi, block_q, block_k, first, last), last)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, block_k=block_k, scale=d**-0.5),
         grid=(b, h, t // block_q),
@@ -407,7 +417,7 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     head_rows = pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))
     tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
     kfirst, klast = key_tiles_per_query_tile(lo, hi, block_q, block_k)
-    ka, ke = whole_key_tiles(lo, hi, block_q, block_k, kfirst, klast)
+    ka, ke = _unmasked(whole_key_tiles(lo, hi, block_q, block_k, kfirst, klast), klast)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=block_k, scale=scale),
         grid=(b, h, t // block_q),
@@ -436,7 +446,7 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     else:
         k_p, v_p = k, v
     first, last = query_tiles_per_key_tile(lo, hi, block_q_dkv, block_k, n_tiles)
-    ta, te = whole_query_tiles(lo, hi, block_q_dkv, block_k, s, first, last)
+    ta, te = _unmasked(whole_query_tiles(lo, hi, block_q_dkv, block_k, s, first, last), last)
     scalar = pl.BlockSpec((None, None), lambda i, j, c: (i, c))
     k_tile = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j // g, 0))
     head_out = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j, 0))
