@@ -305,7 +305,7 @@ def test_range_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch)
     assert not cross[1]["ok"] and not cross[3]["ok"]
 
 
-def test_range_check_winners_picks_only_switches_faster_than_todays_path(tmp_path):
+def test_range_check_winners_picks_only_switches_faster_than_todays_path(tmp_path, capsys):
     """range_check.py --winners: a switch is on where its kernel rows sum to less time than the path
     without it, off where they do not or a row failed or is missing (hand-built rows)."""
     import json
@@ -334,12 +334,15 @@ def test_range_check_winners_picks_only_switches_faster_than_todays_path(tmp_pat
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert range_check.main(["--winners", str(path)]) == 0
+    assert capsys.readouterr().out.split() == ["--no-range-kernel", "--no-cross-ranges", "--self-ranges"]
 
 
 def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
-    """range_check.py's SWEEP: under each setting (tiles, warps, stages) the three kernels lower for
-    CUDA with the setting's warps, and the module's own settings come back afterwards."""
+    """range_check.py's SWEEP: under each setting (tiles, warps, stages, whole tiles unmasked) the
+    three kernels lower for CUDA with the setting's warps and stages, the unmasked form is another
+    kernel than the masked one of the same tiles, and the module's own settings come back afterwards."""
     import os
+    import re
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
@@ -353,18 +356,24 @@ def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
         out, lse = ra.range_attention(q, k, v, lo, lo + 300, interpret=False)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
-    for values in range_check.SWEEP:
+    kernels = {}
+    for values in [*range_check.SWEEP, (64, 64, 32, 4, 2, False)]:
         with range_check.kernel_settings(values):
             assert [getattr(ra, name) for name in range_check.SETTINGS] == list(values)
-            assert ra._params(False)["compiler_params"].num_warps == values[3]
-            assert ra._params(False)["compiler_params"].num_stages == values[4]
-            assert ra.UNMASKED_WHOLE_TILES == values[5]
             try:
-                traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q)
-                text = traced.lower(lowering_platforms=("cuda",)).as_text()
+                text = (
+                    jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+                    .trace(q, q, q)
+                    .lower(lowering_platforms=("cuda",))
+                )
+                text = text.as_text()
             except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
                 if "No supported GPU" not in str(e):
                     raise
-                continue
-            assert text.count("xla.gpu.triton") == 3, values
+                pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
         assert [getattr(ra, name) for name in range_check.SETTINGS] == before
+        assert text.count("xla.gpu.triton") == 3, values
+        assert text.count(f"num_warps = {values[3]} : i32") == 3, values
+        assert text.count(f"num_stages = {values[4]} : i32") == 3, values
+        kernels[values] = re.findall(r'ir = "[^"]*"', text)
+    assert kernels[(64, 64, 32, 4, 2, True)] != kernels[(64, 64, 32, 4, 2, False)]

@@ -403,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--no-sweep", action="store_true", help="time the kernel's default tiles alone")
     p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=("block", "cross", "local"),
+        default=["block", "cross", "local"],
+        help="which calls: BLT-D's block rows, both cross-attentions, the self-attention (default: all)",
+    )
+    p.add_argument(
         "--winners",
         metavar="JSONL",
         help="print train_speed.py's range switches as a GPU run's rows timed them",
@@ -413,12 +420,20 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(winners([json.loads(line) for line in f if line.strip()])))
         return 0
     repeats = 2 if args.interpret else 20
-    sections = [lambda: check(SMALL if args.interpret else MID, args.interpret, repeats, not args.no_sweep)]
-    sections.append(lambda: check_cross(CROSS_SMALL if args.interpret else CROSS, args.interpret, repeats))
-    sections += [
-        lambda s=s: check_local(s, args.interpret, repeats, not args.no_sweep)
-        for s in (LOCAL_SMALL if args.interpret else LOCAL)
-    ]
+    sections = []
+    if "block" in args.sections:
+        sections.append(
+            lambda: check(SMALL if args.interpret else MID, args.interpret, repeats, not args.no_sweep)
+        )
+    if "cross" in args.sections:
+        sections.append(
+            lambda: check_cross(CROSS_SMALL if args.interpret else CROSS, args.interpret, repeats)
+        )
+    if "local" in args.sections:
+        sections += [
+            lambda s=s: check_local(s, args.interpret, repeats, not args.no_sweep)
+            for s in (LOCAL_SMALL if args.interpret else LOCAL)
+        ]
     path = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -291,18 +291,20 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
       else
         echo "[train_range] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
-  31) phase range_check python3 $bench/range_check.py --no-sweep --out "$out/range_check"
-      if [ -e "$out/range_check/done" ]; then
-        won=$(python3 $bench/range_check.py --winners "$out/range_check/range_check.jsonl")
+  31) phase range_quick python3 $bench/range_check.py --no-sweep --out "$out/range_quick"
+      if [ -e "$out/range_quick/done" ]; then
+        won=$(python3 $bench/range_check.py --winners "$out/range_quick/range_check.jsonl")
         echo "[train_won] switches as range_check timed them: $won" | tee -a "$out/log.txt"
         phase train_won_before python3 $bench/train_speed.py --shape mid --rows blt_d4 blt --steps 20 \
           --warmup 3 --timeout 200 --no-range-kernel --no-cross-ranges --no-self-ranges --out "$out/train_won_before"
         phase train_won_after python3 $bench/train_speed.py --shape mid --rows blt_d4 blt \
           --steps 20 --warmup 3 --timeout 200 $won --out "$out/train_won_after"
       else
-        echo "[train_won] skipped: the range kernel's check (range_check) has not passed here" | tee -a "$out/log.txt"
+        echo "[train_won] skipped: the range kernel's check (range_quick) has not passed here" | tee -a "$out/log.txt"
       fi ;;
-  32) phase range_sweep python3 $bench/range_check.py --out "$out/range_sweep" ;;
+  32) for section in local block; do  # one process each: a call cut short keeps the finished one
+        phase "range_sweep_$section" python3 $bench/range_check.py --sections $section --out "$out/range_sweep_$section"
+      done ;;
   29) rm -rf /tmp/loop-*
       for run in default_1 cublas_1 notune_1 default_2 cublas_2 notune_2; do
         opts=()

@@ -363,6 +363,11 @@ def run_row(args, row: str) -> dict:
     if row.startswith("torch"):
         return run_torch_row(args, row)
     settings = apply_switches(args)
+    from fastblt.model import range_attention as ra
+
+    # The key-range kernel's settings as the row ran (the kernel runs where pallas_kernels names it).
+    names = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES", "UNMASKED_WHOLE_TILES")
+    settings["range_kernel_settings"] = {name.lower(): getattr(ra, name) for name in names}
     return {**run_jax_row(args, row), **settings}
 
 

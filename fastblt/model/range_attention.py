@@ -44,9 +44,10 @@ BLOCK_K = 64
 BLOCK_Q_DKV = 32
 NUM_WARPS = 4
 NUM_STAGES = 2  # Triton's software pipelining of the key (query) tile loop
-# Visit the tiles every row of a tile sees whole without the mask (whole_key_tiles, whole_query_tiles).
-# Off until a GPU measures it (range_check.py's sweep, speed_gpu.sh phase 32): the block rows and
-# cross-attentions run on this kernel by default, and Triton has not compiled the three-loop form yet.
+# Visit the tiles every row of a tile sees whole without the mask (whole_key_tiles, whole_query_tiles),
+# read at the call. Off until a GPU measures it (range_check.py's sweep, speed_gpu.sh phase 32): the
+# block rows and cross-attentions run on this kernel by default, and Triton has not compiled the
+# three-loop form yet; off, each kernel is the one loop measured in train_speed.md run 10.
 UNMASKED_WHOLE_TILES = False
 
 
@@ -118,7 +119,7 @@ def range_attention(
         )
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    blocks = (block_q or BLOCK_Q, block_k or BLOCK_K, block_q_dkv or BLOCK_Q_DKV)
+    blocks = (block_q or BLOCK_Q, block_k or BLOCK_K, block_q_dkv or BLOCK_Q_DKV, bool(UNMASKED_WHOLE_TILES))
     t = q.shape[1]
     pad = -t % max(blocks[0], blocks[2])
     if pad:  # padded queries see nothing
@@ -193,12 +194,6 @@ def whole_query_tiles(
     return a.astype(jnp.int32), jnp.maximum(jnp.minimum(e, last), a).astype(jnp.int32)
 
 
-def _unmasked(whole: tuple[jax.Array, jax.Array], last: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The whole tiles' [a, e) as the kernels take them: empty (a = e = last, every tile masked)
-    unless :data:`UNMASKED_WHOLE_TILES`."""
-    return whole if UNMASKED_WHOLE_TILES else (last, last)
-
-
 def _scores(q, k, start, lo, hi, n, scale, masked=True):
     """Scaled scores of a query tile [BQ, d] against the key tile at ``start`` [BK, d], with the
     visibility of each pair: key start + j visible to row i iff lo[i] <= start + j < hi[i] and
@@ -222,17 +217,20 @@ def _visible(p, vis):
     return p if vis is None else jnp.where(vis, p, 0.0)
 
 
-def _three_loops(first_ref, a_ref, e_ref, last_ref, body, init):
-    """body(masked)'s fori_loop over [first, last): with the mask before a and from e on, without it
-    on the whole tiles [a, e)."""
+def _three_loops(first_ref, a_ref, e_ref, last_ref, body, init, unmasked: bool):
+    """body(masked)'s fori_loop over [first, last): with ``unmasked``, with the mask before a and from
+    e on and without it on the whole tiles [a, e); else one masked loop (a and e unread)."""
+    if not unmasked:
+        return jax.lax.fori_loop(first_ref[()], last_ref[()], body(True), init)
     carry = jax.lax.fori_loop(first_ref[()], a_ref[()], body(True), init)
     carry = jax.lax.fori_loop(a_ref[()], e_ref[()], body(False), carry)
     return jax.lax.fori_loop(e_ref[()], last_ref[()], body(True), carry)
 
 
 def _fwd_kernel(
-    first_ref, a_ref, e_ref, last_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, block_k, scale
-):
+    first_ref, a_ref, e_ref, last_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref,
+    *, block_k, scale, unmasked,
+):  # fmt: skip
     """One (batch row, head, query tile): the tile's key tiles [first, last), whole ones [a, e)
     (scalars), q_ref [BQ, d], k_ref/v_ref [S, d], lo_ref/hi_ref [BQ]; writes o [BQ, d] and lse [BQ]."""
     n = k_ref.shape[0]
@@ -259,7 +257,7 @@ def _fwd_kernel(
         jnp.full((rows,), _NEG, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    o, mx, den = _three_loops(first_ref, a_ref, e_ref, last_ref, body, init)
+    o, mx, den = _three_loops(first_ref, a_ref, e_ref, last_ref, body, init, unmasked)
     seen = den > 0
     safe = jnp.where(seen, den, 1.0)
     o_ref[...] = jnp.where(seen[:, None], o / safe[:, None], 0.0).astype(o_ref.dtype)
@@ -267,23 +265,9 @@ def _fwd_kernel(
 
 
 def _dq_kernel(
-    first_ref,
-    a_ref,
-    e_ref,
-    last_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    lo_ref,
-    hi_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dq_ref,
-    *,
-    block_k,
-    scale,
-):
+    first_ref, a_ref, e_ref, last_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref,
+    *, block_k, scale, unmasked,
+):  # fmt: skip
     """One (batch row, head, query tile): dq [BQ, d] over the tile's keys, as the forward visits them.
     delta = rowsum(o * do) - dlse [BQ]."""
     n = k_ref.shape[0]
@@ -304,13 +288,13 @@ def _dq_kernel(
 
         return step
 
-    dq = _three_loops(first_ref, a_ref, e_ref, last_ref, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _three_loops(first_ref, a_ref, e_ref, last_ref, body, jnp.zeros(q.shape, jnp.float32), unmasked)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
     tfirst_ref, ta_ref, te_ref, tlast_ref, k_ref, v_ref, q_ref, do_ref, lo_ref, hi_ref, lse_ref, delta_ref,
-    dk_ref, dv_ref, *, block_q, scale,
+    dk_ref, dv_ref, *, block_q, scale, unmasked,
 ):  # fmt: skip
     """One (batch row, head, key tile): k_ref/v_ref [BK, d] (the tile), q_ref/do_ref [T, d] and
     lo/hi/lse/delta [T] (every query); loops over the query tiles [tfirst, tlast) whose ranges touch
@@ -338,13 +322,13 @@ def _dkv_kernel(
         return step
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = _three_loops(tfirst_ref, ta_ref, te_ref, tlast_ref, body, (zeros, zeros))
+    dk, dv = _three_loops(tfirst_ref, ta_ref, te_ref, tlast_ref, body, (zeros, zeros), unmasked)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _forward(q, k, v, lo, hi, blocks, interpret):
-    block_q, block_k, _ = blocks
+    block_q, block_k, _, unmasked = blocks
     b, t, h, d = q.shape
     s, kvh = k.shape[1:3]
     g = h // kvh
@@ -353,9 +337,9 @@ def _forward(q, k, v, lo, hi, blocks, interpret):
     row_spec = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
     tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
     first, last = key_tiles_per_query_tile(lo, hi, block_q, block_k)
-    a, e = _unmasked(whole_key_tiles(lo, hi, block_q, block_k, first, last), last)
+    a, e = whole_key_tiles(lo, hi, block_q, block_k, first, last) if unmasked else (last, last)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, block_k=block_k, scale=d**-0.5),
+        functools.partial(_fwd_kernel, block_k=block_k, scale=d**-0.5, unmasked=unmasked),
         grid=(b, h, t // block_q),
         in_specs=[tile_scalar] * 4 + [q_spec, kv_spec, kv_spec, row_spec, row_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))],
@@ -369,7 +353,8 @@ def _forward(q, k, v, lo, hi, blocks, interpret):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attend(q, k, v, lo, hi, blocks, interpret):
     """q [b, T, H, d] (T a multiple of the query tiles), k, v [b, S, KV, d], lo, hi int32[b, T]
-    within [0, S]; blocks (block_q, block_k, block_q_dkv) -> (out [b, T, H, d], lse float32[b, H, T])."""
+    within [0, S]; blocks (block_q, block_k, block_q_dkv, whole tiles unmasked) -> (out [b, T, H, d],
+    lse float32[b, H, T])."""
     return _forward(q, k, v, lo, hi, blocks, interpret)
 
 
@@ -399,7 +384,7 @@ def query_tiles_per_key_tile(
 
 
 def _attend_bwd(blocks, interpret, res, cotangents):
-    block_q, block_k, block_q_dkv = blocks
+    block_q, block_k, block_q_dkv, unmasked = blocks
     q, k, v, lo, hi, out, lse = res
     do, dlse = cotangents
     b, t, h, d = q.shape
@@ -417,9 +402,9 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     head_rows = pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))
     tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
     kfirst, klast = key_tiles_per_query_tile(lo, hi, block_q, block_k)
-    ka, ke = _unmasked(whole_key_tiles(lo, hi, block_q, block_k, kfirst, klast), klast)
+    ka, ke = whole_key_tiles(lo, hi, block_q, block_k, kfirst, klast) if unmasked else (klast, klast)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block_k=block_k, scale=scale),
+        functools.partial(_dq_kernel, block_k=block_k, scale=scale, unmasked=unmasked),
         grid=(b, h, t // block_q),
         in_specs=[
             *[tile_scalar] * 4,
@@ -446,7 +431,7 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     else:
         k_p, v_p = k, v
     first, last = query_tiles_per_key_tile(lo, hi, block_q_dkv, block_k, n_tiles)
-    ta, te = _unmasked(whole_query_tiles(lo, hi, block_q_dkv, block_k, s, first, last), last)
+    ta, te = whole_query_tiles(lo, hi, block_q_dkv, block_k, s, first, last) if unmasked else (last, last)
     scalar = pl.BlockSpec((None, None), lambda i, j, c: (i, c))
     k_tile = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j // g, 0))
     head_out = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j, 0))
@@ -455,7 +440,7 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     all_head_rows = pl.BlockSpec((None, None, t), lambda i, j, c: (i, j, 0))
     grad_dtype = k.dtype if g == 1 else jnp.float32  # a group's heads are summed below
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=block_q_dkv, scale=scale),
+        functools.partial(_dkv_kernel, block_q=block_q_dkv, scale=scale, unmasked=unmasked),
         grid=(b, h, n_tiles),
         in_specs=[
             *[scalar] * 4,
