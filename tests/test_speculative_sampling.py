@@ -128,7 +128,7 @@ def test_blt_s_sampling_is_distributed_as_ar(monkeypatch):
     """Over 2 000 rows (each its own draws), the first two bytes of blt_s (3 drafts per round) at
     temperature 1 and top-p 0.9 (applied to the drafter's and the verifier's distributions) follow
     the exact ar distribution, and bytes 3-6 follow ar sampling's; both rejections and acceptances
-    happen. The same test with a rule that accepts every draft fails."""
+    happen. The same test with a rule that accepts every draft fails (on half the rows)."""
     config, params = _sharpened("base", 2.5)
     prompt = np.asarray([1, 40, 77, 101, 9, 64], np.int32)  # BOS + five ids
     top_p = 0.9
@@ -152,7 +152,7 @@ def test_blt_s_sampling_is_distributed_as_ar(monkeypatch):
     assert exact.max() < 0.5 and (exact > 0.01).sum() >= 4  # a distribution the test can tell apart
 
     def pairs(out):
-        ids = np.stack([out.ids[r][:2] for r in range(n)])
+        ids = np.stack([out.ids[r][:2] for r in range(len(out.ids))])
         return np.bincount(ids[:, 0] * exact.shape[0] + ids[:, 1], minlength=exact.size)
 
     out = generate(params, config, [prompt] * n, method="blt_s", draft=3, seed=7, **kw)
@@ -176,8 +176,11 @@ def test_blt_s_sampling_is_distributed_as_ar(monkeypatch):
 
     monkeypatch.setattr(speculative, "speculative_accept", accept_every_draft)
     # Another buffer size: a program of its own, traced with the wrong rule (not the cached one).
+    # Half the rows: the wrong rule fails by far with 1 000 (132 draws top-p gives no mass, which
+    # alone sets p to 0; without them the chi-square's log p is -271), and a test that tells it apart
+    # from fewer rows tells it apart from 2 000. 18.7 -> 12.5 s for this run (2026-12-06, 2 cores).
     wrong = generate(
-        params, config, [prompt] * n, method="blt_s", draft=3, seed=7, **{**kw, "buffer_bytes": 48}
+        params, config, [prompt] * (n // 2), method="blt_s", draft=3, seed=7, **{**kw, "buffer_bytes": 48}
     )
     assert chi_square_p_value(pairs(wrong), exact.reshape(-1)) < ALPHA
 
