@@ -348,7 +348,7 @@ def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
     import range_check
 
-    before = [getattr(ra, name) for name in range_check.SETTINGS]
+    before = [getattr(ra, name) for name in ra.TUNABLES]
     q = jnp.ones((2, 1000, 4, 64), jnp.bfloat16)
     lo = jnp.zeros((2, 1000), jnp.int32)
 
@@ -359,7 +359,7 @@ def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
     kernels = {}
     for values in [*range_check.SWEEP, (64, 64, 32, 4, 2, False)]:
         with range_check.kernel_settings(values):
-            assert [getattr(ra, name) for name in range_check.SETTINGS] == list(values)
+            assert [getattr(ra, name) for name in ra.TUNABLES] == list(values)
             try:
                 text = (
                     jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -371,7 +371,8 @@ def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
                 if "No supported GPU" not in str(e):
                     raise
                 pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
-        assert [getattr(ra, name) for name in range_check.SETTINGS] == before
+        assert [getattr(ra, name) for name in ra.TUNABLES] == before
+        assert ra.settings() == dict(zip((n.lower() for n in ra.TUNABLES), before, strict=True))
         assert text.count("xla.gpu.triton") == 3, values
         assert text.count(f"num_warps = {values[3]} : i32") == 3, values
         assert text.count(f"num_stages = {values[4]} : i32") == 3, values

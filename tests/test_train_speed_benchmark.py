@@ -56,7 +56,7 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
     gets the same flags, and the row records every switch as it ran."""
     import importlib
 
-    for module, switch in train_speed.SWITCHES.values():  # restored after the test
+    for module, switch, _ in train_speed.SWITCHES.values():  # restored after the test
         monkeypatch.setattr(
             importlib.import_module(module), switch, getattr(importlib.import_module(module), switch)
         )

@@ -3,6 +3,11 @@ compiles it) against the XLA reference path, and its speed against the tiles it 
 
     python experiments/benchmarks/range_check.py --out DIR     # a GPU; exits 1 on a mismatch
     python experiments/benchmarks/range_check.py --interpret   # the CPU (Pallas interpret mode, small)
+    python experiments/benchmarks/range_check.py --sections local --out DIR   # some calls only
+    python experiments/benchmarks/range_check.py --winners DIR/range_check.jsonl  # train_speed.py flags
+
+``--no-sweep`` times the kernel's current settings alone (SWEEP: other tiles, warps, stages and
+UNMASKED_WHOLE_TILES, on the block rows and the self-attention calls).
 
 At blt_mid's BLT-D-4 training shapes (batch 16, 4 096 bytes, static 4-byte patches, 1 025 blocks of 4
 cells, 8 decoder heads of 64, window 512, bf16), one decoder layer's block attention,
@@ -88,22 +93,21 @@ SWEEP = [
     (128, 64, 32, 4, 2, False),
     (64, 32, 32, 4, 2, False),
 ]
-SETTINGS = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES", "UNMASKED_WHOLE_TILES")
 
 
 @contextlib.contextmanager
 def kernel_settings(values):
-    """fastblt.model.range_attention's tiles, warps and stages set to ``values`` (as SWEEP's), then
+    """fastblt.model.range_attention's TUNABLES set to ``values`` (as SWEEP's, in that order), then
     restored."""
     from fastblt.model import range_attention as ra
 
-    before = [getattr(ra, name) for name in SETTINGS]
-    for name, value in zip(SETTINGS, values, strict=True):
+    before = [getattr(ra, name) for name in ra.TUNABLES]
+    for name, value in zip(ra.TUNABLES, values, strict=True):
         setattr(ra, name, value)
     try:
         yield
     finally:
-        for name, value in zip(SETTINGS, before, strict=True):
+        for name, value in zip(ra.TUNABLES, before, strict=True):
             setattr(ra, name, value)
 
 
@@ -143,15 +147,11 @@ def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> lis
                 paths[sweep_name(values)] = path("cudnn", True)
 
     results = {name: fn(*args[:5]) for name, (fn, _) in paths.items()}
-    (_, ref_out), ref_grads = results["xla"]
     rows = []
     for name, (fn, has_kernel) in paths.items():
-        (value, out), grads = results[name]
+        (value, _), _ = results[name]
         r = {"path": name, "shape": list(shape), "device": str(jax.devices()[0])}
-        labels = ("out", "dq", "dk", "dv", "dk_ctx", "dv_ctx")
-        for label, a, b in zip(labels, (out, *grads), (ref_out, *ref_grads), strict=True):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            r[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+        r.update(_errors(results[name], results["xla"], ("out", "dq", "dk", "dv", "dk_ctx", "dv_ctx")))
         r["fwd_bwd_ms"] = _timed(fn, args[:5], repeats)
         # bf16 inputs and outputs: the paths sum in different orders; one bf16 rounding of the
         # largest entry (2^-8) with room for the gradients' longer sums.
@@ -227,13 +227,15 @@ def _timed(fn, args, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _errors(got, want) -> dict:
+def _errors(got, want, labels=("out", "dq", "dk", "dv")) -> dict:
+    """Each output's and gradient's largest difference from the reference, relative to its largest
+    entry. got, want: ((loss, out), grads) as the compiled programs return them."""
     import numpy as np
 
     (_, out), grads = got
     (_, ref_out), ref_grads = want
     errors = {}
-    for label, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True):
+    for label, a, b in zip(labels, (out, *grads), (ref_out, *ref_grads), strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         errors[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
     return errors

@@ -346,14 +346,36 @@ def run_torch_row(args, row: str) -> dict:
 
 
 # Model switches a row can set or clear (--x / --no-x; default: the module's own setting): the flag's
-# attribute -> (module, switch). Set in the row's own process before its step is traced; each row
-# records every switch as it ran.
+# attribute -> (module, switch, what it does). Set in the row's own process before its step is traced;
+# each row records every switch as it ran.
 SWITCHES = {
-    "latent_windows": ("fastblt.model.cross_attention", "GPU_LATENT_WINDOWS"),
-    "fused_norm": ("fastblt.model.layers", "GPU_FUSED_NORM"),
-    "range_kernel": ("fastblt.model.block_rows", "GPU_RANGE_KERNEL"),
-    "cross_ranges": ("fastblt.model.cross_attention", "GPU_CROSS_RANGES"),
-    "self_ranges": ("fastblt.model.attention", "GPU_SELF_RANGES"),
+    "latent_windows": (
+        "fastblt.model.cross_attention",
+        "GPU_LATENT_WINDOWS",
+        "the decoder's cross-attention as row blocks over windows of patch slots through the fused kernel",
+    ),
+    "fused_norm": (
+        "fastblt.model.layers",
+        "GPU_FUSED_NORM",
+        "training-sized RMSNorms as one Pallas kernel per direction (one GPU)",
+    ),
+    "range_kernel": (
+        "fastblt.model.block_rows",
+        "GPU_RANGE_KERNEL",
+        "BLT-D's block rows attend their context through the key-range Pallas kernel "
+        "(fastblt.model.range_attention) instead of tiles",
+    ),
+    "cross_ranges": (
+        "fastblt.model.cross_attention",
+        "GPU_CROSS_RANGES",
+        "both cross-attentions on the range kernel (the decoder's rows read their patch's slots, the "
+        "encoder's slots their patch's bytes, as key ranges)",
+    ),
+    "self_ranges": (
+        "fastblt.model.attention",
+        "GPU_SELF_RANGES",
+        "the stacks' causal (windowed) self-attention within documents on the range kernel instead of cuDNN",
+    ),
 }
 
 
@@ -363,11 +385,10 @@ def run_row(args, row: str) -> dict:
     if row.startswith("torch"):
         return run_torch_row(args, row)
     settings = apply_switches(args)
-    from fastblt.model import range_attention as ra
+    from fastblt.model import range_attention
 
     # The key-range kernel's settings as the row ran (the kernel runs where pallas_kernels names it).
-    names = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES", "UNMASKED_WHOLE_TILES")
-    settings["range_kernel_settings"] = {name.lower(): getattr(ra, name) for name in names}
+    settings["range_kernel_settings"] = range_attention.settings()
     return {**run_jax_row(args, row), **settings}
 
 
@@ -375,7 +396,7 @@ def apply_switches(args) -> dict[str, bool]:
     """Sets each switch the command line names (``--x``: on, ``--no-x``: off, neither: the module's
     own setting) in this process; returns every switch as the row will run, defaults included."""
     settings = {}
-    for flag, (module, switch) in SWITCHES.items():
+    for flag, (module, switch, _) in SWITCHES.items():
         module = importlib.import_module(module)
         if getattr(args, flag) is not None:
             setattr(module, switch, getattr(args, flag))
@@ -481,36 +502,12 @@ def parser() -> argparse.ArgumentParser:
         help="time the step that checks documents per row in every layer (the train loop's choice for "
         "a batch with a row of more than MAX_SEGMENTS documents) instead of the host-checked one",
     )
-    p.add_argument(
-        "--fused-norm",
-        action=argparse.BooleanOptionalAction,
-        help="fastblt.model.layers.GPU_FUSED_NORM on or off (default: as the module sets it): training-sized RMSNorms as one Pallas kernel "
-        "per direction (one GPU)",
-    )
-    p.add_argument(
-        "--range-kernel",
-        action=argparse.BooleanOptionalAction,
-        help="fastblt.model.block_rows.GPU_RANGE_KERNEL on or off (default: as the module sets it): BLT-D's block rows attend their context "
-        "through the key-range Pallas kernel (fastblt.model.range_attention) instead of tiles",
-    )
-    p.add_argument(
-        "--cross-ranges",
-        action=argparse.BooleanOptionalAction,
-        help="fastblt.model.cross_attention.GPU_CROSS_RANGES on or off (default: as the module sets it): both cross-attentions on the range kernel "
-        "(the decoder's rows read their patch's slots, the encoder's slots their patch's bytes, as key ranges)",
-    )
-    p.add_argument(
-        "--self-ranges",
-        action=argparse.BooleanOptionalAction,
-        help="fastblt.model.attention.GPU_SELF_RANGES on or off (default: as the module sets it): the stacks' causal (windowed) self-attention "
-        "within documents on the range kernel instead of cuDNN",
-    )
-    p.add_argument(
-        "--latent-windows",
-        action=argparse.BooleanOptionalAction,
-        help="fastblt.model.cross_attention.GPU_LATENT_WINDOWS on or off (default: as the module sets it): the decoder's cross-attention as row "
-        "blocks over windows of patch slots through the fused kernel",
-    )
+    for flag, (module, switch, what) in SWITCHES.items():
+        p.add_argument(
+            "--" + flag.replace("_", "-"),
+            action=argparse.BooleanOptionalAction,
+            help=f"{module}.{switch} on or off (default: as the module sets it): {what}",
+        )
     return p
 
 

@@ -110,8 +110,9 @@ class RMSNorm(nn.Module):
 # backward that makes about ten passes over each tensor where six would do
 # (experiments/results/train_speed.md, run 9). Off: in run 10 (one H100, speed_gpu.sh phase 28) the
 # step moved 91.0 -> 89.8 ms (plain) and 129.6 -> 127.4 (BLT-D-4), but the loop's step 86.2 -> 87.1 ms
-# (plain): within one run's noise, not worth a second kernel path. Only when the process has one device: XLA's SPMD partitioner cannot split a
-# Pallas call, so a step over a mesh of several devices would need it under shard_map.
+# (plain): within one run's noise, not worth a second kernel path. Only when the process has one
+# device: XLA's SPMD partitioner cannot split a Pallas call, so a step over a mesh of several devices
+# would need it under shard_map.
 GPU_FUSED_NORM = False
 FUSED_NORM_MIN_ROWS = 1024  # smaller calls (decode steps) stay in XLA's fusions with their neighbours
 

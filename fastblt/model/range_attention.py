@@ -49,6 +49,13 @@ NUM_STAGES = 2  # Triton's software pipelining of the key (query) tile loop
 # block rows and cross-attentions run on this kernel by default, and Triton has not compiled the
 # three-loop form yet; off, each kernel is the one loop measured in train_speed.md run 10.
 UNMASKED_WHOLE_TILES = False
+# The module settings above that change the compiled kernels (benchmarks sweep and record them).
+TUNABLES = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES", "UNMASKED_WHOLE_TILES")
+
+
+def settings() -> dict[str, int | bool]:
+    """The kernels' :data:`TUNABLES` as they are now, by lower-case name."""
+    return {name.lower(): globals()[name] for name in TUNABLES}
 
 
 def on_one_device() -> bool:
