@@ -653,6 +653,8 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
 
     fused_stand_in.install(monkeypatch)
     monkeypatch.setattr(block_rows, "GPU_RANGE_KERNEL", True)
+    monkeypatch.setattr(block_rows, "OWN_BLOCK_GROUPS", True)  # own_block_cells: the unit test above
+    monkeypatch.setattr(block_rows, "OWN_GROUP_ROWS", 8)  # groups of 2 blocks of B = 4, one padded
     monkeypatch.setattr(cross, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(attn_lib, "GPU_SELF_RANGES", True)
     monkeypatch.setattr(range_attention, "on_one_device", lambda: True)  # the suite's CPU has 8
@@ -698,6 +700,61 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
         for key in path:
             ref = ref[key.key]
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-4, atol=2e-6, err_msg=str(path))
+
+
+@pytest.mark.parametrize("blocks,cells,group_rows", [(7, 4, 16), (3, 16, 16)])
+def test_own_block_attention_in_groups_and_per_block_match_a_dense_oracle(
+    blocks, cells, group_rows, monkeypatch
+):
+    """own_block_groups (blocks padded to whole groups, block-diagonal mask) and own_block_cells
+    against one dense masked softmax over all R rows, in numpy: outputs, log-sum-exps, and (jax.grad)
+    the gradients of q, k and v against the dense form's; a cell that sees no cell gives 0 and _NEG."""
+    from fastblt.model import block_rows
+
+    monkeypatch.setattr(block_rows, "OWN_GROUP_ROWS", group_rows)
+    rng = np.random.default_rng(blocks)
+    b, h, kvh, d = 2, 4, 2, 8
+    r = blocks * cells
+    q = jnp.asarray(rng.normal(size=(b, r, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, r, kvh, d)), jnp.float32) for _ in range(2))
+    self_mask = rng.random((b, blocks, cells, cells)) < 0.5
+    self_mask[0, 0, 1] = False  # a cell that sees nothing
+    dense = np.zeros((b, r, r), bool)  # [b, query row, key row]
+    for x in range(blocks):
+        dense[:, x * cells : (x + 1) * cells, x * cells : (x + 1) * cells] = self_mask[:, x]
+
+    def oracle(q, k, v):
+        kk, vv = (jnp.repeat(t, h // kvh, axis=2) for t in (k, v))
+        s = jnp.einsum("bihd,bjhd->bhij", q, kk) / np.sqrt(d)
+        m = jnp.asarray(dense)[:, None]
+        s = jnp.where(m, s, -1e30)  # masked scores out before exp: no inf, no NaN gradient
+        top = jnp.max(s, -1, keepdims=True)
+        e = jnp.where(m, jnp.exp(s - top), 0.0)
+        den = e.sum(-1)
+        out = jnp.einsum("bhij,bjhd->bihd", e / jnp.where(den > 0, den, 1.0)[..., None], vv)
+        lse = jnp.where(den > 0, jnp.log(jnp.where(den > 0, den, 1.0)) + top[..., 0], -1e30)
+        return out, jnp.moveaxis(lse, 1, 2)
+
+    want_out, want_lse = oracle(q, k, v)
+    assert float(want_lse[0, 1, 0]) == np.float32(-1e30) and not np.asarray(want_out[0, 1]).any()
+
+    def loss(fn):
+        def f(q, k, v):
+            out, lse = fn(q, k, v)
+            return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.where(lse > -1e29, jnp.sin(lse), 0.0))
+
+        return f
+
+    want_grad = jax.grad(loss(oracle), argnums=(0, 1, 2))(q, k, v)
+    for fn in (block_rows.own_block_groups, block_rows.own_block_cells):
+        out, lse = fn(q, k, v, jnp.asarray(self_mask))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-6)
+        got = jax.grad(loss(lambda q, k, v, fn=fn: fn(q, k, v, jnp.asarray(self_mask))), argnums=(0, 1, 2))(
+            q, k, v
+        )
+        for g, w in zip(got, want_grad, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
 def test_context_ranges_and_a_mask_that_is_not_one():

@@ -106,6 +106,10 @@
 #       settings alternated twice as in 25, then ar and blt_s8 at batch 1 and 32 each way. Runs 2-3 found Triton's one-row
 #       GEMM fusions faster for decode steps (before the decode kernel and two-row products); what is
 #       left of a cold start after run 13 is mostly the loop half.
+#   33. BLT-D-4 and BLT-D-8 with the block rows' own-block attention as one product per block (today)
+#       and in groups of blocks (--own-groups, block_rows.OWN_BLOCK_GROUPS: 64-row products under a
+#       block-diagonal mask), unprofiled: run 11's profile put BLT-D-4's per-block products at 3.9 ms of
+#       its 114.7 ms step; predicted ~3 ms off BLT-D-4 and more off BLT-D-8.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -346,6 +350,10 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
       else
         echo "[train_norm] skipped: the norm kernel's check (norm_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
+  33) phase train_own_before python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --steps 20 --warmup 3 \
+        --timeout 200 --no-own-groups --out "$out/train_own_before"
+      phase train_own_after python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --steps 20 --warmup 3 \
+        --timeout 200 --own-groups --out "$out/train_own_after" ;;
   24) phase train_port python3 $bench/train_speed.py --shape mid --rows blt torch --steps 20 --warmup 3 \
        --timeout 200 --out "$out/train_port" ;;
   23) rm -rf /tmp/where-*

@@ -122,6 +122,10 @@ class BlockRows:
 # attention 4.70 -> 3.53 ms forward plus backward (range_check.py), the step 126.0 -> 114.7 ms.
 GPU_RANGE_KERNEL = True
 
+# The ranged path's own-block attention in groups of blocks (own_block_groups) instead of a product
+# per block (own_block_cells). Off until a GPU measures it (speed_gpu.sh phase 33).
+OWN_BLOCK_GROUPS = False
+
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
 # gathered context keys, C * KV * hd per block, and scores, H * B * C per block).
 CHUNK_ELEMENTS = 1 << 24
@@ -208,32 +212,93 @@ def ranged_block_attention(
     A call whose context masks are not ranges returns NaN (the loss fails loudly), as the tiles do
     when their windows do not fit.
     """
-    b, r, h, d = q.shape
-    nblk, bs = self_mask.shape[1:3]
-    kvh = k.shape[2]
+    b, r = q.shape[:2]
     lo, hi, contiguous = context_ranges(context_start, context_mask)
     out_ctx, lse_ctx = range_attention.range_attention(
         q, k_ctx, v_ctx, lo.reshape(b, r), hi.reshape(b, r), interpret=interpret
     )  # [b, R, H, d], [b, R, H]
 
-    qb = q.reshape(b, nblk, bs, kvh, h // kvh, d)
-    kb, vb = k.reshape(b, nblk, bs, kvh, d), v.reshape(b, nblk, bs, kvh, d)
-    s_own = jnp.einsum("bqikgd,bqjkd->bqikgj", qb, kb, preferred_element_type=jnp.float32) * d**-0.5
-    own = self_mask[:, :, :, None, None, :]  # [b, K, B, 1, 1, B]
-    s_own = jnp.where(own, s_own, _NEG)
-    top = jax.lax.stop_gradient(jnp.max(s_own, axis=-1, keepdims=True))
-    p_own = jnp.where(own, jnp.exp(s_own - top), 0.0)
-    den = jnp.sum(p_own, axis=-1)  # [b, K, B, KV, g]
-    seen = den > 0
-    lse_own = jnp.where(seen, top[..., 0] + jnp.log(jnp.where(seen, den, 1.0)), _NEG).reshape(b, r, h)
-    p_own = p_own / jnp.where(seen, den, 1.0)[..., None]
-    out_own = jnp.einsum("bqikgj,bqjkd->bqikgd", p_own.astype(v.dtype), vb).reshape(b, r, h, d)
-
+    own = own_block_groups if OWN_BLOCK_GROUPS else own_block_cells
+    out_own, lse_own = own(q, k, v, self_mask)
     lse = jnp.logaddexp(lse_ctx, lse_own)
     w_ctx = jnp.exp(lse_ctx - lse)[..., None]
     w_own = jnp.exp(lse_own - lse)[..., None]
     out = w_ctx * out_ctx.astype(jnp.float32) + w_own * out_own.astype(jnp.float32)
     return jnp.where(contiguous, out, jnp.nan).astype(q.dtype)
+
+
+def own_block_cells(
+    q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Each cell's attention over the cells of its own block that ``self_mask`` allows, as products
+    per block (B x B scores).
+
+    Args: q float[b, R, H, hd]; k, v float[b, R, KV, hd] (R = K * B); self_mask bool[b, K, B, B].
+    Returns out float[b, R, H, hd] in v's dtype (0 where a cell sees no cell) and lse float32[b, R, H]
+    (_NEG there), the log-sum-exp of its scores, to merge with another set of keys.
+    """
+    b, r, h, d = q.shape
+    nblk, bs = self_mask.shape[1:3]
+    kvh = k.shape[2]
+    qb = q.reshape(b, nblk, bs, kvh, h // kvh, d)
+    kb, vb = k.reshape(b, nblk, bs, kvh, d), v.reshape(b, nblk, bs, kvh, d)
+    s_own = jnp.einsum("bqikgd,bqjkd->bqikgj", qb, kb, preferred_element_type=jnp.float32) * d**-0.5
+    own = self_mask[:, :, :, None, None, :]  # [b, K, B, 1, 1, B]
+    p_own, lse = _masked_softmax(s_own, own)
+    out = jnp.einsum("bqikgj,bqjkd->bqikgd", p_own.astype(v.dtype), vb).reshape(b, r, h, d)
+    return out, lse.reshape(b, r, h)
+
+
+# Rows per group in own_block_groups: a GEMM tile's height, so the block-diagonal scores cost one
+# tensor-core tile per group and head instead of a tiny B x B product per block.
+OWN_GROUP_ROWS = 64
+
+
+def own_block_groups(
+    q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`own_block_cells` (same arguments and results) over groups of consecutive blocks: each
+    group of G = OWN_GROUP_ROWS // B blocks is one [G * B, G * B] product per head under a
+    block-diagonal mask.
+
+    A block's B x B scores as their own products are ~4 x 4 x hd matrix products per block and head,
+    which a GPU runs at a sliver of its matrix rate (BLT-D-4's own-block products took 3.9 ms of a
+    114.7 ms blt_mid step on one H200, train_speed.md run 11, for ~0.1 GFLOP). In groups the
+    products are 64 x 64 tiles: G times the scores, almost all masked, in far fewer, fuller
+    products. Blocks are padded to a multiple of G with cells that see nothing.
+    """
+    b, r, h, d = q.shape
+    nblk, bs = self_mask.shape[1:3]
+    kvh = k.shape[2]
+    g = max(1, OWN_GROUP_ROWS // bs)
+    pad = -nblk % g
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad * bs), (0, 0), (0, 0))) for x in (q, k, v))
+        self_mask = jnp.pad(self_mask, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    n, m = (nblk + pad) // g, g * bs
+    qg = q.reshape(b, n, m, kvh, h // kvh, d)
+    kg, vg = k.reshape(b, n, m, kvh, d), v.reshape(b, n, m, kvh, d)
+    # [b, n, G, B, G, B]: cell (x, i) sees cell (y, j) only within its own block (x == y).
+    same = jnp.eye(g, dtype=bool)[None, None, :, None, :, None]
+    mask = (same & self_mask.reshape(b, n, g, bs, 1, bs)).reshape(b, n, m, m)
+    s = jnp.einsum("bnikgd,bnjkd->bnkgij", qg, kg, preferred_element_type=jnp.float32) * d**-0.5
+    p, lse = _masked_softmax(s, mask[:, :, None, None])
+    out = jnp.einsum("bnkgij,bnjkd->bnikgd", p.astype(v.dtype), vg).reshape(b, n * m, h, d)
+    lse = jnp.moveaxis(lse, -1, 2).reshape(b, n * m, h)
+    return out[:, :r], lse[:, :r]
+
+
+def _masked_softmax(s: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Softmax over the last axis of scores s: float32[..., J] where ``mask`` (broadcast to s) holds,
+    and its log-sum-exp: (p float32[..., J], lse float32[...]); a row with no visible key gives
+    p = 0 and lse = _NEG."""
+    s = jnp.where(mask, s, _NEG)
+    top = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - top), 0.0)
+    den = jnp.sum(p, axis=-1)
+    seen = den > 0
+    lse = jnp.where(seen, top[..., 0] + jnp.log(jnp.where(seen, den, 1.0)), _NEG)
+    return p / jnp.where(seen, den, 1.0)[..., None], lse
 
 
 def check_patch_bound(lengths: jax.Array, max_patch_length: int | None) -> None:
