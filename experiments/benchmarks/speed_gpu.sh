@@ -119,12 +119,15 @@
 # 25 without its level-2 speed row on one H200 (generate_speed.md run 13: cuBLAS prefill now the default);
 # 28 and 31 on one H100 late that day (train_speed.md run 10: BLT-D's block rows and both cross-attentions
 # on the key-range kernel are now the default; the norm kernel and self-attention on it stay off).
-# Next: 24 (the port's ratio with the new default), 32, 7 (with BLT-D-8 and profiles), 29, 26, 27
-# (several calls), 5, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before". A device call's background jobs end with
+# 24, 32, 7 and the first call of 27 on one H200 on 2026-12-06 (train_speed.md run 11: no sweep setting
+# changes a default; generate_speed.md run 14: 17 of the sweep's rows).
+# Next: 33 (the own-block attention in groups), 29, 26, 27 (several calls, resumes from the committed
+# rows), 5, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="24 32 7 29 26 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="33 29 26 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
