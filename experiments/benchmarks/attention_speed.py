@@ -1,6 +1,6 @@
 """Attention kernels at BLT's training shapes, forward and forward + backward.
 
-    python experiments/benchmarks/attention_speed.py [--out FILE.jsonl]
+    python experiments/benchmarks/attention_speed.py [--cases global_1024 ...] [--out FILE.jsonl]
 
 Local self-attention (bf16 [16, 4096, 8, 64], window 512, two documents per row) and global
 attention (bf16 [16, 1536, 16, 64], causal, two documents): fastblt's XLA reference path, cuDNN
@@ -9,6 +9,14 @@ and the full [N, N] bias), cuDNN with its built-in causal/window mask and no doc
 fastest a masked path can hope for), and for the global case Pallas' GPU flash attention with
 segment ids. Each variant reports median times and its largest gradient difference from the first
 variant. Results of 2026-12-02 (H200): experiments/results/train_speed.md.
+
+The ``global_1024`` case is today's global model (1 026 patch slots at blt_mid, here 1 024) and adds
+JAX's Hopper attention kernel in Pallas' Mosaic GPU dialect
+(``jax.experimental.pallas.ops.gpu.attention_mgpu``, FlashAttention-3's warp-specialised design):
+causal without documents (its backward does not take a causal mask, so forward alone) and without
+any mask (forward and backward), each next to cuDNN without a mask, to tell whether a kernel of that
+design runs these head-dim-64 shapes faster than cuDNN before one with document masks is written.
+A variant a kernel or JAX version does not support reports its error and the rest go on.
 """
 
 from __future__ import annotations
@@ -100,6 +108,12 @@ def variants(c):
         out["jax.nn cudnn causal, no docs"] = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="cudnn"
         )
+        if c["name"] == "global_1024":
+            desc = LocalMask(c["pos"], pdocs, None)  # the global model's call, as fastblt.model.blt makes it
+            out["fastblt cudnn (documents packed, the step's path)"] = lambda q, k, v: attention(
+                q, k, v, desc, "cudnn"
+            )
+            out.update(_unmasked_variants())
         try:
             from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
 
@@ -115,12 +129,41 @@ def variants(c):
     return out
 
 
-def run(out_path: str | None) -> None:
+def _unmasked_variants():
+    """cuDNN and the Mosaic GPU kernel with no mask, and the kernel with its causal mask (forward
+    only where its backward refuses one): the rate comparison of the module docstring."""
+    out = {
+        "jax.nn cudnn, no mask": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, implementation="cudnn"
+        ),
+    }
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+    except ImportError:
+        return out
+
+    def kernel(causal: bool):
+        blocks = dict(block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+        config = mgpu.TuningConfig(
+            block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal, **({} if causal else blocks)
+        )
+        return lambda q, k, v: mgpu.attention(q, k, v, config)
+
+    out["mosaic gpu (FA3 design), no mask"] = kernel(False)
+    out["mosaic gpu (FA3 design) causal, no docs"] = kernel(True)
+    return out
+
+
+CASES = {
+    "global": (16, 1536, 16, 64, None, 2),
+    "global_1024": (16, 1024, 16, 64, None, 2),
+    "local": (16, 4096, 8, 64, 512, 2),
+}
+
+
+def run(out_path: str | None, names: list[str]) -> None:
     rng = np.random.default_rng(0)
-    cases = [
-        _case("global", 16, 1536, 16, 64, None, 2, rng),
-        _case("local", 16, 4096, 8, 64, 512, 2, rng),
-    ]
+    cases = [_case(name, *CASES[name], rng) for name in names]
     rows = []
     for c in cases:
         q, k, v, g = c["q"], c["k"], c["v"], c["g"]
@@ -134,26 +177,20 @@ def run(out_path: str | None) -> None:
                 )
             )
             fwd = jax.jit(f)
+            row = {"case": c["name"], "variant": name}
             try:
+                row["fwd_ms"] = 1e3 * _time(fwd, q, k, v)
                 val = fn(q, k, v)
-                ms = 1e3 * _time(fn, q, k, v)
-                fwd_ms = 1e3 * _time(fwd, q, k, v)
-            except Exception as e:  # report, do not hide: a kernel may not support a shape
-                row = {"case": c["name"], "variant": name, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
+                row["fwd_bwd_ms"] = 1e3 * _time(fn, q, k, v)
+            except Exception as e:  # report, do not hide: a kernel may not support a shape or a mask
+                row["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
             else:
                 if ref_val is None:
                     ref_val = val
-                diff = max(
+                row["max_grad_diff_vs_" + ref_name] = max(
                     float(jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32))))
                     for a, r in zip(jax.tree.leaves(val[1]), jax.tree.leaves(ref_val[1]), strict=True)
                 )
-                row = {
-                    "case": c["name"],
-                    "variant": name,
-                    "fwd_ms": fwd_ms,
-                    "fwd_bwd_ms": ms,
-                    "max_grad_diff_vs_" + ref_name: diff,
-                }
             row.update(shape=list(q.shape), window=c["window"], device=jax.devices()[0].device_kind)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -165,4 +202,6 @@ def run(out_path: str | None) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=None)
-    run(p.parse_args().out)
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["global", "local"])
+    args = p.parse_args()
+    run(args.out, args.cases)

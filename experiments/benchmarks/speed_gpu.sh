@@ -110,6 +110,12 @@
 #       and in groups of blocks (--own-groups, block_rows.OWN_BLOCK_GROUPS: 64-row products under a
 #       block-diagonal mask), unprofiled: run 11's profile put BLT-D-4's per-block products at 3.9 ms of
 #       its 114.7 ms step; predicted ~3 ms off BLT-D-4 and more off BLT-D-8.
+#   34. the global model's attention at 1 024 rows (attention_speed.py --cases global_1024): cuDNN without a
+#       mask, causal, and causal within documents (today's path) next to JAX's Hopper kernel in Pallas'
+#       Mosaic GPU dialect (attention_mgpu, FlashAttention-3's design) without a mask (forward and
+#       backward) and causal (forward: its backward takes no causal mask). cuDNN runs the global
+#       model's attention at ~20% of the matmul rate (9.8 ms of a 73.6 ms step in run 11); if the
+#       kernel's rate is well above cuDNN's, a document-masked form of it is the lead for the 3x target.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -121,13 +127,13 @@
 # on the key-range kernel are now the default; the norm kernel and self-attention on it stay off).
 # 24, 32, 7 and the first call of 27 on one H200 on 2026-12-06 (train_speed.md run 11: no sweep setting
 # changes a default; generate_speed.md run 14: 17 of the sweep's rows).
-# Next: 33 (the own-block attention in groups), 29, 26, 27 (several calls, resumes from the committed
+# Next: 33 (the own-block attention in groups), 34 (a Hopper attention kernel's rate), 29, 26, 27 (several calls, resumes from the committed
 # rows), 5, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="33 29 26 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="33 34 29 26 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -180,7 +186,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -357,6 +363,8 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         --timeout 200 --no-own-groups --out "$out/train_own_before"
       phase train_own_after python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --steps 20 --warmup 3 \
         --timeout 200 --own-groups --out "$out/train_own_after" ;;
+  34) phase attention_mgpu python3 $bench/attention_speed.py --cases global_1024 \
+        --out "$out/attention_mgpu/attention_speed.jsonl" ;;
   24) phase train_port python3 $bench/train_speed.py --shape mid --rows blt torch --steps 20 --warmup 3 \
        --timeout 200 --out "$out/train_port" ;;
   23) rm -rf /tmp/where-*
