@@ -67,6 +67,55 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+# Identical programs compiled once per test process, in memory. Tests build many jit wrappers of the
+# same computation (a Trainer per test over the same small config: its init, train and eval steps;
+# model.apply under new lambdas), and JAX's own caches key on the wrapper, so each compiled again.
+# This keeps every executable under JAX's persistent-cache key (jax._src.compilation_cache: the module,
+# devices, compile options, backend) and hands the same loaded executable back: what the persistent
+# cache would do, without serialising executables, which is where jaxlib 0.10.2 crashed (above).
+# Programs with host callbacks (baked into the module, tied to Python objects) compile as before.
+# FASTBLT_TEST_EXECUTABLE_MEMO=0 turns it off.
+_MEMO_SIZE = 256
+
+
+def _memoize_executables() -> None:
+    import collections
+    import inspect
+
+    try:
+        from jax._src import cache_key, compilation_cache, compiler
+    except ImportError:  # another JAX: compile as JAX does
+        return
+    real = compiler.compile_or_get_cached
+    names = list(inspect.signature(real).parameters)
+    if names[:5] != ["backend", "computation", "devices", "compile_options", "host_callbacks"]:
+        return
+    memo: collections.OrderedDict = collections.OrderedDict()
+
+    def memoized(backend, computation, devices, compile_options, host_callbacks, *rest, **kw):
+        bound = dict(zip(names[5:], rest, strict=False)) | kw
+        if host_callbacks or bound.get("pgle_profiler") is not None:
+            return real(backend, computation, devices, compile_options, host_callbacks, *rest, **kw)
+        key = compilation_cache.get_cache_key(
+            computation, devices, compile_options, backend, cache_key.IgnoreCallbacks.NO
+        )
+        key = (key, tuple(d.id for d in bound.get("executable_devices", ())))
+        if key in memo:
+            memo.move_to_end(key)
+            return memo[key]
+        exe = real(backend, computation, devices, compile_options, host_callbacks, *rest, **kw)
+        memo[key] = exe
+        if len(memo) > _MEMO_SIZE:
+            memo.popitem(last=False)
+        return exe
+
+    compiler.compile_or_get_cached = memoized
+
+
+if os.environ.get("FASTBLT_TEST_EXECUTABLE_MEMO", "1") != "0":
+    _memoize_executables()
+
+
 def pytest_unconfigure(config):
     if _own_session is not None:
         shutil.rmtree(_own_session, ignore_errors=True)
