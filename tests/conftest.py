@@ -73,14 +73,16 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # This keeps every executable under JAX's persistent-cache key (jax._src.compilation_cache: the module,
 # devices, compile options, backend) and hands the same loaded executable back: what the persistent
 # cache would do, without serialising executables, which is where jaxlib 0.10.2 crashed (above).
-# Programs with host callbacks (baked into the module, tied to Python objects) compile as before.
-# FASTBLT_TEST_EXECUTABLE_MEMO=0 turns it off.
-_MEMO_SIZE = 256
+# Programs with host callbacks (the module indexes Python callables) compile as before. The key leaves
+# out debug information, so a hit may carry an earlier identical program's op names in its HLO text
+# (what fastblt.profiling reads). FASTBLT_TEST_EXECUTABLE_MEMO=0 turns it off.
+_MEMO_SIZE = 128
 
 
 def _memoize_executables() -> None:
     import collections
     import inspect
+    import threading
 
     try:
         from jax._src import cache_key, compilation_cache, compiler
@@ -91,22 +93,29 @@ def _memoize_executables() -> None:
     if names[:5] != ["backend", "computation", "devices", "compile_options", "host_callbacks"]:
         return
     memo: collections.OrderedDict = collections.OrderedDict()
+    lock = threading.Lock()  # the sampler compiles a program's two halves in two threads at once
 
     def memoized(backend, computation, devices, compile_options, host_callbacks, *rest, **kw):
         bound = dict(zip(names[5:], rest, strict=False)) | kw
         if host_callbacks or bound.get("pgle_profiler") is not None:
             return real(backend, computation, devices, compile_options, host_callbacks, *rest, **kw)
-        key = compilation_cache.get_cache_key(
-            computation, devices, compile_options, backend, cache_key.IgnoreCallbacks.NO
-        )
+        try:
+            key = compilation_cache.get_cache_key(
+                computation, devices, compile_options, backend, cache_key.IgnoreCallbacks.NO
+            )
+        except Exception:  # as JAX's own cache: no key, no cache
+            return real(backend, computation, devices, compile_options, host_callbacks, *rest, **kw)
         key = (key, tuple(d.id for d in bound.get("executable_devices", ())))
-        if key in memo:
-            memo.move_to_end(key)
-            return memo[key]
+        with lock:
+            exe = memo.get(key)
+            if exe is not None:
+                memo.move_to_end(key)
+                return exe
         exe = real(backend, computation, devices, compile_options, host_callbacks, *rest, **kw)
-        memo[key] = exe
-        if len(memo) > _MEMO_SIZE:
-            memo.popitem(last=False)
+        with lock:
+            memo[key] = exe
+            while len(memo) > _MEMO_SIZE:
+                memo.popitem(last=False)
         return exe
 
     compiler.compile_or_get_cached = memoized

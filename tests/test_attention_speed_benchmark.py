@@ -16,13 +16,10 @@ def test_each_variant_reports_times_or_its_error(tmp_path, monkeypatch):
     attention_speed.run(str(out), ["global_1024"])
     rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
     ref = rows["fastblt xla (dense mask)"]
-    assert (
-        ref["fwd_ms"] > 0 and ref["fwd_bwd_ms"] > 0 and ref["max_grad_diff_vs_fastblt xla (dense mask)"] == 0
-    )
-    # The comparison rows of the global_1024 case are there, each timed or with the reason it was not.
-    for name in (
-        "jax.nn cudnn, no mask",
-        "mosaic gpu (FA3 design), no mask",
-        "mosaic gpu (FA3 design) causal, no docs",
-    ):
-        assert name in rows and ("failed" in rows[name] or rows[name]["fwd_ms"] > 0), rows.get(name)
+    assert ref["fwd_ms"] > 0 and ref["fwd_bwd_ms"] > 0 and ref["max_out_diff"] == ref["max_grad_diff"] == 0
+    # The step's own path and cuDNN without a mask are there, and every row is timed or says why not
+    # (the GPU kernels, on this CPU); the Mosaic GPU rows are there where JAX has that kernel.
+    assert {"fastblt cudnn (documents packed, the step's path)", "jax.nn cudnn, no mask"} <= set(rows)
+    for name, row in rows.items():
+        assert "failed" in row or row["fwd_ms"] > 0, row
+        assert row["compared_with"] == attention_speed.REFERENCE.get(name, "fastblt xla (dense mask)")

@@ -653,8 +653,6 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
 
     fused_stand_in.install(monkeypatch)
     monkeypatch.setattr(block_rows, "GPU_RANGE_KERNEL", True)
-    monkeypatch.setattr(block_rows, "OWN_BLOCK_GROUPS", True)  # own_block_cells: the unit test above
-    monkeypatch.setattr(block_rows, "OWN_GROUP_ROWS", 8)  # groups of 2 blocks of B = 4, one padded
     monkeypatch.setattr(cross, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(attn_lib, "GPU_SELF_RANGES", True)
     monkeypatch.setattr(range_attention, "on_one_device", lambda: True)  # the suite's CPU has 8
@@ -702,12 +700,12 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-4, atol=2e-6, err_msg=str(path))
 
 
-@pytest.mark.parametrize("blocks,cells,group_rows", [(7, 4, 16), (3, 16, 16)])
+@pytest.mark.parametrize("blocks,cells,group_rows", [(7, 4, 16), (3, 16, 8), (2, 4, 64)])
 def test_own_block_attention_in_groups_and_per_block_match_a_dense_oracle(
     blocks, cells, group_rows, monkeypatch
 ):
     """own_block_groups (blocks padded to whole groups, block-diagonal mask) and own_block_cells
-    against one dense masked softmax over all R rows, in numpy: outputs, log-sum-exps, and (jax.grad)
+    against one dense masked softmax over all R rows: outputs, log-sum-exps, and (jax.grad)
     the gradients of q, k and v against the dense form's; a cell that sees no cell gives 0 and _NEG."""
     from fastblt.model import block_rows
 

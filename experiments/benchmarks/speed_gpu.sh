@@ -108,8 +108,8 @@
 #       left of a cold start after run 13 is mostly the loop half.
 #   33. BLT-D-4 and BLT-D-8 with the block rows' own-block attention as one product per block (today)
 #       and in groups of blocks (--own-groups, block_rows.OWN_BLOCK_GROUPS: 64-row products under a
-#       block-diagonal mask), unprofiled: run 11's profile put BLT-D-4's per-block products at 3.9 ms of
-#       its 114.7 ms step; predicted ~3 ms off BLT-D-4 and more off BLT-D-8.
+#       block-diagonal mask), alternated twice, unprofiled: run 11's profile put BLT-D-4's per-block
+#       products at 3.9 ms of its 114.7 ms step; predicted ~3 ms off BLT-D-4 and more off BLT-D-8.
 #   34. the global model's attention at 1 024 rows (attention_speed.py --cases global_1024): cuDNN without a
 #       mask, causal, and causal within documents (today's path) next to JAX's Hopper kernel in Pallas'
 #       Mosaic GPU dialect (attention_mgpu, FlashAttention-3's design) without a mask (forward and
@@ -359,10 +359,12 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
       else
         echo "[train_norm] skipped: the norm kernel's check (norm_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
-  33) phase train_own_before python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --steps 20 --warmup 3 \
-        --timeout 200 --no-own-groups --out "$out/train_own_before"
-      phase train_own_after python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --steps 20 --warmup 3 \
-        --timeout 200 --own-groups --out "$out/train_own_after" ;;
+  33) for run in before_1 after_1 before_2 after_2; do  # alternated: the gain is near the drift between runs
+        flag=--no-own-groups
+        [ "${run%_*}" = after ] && flag=--own-groups
+        phase "train_own_$run" python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --steps 20 \
+          --warmup 3 --timeout 200 $flag --out "$out/train_own_$run"
+      done ;;
   34) phase attention_mgpu python3 $bench/attention_speed.py --cases global_1024 \
         --out "$out/attention_mgpu/attention_speed.jsonl" ;;
   24) phase train_port python3 $bench/train_speed.py --shape mid --rows blt torch --steps 20 --warmup 3 \

@@ -270,7 +270,7 @@ def own_block_groups(
     b, r, h, d = q.shape
     nblk, bs = self_mask.shape[1:3]
     kvh = k.shape[2]
-    g = max(1, OWN_GROUP_ROWS // bs)
+    g = max(1, min(nblk, OWN_GROUP_ROWS // bs))  # no group wider than the blocks there are
     pad = -nblk % g
     if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad * bs), (0, 0), (0, 0))) for x in (q, k, v))
