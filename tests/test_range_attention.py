@@ -34,7 +34,7 @@ def _dense(q, k, v, lo, hi):
 
 def _case(seed, b=2, t=70, s=90, h=4, kvh=2, d=16, dtype=jnp.float32, wide=False):
     """Random queries, keys, values and ranges; ``wide``: long ranges that drift with the row, so
-    tiles of 16 queries see whole tiles of 16 keys (the kernels' unmasked loops)."""
+    tiles of 16 queries see whole tiles of 16 keys."""
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
     k = jnp.asarray(rng.normal(size=(b, s, kvh, d)), dtype)
@@ -59,24 +59,13 @@ def _clip(lo, hi, s):
     "kvh,blocks,wide",
     [(2, (16, 16, 16), False), (4, (32, 16, 16), False), (1, (16, 32, 32), False), (2, (16, 16, 16), True)],
 )
-def test_output_lse_and_gradients_match_float64(kvh, blocks, wide, monkeypatch):
+def test_output_lse_and_gradients_match_float64(kvh, blocks, wide):
     """Query and key lengths that are not multiples of the tiles, grouped heads, empty ranges,
     ranges past both ends, the dk/dv kernel's query tiles smaller than and as large as the others, and
-    (wide) key tiles that whole query tiles see, visited without a mask; the loss uses the output and
-    the log-sum-exp (rows that see something), so the backward's lse cotangent is checked too."""
+    (wide) long ranges that whole query tiles see whole key tiles of; the loss uses the output and the
+    log-sum-exp (rows that see something), so the backward's lse cotangent is checked too."""
     q, k, v, lo, hi = _case(kvh, kvh=kvh, wide=wide)
-    monkeypatch.setattr(ra, "UNMASKED_WHOLE_TILES", wide)
     bq, bk, bq_dkv = blocks
-    if wide:  # the unmasked loops run in all three kernels
-        lo_c, hi_c = (
-            jnp.pad(jnp.asarray(x, jnp.int32), ((0, 0), (0, -q.shape[1] % bq))) for x in _clip(lo, hi, 90)
-        )
-        first, last = ra.key_tiles_per_query_tile(lo_c, hi_c, bq, bk)
-        a, e = ra.whole_key_tiles(lo_c, hi_c, bq, bk, first, last)
-        assert int(jnp.sum(e - a)) > 4
-        first, last = ra.query_tiles_per_key_tile(lo_c, hi_c, bq_dkv, bk, -(-90 // bk))
-        a, e = ra.whole_query_tiles(lo_c, hi_c, bq_dkv, bk, 90, first, last)
-        assert int(jnp.sum(e - a)) > 4
     tiles = {"block_q": bq, "block_k": bk, "block_q_dkv": bq_dkv}
     out, lse = ra.range_attention(q, k, v, lo, hi, **tiles, interpret=True)
     want_out, want_lse = _dense(q, k, v, *_clip(lo, hi, k.shape[1]))
@@ -170,55 +159,6 @@ def test_query_tiles_per_key_tile_cover_every_touching_pair():
             if not touching:
                 assert first[row, c] >= last[row, c], (row, c)
     assert (first[0, 1], last[0, 1]) == (2, 3)
-
-
-@pytest.mark.parametrize("monotone", [True, False])
-def test_whole_tiles_are_seen_whole_by_every_row_of_their_tile(monotone):
-    """The tiles the kernels visit without a mask (whole_key_tiles per query tile, whole_query_tiles
-    per key tile) lie within the touching tiles, and every row of the query tile sees every key of
-    the key tile (a loop over rows and keys); with sliding-window ranges most touched tiles are whole."""
-    rng = np.random.default_rng(3)
-    bq, bk, t, s = 8, 16, 64, 100
-    if monotone:  # causal windows of 40 keys
-        i = np.arange(t)[None].repeat(2, 0)
-        lo, hi = np.maximum(i - 39, 0), i + 1
-        hi = np.minimum(hi * 2, s)  # reach past one key tile per row
-    else:
-        lo = rng.integers(0, s, size=(2, t))
-        hi = np.minimum(lo + rng.integers(0, 60, size=(2, t)), s)
-    lo[1, 8:16] = hi[1, 8:16] = 0  # a query tile that sees nothing
-    lo_j, hi_j = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
-
-    def sees_whole(row, qt, kt):
-        rows = range(qt * bq, (qt + 1) * bq)
-        return all(lo[row, r] <= kt * bk and (kt + 1) * bk <= hi[row, r] for r in rows)
-
-    first, last = (np.asarray(x) for x in ra.key_tiles_per_query_tile(lo_j, hi_j, bq, bk))
-    a, e = (np.asarray(x) for x in ra.whole_key_tiles(lo_j, hi_j, bq, bk, *map(jnp.asarray, (first, last))))
-    whole = 0
-    for row in range(2):
-        for qt in range(t // bq):
-            if first[row, qt] < last[row, qt]:
-                assert first[row, qt] <= a[row, qt] <= e[row, qt] <= last[row, qt]
-            for kt in range(a[row, qt], e[row, qt]):
-                assert sees_whole(row, qt, kt), (row, qt, kt)
-                whole += 1
-            if a[row, qt] == e[row, qt] and first[row, qt] < last[row, qt]:  # none whole: truly none
-                assert not any(sees_whole(row, qt, kt) for kt in range(first[row, qt], last[row, qt]))
-    n_tiles = -(-s // bk)
-    first, last = (np.asarray(x) for x in ra.query_tiles_per_key_tile(lo_j, hi_j, bq, bk, n_tiles))
-    a, e = ra.whole_query_tiles(lo_j, hi_j, bq, bk, s, jnp.asarray(first), jnp.asarray(last))
-    a, e = np.asarray(a), np.asarray(e)
-    for row in range(2):
-        for kt in range(n_tiles):
-            if first[row, kt] < last[row, kt]:
-                assert first[row, kt] <= a[row, kt] <= e[row, kt] <= last[row, kt]
-            for qt in range(a[row, kt], e[row, kt]):
-                assert sees_whole(row, qt, kt) and (kt + 1) * bk <= s, (row, kt, qt)
-            if a[row, kt] == e[row, kt] and first[row, kt] < last[row, kt]:
-                assert not any(sees_whole(row, qt, kt) for qt in range(first[row, kt], last[row, kt]))
-    if monotone:
-        assert whole > 10
 
 
 def test_unsupported_head_dim_names_the_fallback():
@@ -338,9 +278,9 @@ def test_range_check_winners_picks_only_switches_faster_than_todays_path(tmp_pat
 
 
 def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
-    """range_check.py's SWEEP: under each setting (tiles, warps, stages, whole tiles unmasked) the
-    three kernels lower for CUDA with the setting's warps and stages, the unmasked form is another
-    kernel than the masked one of the same tiles, and the module's own settings come back afterwards."""
+    """range_check.py's SWEEP: under each setting (tiles, warps, stages) the three kernels lower for
+    CUDA with the setting's warps and stages, settings that differ give different kernels, and the
+    module's own settings come back afterwards."""
     import os
     import re
     import sys
@@ -357,7 +297,7 @@ def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
     kernels = {}
-    for values in [*range_check.SWEEP, (64, 64, 32, 4, 2, False)]:
+    for values in range_check.SWEEP:
         with range_check.kernel_settings(values):
             assert [getattr(ra, name) for name in ra.TUNABLES] == list(values)
             try:
@@ -377,4 +317,4 @@ def test_every_sweep_setting_lowers_for_cuda_and_is_restored():
         assert text.count(f"num_warps = {values[3]} : i32") == 3, values
         assert text.count(f"num_stages = {values[4]} : i32") == 3, values
         kernels[values] = re.findall(r'ir = "[^"]*"', text)
-    assert kernels[(64, 64, 32, 4, 2, True)] != kernels[(64, 64, 32, 4, 2, False)]
+    assert kernels[range_check.SWEEP[0]] != kernels[range_check.SWEEP[1]]

@@ -6,8 +6,8 @@ compiles it) against the XLA reference path, and its speed against the tiles it 
     python experiments/benchmarks/range_check.py --sections local --out DIR   # some calls only
     python experiments/benchmarks/range_check.py --winners DIR/range_check.jsonl  # train_speed.py flags
 
-``--no-sweep`` times the kernel's current settings alone (SWEEP: other tiles, warps, stages and
-UNMASKED_WHOLE_TILES, on the block rows and the self-attention calls).
+``--no-sweep`` times the kernel's current settings alone (SWEEP: other tiles, warps and stages, on
+the block rows and the self-attention calls).
 
 At blt_mid's BLT-D-4 training shapes (batch 16, 4 096 bytes, static 4-byte patches, 1 025 blocks of 4
 cells, 8 decoder heads of 64, window 512, bf16), one decoder layer's block attention,
@@ -79,19 +79,17 @@ def inputs(batch: int, n: int, heads: int, hd: int, window: int, block: int = 4,
 
 
 # Settings of the range kernel timed besides the default, on the block rows and on the self-attention
-# calls (block_q, block_k, block_q_dkv, num_warps, num_stages, whole tiles unmasked); values are
-# checked for each. The default (64, 64, 32, 4, 2, False) ran the self-attention at ~0.7x cuDNN's
-# rate (train_speed.md run 10).
+# calls (block_q, block_k, block_q_dkv, num_warps, num_stages); values are checked for each. On one
+# H200 (train_speed.md run 11) none beat cuDNN on the self-attention or the default
+# (64, 64, 32, 4, 2) on the block rows.
 SWEEP = [
-    (64, 64, 32, 4, 2, True),
-    (64, 64, 64, 4, 2, True),
-    (128, 64, 32, 4, 2, True),
-    (64, 64, 32, 4, 3, True),
-    (128, 64, 32, 8, 2, True),
-    (128, 128, 64, 8, 2, True),
-    (128, 64, 64, 8, 3, True),
-    (128, 64, 32, 4, 2, False),
-    (64, 32, 32, 4, 2, False),
+    (64, 64, 64, 4, 2),
+    (64, 64, 32, 4, 3),
+    (128, 64, 32, 4, 2),
+    (128, 64, 32, 8, 2),
+    (128, 128, 64, 8, 2),
+    (128, 64, 64, 8, 3),
+    (64, 32, 32, 4, 2),
 ]
 
 
@@ -112,8 +110,7 @@ def kernel_settings(values):
 
 
 def sweep_name(values) -> str:
-    name = "ranged {}x{}, dkv {}, {} warps, {} stages".format(*values[:5])
-    return name + (", whole tiles unmasked" if values[5] else "")
+    return "ranged {}x{}, dkv {}, {} warps, {} stages".format(*values)
 
 
 def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> list[dict]:

@@ -10,10 +10,6 @@ windows per tile of blocks (a pad, a gather in the backward) and reads a dense b
 over ~1.7x the keys a cell sees (experiments/results/train_speed.md, run 9's leads). Queries are
 padded to whole tiles (a copy where their count is not a multiple), and so are keys in the backward.
 
-With UNMASKED_WHOLE_TILES, key tiles that every row of a query tile sees whole (most of them for
-windows hundreds of keys long) are visited without the mask: no comparisons, selects or masked loads
-(whole_key_tiles, whole_query_tiles); the tiles at a range's ends keep it.
-
 The kernel also returns each row's log-sum-exp, so a caller can merge it with attention over other
 keys (block_rows merges the cells of each block's own block, a few keys per row, computed by XLA)
 and differentiate through both: the backward takes the log-sum-exp's cotangent too.
@@ -44,16 +40,14 @@ BLOCK_K = 64
 BLOCK_Q_DKV = 32
 NUM_WARPS = 4
 NUM_STAGES = 2  # Triton's software pipelining of the key (query) tile loop
-# Visit the tiles every row of a tile sees whole without the mask (whole_key_tiles, whole_query_tiles),
-# read at the call. Off until a GPU measures it (range_check.py's sweep, speed_gpu.sh phase 32): the
-# block rows and cross-attentions run on this kernel by default, and Triton has not compiled the
-# three-loop form yet; off, each kernel is the one loop measured in train_speed.md run 10.
-UNMASKED_WHOLE_TILES = False
 # The module settings above that change the compiled kernels (benchmarks sweep and record them).
-TUNABLES = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES", "UNMASKED_WHOLE_TILES")
+# Visiting the tiles every row of a tile sees whole without the mask was measured and dropped: the
+# same tiles ran 2.45 vs 2.36 ms (decoder self-attention), 1.55 vs 1.39 (global) and 4.00 vs 3.52
+# (BLT-D-4 block rows) with it on one H200 (train_speed.md run 11).
+TUNABLES = ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV", "NUM_WARPS", "NUM_STAGES")
 
 
-def settings() -> dict[str, int | bool]:
+def settings() -> dict[str, int]:
     """The kernels' :data:`TUNABLES` as they are now, by lower-case name."""
     return {name.lower(): globals()[name] for name in TUNABLES}
 
@@ -126,7 +120,7 @@ def range_attention(
         )
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    blocks = (block_q or BLOCK_Q, block_k or BLOCK_K, block_q_dkv or BLOCK_Q_DKV, bool(UNMASKED_WHOLE_TILES))
+    blocks = (block_q or BLOCK_Q, block_k or BLOCK_K, block_q_dkv or BLOCK_Q_DKV)
     t = q.shape[1]
     pad = -t % max(blocks[0], blocks[2])
     if pad:  # padded queries see nothing
@@ -160,103 +154,39 @@ def key_tiles_per_query_tile(
     return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
-def whole_key_tiles(
-    lo: jax.Array, hi: jax.Array, block_q: int, block_k: int, first: jax.Array, last: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """For each tile of ``block_q`` queries, the key tiles [a, e) within its [first, last) that every
-    row of the tile sees whole: the kernels visit them without a mask (no comparisons, selects or
-    masked loads), the tiles before and after with one. Key tile i is whole iff
-    max(lo) <= i * block_k and (i + 1) * block_k <= min(hi) over the tile's rows (a row that sees
-    nothing leaves no tile whole). lo, hi: int32[b, T] within [0, S], T a multiple of block_q;
-    first, last: :func:`key_tiles_per_query_tile`'s. Returns a, e: int32[b, T / block_q],
-    first <= a <= e <= last where first <= last."""
-    b, t = lo.shape
-    rows_lo = lo.reshape(b, t // block_q, block_q)
-    rows_hi = hi.reshape(b, t // block_q, block_q)
-    a = (jnp.max(rows_lo, axis=-1) + block_k - 1) // block_k
-    e = jnp.min(rows_hi, axis=-1) // block_k
-    a = jnp.maximum(jnp.minimum(a, last), first)
-    return a.astype(jnp.int32), jnp.maximum(jnp.minimum(e, last), a).astype(jnp.int32)
-
-
-def whole_query_tiles(
-    lo: jax.Array, hi: jax.Array, block_q: int, block_k: int, s: int, first: jax.Array, last: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """For each key tile, a run [a, e) of the query tiles within its [first, last) (as
-    :func:`query_tiles_per_key_tile` gives them) whose every row sees the whole key tile, visited
-    without a mask: the first such tile and the ones right after it (ranges need not be monotone, so
-    later whole tiles may be visited with the mask). lo, hi: int32[b, T] within [0, s]. Returns a, e:
-    int32[b, key tiles], first <= a <= e <= last where first <= last."""
-    b, t = lo.shape
-    tiles = t // block_q
-    max_lo = jnp.max(lo.reshape(b, tiles, block_q), axis=-1)[:, :, None]
-    min_hi = jnp.min(hi.reshape(b, tiles, block_q), axis=-1)[:, :, None]
-    key_start = jnp.arange(first.shape[1], dtype=jnp.int32) * block_k
-    tile = jnp.arange(tiles, dtype=jnp.int32)[None, :, None]
-    whole = (max_lo <= key_start) & (min_hi >= key_start + block_k) & (key_start + block_k <= s)
-    whole &= (tile >= first[:, None]) & (tile < last[:, None])  # [b, query tiles, key tiles]
-    a = jnp.min(jnp.where(whole, tile, tiles), axis=1)
-    e = jnp.min(jnp.where((tile >= a[:, None]) & ~whole, tile, tiles), axis=1)
-    a = jnp.maximum(jnp.minimum(a, last), first)
-    return a.astype(jnp.int32), jnp.maximum(jnp.minimum(e, last), a).astype(jnp.int32)
-
-
-def _scores(q, k, start, lo, hi, n, scale, masked=True):
+def _scores(q, k, start, lo, hi, n, scale):
     """Scaled scores of a query tile [BQ, d] against the key tile at ``start`` [BK, d], with the
     visibility of each pair: key start + j visible to row i iff lo[i] <= start + j < hi[i] and
-    start + j < n (None where the caller knows every pair is visible: ``masked`` False)."""
-    s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
-    if not masked:
-        return s, None
+    start + j < n."""
     pos = start + jnp.arange(k.shape[0], dtype=jnp.int32)
     vis = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None]) & (pos < n)[None, :]
+    s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
     return jnp.where(vis, s, _NEG), vis
 
 
-def _load_keys(ref, start, block, n, masked=True):
-    if not masked:  # a whole tile: every row of it lies before n
-        return plgpu.load(ref.at[pl.ds(start, block), :])
+def _load_keys(ref, start, block, n):
     pos = start + jnp.arange(block, dtype=jnp.int32)
     return plgpu.load(ref.at[pl.ds(start, block), :], mask=(pos < n)[:, None], other=0)
 
 
-def _visible(p, vis):
-    return p if vis is None else jnp.where(vis, p, 0.0)
-
-
-def _three_loops(first_ref, a_ref, e_ref, last_ref, body, init, unmasked: bool):
-    """body(masked)'s fori_loop over [first, last): with ``unmasked``, with the mask before a and from
-    e on and without it on the whole tiles [a, e); else one masked loop (a and e unread)."""
-    if not unmasked:
-        return jax.lax.fori_loop(first_ref[()], last_ref[()], body(True), init)
-    carry = jax.lax.fori_loop(first_ref[()], a_ref[()], body(True), init)
-    carry = jax.lax.fori_loop(a_ref[()], e_ref[()], body(False), carry)
-    return jax.lax.fori_loop(e_ref[()], last_ref[()], body(True), carry)
-
-
-def _fwd_kernel(
-    first_ref, a_ref, e_ref, last_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref,
-    *, block_k, scale, unmasked,
-):  # fmt: skip
-    """One (batch row, head, query tile): the tile's key tiles [first, last), whole ones [a, e)
-    (scalars), q_ref [BQ, d], k_ref/v_ref [S, d], lo_ref/hi_ref [BQ]; writes o [BQ, d] and lse [BQ]."""
+def _fwd_kernel(first_ref, last_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, block_k, scale):
+    """One (batch row, head, query tile): the tile's key tiles [first, last) (scalars), q_ref [BQ, d],
+    k_ref/v_ref [S, d], lo_ref/hi_ref [BQ]; writes o [BQ, d] and lse [BQ]."""
     n = k_ref.shape[0]
     q = q_ref[...]
     lo, hi = lo_ref[...], hi_ref[...]
+    first, last = first_ref[()], last_ref[()]
 
-    def body(masked):
-        def step(i, carry):
-            o, mx, den = carry
-            start = i * block_k
-            s, vis = _scores(q, _load_keys(k_ref, start, block_k, n, masked), start, lo, hi, n, scale, masked)
-            v = _load_keys(v_ref, start, block_k, n, masked)
-            new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
-            p = _visible(jnp.exp(s - new_mx[:, None]), vis)
-            fix = jnp.exp(mx - new_mx)
-            o = o * fix[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
-            return o, new_mx, den * fix + jnp.sum(p, axis=1)
-
-        return step
+    def body(i, carry):
+        o, mx, den = carry
+        start = i * block_k
+        s, vis = _scores(q, _load_keys(k_ref, start, block_k, n), start, lo, hi, n, scale)
+        v = _load_keys(v_ref, start, block_k, n)
+        new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
+        p = jnp.where(vis, jnp.exp(s - new_mx[:, None]), 0.0)
+        fix = jnp.exp(mx - new_mx)
+        o = o * fix[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return o, new_mx, den * fix + jnp.sum(p, axis=1)
 
     rows, d = q.shape
     init = (
@@ -264,7 +194,7 @@ def _fwd_kernel(
         jnp.full((rows,), _NEG, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    o, mx, den = _three_loops(first_ref, a_ref, e_ref, last_ref, body, init, unmasked)
+    o, mx, den = jax.lax.fori_loop(first, last, body, init)
     seen = den > 0
     safe = jnp.where(seen, den, 1.0)
     o_ref[...] = jnp.where(seen[:, None], o / safe[:, None], 0.0).astype(o_ref.dtype)
@@ -272,70 +202,76 @@ def _fwd_kernel(
 
 
 def _dq_kernel(
-    first_ref, a_ref, e_ref, last_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref,
-    *, block_k, scale, unmasked,
-):  # fmt: skip
+    first_ref,
+    last_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    lo_ref,
+    hi_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    block_k,
+    scale,
+):
     """One (batch row, head, query tile): dq [BQ, d] over the tile's keys, as the forward visits them.
     delta = rowsum(o * do) - dlse [BQ]."""
     n = k_ref.shape[0]
     q, do = q_ref[...], do_ref[...]
     lo, hi = lo_ref[...], hi_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
+    first, last = first_ref[()], last_ref[()]
 
-    def body(masked):
-        def step(i, dq):
-            start = i * block_k
-            k = _load_keys(k_ref, start, block_k, n, masked)
-            v = _load_keys(v_ref, start, block_k, n, masked)
-            s, vis = _scores(q, k, start, lo, hi, n, scale, masked)
-            p = _visible(jnp.exp(s - lse[:, None]), vis)
-            dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
-            ds = p * (dp - delta[:, None])
-            return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+    def body(i, dq):
+        start = i * block_k
+        k = _load_keys(k_ref, start, block_k, n)
+        v = _load_keys(v_ref, start, block_k, n)
+        s, vis = _scores(q, k, start, lo, hi, n, scale)
+        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
+        ds = p * (dp - delta[:, None])
+        return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
-        return step
-
-    dq = _three_loops(first_ref, a_ref, e_ref, last_ref, body, jnp.zeros(q.shape, jnp.float32), unmasked)
+    dq = jax.lax.fori_loop(first, last, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
-    tfirst_ref, ta_ref, te_ref, tlast_ref, k_ref, v_ref, q_ref, do_ref, lo_ref, hi_ref, lse_ref, delta_ref,
-    dk_ref, dv_ref, *, block_q, scale, unmasked,
+    tfirst_ref, tlast_ref, k_ref, v_ref, q_ref, do_ref, lo_ref, hi_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    *, block_q, scale,
 ):  # fmt: skip
     """One (batch row, head, key tile): k_ref/v_ref [BK, d] (the tile), q_ref/do_ref [T, d] and
     lo/hi/lse/delta [T] (every query); loops over the query tiles [tfirst, tlast) whose ranges touch
-    this key tile, those in [ta, te) seeing it whole. Writes dk, dv [BK, d] of this query head (the
-    caller sums a kv head's group)."""
+    this key tile. Writes dk, dv [BK, d] of this query head (the caller sums a kv head's group)."""
     k, v = k_ref[...], v_ref[...]
     block_k = k.shape[0]
     n = block_k * pl.num_programs(2)  # the keys' padded length; rows past S are never visible
     start = pl.program_id(2) * block_k
 
-    def body(masked):
-        def step(t, carry):
-            dk, dv = carry
-            rows = pl.ds(t * block_q, block_q)
-            q, do = q_ref[rows, :], do_ref[rows, :]
-            lo, hi, lse, delta = lo_ref[rows], hi_ref[rows], lse_ref[rows], delta_ref[rows]
-            s, vis = _scores(q, k, start, lo, hi, n, scale, masked)  # [BQ, BK]
-            p = _visible(jnp.exp(s - lse[:, None]), vis)
-            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
-            dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
-            ds = p * (dp - delta[:, None])
-            dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
-            return dk, dv
-
-        return step
+    def body(t, carry):
+        dk, dv = carry
+        rows = pl.ds(t * block_q, block_q)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        lo, hi, lse, delta = lo_ref[rows], hi_ref[rows], lse_ref[rows], delta_ref[rows]
+        s, vis = _scores(q, k, start, lo, hi, n, scale)  # [BQ, BK]
+        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+        dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
+        ds = p * (dp - delta[:, None])
+        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+        return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = _three_loops(tfirst_ref, ta_ref, te_ref, tlast_ref, body, (zeros, zeros), unmasked)
+    dk, dv = jax.lax.fori_loop(tfirst_ref[()], tlast_ref[()], body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _forward(q, k, v, lo, hi, blocks, interpret):
-    block_q, block_k, _, unmasked = blocks
+    block_q, block_k, _ = blocks
     b, t, h, d = q.shape
     s, kvh = k.shape[1:3]
     g = h // kvh
@@ -344,24 +280,22 @@ def _forward(q, k, v, lo, hi, blocks, interpret):
     row_spec = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
     tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
     first, last = key_tiles_per_query_tile(lo, hi, block_q, block_k)
-    a, e = whole_key_tiles(lo, hi, block_q, block_k, first, last) if unmasked else (last, last)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, block_k=block_k, scale=d**-0.5, unmasked=unmasked),
+        functools.partial(_fwd_kernel, block_k=block_k, scale=d**-0.5),
         grid=(b, h, t // block_q),
-        in_specs=[tile_scalar] * 4 + [q_spec, kv_spec, kv_spec, row_spec, row_spec],
+        in_specs=[tile_scalar, tile_scalar, q_spec, kv_spec, kv_spec, row_spec, row_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
         interpret=interpret,
         name="fastblt_range_attention",
         **_params(interpret),
-    )(first, a, e, last, q, k, v, lo, hi)
+    )(first, last, q, k, v, lo, hi)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attend(q, k, v, lo, hi, blocks, interpret):
     """q [b, T, H, d] (T a multiple of the query tiles), k, v [b, S, KV, d], lo, hi int32[b, T]
-    within [0, S]; blocks (block_q, block_k, block_q_dkv, whole tiles unmasked) -> (out [b, T, H, d],
-    lse float32[b, H, T])."""
+    within [0, S]; blocks (block_q, block_k, block_q_dkv) -> (out [b, T, H, d], lse float32[b, H, T])."""
     return _forward(q, k, v, lo, hi, blocks, interpret)
 
 
@@ -391,7 +325,7 @@ def query_tiles_per_key_tile(
 
 
 def _attend_bwd(blocks, interpret, res, cotangents):
-    block_q, block_k, block_q_dkv, unmasked = blocks
+    block_q, block_k, block_q_dkv = blocks
     q, k, v, lo, hi, out, lse = res
     do, dlse = cotangents
     b, t, h, d = q.shape
@@ -409,12 +343,12 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     head_rows = pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))
     tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
     kfirst, klast = key_tiles_per_query_tile(lo, hi, block_q, block_k)
-    ka, ke = whole_key_tiles(lo, hi, block_q, block_k, kfirst, klast) if unmasked else (klast, klast)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block_k=block_k, scale=scale, unmasked=unmasked),
+        functools.partial(_dq_kernel, block_k=block_k, scale=scale),
         grid=(b, h, t // block_q),
         in_specs=[
-            *[tile_scalar] * 4,
+            tile_scalar,
+            tile_scalar,
             q_spec,
             kv_full,
             kv_full,
@@ -429,7 +363,7 @@ def _attend_bwd(blocks, interpret, res, cotangents):
         interpret=interpret,
         name="fastblt_range_attention_dq",
         **params,
-    )(kfirst, ka, ke, klast, q, k, v, lo, hi, do, lse, delta)
+    )(kfirst, klast, q, k, v, lo, hi, do, lse, delta)
 
     n_tiles = -(-s // block_k)
     if n_tiles * block_k != s:  # the key-tile blocks below need whole tiles
@@ -438,7 +372,6 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     else:
         k_p, v_p = k, v
     first, last = query_tiles_per_key_tile(lo, hi, block_q_dkv, block_k, n_tiles)
-    ta, te = whole_query_tiles(lo, hi, block_q_dkv, block_k, s, first, last) if unmasked else (last, last)
     scalar = pl.BlockSpec((None, None), lambda i, j, c: (i, c))
     k_tile = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j // g, 0))
     head_out = pl.BlockSpec((None, block_k, None, d), lambda i, j, c: (i, c, j, 0))
@@ -447,10 +380,11 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     all_head_rows = pl.BlockSpec((None, None, t), lambda i, j, c: (i, j, 0))
     grad_dtype = k.dtype if g == 1 else jnp.float32  # a group's heads are summed below
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=block_q_dkv, scale=scale, unmasked=unmasked),
+        functools.partial(_dkv_kernel, block_q=block_q_dkv, scale=scale),
         grid=(b, h, n_tiles),
         in_specs=[
-            *[scalar] * 4,
+            scalar,
+            scalar,
             k_tile,
             k_tile,
             q_full,
@@ -465,7 +399,7 @@ def _attend_bwd(blocks, interpret, res, cotangents):
         interpret=interpret,
         name="fastblt_range_attention_dkv",
         **params,
-    )(first, ta, te, last, k_p, v_p, q, do, lo, hi, lse, delta)
+    )(first, last, k_p, v_p, q, do, lo, hi, lse, delta)
     dk, dv = dk[:, :s], dv[:, :s]
     if g > 1:
         dk = dk.reshape(b, s, kvh, g, d).sum(axis=3)
