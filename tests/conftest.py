@@ -93,7 +93,7 @@ def _memoize_executables() -> None:
     if names[:5] != ["backend", "computation", "devices", "compile_options", "host_callbacks"]:
         return
     memo: collections.OrderedDict = collections.OrderedDict()
-    lock = threading.Lock()  # the sampler compiles a program's two halves in two threads at once
+    lock = threading.Lock()  # tests may compile from several threads (the sampler does on a GPU)
 
     def memoized(backend, computation, devices, compile_options, host_callbacks, *rest, **kw):
         bound = dict(zip(names[5:], rest, strict=False)) | kw

@@ -96,6 +96,13 @@ GPU_COMPILER_OPTIONS: dict = {}
 GPU_PREFILL_COMPILER_OPTIONS: dict = {"xla_gpu_enable_triton_gemm": False}
 
 
+# Backends whose compiler takes a generation's two halves in two threads at once (_compile_halves).
+# Not the CPU: jaxlib 0.10.2's CPU compiler segfaults now and then, mostly with two modules
+# compiling at once (6 of the 9 crashes in the cold test suites of 2026-12-04..06 were in these two
+# threads, the others in single compiles), and a CPU compile has no GPU autotuning to overlap.
+PARALLEL_COMPILE_BACKENDS = ("gpu", "tpu")
+
+
 def compiler_options(prefill: bool = False) -> dict | None:
     """The XLA options of a sampler GPU program (``prefill``: its prefill half's); None elsewhere."""
     if jax.default_backend() != "gpu":
@@ -163,7 +170,8 @@ class _Halves:
 
 
 def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _Halves:
-    """Compiles a generation's prefill half and loop half as two programs, in two threads at once.
+    """Compiles a generation's prefill half and loop half as two programs, in two threads at once
+    (one after the other on a backend outside PARALLEL_COMPILE_BACKENDS).
 
     XLA compiles one module on about one thread. At BLT-1B shapes on one H100 the two halves of ``ar``
     take 18-23 s at once, cold, most of it GEMM autotuning, and 8 s with the autotuning results at hand
@@ -187,8 +195,11 @@ def _compile_halves(fn: Generation, args: tuple, times: dict | None = None) -> _
     lowered = [start, finish]
     t1 = time.perf_counter()
     options = [compiler_options(prefill=True), compiler_options()]
-    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fastblt-compile") as pool:
-        exes = list(pool.map(lambda lowered, o: lowered.compile(compiler_options=o), lowered, options))
+    if jax.default_backend() in PARALLEL_COMPILE_BACKENDS:
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fastblt-compile") as pool:
+            exes = list(pool.map(lambda lowered, o: lowered.compile(compiler_options=o), lowered, options))
+    else:
+        exes = [half.compile(compiler_options=o) for half, o in zip(lowered, options, strict=True)]
     if times is not None:
         times.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
     return _Halves(*exes, fn.results)
