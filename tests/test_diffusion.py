@@ -700,16 +700,13 @@ def test_range_kernel_gradient_matches_gather_path(monkeypatch):
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-4, atol=2e-6, err_msg=str(path))
 
 
-@pytest.mark.parametrize("blocks,cells,group_rows", [(7, 4, 16), (3, 16, 8), (2, 4, 64)])
-def test_own_block_attention_in_groups_and_per_block_match_a_dense_oracle(
-    blocks, cells, group_rows, monkeypatch
-):
-    """own_block_groups (blocks padded to whole groups, block-diagonal mask) and own_block_cells
-    against one dense masked softmax over all R rows: outputs, log-sum-exps, and (jax.grad)
-    the gradients of q, k and v against the dense form's; a cell that sees no cell gives 0 and _NEG."""
+@pytest.mark.parametrize("blocks,cells", [(7, 4), (3, 16)])
+def test_own_block_attention_matches_a_dense_oracle(blocks, cells):
+    """own_block_cells against one dense masked softmax over all R rows: outputs, log-sum-exps, and
+    (jax.grad) the gradients of q, k and v against the dense form's; a cell that sees no cell gives 0
+    and _NEG."""
     from fastblt.model import block_rows
 
-    monkeypatch.setattr(block_rows, "OWN_GROUP_ROWS", group_rows)
     rng = np.random.default_rng(blocks)
     b, h, kvh, d = 2, 4, 2, 8
     r = blocks * cells
@@ -744,15 +741,15 @@ def test_own_block_attention_in_groups_and_per_block_match_a_dense_oracle(
         return f
 
     want_grad = jax.grad(loss(oracle), argnums=(0, 1, 2))(q, k, v)
-    for fn in (block_rows.own_block_groups, block_rows.own_block_cells):
-        out, lse = fn(q, k, v, jnp.asarray(self_mask))
-        np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-6)
-        got = jax.grad(loss(lambda q, k, v, fn=fn: fn(q, k, v, jnp.asarray(self_mask))), argnums=(0, 1, 2))(
-            q, k, v
-        )
-        for g, w in zip(got, want_grad, strict=True):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+    mask = jnp.asarray(self_mask)
+    out, lse = block_rows.own_block_cells(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5, atol=1e-6)
+    got = jax.grad(loss(lambda q, k, v: block_rows.own_block_cells(q, k, v, mask)), argnums=(0, 1, 2))(
+        q, k, v
+    )
+    for g, w in zip(got, want_grad, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
 def test_context_ranges_and_a_mask_that_is_not_one():

@@ -51,9 +51,10 @@ def test_generate_speed_tiny_writes_rows_table_and_plot(tmp_path):
     assert "| tiny | 64 | ar | 2 |" in table and "copy bandwidth measured" in table
     assert (tmp_path / "generate_speed.png").stat().st_size > 0
 
-    # --resume keeps the rows of this device, the failed one too, and measures only what is missing.
+    # --resume keeps the rows of this device, the failed one too, and measures only what is missing;
+    # another device's row is measured again here and stays in the file, out of the table.
     failed = {"shape": "tiny", "method": "blt_s8", "batch": 2, "prompt_bytes": 64, "failed": "OOM"}
-    other = {**rows[0], "method": "blt_s4", "device": "another GPU"}  # not this device's: measured again
+    other = {**rows[0], "method": "blt_s4", "device": "another GPU", "bytes_per_s": 123456789.0}
     with open(tmp_path / "generate_speed.jsonl", "a") as f:
         f.write(json.dumps({**failed, "device": rows[0]["device"]}) + "\n" + json.dumps(other) + "\n")
     generate_speed.main(
@@ -62,12 +63,15 @@ def test_generate_speed_tiny_writes_rows_table_and_plot(tmp_path):
     )  # fmt: skip
     again = [json.loads(line) for line in (tmp_path / "generate_speed.jsonl").read_text().splitlines()]
     assert [(r["method"], "failed" in r) for r in again] == [
+        ("blt_s4", False),
         ("ar", False),
         ("blt_s8", True),
         ("blt_s4", False),
     ]
-    assert again[0] == rows[0]  # the earlier measurement, not a new one
-    assert again[2]["device"] == rows[0]["device"] and again[2]["bytes_per_s"] > 0
+    assert again[0] == other and again[1] == rows[0]  # kept as they were, not measured again
+    assert again[3]["device"] == rows[0]["device"] and 0 < again[3]["bytes_per_s"] != other["bytes_per_s"]
+    table = (tmp_path / "generate_speed.md").read_text()
+    assert "| tiny | 64 | blt_s4 | 2 |" in table and "123456789" not in table
 
 
 def test_xla_options_parse_booleans_and_reject_a_missing_value():

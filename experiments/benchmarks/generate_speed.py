@@ -43,6 +43,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 _METHOD = re.compile(r"^(ar|hf|blt_s(\d+)|blt_dv?(\d+)(_gamma|_one)?)$")
 
@@ -290,22 +291,28 @@ def row_key(row: dict) -> tuple:
     return row["shape"], row["method"], row["batch"], row["prompt_bytes"]
 
 
-def resumed_rows(out: str | None, device: str) -> list[dict]:
-    """The rows a previous run on this kind of device left in ``out``'s generate_speed.jsonl, failed
-    ones included (a row that ran out of memory would again); [] when there is none. Each row keeps
-    the copy rate of its own run."""
+def resumed_rows(out: str | None, device: str) -> tuple[list[dict], list[dict]]:
+    """(this device's rows, other devices' rows) that a previous run left in ``out``'s
+    generate_speed.jsonl; ([], []) when there is none. This device's rows include failed ones (a row
+    that ran out of memory would again) and are not measured again; other devices' rows are kept in
+    the file (one committed sweep file seeds an H100 and an H200 alike) but not in its table. Each row
+    keeps the copy rate of its own run."""
     path = os.path.join(out, "generate_speed.jsonl") if out else None
     if not path or not os.path.exists(path):
-        return []
+        return [], []
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r.get("device") == device]
+    return [r for r in rows if r.get("device") == device], [r for r in rows if r.get("device") != device]
 
 
-def write_results(rows: list[dict], out: str, command: str, copy: float | None) -> None:
+def write_results(
+    rows: list[dict], out: str, command: str, copy: float | None, others: Sequence[dict] = ()
+) -> None:
+    """generate_speed.{jsonl,md,png} under ``out``: ``others`` (other devices' rows) first in the
+    jsonl, and the table and plot of ``rows`` alone."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "generate_speed.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(json.dumps(r) + "\n" for r in [*others, *rows])
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     lines = [f"command: `{command}`", ""]
     if copy:
@@ -540,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     copy = copy_tb_per_s()
     print(json.dumps({"device": str(jax.devices()[0]), "copy_tb_per_s": copy}), flush=True)
     device = str(jax.devices()[0].device_kind)
-    rows: list[dict] = resumed_rows(args.out, device) if args.resume else []
+    rows, others = resumed_rows(args.out, device) if args.resume else ([], [])
     done = {row_key(r) for r in rows if "method" in r}
     profiled = {r["profile"] for r in rows if "profile" in r}
 
@@ -549,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.out:
-            write_results(rows, args.out, command, copy)
+            write_results(rows, args.out, command, copy, others)
 
     for prompt in args.prompt_bytes:
         for batch in args.batch:

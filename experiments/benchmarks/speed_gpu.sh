@@ -6,7 +6,8 @@
 #   3. the sampler's cold compile (BLT-1B, ar) with XLA's default compile threads and with 16, each
 #      in a fresh process with an empty compilation cache;
 #   4. ar at batch 1 and 32, profiled (the unrolled program's op lists);
-#   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port;
+#   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port (8 rows
+#      of 4 096 bytes; 4 on a card under 100 GB: on an H100 both ran out of memory at 8 in run 12);
 #   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port, plain BLT and BLT-D-4 profiled (since run 8:
@@ -106,10 +107,8 @@
 #       settings alternated twice as in 25, then ar and blt_s8 at batch 1 and 32 each way. Runs 2-3 found Triton's one-row
 #       GEMM fusions faster for decode steps (before the decode kernel and two-row products); what is
 #       left of a cold start after run 13 is mostly the loop half.
-#   33. BLT-D-4 and BLT-D-8 with the block rows' own-block attention as one product per block (today)
-#       and in groups of blocks (--own-groups, block_rows.OWN_BLOCK_GROUPS: 64-row products under a
-#       block-diagonal mask), alternated twice, unprofiled: run 11's profile put BLT-D-4's per-block
-#       products at 3.9 ms of its 114.7 ms step; predicted ~3 ms off BLT-D-4 and more off BLT-D-8.
+#   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
+#       measured no gain (train_speed.md), the grouped form and this phase were removed.
 #   34. the global model's attention at 1 024 rows (attention_speed.py --cases global_1024): cuDNN without a
 #       mask, causal, and causal within documents (today's path) next to JAX's Hopper kernel in Pallas'
 #       Mosaic GPU dialect (attention_mgpu, FlashAttention-3's design) without a mask (forward and
@@ -127,13 +126,15 @@
 # on the key-range kernel are now the default; the norm kernel and self-attention on it stay off).
 # 24, 32, 7 and the first call of 27 on one H200 on 2026-12-06 (train_speed.md run 11: no sweep setting
 # changes a default; generate_speed.md run 14: 17 of the sweep's rows).
-# Next: 33 (the own-block attention in groups), 34 (a Hopper attention kernel's rate), 29, 26, 27 (several calls, resumes from the committed
-# rows), 5, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# 33, 5 (out of memory at 8 rows on the 80 GB card) and a call of 27 on one H100 later that day
+# (train_speed.md run 12: the grouped own-block form is gone; generate_speed.md run 15).
+# Next: 34 (a Hopper attention kernel's rate), 29, 27 (several calls, resumes from the committed rows
+# of the same kind of card), 5, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="33 34 29 26 27 5 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="34 29 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -186,7 +187,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -202,8 +203,13 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
      done ;;
   4) phase gen python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        --batch 1 32 --profile ar:1 ar:32 --out "$out/gen" ;;
-  5) phase train1b python3 $bench/train_speed.py --shape 1b --rows matmul blt torch --steps 10 --warmup 2 \
-       --timeout 300 --out "$out/train1b" ;;
+  5) # 8 x 4096 bytes is sized for an H200's 141 GB; on an 80 GB H100 both rows ran out of memory
+     # (train_speed.md run 12), so a card under 100 GB runs 4 rows.
+     gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+     rows_1b=()
+     [ "${gpu_mb:-0}" -lt 100000 ] && rows_1b=(--batch 4)
+     phase train1b python3 $bench/train_speed.py --shape 1b --rows matmul blt torch --steps 10 --warmup 2 \
+       --timeout 300 "${rows_1b[@]}" --out "$out/train1b" ;;
   6) python3 -c "import inspect; from jax._src.cudnn import fused_attention_stablehlo as fa; \
        print('dbias gated on a differentiable operand:', 'bias_is_differentiable' in inspect.getsource(fa.dot_product_attention))" \
        | tee -a "$out/log.txt"
@@ -359,12 +365,6 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
       else
         echo "[train_norm] skipped: the norm kernel's check (norm_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
-  33) for run in before_1 after_1 before_2 after_2; do  # alternated: the gain is near the drift between runs
-        flag=--no-own-groups
-        [ "${run%_*}" = after ] && flag=--own-groups
-        phase "train_own_$run" python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --steps 20 \
-          --warmup 3 --timeout 200 $flag --out "$out/train_own_$run"
-      done ;;
   34) phase attention_mgpu python3 $bench/attention_speed.py --cases global_1024 \
         --out "$out/attention_mgpu/attention_speed.jsonl" ;;
   24) phase train_port python3 $bench/train_speed.py --shape mid --rows blt torch --steps 20 --warmup 3 \

@@ -365,12 +365,6 @@ SWITCHES = {
         "BLT-D's block rows attend their context through the key-range Pallas kernel "
         "(fastblt.model.range_attention) instead of tiles",
     ),
-    "own_groups": (
-        "fastblt.model.block_rows",
-        "OWN_BLOCK_GROUPS",
-        "on the range kernel's path, BLT-D cells attend their own block in groups of blocks (64-row "
-        "products under a block-diagonal mask) instead of one small product per block",
-    ),
     "cross_ranges": (
         "fastblt.model.cross_attention",
         "GPU_CROSS_RANGES",

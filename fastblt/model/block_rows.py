@@ -122,10 +122,6 @@ class BlockRows:
 # attention 4.70 -> 3.53 ms forward plus backward (range_check.py), the step 126.0 -> 114.7 ms.
 GPU_RANGE_KERNEL = True
 
-# The ranged path's own-block attention in groups of blocks (own_block_groups) instead of a product
-# per block (own_block_cells). Off until a GPU measures it (speed_gpu.sh phase 33).
-OWN_BLOCK_GROUPS = False
-
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
 # gathered context keys, C * KV * hd per block, and scores, H * B * C per block).
 CHUNK_ELEMENTS = 1 << 24
@@ -218,8 +214,7 @@ def ranged_block_attention(
         q, k_ctx, v_ctx, lo.reshape(b, r), hi.reshape(b, r), interpret=interpret
     )  # [b, R, H, d], [b, R, H]
 
-    own = own_block_groups if OWN_BLOCK_GROUPS else own_block_cells
-    out_own, lse_own = own(q, k, v, self_mask)
+    out_own, lse_own = own_block_cells(q, k, v, self_mask)
     lse = jnp.logaddexp(lse_ctx, lse_own)
     w_ctx = jnp.exp(lse_ctx - lse)[..., None]
     w_own = jnp.exp(lse_own - lse)[..., None]
@@ -232,6 +227,11 @@ def own_block_cells(
 ) -> tuple[jax.Array, jax.Array]:
     """Each cell's attention over the cells of its own block that ``self_mask`` allows, as products
     per block (B x B scores).
+
+    These tiny products took 3.9 ms of BLT-D-4's 114.7 ms blt_mid step (train_speed.md run 11). The
+    same attention as 64-row products under a block-diagonal mask was no faster (run 12, one H100:
+    BLT-D-4 115.9 against 114.5-118.2 ms, BLT-D-8 145.0 against 141.2-142.0 ms, ~1 GB more memory)
+    and was removed.
 
     Args: q float[b, R, H, hd]; k, v float[b, R, KV, hd] (R = K * B); self_mask bool[b, K, B, B].
     Returns out float[b, R, H, hd] in v's dtype (0 where a cell sees no cell) and lse float32[b, R, H]
@@ -247,45 +247,6 @@ def own_block_cells(
     p_own, lse = _masked_softmax(s_own, own)
     out = jnp.einsum("bqikgj,bqjkd->bqikgd", p_own.astype(v.dtype), vb).reshape(b, r, h, d)
     return out, lse.reshape(b, r, h)
-
-
-# Rows per group in own_block_groups: a GEMM tile's height, so the block-diagonal scores cost one
-# tensor-core tile per group and head instead of a tiny B x B product per block.
-OWN_GROUP_ROWS = 64
-
-
-def own_block_groups(
-    q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """:func:`own_block_cells` (same arguments and results) over groups of consecutive blocks: each
-    group of G = OWN_GROUP_ROWS // B blocks is one [G * B, G * B] product per head under a
-    block-diagonal mask.
-
-    A block's B x B scores as their own products are ~4 x 4 x hd matrix products per block and head,
-    which a GPU runs at a sliver of its matrix rate (BLT-D-4's own-block products took 3.9 ms of a
-    114.7 ms blt_mid step on one H200, train_speed.md run 11, for ~0.1 GFLOP). In groups the
-    products are 64 x 64 tiles: G times the scores, almost all masked, in far fewer, fuller
-    products. Blocks are padded to a multiple of G with cells that see nothing.
-    """
-    b, r, h, d = q.shape
-    nblk, bs = self_mask.shape[1:3]
-    kvh = k.shape[2]
-    g = max(1, min(nblk, OWN_GROUP_ROWS // bs))  # no group wider than the blocks there are
-    pad = -nblk % g
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad * bs), (0, 0), (0, 0))) for x in (q, k, v))
-        self_mask = jnp.pad(self_mask, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    n, m = (nblk + pad) // g, g * bs
-    qg = q.reshape(b, n, m, kvh, h // kvh, d)
-    kg, vg = k.reshape(b, n, m, kvh, d), v.reshape(b, n, m, kvh, d)
-    # [b, n, G, B, G, B]: cell (x, i) sees cell (y, j) only within its own block (x == y).
-    same = jnp.eye(g, dtype=bool)[None, None, :, None, :, None]
-    mask = (same & self_mask.reshape(b, n, g, bs, 1, bs)).reshape(b, n, m, m)
-    s = jnp.einsum("bnikgd,bnjkd->bnkgij", qg, kg, preferred_element_type=jnp.float32) * d**-0.5
-    p, lse = _masked_softmax(s, mask[:, :, None, None])
-    out = jnp.einsum("bnkgij,bnjkd->bnikgd", p.astype(v.dtype), vg).reshape(b, n * m, h, d)
-    lse = jnp.moveaxis(lse, -1, 2).reshape(b, n * m, h)
-    return out[:, :r], lse[:, :r]
 
 
 def _masked_softmax(s: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
