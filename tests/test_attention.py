@@ -445,35 +445,48 @@ def test_rows_fit_packed_bounds_byte_and_patch_documents(mode):
 
 
 def test_rows_checked_takes_the_packed_layout_without_a_conditional(monkeypatch):
-    """Inside rows_checked a LocalMask on the fused path traces no lax.cond and gives the values of
-    the per-call checked path and of the XLA reference (kernels replaced by CPU stand-ins)."""
+    """Inside rows_checked(m) a LocalMask on the fused path traces no lax.cond, packs m segments per
+    row, and gives the values of the per-call checked path and of the XLA reference (kernels
+    replaced by CPU stand-ins), at the tier the host check picks (a row of 4 documents: 4) and at 8."""
     import fused_stand_in
 
     from fastblt.model import attention as lib
 
     fused_stand_in.install(monkeypatch)
+    packed_widths = []
+    real_packed = lib._cudnn_packed
+
+    def recording(q, k, v, seqlen, offsets, window):
+        packed_widths.append(seqlen.shape[1])
+        return real_packed(q, k, v, seqlen, offsets, window)
+
+    monkeypatch.setattr(lib, "_cudnn_packed", recording)
     rng = np.random.default_rng(3)
     b, n, h, d = 2, 32, 2, 8
     q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
     tokens = rng.integers(3, 259, (b, n))
-    tokens[0, [4, 17]] = 2
+    tokens[0, [4, 17, 25]] = 2  # 4 documents in row 0
     docs = document_ids(jnp.asarray(tokens))
-    assert lib.rows_fit_packed(tokens)
+    assert lib.segment_tier(tokens) == 4
 
     def run(q, docs):  # docs traced, as in a train step: the check cannot fold away
         return lib._cudnn_local(q, k, v, lib.LocalMask(jnp.broadcast_to(jnp.arange(n), (b, n)), docs, 8))
 
-    def run_checked(q, docs):  # a function that enters the context, jitted on its own (as Trainer)
-        with lib.rows_checked():
-            return run(q, docs)
-
-    trusted, trusted_jaxpr = jax.jit(run_checked)(q, docs), str(jax.make_jaxpr(run_checked)(q, docs))
-    checked, checked_jaxpr = jax.jit(run)(q, docs), str(jax.make_jaxpr(run)(q, docs))
-    assert "cond[" in checked_jaxpr and "cond[" not in trusted_jaxpr
     mask = lib.LocalMask(jnp.broadcast_to(jnp.arange(n), (b, n)), docs, 8)
     want = attention(q, k, v, mask, "xla")
-    np.testing.assert_allclose(np.asarray(trusted), np.asarray(want), atol=1e-5)
+    checked, checked_jaxpr = jax.jit(run)(q, docs), str(jax.make_jaxpr(run)(q, docs))
+    assert "cond[" in checked_jaxpr
     np.testing.assert_allclose(np.asarray(checked), np.asarray(want), atol=1e-5)
+    for tier in (4, 8):
+
+        def run_checked(q, docs, tier=tier):  # enters the context, jitted on its own (as Trainer)
+            with lib.rows_checked(tier):
+                return run(q, docs)
+
+        packed_widths.clear()
+        trusted, trusted_jaxpr = jax.jit(run_checked)(q, docs), str(jax.make_jaxpr(run_checked)(q, docs))
+        assert "cond[" not in trusted_jaxpr and set(packed_widths) == {tier}
+        np.testing.assert_allclose(np.asarray(trusted), np.asarray(want), atol=1e-5, err_msg=str(tier))
 
 
 def test_self_ranges_take_local_masks_off_cudnn_in_a_gpu_step_on_one_device(monkeypatch):

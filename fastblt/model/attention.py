@@ -58,12 +58,20 @@ or None)."""
 # segments against 2.80 ms on the bias path (H200, experiments/results/train_speed.md). Rows of 4096
 # bytes of the default corpus hold 1-4 documents.
 MAX_SEGMENTS = 8
+# The packed layouts a host-checked train step may take (:func:`segment_tier`), smallest first: a
+# batch whose rows all hold at most 4 documents runs 4 segments per row. Measured on one H200
+# (attention_check.py, forward + backward, 2026-12-05): the global model's attention 0.566 against
+# 0.655 ms per layer with 4 segments instead of 8, the decoder's 1.535 against 1.645 ms.
+SEGMENT_TIERS = (4, MAX_SEGMENTS)
 
-# Set inside :func:`rows_checked`: the caller has checked on the host that every row of the batch
-# fits the packed layout, so LocalMasks on cuDNN take it without a per-layer lax.cond. Each such
-# conditional copies its predicate to the host and waits for the device (XLA GPU's conditional
-# thunk): at blt_mid on an H200 the ~34 per step cost 10 ms of 90 (experiments/results/train_speed.md).
-_ROWS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastblt_rows_checked", default=False)
+# Set inside :func:`rows_checked` to the segments per row the host checked every row of the batch
+# against: LocalMasks on cuDNN take the packed layout of that many segments without a per-layer
+# lax.cond. Each such conditional copies its predicate to the host and waits for the device (XLA
+# GPU's conditional thunk): at blt_mid on an H200 the ~34 per step cost 10 ms of 90
+# (experiments/results/train_speed.md). None: not checked.
+_ROWS_CHECKED: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "fastblt_rows_checked", default=None
+)
 
 
 # Set inside :func:`target_platform`: the platform the traced step will run on, when it is not JAX's
@@ -90,23 +98,25 @@ def platform() -> str:
 
 
 @contextlib.contextmanager
-def rows_checked() -> Iterator[None]:
-    """Traces attention for a batch whose rows all passed :func:`rows_fit_packed` on the host:
-    LocalMasks on cuDNN use the packed layout unconditionally (a row of more documents would be
-    masked wrongly, so nothing else may be traced inside). The context is read while tracing and
-    jit's caches do not see it: enter it inside a function jitted on its own (as
-    ``fastblt.train.loop.Trainer.packed_train_step`` does), never jit one function both inside and
-    outside it."""
-    token = _ROWS_CHECKED.set(True)
+def rows_checked(max_segments: int = MAX_SEGMENTS) -> Iterator[None]:
+    """Traces attention for a batch whose rows all passed :func:`rows_fit_packed` with
+    ``max_segments`` on the host: LocalMasks on cuDNN use the packed layout of ``max_segments``
+    segments per row unconditionally (a row of more documents would be masked wrongly, so nothing
+    else may be traced inside). The context is read while tracing and jit's caches do not see it:
+    enter it inside a function jitted on its own (as ``fastblt.train.loop.Trainer``'s packed steps
+    do), never jit one function both inside and outside it."""
+    if max_segments < 1:
+        raise ValueError(f"max_segments must be >= 1, got {max_segments}")
+    token = _ROWS_CHECKED.set(max_segments)
     try:
         yield
     finally:
         _ROWS_CHECKED.reset(token)
 
 
-def rows_fit_packed(tokens: np.ndarray, max_segments: int = MAX_SEGMENTS, eos_id: int = 2) -> bool:
-    """Host check: every row has at most ``max_segments - 1`` EOS bytes, so every LocalMask of the
-    step holds at most ``max_segments`` documents: the byte-level ones (:func:`document_ids`: an EOS
+def segments_needed(tokens: np.ndarray, eos_id: int = 2) -> int:
+    """Host bound on the documents any LocalMask of a step over ``tokens`` holds in one row: a
+    row's EOS bytes plus one. That covers the byte-level documents (:func:`document_ids`: an EOS
     ends a document) and the global model's patch-level ones, where a row's last EOS can open one
     more document in the patch slots after it.
 
@@ -114,8 +124,20 @@ def rows_fit_packed(tokens: np.ndarray, max_segments: int = MAX_SEGMENTS, eos_id
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int[batch, bytes], got shape {tokens.shape}")
-    bound = np.sum(tokens == eos_id, axis=1) + 1  # >= byte-level and patch-level document counts
-    return bool(bound.max(initial=1) <= max_segments)
+    return int((np.sum(tokens == eos_id, axis=1) + 1).max(initial=1))
+
+
+def rows_fit_packed(tokens: np.ndarray, max_segments: int = MAX_SEGMENTS, eos_id: int = 2) -> bool:
+    """Host check: every LocalMask of a step over ``tokens`` (int[batch, bytes]) holds at most
+    ``max_segments`` documents per row (:func:`segments_needed`)."""
+    return segments_needed(tokens, eos_id) <= max_segments
+
+
+def segment_tier(tokens: np.ndarray, eos_id: int = 2) -> int | None:
+    """The smallest of :data:`SEGMENT_TIERS` every row of ``tokens`` (int[batch, bytes]) fits, or
+    None when a row holds more documents than the largest (its step checks per layer)."""
+    need = segments_needed(tokens, eos_id)
+    return next((m for m in SEGMENT_TIERS if need <= m), None)
 
 
 @flax.struct.dataclass
@@ -359,7 +381,8 @@ def packed_segments(docs: jax.Array, max_segments: int) -> tuple[jax.Array, jax.
 def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask) -> jax.Array:
     """A LocalMask on cuDNN's fused kernel: causal and window as its masks, documents as packed
     segments; a batch with a row of more than ``mask.max_segments`` documents takes the bias path
-    (checked per call on the device, unless traced inside :func:`rows_checked`)."""
+    (checked per call on the device, unless traced inside :func:`rows_checked`, whose checked
+    count of segments it then packs)."""
     n = q.shape[1]
     window = mask.window if mask.window is not None and mask.window < n else None
     if mask.docs is None:
@@ -371,7 +394,8 @@ def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask) -> j
             local_window_size=None if window is None else (window - 1, 0),
             implementation="cudnn",
         )
-    seqlen, offsets, fits = packed_segments(mask.docs, mask.max_segments)
+    checked = _ROWS_CHECKED.get()  # every row holds at most this many documents (host-checked)
+    seqlen, offsets, fits = packed_segments(mask.docs, mask.max_segments if checked is None else checked)
 
     def packed() -> jax.Array:
         return _cudnn_packed(q, k, v, seqlen, offsets, window)
@@ -381,7 +405,7 @@ def _cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: LocalMask) -> j
             return _blockwise_local(q, k, v, mask, "cudnn")
         return attention(q, k, v, mask.dense(), "cudnn")
 
-    if _ROWS_CHECKED.get():
+    if checked is not None:
         return packed().astype(q.dtype)
     return jax.lax.cond(fits, packed, biased).astype(q.dtype)
 

@@ -8,6 +8,7 @@ BLT: train the entropy model (unless a trained one is given), then BLT patched b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from fastblt.io import checkpoint as ckpt_lib
 from fastblt.io.checkpoint import Checkpointer
 from fastblt.io.loading import load_trained_params
 from fastblt.io.workdir_lock import workdir_lock
-from fastblt.model.attention import rows_checked, rows_fit_packed
+from fastblt.model.attention import SEGMENT_TIERS, rows_checked, segment_tier
 from fastblt.train import calibration
 from fastblt.train.metrics import (
     MetricWriter,
@@ -91,15 +92,19 @@ class Trainer:
             donate_argnums=(0,),
         )
         # The same step traced for batches whose rows were checked on the host to fit cuDNN's
-        # packed document layout (fastblt.model.attention.rows_checked): no per-layer conditional.
-        # Compiled on first use; only a GPU with fused attention runs a different program.
-        self.packed_train_step = sharding.MeshJit(
-            self._packed_train_step,
-            mesh,
-            in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, sharding.replicated(mesh)),
-            donate_argnums=(0,),
-        )
+        # packed document layout (fastblt.model.attention.rows_checked): no per-layer conditional,
+        # one program per segment tier (attention.SEGMENT_TIERS: fewer segments, fewer empty tiles).
+        # Each compiles on first use; only a GPU with fused attention runs a different program.
+        self.packed_train_steps = {
+            m: sharding.MeshJit(
+                functools.partial(self._packed_train_step, m),
+                mesh,
+                in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
+                out_shardings=(self.state_shardings, sharding.replicated(mesh)),
+                donate_argnums=(0,),
+            )
+            for m in SEGMENT_TIERS
+        }
         # Only GPUs run the fused kernels (the entropy model's "auto" included). Multi-process runs
         # keep the per-layer check: agreeing on a host flag every step takes a device collective,
         # which queues behind the running step and leaves one step in flight instead of two.
@@ -165,18 +170,18 @@ class Trainer:
             metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def _packed_train_step(self, state: TrainState, frozen, batch):
-        with rows_checked():
+    def _packed_train_step(self, max_segments: int, state: TrainState, frozen, batch):
+        with rows_checked(max_segments):
             return self._train_step(state, frozen, batch)
 
     def step_for(self, inputs: np.ndarray) -> Callable:
         """The jitted train step for a batch whose host-side inputs (int[batch, bytes]) are given:
-        on one GPU process, :attr:`packed_train_step` when every row fits the packed layout; else
-        (a row of more documents, CPU/TPU, several processes) :attr:`train_step`, which checks on
-        the device, layer by layer."""
-        if self._packed_differs and rows_fit_packed(inputs):
-            return self.packed_train_step
-        return self.train_step
+        on one GPU process, the packed step of the smallest segment tier every row fits
+        (:attr:`packed_train_steps`, attention.segment_tier); else (a row of more documents than
+        the largest tier, CPU/TPU, several processes) :attr:`train_step`, which checks on the
+        device, layer by layer."""
+        tier = segment_tier(inputs) if self._packed_differs else None
+        return self.train_step if tier is None else self.packed_train_steps[tier]
 
     def _eval_step(self, params, frozen, batch):
         _, metrics = self.task.eval_loss(params, frozen, batch)
