@@ -64,6 +64,7 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
 
     monkeypatch.setattr(cross_attention, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(layers, "GPU_FUSED_NORM", False)
+    monkeypatch.setattr(layers, "STACKED_W13", False)
     args = train_speed.parser().parse_args(["--no-range-kernel", "--fused-norm", "--rows", "blt"])
     forwarded = train_speed._forward(args)
     assert "--no-range-kernel" in forwarded and "--fused-norm" in forwarded
@@ -73,8 +74,25 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
         "latent_windows": False,
         "fused_norm": True,
         "range_kernel": False,
+        "stacked_w13": False,
         "cross_ranges": True,
         "self_ranges": False,
     }
     assert not block_rows.GPU_RANGE_KERNEL and layers.GPU_FUSED_NORM and cross_attention.GPU_CROSS_RANGES
     assert train_speed.apply_switches(train_speed.parser().parse_args(forwarded)) == settings
+
+
+def test_segment_tiers_are_forwarded_set_and_checked(monkeypatch):
+    """--segment-tiers reaches a row's process and sets attention.SEGMENT_TIERS there; tiers that do
+    not rise are refused with the flag's name."""
+    from fastblt.model import attention
+
+    monkeypatch.setattr(attention, "SEGMENT_TIERS", attention.SEGMENT_TIERS)
+    default = list(attention.SEGMENT_TIERS)
+    assert train_speed.apply_segment_tiers(train_speed.parser().parse_args([])) == default
+    args = train_speed.parser().parse_args(["--segment-tiers", "8", "--rows", "blt"])
+    forwarded = train_speed._forward(args)
+    assert forwarded[forwarded.index("--segment-tiers") + 1] == "8"
+    assert train_speed.apply_segment_tiers(args) == [8] and attention.SEGMENT_TIERS == (8,)
+    with pytest.raises(SystemExit, match="--segment-tiers"):
+        train_speed.apply_segment_tiers(train_speed.parser().parse_args(["--segment-tiers", "8", "4"]))

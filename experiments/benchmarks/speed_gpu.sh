@@ -109,6 +109,12 @@
 #       left of a cold start after run 13 is mostly the loop half.
 #   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
 #       measured no gain (train_speed.md), the grouped form and this phase were removed.
+#   35. plain BLT (blt_mid, unprofiled) three ways, alternated twice: the one packed layout of 8
+#       segments per row and the two-product feed-forward (--segment-tiers 8 --no-stacked-w13: before),
+#       the host's smallest segment tier (attention.SEGMENT_TIERS; the benchmark's batches need 3
+#       segments, so 4), and that with w1 and w3 as one product (--stacked-w13, layers.STACKED_W13).
+#       Predicted from run 11's profile and attention_check.py's 4- against 8-segment rows: ~1.5 ms
+#       and ~1 ms off the 80.8 ms step. If --stacked-w13 is faster in both pairs, it becomes the default.
 #   34. the global model's attention at 1 024 rows (attention_speed.py --cases global_1024): cuDNN without a
 #       mask, causal, and causal within documents (today's path) next to JAX's Hopper kernel in Pallas'
 #       Mosaic GPU dialect (attention_mgpu, FlashAttention-3's design) without a mask (forward and
@@ -128,13 +134,14 @@
 # changes a default; generate_speed.md run 14: 17 of the sweep's rows).
 # 33, 5 (out of memory at 8 rows on the 80 GB card) and a call of 27 on one H100 later that day
 # (train_speed.md run 12: the grouped own-block form is gone; generate_speed.md run 15).
-# Next: 34 (a Hopper attention kernel's rate), 29, 27 (several calls, resumes from the committed rows
-# of the same kind of card), 5, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# Next: 35 (segment tiers and the stacked feed-forward, prepared after run 12), 34 (a Hopper
+# attention kernel's rate), 29, 27 (several calls, resumes from the committed rows of the same kind
+# of card), 5, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="34 29 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="35 34 29 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -187,7 +194,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -365,6 +372,15 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
       else
         echo "[train_norm] skipped: the norm kernel's check (norm_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
+  35) for run in tiers8_1 tiers_1 stacked_1 tiers8_2 tiers_2 stacked_2; do
+        flags=(--no-stacked-w13)
+        case ${run%_*} in
+          tiers8) flags+=(--segment-tiers 8) ;;
+          stacked) flags=(--stacked-w13) ;;
+        esac
+        phase "train_ffn_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+          --timeout 200 "${flags[@]}" --out "$out/train_ffn_$run"
+      done ;;
   34) phase attention_mgpu python3 $bench/attention_speed.py --cases global_1024 \
         --out "$out/attention_mgpu/attention_speed.jsonl" ;;
   24) phase train_port python3 $bench/train_speed.py --shape mid --rows blt torch --steps 20 --warmup 3 \

@@ -124,6 +124,7 @@ def run_jax_row(args, row: str) -> dict:
     from fastblt import sharding
     from fastblt.config import experiment_config
     from fastblt.model import EntropyModel
+    from fastblt.model.attention import segments_needed
     from fastblt.model.patcher import entropy as entropy_of
     from fastblt.train.loop import Trainer, entropy_stage_config
     from fastblt.train.metrics import entropy_model_flops_per_byte, model_flops_per_byte, peak_flops
@@ -151,12 +152,12 @@ def run_jax_row(args, row: str) -> dict:
     t0 = time.perf_counter()
     # The step the train loop runs for these batches (Trainer.step_for: rows checked on the host),
     # or with --checked-step the one that checks documents per row on the device in every layer.
-    step = trainer.train_step
+    # Batches of different segment tiers all take the step of the one that needs the most.
+    step, tier = trainer.train_step, None
+    inputs = np.concatenate([b["inputs"] for b in data])
     if not args.checked_step:
-        steps = {trainer.step_for(b["inputs"]) for b in data}
-        if len(steps) != 1:
-            raise SystemExit("the benchmark batches take different train steps: use --checked-step")
-        (step,) = steps
+        step = trainer.step_for(inputs)
+        tier = next((m for m, s in trainer.packed_train_steps.items() if s is step), None)
     lowered = step.lower(state, trainer.frozen, gb[0])
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
@@ -213,6 +214,8 @@ def run_jax_row(args, row: str) -> dict:
         "patch_overflow": m.get("patch_overflow"),
         **_memory(compiled),
         "pallas_kernels": pallas_kernels(lowered.as_text()),
+        "packed_segments": tier,  # the host-checked step's segments per row (None: checked per layer)
+        "segments_needed": segments_needed(inputs),
     }
     if row in args.profile:
         from fastblt.profiling import format_table, profile_components
@@ -365,6 +368,12 @@ SWITCHES = {
         "BLT-D's block rows attend their context through the key-range Pallas kernel "
         "(fastblt.model.range_attention) instead of tiles",
     ),
+    "stacked_w13": (
+        "fastblt.model.layers",
+        "STACKED_W13",
+        "the feed-forward's w1 and w3 as one product over kernels stacked per call (one SwiGLU "
+        "gradient pass, one weight-gradient and one input-gradient GEMM)",
+    ),
     "cross_ranges": (
         "fastblt.model.cross_attention",
         "GPU_CROSS_RANGES",
@@ -385,6 +394,7 @@ def run_row(args, row: str) -> dict:
     if row.startswith("torch"):
         return run_torch_row(args, row)
     settings = apply_switches(args)
+    settings["segment_tiers"] = apply_segment_tiers(args)
     from fastblt.model import range_attention
 
     # The key-range kernel's settings as the row ran (the kernel runs where pallas_kernels names it).
@@ -402,6 +412,19 @@ def apply_switches(args) -> dict[str, bool]:
             setattr(module, switch, getattr(args, flag))
         settings[flag] = bool(getattr(module, switch))
     return settings
+
+
+def apply_segment_tiers(args) -> list[int]:
+    """Sets fastblt.model.attention.SEGMENT_TIERS from ``--segment-tiers`` (if given) in this
+    process; returns the tiers the row runs with."""
+    from fastblt.model import attention
+
+    if args.segment_tiers:
+        tiers = list(args.segment_tiers)
+        if tiers != sorted(set(tiers)) or tiers[0] < 1:
+            raise SystemExit(f"--segment-tiers must rise and be >= 1, e.g. 4 8; got {tiers}")
+        attention.SEGMENT_TIERS = tuple(tiers)
+    return list(attention.SEGMENT_TIERS)
 
 
 def write_results(results: list[dict], out_dir: str, command: str) -> None:
@@ -502,6 +525,15 @@ def parser() -> argparse.ArgumentParser:
         help="time the step that checks documents per row in every layer (the train loop's choice for "
         "a batch with a row of more than MAX_SEGMENTS documents) instead of the host-checked one",
     )
+    p.add_argument(
+        "--segment-tiers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the packed layouts' segments per row a host-checked step may take, smallest first "
+        "(default: fastblt.model.attention.SEGMENT_TIERS); --segment-tiers 8 is the one layout of "
+        "before the tiers",
+    )
     for flag, (module, switch, what) in SWITCHES.items():
         p.add_argument(
             "--" + flag.replace("_", "-"),
@@ -553,6 +585,8 @@ def main(argv: list[str] | None = None) -> None:
 def _forward(args) -> list[str]:
     out = ["--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out += ["--checked-step"] if args.checked_step else []
+    if args.segment_tiers:
+        out += ["--segment-tiers", *map(str, args.segment_tiers)]
     for flag in SWITCHES:
         if getattr(args, flag) is not None:
             out.append(("--" if getattr(args, flag) else "--no-") + flag.replace("_", "-"))
