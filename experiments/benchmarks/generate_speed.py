@@ -618,6 +618,7 @@ def main(argv: list[str] | None = None) -> None:
         if proc.returncode:
             sys.stderr.write(proc.stderr[-4000:])
     if args.out:
+        write_results(rows, args.out, command, copy, others)  # also when a resumed run had nothing left
         with open(os.path.join(args.out, "generate_speed.md")) as f:
             print(f.read())
 

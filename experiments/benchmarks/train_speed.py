@@ -523,7 +523,8 @@ def parser() -> argparse.ArgumentParser:
         "--checked-step",
         action="store_true",
         help="time the step that checks documents per row in every layer (the train loop's choice for "
-        "a batch with a row of more than MAX_SEGMENTS documents) instead of the host-checked one",
+        "a batch with a row of more documents than the largest of attention.SEGMENT_TIERS) instead of the "
+        "host-checked one",
     )
     p.add_argument(
         "--segment-tiers",

@@ -330,7 +330,7 @@ class FeedForward(nn.Module):
             w1, w3 = (
                 _Kernel(self.hidden, ("embed", "mlp"), self.std_in, name=n)(x.shape[-1]) for n in ("w1", "w3")
             )
-            dtype = self.dtype or jnp.result_type(x, w1)
+            dtype = self.dtype if self.dtype is not None else jnp.result_type(x, w1)  # as nn.Dense
             w13 = jnp.stack([w1, w3], axis=1).astype(dtype)  # [D, 2, F]
             return w2(swiglu_stacked(jnp.einsum("...d,dkf->...kf", x.astype(dtype), w13)))
         gate = dense(self.hidden, ("embed", "mlp"), self.std_in, self.dtype, "w1")(x)

@@ -29,7 +29,8 @@ from fastblt.io import checkpoint as ckpt_lib
 from fastblt.io.checkpoint import Checkpointer
 from fastblt.io.loading import load_trained_params
 from fastblt.io.workdir_lock import workdir_lock
-from fastblt.model.attention import SEGMENT_TIERS, rows_checked, segment_tier
+from fastblt.model import attention
+from fastblt.model.attention import rows_checked, segments_needed
 from fastblt.train import calibration
 from fastblt.train.metrics import (
     MetricWriter,
@@ -103,7 +104,7 @@ class Trainer:
                 out_shardings=(self.state_shardings, sharding.replicated(mesh)),
                 donate_argnums=(0,),
             )
-            for m in SEGMENT_TIERS
+            for m in attention.SEGMENT_TIERS
         }
         # Only GPUs run the fused kernels (the entropy model's "auto" included). Multi-process runs
         # keep the per-layer check: agreeing on a host flag every step takes a device collective,
@@ -177,10 +178,13 @@ class Trainer:
     def step_for(self, inputs: np.ndarray) -> Callable:
         """The jitted train step for a batch whose host-side inputs (int[batch, bytes]) are given:
         on one GPU process, the packed step of the smallest segment tier every row fits
-        (:attr:`packed_train_steps`, attention.segment_tier); else (a row of more documents than
-        the largest tier, CPU/TPU, several processes) :attr:`train_step`, which checks on the
+        (:attr:`packed_train_steps`, built from attention.SEGMENT_TIERS when the Trainer was made);
+        else (a row of more documents than the largest tier, CPU/TPU, several processes) :attr:`train_step`, which checks on the
         device, layer by layer."""
-        tier = segment_tier(inputs) if self._packed_differs else None
+        if not self._packed_differs:
+            return self.train_step
+        need = segments_needed(inputs)
+        tier = min((m for m in self.packed_train_steps if need <= m), default=None)
         return self.train_step if tier is None else self.packed_train_steps[tier]
 
     def _eval_step(self, params, frozen, batch):
