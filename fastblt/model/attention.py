@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.struct
@@ -133,11 +133,12 @@ def rows_fit_packed(tokens: np.ndarray, max_segments: int = MAX_SEGMENTS, eos_id
     return segments_needed(tokens, eos_id) <= max_segments
 
 
-def segment_tier(tokens: np.ndarray, eos_id: int = 2) -> int | None:
-    """The smallest of :data:`SEGMENT_TIERS` every row of ``tokens`` (int[batch, bytes]) fits, or
-    None when a row holds more documents than the largest (its step checks per layer)."""
+def segment_tier(tokens: np.ndarray, tiers: Iterable[int] | None = None, eos_id: int = 2) -> int | None:
+    """The smallest of ``tiers`` (default :data:`SEGMENT_TIERS`) every row of ``tokens``
+    (int[batch, bytes]) fits, or None when a row holds more documents than the largest (its step
+    checks per layer)."""
     need = segments_needed(tokens, eos_id)
-    return next((m for m in SEGMENT_TIERS if need <= m), None)
+    return min((m for m in (SEGMENT_TIERS if tiers is None else tiers) if need <= m), default=None)
 
 
 @flax.struct.dataclass

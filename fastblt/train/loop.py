@@ -30,7 +30,7 @@ from fastblt.io.checkpoint import Checkpointer
 from fastblt.io.loading import load_trained_params
 from fastblt.io.workdir_lock import workdir_lock
 from fastblt.model import attention
-from fastblt.model.attention import rows_checked, segments_needed
+from fastblt.model.attention import rows_checked, segment_tier
 from fastblt.train import calibration
 from fastblt.train.metrics import (
     MetricWriter,
@@ -179,12 +179,9 @@ class Trainer:
         """The jitted train step for a batch whose host-side inputs (int[batch, bytes]) are given:
         on one GPU process, the packed step of the smallest segment tier every row fits
         (:attr:`packed_train_steps`, built from attention.SEGMENT_TIERS when the Trainer was made);
-        else (a row of more documents than the largest tier, CPU/TPU, several processes) :attr:`train_step`, which checks on the
-        device, layer by layer."""
-        if not self._packed_differs:
-            return self.train_step
-        need = segments_needed(inputs)
-        tier = min((m for m in self.packed_train_steps if need <= m), default=None)
+        else (a row of more documents than the largest tier, CPU/TPU, several processes)
+        :attr:`train_step`, which checks on the device, layer by layer."""
+        tier = segment_tier(inputs, self.packed_train_steps) if self._packed_differs else None
         return self.train_step if tier is None else self.packed_train_steps[tier]
 
     def _eval_step(self, params, frozen, batch):
