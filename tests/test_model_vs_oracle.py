@@ -203,59 +203,27 @@ def test_remat_and_scan_change_nothing_but_memory_and_compile_time(changes):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_swiglu_forward_is_the_reference_op_and_its_gradient_autodiffs(dtype):
-    """layers.swiglu and layers.swiglu_stacked (gate and up stacked on axis -2): the forward is
-    silu(gate) * up exactly; the one-pass gradient equals autodiff of that expression (float64 on the
-    host as the oracle), to float32 rounding, and to bf16 rounding in bf16 (with float32 inside, it
-    is at least as close as autodiff in bf16)."""
-    from fastblt.model.layers import swiglu, swiglu_stacked
+    """layers.swiglu: the forward is silu(gate) * up exactly; the one-pass gradient equals autodiff of
+    that expression (float64 on the host as the oracle), to float32 rounding, and to bf16 rounding in
+    bf16 (with float32 inside, it is at least as close as autodiff in bf16)."""
+    from fastblt.model.layers import swiglu
 
     rng = np.random.default_rng(3)
     gate, up, g = (jnp.asarray(rng.normal(scale=3.0, size=(4, 64)), dtype) for _ in range(3))
     want_out = np.asarray(jax.nn.silu(gate) * up)
     np.testing.assert_array_equal(np.asarray(swiglu(gate, up)), want_out)
-    stacked = jnp.stack([gate, up], axis=-2)
-    np.testing.assert_array_equal(np.asarray(swiglu_stacked(stacked)), want_out)
     d_gate, d_up = jax.vjp(swiglu, gate, up)[1](g)
-    (d_stacked,) = jax.vjp(swiglu_stacked, stacked)[1](g)
-    assert d_stacked.shape == stacked.shape and d_stacked.dtype == dtype
     a, b, c = (np.asarray(x, np.float64) for x in (gate, up, g))
     s = 1.0 / (1.0 + np.exp(-a))
     want_gate, want_up = c * b * (s + a * s * (1.0 - s)), c * a * s
     auto_gate, auto_up = jax.vjp(lambda x, y: jax.nn.silu(x) * y, gate, up)[1](g)
     cases = [(d_gate, auto_gate, want_gate), (d_up, auto_up, want_up)]
-    cases += [(d_stacked[..., 0, :], auto_gate, want_gate), (d_stacked[..., 1, :], auto_up, want_up)]
     for got, auto, want in cases:
         got_err = np.abs(np.asarray(got, np.float64) - want).max()
         auto_err = np.abs(np.asarray(auto, np.float64) - want).max()
         scale = np.abs(want).max()
         assert got_err <= (1e-6 if dtype == jnp.float32 else 1e-2) * scale
         assert got_err <= auto_err * 1.01 + 1e-6 * scale
-
-
-def test_stacked_w13_keeps_the_parameters_and_matches_the_oracle(monkeypatch):
-    """layers.STACKED_W13 (w1 and w3 as one product over kernels stacked per call): the same
-    parameter tree and initial values, logits equal to the float64 oracle's, and the loss and
-    gradients of the two-product form to float32 rounding."""
-    from fastblt.model import layers
-
-    rng = np.random.default_rng(5)
-    config = small_config(k=2)
-    tokens, lengths = batch(rng, [40, 23])
-    params = init_params(config)
-    monkeypatch.setattr(layers, "STACKED_W13", True)
-    jax.tree.map(np.testing.assert_array_equal, init_params(config), params)
-    check(config, tokens, lengths)
-
-    def grads(stacked):
-        monkeypatch.setattr(layers, "STACKED_W13", stacked)
-        loss = lambda p: BLT(config).apply({"params": p}, tokens, lengths).sum()  # noqa: E731
-        return jax.jit(jax.value_and_grad(loss))(params)
-
-    (v1, g1), (v0, g0) = grads(True), grads(False)
-    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max())), g1, g0
-    )
 
 
 def test_rope_is_the_oracles_pair_rotation():

@@ -64,7 +64,6 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
 
     monkeypatch.setattr(cross_attention, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(layers, "GPU_FUSED_NORM", False)
-    monkeypatch.setattr(layers, "STACKED_W13", False)
     args = train_speed.parser().parse_args(["--no-range-kernel", "--fused-norm", "--rows", "blt"])
     forwarded = train_speed._forward(args)
     assert "--no-range-kernel" in forwarded and "--fused-norm" in forwarded
@@ -74,7 +73,6 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
         "latent_windows": False,
         "fused_norm": True,
         "range_kernel": False,
-        "stacked_w13": False,
         "cross_ranges": True,
         "self_ranges": False,
     }

@@ -7,7 +7,8 @@
 #      in a fresh process with an empty compilation cache;
 #   4. ar at batch 1 and 32, profiled (the unrolled program's op lists);
 #   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port (8 rows
-#      of 4 096 bytes; 4 on a card under 100 GB: on an H100 both ran out of memory at 8 in run 12);
+#      of 4 096 bytes; skipped on a card under 100 GB: on an H100 both ran out of memory at 8 rows in
+#      run 12 and at 4 in run 13);
 #   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
 #      skips a boolean mask's bias gradient (jax-ml/jax#39512);
 #   7. plain BLT, BLT-D-4 and BLT-D-8 next to the port, plain BLT and BLT-D-4 profiled (since run 8:
@@ -107,14 +108,17 @@
 #       settings alternated twice as in 25, then ar and blt_s8 at batch 1 and 32 each way. Runs 2-3 found Triton's one-row
 #       GEMM fusions faster for decode steps (before the decode kernel and two-row products); what is
 #       left of a cold start after run 13 is mostly the loop half.
+#   36. the speed half of 29: ar and blt_s8 at batch 1 and 32 with the loop half's GEMMs on Triton (today)
+#       and on cuBLAS, alternated twice. Run 16 (one H100): the loop half compiled cold in 7.0 s on
+#       cuBLAS against 12.1-12.7 s with Triton's GEMM fusions; if the bytes/s hold, cuBLAS becomes the
+#       loop half's default too.
 #   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
 #       measured no gain (train_speed.md), the grouped form and this phase were removed.
-#   35. plain BLT (blt_mid, unprofiled) three ways, alternated twice: the one packed layout of 8
-#       segments per row and the two-product feed-forward (--segment-tiers 8 --no-stacked-w13: before),
-#       the host's smallest segment tier (attention.SEGMENT_TIERS; the benchmark's batches need 3
-#       segments, so 4), and that with w1 and w3 as one product (--stacked-w13, layers.STACKED_W13).
-#       Predicted from run 11's profile and attention_check.py's 4- against 8-segment rows: ~1.5 ms
-#       and ~1 ms off the 80.8 ms step. If --stacked-w13 is faster in both pairs, it becomes the default.
+#   35. plain BLT (blt_mid, unprofiled) with the one packed layout of 8 segments per row
+#       (--segment-tiers 8: before) and with the host's smallest segment tier (attention.SEGMENT_TIERS;
+#       the benchmark's batches need 3 segments, so 4), alternated twice. Run 13 (one H100): the loop's
+#       step 78.9 -> 77.7 ms with the tiers. It also ran w1 and w3 as one stacked product: 1.3-1.5 ms
+#       slower and 1.3 GB more, so that form was removed (train_speed.md run 13).
 #   34. the global model's attention at 1 024 rows (attention_speed.py --cases global_1024): cuDNN without a
 #       mask, causal, and causal within documents (today's path) next to JAX's Hopper kernel in Pallas'
 #       Mosaic GPU dialect (attention_mgpu, FlashAttention-3's design) without a mask (forward and
@@ -194,7 +198,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -210,13 +214,15 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
      done ;;
   4) phase gen python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        --batch 1 32 --profile ar:1 ar:32 --out "$out/gen" ;;
-  5) # 8 x 4096 bytes is sized for an H200's 141 GB; on an 80 GB H100 both rows ran out of memory
-     # (train_speed.md run 12), so a card under 100 GB runs 4 rows.
+  5) # Sized for an H200's 141 GB: on an 80 GB H100 both rows ran out of memory at 8 rows (train_speed.md
+     # run 12) and at 4 (run 13: fastblt 16.9 GiB short, the port 11.5 GiB), so a smaller card skips it.
      gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-     rows_1b=()
-     [ "${gpu_mb:-0}" -lt 100000 ] && rows_1b=(--batch 4)
-     phase train1b python3 $bench/train_speed.py --shape 1b --rows matmul blt torch --steps 10 --warmup 2 \
-       --timeout 300 "${rows_1b[@]}" --out "$out/train1b" ;;
+     if [ "${gpu_mb:-0}" -lt 100000 ]; then
+       echo "[train1b] skipped: needs an H200 (${gpu_mb:-?} MiB here)" | tee -a "$out/log.txt"
+     else
+       phase train1b python3 $bench/train_speed.py --shape 1b --rows matmul blt torch --steps 10 --warmup 2 \
+         --timeout 300 --out "$out/train1b"
+     fi ;;
   6) python3 -c "import inspect; from jax._src.cudnn import fused_attention_stablehlo as fa; \
        print('dbias gated on a differentiable operand:', 'bias_is_differentiable' in inspect.getsource(fa.dot_product_attention))" \
        | tee -a "$out/log.txt"
@@ -341,10 +347,10 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         JAX_COMPILATION_CACHE_DIR=/tmp/loop-$run phase "loop_compile_$run" python3 $bench/compile_time.py \
           --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/loop_compile_$run"
       done
-      for run in default cublas notune; do
+      ;;
+  36) for run in default_1 cublas_1 default_2 cublas_2; do
         opts=()
-        [ $run = cublas ] && opts=(--compiler-option xla_gpu_enable_triton_gemm=false)
-        [ $run = notune ] && opts=(--compiler-option xla_gpu_autotune_level=0)
+        [ "${run%_*}" = cublas ] && opts=(--compiler-option xla_gpu_enable_triton_gemm=false)
         phase "loop_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar blt_s8 --batch 1 32 "${opts[@]}" --out "$out/loop_speed_$run"
       done ;;
@@ -372,14 +378,11 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
       else
         echo "[train_norm] skipped: the norm kernel's check (norm_check) has not passed here" | tee -a "$out/log.txt"
       fi ;;
-  35) for run in tiers8_1 tiers_1 stacked_1 tiers8_2 tiers_2 stacked_2; do
-        flags=(--no-stacked-w13)
-        case ${run%_*} in
-          tiers8) flags+=(--segment-tiers 8) ;;
-          stacked) flags=(--stacked-w13) ;;
-        esac
-        phase "train_ffn_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
-          --timeout 200 "${flags[@]}" --out "$out/train_ffn_$run"
+  35) for run in tiers8_1 tiers_1 tiers8_2 tiers_2; do
+        flags=()
+        [ "${run%_*}" = tiers8 ] && flags=(--segment-tiers 8)
+        phase "train_tiers_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+          --timeout 200 "${flags[@]}" --out "$out/train_tiers_$run"
       done ;;
   34) phase attention_mgpu python3 $bench/attention_speed.py --cases global_1024 \
         --out "$out/attention_mgpu/attention_speed.jsonl" ;;

@@ -368,12 +368,6 @@ SWITCHES = {
         "BLT-D's block rows attend their context through the key-range Pallas kernel "
         "(fastblt.model.range_attention) instead of tiles",
     ),
-    "stacked_w13": (
-        "fastblt.model.layers",
-        "STACKED_W13",
-        "the feed-forward's w1 and w3 as one product over kernels stacked per call (one SwiGLU "
-        "gradient pass, one weight-gradient and one input-gradient GEMM)",
-    ),
     "cross_ranges": (
         "fastblt.model.cross_attention",
         "GPU_CROSS_RANGES",

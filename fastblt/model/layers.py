@@ -240,17 +240,6 @@ class SelfAttention(nn.Module):
         return self.wo(o.reshape(*o.shape[:2], -1))
 
 
-# The training feed-forward's w1 and w3 as one product (FeedForward): the two kernels stacked
-# [D, 2, F] per call (the parameters stay separate, as the reference stores them), so the forward is
-# one GEMM instead of two, and the backward one SwiGLU-gradient pass writing one [.., 2, F] tensor,
-# one weight-gradient GEMM and one input-gradient GEMM. Stacked on a new axis, not concatenated along
-# F, so an F sharded over "tensor" stays where it is. In the blt_mid profile of train_speed.md run 11
-# (one H200) the SwiGLU backward ran as two kernels per layer (d_gate, then d_up): 1.9 ms in the
-# global model and 1.3 ms in the decoder; predicted ~1 ms off the step. Off until a GPU measures it
-# (train_speed.py --stacked-w13, speed_gpu.sh phase 35).
-STACKED_W13 = False
-
-
 @jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """SwiGLU's product ``silu(gate) * up``, float[..., F] each (the reference's forward, op for op).
@@ -282,38 +271,6 @@ def _swiglu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Arr
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-@jax.custom_vjp
-def swiglu_stacked(h: jax.Array) -> jax.Array:
-    """:func:`swiglu` of ``h``: float[..., 2, F] (gate, up) -> float[..., F]; its gradient is one
-    pass that writes the stacked [..., 2, F] input gradient."""
-    return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
-
-
-def _swiglu_stacked_fwd(h: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return swiglu_stacked(h), h
-
-
-def _swiglu_stacked_bwd(h: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    return (jnp.stack(_swiglu_grads(h[..., 0, :], h[..., 1, :], g), axis=-2).astype(h.dtype),)
-
-
-swiglu_stacked.defvjp(_swiglu_stacked_fwd, _swiglu_stacked_bwd)
-
-
-class _Kernel(nn.Module):
-    """The kernel ``nn.Dense`` makes under the same name (same path, shape, init and logical axes),
-    without its product: for products of several kernels at once."""
-
-    features: int
-    names: tuple[str, str]
-    std: float
-
-    @nn.compact
-    def __call__(self, fan_in: int) -> jax.Array:
-        init = nn.with_logical_partitioning(trunc_normal(self.std), self.names)
-        return self.param("kernel", init, (fan_in, self.features), jnp.float32)
-
-
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -326,13 +283,6 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         w2 = dense(self.dim, ("mlp", "embed"), self.std_out, self.dtype, "w2")
-        if STACKED_W13:
-            w1, w3 = (
-                _Kernel(self.hidden, ("embed", "mlp"), self.std_in, name=n)(x.shape[-1]) for n in ("w1", "w3")
-            )
-            dtype = self.dtype if self.dtype is not None else jnp.result_type(x, w1)  # as nn.Dense
-            w13 = jnp.stack([w1, w3], axis=1).astype(dtype)  # [D, 2, F]
-            return w2(swiglu_stacked(jnp.einsum("...d,dkf->...kf", x.astype(dtype), w13)))
         gate = dense(self.hidden, ("embed", "mlp"), self.std_in, self.dtype, "w1")(x)
         up = dense(self.hidden, ("embed", "mlp"), self.std_in, self.dtype, "w3")(x)
         return w2(swiglu(gate, up))
