@@ -105,13 +105,14 @@
 #   29. the loop half's GEMMs on cuBLAS too (--compiler-option xla_gpu_enable_triton_gemm=false: both
 #       halves; the prefill's has been cuBLAS since run 13), and no autotuning at all
 #       (xla_gpu_autotune_level=0: XLA's default tiles): ar's cold compile at batch 1, the three
-#       settings alternated twice as in 25, then ar and blt_s8 at batch 1 and 32 each way. Runs 2-3 found Triton's one-row
-#       GEMM fusions faster for decode steps (before the decode kernel and two-row products); what is
-#       left of a cold start after run 13 is mostly the loop half.
+#       settings alternated twice as in 25 (their speed: 36). Runs 2-3 found Triton's one-row GEMM
+#       fusions faster for decode steps (before the decode kernel and two-row products); what is left of
+#       a cold start after run 13 is mostly the loop half. Run 16: 7.0 s on cuBLAS, 8.3 s untuned (whose
+#       program runs 3.3x slower), 12.1-12.7 s today.
 #   36. the speed half of 29: ar and blt_s8 at batch 1 and 32 with the loop half's GEMMs on Triton (today)
 #       and on cuBLAS, alternated twice. Run 16 (one H100): the loop half compiled cold in 7.0 s on
-#       cuBLAS against 12.1-12.7 s with Triton's GEMM fusions; if the bytes/s hold, cuBLAS becomes the
-#       loop half's default too.
+#       cuBLAS against 12.1-12.7 s with Triton's GEMM fusions, but ar ran 1.23x slower per byte at batch
+#       1 (1.61 against 1.31 ms), so the loop half stays on Triton (generate_speed.md run 16).
 #   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
 #       measured no gain (train_speed.md), the grouped form and this phase were removed.
 #   35. plain BLT (blt_mid, unprofiled) with the one packed layout of 8 segments per row
@@ -138,14 +139,16 @@
 # changes a default; generate_speed.md run 14: 17 of the sweep's rows).
 # 33, 5 (out of memory at 8 rows on the 80 GB card) and a call of 27 on one H100 later that day
 # (train_speed.md run 12: the grouped own-block form is gone; generate_speed.md run 15).
-# Next: 35 (segment tiers and the stacked feed-forward, prepared after run 12), 34 (a Hopper
-# attention kernel's rate), 29, 27 (several calls, resumes from the committed rows of the same kind
-# of card), 5, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# 35, 34, 29 (four of its six compiles), 36 and a call of 27 on one H100 on 2026-12-06, later
+# (train_speed.md run 13: the tiers kept, the stacked feed-forward removed; generate_speed.md run 16:
+# the loop half stays on Triton; 16 more sweep rows). 5 needs an H200.
+# Next: 27 (several calls, resumes from the committed rows of the same kind of card), 5 on an H200,
+# 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="35 34 29 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
