@@ -113,6 +113,13 @@
 #       and on cuBLAS, alternated twice. Run 16 (one H100): the loop half compiled cold in 7.0 s on
 #       cuBLAS against 12.1-12.7 s with Triton's GEMM fusions, but ar ran 1.23x slower per byte at batch
 #       1 (1.61 against 1.31 ms), so the loop half stays on Triton (generate_speed.md run 16).
+#   37. GEMM autotuning without its checks (xla_gpu_autotune_level=1: XLA's default 4 also fills the
+#       buffers, refills them between candidates and checks each candidate's output against a
+#       reference): ar's cold compile at batch 1, level 1 and the default alternated twice, one empty
+#       cache directory each, then ar and blt_s8 at batch 1 and 32 each way. Run 16: the loop half's
+#       Triton GEMM fusions hold a cold start at 15-16.5 s against 10.1 s on cuBLAS (whose bytes are
+#       1.23x slower) and 11.8 s untuned (3.3x slower); if level 1 keeps the tuned kernels' speed and
+#       cuts the tuning, it is the lead for the 10 s target.
 #   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
 #       measured no gain (train_speed.md), the grouped form and this phase were removed.
 #   35. plain BLT (blt_mid, unprofiled) with the one packed layout of 8 segments per row
@@ -142,13 +149,13 @@
 # 35, 34, 29 (four of its six compiles), 36 and a call of 27 on one H100 on 2026-12-06, later
 # (train_speed.md run 13: the tiers kept, the stacked feed-forward removed; generate_speed.md run 16:
 # the loop half stays on Triton; 16 more sweep rows). 5 needs an H200.
-# Next: 27 (several calls, resumes from the committed rows of the same kind of card), 5 on an H200,
-# 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# Next: 37 (autotuning without its checks), 27 (several calls, resumes from the committed rows of the
+# same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="37 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -201,7 +208,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -351,6 +358,20 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
           --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/loop_compile_$run"
       done
       ;;
+  37) rm -rf /tmp/tune-*
+      for run in level1_1 default_1 level1_2 default_2; do
+        opts=()
+        [ "${run%_*}" = level1 ] && opts=(--compiler-option xla_gpu_autotune_level=1)
+        JAX_COMPILATION_CACHE_DIR=/tmp/tune-$run phase "tune_compile_$run" python3 $bench/compile_time.py \
+          --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/tune_compile_$run"
+      done
+      for run in level1 default; do
+        opts=()
+        [ $run = level1 ] && opts=(--compiler-option xla_gpu_autotune_level=1)
+        JAX_COMPILATION_CACHE_DIR=/tmp/tune-speed-$run phase "tune_speed_$run" python3 $bench/generate_speed.py \
+          --shape 1b --gen-bytes 128 --repeats 2 --methods ar blt_s8 --batch 1 32 "${opts[@]}" \
+          --out "$out/tune_speed_$run"
+      done ;;
   36) for run in default_1 cublas_1 default_2 cublas_2; do
         opts=()
         [ "${run%_*}" = cublas ] && opts=(--compiler-option xla_gpu_enable_triton_gemm=false)
