@@ -107,3 +107,36 @@ def test_a_scanned_program_does_not_grow_with_depth(monkeypatch, method):
             dots[scan, n] = _lowered_dots(monkeypatch, config, params, method)
     assert dots[False, 4] > dots[False, 2]
     assert dots[True, 4] == dots[True, 2] < dots[False, 2]
+
+
+def test_unrolled_layers_are_traced_once_per_stack(monkeypatch):
+    """cached.TRACE_LAYERS_ONCE: an unrolled stack's layers (entropy model, encoder, global model) are
+    calls of one jitted layer, so a deeper model traces the layer no more often; with the switch off
+    every layer is traced on its own. (The bytes are the naive oracle's in the tests above and in
+    test_sampler_ar.py, which run with the switch on.)"""
+    from fastblt.sampler import cached
+
+    base, _ = model("base")
+
+    def count(n: int, once: bool) -> tuple[int, int]:
+        """(traces of the jitted layer, stacks traced) lowering ar at depth n. A new function each
+        time: JAX keys its traces on the function, so none is found from an earlier count."""
+        traces = []
+
+        def counted(*args):
+            traces.append(args[1])  # the layer's config: which stack
+            return cached._cached_layer(*args)
+
+        monkeypatch.setattr(cached, "_cached_layer_once", jax.jit(counted, static_argnums=(1, 2, 3)))
+        monkeypatch.setattr(cached, "TRACE_LAYERS_ONCE", once)
+        layers = lambda c: dataclasses.replace(c, n_layers=n)  # noqa: E731
+        config = base.replace(
+            global_model=layers(base.global_model), entropy_model=layers(base.entropy_model)
+        )
+        _lowered_dots(monkeypatch, config, random_params(config, np.random.default_rng(0)), "ar")
+        return len(traces), len(set(traces))
+
+    shallow, deep = count(2, True), count(5, True)
+    assert shallow == deep and shallow[0] > 0
+    assert shallow[1] == 3  # entropy model, encoder, global model
+    assert count(5, False)[0] == 0  # the switch off: no layer goes through the jitted call

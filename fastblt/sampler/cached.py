@@ -151,6 +151,24 @@ def cached_attend(
     return attend
 
 
+# The layers of an unrolled stack are traced and lowered once per stack, not once per layer: each runs
+# as a call of one jitted layer (_cached_layer), whose traced jaxpr and lowered function JAX reuses for
+# every call with the same static arguments and argument types. XLA inlines the calls before it
+# optimises, so the compiled program is the same. At BLT-1B shapes the 98 layer traces of ar's two
+# halves were 4.4 of 7.6 s of its tracing (experiments/results/generate_speed.md, run 16).
+TRACE_LAYERS_ONCE = True
+
+
+def _cached_layer(layer, c, impl, window, h, positions, k_cache, v_cache, cols, mask):
+    """One layer of :func:`_run_blocks` over its own caches [B, N, KV, hd]: (h, k_cache, v_cache)."""
+    attend = cached_attend((k_cache,), (v_cache,), 0, cols, mask, impl, window, positions)
+    h, ((k_cache,), (v_cache,)) = fused.layer_step(layer, c, h, positions, attend)
+    return h, k_cache, v_cache
+
+
+_cached_layer_once = jax.jit(_cached_layer, static_argnums=(1, 2, 3))
+
+
 def _run_blocks(layers, c, impl, h, positions, k_caches, v_caches, cols, mask, on_layer=None, window=None):
     """Pre-norm layers (TransformerBlock) with caches, unrolled or scanned (fastblt.sampler.fused.run_layers);
     ``on_layer(i, h)`` after each (unrolled stacks only); ``window``: the sliding window ``mask``
@@ -158,9 +176,13 @@ def _run_blocks(layers, c, impl, h, positions, k_caches, v_caches, cols, mask, o
 
     def body(i, layer, carry):
         h, ks, vs = carry
-        h, (ks, vs) = fused.layer_step(
-            layer, c, h, positions, cached_attend(ks, vs, i, cols, mask, impl, window, positions)
-        )
+        if TRACE_LAYERS_ONCE and isinstance(ks, tuple):
+            h, k, v = _cached_layer_once(layer, c, impl, window, h, positions, ks[i], vs[i], cols, mask)
+            ks, vs = replace_layer(ks, i, k), replace_layer(vs, i, v)
+        else:
+            h, (ks, vs) = fused.layer_step(
+                layer, c, h, positions, cached_attend(ks, vs, i, cols, mask, impl, window, positions)
+            )
         if on_layer is not None:
             on_layer(i, h)
         return h, ks, vs
