@@ -111,23 +111,24 @@ def test_a_scanned_program_does_not_grow_with_depth(monkeypatch, method):
 
 def test_unrolled_layers_are_traced_once_per_stack(monkeypatch):
     """cached.TRACE_LAYERS_ONCE: an unrolled stack's layers (entropy model, encoder, global model) are
-    calls of one jitted layer, so a deeper model traces the layer no more often; with the switch off
-    every layer is traced on its own. (The bytes are the naive oracle's in the tests above and in
-    test_sampler_ar.py, which run with the switch on.)"""
+    calls of one jitted layer, so a deeper model traces the layer no more often; a second program
+    traces its layers again (a trace made under one program's switches is not handed to another);
+    with the switch off no layer goes through the jitted call. (The bytes are the naive oracle's in
+    the tests above and in test_sampler_ar.py, which run with the switch on.)"""
     from fastblt.sampler import cached
 
     base, _ = model("base")
+    real = cached._cached_layer
 
     def count(n: int, once: bool) -> tuple[int, int]:
-        """(traces of the jitted layer, stacks traced) lowering ar at depth n. A new function each
-        time: JAX keys its traces on the function, so none is found from an earlier count."""
+        """(traces of the jitted layer, stacks traced) lowering ar at depth n."""
         traces = []
 
         def counted(*args):
             traces.append(args[1])  # the layer's config: which stack
-            return cached._cached_layer(*args)
+            return real(*args)
 
-        monkeypatch.setattr(cached, "_cached_layer_once", jax.jit(counted, static_argnums=(1, 2, 3)))
+        monkeypatch.setattr(cached, "_cached_layer", counted)
         monkeypatch.setattr(cached, "TRACE_LAYERS_ONCE", once)
         layers = lambda c: dataclasses.replace(c, n_layers=n)  # noqa: E731
         config = base.replace(
@@ -136,7 +137,7 @@ def test_unrolled_layers_are_traced_once_per_stack(monkeypatch):
         _lowered_dots(monkeypatch, config, random_params(config, np.random.default_rng(0)), "ar")
         return len(traces), len(set(traces))
 
-    shallow, deep = count(2, True), count(5, True)
-    assert shallow == deep and shallow[0] > 0
+    shallow, deep, again = count(2, True), count(5, True), count(5, True)
+    assert shallow == deep == again and shallow[0] > 0
     assert shallow[1] == 3  # entropy model, encoder, global model
-    assert count(5, False)[0] == 0  # the switch off: no layer goes through the jitted call
+    assert count(5, False)[0] == 0

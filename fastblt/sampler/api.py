@@ -17,7 +17,7 @@ import numpy as np
 from fastblt.compile_cache import use_compilation_cache
 from fastblt.config import ModelConfig
 from fastblt.model import attention, decode_attention
-from fastblt.sampler import fused, methods, rules
+from fastblt.sampler import cached, fused, methods, rules
 from fastblt.sampler.cost import GenerationCounters, ParamCounts, param_counts
 from fastblt.sampler.decoding import Generation, Prompts
 from fastblt.tokenizer import decode_bytes, encode
@@ -125,6 +125,7 @@ def _compiled(key, fn, args):
         fused.min_rows(),  # a decode program's shapes depend on it (fastblt.sampler.fused)
         attention.GPU_MIN_QUERY_ROWS,  # and its attention kernels on these (fastblt.model.attention)
         attention.GPU_DECODE_KERNEL,
+        cached.TRACE_LAYERS_ONCE,  # the program's structure (the same values either way)
         decode_attention.MAX_DIRECT_ROWS,
         decode_attention.WRITE_CACHE,
         treedef,

@@ -26,6 +26,7 @@ q|k|v and w1|w3 fused once per generation), run by the model's own layer functio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -166,18 +167,34 @@ def _cached_layer(layer, c, impl, window, h, positions, k_cache, v_cache, cols, 
     return h, k_cache, v_cache
 
 
-_cached_layer_once = jax.jit(_cached_layer, static_argnums=(1, 2, 3))
+def layer_once() -> Callable:
+    """A jitted :func:`_cached_layer` of its own, for one traced program (a :class:`Runner`).
+
+    JAX keeps a jitted function's traces for the whole process, keyed on the function, its static
+    arguments and its arguments' types, not on what the trace read: the platform, and the switches of
+    fastblt.model.attention, decode_attention and fused that the sampler's program cache keys on
+    (fastblt.sampler.api._compiled). One module-level function would hand a later program the layers
+    traced under an earlier program's switches; a new function per program shares traces only among
+    its own layers."""
+
+    def layer(*args):
+        return _cached_layer(*args)
+
+    return jax.jit(layer, static_argnums=(1, 2, 3))
 
 
-def _run_blocks(layers, c, impl, h, positions, k_caches, v_caches, cols, mask, on_layer=None, window=None):
+def _run_blocks(
+    layers, c, impl, h, positions, k_caches, v_caches, cols, mask, on_layer=None, window=None, run_layer=None
+):
     """Pre-norm layers (TransformerBlock) with caches, unrolled or scanned (fastblt.sampler.fused.run_layers);
     ``on_layer(i, h)`` after each (unrolled stacks only); ``window``: the sliding window ``mask``
-    applies (reads only the keys in it, see cached_attend). Returns (h, new k caches, new v caches)."""
+    applies (reads only the keys in it, see cached_attend); ``run_layer``: a :func:`layer_once` that
+    runs each layer of an unrolled stack. Returns (h, new k caches, new v caches)."""
 
     def body(i, layer, carry):
         h, ks, vs = carry
-        if TRACE_LAYERS_ONCE and isinstance(ks, tuple):
-            h, k, v = _cached_layer_once(layer, c, impl, window, h, positions, ks[i], vs[i], cols, mask)
+        if run_layer is not None and isinstance(ks, tuple):
+            h, k, v = run_layer(layer, c, impl, window, h, positions, ks[i], vs[i], cols, mask)
             ks, vs = replace_layer(ks, i, k), replace_layer(vs, i, v)
         else:
             h, (ks, vs) = fused.layer_step(
@@ -210,6 +227,7 @@ class Runner:
         self.enc = self.blt.local_encoder
         self.dec = self.blt.local_decoder
         self.impl = impl
+        self.run_layer = layer_once() if TRACE_LAYERS_ONCE else None
         # Fused once per generation, outside the sampler's loop (fastblt.sampler.fused); stacks in
         # scanned_stacks(m) are stacked for one lax.scan each.
         scanned = scanned_stacks(m)
@@ -274,7 +292,17 @@ class Runner:
         mask = self._local_mask(tokens, qpos, e.window, e.document_masking)
         h = self.ent_embed(chunk)
         h, ks, vs = _run_blocks(
-            self.ent_layers, e, self.impl, h, qpos, st.ent_k, st.ent_v, cols, mask, window=e.window
+            self.ent_layers,
+            e,
+            self.impl,
+            h,
+            qpos,
+            st.ent_k,
+            st.ent_v,
+            cols,
+            mask,
+            window=e.window,
+            run_layer=self.run_layer,
         )
         logits = fused.head_logits(self.ent_head, e.norm_eps, h)
         ent = patching.entropy(logits)
@@ -315,6 +343,7 @@ class Runner:
             mask,
             on_layer,
             m.encoder.window,
+            self.run_layer,
         )
         st = st._replace(enc_k=ks, enc_v=vs, enc_h=tuple(enc_h), enc_ck=tuple(enc_ck), enc_cv=tuple(enc_cv))
         return st, h
@@ -395,7 +424,16 @@ class Runner:
         else:
             mask = causal_mask(cand, kpos)
         h, ks, vs = _run_blocks(
-            self.glob_layers, m.global_model, self.impl, h, cand, st.glob_k, st.glob_v, gcols, mask
+            self.glob_layers,
+            m.global_model,
+            self.impl,
+            h,
+            cand,
+            st.glob_k,
+            st.glob_v,
+            gcols,
+            mask,
+            run_layer=self.run_layer,
         )
         # The decoder's cross-attention keys/values of these patches' slots, once per patch.
         slots = fused.dot(h, self.dec_slots_w).reshape(b, n_cand, m.cross_attn_k, m.decoder.dim)
