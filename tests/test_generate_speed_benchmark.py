@@ -87,7 +87,8 @@ def test_xla_options_parse_booleans_and_reject_a_missing_value():
 @pytest.mark.slow
 def test_compile_time_times_jax_compile_stages_in_a_fresh_process(tmp_path):
     """compile_time.py --jax-timers wraps JAX's compile stages: XLA's compile, summed over the two
-    halves' threads, is at least most of the wall compile time it measures around them."""
+    halves' threads, is at least most of the wall compile time it measures around them. The row
+    records the sampler's switch as the flag set it (--no-trace-layers-once)."""
     import subprocess
 
     script = os.path.join(os.path.dirname(generate_speed.__file__), "compile_time.py")
@@ -101,11 +102,12 @@ def test_compile_time_times_jax_compile_stages_in_a_fresh_process(tmp_path):
         "--variants",
         "small",
         "--jax-timers",
+        "--no-trace-layers-once",
         "--out",
         str(tmp_path),
     ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
     (row,) = [json.loads(line) for line in open(tmp_path / "compile_time.jsonl")]
     stages = row["jax_stages"]
-    assert row["cache_dir"] is None
+    assert row["cache_dir"] is None and row["trace_layers_once"] is False
     assert stages["backend_compile_and_load"] >= 0.5 * row["compile_s"] > 0

@@ -22,7 +22,8 @@ relative to the working directory, so the next process's compile was warm (gener
 ``prepare`` now clears an empty value (fastblt.compile_cache) before it compiles.
 ``--jax-timers`` adds the seconds of JAX's compile stages (cache key, cache read, XLA's compile, cache
 write; summed over the two halves' threads) to each row; ``--compiler-option`` sets XLA options of both
-halves, ``--prefill-compiler-option`` the prefill half's own (fastblt.sampler.api).
+halves, ``--prefill-compiler-option`` the prefill half's own (fastblt.sampler.api);
+``--no-trace-layers-once`` traces every layer on its own (fastblt.sampler.cached.TRACE_LAYERS_ONCE).
 """
 
 from __future__ import annotations
@@ -141,13 +142,23 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="an XLA option of the prefill half only (fastblt.sampler.api.GPU_PREFILL_COMPILER_OPTIONS)",
     )
+    p.add_argument(
+        "--trace-layers-once",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override fastblt.sampler.cached.TRACE_LAYERS_ONCE (on by default): an unrolled stack's "
+        "layers traced and lowered once per program",
+    )
     args = p.parse_args(argv)
 
     import jax
 
     from experiments.benchmarks.generate_speed import method_kwargs, model_config, xla_options
-    from fastblt.sampler import api
+    from fastblt.sampler import api, cached
     from fastblt.sampler.bench import random_params
+
+    if args.trace_layers_once is not None:
+        cached.TRACE_LAYERS_ONCE = args.trace_layers_once
 
     api.GPU_COMPILER_OPTIONS.update(xla_options(args.compiler_option, "--compiler-option"))
     api.GPU_PREFILL_COMPILER_OPTIONS.update(
@@ -170,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                     "device": str(jax.devices()[0].device_kind),
                     "compiler_options": dict(api.GPU_COMPILER_OPTIONS),
                     "prefill_compiler_options": dict(api.GPU_PREFILL_COMPILER_OPTIONS),
+                    "trace_layers_once": cached.TRACE_LAYERS_ONCE,
                     "shape": args.shape,
                     "variant": variant,
                     "scan_layers": scan,

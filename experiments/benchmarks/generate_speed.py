@@ -402,7 +402,7 @@ def xla_options(items: list[str], flag: str) -> dict:
 
 def _apply_overrides(args) -> None:
     """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel / --decode-direct-rows /
-    --decode-cache-write: set only when given (older trees lack the settings)."""
+    --decode-cache-write / --trace-layers-once: set only when given (older trees lack the settings)."""
     if args.compiler_option or getattr(args, "prefill_compiler_option", None):
         from fastblt.sampler import api
 
@@ -420,6 +420,10 @@ def _apply_overrides(args) -> None:
             attention.GPU_MIN_QUERY_ROWS = args.min_query_rows
         if args.decode_kernel is not None:
             attention.GPU_DECODE_KERNEL = args.decode_kernel
+    if getattr(args, "trace_layers_once", None) is not None:
+        from fastblt.sampler import cached
+
+        cached.TRACE_LAYERS_ONCE = args.trace_layers_once
     if args.decode_direct_rows is not None or args.decode_cache_write is not None:
         from fastblt.model import decode_attention
 
@@ -432,7 +436,7 @@ def _apply_overrides(args) -> None:
 def _row_settings() -> dict:
     """The padding, kernel and XLA settings a row ran with (None where this tree lacks the setting)."""
     from fastblt.model import attention, decode_attention
-    from fastblt.sampler import api, fused
+    from fastblt.sampler import api, cached, fused
 
     return {
         "compiler_options": dict(getattr(api, "GPU_COMPILER_OPTIONS", {})),
@@ -442,6 +446,7 @@ def _row_settings() -> dict:
         "decode_kernel": getattr(attention, "GPU_DECODE_KERNEL", None),
         "decode_direct_rows": getattr(decode_attention, "MAX_DIRECT_ROWS", None),
         "decode_cache_write": getattr(decode_attention, "WRITE_CACHE", None),
+        "trace_layers_once": getattr(cached, "TRACE_LAYERS_ONCE", None),
     }
 
 
@@ -515,6 +520,13 @@ def main(argv: list[str] | None = None) -> None:
         help="override fastblt.model.decode_attention.WRITE_CACHE (on by default): the decode kernel "
         "writes the step's new keys and values into the caches (no scatter kernels); --no-... : XLA's "
         "scatters",
+    )
+    p.add_argument(
+        "--trace-layers-once",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override fastblt.sampler.cached.TRACE_LAYERS_ONCE (on by default): an unrolled stack's "
+        "layers traced and lowered once per program; --no-...: each layer traced on its own",
     )
     p.add_argument(
         "--attention-impl",
@@ -609,6 +621,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--decode-direct-rows", str(args.decode_direct_rows)]
         if args.decode_cache_write is not None:
             cmd += ["--decode-cache-write" if args.decode_cache_write else "--no-decode-cache-write"]
+        if args.trace_layers_once is not None:
+            cmd += ["--trace-layers-once" if args.trace_layers_once else "--no-trace-layers-once"]
         cmd += [a for o in args.prefill_compiler_option for a in ("--prefill-compiler-option", o)]
         cmd += ["--out", args.out] if args.out else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

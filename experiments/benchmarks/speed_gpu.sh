@@ -120,6 +120,10 @@
 #       Triton GEMM fusions hold a cold start at 15-16.5 s against 10.1 s on cuBLAS (whose bytes are
 #       1.23x slower) and 11.8 s untuned (3.3x slower); if level 1 keeps the tuned kernels' speed and
 #       cuts the tuning, it is the lead for the 10 s target.
+#   38. the sampler's layers traced once per stack (fastblt.sampler.cached.TRACE_LAYERS_ONCE, on since
+#       2026-12-06) against each layer traced on its own (--no-trace-layers-once): ar's cold compile at
+#       batch 1 alternated twice (lower_s is what should move: 5.7-6.0 -> 3.5-3.7 s on the dev CPU),
+#       then ar and blt_s8 at batch 1 and 32 each way (the step should not move: XLA inlines the calls).
 #   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
 #       measured no gain (train_speed.md), the grouped form and this phase were removed.
 #   35. plain BLT (blt_mid, unprofiled) with the one packed layout of 8 segments per row
@@ -149,13 +153,13 @@
 # 35, 34, 29 (four of its six compiles), 36 and a call of 27 on one H100 on 2026-12-06, later
 # (train_speed.md run 13: the tiers kept, the stacked feed-forward removed; generate_speed.md run 16:
 # the loop half stays on Triton; 16 more sweep rows). 5 needs an H200.
-# Next: 37 (autotuning without its checks), 27 (several calls, resumes from the committed rows of the
-# same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# Next: 38 (the layers traced once), 37 (autotuning without its checks), 27 (several calls, resumes
+# from the committed rows of the same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="37 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="38 37 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -208,7 +212,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -358,6 +362,19 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
           --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/loop_compile_$run"
       done
       ;;
+  38) rm -rf /tmp/trace-*
+      for run in once_1 each_1 once_2 each_2; do
+        opts=()
+        [ "${run%_*}" = each ] && opts=(--no-trace-layers-once)
+        JAX_COMPILATION_CACHE_DIR=/tmp/trace-$run phase "trace_compile_$run" python3 $bench/compile_time.py \
+          --shape 1b --variants full --methods ar --jax-timers "${opts[@]}" --out "$out/trace_compile_$run"
+      done
+      for run in once each; do
+        opts=()
+        [ $run = each ] && opts=(--no-trace-layers-once)
+        phase "trace_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+          --methods ar blt_s8 --batch 1 32 "${opts[@]}" --out "$out/trace_speed_$run"
+      done ;;
   37) rm -rf /tmp/tune-*
       for run in level1_1 default_1 level1_2 default_2; do
         opts=()
