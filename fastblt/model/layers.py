@@ -255,17 +255,12 @@ def _swiglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Ar
     return swiglu(gate, up), (gate, up)
 
 
-def _swiglu_grads(gate: jax.Array, up: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(d_gate, d_up) float32 of ``silu(gate) * up`` under cotangent g."""
-    a, b, g = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
-    s = jax.nn.sigmoid(a)
-    return g * b * (s * (1.0 + a * (1.0 - s))), g * (a * s)  # silu'(a) = s + a s (1 - s)
-
-
 def _swiglu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     gate, up = res
-    d_gate, d_up = _swiglu_grads(gate, up, g)
-    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+    a, b, g = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
+    s = jax.nn.sigmoid(a)
+    d_gate = g * b * (s * (1.0 + a * (1.0 - s)))  # silu'(a) = s + a s (1 - s)
+    return d_gate.astype(gate.dtype), (g * (a * s)).astype(up.dtype)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -282,10 +277,9 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w2 = dense(self.dim, ("mlp", "embed"), self.std_out, self.dtype, "w2")
         gate = dense(self.hidden, ("embed", "mlp"), self.std_in, self.dtype, "w1")(x)
         up = dense(self.hidden, ("embed", "mlp"), self.std_in, self.dtype, "w3")(x)
-        return w2(swiglu(gate, up))
+        return dense(self.dim, ("mlp", "embed"), self.std_out, self.dtype, "w2")(swiglu(gate, up))
 
 
 class TransformerBlock(nn.Module):
