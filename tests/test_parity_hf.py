@@ -9,6 +9,7 @@ cases are covered against the naive oracle in test_model_vs_oracle.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,14 @@ def _hf_logits(model, tokens, lengths=None):
         return model(torch.tensor(tokens), use_cache=False, **kw).logits.numpy()
 
 
+def _jitted(config, method=None):
+    """BLT(config).apply (or one of its methods) as one compiled program: run op by op, each new row
+    length compiled ~240 primitives (10.7 of a call's 16 s on the 2-core dev machine, 2026-12-06),
+    against one ~4 s compile of the whole forward."""
+    blt = BLT(config)
+    return jax.jit(functools.partial(blt.apply, method=method) if method else blt.apply)
+
+
 def _threshold_between(entropies: np.ndarray) -> float:
     """A threshold in the widest gap among the middle entropies: no boundary flips on 1e-6 noise."""
     e = np.sort(entropies[1:])
@@ -115,7 +124,7 @@ def test_logits_with_supplied_patch_lengths(converted, n):
     ref_lengths = hf_lengths.copy()
     ref_lengths[:, -1] += 1  # HF's trailing "next byte" patch is one shorter (sum N, not N + 1)
     assert len(set(hf_lengths[0].tolist())) > 1 or n < 8, "patching should vary"
-    ours = BLT(config).apply({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(ref_lengths))
+    ours = _jitted(config)({"params": params}, jnp.asarray(tokens, jnp.int32), jnp.asarray(ref_lengths))
     np.testing.assert_allclose(np.asarray(ours), _hf_logits(model, tokens, hf_lengths), atol=TOL, rtol=0)
 
 
@@ -127,8 +136,7 @@ def test_logits_with_own_patchers(converted, n):
         hf_entropies, _, _ = model.model.patcher(torch.tensor(tokens), patch_size=4, threshold=2.0)
     threshold = _threshold_between(hf_entropies.numpy()[0])
     config = config.replace(patcher=dataclasses.replace(config.patcher, threshold=threshold))
-    blt = BLT(config)
-    ours = blt.apply({"params": params}, jnp.asarray(tokens, jnp.int32))
+    ours = _jitted(config)({"params": params}, jnp.asarray(tokens, jnp.int32))
     saved, model.config.patching_threshold = model.config.patching_threshold, threshold
     try:
         expected_logits = _hf_logits(model, tokens)
@@ -138,7 +146,7 @@ def test_logits_with_own_patchers(converted, n):
     # Our patcher made the same boundaries as HF's (checked directly, not only through logits).
     with torch.no_grad():
         _, hf_lengths, _ = model.model.patcher(torch.tensor(tokens), patch_size=4, threshold=threshold)
-    got = blt.apply({"params": params}, jnp.asarray(tokens, jnp.int32), method=BLT.patch)
+    got = _jitted(config, BLT.patch)({"params": params}, jnp.asarray(tokens, jnp.int32))
     expected = hf_lengths.numpy()[0].copy()
     expected[-1] += 1
     count = int(got.count[0])
