@@ -6,7 +6,7 @@
 #   3. the sampler's cold compile (BLT-1B, ar) with XLA's default compile threads and with 16, each
 #      in a fresh process with an empty compilation cache;
 #   4. ar at batch 1 and 32, profiled (the unrolled program's op lists);
-#   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port (8 rows
+#   5. the 1B-class train step (BLT-1B with remat and scanned global layers) next to the port (4 rows
 #      of 4 096 bytes; skipped on a card under 100 GB: on an H100 both ran out of memory at 8 rows in
 #      run 12 and at 4 in run 13);
 #   6. the attention kernels against the XLA path (attention_check.py), and whether the GPU's JAX
@@ -228,14 +228,16 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
      done ;;
   4) phase gen python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 --methods ar \
        --batch 1 32 --profile ar:1 ar:32 --out "$out/gen" ;;
-  5) # Sized for an H200's 141 GB: on an 80 GB H100 both rows ran out of memory at 8 rows (train_speed.md
+  5) # For an H200's 141 GB: on an 80 GB H100 both rows ran out of memory at 8 rows (train_speed.md
      # run 12) and at 4 (run 13: fastblt 16.9 GiB short, the port 11.5 GiB), so a smaller card skips it.
+     # 4 rows: ~95 and ~89 GB by those shortfalls, where 8 rows may not fit 141 GB either; fastblt's
+     # row compiled for ~250 s in run 12, so a row may take 420 s.
      gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
      if [ "${gpu_mb:-0}" -lt 100000 ]; then
        echo "[train1b] skipped: needs an H200 (${gpu_mb:-?} MiB here)" | tee -a "$out/log.txt"
      else
-       phase train1b python3 $bench/train_speed.py --shape 1b --rows matmul blt torch --steps 10 --warmup 2 \
-         --timeout 300 --out "$out/train1b"
+       phase train1b python3 $bench/train_speed.py --shape 1b --batch 4 --rows matmul blt torch --steps 10 \
+         --warmup 2 --timeout 420 --out "$out/train1b"
      fi ;;
   6) python3 -c "import inspect; from jax._src.cudnn import fused_attention_stablehlo as fa; \
        print('dbias gated on a differentiable operand:', 'bias_is_differentiable' in inspect.getsource(fa.dot_product_attention))" \
