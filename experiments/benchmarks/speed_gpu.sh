@@ -153,13 +153,15 @@
 # 35, 34, 29 (four of its six compiles), 36 and a call of 27 on one H100 on 2026-12-06, later
 # (train_speed.md run 13: the tiers kept, the stacked feed-forward removed; generate_speed.md run 16:
 # the loop half stays on Triton; 16 more sweep rows). 5 needs an H200.
-# Next: 38 (the layers traced once), 37 (autotuning without its checks), 27 (several calls, resumes
-# from the committed rows of the same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# 38 and 37 on one H100 later that day (generate_speed.md run 17: the layers traced once stay on, 1 s
+# less lowering; autotuning level 1 compiles no faster and is not used).
+# Next: 27 (several calls, resumes from the committed rows of the same kind of card), 5 on an H200,
+# 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="38 37 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
