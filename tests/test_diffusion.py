@@ -752,9 +752,58 @@ def test_own_block_attention_matches_a_dense_oracle(blocks, cells):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
-def test_context_ranges_and_a_mask_that_is_not_one():
+@pytest.mark.parametrize("own_in_kernel", [False, True])
+def test_ranged_block_attention_is_the_xla_block_attention(own_in_kernel, monkeypatch):
+    """ranged_block_attention (each cell's context range on the key-range kernel, interpreted, and its
+    own block's cells merged by log-sum-exp, or with OWN_BLOCK_IN_KERNEL as the kernel's second key
+    set in one softmax) against block_attention's XLA path (gathered context and own block scores,
+    one softmax): outputs, and the gradients of the block rows' q, k, v and the clean rows' k, v;
+    documents, padding cells, cells that see only their own block and cells that see nothing."""
+    from fastblt.model import block_rows
+
+    monkeypatch.setattr(block_rows, "OWN_BLOCK_IN_KERNEL", own_in_kernel)
+
+    tokens, targets, mask, lengths = make_batch(5)
+    masked = np.random.default_rng(6).random((2, P - 1, B)) < 0.5
+    blocks = blocks_for(tokens, targets, mask, lengths, masked)
+    own = np.asarray(blocks.self_mask).any(-1)  # [b, K, B]
+    context = np.asarray(blocks.context_mask).copy()
+    context[0, 1] = False  # block 1 of row 0 sees only its own cells
+    empty = np.argwhere(~own.any(-1))[0]  # a padding block (no real cell) sees nothing at all
+    context[tuple(empty)] = False
+    seen = context.any(-1)
+    assert (~seen & own).any() and (~seen & ~own).any() and (seen & own).any()
+    rng = np.random.default_rng(1)
+    r, h, kvh, d = (P - 1) * B, 4, 2, 16
+    q = jnp.asarray(rng.normal(size=(2, r, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, r, kvh, d)), jnp.float32) for _ in range(2))
+    kc, vc = (jnp.asarray(rng.normal(size=(2, N, kvh, d)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.normal(size=(2, r, h, d)), jnp.float32)
+    masks = (blocks.context_start, jnp.asarray(context), blocks.self_mask)
+
+    def ranged(*args):
+        return jnp.sum(block_rows.ranged_block_attention(*args, *masks, interpret=True) * w)
+
+    def xla(*args):
+        return jnp.sum(block_rows.block_attention(*args, *masks, impl="xla") * w)
+
+    args = (q, k, v, kc, vc)
+    got = block_rows.ranged_block_attention(*args, *masks, interpret=True)
+    want = block_rows.block_attention(*args, *masks, impl="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for name, g, w_ in zip(
+        ("q", "k", "v", "k_ctx", "v_ctx"),
+        jax.grad(ranged, argnums=range(5))(*args),
+        jax.grad(xla, argnums=range(5))(*args),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_context_ranges_and_a_mask_that_is_not_one(monkeypatch):
     """context_ranges against a loop over cells; a context mask with a gap is flagged, and the ranged
-    attention then returns NaN rather than attend the gap."""
+    attention then returns NaN rather than attend the gap; with OWN_BLOCK_IN_KERNEL, so does an own
+    block mask with a gap."""
     from fastblt.model import block_rows
 
     tokens, targets, mask, lengths = make_batch(3)
@@ -779,5 +828,15 @@ def test_context_ranges_and_a_mask_that_is_not_one():
     kc, vc = (jnp.asarray(rng.normal(size=(2, N, h, d)), jnp.float32) for _ in range(2))
     out = block_rows.ranged_block_attention(
         q, k, v, kc, vc, blocks.context_start, jnp.asarray(gap), blocks.self_mask, interpret=True
+    )
+    assert np.isnan(np.asarray(out)).all()
+    # The same for a cell whose own block's visible cells have a gap (a loss mask with a hole inside
+    # a block): the kernel reads one range of them.
+    monkeypatch.setattr(block_rows, "OWN_BLOCK_IN_KERNEL", True)
+    own_gap = np.asarray(blocks.self_mask).copy()
+    own_gap[0, 0, 0, :3] = (True, False, True)
+    assert not bool(block_rows.context_ranges(blocks.context_start, jnp.asarray(own_gap))[2])
+    out = block_rows.ranged_block_attention(
+        q, k, v, kc, vc, blocks.context_start, blocks.context_mask, jnp.asarray(own_gap), interpret=True
     )
     assert np.isnan(np.asarray(out)).all()

@@ -12,14 +12,16 @@ import pytest
 from fastblt.model import range_attention as ra
 
 
-def _dense(q, k, v, lo, hi):
-    """float64 attention of each query over keys lo <= j < hi (grouped kv heads repeated); rows
-    that see nothing give 0 and lse -1e30. Returns out [b, T, H, d], lse [b, T, H]."""
+def _dense(q, k, v, lo, hi, vis=None):
+    """float64 attention of each query over keys lo <= j < hi (or where ``vis`` bool[b, T, S] holds;
+    grouped kv heads repeated); rows that see nothing give 0 and lse -1e30. Returns out [b, T, H, d],
+    lse [b, T, H]."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     g = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    j = np.arange(k.shape[1])
-    vis = (j >= np.asarray(lo)[..., None]) & (j < np.asarray(hi)[..., None])  # [b, T, S]
+    if vis is None:
+        j = np.arange(k.shape[1])
+        vis = (j >= np.asarray(lo)[..., None]) & (j < np.asarray(hi)[..., None])  # [b, T, S]
     s = np.einsum("bthd,bshd->bths", q, k) / np.sqrt(q.shape[-1])
     s = np.where(vis[:, :, None], s, -np.inf)
     top = np.max(s, axis=-1, keepdims=True)
@@ -108,6 +110,73 @@ def test_output_lse_and_gradients_match_float64(kvh, blocks, wide):
         np.testing.assert_allclose(np.asarray(g), w, atol=1e-4 * max(1.0, np.abs(w).max()), err_msg=name)
 
 
+def test_two_key_sets_are_one_softmax_over_both_ranges():
+    """A second key set (``extra``, BLT-D's own-block cells): output, log-sum-exp and the gradients of
+    q and both sets' k and v equal one dense float64 softmax over the two sets concatenated, each
+    query seeing its range in each; rows that see only one set, or neither, included. Key lengths
+    are not multiples of the tiles, so the first set's last tile is partial."""
+    q, k, v, lo, hi = _case(11, s=45)
+    rng = np.random.default_rng(12)
+    b, t, h, d = q.shape
+    s2 = 70
+    k2 = jnp.asarray(rng.normal(size=(b, s2, k.shape[2], d)), jnp.float32)
+    v2 = jnp.asarray(rng.normal(size=(b, s2, k.shape[2], d)), jnp.float32)
+    i = np.arange(t)[None]
+    lo2 = np.broadcast_to(i // 4 * 4, (b, t)).copy()  # blocks of 4: each row sees its own block
+    hi2 = lo2 + rng.integers(0, 5, size=(b, t))  # 0: none of its own block
+    hi2[:, :3] = lo2[:, :3]  # the rows set 1 leaves empty (_case) see nothing at all
+    lo2, hi2 = jnp.asarray(lo2, jnp.int32), jnp.asarray(hi2, jnp.int32)
+    tiles = {"block_q": 16, "block_k": 16, "block_q_dkv": 16}
+
+    def ours(q, k, v, k2, v2):
+        return ra.range_attention(q, k, v, lo, hi, extra=(k2, v2, lo2, hi2), **tiles, interpret=True)
+
+    l1, h1 = _clip(lo, hi, k.shape[1])
+    j = np.arange(k.shape[1] + s2)
+    vis = ((j >= l1[..., None]) & (j < h1[..., None])) | (
+        (j >= k.shape[1] + np.asarray(lo2)[..., None]) & (j < k.shape[1] + np.asarray(hi2)[..., None])
+    )
+    kc, vc = jnp.concatenate([k, k2], axis=1), jnp.concatenate([v, v2], axis=1)
+    out, lse = ours(q, k, v, k2, v2)
+    want_out, want_lse = _dense(q, kc, vc, None, None, vis)
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5, rtol=1e-6)
+    empty = ~vis.any(-1)
+    only_own = ~((j < k.shape[1]) & vis).any(-1) & ~empty
+    assert empty.any() and only_own.any() and np.all(np.asarray(out)[empty] == 0)
+
+    w_out = rng.normal(size=out.shape)
+    w_lse = np.where(empty[..., None], 0.0, rng.normal(size=lse.shape))
+
+    def loss(*args):
+        o, s = ours(*args)
+        return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, s, 0.0) * w_lse)
+
+    got = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, k2, v2)
+    with jax.enable_x64():
+        vis64 = jnp.asarray(vis)
+
+        def dense_loss(q, kc, vc):
+            g = q.shape[2] // kc.shape[2]
+            kk, vv = jnp.repeat(kc, g, axis=2), jnp.repeat(vc, g, axis=2)
+            sc = jnp.einsum("bthd,bshd->bths", q, kk) / np.sqrt(q.shape[-1])
+            sc = jnp.where(vis64[:, :, None], sc, -1e300)
+            lse_ = jax.nn.logsumexp(sc, axis=-1)
+            p = jnp.where(vis64[:, :, None], jnp.exp(sc - lse_[..., None]), 0.0)
+            o = jnp.einsum("bths,bshd->bthd", p, vv)
+            return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, lse_, 0.0) * w_lse)
+
+        dq, dkc, dvc = jax.grad(dense_loss, argnums=(0, 1, 2))(
+            *(jnp.asarray(x, jnp.float64) for x in (q, kc, vc))
+        )
+    n = k.shape[1]
+    want = (dq, dkc[:, :n], dvc[:, :n], dkc[:, n:], dvc[:, n:])
+    for name, g, w in zip(("q", "k", "v", "k2", "v2"), got, want, strict=True):
+        w = np.asarray(w)
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(np.asarray(g), w, atol=1e-4 * max(1.0, np.abs(w).max()), err_msg=name)
+
+
 def test_bf16_within_rounding():
     q, k, v, lo, hi = _case(3, dtype=jnp.bfloat16)
     out, lse = ra.range_attention(q, k, v, lo, hi, block_q=16, block_k=16, interpret=True)
@@ -169,16 +238,20 @@ def test_unsupported_head_dim_names_the_fallback():
         ra.range_attention(q, k, k, lo, lo, interpret=True)
 
 
-def test_kernels_lower_for_cuda_forward_and_backward():
+@pytest.mark.parametrize("own_block", [False, True])
+def test_kernels_lower_for_cuda_forward_and_backward(own_block):
     """Triton takes the kernels as written (block shapes, dynamic loop bounds, 1-D row loads): BLT-D-4's
     block rows at blt_mid (16 x 4 100 queries, 8 heads of 64, over 4 096 clean keys) lower for CUDA to
-    three kernels: the forward, dq, and dk with dv."""
+    three kernels: the forward, dq, and dk with dv; with their own block's cells as a second key set,
+    to four (dk with dv once per set)."""
     q = jnp.ones((16, 4100, 8, 64), jnp.bfloat16)
     k = jnp.ones((16, 4096, 8, 64), jnp.bfloat16)
     lo = jnp.zeros((16, 4100), jnp.int32)
+    own = jnp.broadcast_to(jnp.arange(4100, dtype=jnp.int32) // 4 * 4, lo.shape)
+    extra = (q, q, own, own + 4) if own_block else None
 
     def loss(q, k, v):
-        out, lse = ra.range_attention(q, k, v, lo, lo + 511, interpret=False)
+        out, lse = ra.range_attention(q, k, v, lo, lo + 511, extra=extra, interpret=False)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
     try:
@@ -189,7 +262,7 @@ def test_kernels_lower_for_cuda_forward_and_backward():
         if "No supported GPU" not in str(e):
             raise
         pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
-    assert lowered.as_text().count("xla.gpu.triton") == 3
+    assert lowered.as_text().count("xla.gpu.triton") == (4 if own_block else 3)
 
 
 def test_cross_attentions_lower_for_cuda_at_blt_mid():

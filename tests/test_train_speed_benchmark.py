@@ -64,19 +64,24 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
 
     monkeypatch.setattr(cross_attention, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(layers, "GPU_FUSED_NORM", False)
-    args = train_speed.parser().parse_args(["--no-range-kernel", "--fused-norm", "--rows", "blt"])
+    monkeypatch.setattr(block_rows, "OWN_BLOCK_IN_KERNEL", False)
+    args = train_speed.parser().parse_args(
+        ["--no-range-kernel", "--fused-norm", "--own-in-kernel", "--rows", "blt"]
+    )
     forwarded = train_speed._forward(args)
-    assert "--no-range-kernel" in forwarded and "--fused-norm" in forwarded
+    assert "--no-range-kernel" in forwarded and "--fused-norm" in forwarded and "--own-in-kernel" in forwarded
     assert not any("cross-ranges" in f or "self-ranges" in f for f in forwarded)  # left to the module
     settings = train_speed.apply_switches(args)
     assert settings == {
         "latent_windows": False,
         "fused_norm": True,
         "range_kernel": False,
+        "own_in_kernel": True,
         "cross_ranges": True,
         "self_ranges": False,
     }
     assert not block_rows.GPU_RANGE_KERNEL and layers.GPU_FUSED_NORM and cross_attention.GPU_CROSS_RANGES
+    assert block_rows.OWN_BLOCK_IN_KERNEL
     assert train_speed.apply_switches(train_speed.parser().parse_args(forwarded)) == settings
 
 

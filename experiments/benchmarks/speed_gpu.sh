@@ -124,6 +124,12 @@
 #       2026-12-06) against each layer traced on its own (--no-trace-layers-once): ar's cold compile at
 #       batch 1 alternated twice (lower_s is what should move: 5.7-6.0 -> 3.5-3.7 s on the dev CPU),
 #       then ar and blt_s8 at batch 1 and 32 each way (the step should not move: XLA inlines the calls).
+#   39. BLT-D's own-block attention inside the key-range kernel (block_rows.OWN_BLOCK_IN_KERNEL: the own
+#       block's cells as the kernel's second key set, one softmax) against today's XLA products per block
+#       merged by log-sum-exp: BLT-D-4 and BLT-D-8 at blt_mid, each way, alternated twice, after plain
+#       BLT for the ratio (one process per row, unprofiled). Predicted ~5 ms off BLT-D-4's step (run
+#       11, one H200: own-block products 3.9 ms, their merge ~2 ms; the kernel ~0.6 ms more), more off
+#       BLT-D-8's; the losses must agree to bf16 rounding.
 #   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
 #       measured no gain (train_speed.md), the grouped form and this phase were removed.
 #   35. plain BLT (blt_mid, unprofiled) with the one packed layout of 8 segments per row
@@ -155,13 +161,13 @@
 # the loop half stays on Triton; 16 more sweep rows). 5 needs an H200.
 # 38 and 37 on one H100 later that day (generate_speed.md run 17: the layers traced once stay on, 1 s
 # less lowering; autotuning level 1 compiles no faster and is not used).
-# Next: 27 (several calls, resumes from the committed rows of the same kind of card), 5 on an H200,
-# 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# Next: 39 (BLT-D's own block in the range kernel), 27 (several calls, resumes from the committed rows
+# of the same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="39 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -214,7 +220,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38 39}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -378,6 +384,14 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         [ $run = each ] && opts=(--no-trace-layers-once)
         phase "trace_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar blt_s8 --batch 1 32 "${opts[@]}" --out "$out/trace_speed_$run"
+      done ;;
+  39) phase own_plain python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+        --out "$out/own_plain"
+      for run in kernel_1 merge_1 kernel_2 merge_2; do
+        opts=(--no-own-in-kernel)
+        [ "${run%_*}" = kernel ] && opts=(--own-in-kernel)
+        phase "own_$run" python3 $bench/train_speed.py --shape mid --rows blt_d4 blt_d8 --steps 20 --warmup 3 \
+          "${opts[@]}" --out "$out/own_$run"
       done ;;
   37) rm -rf /tmp/tune-*
       for run in level1_1 default_1 level1_2 default_2; do

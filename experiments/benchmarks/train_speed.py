@@ -368,6 +368,12 @@ SWITCHES = {
         "BLT-D's block rows attend their context through the key-range Pallas kernel "
         "(fastblt.model.range_attention) instead of tiles",
     ),
+    "own_in_kernel": (
+        "fastblt.model.block_rows",
+        "OWN_BLOCK_IN_KERNEL",
+        "BLT-D's block cells attend their own block's cells as the range kernel's second key set, in the "
+        "context's softmax, instead of XLA's products per block merged by log-sum-exp",
+    ),
     "cross_ranges": (
         "fastblt.model.cross_attention",
         "GPU_CROSS_RANGES",

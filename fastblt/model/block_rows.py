@@ -122,6 +122,15 @@ class BlockRows:
 # attention 4.70 -> 3.53 ms forward plus backward (range_check.py), the step 126.0 -> 114.7 ms.
 GPU_RANGE_KERNEL = True
 
+# The own block's cells as the range kernel's second key set, in the context's softmax
+# (ranged_block_attention), instead of XLA's products per block merged by log-sum-exp: those took 3.9 ms
+# of products and ~2 ms of merge (elementwise, forward and backward) in BLT-D-4's 114.7 ms blt_mid step
+# on one H200 (train_speed.md run 11). The kernel then visits one more key tile per query tile (a
+# tile of 64 block rows reads its 64 own cells: ~10% more of its 6.4 ms). Predicted ~5 ms off BLT-D-4's
+# step (1.40x -> ~1.35x plain), more off BLT-D-8's. Off until measured on a GPU (speed_gpu.sh phase 39;
+# train_speed.py --own-in-kernel).
+OWN_BLOCK_IN_KERNEL = False
+
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
 # gathered context keys, C * KV * hd per block, and scores, H * B * C per block).
 CHUNK_ELEMENTS = 1 << 24
@@ -203,17 +212,33 @@ def ranged_block_attention(
 ) -> jax.Array:
     """block_attention with the context part on fastblt.model.range_attention (shapes as there).
 
-    The kernel attends each cell's range of clean keys where they lie in ``k_ctx``/``v_ctx``; XLA
-    attends its own block's B cells; the two softmaxes are merged exactly by their log-sum-exps.
-    A call whose context masks are not ranges returns NaN (the loss fails loudly), as the tiles do
-    when their windows do not fit.
+    The kernel attends each cell's range of clean keys where they lie in ``k_ctx``/``v_ctx``. With
+    :data:`OWN_BLOCK_IN_KERNEL` it also attends the cell's range of its own block's cells where they
+    lie in ``k``/``v`` (the kernel's second key set), in the same softmax; without it XLA attends the
+    own block (:func:`own_block_cells`) and the two softmaxes are merged exactly by their
+    log-sum-exps. A call whose masks are not ranges returns NaN (the loss fails loudly), as the tiles
+    do when their windows do not fit: with the switch on, that includes a cell whose own block's
+    visible cells have a gap (a loss mask with a hole inside a block).
     """
     b, r = q.shape[:2]
+    nblk, bs = self_mask.shape[1:3]
     lo, hi, contiguous = context_ranges(context_start, context_mask)
-    out_ctx, lse_ctx = range_attention.range_attention(
-        q, k_ctx, v_ctx, lo.reshape(b, r), hi.reshape(b, r), interpret=interpret
-    )  # [b, R, H, d], [b, R, H]
+    lo, hi = lo.reshape(b, r), hi.reshape(b, r)
+    if OWN_BLOCK_IN_KERNEL:
+        block_start = jnp.broadcast_to(jnp.arange(nblk, dtype=jnp.int32) * bs, (b, nblk))
+        own_lo, own_hi, own_contiguous = context_ranges(block_start, self_mask)
+        out, _ = range_attention.range_attention(
+            q,
+            k_ctx,
+            v_ctx,
+            lo,
+            hi,
+            extra=(k, v, own_lo.reshape(b, r), own_hi.reshape(b, r)),
+            interpret=interpret,
+        )
+        return jnp.where(contiguous & own_contiguous, out, jnp.nan).astype(q.dtype)
 
+    out_ctx, lse_ctx = range_attention.range_attention(q, k_ctx, v_ctx, lo, hi, interpret=interpret)
     out_own, lse_own = own_block_cells(q, k, v, self_mask)
     lse = jnp.logaddexp(lse_ctx, lse_own)
     w_ctx = jnp.exp(lse_ctx - lse)[..., None]

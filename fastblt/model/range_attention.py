@@ -10,9 +10,10 @@ windows per tile of blocks (a pad, a gather in the backward) and reads a dense b
 over ~1.7x the keys a cell sees (experiments/results/train_speed.md, run 9's leads). Queries are
 padded to whole tiles (a copy where their count is not a multiple), and so are keys in the backward.
 
-The kernel also returns each row's log-sum-exp, so a caller can merge it with attention over other
-keys (block_rows merges the cells of each block's own block, a few keys per row, computed by XLA)
-and differentiate through both: the backward takes the log-sum-exp's cotangent too.
+A query may also see a range of a second key array, in the same softmax (``extra``): BLT-D's block
+cells see their own block's cells, which lie in the block rows' keys, not the clean rows'. The kernel
+also returns each row's log-sum-exp, differentiable (the backward takes its cotangent too), so a
+caller can merge it with attention over other keys.
 
 The Pallas calls are compiled for the GPU whenever JAX's backend is one and interpreted otherwise
 (``interpret``), as in fastblt.model.decode_attention; the CPU tests run them interpreted.
@@ -88,6 +89,7 @@ def range_attention(
     lo: jax.Array,
     hi: jax.Array,
     *,
+    extra: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     block_q_dkv: int | None = None,
@@ -99,6 +101,10 @@ def range_attention(
       q: float[b, T, H, d]; k, v: float[b, S, KV, d] (KV divides H).
       lo, hi: int[b, T]: query i sees keys j with lo[i] <= j < hi[i] (both clipped to [0, S]); an empty
         range (hi <= lo) sees nothing.
+      extra: a second key set and each query's range in it, (k2, v2 float[b, S2, KV, d], lo2, hi2
+        int[b, T]), read where it lies: one softmax runs over both ranges together. BLT-D's block
+        rows see a range of the clean rows and a range of their own block's cells, two arrays
+        (fastblt.model.block_rows.ranged_block_attention).
       block_q, block_k, block_q_dkv: tile sizes (powers of two, at least 16; None: the module's
         BLOCK_Q, BLOCK_K, BLOCK_Q_DKV, read at the call).
       interpret: Pallas interpret mode (None: unless JAX's backend is a GPU).
@@ -106,12 +112,16 @@ def range_attention(
     Returns:
       out float[b, T, H, d] in q's dtype (0 for a query that sees nothing) and lse float32[b, T, H],
       each row's log of the sum of exp(scores) over its keys (-1e30 for a query that sees nothing).
-      Both are differentiable (q, k, v; the ranges are not).
+      Both are differentiable (q and every k, v; the ranges are not).
     """
-    chex.assert_rank([q, k, v, lo, hi], [4, 4, 4, 2, 2])
-    chex.assert_equal_shape([k, v])
-    chex.assert_equal_shape([lo, hi])
-    chex.assert_equal_shape_prefix([q, lo], 2)
+    sets = [(k, v, lo, hi)] + ([tuple(extra)] if extra is not None else [])
+    for ks, vs, los, his in sets:
+        chex.assert_rank([q, ks, vs, los, his], [4, 4, 4, 2, 2])
+        chex.assert_equal_shape([ks, vs])
+        chex.assert_equal_shape([los, his])
+        chex.assert_equal_shape_prefix([q, los], 2)
+        chex.assert_equal_shape_prefix([q, ks], 1)
+        chex.assert_equal_shape_suffix([k, ks], 2)
     if not supported(q, k):
         raise ValueError(
             f"range_attention takes a power-of-two head dim in [16, 256] and heads a multiple of the kv "
@@ -125,11 +135,12 @@ def range_attention(
     pad = -t % max(blocks[0], blocks[2])
     if pad:  # padded queries see nothing
         q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        lo, hi = (jnp.pad(x, ((0, 0), (0, pad))) for x in (lo, hi))
-    s = k.shape[1]
-    lo = jnp.clip(lo.astype(jnp.int32), 0, s)
-    hi = jnp.clip(hi.astype(jnp.int32), 0, s)
-    out, lse = _attend(q, k, v, lo, hi, blocks, bool(interpret))
+
+    def ranges(x: jax.Array, n: int) -> jax.Array:
+        return jnp.clip(jnp.pad(x.astype(jnp.int32), ((0, 0), (0, pad))), 0, n)
+
+    keys = tuple((ks, vs, ranges(los, ks.shape[1]), ranges(his, ks.shape[1])) for ks, vs, los, his in sets)
+    out, lse = _attend(q, keys, blocks, bool(interpret))
     return out[:, :t], jnp.swapaxes(lse, 1, 2)[:, :t]
 
 
@@ -169,73 +180,71 @@ def _load_keys(ref, start, block, n):
     return plgpu.load(ref.at[pl.ds(start, block), :], mask=(pos < n)[:, None], other=0)
 
 
-def _fwd_kernel(first_ref, last_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, o_ref, lse_ref, *, block_k, scale):
-    """One (batch row, head, query tile): the tile's key tiles [first, last) (scalars), q_ref [BQ, d],
-    k_ref/v_ref [S, d], lo_ref/hi_ref [BQ]; writes o [BQ, d] and lse [BQ]."""
-    n = k_ref.shape[0]
+def _split_refs(refs, n_sets: int):
+    """A kernel's refs as (per key set: first, last, k, v, lo, hi; the rest in order), the order the
+    pallas_calls below pass them."""
+    sets = [refs[6 * i : 6 * i + 6] for i in range(n_sets)]
+    return sets, refs[6 * n_sets :]
+
+
+def _fwd_kernel(*refs, n_sets, block_k, scale):
+    """One (batch row, head, query tile). Per key set: its key tiles [first, last) (scalars),
+    k_ref/v_ref [S, d] and lo_ref/hi_ref [BQ]; then q_ref [BQ, d]; writes o [BQ, d] and lse [BQ]: one
+    online softmax over the tiles of every set."""
+    sets, (q_ref, o_ref, lse_ref) = _split_refs(refs, n_sets)
     q = q_ref[...]
-    lo, hi = lo_ref[...], hi_ref[...]
-    first, last = first_ref[()], last_ref[()]
-
-    def body(i, carry):
-        o, mx, den = carry
-        start = i * block_k
-        s, vis = _scores(q, _load_keys(k_ref, start, block_k, n), start, lo, hi, n, scale)
-        v = _load_keys(v_ref, start, block_k, n)
-        new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
-        p = jnp.where(vis, jnp.exp(s - new_mx[:, None]), 0.0)
-        fix = jnp.exp(mx - new_mx)
-        o = o * fix[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
-        return o, new_mx, den * fix + jnp.sum(p, axis=1)
-
     rows, d = q.shape
-    init = (
+    carry = (
         jnp.zeros((rows, d), jnp.float32),
         jnp.full((rows,), _NEG, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    o, mx, den = jax.lax.fori_loop(first, last, body, init)
+    for first_ref, last_ref, k_ref, v_ref, lo_ref, hi_ref in sets:
+        n = k_ref.shape[0]
+        lo, hi = lo_ref[...], hi_ref[...]
+
+        def body(i, carry, k_ref=k_ref, v_ref=v_ref, lo=lo, hi=hi, n=n):
+            o, mx, den = carry
+            start = i * block_k
+            s, vis = _scores(q, _load_keys(k_ref, start, block_k, n), start, lo, hi, n, scale)
+            v = _load_keys(v_ref, start, block_k, n)
+            new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
+            p = jnp.where(vis, jnp.exp(s - new_mx[:, None]), 0.0)
+            fix = jnp.exp(mx - new_mx)
+            o = o * fix[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+            return o, new_mx, den * fix + jnp.sum(p, axis=1)
+
+        carry = jax.lax.fori_loop(first_ref[()], last_ref[()], body, carry)
+    o, mx, den = carry
     seen = den > 0
     safe = jnp.where(seen, den, 1.0)
     o_ref[...] = jnp.where(seen[:, None], o / safe[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, mx + jnp.log(safe), _NEG)
 
 
-def _dq_kernel(
-    first_ref,
-    last_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    lo_ref,
-    hi_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dq_ref,
-    *,
-    block_k,
-    scale,
-):
-    """One (batch row, head, query tile): dq [BQ, d] over the tile's keys, as the forward visits them.
-    delta = rowsum(o * do) - dlse [BQ]."""
-    n = k_ref.shape[0]
+def _dq_kernel(*refs, n_sets, block_k, scale):
+    """One (batch row, head, query tile): dq [BQ, d] over the tile's keys in every set, as the forward
+    visits them. Refs: the key sets as in _fwd_kernel, then q, do [BQ, d], lse, delta [BQ] and dq;
+    delta = rowsum(o * do) - dlse."""
+    sets, (q_ref, do_ref, lse_ref, delta_ref, dq_ref) = _split_refs(refs, n_sets)
     q, do = q_ref[...], do_ref[...]
-    lo, hi = lo_ref[...], hi_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
-    first, last = first_ref[()], last_ref[()]
+    dq = jnp.zeros(q.shape, jnp.float32)
+    for first_ref, last_ref, k_ref, v_ref, lo_ref, hi_ref in sets:
+        n = k_ref.shape[0]
+        lo, hi = lo_ref[...], hi_ref[...]
 
-    def body(i, dq):
-        start = i * block_k
-        k = _load_keys(k_ref, start, block_k, n)
-        v = _load_keys(v_ref, start, block_k, n)
-        s, vis = _scores(q, k, start, lo, hi, n, scale)
-        p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
-        dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
-        ds = p * (dp - delta[:, None])
-        return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+        def body(i, dq, k_ref=k_ref, v_ref=v_ref, lo=lo, hi=hi, n=n):
+            start = i * block_k
+            k = _load_keys(k_ref, start, block_k, n)
+            v = _load_keys(v_ref, start, block_k, n)
+            s, vis = _scores(q, k, start, lo, hi, n, scale)
+            p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+            dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
+            ds = p * (dp - delta[:, None])
+            return dq + plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
-    dq = jax.lax.fori_loop(first, last, body, jnp.zeros(q.shape, jnp.float32))
+        dq = jax.lax.fori_loop(first_ref[()], last_ref[()], body, dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -270,38 +279,54 @@ def _dkv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _forward(q, k, v, lo, hi, blocks, interpret):
+def _key_set_specs(k: jax.Array, block_q: int, g: int) -> list:
+    """BlockSpecs of one key set's refs (first, last, k, v, lo, hi) on a (batch, head, query tile) grid."""
+    s, d = k.shape[1], k.shape[3]
+    kv = pl.BlockSpec((None, s, None, d), lambda i, j, r: (i, 0, j // g, 0))
+    rows = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
+    tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
+    return [tile_scalar, tile_scalar, kv, kv, rows, rows]
+
+
+def _key_set_args(keys, block_q: int, block_k: int, g: int) -> tuple[list, list]:
+    """Each key set's operands in _split_refs' order, and their BlockSpecs."""
+    args, specs = [], []
+    for k, v, lo, hi in keys:
+        first, last = key_tiles_per_query_tile(lo, hi, block_q, block_k)
+        args += [first, last, k, v, lo, hi]
+        specs += _key_set_specs(k, block_q, g)
+    return args, specs
+
+
+def _forward(q, keys, blocks, interpret):
     block_q, block_k, _ = blocks
     b, t, h, d = q.shape
-    s, kvh = k.shape[1:3]
-    g = h // kvh
+    g = h // keys[0][0].shape[2]
     q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, j, r: (i, r, j, 0))
-    kv_spec = pl.BlockSpec((None, s, None, d), lambda i, j, r: (i, 0, j // g, 0))
-    row_spec = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
-    tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
-    first, last = key_tiles_per_query_tile(lo, hi, block_q, block_k)
+    args, specs = _key_set_args(keys, block_q, block_k, g)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, block_k=block_k, scale=d**-0.5),
+        functools.partial(_fwd_kernel, n_sets=len(keys), block_k=block_k, scale=d**-0.5),
         grid=(b, h, t // block_q),
-        in_specs=[tile_scalar, tile_scalar, q_spec, kv_spec, kv_spec, row_spec, row_spec],
+        in_specs=[*specs, q_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
         interpret=interpret,
         name="fastblt_range_attention",
         **_params(interpret),
-    )(first, last, q, k, v, lo, hi)
+    )(*args, q)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attend(q, k, v, lo, hi, blocks, interpret):
-    """q [b, T, H, d] (T a multiple of the query tiles), k, v [b, S, KV, d], lo, hi int32[b, T]
-    within [0, S]; blocks (block_q, block_k, block_q_dkv) -> (out [b, T, H, d], lse float32[b, H, T])."""
-    return _forward(q, k, v, lo, hi, blocks, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _attend(q, keys, blocks, interpret):
+    """q [b, T, H, d] (T a multiple of the query tiles); keys: per key set (k, v [b, S, KV, d], lo, hi
+    int32[b, T] within [0, S]); blocks (block_q, block_k, block_q_dkv) -> (out [b, T, H, d], lse
+    float32[b, H, T]) of one softmax over every set's ranges."""
+    return _forward(q, keys, blocks, interpret)
 
 
-def _attend_fwd(q, k, v, lo, hi, blocks, interpret):
-    out, lse = _forward(q, k, v, lo, hi, blocks, interpret)
-    return (out, lse), (q, k, v, lo, hi, out, lse)
+def _attend_fwd(q, keys, blocks, interpret):
+    out, lse = _forward(q, keys, blocks, interpret)
+    return (out, lse), (q, keys, out, lse)
 
 
 def query_tiles_per_key_tile(
@@ -324,47 +349,13 @@ def query_tiles_per_key_tile(
     return first, last
 
 
-def _attend_bwd(blocks, interpret, res, cotangents):
-    block_q, block_k, block_q_dkv = blocks
-    q, k, v, lo, hi, out, lse = res
-    do, dlse = cotangents
+def _key_grads(k, v, lo, hi, q, do, lse, delta, blocks, params, interpret):
+    """dk, dv of one key set [b, S, KV, d]: for each key tile, the query tiles whose ranges in this
+    set touch it. The softmax is over every set (lse, delta), so each set's gradients are its own."""
+    _, block_k, block_q_dkv = blocks
     b, t, h, d = q.shape
     s, kvh = k.shape[1:3]
     g = h // kvh
-    scale = d**-0.5
-    # dS = P * (dP - rowsum(o * do)) from the output; a cotangent of lse adds P * dlse.
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32)) - dlse
-    do = do.astype(q.dtype)
-    params = _params(interpret)
-
-    q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, j, r: (i, r, j, 0))
-    kv_full = pl.BlockSpec((None, s, None, d), lambda i, j, r: (i, 0, j // g, 0))
-    rows = pl.BlockSpec((None, block_q), lambda i, j, r: (i, r))
-    head_rows = pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))
-    tile_scalar = pl.BlockSpec((None, None), lambda i, j, r: (i, r))
-    kfirst, klast = key_tiles_per_query_tile(lo, hi, block_q, block_k)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block_k=block_k, scale=scale),
-        grid=(b, h, t // block_q),
-        in_specs=[
-            tile_scalar,
-            tile_scalar,
-            q_spec,
-            kv_full,
-            kv_full,
-            rows,
-            rows,
-            q_spec,
-            head_rows,
-            head_rows,
-        ],
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=interpret,
-        name="fastblt_range_attention_dq",
-        **params,
-    )(kfirst, klast, q, k, v, lo, hi, do, lse, delta)
-
     n_tiles = -(-s // block_k)
     if n_tiles * block_k != s:  # the key-tile blocks below need whole tiles
         pad = ((0, 0), (0, n_tiles * block_k - s), (0, 0), (0, 0))
@@ -380,7 +371,7 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     all_head_rows = pl.BlockSpec((None, None, t), lambda i, j, c: (i, j, 0))
     grad_dtype = k.dtype if g == 1 else jnp.float32  # a group's heads are summed below
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=block_q_dkv, scale=scale),
+        functools.partial(_dkv_kernel, block_q=block_q_dkv, scale=d**-0.5),
         grid=(b, h, n_tiles),
         in_specs=[
             scalar,
@@ -404,7 +395,38 @@ def _attend_bwd(blocks, interpret, res, cotangents):
     if g > 1:
         dk = dk.reshape(b, s, kvh, g, d).sum(axis=3)
         dv = dv.reshape(b, s, kvh, g, d).sum(axis=3)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _attend_bwd(blocks, interpret, res, cotangents):
+    block_q, block_k, _ = blocks
+    q, keys, out, lse = res
+    do, dlse = cotangents
+    b, t, h, d = q.shape
+    g = h // keys[0][0].shape[2]
+    # dS = P * (dP - rowsum(o * do)) from the output; a cotangent of lse adds P * dlse.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+    do = do.astype(q.dtype)
+    params = _params(interpret)
+
+    q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, j, r: (i, r, j, 0))
+    head_rows = pl.BlockSpec((None, None, block_q), lambda i, j, r: (i, j, r))
+    args, specs = _key_set_args(keys, block_q, block_k, g)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, n_sets=len(keys), block_k=block_k, scale=d**-0.5),
+        grid=(b, h, t // block_q),
+        in_specs=[*specs, q_spec, q_spec, head_rows, head_rows],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret,
+        name="fastblt_range_attention_dq",
+        **params,
+    )(*args, q, do, lse, delta)
+    key_grads = tuple(
+        (*_key_grads(k, v, lo, hi, q, do, lse, delta, blocks, params, interpret), None, None)
+        for k, v, lo, hi in keys
+    )
+    return dq, key_grads
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
