@@ -369,12 +369,17 @@ def _plot(rows: list[dict], path: str) -> None:
     panels = sorted({(r["shape"], r["prompt_bytes"]) for r in rows})
     if not panels:
         return
+    # One color and marker per method in every panel (the default cycle repeats after 10 methods).
+    methods = sorted({r["method"] for r in rows})
+    colors = plt.get_cmap("tab20").colors
+    style = {m: (colors[i % len(colors)], "osD^v<>ph*"[i % 10]) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (shape, prompt) in zip(axes[0], panels, strict=True):
         sel = [r for r in rows if (r["shape"], r["prompt_bytes"]) == (shape, prompt)]
         for method in sorted({r["method"] for r in sel}):
             pts = sorted((r["batch"], r["decode_bytes_per_s"]) for r in sel if r["method"] == method)
-            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+            color, marker = style[method]
+            ax.plot(*zip(*pts, strict=True), color=color, marker=marker, label=method)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch")
