@@ -11,6 +11,7 @@ nothing:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 
@@ -115,7 +116,9 @@ def test_masked_accuracy_in_inference_layout_matches_training_layout(trained):
     obj = objective_config(cfg)
     batch = make_eval_batches(cfg.data)[0]
     tokens, targets, mask = (jnp.asarray(batch[k]) for k in ("inputs", "targets", "mask"))
-    lengths = BLT(config).apply({"params": params}, tokens, method=BLT.patch).lengths
+    lengths = jax.jit(functools.partial(BLT(config).apply, method=BLT.patch))(
+        {"params": params}, tokens
+    ).lengths
 
     # Training layout: every block of the row at once, the clean row beside them.
     layout = objective.block_layout(lengths, tokens.shape[1], obj.block_size)

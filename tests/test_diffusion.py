@@ -752,16 +752,20 @@ def test_own_block_attention_matches_a_dense_oracle(blocks, cells):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("own_in_kernel", [False, True])
-def test_ranged_block_attention_is_the_xla_block_attention(own_in_kernel, monkeypatch):
+@pytest.mark.parametrize("own_in_kernel,tile", [(False, None), (True, None), (True, 16)])
+def test_ranged_block_attention_is_the_xla_block_attention(own_in_kernel, tile, monkeypatch):
     """ranged_block_attention (each cell's context range on the key-range kernel, interpreted, and its
     own block's cells merged by log-sum-exp, or with OWN_BLOCK_IN_KERNEL as the kernel's second key
     set in one softmax) against block_attention's XLA path (gathered context and own block scores,
     one softmax): outputs, and the gradients of the block rows' q, k, v and the clean rows' k, v;
-    documents, padding cells, cells that see only their own block and cells that see nothing."""
-    from fastblt.model import block_rows
+    documents, padding cells, cells that see only their own block and cells that see nothing; with
+    tiles of 16, the 28 block rows span two query tiles and their own cells two key tiles."""
+    from fastblt.model import block_rows, range_attention
 
     monkeypatch.setattr(block_rows, "OWN_BLOCK_IN_KERNEL", own_in_kernel)
+    if tile:
+        for name in ("BLOCK_Q", "BLOCK_K", "BLOCK_Q_DKV"):
+            monkeypatch.setattr(range_attention, name, tile)
 
     tokens, targets, mask, lengths = make_batch(5)
     masked = np.random.default_rng(6).random((2, P - 1, B)) < 0.5

@@ -110,23 +110,29 @@ def test_output_lse_and_gradients_match_float64(kvh, blocks, wide):
         np.testing.assert_allclose(np.asarray(g), w, atol=1e-4 * max(1.0, np.abs(w).max()), err_msg=name)
 
 
-def test_two_key_sets_are_one_softmax_over_both_ranges():
+@pytest.mark.parametrize("kvh,blocks", [(2, (16, 16, 16)), (1, (32, 16, 16)), (4, (16, 32, 32))])
+def test_two_key_sets_are_one_softmax_over_both_ranges(kvh, blocks):
     """A second key set (``extra``, BLT-D's own-block cells): output, log-sum-exp and the gradients of
     q and both sets' k and v equal one dense float64 softmax over the two sets concatenated, each
-    query seeing its range in each; rows that see only one set, or neither, included. Key lengths
-    are not multiples of the tiles, so the first set's last tile is partial."""
-    q, k, v, lo, hi = _case(11, s=45)
+    query seeing its range in each; rows that see only one set, or neither, and whole query tiles that
+    see only one set included. Key lengths are not multiples of the tiles, so the first set's last
+    tile is partial; grouped kv heads."""
+    q, k, v, lo, hi = _case(11, s=45, kvh=kvh)
     rng = np.random.default_rng(12)
     b, t, h, d = q.shape
     s2 = 70
-    k2 = jnp.asarray(rng.normal(size=(b, s2, k.shape[2], d)), jnp.float32)
-    v2 = jnp.asarray(rng.normal(size=(b, s2, k.shape[2], d)), jnp.float32)
+    k2 = jnp.asarray(rng.normal(size=(b, s2, kvh, d)), jnp.float32)
+    v2 = jnp.asarray(rng.normal(size=(b, s2, kvh, d)), jnp.float32)
     i = np.arange(t)[None]
     lo2 = np.broadcast_to(i // 4 * 4, (b, t)).copy()  # blocks of 4: each row sees its own block
     hi2 = lo2 + rng.integers(0, 5, size=(b, t))  # 0: none of its own block
-    hi2[:, :3] = lo2[:, :3]  # the rows set 1 leaves empty (_case) see nothing at all
+    hi2[0, :3] = lo2[0, :3]  # row 0's first queries see set 1 only where _case gave them nothing
+    lo_, hi_ = np.asarray(lo).copy(), np.asarray(hi).copy()
+    hi_[1, 32:64] = lo_[1, 32:64]  # a whole tile (any of the tile sizes) sees only set 2
+    hi2[0, 32:64] = lo2[0, 32:64]  # and one sees only set 1
+    lo, hi = jnp.asarray(lo_, jnp.int32), jnp.asarray(hi_, jnp.int32)
     lo2, hi2 = jnp.asarray(lo2, jnp.int32), jnp.asarray(hi2, jnp.int32)
-    tiles = {"block_q": 16, "block_k": 16, "block_q_dkv": 16}
+    tiles = dict(zip(("block_q", "block_k", "block_q_dkv"), blocks, strict=True))
 
     def ours(q, k, v, k2, v2):
         return ra.range_attention(q, k, v, lo, hi, extra=(k2, v2, lo2, hi2), **tiles, interpret=True)

@@ -162,8 +162,8 @@
 # 38 and 37 on one H100 later that day (generate_speed.md run 17: the layers traced once stay on, 1 s
 # less lowering; autotuning level 1 compiles no faster and is not used), then a call of 27 (run 18:
 # 17 more sweep rows; phase 5 found no H200 in three tries).
-# Next: 39 (BLT-D's own block in the range kernel), 27 (several calls, resumes from the committed rows
-# of the same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# Next: 39 (BLT-D's own block in the range kernel), 27 (several calls, resumes from the committed
+# rows of the same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #

@@ -372,7 +372,8 @@ SWITCHES = {
         "fastblt.model.block_rows",
         "OWN_BLOCK_IN_KERNEL",
         "BLT-D's block cells attend their own block's cells as the range kernel's second key set, in the "
-        "context's softmax, instead of XLA's products per block merged by log-sum-exp",
+        "context's softmax, instead of XLA's products per block merged by log-sum-exp (only where the "
+        "block rows take the range kernel: not with --no-range-kernel)",
     ),
     "cross_ranges": (
         "fastblt.model.cross_attention",

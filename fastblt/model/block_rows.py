@@ -126,8 +126,11 @@ GPU_RANGE_KERNEL = True
 # (ranged_block_attention), instead of XLA's products per block merged by log-sum-exp: those took 3.9 ms
 # of products and ~2 ms of merge (elementwise, forward and backward) in BLT-D-4's 114.7 ms blt_mid step
 # on one H200 (train_speed.md run 11). The kernel then visits one more key tile per query tile (a
-# tile of 64 block rows reads its 64 own cells: ~10% more of its 6.4 ms). Predicted ~5 ms off BLT-D-4's
-# step (1.40x -> ~1.35x plain), more off BLT-D-8's. Off until measured on a GPU (speed_gpu.sh phase 39;
+# tile of 64 block rows reads its 64 own cells: ~10% more of the forward and dq kernels, plus a second
+# dk/dv launch; at least ~0.6 ms of its 6.4 ms). Predicted ~5 ms off BLT-D-4's step (1.40x -> ~1.35x
+# plain), more off BLT-D-8's. It applies where the block rows take ranged_block_attention (GPU_RANGE_KERNEL,
+# a fused kernel, one device); with it on, a cell whose own block's visible cells have a gap (a loss mask
+# with a hole inside a block) makes the output NaN. Off until measured on a GPU (speed_gpu.sh phase 39;
 # train_speed.py --own-in-kernel).
 OWN_BLOCK_IN_KERNEL = False
 

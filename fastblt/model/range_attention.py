@@ -122,6 +122,7 @@ def range_attention(
         chex.assert_equal_shape_prefix([q, los], 2)
         chex.assert_equal_shape_prefix([q, ks], 1)
         chex.assert_equal_shape_suffix([k, ks], 2)
+        chex.assert_type([ks, vs], k.dtype)  # Triton's dot takes one dtype
     if not supported(q, k):
         raise ValueError(
             f"range_attention takes a power-of-two head dim in [16, 256] and heads a multiple of the kv "
@@ -349,9 +350,10 @@ def query_tiles_per_key_tile(
     return first, last
 
 
-def _key_grads(k, v, lo, hi, q, do, lse, delta, blocks, params, interpret):
+def _key_grads(k, v, lo, hi, q, do, lse, delta, blocks, params, interpret, name):
     """dk, dv of one key set [b, S, KV, d]: for each key tile, the query tiles whose ranges in this
-    set touch it. The softmax is over every set (lse, delta), so each set's gradients are its own."""
+    set touch it. The softmax is over every set (lse, delta), so each set's gradients are its own.
+    ``name``: the kernel's (a profile tells the sets apart)."""
     _, block_k, block_q_dkv = blocks
     b, t, h, d = q.shape
     s, kvh = k.shape[1:3]
@@ -388,7 +390,7 @@ def _key_grads(k, v, lo, hi, q, do, lse, delta, blocks, params, interpret):
         out_specs=[head_out, head_out],
         out_shape=[jax.ShapeDtypeStruct((b, n_tiles * block_k, h, d), grad_dtype)] * 2,
         interpret=interpret,
-        name="fastblt_range_attention_dkv",
+        name=name,
         **params,
     )(first, last, k_p, v_p, q, do, lo, hi, lse, delta)
     dk, dv = dk[:, :s], dv[:, :s]
@@ -422,11 +424,12 @@ def _attend_bwd(blocks, interpret, res, cotangents):
         name="fastblt_range_attention_dq",
         **params,
     )(*args, q, do, lse, delta)
-    key_grads = tuple(
-        (*_key_grads(k, v, lo, hi, q, do, lse, delta, blocks, params, interpret), None, None)
-        for k, v, lo, hi in keys
-    )
-    return dq, key_grads
+    key_grads = []
+    for i, (k, v, lo, hi) in enumerate(keys):
+        name = "fastblt_range_attention_dkv" + (f"_set{i}" if i else "")
+        dk, dv = _key_grads(k, v, lo, hi, q, do, lse, delta, blocks, params, interpret, name)
+        key_grads.append((dk, dv, None, None))
+    return dq, tuple(key_grads)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
