@@ -68,3 +68,20 @@ def test_the_range_kernel_check_gates_its_train_rows(fake_python, tmp_path):
     log = run(fake_python, out, "30")
     for name in ("train_range_tiles", "train_range_kernel", "train_range_cross", "train_range_all"):
         assert (out / name / "done").exists(), name
+
+
+def test_the_own_block_check_gates_phase_39s_train_rows(fake_python, tmp_path):
+    """Phase 39 runs its train rows (plain BLT, then BLT-D with and without OWN_BLOCK_IN_KERNEL, twice)
+    only once range_check's block rows passed on the machine."""
+    out = tmp_path / "out"
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    exe = failing / "python3"
+    exe.write_text('#!/usr/bin/env bash\ncase "$*" in *range_check*) exit 1 ;; esac\n')
+    exe.chmod(0o755)
+    log = run(failing, out, "39")
+    assert "[own_check] exit 1" in log and "[39] train rows skipped" in log
+    assert not (out / "own_plain").exists()
+    log = run(fake_python, out, "39")
+    for name in ("own_check", "own_plain", "own_kernel_1", "own_merge_1", "own_kernel_2", "own_merge_2"):
+        assert (out / name / "done").exists(), name

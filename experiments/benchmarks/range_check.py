@@ -13,7 +13,8 @@ At blt_mid's BLT-D-4 training shapes (batch 16, 4 096 bytes, static 4-byte patch
 cells, 8 decoder heads of 64, window 512, bf16), one decoder layer's block attention,
 fastblt.model.block_rows.block_attention, three ways: the XLA reference (gathered windows, chunked),
 the fused path of today (tiles of blocks over shared key slices through cuDNN with a dense mask) and
-the key-range kernel (block_rows.GPU_RANGE_KERNEL; also with other tiles, SWEEP). For each: the output
+the key-range kernel (block_rows.GPU_RANGE_KERNEL; also with other tiles, SWEEP), and that kernel with
+each cell's own block as its second key set (block_rows.OWN_BLOCK_IN_KERNEL: "ranged_own"). For each: the output
 and the gradients of q, k, v and the clean keys and values, their largest relative difference from the
 reference (bf16: about one rounding), whether the kernel is in the program, and the time of a forward
 plus backward (median of 20 after warm-up). Then the exact count of keys each row reads (zero queries:
@@ -124,19 +125,28 @@ def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> lis
     q = args[0]
     weights = jax.random.normal(jax.random.key(2), q.shape, jnp.float32)
 
-    def path(impl: str, ranged: bool):
+    def path(impl: str, ranged: bool, own_in_kernel: bool = False):
         """The block attention under this setting, compiled while the setting holds (a later call
         cannot retrace it under another). On the CPU the ranged path is called directly: block_attention
-        takes it for GPU steps only."""
+        takes it for GPU steps only. ``own_in_kernel``: block_rows.OWN_BLOCK_IN_KERNEL."""
 
         def attend(q, k, v, kc, vc, start, ctx, own):
             if ranged and interpret:
                 return block_rows.ranged_block_attention(q, k, v, kc, vc, start, ctx, own, interpret=True)
             return block_rows.block_attention(q, k, v, kc, vc, start, ctx, own, None, bound, impl)
 
-        return _compile_under(block_rows, "GPU_RANGE_KERNEL", ranged, attend, weights, args[:5], args[5:])
+        before = block_rows.OWN_BLOCK_IN_KERNEL
+        block_rows.OWN_BLOCK_IN_KERNEL = own_in_kernel
+        try:
+            return _compile_under(block_rows, "GPU_RANGE_KERNEL", ranged, attend, weights, args[:5], args[5:])
+        finally:
+            block_rows.OWN_BLOCK_IN_KERNEL = before
 
-    paths = {"xla": path("xla", False), "ranged": path("cudnn", True)}
+    paths = {
+        "xla": path("xla", False),
+        "ranged": path("cudnn", True),
+        "ranged_own": path("cudnn", True, own_in_kernel=True),
+    }
     if not interpret:
         paths["tiles"] = path("cudnn", False)
         for values in SWEEP if sweep else []:

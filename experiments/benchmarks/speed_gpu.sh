@@ -126,10 +126,13 @@
 #       then ar and blt_s8 at batch 1 and 32 each way (the step should not move: XLA inlines the calls).
 #   39. BLT-D's own-block attention inside the key-range kernel (block_rows.OWN_BLOCK_IN_KERNEL: the own
 #       block's cells as the kernel's second key set, one softmax) against today's XLA products per block
-#       merged by log-sum-exp: BLT-D-4 and BLT-D-8 at blt_mid, each way, alternated twice, after plain
-#       BLT for the ratio (one process per row, unprofiled). Predicted ~5 ms off BLT-D-4's step (run
-#       11, one H200: own-block products 3.9 ms, their merge ~2 ms; the kernel ~0.6 ms more), more off
-#       BLT-D-8's; the losses must agree to bf16 rounding.
+#       merged by log-sum-exp: first one decoder layer's block attention both ways as Triton compiles it,
+#       checked against the XLA path and timed (range_check.py --sections block: rows "ranged" and
+#       "ranged_own"; the train rows run only after it passed here), then BLT-D-4 and BLT-D-8 at
+#       blt_mid, each way, alternated twice, after plain BLT for the ratio (one process per row,
+#       unprofiled). Predicted ~5 ms off BLT-D-4's step (run 11, one H200: own-block products 3.9 ms,
+#       their merge ~2 ms; the kernel at least ~0.6 ms more), more off BLT-D-8's; the losses must agree
+#       to bf16 rounding.
 #   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
 #       measured no gain (train_speed.md), the grouped form and this phase were removed.
 #   35. plain BLT (blt_mid, unprofiled) with the one packed layout of 8 segments per row
@@ -386,7 +389,12 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         phase "trace_speed_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar blt_s8 --batch 1 32 "${opts[@]}" --out "$out/trace_speed_$run"
       done ;;
-  39) phase own_plain python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+  39) phase own_check python3 $bench/range_check.py --sections block --no-sweep --out "$out/own_check"
+      if [ ! -e "$out/own_check/done" ]; then
+        echo "[39] train rows skipped: range_check's block rows did not pass here" | tee -a "$out/log.txt"
+        continue
+      fi
+      phase own_plain python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
         --out "$out/own_plain"
       for run in kernel_1 merge_1 kernel_2 merge_2; do
         opts=(--no-own-in-kernel)
