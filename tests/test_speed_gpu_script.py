@@ -53,16 +53,22 @@ def test_done_phases_are_skipped_and_the_kernel_check_gates_its_speed_phases(fak
     assert log.count("[decode_check] start") == 1  # done: not run again
 
 
-def test_the_range_kernel_check_gates_its_train_rows(fake_python, tmp_path):
+@pytest.fixture
+def failing_range_check(tmp_path):
+    """A python3 on PATH that exits 1 for range_check.py and 0 for anything else."""
+    bin_dir = tmp_path / "failing"
+    bin_dir.mkdir()
+    exe = bin_dir / "python3"
+    exe.write_text('#!/usr/bin/env bash\ncase "$*" in *range_check*) exit 1 ;; esac\n')
+    exe.chmod(0o755)
+    return bin_dir
+
+
+def test_the_range_kernel_check_gates_its_train_rows(fake_python, failing_range_check, tmp_path):
     """Phase 30 runs its train rows only once range_check passed on the machine (a failing check:
     a python3 that exits 1 for it)."""
     out = tmp_path / "out"
-    failing = tmp_path / "failing"
-    failing.mkdir()
-    exe = failing / "python3"
-    exe.write_text('#!/usr/bin/env bash\ncase "$*" in *range_check*) exit 1 ;; esac\n')
-    exe.chmod(0o755)
-    log = run(failing, out, "30")
+    log = run(failing_range_check, out, "30")
     assert "[range_check] exit 1" in log and "[train_range] skipped" in log
     assert not (out / "train_range_tiles").exists()
     log = run(fake_python, out, "30")
@@ -70,16 +76,11 @@ def test_the_range_kernel_check_gates_its_train_rows(fake_python, tmp_path):
         assert (out / name / "done").exists(), name
 
 
-def test_the_own_block_check_gates_phase_39s_train_rows(fake_python, tmp_path):
+def test_the_own_block_check_gates_phase_39s_train_rows(fake_python, failing_range_check, tmp_path):
     """Phase 39 runs its train rows (plain BLT, then BLT-D with and without OWN_BLOCK_IN_KERNEL, twice)
     only once range_check's block rows passed on the machine."""
     out = tmp_path / "out"
-    failing = tmp_path / "failing"
-    failing.mkdir()
-    exe = failing / "python3"
-    exe.write_text('#!/usr/bin/env bash\ncase "$*" in *range_check*) exit 1 ;; esac\n')
-    exe.chmod(0o755)
-    log = run(failing, out, "39")
+    log = run(failing_range_check, out, "39")
     assert "[own_check] exit 1" in log and "[39] train rows skipped" in log
     assert not (out / "own_plain").exists()
     log = run(fake_python, out, "39")
