@@ -13,15 +13,19 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "speed_gpu.sh"
 
 
+def _python3(bin_dir: Path, script: str) -> Path:
+    """A directory holding an executable ``python3`` that runs the bash ``script``."""
+    bin_dir.mkdir()
+    exe = bin_dir / "python3"
+    exe.write_text("#!/usr/bin/env bash\n" + script + "\n")
+    exe.chmod(0o755)
+    return bin_dir
+
+
 @pytest.fixture
 def fake_python(tmp_path):
     """A python3 on PATH that sleeps FAKE_SLEEP seconds, then exits 0."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    exe = bin_dir / "python3"
-    exe.write_text('#!/usr/bin/env bash\nsleep "${FAKE_SLEEP:-0}"\n')
-    exe.chmod(0o755)
-    return bin_dir
+    return _python3(tmp_path / "bin", 'sleep "${FAKE_SLEEP:-0}"')
 
 
 def run(fake_python, out: Path, phases: str, **env) -> str:
@@ -56,12 +60,7 @@ def test_done_phases_are_skipped_and_the_kernel_check_gates_its_speed_phases(fak
 @pytest.fixture
 def failing_range_check(tmp_path):
     """A python3 on PATH that exits 1 for range_check.py and 0 for anything else."""
-    bin_dir = tmp_path / "failing"
-    bin_dir.mkdir()
-    exe = bin_dir / "python3"
-    exe.write_text('#!/usr/bin/env bash\ncase "$*" in *range_check*) exit 1 ;; esac\n')
-    exe.chmod(0o755)
-    return bin_dir
+    return _python3(tmp_path / "failing", 'case "$*" in *range_check*) exit 1 ;; esac')
 
 
 def test_the_range_kernel_check_gates_its_train_rows(fake_python, failing_range_check, tmp_path):
