@@ -34,6 +34,26 @@ def _dense(q, k, v, lo, hi, vis=None):
     return out, lse
 
 
+def _dense_grads(q, k, v, vis, w_out, w_lse):
+    """Gradients of q, k, v of ``sum(out * w_out) + sum(lse * w_lse)`` (lse only where w_lse != 0)
+    for the float64 dense attention under ``vis`` bool[b, T, S]: JAX's autodiff of an independent
+    formula (no online softmax, no tiles); finite differences would be slow."""
+    with jax.enable_x64():
+        vis64 = jnp.asarray(vis)
+
+        def dense_loss(q, k, v):
+            g = q.shape[2] // k.shape[2]
+            kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+            s = jnp.einsum("bthd,bshd->bths", q, kk) / np.sqrt(q.shape[-1])
+            s = jnp.where(vis64[:, :, None], s, -1e300)
+            lse = jax.nn.logsumexp(s, axis=-1)
+            p = jnp.where(vis64[:, :, None], jnp.exp(s - lse[..., None]), 0.0)
+            o = jnp.einsum("bths,bshd->bthd", p, vv)
+            return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, lse, 0.0) * w_lse)
+
+        return jax.grad(dense_loss, argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+
+
 def _case(seed, b=2, t=70, s=90, h=4, kvh=2, d=16, dtype=jnp.float32, wide=False):
     """Random queries, keys, values and ranges; ``wide``: long ranges that drift with the row, so
     tiles of 16 queries see whole tiles of 16 keys."""
@@ -86,24 +106,9 @@ def test_output_lse_and_gradients_match_float64(kvh, blocks, wide):
 
     got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    # The oracle's gradient by finite differences would be slow; JAX's autodiff of the float64 dense
-    # expression (an independent formula: no online softmax, no tiles) is the reference.
-    with jax.enable_x64():
-        l64, h64 = (jnp.asarray(x) for x in _clip(lo, hi, k.shape[1]))
-
-        def dense_loss(q, k, v):
-            g = q.shape[2] // k.shape[2]
-            kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-            j = jnp.arange(k.shape[1])
-            vis = (j >= l64[..., None]) & (j < h64[..., None])
-            s = jnp.einsum("bthd,bshd->bths", q, kk) / np.sqrt(q.shape[-1])
-            s = jnp.where(vis[:, :, None], s, -1e300)
-            lse_ = jax.nn.logsumexp(s, axis=-1)
-            p = jnp.where(vis[:, :, None], jnp.exp(s - lse_[..., None]), 0.0)
-            o = jnp.einsum("bths,bshd->bthd", p, vv)
-            return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, lse_, 0.0) * w_lse)
-
-        want = jax.grad(dense_loss, argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    l64, h64 = _clip(lo, hi, k.shape[1])
+    j = np.arange(k.shape[1])
+    want = _dense_grads(q, k, v, (j >= l64[..., None]) & (j < h64[..., None]), w_out, w_lse)
     for name, g, w in zip("qkv", got, want, strict=True):
         assert g.shape == w.shape and g.dtype == q.dtype, name
         w = np.asarray(w)
@@ -159,22 +164,7 @@ def test_two_key_sets_are_one_softmax_over_both_ranges(kvh, blocks):
         return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, s, 0.0) * w_lse)
 
     got = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, k2, v2)
-    with jax.enable_x64():
-        vis64 = jnp.asarray(vis)
-
-        def dense_loss(q, kc, vc):
-            g = q.shape[2] // kc.shape[2]
-            kk, vv = jnp.repeat(kc, g, axis=2), jnp.repeat(vc, g, axis=2)
-            sc = jnp.einsum("bthd,bshd->bths", q, kk) / np.sqrt(q.shape[-1])
-            sc = jnp.where(vis64[:, :, None], sc, -1e300)
-            lse_ = jax.nn.logsumexp(sc, axis=-1)
-            p = jnp.where(vis64[:, :, None], jnp.exp(sc - lse_[..., None]), 0.0)
-            o = jnp.einsum("bths,bshd->bthd", p, vv)
-            return jnp.sum(o * w_out) + jnp.sum(jnp.where(w_lse != 0, lse_, 0.0) * w_lse)
-
-        dq, dkc, dvc = jax.grad(dense_loss, argnums=(0, 1, 2))(
-            *(jnp.asarray(x, jnp.float64) for x in (q, kc, vc))
-        )
+    dq, dkc, dvc = _dense_grads(q, kc, vc, vis, w_out, w_lse)
     n = k.shape[1]
     want = (dq, dkc[:, :n], dvc[:, :n], dkc[:, n:], dvc[:, n:])
     for name, g, w in zip(("q", "k", "v", "k2", "v2"), got, want, strict=True):

@@ -189,14 +189,16 @@ def _run_blocks(
     """Pre-norm layers (TransformerBlock) with caches, unrolled or scanned (fastblt.sampler.fused.run_layers);
     ``on_layer(i, h)`` after each (unrolled stacks only); ``window``: the sliding window ``mask``
     applies (reads only the keys in it, see cached_attend); ``run_layer``: a :func:`layer_once` that
-    runs each layer of an unrolled stack. Returns (h, new k caches, new v caches)."""
+    runs each layer of an unrolled stack (None: :func:`_cached_layer` traced inline). Returns (h, new
+    k caches, new v caches)."""
 
     def body(i, layer, carry):
         h, ks, vs = carry
-        if run_layer is not None and isinstance(ks, tuple):
-            h, k, v = run_layer(layer, c, impl, window, h, positions, ks[i], vs[i], cols, mask)
+        if isinstance(ks, tuple):  # unrolled: the layer over its own caches, traced once with run_layer
+            run = run_layer or _cached_layer
+            h, k, v = run(layer, c, impl, window, h, positions, ks[i], vs[i], cols, mask)
             ks, vs = replace_layer(ks, i, k), replace_layer(vs, i, v)
-        else:
+        else:  # one scan over the stacked caches
             h, (ks, vs) = fused.layer_step(
                 layer, c, h, positions, cached_attend(ks, vs, i, cols, mask, impl, window, positions)
             )
