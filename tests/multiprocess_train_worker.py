@@ -6,10 +6,14 @@ process feeding its own shard of the data, and writes the global losses.
 
 import json
 import os
+import re
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+# One device per process; the rest of the tests' flags (tests/conftest.py: LLVM at -O0, the older
+# fusion code generator) stay, so the two processes compile as fast as the test's own reference.
+_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=1".strip()
 
 pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 sys.path.insert(0, os.path.dirname(__file__))
