@@ -135,12 +135,8 @@ def check(shape, interpret: bool, repeats: int = 20, sweep: bool = False) -> lis
                 return block_rows.ranged_block_attention(q, k, v, kc, vc, start, ctx, own, interpret=True)
             return block_rows.block_attention(q, k, v, kc, vc, start, ctx, own, None, bound, impl)
 
-        before = block_rows.OWN_BLOCK_IN_KERNEL
-        block_rows.OWN_BLOCK_IN_KERNEL = own_in_kernel
-        try:
-            return _compile_under(block_rows, "GPU_RANGE_KERNEL", ranged, attend, weights, args[:5], args[5:])
-        finally:
-            block_rows.OWN_BLOCK_IN_KERNEL = before
+        switches = {"GPU_RANGE_KERNEL": ranged, "OWN_BLOCK_IN_KERNEL": own_in_kernel}
+        return _compile_under(block_rows, switches, attend, weights, args[:5], args[5:])
 
     paths = {
         "xla": path("xla", False),
@@ -198,10 +194,10 @@ def check_counts(args, interpret: bool) -> dict:
     }
 
 
-def _compile_under(module, switch: str, on: bool, attend, weights, args, extra=()) -> tuple:
+def _compile_under(module, switches: dict[str, bool], attend, weights, args, extra=()) -> tuple:
     """``attend(*args, *extra)``'s weighted-sum loss with its value, output and gradients in every one
-    of ``args``, compiled while ``module.switch`` is ``on`` (switches are read at trace time: a later
-    call cannot retrace it under another setting). ``weights`` and ``extra`` (masks, ids: no gradient)
+    of ``args``, compiled while each of ``module``'s ``switches`` holds its value (switches are read at
+    trace time: a later call cannot retrace it under another setting). ``weights`` and ``extra`` (masks, ids: no gradient)
     are arguments of the program, not constants: XLA would fold a closed-over mask for minutes.
     Returns (a function of ``args`` running the compiled program, whether the range kernel is in it)."""
     import jax
@@ -211,14 +207,16 @@ def _compile_under(module, switch: str, on: bool, attend, weights, args, extra=(
         out = attend(*xs, *extra)
         return jnp.sum(out.astype(jnp.float32) * weights), out
 
-    before = getattr(module, switch)
-    setattr(module, switch, on)
+    before = {name: getattr(module, name) for name in switches}
+    for name, on in switches.items():
+        setattr(module, name, on)
     try:
         lowered = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(tuple(args), weights, tuple(extra))
         compiled = lowered.compile()
         has_kernel = lowered.as_text().count("fastblt_range_attention") > 0
     finally:
-        setattr(module, switch, before)
+        for name, on in before.items():
+            setattr(module, name, on)
     return (lambda *xs: compiled(tuple(xs), weights, tuple(extra))), has_kernel
 
 
@@ -294,7 +292,7 @@ def check_cross(shape, interpret: bool, repeats: int = 20) -> list[dict]:
                     return ranged_cpu(q, k, v, index)
                 return reference(q, k, v, index, "cudnn" if ranged else "xla")
 
-            return _compile_under(cross, "GPU_CROSS_RANGES", ranged, attend, weights, args, (index,))
+            return _compile_under(cross, {"GPU_CROSS_RANGES": ranged}, attend, weights, args, (index,))
 
         paths = {"reference": path(False), "ranged": path(True)}
         results = {name: fn(*args) for name, (fn, _) in paths.items()}
@@ -334,7 +332,7 @@ def check_local(shape, interpret: bool, repeats: int = 20, sweep: bool = False) 
 
     def compiled(attend, ranged: bool):
         return _compile_under(
-            attn_lib, "GPU_SELF_RANGES", ranged, attend, weights, (q, k, v), (positions, docs)
+            attn_lib, {"GPU_SELF_RANGES": ranged}, attend, weights, (q, k, v), (positions, docs)
         )
 
     def cudnn(q, k, v, positions, docs):
