@@ -134,26 +134,26 @@ if _FAKE_DEVICES is not None:
 
 
 def _one_device_default_mesh() -> None:
-    """A mesh config that fixes no axis above 1 (the tests' default: data=-1) gets one device, not
-    the 8 fake ones. On 2 cores the 8 devices only add work: a partitioned program per step and
+    """A mesh config that fits one device (the tests' default, data=-1) gets one device, not the 8
+    fake ones. On 2 cores the 8 devices only add work: a partitioned program per step and
     executable, and 8 partitions run one after another (four training tests of test_train.py,
     2026-12-06: 101.5 -> 82.4 s). A test of meshes names the axis sizes it needs (mesh.data=8, or
-    (2, 2, 2)), which keep all 8 devices; values do not depend on the mesh (test_train.py's
-    sharded-vs-single tests). A rule of the config, not of the test: a module fixture (a shared
-    run) is built before any per-test switch would apply."""
+    (2, 2, 2)), which do not fit one device and keep all 8; values do not depend on the mesh
+    (test_train.py's sharded-vs-single tests). A rule of the config, not of the test: a module
+    fixture (a shared run) is built before any per-test switch would apply."""
     from fastblt import sharding
+    from fastblt.config import ConfigError
 
     real = sharding.make_mesh
 
     def make_mesh(mesh_cfg, devices=None):
-        sizes = [
-            int(mesh_cfg.get(a, 1)) if hasattr(mesh_cfg, "get") else int(getattr(mesh_cfg, a))
-            for a in sharding.MESH_AXES
-        ]
-        if devices is None and all(n in (1, -1) for n in sizes):
+        if devices is None:
             import jax
 
-            devices = jax.devices()[:1]
+            try:
+                return real(mesh_cfg, jax.devices()[:1])
+            except ConfigError:  # sizes above 1: all the devices (or the config's own error)
+                pass
         return real(mesh_cfg, devices)
 
     sharding.make_mesh = make_mesh
