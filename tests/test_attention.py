@@ -134,34 +134,6 @@ def _patch_reads(rng, b, t, p):
     return np.minimum(np.cumsum(steps, axis=1), p - 1).astype(np.int32)
 
 
-@pytest.mark.parametrize("t,block_rows", [(37, 8), (16, 16), (5, 8)])
-def test_latent_windows_equal_gathered_reads_values_and_gradients(t, block_rows):
-    """The windowed form (row blocks over windows of patch slots, through the attention core) against
-    the reference (each row's slots gathered): outputs and gradients for q and every slot."""
-    rng = np.random.default_rng(3)
-    b, p, kk, h, d = 2, 40, 2, 2, 8
-    q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(b, p, kk, h, d)), jnp.float32) for _ in range(2))
-    index = jnp.asarray(_patch_reads(rng, b, t, p))
-    g = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-
-    def loss(fn, q, k, v):
-        return jnp.sum(fn(q, k, v) * g)
-
-    def reference(q, k, v):
-        take = jax.vmap(lambda x, i: x[i])
-        return gathered_attention(q, take(k, index), take(v, index))
-
-    def windowed(q, k, v):
-        return cross.latent_windows(q, k, v, index, block_rows, "xla")
-
-    ref, ref_grads = jax.value_and_grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)
-    got, grads = jax.value_and_grad(lambda *a: loss(windowed, *a), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
-    for a, r in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
-
-
 @pytest.mark.parametrize("t", [37, 70])
 def test_latent_ranges_equal_gathered_reads_values_and_gradients(t):
     """The decoder's cross-attention on the key-range kernel (interpreted): each row's slots as one
@@ -243,40 +215,6 @@ def test_cross_attention_takes_the_ranges_only_in_a_gpu_step_on_one_device(monke
         cross.latent_attention(q, k, k, index, "cudnn")
         cross.segment_attention(pool_q, byte_k, byte_k, index, "cudnn")
         assert calls == [1, 2]
-
-
-def test_latent_windows_refuse_a_jump_past_the_window_with_nan():
-    rng = np.random.default_rng(4)
-    q = jnp.asarray(rng.normal(size=(1, 8, 2, 8)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(1, 20, 2, 2, 8)), jnp.float32)
-    index = jnp.asarray([[0, 0, 1, 1, 9, 9, 9, 10]], jnp.int32)  # 1 -> 9 inside one block of 8 rows
-    assert bool(jnp.all(jnp.isnan(cross.latent_windows(q, k, k, index, 8, "xla"))))
-    fine = cross.latent_windows(q, k, k, index, 4, "xla")  # blocks of 4 rows: the jump is between them
-    assert bool(jnp.all(jnp.isfinite(fine)))
-
-
-def test_latent_attention_takes_the_windows_only_on_a_fused_kernel_when_on(monkeypatch):
-    calls = []
-    real = cross.latent_windows
-    monkeypatch.setattr(cross, "latent_windows", lambda *a: calls.append(a[-1]) or real(*a[:-1], "xla"))
-    q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
-    k = jnp.zeros((1, 4, 2, 2, 64), jnp.bfloat16)
-    index = jnp.zeros((1, 8), jnp.int32)
-    for impl, on, taken in [
-        ("cudnn", False, []),
-        ("cudnn", True, ["cudnn"]),
-        ("xla", True, []),
-        ("auto", True, []),
-    ]:
-        monkeypatch.setattr(cross, "GPU_LATENT_WINDOWS", on)
-        calls.clear()
-        cross.latent_attention(q, k, k, index, impl)
-        assert calls == taken, (impl, on)
-    monkeypatch.setattr(attn_lib.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(cross, "GPU_CROSS_RANGES", False)  # the ranges come first where on
-    calls.clear()
-    cross.latent_attention(q, k, k, index, "auto")  # a GPU: "auto" resolves to cuDNN for the blocks
-    assert calls == ["cudnn"]
 
 
 def test_masks_window_and_documents():

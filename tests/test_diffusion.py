@@ -422,38 +422,6 @@ def test_zero_diffusion_weight_is_next_byte_loss(normalization):
         )
 
 
-def test_latent_windows_give_the_gathered_reads_loss_and_gradients(monkeypatch):
-    """The decoder's cross-attention in its windowed form (the GPU's, fastblt.model.cross_attention.latent_windows,
-    here on the XLA kernel) for the clean rows and the block rows of a BLT-D step with random patch
-    lengths and padding slots: the loss and every gradient of the gathered form. Fails (NaN) if a
-    row block's patch reads ever left its window."""
-    from fastblt.model import cross_attention as cross
-    from fastblt.model import layers
-
-    tokens, targets, mask, lengths = make_batch(5)
-    params = init_params(seed=4)
-    obj = D.ObjectiveConfig(kind="blt_d", block_size=B)
-
-    def loss_and_grad():  # a new function each time: no trace cached from the other form
-        def loss(p):
-            return D.blt_d_loss(p, CFG, obj, tokens, targets, mask, lengths, jax.random.key(1))
-
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-
-    (ref, _), ref_grads = loss_and_grad()
-    windows = lambda q, k, v, index, impl: cross.latent_windows(q, k, v, index, 4, "xla")  # noqa: E731
-    monkeypatch.setattr(layers, "latent_attention", windows)
-    (got, _), grads = loss_and_grad()
-    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
-    for (path, g), r in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
-    ):
-        scale = float(np.abs(np.asarray(r)).max())
-        np.testing.assert_allclose(
-            np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5 * scale, err_msg=str(path)
-        )
-
-
 def test_masked_terms_by_hand():
     rng = np.random.default_rng(9)
     logits = rng.normal(size=(2, 2, 3, 5)).astype(np.float32)

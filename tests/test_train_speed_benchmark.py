@@ -73,7 +73,6 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
     assert not any("cross-ranges" in f or "self-ranges" in f for f in forwarded)  # left to the module
     settings = train_speed.apply_switches(args)
     assert settings == {
-        "latent_windows": False,
         "fused_norm": True,
         "range_kernel": False,
         "own_in_kernel": True,

@@ -45,9 +45,8 @@
 #       as the two halves in two threads at once (split_compile.py), one fresh process each, no cache.
 #   20. ar and blt_s8 at batch 1 and 32 with the kernel writing the caches in its dot layout
 #       (--decode-cache-write alone; phase 15 paired it with the direct layout), batch 1 profiled.
-#   19. plain BLT and BLT-D-4 with the decoder's cross-attention as row blocks over windows of patch
-#       slots on cuDNN (--latent-windows, fastblt.model.cross_attention.GPU_LATENT_WINDOWS) and without, the
-#       two runs one after the other, plain BLT profiled in both.
+#   19. (gone) the decoder's cross-attention as row blocks over windows of patch slots on cuDNN: run 8
+#       measured it slower (train_speed.md), and the windowed form was removed.
 #   22. the decode kernel compiled by Triton against the XLA path in each layout (dot, direct, cache
 #       writes, in-place head views) at BLT-1B's decode shapes (decode_check.py; exits 1 on a
 #       mismatch): phases 14 and 15 run only after it passed on the same machine.
@@ -166,7 +165,7 @@
 # less lowering; autotuning level 1 compiles no faster and is not used), then a call of 27 (run 18:
 # 17 more sweep rows; phase 5 found no H200 in three tries).
 # Next: 39 (BLT-D's own block in the range kernel), 27 (several calls, resumes from the committed
-# rows of the same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 19, 30 and 31 clear the range switches where they measure "before".
+# rows of the same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
@@ -224,7 +223,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38 39}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38 39}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -300,10 +299,6 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 2
         phase "split_compile_$mode" env -u JAX_COMPILATION_CACHE_DIR python3 $bench/split_compile.py --shape 1b \
           --mode $mode --out "$out/split_compile"
       done ;;
-  19) phase latent_gathered python3 $bench/train_speed.py --shape mid --rows matmul blt blt_d4 --profile blt \
-        --no-cross-ranges --steps 20 --warmup 3 --timeout 300 --out "$out/latent_gathered"
-      phase latent_windows python3 $bench/train_speed.py --shape mid --rows blt blt_d4 --profile blt \
-        --latent-windows --no-cross-ranges --steps 20 --warmup 3 --timeout 300 --out "$out/latent_windows" ;;
   20) phase gen_write python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
        --methods ar blt_s8 --batch 1 32 --decode-direct-rows 0 --decode-cache-write --profile ar:1 \
        --out "$out/gen_write" ;;

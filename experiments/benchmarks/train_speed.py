@@ -352,11 +352,6 @@ def run_torch_row(args, row: str) -> dict:
 # attribute -> (module, switch, what it does). Set in the row's own process before its step is traced;
 # each row records every switch as it ran.
 SWITCHES = {
-    "latent_windows": (
-        "fastblt.model.cross_attention",
-        "GPU_LATENT_WINDOWS",
-        "the decoder's cross-attention as row blocks over windows of patch slots through the fused kernel",
-    ),
     "fused_norm": (
         "fastblt.model.layers",
         "GPU_FUSED_NORM",

@@ -7,8 +7,7 @@
 
 Each has an XLA reference form (segment maxima and sums; gathered slots), and both are key ranges that
 fastblt.model.range_attention can read in place on a GPU (:data:`GPU_CROSS_RANGES`, decided by
-fastblt.model.attention.range_kernel_applies like every other attention call). The decoder's also has
-a windowed form through the attention core (:data:`GPU_LATENT_WINDOWS`, measured slower, off).
+fastblt.model.attention.range_kernel_applies like every other attention call).
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.model import range_attention
-from fastblt.model.attention import attention, range_kernel_applies, resolve_impl
-from fastblt.model.lookup import take_rows_batched, take_windows_batched
+from fastblt.model.attention import range_kernel_applies, resolve_impl
+from fastblt.model.lookup import take_rows_batched
 
 
 def segment_attention(
@@ -86,18 +85,9 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bths,btshd->bthd", probs, v).astype(q.dtype)
 
 
-# Rows per block of :func:`latent_attention`'s windowed form: patch ids rise by at most one per row,
-# so R consecutive rows read at most R consecutive patches, and a block's keys are one window of the
-# slots of R patches (R * k keys).
+# Query rows per tile of the range kernel's calls (range_attention.BLOCK_Q): the shape by which
+# :func:`_cross_ranges` asks which kernel the attention core resolves to.
 LATENT_BLOCK_ROWS = 64
-
-# Whether :func:`latent_attention` runs its windowed form where the attention core resolves to a fused
-# kernel (cuDNN on a GPU). The gathered form reads ~0.13 GB of gathered keys and as much of values per layer at
-# blt_mid and spends its gradient in sorted-id sums and scatters: 7.7 ms of an 85 ms step in the
-# decoder's cross-attention, 1.7 ms of it scatters (experiments/results/train_speed.md, run 7). Off:
-# on one H100 the windows were slower (cross-attention 10.8 against 8.9 ms, the step 92.2 against
-# 90.2 ms: cuDNN over 1 024 small windows with a bias, run 8; train_speed.py --latent-windows).
-GPU_LATENT_WINDOWS = False
 
 # Whether the cross-attentions run on the key-range kernel (fastblt.model.range_attention) in a GPU
 # step on one device, where the attention core resolves to a fused kernel. Both are key ranges: in the
@@ -134,19 +124,13 @@ def latent_attention(
         (fastblt.model.patcher.latent_index): non-decreasing along a row, by at most one per row.
       impl: the attention core's kernel. Where it resolves to a fused kernel: with
         :data:`GPU_CROSS_RANGES` (a GPU step on one device) each row reads its slots as a key range
-        on the range kernel (:func:`latent_ranges`); with :data:`GPU_LATENT_WINDOWS`, blocks of
-        :data:`LATENT_BLOCK_ROWS` rows go through :func:`attention` over one window of slots each
-        (:func:`latent_windows`). Otherwise each row's k keys are gathered
+        on the range kernel (:func:`latent_ranges`). Otherwise each row's k keys are gathered
         (:func:`gathered_attention`, the reference).
 
     Returns: float[batch, len, heads, head_dim].
     """
-    block_q = jax.ShapeDtypeStruct((q.shape[0], LATENT_BLOCK_ROWS, *q.shape[2:]), q.dtype)
-    kernel = resolve_impl(impl, block_q)
     if _cross_ranges(impl, q, jax.ShapeDtypeStruct((k.shape[0], k.shape[1], *k.shape[3:]), k.dtype)):
         return latent_ranges(q, k, v, index)
-    if GPU_LATENT_WINDOWS and kernel not in ("xla", "splash"):
-        return latent_windows(q, k, v, index, LATENT_BLOCK_ROWS, kernel)
     # Bytes read their patch's slots in order: the gather's gradient sums runs of equal ids.
     k_rows = take_rows_batched(k, index, ids_sorted=True)
     v_rows = take_rows_batched(v, index, ids_sorted=True)
@@ -165,36 +149,3 @@ def latent_ranges(
         q, k.reshape(b, p * kk, h, d), v.reshape(b, p * kk, h, d), lo, lo + kk, interpret=interpret
     )
     return out
-
-
-def latent_windows(
-    q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, block_rows: int, impl: str
-) -> jax.Array:
-    """:func:`latent_attention` as dense attention of row blocks over windows of patch slots.
-
-    A block of R = ``block_rows`` rows starting at patch s reads patches s .. s + R - 1 at most: its
-    keys are those patches' R * k slots (one window of consecutive slots, read without a gather and
-    with a scatter-free gradient: fastblt.model.lookup.take_windows), and each row sees the k of
-    its own patch. Exact where the index rises by at most one per row; elsewhere the output is NaN,
-    so a loss fails loudly instead of reading the wrong slots. Shapes as latent_attention.
-    """
-    b, t, h, d = q.shape
-    p, kk = k.shape[1], k.shape[2]
-    r = block_rows
-    nb = -(-t // r)
-    index = jnp.pad(index.astype(jnp.int32), ((0, 0), (0, nb * r - t)), mode="edge")
-    start = index[:, ::r]  # [b, nb]: the first row's patch
-    local = index.reshape(b, nb, r) - start[..., None]  # [b, nb, r]: patch within the window
-    fits = jnp.all((local >= 0) & (local < r))
-    # Keys padded by one window at the end, so no window is clamped to the array.
-    pad = ((0, 0), (0, r * kk), (0, 0), (0, 0))
-
-    def windows(x):
-        x = jnp.pad(x.reshape(b, p * kk, h, d), pad)
-        return take_windows_batched(x, start * kk, r * kk).reshape(b * nb, r * kk, h, d)
-
-    visible = local[..., None] == (jnp.arange(r * kk, dtype=jnp.int32) // kk)  # [b, nb, r, r * kk]
-    qb = jnp.pad(q, ((0, 0), (0, nb * r - t), (0, 0), (0, 0))).reshape(b * nb, r, h, d)
-    out = attention(qb, windows(k), windows(v), visible.reshape(b * nb, r, r * kk), impl)
-    out = out.reshape(b, nb * r, h, d)[:, :t]
-    return jnp.where(fits, out, jnp.nan).astype(q.dtype)
