@@ -131,7 +131,7 @@
 #       blt_mid, each way, alternated twice, after plain BLT for the ratio (one process per row,
 #       unprofiled). Predicted ~5 ms off BLT-D-4's step (run 11, one H200: own-block products 3.9 ms,
 #       their merge ~2 ms; the kernel at least ~0.6 ms more), more off BLT-D-8's; the losses must agree
-#       to bf16 rounding.
+#       to bf16 rounding. Run 14 (one H100): 3.3 ms off BLT-D-4's loop step, ~5 ms off BLT-D-8's; on since.
 #   33. (gone) BLT-D's own-block attention in groups of blocks against one product per block: run 12
 #       measured no gain (train_speed.md), the grouped form and this phase were removed.
 #   35. plain BLT (blt_mid, unprofiled) with the one packed layout of 8 segments per row
@@ -164,8 +164,10 @@
 # 38 and 37 on one H100 later that day (generate_speed.md run 17: the layers traced once stay on, 1 s
 # less lowering; autotuning level 1 compiles no faster and is not used), then a call of 27 (run 18:
 # 17 more sweep rows; phase 5 found no H200 in three tries).
-# Next: 39 (BLT-D's own block in the range kernel), 27 (several calls, resumes from the committed
-# rows of the same kind of card), 5 on an H200, 26, 10, 11 and 6. Phases 30 and 31 clear the range switches where they measure "before".
+# 39 and a call of 27 on one H100 on 2026-12-06, late (train_speed.md run 14: BLT-D's own block in the
+# range kernel, now on; generate_speed.md run 19: 16 more sweep rows).
+# Next: 27 (several calls, resumes from the committed rows of the same kind of card), 5 on an H200,
+# 26, 10, 11 and 6. Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #

@@ -125,14 +125,16 @@ GPU_RANGE_KERNEL = True
 # The own block's cells as the range kernel's second key set, in the context's softmax
 # (ranged_block_attention), instead of XLA's products per block merged by log-sum-exp: those took 3.9 ms
 # of products and ~2 ms of merge (elementwise, forward and backward) in BLT-D-4's 114.7 ms blt_mid step
-# on one H200 (train_speed.md run 11). The kernel then visits one more key tile per query tile (a
-# tile of 64 block rows reads its 64 own cells: ~10% more of the forward and dq kernels, plus a second
-# dk/dv launch; at least ~0.6 ms of its 6.4 ms). Predicted ~5 ms off BLT-D-4's step (1.40x -> ~1.35x
-# plain), more off BLT-D-8's. It applies where the block rows take ranged_block_attention (GPU_RANGE_KERNEL,
-# a fused kernel, one device); with it on, a cell whose own block's visible cells have a gap (a loss mask
-# with a hole inside a block) makes the output NaN. Off until measured on a GPU (speed_gpu.sh phase 39;
-# train_speed.py --own-in-kernel).
-OWN_BLOCK_IN_KERNEL = False
+# on one H200 (train_speed.md run 11). The kernel visits one more key tile per query tile instead (a
+# tile of 64 block rows reads its 64 own cells) and runs a second dk/dv launch. On since run 14 (one
+# H100, blt_mid, two pairs in one call): one decoder layer's block attention 3.69 -> 2.71 ms forward
+# plus backward (range_check.py), the loop's step 110.9 / 111.0 -> 107.7 / 107.6 ms for BLT-D-4 and
+# 139.4 / 138.9 -> 134.2 / 134.3 ms for BLT-D-8, losses equal to bf16 rounding, ~0.1-0.3 GB less
+# memory. It applies where the block rows take ranged_block_attention (GPU_RANGE_KERNEL, a fused
+# kernel, one device). A cell whose own block's visible cells have a gap (a loss mask with a hole
+# inside a block; the pipeline's masks are padding suffixes) makes the output NaN, so such a step
+# fails loudly instead of attending the gap.
+OWN_BLOCK_IN_KERNEL = True
 
 # Elements per example that block_attention aims at per chunk when it picks the chunk itself (the
 # gathered context keys, C * KV * hd per block, and scores, H * B * C per block).
