@@ -610,7 +610,8 @@ def test_fused_tiles_gradient_matches_gather_path(chunk_blocks, monkeypatch):
 def test_range_kernel_gradient_matches_gather_path(monkeypatch):
     """block_rows.GPU_RANGE_KERNEL, cross_attention.GPU_CROSS_RANGES and attention.GPU_SELF_RANGES in a GPU step (traced
     for the GPU, the kernels interpreted): the block rows' context on fastblt.model.range_attention
-    merged with their own block's cells by log-sum-exp, the decoder's cross-attention (clean and block
+    with their own block's cells as its second key set (block_rows.OWN_BLOCK_IN_KERNEL, the default;
+    the merged form is checked alone in test_ranged_block_attention_is_the_xla_block_attention), the decoder's cross-attention (clean and block
     rows) as key ranges of the patch slots, the encoder's as runs of bytes, and the local stacks'
     windowed self-attention within documents, against the XLA path: the same loss and gradients, with
     documents, a window, random patch lengths and padding cells (the fused stand-in runs the clean

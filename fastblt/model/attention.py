@@ -22,7 +22,8 @@ Every mask of a training step is also a key range per query (:mod:`fastblt.model
 causal windows within documents, the encoder's patch slots over their bytes, the decoder's rows over
 their patch's slots, BLT-D's block cells over their context. On one GPU the switches
 :data:`GPU_SELF_RANGES`, ``cross_attention.GPU_CROSS_RANGES`` and ``block_rows.GPU_RANGE_KERNEL`` run
-those calls on that one Pallas kernel instead (off until measured; :func:`range_kernel_applies`).
+those calls on that one Pallas kernel instead (:func:`range_kernel_applies`): the last two are on,
+the first is off (cuDNN was faster on self-attention; experiments/results/train_speed.md, run 10).
 """
 
 from __future__ import annotations
