@@ -85,8 +85,8 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bths,btshd->bthd", probs, v).astype(q.dtype)
 
 
-# Query rows per tile of the range kernel's calls (range_attention.BLOCK_Q): the shape by which
-# :func:`_cross_ranges` asks which kernel the attention core resolves to.
+# Query rows of the tile by which :func:`_cross_ranges` asks which kernel the attention core resolves
+# to: a training call's tile (attention.AUTO_MIN_QUERIES or more), not a decode step's few queries.
 LATENT_BLOCK_ROWS = 64
 
 # Whether the cross-attentions run on the key-range kernel (fastblt.model.range_attention) in a GPU
