@@ -608,14 +608,15 @@ def test_fused_tiles_gradient_matches_gather_path(chunk_blocks, monkeypatch):
 
 @pytest.mark.slow
 def test_range_kernel_gradient_matches_gather_path(monkeypatch):
-    """block_rows.GPU_RANGE_KERNEL, cross_attention.GPU_CROSS_RANGES and attention.GPU_SELF_RANGES in a GPU step (traced
-    for the GPU, the kernels interpreted): the block rows' context on fastblt.model.range_attention
-    with their own block's cells as its second key set (block_rows.OWN_BLOCK_IN_KERNEL, the default;
-    the merged form is checked alone in test_ranged_block_attention_is_the_xla_block_attention), the decoder's cross-attention (clean and block
-    rows) as key ranges of the patch slots, the encoder's as runs of bytes, and the local stacks'
-    windowed self-attention within documents, against the XLA path: the same loss and gradients, with
-    documents, a window, random patch lengths and padding cells (the fused stand-in runs the clean
-    rows' self-attention)."""
+    """block_rows.GPU_RANGE_KERNEL, cross_attention.GPU_CROSS_RANGES and attention.GPU_SELF_RANGES in
+    a GPU step (traced for the GPU, the kernels interpreted): the block rows' context on
+    fastblt.model.range_attention with their own block's cells as its second key set
+    (block_rows.OWN_BLOCK_IN_KERNEL, the default; the merged form is checked alone in
+    test_ranged_block_attention_is_the_xla_block_attention), the decoder's cross-attention (clean and
+    block rows) as key ranges of the patch slots, the encoder's as runs of bytes, and the local
+    stacks' windowed self-attention within documents, against the XLA path: the same loss and
+    gradients, with documents, a window, random patch lengths and padding cells (the fused stand-in
+    runs the clean rows' self-attention)."""
     from fastblt.model import attention as attn_lib
     from fastblt.model import block_rows, range_attention
     from fastblt.model import cross_attention as cross

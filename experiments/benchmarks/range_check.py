@@ -197,8 +197,9 @@ def check_counts(args, interpret: bool) -> dict:
 def _compile_under(module, switches: dict[str, bool], attend, weights, args, extra=()) -> tuple:
     """``attend(*args, *extra)``'s weighted-sum loss with its value, output and gradients in every one
     of ``args``, compiled while each of ``module``'s ``switches`` holds its value (switches are read at
-    trace time: a later call cannot retrace it under another setting). ``weights`` and ``extra`` (masks, ids: no gradient)
-    are arguments of the program, not constants: XLA would fold a closed-over mask for minutes.
+    trace time: a later call cannot retrace it under another setting). ``weights`` and ``extra``
+    (masks, ids: no gradient) are arguments of the program, not constants: XLA would fold a
+    closed-over mask for minutes.
     Returns (a function of ``args`` running the compiled program, whether the range kernel is in it)."""
     import jax
     import jax.numpy as jnp
