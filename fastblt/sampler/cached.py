@@ -100,6 +100,13 @@ def window_span(n: int, t: int, window: int | None) -> int | None:
     return span if n > 2 * span else None
 
 
+def window_start(first_pos: jax.Array, window: int, n: int, span: int) -> jax.Array:
+    """int32[batch]: per row, the first of the ``span`` keys (``window_span``) read for queries at
+    ``first_pos`` int32[batch] and after. The earliest key such a query sees is ``first_pos -
+    window + 1``; the start is clipped so that the ``span`` keys lie in the buffer of ``n``."""
+    return jnp.clip(first_pos - (window - 1), 0, n - span)
+
+
 def _window_rows(x: jax.Array, start: jax.Array, span: int, axis: int) -> jax.Array:
     """Per row b, ``span`` entries of ``x[b]`` from ``start[b]`` along ``axis`` (of x[b])."""
     return jax.vmap(lambda xb, sb: jax.lax.dynamic_slice_in_dim(xb, sb, span, axis=axis))(x, start)
@@ -142,8 +149,7 @@ def cached_attend(
         own_window = isinstance(k_stack, tuple) and kernel
         if span is None or own_window:
             return attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl), (ks, vs)
-        # Keys qpos[:, 0] - window + 1 .. qpos[:, -1] hold everything visible (clipped into the buffer).
-        start = jnp.clip(qpos[:, 0] - (window - 1), 0, n - span)
+        start = window_start(qpos[:, 0], window, n, span)
         seen = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None]  # [B, span]
         keys, vals = gather_layer_rows(ks, layer, seen), gather_layer_rows(vs, layer, seen)
         return attention(q, keys, vals, _window_rows(mask, start, span, 1), impl), (ks, vs)

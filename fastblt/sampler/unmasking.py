@@ -53,12 +53,12 @@ import jax.numpy as jnp
 from fastblt.config import ModelConfig
 from fastblt.model import patcher as patching
 from fastblt.model.attention import attention, document_ids
-from fastblt.sampler.cached import Runner
+from fastblt.sampler.cached import Runner, window_span, window_start
 from fastblt.sampler.decoding import Call, Loop, decode
 from fastblt.sampler.rules import ANCHORS, RULES
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import commit_verified, cut_at_eos, greedy_accepted
-from fastblt.sampler.state import State, gather_rows, read_layer
+from fastblt.sampler.state import State, gather_layer_rows, gather_rows, read_layer
 from fastblt.tokenizer import EOS
 
 
@@ -81,22 +81,37 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
     m = runner.config
     b, bs = tokens.shape
     n = st.tokens.shape[1]
+    window = m.decoder.window
     h = runner.blt.block_inputs(tokens, masked)
     pos = start[:, None] + jnp.arange(bs, dtype=jnp.int32)[None]  # [b, B]
-    c = jnp.arange(n, dtype=jnp.int32)[None, None]  # clean rows [1, 1, N]
+    # The clean rows a pass reads (R of them): on a long buffer only the decoder window before the
+    # block, as the cached decode steps read it, not all N rows. Each layer concatenates them with the
+    # block's own keys, and that copy of the whole cache made a pass at batch 32 and a 4 000-byte
+    # prompt cost 3.15x its 64-byte pass (generate_speed.md, "BLT-D's diffusion passes read the
+    # decoder window").
+    span = window_span(n, bs, window)
+    if span is None:
+        rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))  # R = N
+    else:
+        rows = window_start(start, window, n, span)[:, None] + jnp.arange(span, dtype=jnp.int32)[None]
+    c = rows[:, None, :]  # clean rows' positions [b, 1, R]
     ctx = c < start[:, None, None]
-    if m.decoder.window is not None:
-        ctx &= pos[:, :, None] - c < m.decoder.window
+    if window is not None:
+        ctx &= pos[:, :, None] - c < window
     if m.document_masking:
         docs = document_ids(st.tokens)
         prefix_doc = gather_rows(docs, (start - 1)[:, None])  # [b, 1]
-        ctx &= (docs == prefix_doc)[:, None, :]
-    mask = jnp.concatenate([ctx, jnp.ones((b, bs, bs), bool)], axis=2)  # [b, B, N + B]
+        row_docs = docs if span is None else gather_rows(docs, rows)  # [b, R]
+        ctx &= (row_docs == prefix_doc)[:, None, :]
+    mask = jnp.concatenate([ctx, jnp.ones((b, bs, bs), bool)], axis=2)  # [b, B, R + B]
     impl = m.attention_impl
+
+    def clean(stack, i):
+        return read_layer(stack, i) if span is None else gather_layer_rows(stack, i, rows)
 
     def attend_of(i, caches):
         def attend(q, k, v):  # the cached clean rows, then the block's own cells
-            ck, cv = read_layer(st.dec_k, i), read_layer(st.dec_v, i)
+            ck, cv = clean(st.dec_k, i), clean(st.dec_v, i)
             keys = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)
             vals = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)
             return attention(q, keys, vals, mask, impl), caches
