@@ -151,6 +151,10 @@
 #       H100): blt_d4's pass at batch 32 was 2.59x ar's at 4 000 bytes (6.71 / 2.59 ms) and 1.26x at 64
 #       (2.13 / 1.69). Predicted: ~3.4 ms less per pass at batch 32 and 4 000 bytes (10 GB of copies),
 #       so ~1.3x ar's there; nothing at 64 bytes.
+#   41. where ar's decoder pass at batch 1 spends the 0.34 ms more that a 4 000-byte prompt costs (1.63
+#       against 1.29 ms in run 20): ar profiled at batch 1 after a 64- and a 4 000-byte prompt (op
+#       lists per component). The global model's attention over the prompt's ~1 040 patches reads
+#       ~0.2 GB per global step, ~0.02 ms per byte at the copy rate, so most of the 0.34 ms is elsewhere.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -174,13 +178,13 @@
 # range kernel, now on; generate_speed.md run 19: 16 more sweep rows).
 # 27 in three calls on one H100 on 2026-12-06, evening (generate_speed.md run 20: BLT-1B's sweep complete on
 # the H100, blt_mid's first 36 rows; 5 skipped itself, no H200).
-# Next: 40, 27 (several calls, resumes from the committed rows of the same kind of card), 5 on an H200,
+# Next: 40, 41, 27 (several calls, resumes from the committed rows of the same kind of card), 5 on an H200,
 # 26, 10, 11 and 6. Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="40 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="40 41 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -233,7 +237,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38 39 40}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38 39 40 41}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -409,6 +413,10 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
       done ;;
   40) phase block_window python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
         --methods ar blt_d4 blt_d8_one --batch 8 32 --prompt-bytes 64 4000 --out "$out/block_window" ;;
+  41) for prompt in 64 4000; do
+        phase "long_profile_$prompt" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+          --methods ar --batch 1 --prompt-bytes $prompt --profile ar:1 --out "$out/long_profile_$prompt"
+      done ;;
   37) rm -rf /tmp/tune-*
       for run in level1_1 default_1 level1_2 default_2; do
         opts=()
