@@ -45,6 +45,8 @@ def _case(b, t, n, h, kv, d=16, window=None, seed=0):
         (2, 3, 200, 4, 2, 24, 1),  # grouped heads, a window: blocks before it are skipped
         (3, 2, 300, 2, 1, None, 3),  # key splits combined outside the kernel
         (2, 1, 1100, 2, 2, 40, None),  # the splits' own choice, some splits see nothing
+        (2, 1, 1500, 2, 2, None, 4),  # a long causal prefix shared out among 4 splits
+        (3, 2, 1000, 4, 2, 100, 3),  # a window shared out among 3 splits, its start within a block
     ],
 )
 def test_kernel_matches_naive_and_xla_path(b, t, n, h, kv, window, splits):
@@ -88,6 +90,10 @@ def test_key_splits_hand_worked():
     assert key_splits(16, 320) == 1
     # 1 000 keys may split once (>= 512 per split): 2 splits of 512 (whole blocks of 128).
     assert key_splits(1, 1000) == 1 and key_splits(1, 1024) == 2
+    # Sized for the keys a row can see: BLT-1B's entropy model at batch 1 (12 kv heads) over a
+    # 4 224-byte buffer takes 7 splits (of 640 keys), but under its 512-byte window (one query) one.
+    assert key_splits(12, 4224) == 7 and key_splits(12, 4224, visible_keys=512) == 1
+    assert key_splits(1, 4224, visible_keys=2048) == 4 and key_splits(1, 300, visible_keys=2048) == 1
 
 
 @pytest.mark.parametrize("splits,direct_rows", [(1, 4), (1, 0), (4, 4)])
@@ -210,13 +216,16 @@ def test_gradient_through_the_kernel_is_the_xla_paths(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["no_writes", "cache_write", "default", "default_blt_s"])
+@pytest.mark.parametrize("variant", ["no_writes", "cache_write", "default", "default_blt_s", "split_keys"])
 def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     """The sampler traced for a GPU with decode steps on the kernel (interpreted here): every stack's
     cached attention, windowed reads included, gives the naive oracle's greedy bytes and logits: with
     XLA's scatters writing the caches, with the kernel writing them in its dot layout, and as by
     default (the arrays' own layouts, q, k and v read in place), where BLT-S's drafts and verification
-    (scratch writes past the length) also give ar's greedy bytes."""
+    (scratch writes past the length) also give ar's greedy bytes. With splits down to 32 keys
+    ("split_keys"), the global model's calls split its causal prefix, while the windowed local
+    models' (windows of 12 and 16 bytes) stay one split and keep writing their caches (blocks of 16
+    keys, so that the global model's 77 patch slots can split)."""
     from naive_sampler import naive_generate
     from test_sampler_support import model, random_prompts
 
@@ -226,9 +235,19 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     writes, kernel_starts = [], []
     real_once = decode_lib._attend_once
 
+    calls, visible = [], []  # (splits, visible_keys, whether the kernel writes the cache) per call
+    real_attend = decode_lib._attend
+
+    def spy_attend(*args):
+        visible.append(args[9])  # the static bound on the keys a row sees (None: the whole cache)
+        return real_attend(*args)
+
     def spy_once(*args):
         kernel_starts.append(args[9])  # where q, k and v start in their arrays
+        calls.append((args[6], visible.pop(), args[4] is not None))
         return real_once(*args)
+
+    monkeypatch.setattr(decode_lib, "_attend", spy_attend)
 
     monkeypatch.setattr(decode_lib, "_attend_once", spy_once)
     if variant == "no_writes":
@@ -237,6 +256,10 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     if variant == "cache_write":
         monkeypatch.setattr(decode_lib, "MAX_DIRECT_ROWS", 0)
         monkeypatch.setattr(decode_lib, "WRITE_CACHE", True)
+    if variant == "split_keys":
+        monkeypatch.setattr(decode_lib, "MIN_SPLIT_KEYS", 32)
+        monkeypatch.setattr(decode_lib, "BLOCK_K", 16)
+        real_once.clear_cache()  # the kernel's traces of other tests were sized by the defaults
     real_write = decode_lib.decode_attention_write
     monkeypatch.setattr(
         decode_lib, "decode_attention_write", lambda *a, **k: writes.append(1) or real_write(*a, **k)
@@ -244,7 +267,9 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     prompts = random_prompts(3, [5, 12])
     config, params = model("heads16")
     config = config.replace(attention_impl="auto")  # what a GPU run uses; "xla" pins the reference path
-    pad = 72  # a buffer no other test compiles, so the program is traced here, for a GPU
+    # A buffer no other test compiles, so the program is traced here, for a GPU (and with the patched
+    # split size, which the sampler's program cache does not key on).
+    pad = 76 if variant == "split_keys" else 72
     with attn_lib.target_platform("gpu"):
         jaxpr_calls = []
         real = attn_lib.decode_attention
@@ -256,7 +281,13 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
     assert jaxpr_calls  # the kernel was traced
     assert bool(writes) == (variant != "no_writes")  # and the cache-writing one where it is on
     # The direct layout's writes read q, k and v in place (views of the layers' products) somewhere.
-    assert any(starts != (0, 0, 0) for starts in kernel_starts) == variant.startswith("default")
+    assert any(starts != (0, 0, 0) for starts in kernel_starts) == (
+        variant not in ("no_writes", "cache_write")
+    )
+    if variant == "split_keys":
+        assert any(splits > 1 for splits, visible, _ in calls if visible is None)  # the global model
+        windowed = [(splits, wrote) for splits, visible, wrote in calls if visible is not None]
+        assert windowed and all(splits == 1 for splits, _ in windowed) and any(w for _, w in windowed)
     ids, logits = naive_generate(params, config, encode_prompts(prompts), 30, pad_to=pad)
     for row in range(len(prompts)):
         np.testing.assert_array_equal(result.ids[row], ids[row], err_msg=f"row {row}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -169,6 +170,7 @@ def attention(
     v: jax.Array,
     mask: jax.Array | LocalMask,
     impl: str = "xla",
+    visible_keys: int | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped kv heads.
 
@@ -185,6 +187,9 @@ def attention(
         sampler's caches) have no splash form and take the XLA path under "splash": the kernel's
         masks are static or one dense [heads, q, k] array shared by the batch, while these are
         per-row, data-dependent key sets.
+      visible_keys: the most keys one row's queries can see under a dense ``mask`` (a static bound,
+        e.g. a sliding window's ``window + q_len - 1``; None: kv_len). Only the decode kernel reads
+        it, to size its key splits (fastblt.model.decode_attention.key_splits).
 
     Returns:
       float[batch, q_len, heads, head_dim] in q's dtype; rows with no visible key are 0.
@@ -206,7 +211,7 @@ def attention(
         mask = mask.dense()
     kernel = resolve_impl(impl, q, kv_heads=k.shape[2])
     if kernel == "decode":
-        return _decode_kernel(q, k, v, mask)
+        return _decode_kernel(q, k, v, mask, visible_keys)
     b, t, h, d = q.shape
     kv = k.shape[2]
     has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [b, t, 1, 1]
@@ -259,18 +264,20 @@ AUTO_MIN_QUERIES = 64
 GPU_DECODE_KERNEL = "decode"
 
 
-@jax.custom_vjp
-def _decode_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _decode_kernel(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, visible_keys: int | None
+) -> jax.Array:
     """fastblt.model.decode_attention (forward only) with the XLA path's gradient, so a differentiated
     call that "auto" sends to the kernel still trains."""
-    return decode_attention(q, k, v, mask)
+    return decode_attention(q, k, v, mask, visible_keys=visible_keys)
 
 
-def _decode_kernel_fwd(q, k, v, mask):
-    return decode_attention(q, k, v, mask), (q, k, v, mask)
+def _decode_kernel_fwd(q, k, v, mask, visible_keys):
+    return decode_attention(q, k, v, mask, visible_keys=visible_keys), (q, k, v, mask)
 
 
-def _decode_kernel_bwd(res, g):
+def _decode_kernel_bwd(visible_keys, res, g):
     q, k, v, mask = res
     _, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, "xla"), q, k, v)
     return (*vjp(g), None)

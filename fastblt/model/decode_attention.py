@@ -11,6 +11,8 @@ splits: the splits' partial results are combined by XLA).
 Only the key blocks of each row's visible range (first to last key any of its queries sees) are
 read: a decode mask is a window or a causal prefix of the buffer, so a long buffer (the global
 model's patch slots at a 16 000-byte prompt: ~4 000 of 16 193 used) costs what its visible keys cost.
+Key splits share out that range, not the buffer, and their number is sized for the most keys a row
+can see (``visible_keys``: a sliding window's span, where the caller knows it), not for the buffer.
 
 Numerics follow the XLA path (float32 scores and softmax statistics, probabilities in the values'
 dtype for the value product, float32 accumulation); the softmax is normalised after the value
@@ -114,11 +116,18 @@ def block_keys(head_dim: int, dtype: jnp.dtype) -> int:
     return max(16, min(BLOCK_K, BLOCK_BYTES // (head_dim * jnp.dtype(dtype).itemsize)))
 
 
-def key_splits(programs: int, n: int, block_k: int = BLOCK_K) -> int:
+def key_splits(programs: int, n: int, block_k: int = BLOCK_K, visible_keys: int | None = None) -> int:
     """Splits of the keys: enough for ~``TARGET_PROGRAMS`` programs, none under ``MIN_SPLIT_KEYS``
-    keys, each a whole number of blocks. programs: B * KV; n: keys."""
-    splits = min(max(1, n // MIN_SPLIT_KEYS), max(1, TARGET_PROGRAMS // programs))
-    return _ceil(n, _ceil(_ceil(n, splits), block_k) * block_k)  # splits of whole blocks that hold n
+    keys, each a whole number of blocks. programs: B * KV; n: keys in the cache; visible_keys: the
+    most keys one row's queries can see (a static bound: a sliding window's span; None: n).
+
+    The bound matters on a long buffer under a window: at batch 1 a 512-byte window over a 4 224-byte
+    buffer would otherwise take 8 splits that mostly see nothing, and lose the one-split call's cache
+    writes and direct layout (scatters, pads, transposes and the combine around each layer's kernel,
+    generate_speed.md run 21)."""
+    keys = n if visible_keys is None else max(1, min(n, visible_keys))
+    splits = min(max(1, keys // MIN_SPLIT_KEYS), max(1, TARGET_PROGRAMS // programs))
+    return _ceil(keys, _ceil(_ceil(keys, splits), block_k) * block_k)  # whole blocks that hold the keys
 
 
 def visible_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -146,7 +155,7 @@ def _untile(x: jax.Array, copies: int) -> jax.Array:
     return jnp.max(x.reshape(copies, x.shape[0] // copies, *x.shape[1:]), axis=0)
 
 
-def _kernel(*refs, n, per_split, block_k, scale, copies, new_keys=0):
+def _kernel(*refs, n, splits, block_k, scale, copies, new_keys=0):
     """One (row, kv head, split). Inputs: lo_ref/hi_ref the row's visible key range (scalars), q_ref
     [R, hd], k_ref/v_ref [N, hd], m_ref int8[R or 1, N] (1 = visible; one row: every query row's
     mask); with ``new_keys`` = T > 0 (one split) also nv_ref int8[R or 1, T] (which of the step's T
@@ -159,9 +168,12 @@ def _kernel(*refs, n, per_split, block_k, scale, copies, new_keys=0):
     n_in = 6 + (3 + new_keys if new_keys else 0)
     (lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref), extra, out_refs = refs[:6], refs[6:n_in], refs[n_in:]
     r = q_ref.shape[0] * copies  # rows of the products
-    first = pl.program_id(2) * per_split
-    lo = jnp.maximum(lo_ref[()], first)
-    hi = jnp.minimum(hi_ref[()], first + per_split)
+    lo, hi = lo_ref[()], hi_ref[()]
+    if splits > 1:  # split s takes the s-th of ``splits`` runs of whole blocks over the row's range
+        base = (lo // block_k) * block_k
+        per_split = ((hi - base + splits - 1) // splits + block_k - 1) // block_k * block_k
+        first = base + pl.program_id(2) * per_split
+        lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + per_split)
     q = _tile(q_ref[...], copies)
     cols = []  # the new keys' columns, -1 where out of range
     for col_ref in extra[3:]:
@@ -277,6 +289,7 @@ def decode_attention(
     splits: int | None = None,
     direct_rows: int | None = None,
     interpret: bool | None = None,
+    visible_keys: int | None = None,
 ) -> jax.Array:
     """Attention of a few queries per row over a key cache, under a dense mask, in one kernel.
 
@@ -285,44 +298,53 @@ def decode_attention(
       k, v: float[B, N, KV, hd], the cache as the sampler keeps it; KV divides H.
       mask: bool[B, T, N] (True = visible).
       block_k: keys per block, a power of two >= 16 (None: :func:`block_keys`).
-      splits: key splits (None: :func:`key_splits`).
+      splits: key splits (None: :func:`key_splits`, sized for ``visible_keys``).
       direct_rows: the most query rows run in the arrays' own layouts (:func:`direct_layout`; None:
         MAX_DIRECT_ROWS, 0: never).
       interpret: run in Pallas interpret mode (None: unless JAX's backend is a GPU; decided by the
         device, not by fastblt.model.attention.target_platform, so that CPU tests can trace the
         sampler for a GPU and still run the kernel).
+      visible_keys: the most keys one row's queries can see, a static bound (a sliding window's
+        ``window + T - 1``; None: N). It sizes the key splits only: the mask decides what is seen.
 
     Returns:
       float[B, T, H, hd] in q's dtype; a query with no visible key gives 0.
     """
     q = cut_out(q)  # views are read in place by the cache-writing call only
-    return _attend(q, k, v, mask, None, block_k, splits, direct_rows, interpret)[0]
+    return _attend(q, k, v, mask, None, block_k, splits, direct_rows, interpret, visible_keys)[0]
 
 
-def writes_cache(q: jax.Array, cache: jax.Array) -> bool:
+def writes_cache(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
     """Whether the sampler lets the kernel write its caches: WRITE_CACHE on and :func:`write_supported`."""
-    return WRITE_CACHE and write_supported(q, cache)
+    return WRITE_CACHE and write_supported(q, cache, visible_keys)
 
 
-def write_supported(q: jax.Array, cache: jax.Array) -> bool:
+def write_supported(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
     """Whether :func:`decode_attention_write` takes queries float[B, T, H, hd] over ``cache``
-    [B, N, KV, hd]: a supported call of one key split, T a power of two."""
+    [B, N, KV, hd] (``visible_keys`` as :func:`decode_attention`'s): a supported call of one key
+    split, T a power of two."""
     b, t = q.shape[:2]
     n, kv, d = cache.shape[1:]
     return (
         t == _pow2(t)
         and q.dtype == cache.dtype
         and supported(q, kv)
-        and key_splits(b * kv, n, block_keys(d, q.dtype)) == 1
+        and key_splits(b * kv, n, block_keys(d, q.dtype), visible_keys) == 1
     )
 
 
-def reads_in_place(q: jax.Array | HeadView, cache: jax.Array, direct_rows: int | None = None) -> bool:
+def reads_in_place(
+    q: jax.Array | HeadView, cache: jax.Array, direct_rows: int | None = None, visible_keys: int | None = None
+) -> bool:
     """Whether :func:`decode_attention_write` reads queries float[B, T, H, hd] and the new keys and
     values as :class:`HeadView` in place over ``cache`` [B, N, KV, hd]: a write it supports, one head
     per kv head, and the direct layout (:func:`direct_layout`; direct_rows None: MAX_DIRECT_ROWS)."""
     t, h = q.shape[1], q.shape[2]
-    return write_supported(q, cache) and h == cache.shape[2] and direct_layout(t, 1, 1, direct_rows)
+    return (
+        write_supported(q, cache, visible_keys)
+        and h == cache.shape[2]
+        and direct_layout(t, 1, 1, direct_rows)
+    )
 
 
 def decode_attention_write(
@@ -337,6 +359,7 @@ def decode_attention_write(
     block_k: int | None = None,
     direct_rows: int | None = None,
     interpret: bool | None = None,
+    visible_keys: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A decode step's cache write and attention in one kernel: ``scatter_rows`` of the new keys and
     values into the caches at ``cols``, then :func:`decode_attention` over the written caches, without
@@ -348,12 +371,12 @@ def decode_attention_write(
         else cut out first.
       cols: int32[B, T], where each new key goes (out of range: not written, not seen).
       k_cache, v_cache: [B, N, KV, hd]; mask: bool[B, T, N] over the written caches.
-      block_k, direct_rows, interpret: as :func:`decode_attention`.
+      block_k, direct_rows, interpret, visible_keys: as :func:`decode_attention`.
 
     Returns:
       (o float[B, T, H, hd], k_cache, v_cache written).
     """
-    if not write_supported(q, k_cache):
+    if not write_supported(q, k_cache, visible_keys):
         raise ValueError(
             f"decode_attention_write takes one key split and a power-of-two number of queries, got q "
             f"{q.shape} {q.dtype} over a cache {k_cache.shape} {k_cache.dtype}: check write_supported first"
@@ -364,7 +387,7 @@ def decode_attention_write(
     if any(isinstance(x, HeadView) for x in views):
         if (
             not all(isinstance(x, HeadView) for x in views)
-            or not reads_in_place(q, k_cache, direct_rows)
+            or not reads_in_place(q, k_cache, direct_rows, visible_keys)
             or k_new.dtype != k_cache.dtype
             or v_new.dtype != v_cache.dtype
         ):
@@ -372,12 +395,13 @@ def decode_attention_write(
     if not isinstance(k_new, HeadView):
         k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
     new = (k_new, v_new, cols.astype(jnp.int32))
-    return _attend(q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret)
+    return _attend(q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret, visible_keys)
 
 
-def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
+def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible_keys=None):
     """decode_attention, with the step's new keys written by the kernel where ``new`` = (k_new,
-    v_new, cols) is given. Returns (o,) or (o, k written, v written).
+    v_new, cols) is given. Returns (o,) or (o, k written, v written). ``splits`` None: sized for
+    ``visible_keys`` (:func:`key_splits`).
 
     The module's switches (MAX_DIRECT_ROWS, and whether to interpret) are read here, outside the jit:
     a traced call is cached by its static arguments, so a program's calls of one shape (a stack's
@@ -389,6 +413,9 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret):
         interpret = jax.default_backend() != "gpu"
     if direct_rows is None:
         direct_rows = MAX_DIRECT_ROWS
+    if splits is None:
+        block = block_keys(q.shape[-1], q.dtype) if block_k is None else block_k
+        splits = key_splits(q.shape[0] * k.shape[2], k.shape[1], block, visible_keys)
     # Views go in as their parents, where they start as static arguments (heads: q's own count).
     starts = (0, 0, 0)
     heads = q.shape[2]
@@ -420,12 +447,9 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
     if block_k < 16 or block_k != _pow2(block_k):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     g = h // kv
-    if splits is None:
-        splits = key_splits(b * kv, n, block_k)
     direct = direct_layout(t, g, splits, direct_rows)
     if (q.shape[2] != h or starts != (0, 0, 0)) and not (direct and g == 1 and new is not None):
         raise ValueError("head views are read in place only by a cache-writing call in the direct layout")
-    per_split = _ceil(_ceil(n, splits), block_k) * block_k  # keys per split, whole blocks
     one = splits == 1
     r = t * g if direct else rows(t, g)
 
@@ -491,7 +515,7 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
     kernel = functools.partial(
         _kernel,
         n=n,
-        per_split=per_split,
+        splits=splits,
         block_k=block_k,
         scale=d**-0.5,
         copies=MIN_ROWS // (t * g) if direct else 1,

@@ -128,19 +128,21 @@ def cached_attend(
     bool[B, T, N]. With a sliding ``window`` (and ``qpos`` int32[B, T], the queries' positions) on a
     long buffer, only the ``window + T - 1`` keys the queries can see are read (``window_span``), so
     attention costs what the window costs (the mask, document ids and cache writes still span the
-    buffer, cheaply). Returns the stack's written caches as the step's aux."""
+    buffer, cheaply); the decode kernel reads the window itself and sizes its key splits for it.
+    Returns the stack's written caches as the step's aux."""
     n, t = mask.shape[2], cols.shape[1]
     span = window_span(n, t, window)
+    visible = None if window is None else window + t - 1  # the most keys a row's queries see
 
     def attend(q, k, v):
         views = (q, k, v)  # HeadViews of the layer's product (fused.layer_step), or arrays
         q, k, v = (decode_kernel.cut_out(x) for x in views)  # slices, left unused where read in place
         kernel = resolve_impl(impl, q, kv_heads=k.shape[2]) == "decode"
-        if kernel and isinstance(k_stack, tuple) and decode_kernel.writes_cache(q, k_stack[layer]):
+        if kernel and isinstance(k_stack, tuple) and decode_kernel.writes_cache(q, k_stack[layer], visible):
             # The kernel writes the new keys and values itself (no scatter kernels per layer), and
             # reads q, k and v out of the layer's product where it can (no slice kernels).
             o, kc, vc = decode_kernel.decode_attention_write(
-                *views, cols, k_stack[layer], v_stack[layer], mask
+                *views, cols, k_stack[layer], v_stack[layer], mask, visible_keys=visible
             )
             return o, (replace_layer(k_stack, layer, kc), replace_layer(v_stack, layer, vc))
         ks, vs = write_layer(k_stack, layer, cols, k), write_layer(v_stack, layer, cols, v)
@@ -148,7 +150,8 @@ def cached_attend(
         # unrolled stack; a stacked one's read_layer would copy the layer's whole cache).
         own_window = isinstance(k_stack, tuple) and kernel
         if span is None or own_window:
-            return attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl), (ks, vs)
+            o = attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl, visible)
+            return o, (ks, vs)
         start = window_start(qpos[:, 0], window, n, span)
         seen = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None]  # [B, span]
         keys, vals = gather_layer_rows(ks, layer, seen), gather_layer_rows(vs, layer, seen)
