@@ -82,6 +82,40 @@ def test_visible_range_and_block_keys_hand_worked():
     assert [block_keys(128, jnp.float32), block_keys(256, jnp.bfloat16)] == [64, 64]
 
 
+@pytest.mark.parametrize("splits,write", [(1, False), (3, False), (1, True)])
+def test_a_window_around_the_end_of_a_ring_cache(splits, write):
+    """A ring cache's window runs past its last slot into its first: row 0 sees slots 250..299 and
+    0..39 of 300, row 1 slots 45..299 and 0..39 (the two runs meet inside one block of 32 keys: it
+    is read twice and must not count twice), row 2 nothing; split or not, and with the cache write;
+    against the naive loop."""
+    from fastblt.model.decode_attention import decode_attention_write
+    from fastblt.sampler.state import scatter_rows
+
+    rng = np.random.default_rng(3)
+    b, t, n, h, d = 3, 2, 300, 2, 16
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    k, v = (rng.normal(size=(b, n, h, d)).astype(np.float32) for _ in range(2))
+    mask = np.zeros((b, t, n), bool)
+    mask[0, :, 250:] = mask[0, :, :40] = True
+    mask[0, 0, 39] = False  # the queries' windows differ by one key
+    mask[1, :, 45:] = mask[1, :, :40] = True
+    lo, hi = visible_range(jnp.asarray(mask))
+    assert lo.tolist() == [250, 45, 0] and hi.tolist() == [340, 340, 0]
+    if write:
+        cols = np.array([[38, 39], [168, 169], [0, 1]], np.int32)
+        k_new, v_new = (rng.normal(size=(b, t, h, d)).astype(np.float32) for _ in range(2))
+        run = functools.partial(decode_attention_write, block_k=32, direct_rows=4, interpret=True)
+        out, kc, _ = jax.jit(run)(q, k_new, v_new, jnp.asarray(cols), k, v, jnp.asarray(mask))
+        k = np.asarray(scatter_rows(jnp.asarray(k), jnp.asarray(cols), jnp.asarray(k_new)))
+        v = np.asarray(scatter_rows(jnp.asarray(v), jnp.asarray(cols), jnp.asarray(v_new)))
+        np.testing.assert_array_equal(np.asarray(kc), k)
+    else:
+        run = functools.partial(decode_attention, block_k=32, splits=splits, direct_rows=4, interpret=True)
+        out = jax.jit(run)(q, k, v, jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out), naive(q, k, v, mask), atol=2e-5)
+    assert np.all(np.asarray(out)[2] == 0)
+
+
 def test_key_splits_hand_worked():
     # Batch 1, 16 kv heads, the global buffer of a 16 000-byte prompt: 8 splits of 2 048 keys.
     assert key_splits(16, 16193) == 8

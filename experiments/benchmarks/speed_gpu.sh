@@ -160,10 +160,18 @@
 #       prompts. Run 21 (the before, one H100): ar's pass at batch 1 1.63 ms after 4 000 bytes against
 #       1.31 after 64; its profile put ~0.26 ms per byte in the local models' split calls (scatters,
 #       pads, transposes, the combine). Predicted: ar at batch 1 and 4 000 bytes ~1.40 ms; nothing at 64
-#       bytes or at batch 8 (one split there already). Phase 41 again gives the profile after.
+#       bytes or at batch 8 (one split there already). Phase 41 again gives the profile after. The
+#       local caches are rings since (below): the window's keys are read as before, so the prediction
+#       stands; BLT-D's pass reads the whole ring (767 slots) where it gathered 515 rows.
 #   43. where BLT-D's pass at batch 32 spends what a 4 000-byte prompt adds (run 21: blt_d4 4.68 against
 #       2.14 ms after 64 bytes, where ar's pass goes from 1.69 to 2.59): blt_d4 profiled at batch 32
 #       after a 64- and a 4 000-byte prompt.
+#   44. the local models' ring caches (since generate_speed.md run 21): BLT-1B at batch 48 with 4 000-byte
+#       prompts, ar and blt_s8. The caches there: the global model's 41.5 GB and the decoder's
+#       cross-attention keys per patch slot 14.9 GB (one slot per buffer byte), the byte buffers 1.2 GB,
+#       and the local self-attention caches 17.0 GB whole-buffer, 3.1 GB as 767-slot rings: 74.7 GB
+#       before, out of memory next to the weights on an 80 GB card; 60.8 GB now. Predicted: the rows
+#       run. (Batch 64 would still not fit: 81 GB of caches, most of it the patch slots.)
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -189,12 +197,12 @@
 # the H100, blt_mid's first 36 rows; 5 skipped itself, no H200).
 # 40, 41 and two calls of 27 on one H100 on 2026-12-06, night (generate_speed.md run 21: the window fix
 # measured, ar's long-prompt profile, blt_mid's sweep but one row; 5 skipped itself, no H200).
-# Next: 42, 41, 43, 27 (blt_mid's last row), 5 on an H200, 26, 10, 11 and 6. Phases 30 and 31 clear the range switches where they measure "before".
+# Next: 42, 41, 43, 44, 27 (blt_mid's last row), 5 on an H200, 26, 10, 11 and 6. Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
 #   . experiments/benchmarks/gpu_env.sh && DEADLINE=$(( $(date +%s) + 540 )) \
-#     PHASES="42 41 43 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
+#     PHASES="42 41 43 44 27 5 26 10 11 6" bash experiments/benchmarks/speed_gpu.sh OUT_DIR
 #
 # Each phase writes under OUT_DIR/<phase>; a phase whose directory holds a `done` marker is skipped,
 # so the same command resumes on a machine that kept OUT_DIR. PHASES (default: all, in order) picks
@@ -247,7 +255,7 @@ checked_kernel() {
   return 1
 }
 
-for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38 39 40 41 42 43}; do
+for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 25 26 27 28 29 30 31 32 34 35 36 37 38 39 40 41 42 43 44}; do
   case $p in
   1) phase train python3 $bench/train_speed.py --shape mid --rows matmul blt blt_p8 blt_d4 torch \
        --profile blt blt_p8 --steps 20 --warmup 3 --timeout 300 --out "$out/train" ;;
@@ -429,6 +437,8 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
         phase "block_profile_$prompt" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods blt_d4 --batch 32 --prompt-bytes $prompt --profile blt_d4:32 --out "$out/block_profile_$prompt"
       done ;;
+  44) phase ring_batch48 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+        --methods ar blt_s8 --batch 48 --prompt-bytes 4000 --out "$out/ring_batch48" ;;
   41) for prompt in 64 4000; do
         phase "long_profile_$prompt" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes $prompt --profile ar:1 --out "$out/long_profile_$prompt"

@@ -131,12 +131,21 @@ def key_splits(programs: int, n: int, block_k: int = BLOCK_K, visible_keys: int 
 
 
 def visible_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per row, the first visible key and one past the last one over all its queries (0, 0 for a row
-    that sees none). mask: bool[B, T, N] -> (int32[B], int32[B])."""
+    """Per row, a range ``lo .. hi - 1`` of keys, read around the end (key ``k`` is ``k mod N``),
+    that holds every key any of its queries sees; (0, 0) for a row that sees none. mask: bool[B, T,
+    N] -> (int32[B] in [0, N), int32[B] in [lo, lo + N]).
+
+    It starts at the first key that opens a visible run (visible, its predecessor around the end
+    not), and ends after the last visible key from there: for the keys of a buffer (a causal prefix,
+    a window) the first to the last visible key; for a ring cache's window (fastblt.sampler.state.
+    ring_slots), which may run past the last slot into the first, just that window."""
+    n = mask.shape[2]
     seen = jnp.any(mask, axis=1)
     has = jnp.any(seen, axis=1)
-    lo = jnp.argmax(seen, axis=1).astype(jnp.int32)
-    hi = (mask.shape[2] - jnp.argmax(seen[:, ::-1], axis=1)).astype(jnp.int32)
+    opens = seen & ~jnp.roll(seen, 1, axis=1)
+    lo = jnp.argmax(opens, axis=1).astype(jnp.int32)  # no opening key (every key seen): 0
+    after = jnp.mod(jnp.arange(n, dtype=jnp.int32)[None] - lo[:, None], n)  # keys from lo on
+    hi = lo + 1 + jnp.max(jnp.where(seen, after, 0), axis=1)
     return jnp.where(has, lo, 0), jnp.where(has, hi, 0)
 
 
@@ -180,12 +189,13 @@ def _kernel(*refs, n, splits, block_k, scale, copies, new_keys=0):
         col = col_ref[()]
         cols.append(jnp.where((col >= 0) & (col < n), col, -1))
 
-    def body(i, carry):
+    def body(a, b, i, carry):  # keys a .. b - 1 of block i (a run's first and last blocks are partial)
         o, mx, den = carry
         start = i * block_k
         pos = start + jnp.arange(block_k)
         in_range = pos < n
         vis = plgpu.load(m_ref.at[:, pl.ds(start, block_k)], mask=in_range[None, :], other=0) != 0
+        vis = vis & ((pos >= a) & (pos < b))[None, :]
         if vis.shape[0] > 1:  # one mask row per query row (one row serves all rows as it is)
             vis = _tile(vis, copies)
         for col in cols:  # the cache holds the old entry there: the new key is added after the loop
@@ -206,8 +216,16 @@ def _kernel(*refs, n, splits, block_k, scale, copies, new_keys=0):
         jnp.full((r,), _NEG, jnp.float32),
         jnp.zeros((r,), jnp.float32),
     )
-    # Only the blocks of the visible range: a window at the end of a long buffer reads the window.
-    o, mx, den = jax.lax.fori_loop(lo // block_k, (hi + block_k - 1) // block_k, body, init)
+
+    # Only the blocks of the visible range: a window at the end of a long buffer reads the window. The
+    # range may run past the end into the start (a ring cache's window, see visible_range): two runs.
+    def run(a, b, carry):
+        return jax.lax.fori_loop(
+            a // block_k, (b + block_k - 1) // block_k, functools.partial(body, a, b), carry
+        )
+
+    carry = run(jnp.minimum(lo, n), jnp.minimum(hi, n), init)
+    o, mx, den = run(jnp.maximum(lo, n) - n, jnp.maximum(hi, n) - n, carry)
     if new_keys:
         o, mx, den = _add_new_keys(q, extra, cols, out_refs[1:], (o, mx, den), scale, copies)
         out_refs = out_refs[:1]

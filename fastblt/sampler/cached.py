@@ -39,9 +39,11 @@ from fastblt.model.attention import Attend, attention, causal_mask, document_ids
 from fastblt.model.blt import BLT
 from fastblt.model.layers import embed
 from fastblt.sampler import fused
+from fastblt.sampler.local_cache import ring_cols, ring_mask, window_rows, window_span, window_start
 from fastblt.sampler.state import (
     Layers,
     State,
+    cache_slots,
     decoder_cross_layers,
     encoder_cross_layers,
     gather_layer_rows,
@@ -91,27 +93,6 @@ def pool_patches(x: jax.Array, seg: jax.Array, cand: jax.Array, p: int) -> jax.A
     return jnp.max(jnp.where(hit[..., None], x[:, None], jnp.array(-jnp.inf, x.dtype)), axis=2)
 
 
-def window_span(n: int, t: int, window: int | None) -> int | None:
-    """Keys a chunk of ``t`` queries can see in a buffer of ``n`` under a sliding ``window``:
-    ``window + t - 1``, or None where reading the whole buffer costs about as much (n <= 2 spans)."""
-    if window is None:
-        return None
-    span = window + t - 1
-    return span if n > 2 * span else None
-
-
-def window_start(first_pos: jax.Array, window: int, n: int, span: int) -> jax.Array:
-    """int32[batch]: per row, the first of the ``span`` keys (``window_span``) read for queries at
-    ``first_pos`` int32[batch] and after. The earliest key such a query sees is ``first_pos -
-    window + 1``; the start is clipped so that the ``span`` keys lie in the buffer of ``n``."""
-    return jnp.clip(first_pos - (window - 1), 0, n - span)
-
-
-def _window_rows(x: jax.Array, start: jax.Array, span: int, axis: int) -> jax.Array:
-    """Per row b, ``span`` entries of ``x[b]`` from ``start[b]`` along ``axis`` (of x[b])."""
-    return jax.vmap(lambda xb, sb: jax.lax.dynamic_slice_in_dim(xb, sb, span, axis=axis))(x, start)
-
-
 def cached_attend(
     k_stack: Layers,
     v_stack: Layers,
@@ -121,6 +102,7 @@ def cached_attend(
     impl: str,
     window: int | None = None,
     qpos: jax.Array | None = None,
+    ring: bool = False,
 ) -> Attend:
     """Attention over layer ``layer``'s KV cache in a stack's caches (either form of
     fastblt.sampler.state.Layers): the new keys/values are written at ``cols`` int32[B, T] (out of
@@ -129,9 +111,11 @@ def cached_attend(
     long buffer, only the ``window + T - 1`` keys the queries can see are read (``window_span``), so
     attention costs what the window costs (the mask, document ids and cache writes still span the
     buffer, cheaply); the decode kernel reads the window itself and sizes its key splits for it.
-    Returns the stack's written caches as the step's aux."""
+    ``ring``: the caches are rings (fastblt.sampler.state.ring_slots), ``cols`` their slots and
+    ``mask`` over the slots: read whole (a ring is about the window long). Returns the stack's
+    written caches as the step's aux."""
     n, t = mask.shape[2], cols.shape[1]
-    span = window_span(n, t, window)
+    span = None if ring else window_span(n, t, window)
     visible = None if window is None else window + t - 1  # the most keys a row's queries see
 
     def attend(q, k, v):
@@ -155,7 +139,7 @@ def cached_attend(
         start = window_start(qpos[:, 0], window, n, span)
         seen = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None]  # [B, span]
         keys, vals = gather_layer_rows(ks, layer, seen), gather_layer_rows(vs, layer, seen)
-        return attention(q, keys, vals, _window_rows(mask, start, span, 1), impl), (ks, vs)
+        return attention(q, keys, vals, window_rows(mask, start, span, 1), impl), (ks, vs)
 
     attend.takes_head_views = True
     return attend
@@ -169,9 +153,9 @@ def cached_attend(
 TRACE_LAYERS_ONCE = True
 
 
-def _cached_layer(layer, c, impl, window, h, positions, k_cache, v_cache, cols, mask):
+def _cached_layer(layer, c, impl, window, ring, h, positions, k_cache, v_cache, cols, mask):
     """One layer of :func:`_run_blocks` over its own caches [B, N, KV, hd]: (h, k_cache, v_cache)."""
-    attend = cached_attend((k_cache,), (v_cache,), 0, cols, mask, impl, window, positions)
+    attend = cached_attend((k_cache,), (v_cache,), 0, cols, mask, impl, window, positions, ring)
     h, ((k_cache,), (v_cache,)) = fused.layer_step(layer, c, h, positions, attend)
     return h, k_cache, v_cache
 
@@ -189,27 +173,39 @@ def layer_once() -> Callable:
     def layer(*args):
         return _cached_layer(*args)
 
-    return jax.jit(layer, static_argnums=(1, 2, 3))
+    return jax.jit(layer, static_argnums=(1, 2, 3, 4))
 
 
 def _run_blocks(
-    layers, c, impl, h, positions, k_caches, v_caches, cols, mask, on_layer=None, window=None, run_layer=None
+    layers,
+    c,
+    impl,
+    h,
+    positions,
+    k_caches,
+    v_caches,
+    cols,
+    mask,
+    on_layer=None,
+    window=None,
+    run_layer=None,
+    ring=False,
 ):
     """Pre-norm layers (TransformerBlock) with caches, unrolled or scanned (fastblt.sampler.fused.run_layers);
     ``on_layer(i, h)`` after each (unrolled stacks only); ``window``: the sliding window ``mask``
     applies (reads only the keys in it, see cached_attend); ``run_layer``: a :func:`layer_once` that
-    runs each layer of an unrolled stack (None: :func:`_cached_layer` traced inline). Returns (h, new
-    k caches, new v caches)."""
+    runs each layer of an unrolled stack (None: :func:`_cached_layer` traced inline); ``ring``: the
+    caches are rings (cached_attend). Returns (h, new k caches, new v caches)."""
 
     def body(i, layer, carry):
         h, ks, vs = carry
         if isinstance(ks, tuple):  # unrolled: the layer over its own caches, traced once with run_layer
             run = run_layer or _cached_layer
-            h, k, v = run(layer, c, impl, window, h, positions, ks[i], vs[i], cols, mask)
+            h, k, v = run(layer, c, impl, window, ring, h, positions, ks[i], vs[i], cols, mask)
             ks, vs = replace_layer(ks, i, k), replace_layer(vs, i, v)
         else:  # one scan over the stacked caches
             h, (ks, vs) = fused.layer_step(
-                layer, c, h, positions, cached_attend(ks, vs, i, cols, mask, impl, window, positions)
+                layer, c, h, positions, cached_attend(ks, vs, i, cols, mask, impl, window, positions, ring)
             )
         if on_layer is not None:
             on_layer(i, h)
@@ -287,9 +283,22 @@ class Runner:
         b, n = buffer.shape[:2]
         return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
 
-    def _local_mask(self, tokens, qpos, window, use_docs) -> jax.Array:
+    @staticmethod
+    def _local_keys(
+        tokens, qpos, cols, window, use_docs, caches: Layers
+    ) -> tuple[jax.Array, jax.Array, bool]:
+        """A local stack's view of an append: (mask bool[B, T, S] of the new bytes over its cache
+        slots, the slots ``cols`` go to, whether the cache is a ring)."""
+        n, slots = tokens.shape[1], cache_slots(caches)
+        if slots == n:
+            return Runner._local_mask(tokens, qpos, window, use_docs), cols, False
+        mask = ring_mask(tokens, qpos, window, use_docs, slots, qpos.shape[1])
+        return mask, ring_cols(cols, n, slots), True
+
+    @staticmethod
+    def _local_mask(tokens, qpos, window, use_docs) -> jax.Array:
         """bool[B, T, N]: causal, sliding-window, same-document mask of new bytes over the buffer."""
-        kpos = self._key_positions(tokens)
+        kpos = Runner._key_positions(tokens)
         if not use_docs:
             return causal_mask(qpos, kpos, window)
         docs = document_ids(tokens)
@@ -300,7 +309,7 @@ class Runner:
     def entropy(self, st: State, chunk, qpos, cols, tokens) -> State:
         """Entropy model over the new bytes; writes their KV and entropies. chunk: int32[B, T]."""
         e = self.config.entropy_model
-        mask = self._local_mask(tokens, qpos, e.window, e.document_masking)
+        mask, slots, ring = self._local_keys(tokens, qpos, cols, e.window, e.document_masking, st.ent_k)
         h = self.ent_embed(chunk)
         h, ks, vs = _run_blocks(
             self.ent_layers,
@@ -310,10 +319,11 @@ class Runner:
             qpos,
             st.ent_k,
             st.ent_v,
-            cols,
+            slots,
             mask,
             window=e.window,
             run_layer=self.run_layer,
+            ring=ring,
         )
         logits = fused.head_logits(self.ent_head, e.norm_eps, h)
         ent = patching.entropy(logits)
@@ -331,7 +341,9 @@ class Runner:
         win_pos = qpos[:, :1] - c + jnp.arange(c + t, dtype=jnp.int32)[None]
         window = jnp.where(win_pos >= 0, gather_rows(tokens, win_pos), 0)  # positions < 0 read 0
         h = self.blt.hash_embed(window, self.enc.embed_tokens(window))[:, c:]
-        mask = self._local_mask(tokens, qpos, m.encoder.window, m.document_masking)
+        mask, slots, ring = self._local_keys(
+            tokens, qpos, cols, m.encoder.window, m.document_masking, st.enc_k
+        )
         enc_h, enc_ck, enc_cv = list(st.enc_h), list(st.enc_ck), list(st.enc_cv)
 
         def on_layer(i, h_i):
@@ -350,11 +362,12 @@ class Runner:
             qpos,
             st.enc_k,
             st.enc_v,
-            cols,
+            slots,
             mask,
             on_layer,
             m.encoder.window,
             self.run_layer,
+            ring,
         )
         st = st._replace(enc_k=ks, enc_v=vs, enc_h=tuple(enc_h), enc_ck=tuple(enc_ck), enc_cv=tuple(enc_cv))
         return st, h
@@ -469,10 +482,12 @@ class Runner:
         h: float[B, T, D_e] encoder states; read: int32[B, T]. Returns logits float32[B, T, V].
         """
         m = self.config
-        mask = self._local_mask(tokens, qpos, m.decoder.window, m.document_masking)
+        mask, slots, ring = self._local_keys(
+            tokens, qpos, cols, m.decoder.window, m.document_masking, st.dec_k
+        )
 
         def attend_of(i, caches):
-            return cached_attend(*caches, i, cols, mask, self.impl, m.decoder.window, qpos)
+            return cached_attend(*caches, i, slots, mask, self.impl, m.decoder.window, qpos, ring)
 
         logits, (ks, vs) = self.decoder_layers(st, h, qpos, read, attend_of, (st.dec_k, st.dec_v))
         return st._replace(dec_k=ks, dec_v=vs), logits

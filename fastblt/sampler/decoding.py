@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import ModelConfig
+from fastblt.sampler import fused
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.cost import Counters
 from fastblt.sampler.state import State, init_state
@@ -109,6 +110,7 @@ def decode(
     prefill_chunk: int,
     exact_width: int | None,
     step: Callable[[Call, Loop], Loop],
+    step_rows: int = 1,
     init: Callable[[Call, Loop], Loop] | None = None,
     count_prefill_decoder: bool = True,
     outputs: Callable[[Loop], dict] | None = None,
@@ -118,7 +120,10 @@ def decode(
     Args:
       config: the model config; n_bytes: the byte buffer per row; n_patches: patch slots per row;
         prefill_chunk: prompt bytes per prefill step; exact_width: the exact mode's step width
-        (fastblt.sampler.cached.Runner), None: off.
+        (fastblt.sampler.cached.Runner), None: off; step_rows: the most bytes one append of a round
+        writes (a verification chunk, a committed block). With the prefill chunk, the exact width
+        and the inert columns of small batches (fastblt.sampler.fused.padded_width), they size the
+        local models' ring caches (fastblt.sampler.state.ring_slots).
       step: one round, ``step(call, loop) -> loop``: appends each active row's next bytes, adds its
         work to the counters and sets ``done`` where a row finishes.
       init: ``init(call, loop) -> loop`` after the prefill (the method's ``extra``), or None.
@@ -137,7 +142,8 @@ def decode(
         call = call_of(*args)
         prompts = call.prompts
         b = prompts.prompt.shape[0]
-        st = init_state(config, b, n_bytes, n_patches)
+        rows = max(prefill_chunk, step_rows, exact_width or 0, fused.padded_width(b, 1))
+        st = init_state(config, b, n_bytes, n_patches, ring_rows=rows)
         st, logits = prefill(call.runner, st, prompts, prefill_chunk)
         counters = Counters.zeros(b).add(
             decoder_passes=int(count_prefill_decoder), eg_passes=1, entropy_passes=1

@@ -2,10 +2,14 @@
 
 All buffers are left-aligned: byte ``t`` of row ``b`` lives at index ``t`` (its RoPE position), so
 rows of different lengths simply stop at different indices and each row carries its own ``length``.
-Caches are full length (``bytes`` entries per row); sliding windows and causality are applied with
-masks built from positions, never by shifting data. Entries at or beyond a row's ``length`` are
-scratch: they may hold draft or stale values and are never read (masks hide them) until a later
-step overwrites them.
+The global cache and the byte buffers are full length (``bytes`` entries per row); sliding windows
+and causality are applied with masks built from positions, never by shifting data. The local
+models' self-attention caches (entropy model, encoder, decoder) are rings of S = :func:`ring_slots`
+slots where S < N: byte ``t``'s keys live in slot ``t % S``, and S is large enough (the window plus
+the widest append, minus one) that a slot is only overwritten once no later query can see what it
+held (fastblt.sampler.local_cache.ring_positions). Entries at or beyond a row's ``length`` are scratch:
+they may hold draft or stale values and are never read (masks hide them) until a later step
+overwrites them.
 
 Shapes: B rows, N = ``bytes`` buffer length, P = ``patches`` patch slots (``N + 1`` never overflows:
 every patch holds at least one byte, plus the empty "next byte" patch).
@@ -40,14 +44,14 @@ class State(NamedTuple):
     Per-layer caches are :data:`Layers`: a tuple of the shapes below, or stacked on a leading layer
     axis for a stack the sampler scans (:func:`scanned_stacks`).
 
-    ent_k, ent_v: per entropy-model layer, [B, N, kv_heads, head_dim].
-    enc_k, enc_v: per local-encoder layer, [B, N, kv_heads, head_dim].
+    ent_k, ent_v: per entropy-model layer, [B, S, kv_heads, head_dim] (S: its :func:`ring_slots`).
+    enc_k, enc_v: per local-encoder layer, [B, S, kv_heads, head_dim].
     enc_h: per encoder cross-attention layer, the byte states it reads: [B, N, D_e] (max-pooling).
     enc_ck, enc_cv: per encoder cross-attention layer, its keys/values of the byte states,
       [B, N, cross_heads, D_e / cross_heads].
     glob_k, glob_v: per global layer, [B, P, kv_heads, head_dim] (one entry per completed patch).
     patch_eos: bool[B, P], the patch holds an EOS (it ends a document for the global model).
-    dec_k, dec_v: per local-decoder layer, [B, N, kv_heads, head_dim].
+    dec_k, dec_v: per local-decoder layer, [B, S, kv_heads, head_dim].
     dec_ck, dec_cv: per decoder cross-attention layer, the keys/values of each patch's k slots,
       [B, P, k, cross_heads, D_d / cross_heads]: written with the latent, so a byte reads its patch's
       instead of projecting the latent again in every layer.
@@ -114,27 +118,50 @@ def _kv(
     return _layers(c.n_layers, shape, dtype, stacked), _layers(c.n_layers, shape, dtype, stacked)
 
 
-def init_state(config: ModelConfig, batch: int, n_bytes: int, n_patches: int) -> State:
+def ring_slots(n_bytes: int, window: int | None, rows: int | None) -> int:
+    """Slots of a local model's self-attention cache: a ring of ``window + rows - 1`` where that is
+    shorter than the byte buffer ``n_bytes``, else the buffer (one slot per byte). ``rows``: the most
+    bytes one append writes and queries (the prefill chunk, a verification chunk, inert columns);
+    None (or no window): the buffer.
+
+    A query at position q sees keys q - window + 1 .. q; an append of at most ``rows`` bytes writes
+    positions up to q + rows - 1, whose slots held positions up to q + rows - 1 - S = q - window:
+    none that a query from q on sees."""
+    if window is None or rows is None:
+        return n_bytes
+    return min(n_bytes, window + rows - 1)
+
+
+def init_state(
+    config: ModelConfig, batch: int, n_bytes: int, n_patches: int, ring_rows: int | None = None
+) -> State:
     """An empty state (length 0) with zero-filled buffers.
 
     Args:
-      config: the model config; batch: B; n_bytes: N, the byte buffer; n_patches: P, patch slots.
+      config: the model config; batch: B; n_bytes: N, the byte buffer; n_patches: P, patch slots;
+      ring_rows: the most bytes one append of the generation writes and queries: the local models'
+        caches are rings of :func:`ring_slots` (None: one slot per byte).
     """
     dtype = jnp.dtype(config.dtype)
     m = config
     scanned = scanned_stacks(m)
+
+    def slots(c) -> int:
+        return ring_slots(n_bytes, c.window, ring_rows)
+
     if uses_entropy_model(m):
         ent_dtype = jnp.dtype(m.entropy_model.dtype)
-        ent_k, ent_v = _kv(m.entropy_model, batch, n_bytes, ent_dtype, "entropy" in scanned)
+        e = m.entropy_model
+        ent_k, ent_v = _kv(e, batch, slots(e), ent_dtype, "entropy" in scanned)
     else:
         ent_k, ent_v = (), ()
-    enc_k, enc_v = _kv(m.encoder, batch, n_bytes, dtype)
+    enc_k, enc_v = _kv(m.encoder, batch, slots(m.encoder), dtype)
     n_cross = len(encoder_cross_layers(m))
     d_e = m.encoder.dim
     heads = m.encoder.cross_heads
     cross_shape = (batch, n_bytes, heads, d_e // heads)
     glob_k, glob_v = _kv(m.global_model, batch, n_patches, dtype, "global" in scanned)
-    dec_k, dec_v = _kv(m.decoder, batch, n_bytes, dtype, "decoder" in scanned)
+    dec_k, dec_v = _kv(m.decoder, batch, slots(m.decoder), dtype, "decoder" in scanned)
     dh = m.decoder.cross_heads
     slot_shape = (batch, n_patches, m.cross_attn_k, dh, m.decoder.dim // dh)
     n_dec_cross = len(decoder_cross_layers(m))
@@ -173,6 +200,11 @@ def gather_rows(buffer: jax.Array, index: jax.Array) -> jax.Array:
     """``buffer[b, index[b, j]]`` with the index clipped into range. buffer: [B, L, ...]; index: [B, T]."""
     index = jnp.clip(index, 0, buffer.shape[1] - 1)
     return jax.vmap(lambda x, i: x[i])(buffer, index)
+
+
+def cache_slots(stack: Layers) -> int:
+    """Slots per row of a stack's per-layer caches (either form of :data:`Layers`)."""
+    return stack[0].shape[1] if isinstance(stack, tuple) else stack.shape[2]
 
 
 def write_layer(stack: Layers, i: int | jax.Array | slice, cols: jax.Array, values: jax.Array) -> Layers:

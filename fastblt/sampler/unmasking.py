@@ -53,12 +53,13 @@ import jax.numpy as jnp
 from fastblt.config import ModelConfig
 from fastblt.model import patcher as patching
 from fastblt.model.attention import attention, document_ids
-from fastblt.sampler.cached import Runner, window_span, window_start
+from fastblt.sampler.cached import Runner
 from fastblt.sampler.decoding import Call, Loop, decode
+from fastblt.sampler.local_cache import ring_positions, window_span, window_start
 from fastblt.sampler.rules import ANCHORS, RULES
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import commit_verified, cut_at_eos, greedy_accepted
-from fastblt.sampler.state import State, gather_layer_rows, gather_rows, read_layer
+from fastblt.sampler.state import State, cache_slots, gather_layer_rows, gather_rows, read_layer
 from fastblt.tokenizer import EOS
 
 
@@ -89,19 +90,25 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
     # block's own keys, and that copy of the whole cache made a pass at batch 32 and a 4 000-byte
     # prompt cost 3.15x its 64-byte pass (generate_speed.md, "BLT-D's diffusion passes read the
     # decoder window").
-    span = window_span(n, bs, window)
-    if span is None:
+    # A ring cache (fastblt.sampler.state.ring_slots) is about the window long: read whole, each slot
+    # at the position it holds before the block.
+    slots = cache_slots(st.dec_k)
+    ring = slots < n
+    span = None if ring else window_span(n, bs, window)
+    if ring:
+        rows = ring_positions((start - 1)[:, None], slots)[:, 0]  # [b, R = S]; negative: none yet
+    elif span is None:
         rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))  # R = N
     else:
         rows = window_start(start, window, n, span)[:, None] + jnp.arange(span, dtype=jnp.int32)[None]
     c = rows[:, None, :]  # clean rows' positions [b, 1, R]
-    ctx = c < start[:, None, None]
+    ctx = (c >= 0) & (c < start[:, None, None])
     if window is not None:
         ctx &= pos[:, :, None] - c < window
     if m.document_masking:
         docs = document_ids(st.tokens)
         prefix_doc = gather_rows(docs, (start - 1)[:, None])  # [b, 1]
-        row_docs = docs if span is None else gather_rows(docs, rows)  # [b, R]
+        row_docs = docs if span is None and not ring else gather_rows(docs, rows)  # [b, R]
         ctx &= (row_docs == prefix_doc)[:, None, :]
     mask = jnp.concatenate([ctx, jnp.ones((b, bs, bs), bool)], axis=2)  # [b, B, R + B]
     impl = m.attention_impl
@@ -352,4 +359,15 @@ def build_blt_d(
 
     shape = dict(n_bytes=n_bytes, n_patches=n_patches, prefill_chunk=prefill_chunk, exact_width=exact_width)
     # BLT-D's first block does not read the prefill's logits: its decoder pass is not counted.
-    return decode(config, **shape, init=init, step=step, count_prefill_decoder=verify)
+    # Ring caches (fastblt.sampler.state.ring_slots) must hold, for every query, the positions from
+    # its window's start to the latest position written. An append writes at most B + 1 bytes (BLT-DV:
+    # the AR byte's, then the block), but with anchor="patch" a block starts up to B - 1 bytes before
+    # the length, and BLT-DV's rejected drafts leave scratch up to B - 1 bytes past it: 2B - 2 rows.
+    return decode(
+        config,
+        **shape,
+        init=init,
+        step=step,
+        count_prefill_decoder=verify,
+        step_rows=2 * block_size,
+    )
