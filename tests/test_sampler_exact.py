@@ -28,7 +28,18 @@ def bf16(config_params):
 
 
 @pytest.mark.slow
-def test_exact_mode_blt_s_and_blt_dv_equal_ar_in_bf16():
+def test_exact_mode_blt_s_and_blt_dv_equal_ar_in_bf16(monkeypatch):
+    from fastblt.sampler import decoding
+
+    slots = []  # the decoder cache's slots per generation: one ring size for every method
+
+    def spy(*args, **kw):
+        st = decoding_init(*args, **kw)
+        slots.append(st.dec_k[0].shape[1])
+        return st
+
+    decoding_init = decoding.init_state
+    monkeypatch.setattr(decoding, "init_state", spy)
     config, params = bf16(d_model("base"))
     ar = generate(params, config, PROMPTS, method="ar", exact=True, exact_width=8, **SHAPES)
     runs = {
@@ -64,6 +75,7 @@ def test_exact_mode_blt_s_and_blt_dv_equal_ar_in_bf16():
         for row, (want, ids) in enumerate(zip(ar.ids, got.ids, strict=True)):
             np.testing.assert_array_equal(ids, want, err_msg=f"{name}, row {row}")
         assert got.counters.accepted.sum() > 0, name  # drafts were verified and kept, not all refused
+    assert len(slots) == 4 and len(set(slots)) == 1 and slots[0] < SHAPES["buffer_bytes"], slots
 
 
 def test_exact_mode_rejects_blt_d_and_a_width_too_small():

@@ -171,6 +171,7 @@ def attention(
     mask: jax.Array | LocalMask,
     impl: str = "xla",
     visible_keys: int | None = None,
+    first_key: jax.Array | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped kv heads.
 
@@ -190,6 +191,8 @@ def attention(
       visible_keys: the most keys one row's queries can see under a dense ``mask`` (a static bound,
         e.g. a sliding window's ``window + q_len - 1``; None: kv_len). Only the decode kernel reads
         it, to size its key splits (fastblt.model.decode_attention.key_splits).
+      first_key: int32[batch], for a ring cache: the slot of the oldest position the queries can see
+        (fastblt.model.decode_attention.visible_range); only the decode kernel reads it.
 
     Returns:
       float[batch, q_len, heads, head_dim] in q's dtype; rows with no visible key are 0.
@@ -211,7 +214,7 @@ def attention(
         mask = mask.dense()
     kernel = resolve_impl(impl, q, kv_heads=k.shape[2])
     if kernel == "decode":
-        return _decode_kernel(q, k, v, mask, visible_keys)
+        return _decode_kernel(q, k, v, mask, first_key, visible_keys)
     b, t, h, d = q.shape
     kv = k.shape[2]
     has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [b, t, 1, 1]
@@ -264,23 +267,29 @@ AUTO_MIN_QUERIES = 64
 GPU_DECODE_KERNEL = "decode"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _decode_kernel(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, visible_keys: int | None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    first_key: jax.Array | None,
+    visible_keys: int | None,
 ) -> jax.Array:
     """fastblt.model.decode_attention (forward only) with the XLA path's gradient, so a differentiated
     call that "auto" sends to the kernel still trains."""
-    return decode_attention(q, k, v, mask, visible_keys=visible_keys)
+    return decode_attention(q, k, v, mask, visible_keys=visible_keys, first_key=first_key)
 
 
-def _decode_kernel_fwd(q, k, v, mask, visible_keys):
-    return decode_attention(q, k, v, mask, visible_keys=visible_keys), (q, k, v, mask)
+def _decode_kernel_fwd(q, k, v, mask, first_key, visible_keys):
+    out = decode_attention(q, k, v, mask, visible_keys=visible_keys, first_key=first_key)
+    return out, (q, k, v, mask, None)
 
 
 def _decode_kernel_bwd(visible_keys, res, g):
-    q, k, v, mask = res
+    q, k, v, mask, _ = res
     _, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, "xla"), q, k, v)
-    return (*vjp(g), None)
+    return (*vjp(g), None, None)
 
 
 _decode_kernel.defvjp(_decode_kernel_fwd, _decode_kernel_bwd)

@@ -122,7 +122,7 @@ def key_splits(programs: int, n: int, block_k: int = BLOCK_K, visible_keys: int 
     most keys one row's queries can see (a static bound: a sliding window's span; None: n).
 
     The bound matters on a long buffer under a window: at batch 1 a 512-byte window over a 4 224-byte
-    buffer would otherwise take 8 splits that mostly see nothing, and lose the one-split call's cache
+    buffer would otherwise take 7-8 splits that mostly see nothing, and lose the one-split call's cache
     writes and direct layout (scatters, pads, transposes and the combine around each layer's kernel,
     generate_speed.md run 21)."""
     keys = n if visible_keys is None else max(1, min(n, visible_keys))
@@ -130,7 +130,7 @@ def key_splits(programs: int, n: int, block_k: int = BLOCK_K, visible_keys: int 
     return _ceil(keys, _ceil(_ceil(keys, splits), block_k) * block_k)  # whole blocks that hold the keys
 
 
-def visible_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def visible_range(mask: jax.Array, first_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Per row, a range ``lo .. hi - 1`` of keys, read around the end (key ``k`` is ``k mod N``),
     that holds every key any of its queries sees; (0, 0) for a row that sees none. mask: bool[B, T,
     N] -> (int32[B] in [0, N), int32[B] in [lo, lo + N]).
@@ -138,12 +138,20 @@ def visible_range(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     It starts at the first key that opens a visible run (visible, its predecessor around the end
     not), and ends after the last visible key from there: for the keys of a buffer (a causal prefix,
     a window) the first to the last visible key; for a ring cache's window (fastblt.sampler.state.
-    ring_slots), which may run past the last slot into the first, just that window."""
+    ring_slots), which may run past the last slot into the first, just that window.
+
+    ``first_key`` int32[B] (a ring's caller gives it: the slot of the oldest position its queries
+    can see) sets where the range starts instead, so that every query reads its keys in the order of
+    their positions whatever the other queries see (a ring every key of which some query sees has
+    no opening key to start from)."""
     n = mask.shape[2]
     seen = jnp.any(mask, axis=1)
     has = jnp.any(seen, axis=1)
-    opens = seen & ~jnp.roll(seen, 1, axis=1)
-    lo = jnp.argmax(opens, axis=1).astype(jnp.int32)  # no opening key (every key seen): 0
+    if first_key is None:
+        opens = seen & ~jnp.roll(seen, 1, axis=1)
+        lo = jnp.argmax(opens, axis=1).astype(jnp.int32)  # no opening key (every key seen): 0
+    else:
+        lo = jnp.mod(first_key, n).astype(jnp.int32)
     after = jnp.mod(jnp.arange(n, dtype=jnp.int32)[None] - lo[:, None], n)  # keys from lo on
     hi = lo + 1 + jnp.max(jnp.where(seen, after, 0), axis=1)
     return jnp.where(has, lo, 0), jnp.where(has, hi, 0)
@@ -308,6 +316,7 @@ def decode_attention(
     direct_rows: int | None = None,
     interpret: bool | None = None,
     visible_keys: int | None = None,
+    first_key: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of a few queries per row over a key cache, under a dense mask, in one kernel.
 
@@ -324,12 +333,13 @@ def decode_attention(
         sampler for a GPU and still run the kernel).
       visible_keys: the most keys one row's queries can see, a static bound (a sliding window's
         ``window + T - 1``; None: N). It sizes the key splits only: the mask decides what is seen.
+      first_key: int32[B], where each row's keys start in a ring cache (:func:`visible_range`).
 
     Returns:
       float[B, T, H, hd] in q's dtype; a query with no visible key gives 0.
     """
     q = cut_out(q)  # views are read in place by the cache-writing call only
-    return _attend(q, k, v, mask, None, block_k, splits, direct_rows, interpret, visible_keys)[0]
+    return _attend(q, k, v, mask, None, block_k, splits, direct_rows, interpret, visible_keys, first_key)[0]
 
 
 def writes_cache(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
@@ -378,6 +388,7 @@ def decode_attention_write(
     direct_rows: int | None = None,
     interpret: bool | None = None,
     visible_keys: int | None = None,
+    first_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A decode step's cache write and attention in one kernel: ``scatter_rows`` of the new keys and
     values into the caches at ``cols``, then :func:`decode_attention` over the written caches, without
@@ -389,7 +400,7 @@ def decode_attention_write(
         else cut out first.
       cols: int32[B, T], where each new key goes (out of range: not written, not seen).
       k_cache, v_cache: [B, N, KV, hd]; mask: bool[B, T, N] over the written caches.
-      block_k, direct_rows, interpret, visible_keys: as :func:`decode_attention`.
+      block_k, direct_rows, interpret, visible_keys, first_key: as :func:`decode_attention`.
 
     Returns:
       (o float[B, T, H, hd], k_cache, v_cache written).
@@ -413,10 +424,12 @@ def decode_attention_write(
     if not isinstance(k_new, HeadView):
         k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
     new = (k_new, v_new, cols.astype(jnp.int32))
-    return _attend(q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret, visible_keys)
+    return _attend(
+        q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret, visible_keys, first_key
+    )
 
 
-def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible_keys=None):
+def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible_keys=None, first_key=None):
     """decode_attention, with the step's new keys written by the kernel where ``new`` = (k_new,
     v_new, cols) is given. Returns (o,) or (o, k written, v written). ``splits`` None: sized for
     ``visible_keys`` (:func:`key_splits`).
@@ -441,11 +454,11 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible
         k_new, v_new, cols = new
         starts = (q.start, k_new.start, v_new.start)
         q, new = q.parent, (k_new.parent, v_new.parent, cols)
-    return _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, starts, heads)
+    return _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, starts, heads, first_key)
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
-def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, starts, heads):
+def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, starts, heads, first_key=None):
     b, t, _, d = q.shape
     h = heads
     q_start, k_start, v_start = starts
@@ -496,7 +509,7 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
     m_rows = mr.shape[1]
     row_scalar = pl.BlockSpec((None,), lambda i, j, s: (i,))
     cache_spec = pl.BlockSpec((None, n, None, d), lambda i, j, s: (i, 0, j, 0))
-    args = [*visible_range(mask), q_in, k, v, mr]
+    args = [*visible_range(mask, first_key), q_in, k, v, mr]
     in_specs = [
         row_scalar,
         row_scalar,

@@ -117,6 +117,8 @@ def cached_attend(
     n, t = mask.shape[2], cols.shape[1]
     span = None if ring else window_span(n, t, window)
     visible = None if window is None else window + t - 1  # the most keys a row's queries see
+    # A ring's keys are read from the slot of the oldest position the queries see, in position order.
+    first = jnp.mod(qpos[:, 0] - (window - 1), n) if ring else None
 
     def attend(q, k, v):
         views = (q, k, v)  # HeadViews of the layer's product (fused.layer_step), or arrays
@@ -126,7 +128,7 @@ def cached_attend(
             # The kernel writes the new keys and values itself (no scatter kernels per layer), and
             # reads q, k and v out of the layer's product where it can (no slice kernels).
             o, kc, vc = decode_kernel.decode_attention_write(
-                *views, cols, k_stack[layer], v_stack[layer], mask, visible_keys=visible
+                *views, cols, k_stack[layer], v_stack[layer], mask, visible_keys=visible, first_key=first
             )
             return o, (replace_layer(k_stack, layer, kc), replace_layer(v_stack, layer, vc))
         ks, vs = write_layer(k_stack, layer, cols, k), write_layer(v_stack, layer, cols, v)
@@ -134,7 +136,7 @@ def cached_attend(
         # unrolled stack; a stacked one's read_layer would copy the layer's whole cache).
         own_window = isinstance(k_stack, tuple) and kernel
         if span is None or own_window:
-            o = attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl, visible)
+            o = attention(q, read_layer(ks, layer), read_layer(vs, layer), mask, impl, visible, first)
             return o, (ks, vs)
         start = window_start(qpos[:, 0], window, n, span)
         seen = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None]  # [B, span]

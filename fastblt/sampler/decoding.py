@@ -142,7 +142,14 @@ def decode(
         call = call_of(*args)
         prompts = call.prompts
         b = prompts.prompt.shape[0]
-        rows = max(prefill_chunk, step_rows, exact_width or 0, fused.padded_width(b, 1))
+        # The exact mode runs every append at its width (>= each method's step_rows): one ring size for
+        # every method, so that their caches, kernels and sums are alike (byte-identical outputs).
+        if exact_width is not None and exact_width < step_rows:
+            raise ValueError(
+                f"exact_width={exact_width} is narrower than this method's appends ({step_rows})"
+            )
+        step = step_rows if exact_width is None else exact_width
+        rows = max(prefill_chunk, step, fused.padded_width(b, 1))
         st = init_state(config, b, n_bytes, n_patches, ring_rows=rows)
         st, logits = prefill(call.runner, st, prompts, prefill_chunk)
         counters = Counters.zeros(b).add(

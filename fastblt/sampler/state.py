@@ -124,9 +124,12 @@ def ring_slots(n_bytes: int, window: int | None, rows: int | None) -> int:
     bytes one append writes and queries (the prefill chunk, a verification chunk, inert columns);
     None (or no window): the buffer.
 
-    A query at position q sees keys q - window + 1 .. q; an append of at most ``rows`` bytes writes
-    positions up to q + rows - 1, whose slots held positions up to q + rows - 1 - S = q - window:
-    none that a query from q on sees."""
+    A query at position q sees keys q - window + 1 .. q, all still in their slots as long as no
+    position past q + rows - 1 has been written (its slot held q - window or later). That is the
+    condition every method keeps: each position written so far, scratch included, lies below the
+    lowest query still to come plus ``rows`` (an append of at most ``rows`` bytes from its first
+    query; BLT-S's drafts, verified from the next length; BLT-D's blocks, which start at most
+    B - 1 bytes before the length)."""
     if window is None or rows is None:
         return n_bytes
     return min(n_bytes, window + rows - 1)

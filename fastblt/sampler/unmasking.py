@@ -360,14 +360,14 @@ def build_blt_d(
     shape = dict(n_bytes=n_bytes, n_patches=n_patches, prefill_chunk=prefill_chunk, exact_width=exact_width)
     # BLT-D's first block does not read the prefill's logits: its decoder pass is not counted.
     # Ring caches (fastblt.sampler.state.ring_slots) must hold, for every query, the positions from
-    # its window's start to the latest position written. An append writes at most B + 1 bytes (BLT-DV:
-    # the AR byte's, then the block), but with anchor="patch" a block starts up to B - 1 bytes before
-    # the length, and BLT-DV's rejected drafts leave scratch up to B - 1 bytes past it: 2B - 2 rows.
+    # its window's start to the latest position written: appends are at most B wide (BLT-DV's AR byte
+    # is its own append), and with anchor="patch" a block's cells start up to B - 1 bytes before the
+    # length while BLT-DV's rejected drafts reach no further past the next block's start than B - 1.
     return decode(
         config,
         **shape,
         init=init,
         step=step,
         count_prefill_decoder=verify,
-        step_rows=2 * block_size,
+        step_rows=block_size,
     )
