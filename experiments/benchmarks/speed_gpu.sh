@@ -162,7 +162,7 @@
 #       pads, transposes, the combine). Predicted: ar at batch 1 and 4 000 bytes ~1.40 ms; nothing at 64
 #       bytes or at batch 8 (one split there already). Phase 41 again gives the profile after. The
 #       local caches are rings since (below): the window's keys are read as before, so the prediction
-#       stands; BLT-D's pass reads the whole ring (767 slots) where it gathered 515 rows.
+#       stands.
 #   43. where BLT-D's pass at batch 32 spends what a 4 000-byte prompt adds (run 21: blt_d4 4.68 against
 #       2.14 ms after 64 bytes, where ar's pass goes from 1.69 to 2.59): blt_d4 profiled at batch 32
 #       after a 64- and a 4 000-byte prompt.

@@ -55,7 +55,7 @@ from fastblt.model import patcher as patching
 from fastblt.model.attention import attention, document_ids
 from fastblt.sampler.cached import Runner
 from fastblt.sampler.decoding import Call, Loop, decode
-from fastblt.sampler.local_cache import ring_positions, window_span, window_start
+from fastblt.sampler.local_cache import window_span, window_start
 from fastblt.sampler.rules import ANCHORS, RULES
 from fastblt.sampler.sampling import sample_logits, step_keys
 from fastblt.sampler.speculative import commit_verified, cut_at_eos, greedy_accepted
@@ -90,13 +90,14 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
     # block's own keys, and that copy of the whole cache made a pass at batch 32 and a 4 000-byte
     # prompt cost 3.15x its 64-byte pass (generate_speed.md, "BLT-D's diffusion passes read the
     # decoder window").
-    # A ring cache (fastblt.sampler.state.ring_slots) is about the window long: read whole, each slot
-    # at the position it holds before the block.
+    # A ring cache (fastblt.sampler.state.ring_slots) holds the same rows at their slots.
     slots = cache_slots(st.dec_k)
     ring = slots < n
-    span = None if ring else window_span(n, bs, window)
-    if ring:
-        rows = ring_positions((start - 1)[:, None], slots)[:, 0]  # [b, R = S]; negative: none yet
+    span = window + bs - 1 if ring else window_span(n, bs, window)
+    if ring:  # positions before 0: none, masked below
+        if span > slots:
+            raise ValueError(f"a block of {bs} cells does not fit the decoder's ring of {slots} slots")
+        rows = (start - (window - 1))[:, None] + jnp.arange(span, dtype=jnp.int32)[None]
     elif span is None:
         rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))  # R = N
     else:
@@ -108,13 +109,15 @@ def block_logits(runner: Runner, st: State, tokens, masked, start, read) -> jax.
     if m.document_masking:
         docs = document_ids(st.tokens)
         prefix_doc = gather_rows(docs, (start - 1)[:, None])  # [b, 1]
-        row_docs = docs if span is None and not ring else gather_rows(docs, rows)  # [b, R]
+        row_docs = docs if span is None else gather_rows(docs, rows)  # [b, R]
         ctx &= (row_docs == prefix_doc)[:, None, :]
     mask = jnp.concatenate([ctx, jnp.ones((b, bs, bs), bool)], axis=2)  # [b, B, R + B]
     impl = m.attention_impl
 
     def clean(stack, i):
-        return read_layer(stack, i) if span is None else gather_layer_rows(stack, i, rows)
+        if span is None:
+            return read_layer(stack, i)
+        return gather_layer_rows(stack, i, jnp.mod(rows, slots) if ring else rows)
 
     def attend_of(i, caches):
         def attend(q, k, v):  # the cached clean rows, then the block's own cells
