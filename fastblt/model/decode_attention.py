@@ -436,10 +436,10 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible
 
     The module's switches (MAX_DIRECT_ROWS, and whether to interpret) are read here, outside the jit:
     a traced call is cached by its static arguments, so a program's calls of one shape (a stack's
-    layers, prefill and step alike) trace and lower the kernel once instead of once per layer. The
-    sizing constants read inside (MAX_ROWS, BLOCK_BYTES, TARGET_PROGRAMS, ...) are fixed for a
-    process; changing one would need this jit's cache cleared (``_attend_once.clear_cache()``) as
-    well as the sampler's."""
+    layers, prefill and step alike) trace and lower the kernel once instead of once per layer. So
+    are the key splits (MIN_SPLIT_KEYS, TARGET_PROGRAMS). The sizing constants read inside (MAX_ROWS,
+    BLOCK_BYTES, BLOCK_K, ...) are fixed for a process; changing one would need this jit's cache
+    cleared (``_attend_once.clear_cache()``) as well as the sampler's."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if direct_rows is None:

@@ -148,8 +148,8 @@ def decode(
             raise ValueError(
                 f"exact_width={exact_width} is narrower than this method's appends ({step_rows})"
             )
-        step = step_rows if exact_width is None else exact_width
-        rows = max(prefill_chunk, step, fused.padded_width(b, 1))
+        widest = step_rows if exact_width is None else exact_width
+        rows = max(prefill_chunk, widest, fused.padded_width(b, 1))
         st = init_state(config, b, n_bytes, n_patches, ring_rows=rows)
         st, logits = prefill(call.runner, st, prompts, prefill_chunk)
         counters = Counters.zeros(b).add(
