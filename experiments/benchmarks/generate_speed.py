@@ -407,7 +407,8 @@ def xla_options(items: list[str], flag: str) -> dict:
 
 def _apply_overrides(args) -> None:
     """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel / --decode-direct-rows /
-    --decode-cache-write / --trace-layers-once: set only when given (older trees lack the settings)."""
+    --decode-cache-write / --decode-block-k / --decode-stages / --trace-layers-once: set only when given
+    (older trees lack the settings)."""
     if args.compiler_option or getattr(args, "prefill_compiler_option", None):
         from fastblt.sampler import api
 
@@ -429,13 +430,24 @@ def _apply_overrides(args) -> None:
         from fastblt.sampler import cached
 
         cached.TRACE_LAYERS_ONCE = args.trace_layers_once
-    if args.decode_direct_rows is not None or args.decode_cache_write is not None:
+    kernel_overrides = (
+        args.decode_direct_rows,
+        args.decode_cache_write,
+        args.decode_block_k,
+        args.decode_stages,
+    )
+    if any(x is not None for x in kernel_overrides):
         from fastblt.model import decode_attention
 
         if args.decode_direct_rows is not None:
             decode_attention.MAX_DIRECT_ROWS = args.decode_direct_rows
         if args.decode_cache_write is not None:
             decode_attention.WRITE_CACHE = args.decode_cache_write
+        if args.decode_block_k is not None:  # blocks of this many keys for a 64-wide bf16 head
+            decode_attention.BLOCK_K = args.decode_block_k
+            decode_attention.BLOCK_BYTES = max(decode_attention.BLOCK_BYTES, args.decode_block_k * 64 * 2)
+        if args.decode_stages is not None:
+            decode_attention.NUM_STAGES = args.decode_stages
 
 
 def _row_settings() -> dict:
@@ -451,6 +463,9 @@ def _row_settings() -> dict:
         "decode_kernel": getattr(attention, "GPU_DECODE_KERNEL", None),
         "decode_direct_rows": getattr(decode_attention, "MAX_DIRECT_ROWS", None),
         "decode_cache_write": getattr(decode_attention, "WRITE_CACHE", None),
+        "decode_block_k": getattr(decode_attention, "BLOCK_K", None),
+        "decode_block_bytes": getattr(decode_attention, "BLOCK_BYTES", None),
+        "decode_stages": getattr(decode_attention, "NUM_STAGES", None),
         "trace_layers_once": getattr(cached, "TRACE_LAYERS_ONCE", None),
     }
 
@@ -525,6 +540,19 @@ def main(argv: list[str] | None = None) -> None:
         help="override fastblt.model.decode_attention.WRITE_CACHE (on by default): the decode kernel "
         "writes the step's new keys and values into the caches (no scatter kernels); --no-... : XLA's "
         "scatters",
+    )
+    p.add_argument(
+        "--decode-block-k",
+        type=int,
+        default=None,
+        help="override fastblt.model.decode_attention.BLOCK_K (and raise BLOCK_BYTES so that a 64-wide bf16 "
+        "head takes blocks of this many keys): the keys one program reads per step of its loop",
+    )
+    p.add_argument(
+        "--decode-stages",
+        type=int,
+        default=None,
+        help="override fastblt.model.decode_attention.NUM_STAGES: Triton's pipeline stages of the key loop",
     )
     p.add_argument(
         "--trace-layers-once",
@@ -626,6 +654,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--decode-direct-rows", str(args.decode_direct_rows)]
         if args.decode_cache_write is not None:
             cmd += ["--decode-cache-write" if args.decode_cache_write else "--no-decode-cache-write"]
+        cmd += ["--decode-block-k", str(args.decode_block_k)] if args.decode_block_k is not None else []
+        cmd += ["--decode-stages", str(args.decode_stages)] if args.decode_stages is not None else []
         if args.trace_layers_once is not None:
             cmd += ["--trace-layers-once" if args.trace_layers_once else "--no-trace-layers-once"]
         cmd += [a for o in args.prefill_compiler_option for a in ("--prefill-compiler-option", o)]

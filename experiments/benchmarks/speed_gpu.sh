@@ -172,6 +172,14 @@
 #       and the local self-attention caches 17.0 GB whole-buffer, 3.1 GB as 767-slot rings: 74.7 GB
 #       before, out of memory next to the weights on an 80 GB card; 60.8 GB now. Predicted: the rows
 #       run. (Batch 64 would still not fit: 81 GB of caches, most of it the patch slots.)
+#   45. where the 1B-class train step's time goes (train_speed.md run 22, one H200: 315 ms, 15.9% MFU,
+#       1.04x the port, against 32% and 2.45x at blt_mid): phase 5's fastblt row profiled. Needs an H200.
+#   46. the decode kernel's key blocks (generate_speed.md run 22: one program walks a 512-key window's
+#       4-5 blocks of 128 in series, ~1.7 us each, so a windowed call costs 11.4 us after a 4 000-byte
+#       prompt against 5.7 after 64): ar at BLT-1B, batch 1 and 8, 64- and 4 000-byte prompts, with
+#       blocks of 128 keys (today), 256, and 512 in one pipeline stage (what a 64-wide head's 512-key
+#       block needs in shared memory). Predicted: 256 or 512 take ~0.05-0.1 ms off ar's byte at batch 1
+#       after 4 000 bytes (24 windowed calls per byte, ~2-4 us each), little at 64 bytes.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -197,7 +205,10 @@
 # the H100, blt_mid's first 36 rows; 5 skipped itself, no H200).
 # 40, 41 and two calls of 27 on one H100 on 2026-12-06, night (generate_speed.md run 21: the window fix
 # measured, ar's long-prompt profile, blt_mid's sweep but one row; 5 skipped itself, no H200).
-# Next: 42, 41, 43, 44, 27 (blt_mid's last row), 5 on an H200, 26, 10, 11 and 6. Phases 30 and 31 clear the range switches where they measure "before".
+# 42, 41, 43, then 5, 44 and a cut call of 27, then 26 and 6 on one H200 on 2026-12-06, late
+# (generate_speed.md run 22: the key-split fix gains nothing; train_speed.md run 22: the 1B-class row).
+# Next: 46, 44 on an H100 (the rings' fit), 27 on an H100 (blt_mid's last row), 45 on an H200, 43, 10,
+# 11. Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
@@ -439,6 +450,20 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
       done ;;
   44) phase ring_batch48 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
         --methods ar blt_s8 --batch 48 --prompt-bytes 4000 --out "$out/ring_batch48" ;;
+  45) gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+      if [ "${gpu_mb:-0}" -lt 100000 ]; then
+        echo "[train1b_profiled] skipped: needs an H200 (${gpu_mb:-?} MiB here)" | tee -a "$out/log.txt"
+      else
+        phase train1b_profiled python3 $bench/train_speed.py --shape 1b --batch 4 --rows blt --profile blt \
+          --steps 10 --warmup 2 --timeout 480 --out "$out/train1b_profiled"
+      fi ;;
+  46) for run in k128 k256 k512; do
+        opts=()
+        [ $run = k256 ] && opts=(--decode-block-k 256)
+        [ $run = k512 ] && opts=(--decode-block-k 512 --decode-stages 1)
+        phase "block_keys_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+          --methods ar --batch 1 8 --prompt-bytes 64 4000 "${opts[@]}" --out "$out/block_keys_$run"
+      done ;;
   41) for prompt in 64 4000; do
         phase "long_profile_$prompt" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes $prompt --profile ar:1 --out "$out/long_profile_$prompt"

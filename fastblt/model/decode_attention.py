@@ -39,6 +39,9 @@ MAX_ROWS = 64
 # values of two pipeline stages fit a multiprocessor's shared memory (227 KB on an H100/H200).
 BLOCK_K = 128
 BLOCK_BYTES = 32 * 1024
+# Triton's software-pipeline stages of the key loop (each holds a block of keys and one of values in
+# shared memory): 2 x (16 + 16) KB at the default blocks.
+NUM_STAGES = 2
 # Key splits only where there are too few (row, kv head) programs to fill the GPU (132
 # multiprocessors), and none under MIN_SPLIT_KEYS keys.
 MIN_SPLIT_KEYS = 512
@@ -438,7 +441,7 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible
     a traced call is cached by its static arguments, so a program's calls of one shape (a stack's
     layers, prefill and step alike) trace and lower the kernel once instead of once per layer. So
     are the key splits (MIN_SPLIT_KEYS, TARGET_PROGRAMS). The sizing constants read inside (MAX_ROWS,
-    BLOCK_BYTES, BLOCK_K, ...) are fixed for a process; changing one would need this jit's cache
+    BLOCK_BYTES, BLOCK_K, NUM_STAGES, ...) are fixed for a process; changing one would need this jit's cache
     cleared (``_attend_once.clear_cache()``) as well as the sampler's."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -552,7 +555,9 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
         copies=MIN_ROWS // (t * g) if direct else 1,
         new_keys=0 if new is None else t,
     )
-    params = {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
+    params = (
+        {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=NUM_STAGES)}
+    )
     outs = pl.pallas_call(
         kernel,
         grid=(b, kv, splits),
