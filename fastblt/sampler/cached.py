@@ -40,6 +40,7 @@ from fastblt.model.blt import BLT
 from fastblt.model.layers import embed
 from fastblt.sampler import fused
 from fastblt.sampler.local_cache import ring_cols, ring_mask, window_rows, window_span, window_start
+from fastblt.sampler.patch_slots import committed_patches
 from fastblt.sampler.state import (
     Layers,
     State,
@@ -375,21 +376,8 @@ class Runner:
         return st, h
 
     def patches(self, tokens, entropies, length) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Patch ids of the committed bytes.
-
-        Returns: byte_pid int32[B, N] (patch of each byte, -1 at and after ``length``),
-        column_pid int32[B, N + 1] (patch of each boundary column; column ``length`` is the next
-        byte), completed int32[B] (= column_pid[length]: patches before the next byte's).
-        """
-        pc = self.config.patcher
-        ent = entropies if uses_entropy_model(self.config) else None
-        starts = patching.patch_start_mask(tokens, ent, pc, include_next_token=True, seq_lens=length)
-        column_pid = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1
-        n = tokens.shape[1]
-        live = jnp.arange(n, dtype=jnp.int32)[None] < length[:, None]
-        byte_pid = jnp.where(live, column_pid[:, :n], -1)
-        completed = jnp.take_along_axis(column_pid, length[:, None], axis=1)[:, 0]
-        return byte_pid, column_pid, completed
+        """Patch ids of the committed bytes (fastblt.sampler.patch_slots.committed_patches)."""
+        return committed_patches(self.config, tokens, entropies, length)
 
     def latents(self, st: State, tokens, byte_pid, first, count, n_cand: int) -> State:
         """Encoder patch embeddings and global steps for patches ``first .. first + count - 1``.

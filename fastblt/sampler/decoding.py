@@ -155,7 +155,11 @@ def decode(
         counters = Counters.zeros(b).add(
             decoder_passes=int(count_prefill_decoder), eg_passes=1, entropy_passes=1
         )
-        loop = Loop(st, logits, prompts.budget <= 0, jnp.zeros((b,), jnp.int32), counters)
+        # A prompt with more patches than slots (patch slots sized from a count of the prompts'
+        # patches that the prefill's rounding outran: fastblt.sampler.patch_slots) lost latents: such
+        # a row generates nothing rather than bytes from missing latents.
+        done = (prompts.budget <= 0) | (st.completed > n_patches)
+        loop = Loop(st, logits, done, jnp.zeros((b,), jnp.int32), counters)
         return loop if init is None else init(call, loop)
 
     def finish(*args_and_loop) -> Loop:
