@@ -116,6 +116,42 @@ def test_a_window_around_the_end_of_a_ring_cache(splits, write):
     assert np.all(np.asarray(out)[2] == 0)
 
 
+@pytest.mark.parametrize("h,kv,ring", [(2, 2, False), (4, 2, False), (2, 2, True)])
+def test_extra_keys_are_read_with_the_cache_and_nothing_is_written(h, kv, ring):
+    """BLT-D's block over the decoder's cache: 4 queries see their cache window (on a ring, one that
+    wraps past the last slot, read from its first key) and the extra keys ``extra_mask`` gives them;
+    against the naive loop over the cache and the extra keys concatenated (their mask beside the
+    cache's). Row 1 sees no cache key (its extra keys only), row 2's query 3 sees nothing (0); the
+    caches are inputs only (the call returns no cache)."""
+    from fastblt.model.decode_attention import decode_attention_extra
+
+    rng = np.random.default_rng(8)
+    b, t, n, d = 3, 4, 100, 16
+    q = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    k, v = (rng.normal(size=(b, n, kv, d)).astype(np.float32) for _ in range(2))
+    ke, ve = (rng.normal(size=(b, t, kv, d)).astype(np.float32) for _ in range(2))
+    mask = np.zeros((b, t, n), bool)
+    first = None
+    if ring:  # the window: slots 80..99, then 0..9
+        mask[0, :, 80:] = mask[0, :, :10] = True
+        mask[2, :, 85:] = mask[2, :, :5] = True
+        first = jnp.array([80, 0, 85], jnp.int32)
+    else:
+        mask[0, :, 30:61] = True
+        mask[2, :, 50:90] = True
+    extra = np.tril(np.ones((t, t), bool))[None].repeat(b, 0)
+    extra[1] = True  # row 1: every extra key, no cache key
+    mask[2, 3] = extra[2, 3] = False  # row 2, query 3: nothing
+    run = functools.partial(
+        decode_attention_extra, block_k=32, direct_rows=4, interpret=True, first_key=first
+    )
+    out = np.asarray(jax.jit(run)(q, k, v, jnp.asarray(mask), ke, ve, jnp.asarray(extra)))
+    cat = [np.concatenate([x, y], axis=1) for x, y in ((k, ke), (v, ve))]
+    want = naive(q, *cat, np.concatenate([mask, extra], axis=2))
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    assert np.all(out[2, 3] == 0)
+
+
 def test_a_ring_read_from_its_first_key_sums_each_query_in_position_order():
     """Given the ring's first key, a query's output does not depend on what the other queries see:
     query 0's window (slots 50..63, 0..9 of 64) gives the same bits whether query 1 sees its own
@@ -423,6 +459,23 @@ def test_the_cache_writing_kernel_lowers_to_triton_for_cuda(direct_rows):
     assert "output_operand_alias" in text or "output_operand_aliases" in text
 
 
+def test_the_extra_keys_kernel_lowers_to_triton_for_cuda():
+    """decode_attention_extra at BLT-1B's decoder shape (a block of 4 cells, batch 32) lowers through
+    Triton for a GPU as one kernel that writes no cache: no output aliases a cache (which would make
+    XLA copy each layer's cache before the call), no concatenation or gather left to XLA."""
+    from fastblt.model.decode_attention import decode_attention_extra
+
+    q = jax.ShapeDtypeStruct((32, 4, 16, 64), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((32, 515, 16, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((32, 4, 515), jnp.bool_)
+    own = jax.ShapeDtypeStruct((32, 4, 4), jnp.bool_)
+    run = functools.partial(decode_attention_extra, interpret=False)
+    text = _cuda_text(run, q, cache, cache, mask, q, q, own)
+    assert text.count("xla.gpu.triton") == 1
+    assert "output_operand_alias" not in text
+    assert not re.search(r"stablehlo\.(concatenate|gather)[^\n]*x64xbf16", text)  # of keys or values
+
+
 def test_head_view_bounds_and_cut_out():
     """A view's heads must lie inside its array; cut out, they are the array's heads start..start+count."""
     from fastblt.model.decode_attention import HeadView, cut_out
@@ -465,7 +518,8 @@ def test_decode_check_script_passes_the_kernel_and_catches_a_wrong_one(monkeypat
     from fastblt.model import decode_attention as decode_lib
 
     assert decode_check.main(["--small", "--out", str(tmp_path)]) == 0
-    assert len((tmp_path / "decode_check.jsonl").read_text().splitlines()) == 16
+    assert "extra" in decode_check.LAYOUTS
+    assert len((tmp_path / "decode_check.jsonl").read_text().splitlines()) == 4 * 5  # shapes x layouts
     real = decode_lib._untile
     monkeypatch.setattr(
         decode_lib, "_untile", lambda x, copies: real(x, copies) * (1.01 if copies > 1 else 1.0)
@@ -473,7 +527,8 @@ def test_decode_check_script_passes_the_kernel_and_catches_a_wrong_one(monkeypat
     decode_lib._attend_once.clear_cache()  # programs traced with the real _untile
     try:
         bad = decode_check.check_case(decode_check.SMALL[0], "write_direct_views", interpret=True)
+        bad_extra = decode_check.check_case(decode_check.SMALL[0], "extra", interpret=True)
         good = decode_check.check_case(decode_check.SMALL[0], "dot", interpret=True)
     finally:
         decode_lib._attend_once.clear_cache()  # and none with the wrong one left for other tests
-    assert bad["rel_error"] > 1e-3 and good["rel_error"] < 1e-5
+    assert bad["rel_error"] > 1e-3 and bad_extra["rel_error"] > 1e-3 and good["rel_error"] < 1e-5

@@ -327,3 +327,101 @@ def test_a_rule_is_one_registry_entry(monkeypatch):
         generate(params, config, prompts, method="blt_d", leftmost=True, alpha=0.5, **SHAPES)
     with pytest.raises(TypeError, match="unexpected keyword argument.*alpah"):
         generate(params, config, prompts, method="blt_d", alpah=0.5, **SHAPES)
+
+
+@pytest.mark.parametrize(
+    "anchor,buffer,lengths,max_new",
+    [
+        ("forced", 64, [5, 11], 14),  # the decoder's cache a ring of 19 slots (window 16 + 4 - 1)
+        ("patch", 64, [5, 11], 14),  # blocks that start inside the committed prefix, on the ring
+        ("forced", 18, [3, 4], 8),  # a buffer shorter than the ring: the cache is the buffer
+    ],
+)
+def test_blt_d_passes_on_the_decode_kernel_match_naive(monkeypatch, anchor, buffer, lengths, max_new):
+    """Traced for a GPU with the decode kernel on (interpreted here), BLT-D's diffusion passes read
+    the decoder's cache in place with the block's own keys beside it (decode_attention_extra, one
+    call per layer and pass, no gather or concatenation); the greedy bytes are the naive block
+    forward's."""
+    from fastblt.model import attention as attn_lib
+    from fastblt.model import decode_attention as decode_lib
+
+    config, params = d_model("heads16")
+    config = config.replace(attention_impl="auto")  # what a GPU run uses
+    monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
+    calls = []
+    real = decode_lib.decode_attention_extra
+    monkeypatch.setattr(
+        decode_lib, "decode_attention_extra", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    prompts = random_prompts(4, lengths)
+    with attn_lib.target_platform("gpu"):
+        res = generate(
+            params,
+            config,
+            prompts,
+            method="blt_d",
+            block_size=4,
+            max_bytes=max_new,
+            buffer_bytes=buffer,
+            prefill_chunk=4,
+            alpha=0.2,
+            anchor=anchor,
+        )
+    assert len(calls) == config.decoder.n_layers  # traced once per layer of the pass
+    for row, prompt in enumerate(encode_prompts(prompts)):
+        want = naive_blt_d(params, config, prompt, max_new, 4, "alpha", 0.2, 0.0, anchor, {})
+        np.testing.assert_array_equal(res.ids[row], want, err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize("buffer,back", [(64, 0), (64, 2), (19, 0), (19, 2)])
+def test_block_logits_on_the_decode_kernel_are_the_xla_paths(monkeypatch, buffer, back):
+    """One diffusion pass after a prefill, its block starting at the prefix's end or ``back`` bytes
+    inside it (anchor="patch"), on a ring (64-byte buffer: 19 slots) and on a cache that is the buffer
+    (19 bytes): the logits with the cache read in place by the decode kernel (interpreted) are those
+    of the XLA path, which gathers the window's rows and concatenates the block's keys."""
+    from fastblt.model import attention as attn_lib
+    from fastblt.model import decode_attention as decode_lib
+    from fastblt.sampler.cached import Runner
+    from fastblt.sampler.decoding import Prompts, prefill
+    from fastblt.sampler.state import cache_slots, init_state
+    from fastblt.sampler.unmasking import block_logits
+
+    config, params = d_model("heads16")
+    ids = encode_prompts(random_prompts(6, [9, 12]))
+    prompt = np.zeros((2, buffer), np.int32)
+    for i, x in enumerate(ids):
+        prompt[i, : len(x)] = x
+    lengths = jnp.array([len(x) for x in ids], jnp.int32)
+    prompts = Prompts(jnp.asarray(prompt), lengths, jnp.full((2,), 8), jnp.asarray(True))
+    rng = np.random.default_rng(2)
+    cells = jnp.asarray(rng.integers(4, 200, (2, 4)), jnp.int32)
+    masked = jnp.array([[False, True, True, True], [True, False, True, True]])
+    monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
+    calls = []
+    real = decode_lib.decode_attention_extra
+    monkeypatch.setattr(
+        decode_lib, "decode_attention_extra", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+
+    def run(impl):
+        cfg = config.replace(attention_impl=impl)
+
+        @jax.jit
+        def go(params):
+            runner = Runner(cfg, params)
+            st = init_state(cfg, 2, buffer, buffer + 1, ring_rows=4)
+            st, _ = prefill(runner, st, prompts, 4)
+            start = st.length - back
+            return block_logits(runner, st, cells, masked, start, jnp.maximum(st.completed - 1, 0))
+
+        return np.asarray(go(params))
+
+    want = run("xla")
+    assert not calls
+    assert (cache_slots(init_state(config, 2, buffer, buffer + 1, ring_rows=4).dec_k) < buffer) == (
+        buffer == 64
+    )
+    with attn_lib.target_platform("gpu"):
+        got = run("auto")
+    assert len(calls) == config.decoder.n_layers
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)

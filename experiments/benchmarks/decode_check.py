@@ -11,7 +11,10 @@ the compiled kernel computes what the XLA path computes, in bf16, at BLT-1B's de
 * ``direct``: queries in their own layout, rows repeated in registers (``MAX_DIRECT_ROWS = 16``);
 * ``write``: the kernel also writes the step's keys and values into the caches (``WRITE_CACHE``);
 * ``write_direct_views``: both, with q, k and v read in place out of one q|k|v array (HeadView), as
-  the sampler's layers hand them over.
+  the sampler's layers hand them over;
+* ``extra``: the step's keys beside the cache instead of in it, seen by every query, nothing written
+  (``decode_attention_extra``: BLT-D's block of cells over the decoder's cache); the reference is the
+  XLA path over the cache before the block and the block's keys concatenated.
 
 Per case: the output's error ||x - ref|| / ||ref|| against ``attention(..., "xla")`` over the caches
 written by ``scatter_rows``, and whether the written caches equal the scatter's exactly. Exits 1
@@ -54,7 +57,7 @@ SMALL = [
     ("small 16 queries", 2, 16, 2, 2, 16, 40, 24),  # no repeats
     ("small grouped", 2, 1, 4, 2, 16, 40, 24),  # views cut out (grouped heads)
 ]
-LAYOUTS = ("dot", "direct", "write", "write_direct_views")
+LAYOUTS = ("dot", "direct", "write", "write_direct_views", "extra")
 
 
 def _inputs(rng, b, t, h, kv, d, n, window, dtype):
@@ -75,11 +78,21 @@ def check_case(shape, layout: str, interpret: bool, seed: int = 0) -> dict:
     q, k_new, v_new, cols, k_cache, v_cache, mask = _inputs(rng, b, t, h, kv, d, n, window, dtype)
     want_k, want_v = scatter_rows(k_cache, cols, k_new), scatter_rows(v_cache, cols, v_new)
     ref = attention(q, want_k, want_v, mask, "xla")
-    direct_rows = 16 if "direct" in layout else 0
+    direct_rows = 16 if layout in ("direct", "write_direct_views", "extra") else 0
     record = {"case": name, "layout": layout, "shape": [b, t, h, kv, d, n], "window": window}
     splits = dk.key_splits(b * kv, n, dk.block_keys(d, dtype))
     record["direct"] = dk.direct_layout(t, h // kv, splits, direct_rows)
-    if not layout.startswith("write"):
+    if layout == "extra":
+        if not dk.extra_supported(q, k_cache):
+            return {**record, "skipped": "extra keys not supported (several key splits)"}
+        before = mask & (jnp.arange(n)[None, None, :] < cols[:, :1, None])  # the cache before the block
+        own = jnp.ones((b, t, t), bool)
+        cat = [jnp.concatenate(x, axis=1) for x in ((k_cache, k_new), (v_cache, v_new))]
+        ref = attention(q, *cat, jnp.concatenate([before, own], axis=2), "xla")
+        run = jax.jit(lambda *a: dk.decode_attention_extra(*a, direct_rows=direct_rows, interpret=interpret))
+        out = run(q, k_cache, v_cache, before, k_new, v_new, own)
+        kc, vc = want_k, want_v = k_cache, v_cache  # nothing is written
+    elif not layout.startswith("write"):
         run = jax.jit(
             lambda q, k, v, m: dk.decode_attention(q, k, v, m, direct_rows=direct_rows, interpret=interpret)
         )

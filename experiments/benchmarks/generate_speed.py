@@ -189,7 +189,8 @@ def measure(args, config, params, texts, name: str, batch: int, prompt_bytes: in
         "ms_per_pass": 1e3 * decode_s / max(passes, 1),
         "prefill_s": short.seconds,
         "seconds": full.seconds,
-        "compile_s": compile_s,
+        "compile_s": compile_s,  # prepare's time: with a count of the prompts' patches where it runs one
+        "patch_slots": getattr(program, "patch_slots", None),
         "weight_gb": wbytes / 1e9,
         "weight_tb_per_s": wbytes / decode_s / 1e12,
         "decoder_passes_per_byte": float(c.decoder_passes.mean()) / max(summary["generated"], 1),
@@ -407,8 +408,8 @@ def xla_options(items: list[str], flag: str) -> dict:
 
 def _apply_overrides(args) -> None:
     """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel / --decode-direct-rows /
-    --decode-cache-write / --decode-block-k / --decode-stages / --trace-layers-once: set only when given
-    (older trees lack the settings)."""
+    --decode-cache-write / --decode-block-k / --decode-stages / --block-in-place / --trace-layers-once:
+    set only when given (older trees lack the settings)."""
     if args.compiler_option or getattr(args, "prefill_compiler_option", None):
         from fastblt.sampler import api
 
@@ -426,6 +427,10 @@ def _apply_overrides(args) -> None:
             attention.GPU_MIN_QUERY_ROWS = args.min_query_rows
         if args.decode_kernel is not None:
             attention.GPU_DECODE_KERNEL = args.decode_kernel
+    if getattr(args, "block_in_place", None) is not None:
+        from fastblt.sampler import unmasking
+
+        unmasking.BLOCK_IN_PLACE = args.block_in_place
     if getattr(args, "trace_layers_once", None) is not None:
         from fastblt.sampler import cached
 
@@ -453,7 +458,7 @@ def _apply_overrides(args) -> None:
 def _row_settings() -> dict:
     """The padding, kernel and XLA settings a row ran with (None where this tree lacks the setting)."""
     from fastblt.model import attention, decode_attention
-    from fastblt.sampler import api, cached, fused
+    from fastblt.sampler import api, cached, fused, unmasking
 
     return {
         "compiler_options": dict(getattr(api, "GPU_COMPILER_OPTIONS", {})),
@@ -467,6 +472,7 @@ def _row_settings() -> dict:
         "decode_block_bytes": getattr(decode_attention, "BLOCK_BYTES", None),
         "decode_stages": getattr(decode_attention, "NUM_STAGES", None),
         "trace_layers_once": getattr(cached, "TRACE_LAYERS_ONCE", None),
+        "block_in_place": getattr(unmasking, "BLOCK_IN_PLACE", None),
     }
 
 
@@ -553,6 +559,13 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="override fastblt.model.decode_attention.NUM_STAGES: Triton's pipeline stages of the key loop",
+    )
+    p.add_argument(
+        "--block-in-place",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override fastblt.sampler.unmasking.BLOCK_IN_PLACE (on by default): BLT-D's passes read the "
+        "decoder's cache in place on the decode kernel; --no-...: gather the window and concatenate",
     )
     p.add_argument(
         "--trace-layers-once",
@@ -656,6 +669,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--decode-cache-write" if args.decode_cache_write else "--no-decode-cache-write"]
         cmd += ["--decode-block-k", str(args.decode_block_k)] if args.decode_block_k is not None else []
         cmd += ["--decode-stages", str(args.decode_stages)] if args.decode_stages is not None else []
+        if args.block_in_place is not None:
+            cmd += ["--block-in-place" if args.block_in_place else "--no-block-in-place"]
         if args.trace_layers_once is not None:
             cmd += ["--trace-layers-once" if args.trace_layers_once else "--no-trace-layers-once"]
         cmd += [a for o in args.prefill_compiler_option for a in ("--prefill-compiler-option", o)]

@@ -180,6 +180,18 @@
 #       blocks of 128 keys (today), 256, and 512 in one pipeline stage (what a 64-wide head's 512-key
 #       block needs in shared memory). Predicted: 256 or 512 take ~0.05-0.1 ms off ar's byte at batch 1
 #       after 4 000 bytes (24 windowed calls per byte, ~2-4 us each), little at 64 bytes.
+#   47. patch slots sized from the prompts' patches (fastblt.sampler.patch_slots, since generate_speed.md
+#       run 22): ar and blt_d4 at BLT-1B, batch 128, 4 000-byte prompts, which ran out of memory on an H100
+#       in run 20 (the global model's keys and values 110.8 GB, the decoder's cross-attention slots 39.9
+#       GB, one slot per buffer byte). Now 1 344 slots a row instead of 4 225: 150.6 -> 47.9 GB. Predicted:
+#       both rows run on an H100; the rows' compile time includes the count (one entropy-model forward).
+#   48. BLT-D's passes reading the decoder's cache in place on the decode kernel (the block's own keys
+#       beside it: decode_attention_extra, since generate_speed.md run 22): decode_check.py first (the
+#       "extra" layout compiled by Triton against the XLA path; nothing is measured if it fails), then
+#       blt_d4 at BLT-1B, batch 8 and 32, 64- and 4 000-byte prompts, with --no-block-in-place (the
+#       before: each layer gathers the window's rows and concatenates the block's keys) and without.
+#       Run 22's profile (batch 32, 64 bytes): 0.25 of 1.94 ms per pass in those concatenations.
+#       Predicted: ~0.2-0.3 ms less per pass at batch 32, ~0.1 at batch 8.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -207,8 +219,8 @@
 # measured, ar's long-prompt profile, blt_mid's sweep but one row; 5 skipped itself, no H200).
 # 42, 41, 43, then 5, 44 and a cut call of 27, then 26 and 6 on one H200 on 2026-12-06, late
 # (generate_speed.md run 22: the key-split fix gains nothing; train_speed.md run 22: the 1B-class row).
-# Next: 46, 44 on an H100 (the rings' fit), 27 on an H100 (blt_mid's last row), 45 on an H200, 43, 10,
-# 11. Phases 30 and 31 clear the range switches where they measure "before".
+# Next: 48, 46, 47 and 44 on an H100 (what fits now), 27 on an H100 (blt_mid's last row), 45 on an
+# H200, 43, 10, 11. Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
@@ -464,6 +476,17 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
         phase "block_keys_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 8 --prompt-bytes 64 4000 "${opts[@]}" --out "$out/block_keys_$run"
       done ;;
+  47) phase slots_batch128 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+        --methods ar blt_d4 --batch 128 --prompt-bytes 4000 --out "$out/slots_batch128" ;;
+  48) phase decode_check_extra python3 $bench/decode_check.py --out "$out/decode_check_extra"
+      if [ -e "$out/decode_check_extra/done" ]; then
+        for run in gathered in_place; do
+          opts=(--block-in-place)
+          [ $run = gathered ] && opts=(--no-block-in-place)
+          phase "block_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
+            --methods blt_d4 --batch 8 32 --prompt-bytes 64 4000 "${opts[@]}" --out "$out/block_$run"
+        done
+      fi ;;
   41) for prompt in 64 4000; do
         phase "long_profile_$prompt" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 --prompt-bytes $prompt --profile ar:1 --out "$out/long_profile_$prompt"

@@ -22,13 +22,14 @@ kernel runs in Pallas interpret mode (the CPU tests' way of running it).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from fastblt.model.head_view import HeadView, cut_out
 
 # Query rows of a program are padded to at least this many (Triton's dot needs 16 on each side);
 # more than MAX_ROWS (a prefill chunk of many queries and grouped heads) is left to the XLA path:
@@ -47,46 +48,6 @@ NUM_STAGES = 2
 MIN_SPLIT_KEYS = 512
 TARGET_PROGRAMS = 128
 _NEG = -1e30  # finite, as fastblt.model.attention's
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadView:
-    """Heads ``start .. start + count`` (axis 2) of ``parent`` float[B, T, heads, hd], not cut out.
-
-    A decode layer's q, k and v are heads of its one q|k|v product (k and q after one RoPE). XLA
-    fuses cutting them out into the scatters that write the caches, but a Pallas call takes no fused
-    producer, so for the kernel each cut is a copy kernel of its own (generate_speed.md, run 11).
-    :func:`decode_attention_write` reads views in place where :func:`reads_in_place` allows it.
-    ``start`` and ``count`` are Python ints (a view is built and used inside one traced program; it
-    is not a pytree)."""
-
-    parent: jax.Array
-    start: int
-    count: int
-
-    def __post_init__(self):
-        if self.parent.ndim != 4 or not 0 <= self.start < self.start + self.count <= self.parent.shape[2]:
-            raise ValueError(
-                f"a HeadView takes heads start .. start + count of a [B, T, heads, hd] array, got heads "
-                f"{self.start} .. {self.start + self.count} of {self.parent.shape}"
-            )
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.parent.shape[:2], self.count, self.parent.shape[3])
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.parent.dtype
-
-    def value(self) -> jax.Array:
-        """The heads as their own array (a slice)."""
-        return self.parent[:, :, self.start : self.start + self.count]
-
-
-def cut_out(x: jax.Array | HeadView) -> jax.Array:
-    """x itself, or a :class:`HeadView`'s heads as their own array."""
-    return x.value() if isinstance(x, HeadView) else x
 
 
 def _ceil(a: int, b: int) -> int:
@@ -175,17 +136,18 @@ def _untile(x: jax.Array, copies: int) -> jax.Array:
     return jnp.max(x.reshape(copies, x.shape[0] // copies, *x.shape[1:]), axis=0)
 
 
-def _kernel(*refs, n, splits, block_k, scale, copies, new_keys=0):
+def _kernel(*refs, n, splits, block_k, scale, copies, new_keys=0, writes=True):
     """One (row, kv head, split). Inputs: lo_ref/hi_ref the row's visible key range (scalars), q_ref
     [R, hd], k_ref/v_ref [N, hd], m_ref int8[R or 1, N] (1 = visible; one row: every query row's
-    mask); with ``new_keys`` = T > 0 (one split) also nv_ref int8[R or 1, T] (which of the step's T
-    new keys each query row sees), kn_ref/vn_ref [T, hd] (the new keys and values) and T column
-    scalars (where each goes in the cache; out of range: nowhere). Outputs: o [R, hd] (normalised,
-    when there is one split), or o [R, hd] float32 unnormalised with the softmax max [R] and sum [R]
-    (several splits); with new keys also the caches (aliased to k_ref/v_ref), written at the columns.
-    ``copies``: R < 16 rows (the direct layout) are repeated ``copies`` times to the 16 rows Triton's
-    dot needs, and the repeats dropped from the output; every product is a Triton dot."""
-    n_in = 6 + (3 + new_keys if new_keys else 0)
+    mask); with ``new_keys`` = T > 0 (one split) also nv_ref int8[R or 1, T] (which of the T new keys
+    each query row sees), kn_ref/vn_ref [T, hd] (the new keys and values) and, if ``writes``, T
+    column scalars (where each goes in the cache; out of range: nowhere). Outputs: o [R, hd]
+    (normalised, when there is one split), or o [R, hd] float32 unnormalised with the softmax max [R]
+    and sum [R] (several splits); with new keys that it writes also the caches (aliased to
+    k_ref/v_ref), written at the columns. ``copies``: R < 16 rows (the direct layout) are repeated
+    ``copies`` times to the 16 rows Triton's dot needs, and the repeats dropped from the output; every
+    product is a Triton dot."""
+    n_in = 6 + (3 + (new_keys if writes else 0) if new_keys else 0)
     (lo_ref, hi_ref, q_ref, k_ref, v_ref, m_ref), extra, out_refs = refs[:6], refs[6:n_in], refs[n_in:]
     r = q_ref.shape[0] * copies  # rows of the products
     lo, hi = lo_ref[()], hi_ref[()]
@@ -239,7 +201,7 @@ def _kernel(*refs, n, splits, block_k, scale, copies, new_keys=0):
     o, mx, den = run(jnp.maximum(lo, n) - n, jnp.maximum(hi, n) - n, carry)
     if new_keys:
         o, mx, den = _add_new_keys(q, extra, cols, out_refs[1:], (o, mx, den), scale, copies)
-        out_refs = out_refs[:1]
+        out_refs = out_refs[:1] if writes else out_refs
     if len(out_refs) == 1:  # one split: finish here (a row with no visible key gives 0)
         out = jnp.where(den[:, None] > 0, o / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
         out_refs[0][...] = _untile(out, copies).astype(out_refs[0].dtype)
@@ -287,11 +249,11 @@ def _add_new_keys(q, extra, cols, cache_outs, carry, scale, copies):
     # A key no query sees may be garbage (an inert column's NaN): selected away, not multiplied by 0.
     pv = p.astype(vn.dtype).astype(jnp.float32)[:, :, None] * vn.astype(jnp.float32)[None]
     pv = jnp.sum(jnp.where(seen[:, :, None], pv, 0.0), axis=1)
-    kc_ref, vc_ref = cache_outs
-    for t, col in enumerate(cols):
+    for t, col in enumerate(cols):  # none where the keys are only read (decode_attention_extra)
+        kc_ref, vc_ref = cache_outs[:2]
 
         @pl.when(col >= 0)
-        def _write(t=t, col=col):
+        def _write(t=t, col=col, kc_ref=kc_ref, vc_ref=vc_ref):
             kc_ref[pl.ds(col, 1), :] = kn_ref[pl.ds(t, 1), :]
             vc_ref[pl.ds(col, 1), :] = vn_ref[pl.ds(t, 1), :]
 
@@ -426,15 +388,69 @@ def decode_attention_write(
             q, k_new, v_new = (cut_out(x) for x in views)
     if not isinstance(k_new, HeadView):
         k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
-    new = (k_new, v_new, cols.astype(jnp.int32))
+    new = (k_new, v_new, cols.astype(jnp.int32), None)
     return _attend(
         q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret, visible_keys, first_key
     )
 
 
+def extra_supported(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
+    """Whether :func:`decode_attention_extra` takes queries float[B, T, H, hd] over ``cache``: as
+    :func:`write_supported` (one key split, T a power of two)."""
+    return write_supported(q, cache, visible_keys)
+
+
+def decode_attention_extra(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    mask: jax.Array,
+    k_extra: jax.Array,
+    v_extra: jax.Array,
+    extra_mask: jax.Array,
+    *,
+    block_k: int | None = None,
+    direct_rows: int | None = None,
+    interpret: bool | None = None,
+    visible_keys: int | None = None,
+    first_key: jax.Array | None = None,
+) -> jax.Array:
+    """Attention over a key cache and T more keys that are not in it (BLT-D's block of cells over the
+    decoder's cache: the cache read in place, not gathered and concatenated with the block's keys per
+    layer), in one kernel; nothing is written.
+
+    Args:
+      q: float[B, T, H, hd]; k_cache, v_cache: [B, N, KV, hd]; mask: bool[B, T, N] over the cache.
+      k_extra, v_extra: float[B, T, KV, hd] (cast to the caches' dtype); extra_mask: bool[B, T, T],
+        which of them each query sees.
+      block_k, direct_rows, interpret, visible_keys, first_key: as :func:`decode_attention`
+        (``visible_keys`` bounds the cache keys a row sees).
+
+    Returns:
+      float[B, T, H, hd]: softmax over the visible cache keys and extra keys together; a query that
+      sees none gives 0.
+    """
+    if not extra_supported(q, k_cache, visible_keys):
+        raise ValueError(
+            f"decode_attention_extra takes one key split and a power-of-two number of queries, got q "
+            f"{q.shape} {q.dtype} over a cache {k_cache.shape} {k_cache.dtype}: check extra_supported first"
+        )
+    b, t = q.shape[:2]
+    if k_extra.shape != (b, t, *k_cache.shape[2:]) or extra_mask.shape != (b, t, t):
+        raise ValueError(
+            f"k_extra must be [B, T, KV, hd] and extra_mask bool[B, T, T], got {k_extra.shape} and "
+            f"{extra_mask.shape}"
+        )
+    new = (k_extra.astype(k_cache.dtype), v_extra.astype(v_cache.dtype), None, extra_mask)
+    return _attend(
+        q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret, visible_keys, first_key
+    )[0]
+
+
 def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible_keys=None, first_key=None):
-    """decode_attention, with the step's new keys written by the kernel where ``new`` = (k_new,
-    v_new, cols) is given. Returns (o,) or (o, k written, v written). ``splits`` None: sized for
+    """decode_attention, with T more keys where ``new`` = (k_new, v_new, cols, seen) is given: written
+    by the kernel at ``cols`` and seen where their columns are visible, or (cols None) only read, seen
+    as ``seen`` bool[B, T, T] says. Returns (o,), or (o, k written, v written) where it writes. ``splits`` None: sized for
     ``visible_keys`` (:func:`key_splits`).
 
     The module's switches (MAX_DIRECT_ROWS, and whether to interpret) are read here, outside the jit:
@@ -454,9 +470,9 @@ def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible
     starts = (0, 0, 0)
     heads = q.shape[2]
     if isinstance(q, HeadView):
-        k_new, v_new, cols = new
+        k_new, v_new, cols, seen = new
         starts = (q.start, k_new.start, v_new.start)
-        q, new = q.parent, (k_new.parent, v_new.parent, cols)
+        q, new = q.parent, (k_new.parent, v_new.parent, cols, seen)
     return _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, starts, heads, first_key)
 
 
@@ -534,14 +550,18 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
             stats_spec,
         ]
     aliases = {}
+    writes = new is not None and new[2] is not None
     if new is not None:
-        k_new, v_new, cols = new
-        valid = (cols >= 0) & (cols < n)
-        seen = jnp.take_along_axis(mask, jnp.clip(cols, 0, n - 1)[:, None, :], axis=2) & valid[:, None, :]
+        k_new, v_new, cols, seen = new
+        if writes:  # each new key is seen where its column is
+            valid = (cols >= 0) & (cols < n)
+            seen = jnp.take_along_axis(mask, jnp.clip(cols, 0, n - 1)[:, None, :], axis=2) & valid[:, None, :]
         k_spec = pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, k_start + j, 0))
         v_spec = pl.BlockSpec((None, t, None, d), lambda i, j, s: (i, 0, v_start + j, 0))
-        args += [mask_rows(seen), k_new, v_new] + [cols[:, i] for i in range(t)]
+        args += [mask_rows(seen), k_new, v_new]
         in_specs += [pl.BlockSpec((None, m_rows, t), lambda i, j, s: (i, 0, 0)), k_spec, v_spec]
+    if writes:
+        args += [cols[:, i] for i in range(t)]
         in_specs += [row_scalar] * t
         out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
         out_specs += [cache_spec, cache_spec]
@@ -554,6 +574,7 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
         scale=d**-0.5,
         copies=MIN_ROWS // (t * g) if direct else 1,
         new_keys=0 if new is None else t,
+        writes=writes,
     )
     params = (
         {} if interpret else {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=NUM_STAGES)}
@@ -578,5 +599,5 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
         o = jnp.where(total[..., None] > 0, o / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
     if not direct:
         o = o[:, :, : t * g].reshape(b, kv, t, g, d).swapaxes(1, 2)
-    caches = () if new is None else tuple(outs[1:])
+    caches = tuple(outs[1:]) if writes else ()
     return (o.reshape(b, t, h, d).astype(q.dtype), *caches)

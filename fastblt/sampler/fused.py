@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
 from fastblt.model.attention import Attend
-from fastblt.model.decode_attention import HeadView
+from fastblt.model.head_view import HeadView
 from fastblt.model.layers import read_latents, rms_norm, rope, swiglu, transformer_layer
 
 # Fewest rows of a GPU matmul in decode form (see the module docstring); 1 turns the padding off.

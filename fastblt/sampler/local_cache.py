@@ -69,6 +69,27 @@ def ring_mask(tokens, qpos, window: int, use_docs: bool, slots: int, rows: int) 
     return mask
 
 
+def context_mask(tokens, start, pos, window: int | None, use_docs: bool, slots: int) -> jax.Array:
+    """bool[B, T, S]: which slots of a cache of ``slots`` (a ring, or the buffer itself where
+    ``slots`` is the buffer's length) cells at ``pos`` int32[B, T] see of the committed prefix before
+    ``start`` int32[B] (BLT-D's block: its cells sit past the prefix, so the cache is read as of
+    position ``start - 1``): positions < start, in each cell's ``window``, in the prefix's last
+    document (tokens int32[B, N]: the byte buffer)."""
+    n = tokens.shape[1]
+    if slots == n:
+        kpos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (start.shape[0], 1, n))
+    else:
+        kpos = ring_positions((start - 1)[:, None], slots)  # [B, 1, S]
+    mask = (kpos >= 0) & (kpos < start[:, None, None])
+    if window is not None:
+        mask &= pos[:, :, None] - kpos < window
+    if use_docs:
+        docs = document_ids(tokens)
+        kdoc = jnp.take_along_axis(docs, jnp.clip(kpos[:, 0], 0, n - 1), axis=1)  # [B, S]
+        mask &= (kdoc == gather_rows(docs, (start - 1)[:, None]))[:, None, :]
+    return mask
+
+
 def window_rows(x: jax.Array, start: jax.Array, span: int, axis: int) -> jax.Array:
     """Per row b, ``span`` entries of ``x[b]`` from ``start[b]`` along ``axis`` (of x[b])."""
     return jax.vmap(lambda xb, sb: jax.lax.dynamic_slice_in_dim(xb, sb, span, axis=axis))(x, start)
