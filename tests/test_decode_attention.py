@@ -82,7 +82,7 @@ def test_visible_range_and_block_keys_hand_worked():
     assert [block_keys(128, jnp.float32), block_keys(256, jnp.bfloat16)] == [64, 64]
 
 
-@pytest.mark.parametrize("splits,write", [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("splits,write", [(1, False), (3, False), (1, True), (3, True)])
 def test_a_window_around_the_end_of_a_ring_cache(splits, write):
     """A ring cache's window runs past its last slot into its first: row 0 sees slots 250..299 and
     0..39 of 300, row 1 slots 45..299 and 0..39 (the two runs meet inside one block of 32 keys: it
@@ -104,7 +104,9 @@ def test_a_window_around_the_end_of_a_ring_cache(splits, write):
     if write:
         cols = np.array([[38, 39], [168, 169], [0, 1]], np.int32)
         k_new, v_new = (rng.normal(size=(b, t, h, d)).astype(np.float32) for _ in range(2))
-        run = functools.partial(decode_attention_write, block_k=32, direct_rows=4, interpret=True)
+        run = functools.partial(
+            decode_attention_write, block_k=32, splits=splits, direct_rows=4, interpret=True
+        )
         out, kc, _ = jax.jit(run)(q, k_new, v_new, jnp.asarray(cols), k, v, jnp.asarray(mask))
         k = np.asarray(scatter_rows(jnp.asarray(k), jnp.asarray(cols), jnp.asarray(k_new)))
         v = np.asarray(scatter_rows(jnp.asarray(v), jnp.asarray(cols), jnp.asarray(v_new)))
@@ -377,7 +379,8 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
         variant not in ("no_writes", "cache_write")
     )
     if variant == "split_keys":
-        assert any(splits > 1 for splits, visible, _ in calls if visible is None)  # the global model
+        # The global model's calls split, and write their caches (the first split does).
+        assert any(splits > 1 and wrote for splits, visible, wrote in calls if visible is None)
         windowed = [(splits, wrote) for splits, visible, wrote in calls if visible is not None]
         assert windowed and all(splits == 1 for splits, _ in windowed) and any(w for _, w in windowed)
     ids, logits = naive_generate(params, config, encode_prompts(prompts), 30, pad_to=pad)
@@ -390,20 +393,23 @@ def test_greedy_ar_with_the_kernel_matches_naive(monkeypatch, variant):
 
 
 @pytest.mark.parametrize(
-    "t,h,kv,direct_rows,views",
+    "t,h,kv,direct_rows,views,splits",
     [
-        (1, 4, 4, 4, False),  # one query of one head per kv head: the direct layout
-        (2, 2, 2, 4, False),  # two queries, the second column inert (written nowhere, seen by no one)
-        (2, 4, 2, 0, False),  # grouped heads in 16 zero-padded rows (Triton dots)
-        (1, 4, 4, 4, True),  # q, k and v as heads of one q|k|v array, read in place
-        (2, 2, 2, 4, True),
-        (2, 4, 2, 4, True),  # grouped heads: not read in place, cut out first
+        (1, 4, 4, 4, False, 1),  # one query of one head per kv head: the direct layout
+        (2, 2, 2, 4, False, 1),  # two queries, the second column inert (written nowhere, seen by no one)
+        (2, 4, 2, 0, False, 1),  # grouped heads in 16 zero-padded rows (Triton dots)
+        (1, 4, 4, 4, True, 1),  # q, k and v as heads of one q|k|v array, read in place
+        (2, 2, 2, 4, True, 1),
+        (2, 4, 2, 4, True, 1),  # grouped heads: not read in place, cut out first
+        (2, 2, 2, 4, False, 3),  # key splits: the first writes and counts the new keys
+        (1, 4, 4, 4, True, 2),  # key splits given views: cut out (the direct layout is one split's)
     ],
 )
-def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows, views):
+def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows, views, splits):
     """decode_attention_write equals scatter_rows of the new keys and values (the sampler's write)
     followed by the naive loop over the written caches, and leaves every other cache entry alone;
-    also given q, k and v as HeadViews of one array (the sampler's layer product)."""
+    also given q, k and v as HeadViews of one array (the sampler's layer product), and over key splits
+    (rows 1 and 2: the new keys lie in the last split's blocks, not in the first, which writes them)."""
     from fastblt.model.decode_attention import HeadView, decode_attention_write
     from fastblt.sampler.state import scatter_rows
 
@@ -420,7 +426,9 @@ def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows
     qpos = np.where(cols < n, cols, cols[:, :1])
     mask = np.array(causal_mask(jnp.asarray(qpos), jnp.asarray(np.broadcast_to(np.arange(n), (b, n))), 24))
     mask[0, 0] = False  # a query that sees nothing, its own new key included
-    write = functools.partial(decode_attention_write, block_k=32, direct_rows=direct_rows, interpret=True)
+    write = functools.partial(
+        decode_attention_write, block_k=16, splits=splits, direct_rows=direct_rows, interpret=True
+    )
     if views:  # q and k as heads of one array, v of another behind a spare head (the sampler's way)
         spare = rng.normal(size=(b, t, 1, d)).astype(np.float32)
         qk, vs = np.concatenate([q, k_new, spare], axis=2), np.concatenate([spare, v_new], axis=2)
@@ -442,17 +450,20 @@ def test_kernel_writes_the_cache_as_a_scatter_then_attends(t, h, kv, direct_rows
     assert np.all(out[0, 0] == 0)
 
 
-@pytest.mark.parametrize("direct_rows", [4, 0])
-def test_the_cache_writing_kernel_lowers_to_triton_for_cuda(direct_rows):
-    """decode_attention_write at BLT-1B's local layer shape lowers through Triton for a GPU as one
-    kernel whose outputs alias the caches, with no scatter left to XLA."""
-    from fastblt.model.decode_attention import decode_attention_write
+@pytest.mark.parametrize("direct_rows,n,d", [(4, 320, 64), (0, 320, 64), (4, 4225, 128)])
+def test_the_cache_writing_kernel_lowers_to_triton_for_cuda(direct_rows, n, d):
+    """decode_attention_write at BLT-1B's local layer shape, and at its global model's over a 4 225-slot
+    buffer at batch 1 (8 key splits), lowers through Triton for a GPU as one kernel whose outputs
+    alias the caches, with no scatter left to XLA."""
+    from fastblt.model.decode_attention import decode_attention_write, key_splits
 
-    q = jax.ShapeDtypeStruct((2, 2, 16, 64), jnp.bfloat16)
-    new = jax.ShapeDtypeStruct((2, 2, 16, 64), jnp.bfloat16)
-    cols = jax.ShapeDtypeStruct((2, 2), jnp.int32)
-    cache = jax.ShapeDtypeStruct((2, 320, 16, 64), jnp.bfloat16)
-    mask = jax.ShapeDtypeStruct((2, 2, 320), jnp.bool_)
+    b = 2 if n == 320 else 1
+    assert (key_splits(b * 16, n) > 1) == (n > 320)
+    q = jax.ShapeDtypeStruct((b, 2, 16, d), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((b, 2, 16, d), jnp.bfloat16)
+    cols = jax.ShapeDtypeStruct((b, 2), jnp.int32)
+    cache = jax.ShapeDtypeStruct((b, n, 16, d), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((b, 2, n), jnp.bool_)
     run = functools.partial(decode_attention_write, direct_rows=direct_rows, interpret=False)
     text = _cuda_text(run, q, new, new, cols, cache, cache, mask)
     assert text.count("xla.gpu.triton") == 1 and "stablehlo.scatter" not in text

@@ -408,8 +408,8 @@ def xla_options(items: list[str], flag: str) -> dict:
 
 def _apply_overrides(args) -> None:
     """--compiler-option / --min-dot-rows / --min-query-rows / --decode-kernel / --decode-direct-rows /
-    --decode-cache-write / --decode-block-k / --decode-stages / --block-in-place / --trace-layers-once:
-    set only when given (older trees lack the settings)."""
+    --decode-cache-write / --decode-block-k / --decode-stages / --split-writes / --block-in-place /
+    --trace-layers-once: set only when given (older trees lack the settings)."""
     if args.compiler_option or getattr(args, "prefill_compiler_option", None):
         from fastblt.sampler import api
 
@@ -440,6 +440,7 @@ def _apply_overrides(args) -> None:
         args.decode_cache_write,
         args.decode_block_k,
         args.decode_stages,
+        args.split_writes,
     )
     if any(x is not None for x in kernel_overrides):
         from fastblt.model import decode_attention
@@ -453,6 +454,8 @@ def _apply_overrides(args) -> None:
             decode_attention.BLOCK_BYTES = max(decode_attention.BLOCK_BYTES, args.decode_block_k * 64 * 2)
         if args.decode_stages is not None:
             decode_attention.NUM_STAGES = args.decode_stages
+        if args.split_writes is not None:
+            decode_attention.SPLIT_WRITES = args.split_writes
 
 
 def _row_settings() -> dict:
@@ -471,6 +474,7 @@ def _row_settings() -> dict:
         "decode_block_k": getattr(decode_attention, "BLOCK_K", None),
         "decode_block_bytes": getattr(decode_attention, "BLOCK_BYTES", None),
         "decode_stages": getattr(decode_attention, "NUM_STAGES", None),
+        "split_writes": getattr(decode_attention, "SPLIT_WRITES", None),
         "trace_layers_once": getattr(cached, "TRACE_LAYERS_ONCE", None),
         "block_in_place": getattr(unmasking, "BLOCK_IN_PLACE", None),
     }
@@ -559,6 +563,13 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="override fastblt.model.decode_attention.NUM_STAGES: Triton's pipeline stages of the key loop",
+    )
+    p.add_argument(
+        "--split-writes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override fastblt.model.decode_attention.SPLIT_WRITES (on by default): calls of several key "
+        "splits write the caches in the kernel; --no-...: XLA's scatters for them",
     )
     p.add_argument(
         "--block-in-place",
@@ -671,6 +682,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--decode-stages", str(args.decode_stages)] if args.decode_stages is not None else []
         if args.block_in_place is not None:
             cmd += ["--block-in-place" if args.block_in_place else "--no-block-in-place"]
+        if args.split_writes is not None:
+            cmd += ["--split-writes" if args.split_writes else "--no-split-writes"]
         if args.trace_layers_once is not None:
             cmd += ["--trace-layers-once" if args.trace_layers_once else "--no-trace-layers-once"]
         cmd += [a for o in args.prefill_compiler_option for a in ("--prefill-compiler-option", o)]

@@ -179,7 +179,11 @@
 #       prompt against 5.7 after 64): ar at BLT-1B, batch 1 and 8, 64- and 4 000-byte prompts, with
 #       blocks of 128 keys (today), 256, and 512 in one pipeline stage (what a 64-wide head's 512-key
 #       block needs in shared memory). Predicted: 256 or 512 take ~0.05-0.1 ms off ar's byte at batch 1
-#       after 4 000 bytes (24 windowed calls per byte, ~2-4 us each), little at 64 bytes.
+#       after 4 000 bytes (24 windowed calls per byte, ~2-4 us each), little at 64 bytes. First the
+#       same with --no-split-writes (the before of the split calls' cache writes, since run 22: the
+#       global model's calls at batch 1 over ~1 040 patches split, and XLA's scatters wrote their
+#       caches, 0.077 ms per byte). Predicted: ~0.07 ms less per byte at batch 1 after 4 000 bytes
+#       with the writes; nothing at 64 bytes or at batch 8 (one split there).
 #   47. patch slots sized from the prompts' patches (fastblt.sampler.patch_slots, since generate_speed.md
 #       run 22): ar and blt_d4 at BLT-1B, batch 128, 4 000-byte prompts, which ran out of memory on an H100
 #       in run 20 (the global model's keys and values 110.8 GB, the decoder's cross-attention slots 39.9
@@ -469,8 +473,9 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
         phase train1b_profiled python3 $bench/train_speed.py --shape 1b --batch 4 --rows blt --profile blt \
           --steps 10 --warmup 2 --timeout 480 --out "$out/train1b_profiled"
       fi ;;
-  46) for run in k128 k256 k512; do
+  46) for run in k128_scatters k128 k256 k512; do
         opts=()
+        [ $run = k128_scatters ] && opts=(--no-split-writes)
         [ $run = k256 ] && opts=(--decode-block-k 256)
         [ $run = k512 ] && opts=(--decode-block-k 512 --decode-stages 1)
         phase "block_keys_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \

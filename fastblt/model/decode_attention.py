@@ -6,7 +6,8 @@ mask select, max, sum, normalisation, a conversion and the value product (genera
 Here one program per (batch row, kv head, key split) reads its keys and values straight from the
 cache layout ``[B, N, KV, hd]`` in blocks of ``block_k``, keeps the scores in registers and folds
 them into an online softmax (flash decoding), so a layer's attention is one launch (two with key
-splits: the splits' partial results are combined by XLA).
+splits: the splits' partial results are combined by XLA). The step's new keys can be written into
+the cache by the same launch (:func:`decode_attention_write`; with key splits, by the first split).
 
 Only the key blocks of each row's visible range (first to last key any of its queries sees) are
 read: a decode mask is a window or a causal prefix of the buffer, so a long buffer (the global
@@ -86,9 +87,9 @@ def key_splits(programs: int, n: int, block_k: int = BLOCK_K, visible_keys: int 
     most keys one row's queries can see (a static bound: a sliding window's span; None: n).
 
     The bound matters on a long buffer under a window: at batch 1 a 512-byte window over a 4 224-byte
-    buffer would otherwise take 7-8 splits that mostly see nothing, and lose the one-split call's cache
-    writes and direct layout (scatters, pads, transposes and the combine around each layer's kernel,
-    generate_speed.md run 21)."""
+    buffer would otherwise take 7-8 splits that mostly see nothing, and lose the one-split call's
+    direct layout (pads, transposes and the combine around each layer's kernel, generate_speed.md run
+    21; its cache writes too, until the first split wrote them)."""
     keys = n if visible_keys is None else max(1, min(n, visible_keys))
     splits = min(max(1, keys // MIN_SPLIT_KEYS), max(1, TARGET_PROGRAMS // programs))
     return _ceil(keys, _ceil(_ceil(keys, splits), block_k) * block_k)  # whole blocks that hold the keys
@@ -139,9 +140,10 @@ def _untile(x: jax.Array, copies: int) -> jax.Array:
 def _kernel(*refs, n, splits, block_k, scale, copies, new_keys=0, writes=True):
     """One (row, kv head, split). Inputs: lo_ref/hi_ref the row's visible key range (scalars), q_ref
     [R, hd], k_ref/v_ref [N, hd], m_ref int8[R or 1, N] (1 = visible; one row: every query row's
-    mask); with ``new_keys`` = T > 0 (one split) also nv_ref int8[R or 1, T] (which of the T new keys
-    each query row sees), kn_ref/vn_ref [T, hd] (the new keys and values) and, if ``writes``, T
-    column scalars (where each goes in the cache; out of range: nowhere). Outputs: o [R, hd]
+    mask); with ``new_keys`` = T > 0 also nv_ref int8[R or 1, T] (which of the T new keys each query
+    row sees), kn_ref/vn_ref [T, hd] (the new keys and values) and, if ``writes``, T column scalars
+    (where each goes in the cache; out of range: nowhere); with several splits the first folds the new
+    keys in and writes them, the others mask their columns. Outputs: o [R, hd]
     (normalised, when there is one split), or o [R, hd] float32 unnormalised with the softmax max [R]
     and sum [R] (several splits); with new keys that it writes also the caches (aliased to
     k_ref/v_ref), written at the columns. ``copies``: R < 16 rows (the direct layout) are repeated
@@ -200,8 +202,10 @@ def _kernel(*refs, n, splits, block_k, scale, copies, new_keys=0, writes=True):
     carry = run(jnp.minimum(lo, n), jnp.minimum(hi, n), init)
     o, mx, den = run(jnp.maximum(lo, n) - n, jnp.maximum(hi, n) - n, carry)
     if new_keys:
-        o, mx, den = _add_new_keys(q, extra, cols, out_refs[1:], (o, mx, den), scale, copies)
-        out_refs = out_refs[:1] if writes else out_refs
+        main = 1 if splits == 1 else 3  # the output, or the split's output, max and sum
+        only = pl.program_id(2) == 0 if splits > 1 else None  # each new key counted and written once
+        o, mx, den = _add_new_keys(q, extra, cols, out_refs[main:], (o, mx, den), scale, copies, only)
+        out_refs = out_refs[:main]
     if len(out_refs) == 1:  # one split: finish here (a row with no visible key gives 0)
         out = jnp.where(den[:, None] > 0, o / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
         out_refs[0][...] = _untile(out, copies).astype(out_refs[0].dtype)
@@ -230,17 +234,27 @@ MAX_DIRECT_ROWS = 16
 # pass. In the dot layout alone the writes gained nothing (run 11: slices and transposes of k and v
 # took the scatters' place). False: XLA's scatters (generate_speed.py --no-decode-cache-write).
 WRITE_CACHE = True
+# Whether calls of several key splits write the caches too (the first split writes and counts the new
+# keys; the others mask their columns), instead of XLA's scatters: the global model's calls at batch
+# 1 over a long prompt's patches (generate_speed.md, run 22: 0.077 ms of scatters per byte at 4 000
+# bytes). False: only one-split calls write (generate_speed.py --no-split-writes).
+SPLIT_WRITES = True
 
 
-def _add_new_keys(q, extra, cols, cache_outs, carry, scale, copies):
+def _add_new_keys(q, extra, cols, cache_outs, carry, scale, copies, only=None):
     """The step's new keys folded into the online softmax (o [R, hd], max [R], sum [R]), and written
-    into the caches at their columns (after the loop: the loop's reads saw the old entries, masked)."""
+    into the caches at their columns (after the loop: the loop's reads saw the old entries, masked).
+    ``only``: a scalar bool (the first of several key splits), None: always. Where it is false the
+    keys are neither seen nor written (another split of the row does both; a split that reads a
+    column being written masks it, so it sees neither entry)."""
     nv_ref, kn_ref, vn_ref = extra[:3]
     o, mx, den = carry
     kn, vn = kn_ref[...], vn_ref[...]  # [T, hd]
     seen = nv_ref[...] != 0  # [R or 1, T]
     if seen.shape[0] > 1:
         seen = _tile(seen, copies)
+    if only is not None:
+        seen = seen & only
     s = jnp.sum(q.astype(jnp.float32)[:, None, :] * kn.astype(jnp.float32)[None], axis=2) * scale
     s = jnp.where(seen, s, _NEG)  # [R, T]
     new_mx = jnp.maximum(mx, jnp.max(s, axis=1))
@@ -252,7 +266,7 @@ def _add_new_keys(q, extra, cols, cache_outs, carry, scale, copies):
     for t, col in enumerate(cols):  # none where the keys are only read (decode_attention_extra)
         kc_ref, vc_ref = cache_outs[:2]
 
-        @pl.when(col >= 0)
+        @pl.when((col >= 0) if only is None else (col >= 0) & only)
         def _write(t=t, col=col, kc_ref=kc_ref, vc_ref=vc_ref):
             kc_ref[pl.ds(col, 1), :] = kn_ref[pl.ds(t, 1), :]
             vc_ref[pl.ds(col, 1), :] = vn_ref[pl.ds(t, 1), :]
@@ -308,22 +322,25 @@ def decode_attention(
 
 
 def writes_cache(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
-    """Whether the sampler lets the kernel write its caches: WRITE_CACHE on and :func:`write_supported`."""
-    return WRITE_CACHE and write_supported(q, cache, visible_keys)
+    """Whether the sampler lets the kernel write its caches: WRITE_CACHE on and :func:`write_supported`
+    (and, unless SPLIT_WRITES, one key split)."""
+    split_ok = SPLIT_WRITES or one_split(q, cache, visible_keys)
+    return WRITE_CACHE and write_supported(q, cache, visible_keys) and split_ok
 
 
 def write_supported(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
     """Whether :func:`decode_attention_write` takes queries float[B, T, H, hd] over ``cache``
-    [B, N, KV, hd] (``visible_keys`` as :func:`decode_attention`'s): a supported call of one key
-    split, T a power of two."""
-    b, t = q.shape[:2]
-    n, kv, d = cache.shape[1:]
-    return (
-        t == _pow2(t)
-        and q.dtype == cache.dtype
-        and supported(q, kv)
-        and key_splits(b * kv, n, block_keys(d, q.dtype), visible_keys) == 1
-    )
+    [B, N, KV, hd]: a supported call, T a power of two, q in the cache's dtype (``visible_keys`` as
+    :func:`decode_attention`'s; any number of key splits)."""
+    t = q.shape[1]
+    return t == _pow2(t) and q.dtype == cache.dtype and supported(q, cache.shape[2])
+
+
+def one_split(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
+    """Whether a call of queries float[B, T, H, hd] over ``cache`` [B, N, KV, hd] runs as one key split
+    (:func:`key_splits`, ``visible_keys`` as :func:`decode_attention`'s)."""
+    b, n, kv, d = q.shape[0], *cache.shape[1:]
+    return key_splits(b * kv, n, block_keys(d, q.dtype), visible_keys) == 1
 
 
 def reads_in_place(
@@ -335,6 +352,7 @@ def reads_in_place(
     t, h = q.shape[1], q.shape[2]
     return (
         write_supported(q, cache, visible_keys)
+        and one_split(q, cache, visible_keys)
         and h == cache.shape[2]
         and direct_layout(t, 1, 1, direct_rows)
     )
@@ -350,6 +368,7 @@ def decode_attention_write(
     mask: jax.Array,
     *,
     block_k: int | None = None,
+    splits: int | None = None,
     direct_rows: int | None = None,
     interpret: bool | None = None,
     visible_keys: int | None = None,
@@ -365,14 +384,15 @@ def decode_attention_write(
         else cut out first.
       cols: int32[B, T], where each new key goes (out of range: not written, not seen).
       k_cache, v_cache: [B, N, KV, hd]; mask: bool[B, T, N] over the written caches.
-      block_k, direct_rows, interpret, visible_keys, first_key: as :func:`decode_attention`.
+      block_k, splits, direct_rows, interpret, visible_keys, first_key: as :func:`decode_attention`
+        (with several key splits the first writes the new keys and folds them in).
 
     Returns:
       (o float[B, T, H, hd], k_cache, v_cache written).
     """
     if not write_supported(q, k_cache, visible_keys):
         raise ValueError(
-            f"decode_attention_write takes one key split and a power-of-two number of queries, got q "
+            f"decode_attention_write takes a power-of-two number of queries, got q "
             f"{q.shape} {q.dtype} over a cache {k_cache.shape} {k_cache.dtype}: check write_supported first"
         )
     if k_new.shape != (*q.shape[:2], *k_cache.shape[2:]) or cols.shape != q.shape[:2]:
@@ -382,6 +402,7 @@ def decode_attention_write(
         if (
             not all(isinstance(x, HeadView) for x in views)
             or not reads_in_place(q, k_cache, direct_rows, visible_keys)
+            or (splits or 1) > 1
             or k_new.dtype != k_cache.dtype
             or v_new.dtype != v_cache.dtype
         ):
@@ -390,14 +411,14 @@ def decode_attention_write(
         k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
     new = (k_new, v_new, cols.astype(jnp.int32), None)
     return _attend(
-        q, k_cache, v_cache, mask, new, block_k, 1, direct_rows, interpret, visible_keys, first_key
+        q, k_cache, v_cache, mask, new, block_k, splits, direct_rows, interpret, visible_keys, first_key
     )
 
 
 def extra_supported(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
     """Whether :func:`decode_attention_extra` takes queries float[B, T, H, hd] over ``cache``: as
-    :func:`write_supported` (one key split, T a power of two)."""
-    return write_supported(q, cache, visible_keys)
+    :func:`write_supported`, in one key split."""
+    return write_supported(q, cache, visible_keys) and one_split(q, cache, visible_keys)
 
 
 def decode_attention_extra(
@@ -565,7 +586,7 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
         in_specs += [row_scalar] * t
         out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
         out_specs += [cache_spec, cache_spec]
-        aliases = {3: 1, 4: 2}  # the caches are written in place
+        aliases = {3: len(out_shape) - 2, 4: len(out_shape) - 1}  # the caches are written in place
     kernel = functools.partial(
         _kernel,
         n=n,
@@ -592,12 +613,12 @@ def _attend_once(q, k, v, mask, new, block_k, splits, direct_rows, interpret, st
     )(*args)
     o = outs[0]
     if not one:
-        _, mx, den = outs
+        _, mx, den = outs[:3]
         w = jnp.exp(mx - jnp.max(mx, axis=0))  # [S, b, kv, r]
         total = jnp.sum(den * w, axis=0)
         o = jnp.sum(o * w[..., None], axis=0)
         o = jnp.where(total[..., None] > 0, o / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
     if not direct:
         o = o[:, :, : t * g].reshape(b, kv, t, g, d).swapaxes(1, 2)
-    caches = tuple(outs[1:]) if writes else ()
+    caches = tuple(outs[-2:]) if writes else ()
     return (o.reshape(b, t, h, d).astype(q.dtype), *caches)
