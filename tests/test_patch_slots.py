@@ -77,10 +77,10 @@ def test_static_patches_and_slots_by_hand(counting, monkeypatch):
 
 @pytest.mark.parametrize("method", ["ar", "blt_s", "blt_d"])
 def test_counted_slots_give_the_bytes_of_one_slot_per_byte(method, counting):
-    """A 600-byte prompt and a short one: the counted slots are far fewer than the buffer's bytes, and
+    """A 300-byte prompt and a short one: the counted slots are far fewer than the buffer's bytes, and
     greedy bytes (float32) are those of the program with one slot per buffer byte (the old default)."""
     config, params = d_model("base") if method == "blt_d" else model("base")
-    prompts = random_prompts(11, [600, 20])
+    prompts = random_prompts(11, [300, 20])
     # A boundary after ~1 byte in 5 of the long prompt (entropies above their 80th percentile).
     ids = jax.numpy.asarray(encode_prompts(prompts)[0])[None]
     ent = np.asarray(BLT(config).apply({"params": params}, ids, method=BLT.entropies))[0, 1:]
@@ -88,7 +88,7 @@ def test_counted_slots_give_the_bytes_of_one_slot_per_byte(method, counting):
     config = config.replace(patcher=pc, max_bytes=1024)  # no weights depend on max_bytes
     kw = dict(method=method, max_bytes=24, prefill_chunk=64)
     counted = prepare(params, config, prompts, **kw)
-    buffer = 640  # 601 + 24 rounded up to 64
+    buffer = 384  # 301 + 24 rounded up to 64
     assert counted.patch_slots <= 2 * buffer // 3
     full = prepare(params, config, prompts, max_patches=buffer + 1, **kw)
     a, b = api.run_program(counted), api.run_program(full)

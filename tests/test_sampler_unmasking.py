@@ -332,8 +332,9 @@ def test_a_rule_is_one_registry_entry(monkeypatch):
 @pytest.mark.parametrize(
     "anchor,buffer,lengths,max_new",
     [
-        ("forced", 64, [5, 11], 14),  # the decoder's cache a ring of 19 slots (window 16 + 4 - 1)
-        ("patch", 64, [5, 11], 14),  # blocks that start inside the committed prefix, on the ring
+        # The decoder's cache a ring of 19 slots (window 16 + 4 - 1), blocks that start inside the
+        # committed prefix (forced blocks on a ring: test_block_logits_on_the_decode_kernel_...).
+        ("patch", 64, [5, 11], 14),
         ("forced", 18, [3, 4], 8),  # a buffer shorter than the ring: the cache is the buffer
     ],
 )

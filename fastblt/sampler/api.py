@@ -291,7 +291,8 @@ def prepare(
         (the rest inert), so ``ar``'s one-byte steps and the lossless methods' verification passes
         compute each byte with the same kernels and shapes: greedy outputs are then byte-identical
         across these methods in any dtype on any device, for the same ``exact_width``, batch,
-        ``buffer_bytes``, ``max_patches`` and ``prefill_chunk``. Costs ``exact_width`` columns per
+        ``buffer_bytes``, ``max_patches`` (None: the same prompts and ``max_bytes``, which size it alike
+        for every method) and ``prefill_chunk``. Costs ``exact_width`` columns per
         ``ar`` step (experiments/results/greedy_identity.md has the figures).
       exact_width: the exact mode's step width; at least ``draft + 1`` ("blt_s") or ``block_size``
         ("blt_dv").
