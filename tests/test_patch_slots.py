@@ -97,25 +97,30 @@ def test_counted_slots_give_the_bytes_of_one_slot_per_byte(method, counting):
         np.testing.assert_array_equal(a.ids[row], b.ids[row], err_msg=f"row {row}")
 
 
-def test_a_prompt_that_outruns_its_slots_generates_nothing(monkeypatch):
-    """A program built with fewer slots than the long prompt's patches (as a count outrun by the
-    prefill's rounding would leave): that row generates no byte, the short row the bytes it generates
-    with enough slots."""
-    config, params = model("base")
+@pytest.mark.parametrize(
+    "method,static,room",
+    [
+        ("ar", dict(record_logits=False), 0),  # its step stores the prefill's byte, then stops
+        ("blt_s", dict(draft=4), 5),  # a verification chunk may complete draft + 1 patches
+        ("blt_d", dict(block_size=4, rule="alpha", anchor="forced"), 4),  # its first block
+    ],
+)
+def test_a_prompt_that_outruns_its_slots_generates_nothing(monkeypatch, method, static, room):
+    """A program whose slots leave the long prompt no room for one round (as a count outrun by the
+    prefill's rounding would leave it: one slot short of completed + the round's patches): that row
+    generates no byte, instead of bytes read from unwritten slots (read as the last, clipped); the
+    short row generates what it generates with one slot per byte."""
+    config, params = d_model("base") if method == "blt_d" else model("base")
     prompts = random_prompts(3, [200, 9])
     seen = _spy_compiled(monkeypatch)
-    good = generate(params, config, prompts, max_bytes=12, prefill_chunk=32)
+    kw = dict(block_size=4) if method == "blt_d" else dict(draft=4)
+    good = generate(params, config, prompts, method=method, max_bytes=12, prefill_chunk=32, **kw)
     _, args = seen[-1]
     counts = patch_slots.prompt_patches(params, config, encode_prompts(prompts))
-    assert counts[0] > 40 > counts[1]
-    run = methods.get("ar").build(
-        config,
-        n_bytes=256,
-        n_patches=40,
-        prefill_chunk=32,
-        greedy=True,
-        exact_width=None,
-        record_logits=False,
+    n_patches = int(counts[0]) + room - 1  # one short: ar stores its first byte at completed == slots
+    assert counts[1] + room + 12 < n_patches
+    run = methods.get(method).build(
+        config, n_bytes=256, n_patches=n_patches, prefill_chunk=32, greedy=True, exact_width=None, **static
     )
     out = jax.jit(run)(*args)
     assert out["generated"].tolist()[0] == 0

@@ -111,6 +111,7 @@ def decode(
     exact_width: int | None,
     step: Callable[[Call, Loop], Loop],
     step_rows: int = 1,
+    round_patches: int = 0,
     init: Callable[[Call, Loop], Loop] | None = None,
     count_prefill_decoder: bool = True,
     outputs: Callable[[Loop], dict] | None = None,
@@ -124,6 +125,9 @@ def decode(
         writes (a verification chunk, a committed block). With the prefill chunk, the exact width
         and the inert columns of small batches (fastblt.sampler.fused.padded_width), they size the
         local models' ring caches (fastblt.sampler.state.ring_slots).
+      round_patches: the patches one round may complete (fastblt.sampler.methods' patches_per_round:
+        ar 0, its step stores the prefill's byte first): a row whose prompt leaves no room for them
+        starts done, as the round's own check would stop it.
       step: one round, ``step(call, loop) -> loop``: appends each active row's next bytes, adds its
         work to the counters and sets ``done`` where a row finishes.
       init: ``init(call, loop) -> loop`` after the prefill (the method's ``extra``), or None.
@@ -155,10 +159,11 @@ def decode(
         counters = Counters.zeros(b).add(
             decoder_passes=int(count_prefill_decoder), eg_passes=1, entropy_passes=1
         )
-        # A prompt with more patches than slots (patch slots sized from a count of the prompts'
-        # patches that the prefill's rounding outran: fastblt.sampler.patch_slots) lost latents: such
-        # a row generates nothing rather than bytes from missing latents.
-        done = (prompts.budget <= 0) | (st.completed > n_patches)
+        # A row whose prompt left no room for a round's patches (slots sized from a count of the
+        # prompts' patches that the prefill's rounding outran: fastblt.sampler.patch_slots) generates
+        # nothing: its first round would read latents of slots that were never written (a slot past
+        # the last is read as the last, gather_rows clips).
+        done = (prompts.budget <= 0) | (st.completed + round_patches > n_patches)
         loop = Loop(st, logits, done, jnp.zeros((b,), jnp.int32), counters)
         return loop if init is None else init(call, loop)
 

@@ -192,4 +192,5 @@ def build_blt_s(
         return Loop(st, logits, done | finish, generated + commit, counters, first)
 
     shape = dict(n_bytes=n_bytes, n_patches=n_patches, prefill_chunk=prefill_chunk, exact_width=exact_width)
-    return decode(config, **shape, init=init, step=step, step_rows=draft + 1)  # the verification chunk
+    # The verification chunk is the widest append, and completes up to draft + 1 patches.
+    return decode(config, **shape, init=init, step=step, step_rows=draft + 1, round_patches=draft + 1)

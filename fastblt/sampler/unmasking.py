@@ -398,4 +398,5 @@ def build_blt_d(
         step=step,
         count_prefill_decoder=verify,
         step_rows=block_size,
+        round_patches=block_size + int(verify),
     )
