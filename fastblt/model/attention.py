@@ -283,11 +283,11 @@ def _decode_kernel(
 
 def _decode_kernel_fwd(q, k, v, mask, first_key, visible_keys):
     out = decode_attention(q, k, v, mask, visible_keys=visible_keys, first_key=first_key)
-    return out, (q, k, v, mask, None)
+    return out, (q, k, v, mask)
 
 
 def _decode_kernel_bwd(visible_keys, res, g):
-    q, k, v, mask, _ = res
+    q, k, v, mask = res
     _, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, "xla"), q, k, v)
     return (*vjp(g), None, None)
 

@@ -325,13 +325,13 @@ def writes_cache(q: jax.Array, cache: jax.Array, visible_keys: int | None = None
     """Whether the sampler lets the kernel write its caches: WRITE_CACHE on and :func:`write_supported`
     (and, unless SPLIT_WRITES, one key split)."""
     split_ok = SPLIT_WRITES or one_split(q, cache, visible_keys)
-    return WRITE_CACHE and write_supported(q, cache, visible_keys) and split_ok
+    return WRITE_CACHE and write_supported(q, cache) and split_ok
 
 
-def write_supported(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
+def write_supported(q: jax.Array, cache: jax.Array) -> bool:
     """Whether :func:`decode_attention_write` takes queries float[B, T, H, hd] over ``cache``
-    [B, N, KV, hd]: a supported call, T a power of two, q in the cache's dtype (``visible_keys`` as
-    :func:`decode_attention`'s; any number of key splits)."""
+    [B, N, KV, hd]: a supported call, T a power of two, q in the cache's dtype (any number of key
+    splits)."""
     t = q.shape[1]
     return t == _pow2(t) and q.dtype == cache.dtype and supported(q, cache.shape[2])
 
@@ -351,7 +351,7 @@ def reads_in_place(
     per kv head, and the direct layout (:func:`direct_layout`; direct_rows None: MAX_DIRECT_ROWS)."""
     t, h = q.shape[1], q.shape[2]
     return (
-        write_supported(q, cache, visible_keys)
+        write_supported(q, cache)
         and one_split(q, cache, visible_keys)
         and h == cache.shape[2]
         and direct_layout(t, 1, 1, direct_rows)
@@ -390,7 +390,7 @@ def decode_attention_write(
     Returns:
       (o float[B, T, H, hd], k_cache, v_cache written).
     """
-    if not write_supported(q, k_cache, visible_keys):
+    if not write_supported(q, k_cache):
         raise ValueError(
             f"decode_attention_write takes a power-of-two number of queries, got q "
             f"{q.shape} {q.dtype} over a cache {k_cache.shape} {k_cache.dtype}: check write_supported first"
@@ -418,7 +418,7 @@ def decode_attention_write(
 def extra_supported(q: jax.Array, cache: jax.Array, visible_keys: int | None = None) -> bool:
     """Whether :func:`decode_attention_extra` takes queries float[B, T, H, hd] over ``cache``: as
     :func:`write_supported`, in one key split."""
-    return write_supported(q, cache, visible_keys) and one_split(q, cache, visible_keys)
+    return write_supported(q, cache) and one_split(q, cache, visible_keys)
 
 
 def decode_attention_extra(
@@ -471,15 +471,15 @@ def decode_attention_extra(
 def _attend(q, k, v, mask, new, block_k, splits, direct_rows, interpret, visible_keys=None, first_key=None):
     """decode_attention, with T more keys where ``new`` = (k_new, v_new, cols, seen) is given: written
     by the kernel at ``cols`` and seen where their columns are visible, or (cols None) only read, seen
-    as ``seen`` bool[B, T, T] says. Returns (o,), or (o, k written, v written) where it writes. ``splits`` None: sized for
-    ``visible_keys`` (:func:`key_splits`).
+    as ``seen`` bool[B, T, T] says. Returns (o,), or (o, k written, v written) where it writes.
+    ``splits`` None: sized for ``visible_keys`` (:func:`key_splits`).
 
     The module's switches (MAX_DIRECT_ROWS, and whether to interpret) are read here, outside the jit:
     a traced call is cached by its static arguments, so a program's calls of one shape (a stack's
     layers, prefill and step alike) trace and lower the kernel once instead of once per layer. So
     are the key splits (MIN_SPLIT_KEYS, TARGET_PROGRAMS). The sizing constants read inside (MAX_ROWS,
-    BLOCK_BYTES, BLOCK_K, NUM_STAGES, ...) are fixed for a process; changing one would need this jit's cache
-    cleared (``_attend_once.clear_cache()``) as well as the sampler's."""
+    BLOCK_BYTES, BLOCK_K, NUM_STAGES, ...) are fixed for a process; changing one would need this
+    jit's cache cleared (``_attend_once.clear_cache()``) as well as the sampler's."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if direct_rows is None:

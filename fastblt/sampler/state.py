@@ -12,7 +12,8 @@ they may hold draft or stale values and are never read (masks hide them) until a
 overwrites them.
 
 Shapes: B rows, N = ``bytes`` buffer length, P = ``patches`` patch slots (``N + 1`` never overflows:
-every patch holds at least one byte, plus the empty "next byte" patch).
+every patch holds at least one byte, plus the empty "next byte" patch; fastblt.sampler.patch_slots
+sizes fewer from the prompts' patches where N + 1 would be large).
 
 A stack's per-layer caches (:data:`Layers`) are a tuple of per-layer arrays where its layers are
 unrolled, or one array with the layers on a leading axis where the sampler runs them as one
