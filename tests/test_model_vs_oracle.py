@@ -4,13 +4,18 @@ Face port cannot check: cross_attn_k != 2, rows longer than the local window, EO
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import math
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 try:
     import oracle
@@ -172,7 +177,13 @@ def test_bf16_compute_close_to_fp32():
 
 
 @pytest.mark.parametrize(
-    "changes", [dict(remat=True), dict(scan_layers=True), dict(scan_layers=True, remat=True)]
+    "changes",
+    [
+        dict(remat=True),
+        dict(remat=True, remat_policy="minimal"),
+        dict(scan_layers=True),
+        dict(scan_layers=True, remat=True, remat_policy="minimal"),
+    ],
 )
 def test_remat_and_scan_change_nothing_but_memory_and_compile_time(changes):
     rng = np.random.default_rng(12)
@@ -196,6 +207,21 @@ def test_remat_and_scan_change_nothing_but_memory_and_compile_time(changes):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(np.abs(b).max()))
 
     jax.tree.map(close, g1, g0)
+    if changes.get("remat"):
+        # What the backward keeps, per jax's own account of the saved residuals: "full" keeps no
+        # product of a block, "minimal" keeps the projections but not attention's batched products.
+        def kept_bytes(c):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                print_saved_residuals(lambda p: loss(c, p), params)
+            return sum(
+                math.prod(map(int, filter(None, shape.split(","))))
+                for shape in re.findall(r"^\w+\[([\d,]*)\]", out.getvalue(), re.M)
+            )
+
+        plain, kept = kept_bytes(config.replace(remat=False)), kept_bytes(config.replace(**changes))
+        full = kept_bytes(config.replace(**{**changes, "remat_policy": "full"}))
+        assert plain > kept > full if changes.get("remat_policy") == "minimal" else plain > full
     if changes.get("scan_layers"):  # one block in the program, not three
         hlo = jax.jit(lambda p: loss(config.replace(**changes), p)).lower(params).as_text()
         assert "while" in hlo

@@ -81,10 +81,13 @@ def test_experiments_saved_before_the_one_form_read_back(name):
         assert "objective" in saved and experiment.objective is None and experiment.model is None
         assert experiment.entropy_model == EntropyModelConfig(**saved["entropy_model"])
         return
-    assert as_dict(experiment.model) == meta["model_config"] == saved["model"]
+    assert meta["model_config"] == saved["model"]
+    # Keys added since (fastblt.config.saved.ADDED_MODEL_KEYS) take the values that reproduce that run.
+    assert as_dict(experiment.model) == upgrade_model(saved["model"])
+    assert as_dict(experiment.model)["remat_policy"] == "full"
     assert model_config_from_dict(upgrade_model(meta["model_config"])) == experiment.model
     assert experiment.objective.kind == ("blt_d" if name == "blt_d" else "next_byte")
     assert experiment.objective.block_size == (2 if name == "blt_d" else 4)
-    # Read strictly, the one key this version dropped is named.
+    # Read strictly (with only the model keys added since filled in), the key this version dropped is named.
     with pytest.raises(ConfigError, match=r"unknown config key checkpoint\.workdir"):
-        experiment_config(saved)
+        experiment_config({**saved, "model": upgrade_model(saved["model"])})

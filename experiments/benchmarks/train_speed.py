@@ -42,8 +42,9 @@ ROWS = ("matmul", "entropy", "blt", "blt_p8", "blt_entropy", "blt_d4", "blt_d8",
 # ----------------------------------------------------------------------------------------- configs
 
 
-def experiment(shape: str, row: str, batch: int | None, seq_len: int | None):
-    """The ml-collections config of a row at a shape (tiny | mid | 1b)."""
+def experiment(shape: str, row: str, batch: int | None, seq_len: int | None, remat: str | None = None):
+    """The ml-collections config of a row at a shape (tiny | mid | 1b); ``remat`` (off | a
+    ``model.remat_policy``) overrides the shape's recomputation."""
     import ml_collections
 
     from experiments import base, blt_1b, blt_mid, tiny
@@ -60,6 +61,9 @@ def experiment(shape: str, row: str, batch: int | None, seq_len: int | None):
         cfg.data.batch_size = batch
     if seq_len:
         cfg.data.seq_len = seq_len
+    if remat:
+        cfg.model.remat = remat != "off"
+        cfg.model.remat_policy = "full" if remat == "off" else remat
     cfg.train.steps = 1000
     cfg.checkpoint.async_save = False
     if row in ("blt", "blt_p8", "blt_d4", "blt_d8", "torch", "torch_compile"):
@@ -129,7 +133,7 @@ def run_jax_row(args, row: str) -> dict:
     from fastblt.train.loop import Trainer, entropy_stage_config
     from fastblt.train.metrics import entropy_model_flops_per_byte, model_flops_per_byte, peak_flops
 
-    cfg = experiment(args.shape, row, args.batch, args.seq_len)
+    cfg = experiment(args.shape, row, args.batch, args.seq_len, args.remat)
     data = batches(cfg)
     frozen = None
     if row == "entropy":
@@ -200,6 +204,7 @@ def run_jax_row(args, row: str) -> dict:
         "jax": jax.__version__,
         "batch": int(cfg.data.batch_size),
         "seq_len": seq_len,
+        "remat": None if cfg.model is None else cfg.model.remat_policy if cfg.model.remat else "off",
         "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times),
         "bytes_per_sec": bps,
@@ -502,6 +507,8 @@ def _plot(results: list[dict], path: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from fastblt.config import REMAT_POLICIES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="mid", choices=("tiny", "mid", "1b"))
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -509,6 +516,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument(
+        "--remat",
+        default=None,
+        choices=("off", *REMAT_POLICIES),
+        help="fastblt's rows: model.remat off, or on with this model.remat_policy (default: the shape's, "
+        "full at 1b, off otherwise); the port never recomputes",
+    )
     p.add_argument(
         "--profile", nargs="*", default=[], choices=ROWS, help="also trace these rows: time per component"
     )
@@ -591,6 +605,8 @@ def _forward(args) -> list[str]:
         out += ["--batch", str(args.batch)]
     if args.seq_len:
         out += ["--seq-len", str(args.seq_len)]
+    if args.remat:
+        out += ["--remat", args.remat]
     if args.profile:
         out += ["--profile", *args.profile]
     return out

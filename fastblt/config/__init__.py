@@ -42,6 +42,7 @@ from fastblt.config.model import (
     HASH_PRIMES,
     INIT_STD_FACTORS,
     PATCHING_MODES,
+    REMAT_POLICIES,
     EntropyModelConfig,
     HashConfig,
     LocalModelConfig,
@@ -83,6 +84,7 @@ _EXPORTS = {
 
 __all__ = [
     "ATTENTION_IMPLS",
+    "REMAT_POLICIES",
     "DTYPES",
     "HASH_PRIMES",
     "INIT_STD_FACTORS",

@@ -32,6 +32,10 @@ PATCHING_MODES = ("entropy", "static", "space", "byte")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 INIT_STD_FACTORS = ("current_depth", "global_depth", "dim_ratio", "disabled")
 DTYPES = ("float32", "bfloat16", "float16")
+# What a rematerialised block keeps for its backward pass (MaxText's remat_policy names): "full"
+# keeps only the block's input and recomputes the rest; "minimal" also keeps every projection's
+# output (matmuls without batch dimensions) and recomputes norms, RoPE, attention and SwiGLU.
+REMAT_POLICIES = ("full", "minimal")
 
 
 def ffn_hidden_dim(dim: int, multiplier: float = 1.0, multiple_of: int = 256) -> int:
@@ -179,6 +183,7 @@ class ModelConfig:
     # auto: cudnn on GPU, splash on TPU where the call fits (fastblt.model.attention.resolve_impl)
     attention_impl: str = setting("xla", choices=ATTENTION_IMPLS)
     remat: bool = False  # recompute each transformer block in the backward pass (saves memory)
+    remat_policy: str = setting("full", choices=REMAT_POLICIES)  # what a recomputed block keeps
     # Run the global model's layers as one lax.scan over their stacked parameters: compile time and
     # program size stop growing with depth. Same parameter tree (layers_0 .. layers_{L-1}), so
     # checkpoints, exports and HF conversion are unaffected; a compute setting only.

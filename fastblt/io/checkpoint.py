@@ -72,6 +72,7 @@ RUNTIME_KEYS = frozenset(
         "dtype",
         "attention_impl",
         "remat",
+        "remat_policy",
         "scan_layers",
         "scan_decode_layers",
         "entropy_model.dtype",

@@ -26,6 +26,7 @@ from fastblt.model.layers import (
     dense,
     depth_factor,
     embed,
+    remat_policy,
     trunc_normal,
 )
 from fastblt.tokenizer import EOS
@@ -80,7 +81,9 @@ def local_layers(m: ModelConfig, c: LocalModelConfig) -> list[TransformerBlock]:
     """A local model's transformer layers ``layers_0 ..`` (created in its ``setup``)."""
     dtype = jnp.dtype(m.dtype)
     return [
-        block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+        block_class(m.remat, m.remat_policy)(
+            c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}"
+        )
         for i in range(c.n_layers)
     ]
 
@@ -171,7 +174,9 @@ class GlobalTransformer(nn.Module):
         if m.scan_layers and not self.is_initializing():
             return self._scanned(h, positions, mask)
         for i in range(c.n_layers):
-            layer = block_class(m.remat)(c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}")
+            layer = block_class(m.remat, m.remat_policy)(
+                c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}"
+            )
             h = nn.with_logical_constraint(layer(h, positions, mask), _PATCHES)
         return h
 
@@ -193,7 +198,7 @@ class GlobalTransformer(nn.Module):
             return nn.with_logical_constraint(out, _PATCHES), None
 
         if m.remat:
-            step = jax.checkpoint(step)
+            step = jax.checkpoint(step, policy=remat_policy(m.remat_policy))
         h, _ = jax.lax.scan(step, h, stacked)
         return h
 

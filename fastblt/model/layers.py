@@ -329,9 +329,18 @@ class TransformerBlock(nn.Module):
         return h, rows.replace(h=hb)
 
 
-def block_class(remat: bool) -> type[TransformerBlock]:
-    """TransformerBlock, or its rematerialised form (same parameters, activations recomputed)."""
-    return nn.remat(TransformerBlock) if remat else TransformerBlock
+def remat_policy(name: str) -> Any:
+    """The ``jax.checkpoint`` policy of a ``model.remat_policy`` name (fastblt.config.REMAT_POLICIES)."""
+    policies = {"full": None, "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if name not in policies:
+        raise ValueError(f"model.remat_policy={name!r} is not one of {sorted(policies)}")
+    return policies[name]
+
+
+def block_class(remat: bool, policy: str = "full") -> type[TransformerBlock]:
+    """TransformerBlock, or its rematerialised form (same parameters, activations recomputed but
+    what ``policy`` keeps)."""
+    return nn.remat(TransformerBlock, policy=remat_policy(policy)) if remat else TransformerBlock
 
 
 class CrossWeights(Protocol):
