@@ -201,6 +201,9 @@
 #       SwiGLU recomputed) and --remat off. Run 22: 315.5 ms, 72.5 GB with full remat, which recomputes
 #       every block's forward (a third more products than the MFU counts). Predicted: minimal ~10-15%
 #       faster for ~10 GB more; off a little faster still if it fits. Needs an H200.
+#   50. the 1B-class row on the XLA attention path (--attention-impl xla), the "before" of blt_1b's
+#       attention_impl="auto" (since train_speed.md run 22; until then the 1B row ran no fused attention:
+#       every float32 score tensor in HBM). Phase 5 is the "after". Needs an H200.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -228,8 +231,8 @@
 # measured, ar's long-prompt profile, blt_mid's sweep but one row; 5 skipped itself, no H200).
 # 42, 41, 43, then 5, 44 and a cut call of 27, then 26 and 6 on one H200 on 2026-12-06, late
 # (generate_speed.md run 22: the key-split fix gains nothing; train_speed.md run 22: the 1B-class row).
-# Next: 48, 46, 47 and 44 on an H100 (what fits now), 27 on an H100 (blt_mid's last row), 45 and 49
-# on an H200, 43, 10, 11. Phases 30 and 31 clear the range switches where they measure "before".
+# Next: 5, 49, 50 and 45 on an H200 (the 1B-class row with fused attention); 48, 46, 47 and 44 on an
+# H100 (what fits now), 27 on an H100 (blt_mid's last row), 43, 10, 11. Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
@@ -486,6 +489,13 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
           phase "train1b_remat_$remat" python3 $bench/train_speed.py --shape 1b --batch 4 --rows blt \
             --remat $remat --steps 10 --warmup 2 --timeout 300 --out "$out/train1b_remat_$remat"
         done
+      fi ;;
+  50) gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+      if [ "${gpu_mb:-0}" -lt 100000 ]; then
+        echo "[train1b_xla] skipped: needs an H200 (${gpu_mb:-?} MiB here)" | tee -a "$out/log.txt"
+      else
+        phase train1b_xla python3 $bench/train_speed.py --shape 1b --batch 4 --rows blt --attention-impl xla \
+          --steps 10 --warmup 2 --timeout 300 --out "$out/train1b_xla"
       fi ;;
   46) for run in k128_scatters k128 k256 k512; do
         opts=()

@@ -42,9 +42,17 @@ ROWS = ("matmul", "entropy", "blt", "blt_p8", "blt_entropy", "blt_d4", "blt_d8",
 # ----------------------------------------------------------------------------------------- configs
 
 
-def experiment(shape: str, row: str, batch: int | None, seq_len: int | None, remat: str | None = None):
+def experiment(
+    shape: str,
+    row: str,
+    batch: int | None,
+    seq_len: int | None,
+    remat: str | None = None,
+    attention_impl: str | None = None,
+):
     """The ml-collections config of a row at a shape (tiny | mid | 1b); ``remat`` (off | a
-    ``model.remat_policy``) overrides the shape's recomputation."""
+    ``model.remat_policy``) overrides the shape's recomputation, ``attention_impl`` its
+    ``model.attention_impl``."""
     import ml_collections
 
     from experiments import base, blt_1b, blt_mid, tiny
@@ -61,6 +69,8 @@ def experiment(shape: str, row: str, batch: int | None, seq_len: int | None, rem
         cfg.data.batch_size = batch
     if seq_len:
         cfg.data.seq_len = seq_len
+    if attention_impl:
+        cfg.model.attention_impl = attention_impl
     if remat:
         cfg.model.remat = remat != "off"
         cfg.model.remat_policy = "full" if remat == "off" else remat
@@ -133,7 +143,7 @@ def run_jax_row(args, row: str) -> dict:
     from fastblt.train.loop import Trainer, entropy_stage_config
     from fastblt.train.metrics import entropy_model_flops_per_byte, model_flops_per_byte, peak_flops
 
-    cfg = experiment(args.shape, row, args.batch, args.seq_len, args.remat)
+    cfg = experiment(args.shape, row, args.batch, args.seq_len, args.remat, args.attention_impl)
     data = batches(cfg)
     frozen = None
     if row == "entropy":
@@ -205,6 +215,7 @@ def run_jax_row(args, row: str) -> dict:
         "batch": int(cfg.data.batch_size),
         "seq_len": seq_len,
         "remat": None if cfg.model is None else cfg.model.remat_policy if cfg.model.remat else "off",
+        "attention_impl": None if cfg.model is None else cfg.model.attention_impl,
         "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times),
         "bytes_per_sec": bps,
@@ -507,7 +518,7 @@ def _plot(results: list[dict], path: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from fastblt.config import REMAT_POLICIES
+    from fastblt.config import ATTENTION_IMPLS, REMAT_POLICIES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="mid", choices=("tiny", "mid", "1b"))
@@ -522,6 +533,12 @@ def parser() -> argparse.ArgumentParser:
         choices=("off", *REMAT_POLICIES),
         help="fastblt's rows: model.remat off, or on with this model.remat_policy (default: the shape's, "
         "full at 1b, off otherwise); the port never recomputes",
+    )
+    p.add_argument(
+        "--attention-impl",
+        default=None,
+        choices=ATTENTION_IMPLS,
+        help="fastblt's rows: model.attention_impl (default: the shape's config, auto at mid and 1b)",
     )
     p.add_argument(
         "--profile", nargs="*", default=[], choices=ROWS, help="also trace these rows: time per component"
@@ -607,6 +624,8 @@ def _forward(args) -> list[str]:
         out += ["--seq-len", str(args.seq_len)]
     if args.remat:
         out += ["--remat", args.remat]
+    if args.attention_impl:
+        out += ["--attention-impl", args.attention_impl]
     if args.profile:
         out += ["--profile", *args.profile]
     return out
