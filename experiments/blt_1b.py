@@ -59,10 +59,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.patcher.max_patches = 8192
     config.model.remat = True
     config.model.scan_layers = True  # 25 global layers compiled once
-    # Fused attention: cuDNN and the key-range kernel on a GPU, splash on a TPU where a call fits, the
-    # XLA reference path elsewhere (fastblt.model.attention.resolve_impl). On "xla" a GPU step
-    # materialises every float32 score tensor: experiments/results/train_speed.md, run 23.
-    config.model.attention_impl = "auto"
     # Stage 1 trains experiments/entropy_100m.py's model unless a trained one is named with
     # --config.entropy_stage.checkpoint=WORKDIR; BLT-1B keeps the reference threshold (no calibration).
     config.entropy_stage = base.entropy_stage(steps=100_000, lr=4e-4, warmup_steps=2000, target_patch_len=0.0)

@@ -180,8 +180,9 @@ class ModelConfig:
     max_bytes: int = 24576  # longest byte row (RoPE positions, buffers)
     max_global_patches: int = 4096
     dtype: str = setting("float32", choices=DTYPES)  # compute dtype; parameters and logits float32
-    # auto: cudnn on GPU, splash on TPU where the call fits (fastblt.model.attention.resolve_impl)
-    attention_impl: str = setting("xla", choices=ATTENTION_IMPLS)
+    # auto: cudnn on GPU, splash on TPU where the call fits, the XLA path elsewhere (CPU, float32 on
+    # GPU; fastblt.model.attention.resolve_impl). "xla" is the reference path everywhere.
+    attention_impl: str = setting("auto", choices=ATTENTION_IMPLS)
     remat: bool = False  # recompute each transformer block in the backward pass (saves memory)
     remat_policy: str = setting("full", choices=REMAT_POLICIES)  # what a recomputed block keeps
     # Run the global model's layers as one lax.scan over their stacked parameters: compile time and
