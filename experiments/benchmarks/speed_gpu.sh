@@ -204,8 +204,8 @@
 #   50. the 1B-class row on the XLA attention path (--attention-impl xla), the "before" of blt_1b's
 #       attention_impl="auto" (since train_speed.md run 22; until then the 1B row ran no fused attention:
 #       every float32 score tensor in HBM). Phase 5 is the "after". Needs an H200.
-#   51. phases 5 and 50's fastblt rows without the port, on an 80 GB card (95% of its memory for XLA):
-#       the fused row (now the default) and the XLA path's, each its own process.
+#   51. phases 5 and 50's fastblt rows without the port, on any card (95% of its memory for XLA; the
+#       port needs more than an 80 GB card): the fused row (now the default), then the XLA path's.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -499,16 +499,11 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
         phase train1b_xla python3 $bench/train_speed.py --shape 1b --batch 4 --rows blt --attention-impl xla \
           --steps 10 --warmup 2 --timeout 300 --out "$out/train1b_xla"
       fi ;;
-  51) gpu_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-      if [ "${gpu_mb:-0}" -ge 100000 ]; then
-        echo "[train1b_alone] skipped: an H200 runs phases 5 and 50 (the port too)" | tee -a "$out/log.txt"
-      else
-        for impl in auto xla; do  # fastblt's rows alone (the port needs more than 80 GB)
-          XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 phase "train1b_alone_$impl" python3 $bench/train_speed.py \
-            --shape 1b --batch 4 --rows blt --attention-impl $impl --steps 10 --warmup 2 --timeout 300 \
-            --out "$out/train1b_alone_$impl"
-        done
-      fi ;;
+  51) for impl in auto xla; do  # fastblt's rows alone (the port needs more than 80 GB)
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 phase "train1b_alone_$impl" python3 $bench/train_speed.py \
+          --shape 1b --batch 4 --rows blt --attention-impl $impl --steps 10 --warmup 2 --timeout 300 \
+          --out "$out/train1b_alone_$impl"
+      done ;;
   46) for run in k128_scatters k128 k256 k512; do
         opts=()
         [ $run = k128_scatters ] && opts=(--no-split-writes)
