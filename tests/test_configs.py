@@ -221,6 +221,7 @@ def test_wrong_type_names_the_key(override, key):
         ("tiny", "model.global_model.n_heads=5", "model.global_model.n_heads"),
         ("blt_1b", "model.decoder.dim=512", "model.decoder.dim"),
         ("tiny", "model.patcher.mode=bytes", "model.patcher.mode"),
+        ("tiny", "model.remat_policy=minimal", "model.remat_policy"),  # without model.remat=True
         ("entropy_tiny", "entropy_model.n_heads=3", "entropy_model.n_heads"),
         ("tiny", "data.seq_len=4096", "data.seq_len"),
     ],

@@ -210,7 +210,7 @@ def test_remat_and_scan_change_nothing_but_memory_and_compile_time(changes):
     if changes.get("remat"):
         # What the backward keeps, per jax's own account of the saved residuals: "full" keeps no
         # product of a block, "minimal" keeps the projections but not attention's batched products.
-        def kept_bytes(c):
+        def kept_elements(c):
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 print_saved_residuals(lambda p: loss(c, p), params)
@@ -219,9 +219,16 @@ def test_remat_and_scan_change_nothing_but_memory_and_compile_time(changes):
                 for shape in re.findall(r"^\w+\[([\d,]*)\]", out.getvalue(), re.M)
             )
 
-        plain, kept = kept_bytes(config.replace(remat=False)), kept_bytes(config.replace(**changes))
-        full = kept_bytes(config.replace(**{**changes, "remat_policy": "full"}))
+        plain, kept = kept_elements(config.replace(remat=False)), kept_elements(config.replace(**changes))
+        full = kept_elements(config.replace(**{**changes, "remat_policy": "full"}))
         assert plain > kept > full if changes.get("remat_policy") == "minimal" else plain > full
+        if changes.get("remat_policy") == "minimal":
+            # Every layer keeps as much, scanned or not: the scan's checkpoint honours the policy too.
+            other = {**changes, "scan_layers": not changes.get("scan_layers", False)}
+            extra = kept_elements(config.replace(**other)) - kept_elements(
+                config.replace(**{**other, "remat_policy": "full"})
+            )
+            assert kept - full == extra
     if changes.get("scan_layers"):  # one block in the program, not three
         hlo = jax.jit(lambda p: loss(config.replace(**changes), p)).lower(params).as_text()
         assert "while" in hlo

@@ -149,3 +149,25 @@ def test_exact_flag_gives_blt_s_the_ar_output_and_checks_its_width(monkeypatch, 
     with pytest.raises(SystemExit):
         cli.main([*base, "--method", "blt_s", "--draft", "3", "--exact-width", "3"])
     assert "--exact-width 3 must be an int >= 4" in capsys.readouterr().err
+
+
+def test_attention_impl_flag_overrides_the_checkpoints(monkeypatch, tmp_path):
+    """A checkpoint saved with "xla" (the default before "auto") keeps it unless --attention-impl says
+    otherwise; the model config that reaches generate() is the witness."""
+    import fastblt.sampler as sampler
+
+    config = model_config(load_config("tiny:patching=static")).replace(attention_impl="xla")
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(config))
+    export = str(save_export(tmp_path / "export", config, params))
+    seen = []
+
+    def fake_generate(params, config, prompts, **kwargs):
+        seen.append(config.attention_impl)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(sampler, "generate", fake_generate)
+    argv = ["sample", "--checkpoint", export, "--prompt", "ab"]
+    for extra in ([], ["--attention-impl", "auto"]):
+        with pytest.raises(SystemExit):  # the stand-in's error, as a usage error
+            _run(monkeypatch, argv + extra)
+    assert seen == ["xla", "auto"]

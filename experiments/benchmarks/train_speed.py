@@ -461,8 +461,11 @@ def write_results(results: list[dict], out_dir: str, command: str) -> None:
         if mfu is not None and mm:
             mfu_mm = r["model_tflops_per_step"] / (r["step_ms"] / 1e3) / mm["matmul_tflops"]
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        label = r["row"] + (
+            f" (remat {r['remat']}, {r['attention_impl']})" if r.get("attention_impl") else ""
+        )
         lines.append(
-            f"| {r['row']} | {r['bytes_per_sec'] / 1e3:.1f} k | {r['step_ms']:.1f} | {fmt(r.get('loop_step_ms'), '.1f')} | "
+            f"| {label} | {r['bytes_per_sec'] / 1e3:.1f} k | {r['step_ms']:.1f} | {fmt(r.get('loop_step_ms'), '.1f')} | "
             f"{fmt(mfu and 100 * mfu, '.1f')} % | "
             f"{fmt(mfu_mm and 100 * mfu_mm, '.1f')} % | {fmt(r.get('peak_gb'), '.1f')} | {fmt(r.get('xla_total_gb'), '.1f')} | "
             f"{r['compile_s']:.1f} |"

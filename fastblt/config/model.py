@@ -180,8 +180,9 @@ class ModelConfig:
     max_bytes: int = 24576  # longest byte row (RoPE positions, buffers)
     max_global_patches: int = 4096
     dtype: str = setting("float32", choices=DTYPES)  # compute dtype; parameters and logits float32
-    # auto: cudnn on GPU, splash on TPU where the call fits, the XLA path elsewhere (CPU, float32 on
-    # GPU; fastblt.model.attention.resolve_impl). "xla" is the reference path everywhere.
+    # auto: on a GPU cuDNN for bf16/fp16 training and prefill calls and the decode kernel for decode
+    # steps, on a TPU splash where a call fits, the XLA path elsewhere (CPU; float32 calls of many
+    # queries on a GPU): fastblt.model.attention.resolve_impl. "xla" is the reference path everywhere.
     attention_impl: str = setting("auto", choices=ATTENTION_IMPLS)
     remat: bool = False  # recompute each transformer block in the backward pass (saves memory)
     remat_policy: str = setting("full", choices=REMAT_POLICIES)  # what a recomputed block keeps
@@ -219,6 +220,12 @@ class ModelConfig:
             join(key, "decoder.dim"),
             f"the decoder reads the encoder's byte states, so it must equal encoder.dim "
             f"({self.encoder.dim}), got {self.decoder.dim}",
+        )
+        require(
+            self.remat or self.remat_policy == "full",
+            join(key, "remat_policy"),
+            f"{self.remat_policy!r} says what a recomputed block keeps, and nothing is recomputed: "
+            "set model.remat=True as well (or leave the policy at 'full')",
         )
         if self.patcher.mode == "entropy":
             require(

@@ -22,7 +22,7 @@ ADDED_MODEL_KEYS: dict[str, Any] = {
     "remat": False,  # 106ddd1: blocks were not recomputed
     "scan_layers": False,  # bba5609: the global layers ran unrolled
     "scan_decode_layers": False,  # 0037ea3: the sampler ran its layers unrolled
-    "remat_policy": "full",  # remat kept only each block's input
+    "remat_policy": "full",  # eb1d7c1: remat kept only each block's input
 }
 
 # Keys of an experiment (dotted), filled where their section is there.

@@ -198,7 +198,9 @@ class GlobalTransformer(nn.Module):
             return nn.with_logical_constraint(out, _PATCHES), None
 
         if m.remat:
-            step = jax.checkpoint(step, policy=remat_policy(m.remat_policy))
+            # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputed
+            # forward into the first (jax.checkpoint's documentation).
+            step = jax.checkpoint(step, policy=remat_policy(m.remat_policy), prevent_cse=False)
         h, _ = jax.lax.scan(step, h, stacked)
         return h
 

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from fastblt.config import ATTENTION_IMPLS
 from fastblt.errors import UsageError
 from fastblt.sampler.rules import ANCHORS, RULES
 
@@ -83,6 +84,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="--exact: the step width (>= draft + 1, >= block size; default 16)",
     )
+    parser.add_argument(
+        "--attention-impl",
+        choices=ATTENTION_IMPLS,
+        default=None,
+        help="model.attention_impl for this run (default: the checkpoint's; 'auto' gives the fused kernels "
+        "to a checkpoint saved with 'xla', the default before 2026-12-07)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -110,6 +118,8 @@ def _run_sample(args: argparse.Namespace) -> None:
         raise UsageError(f"--method {args.method!r} is not available; choose one of {', '.join(REGISTRY)}")
     prompts = _read_prompts(args)
     config, params = load_model(args.checkpoint)
+    if args.attention_impl:
+        config = config.replace(attention_impl=args.attention_impl)
     block_size = args.block_size or trained_block_size(args.checkpoint) or 4
     try:
         result = generate(
