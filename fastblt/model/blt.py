@@ -259,12 +259,14 @@ class LocalDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if i == 0 or self.config.decoder.cross_attn_all_layers:
                 cross = self.cross_attn_layers[i]
-                h = h + cross.gathered(h, slots, read_patch, self.config.attention_impl)
+                # One projection of the slots for both streams: computed per stream, XLA merged the
+                # two forwards but not their backwards (twice the slots' key and value gradients).
+                kv = cross.slot_kv(slots)
+                h = h + cross.gathered(h, kv, read_patch, self.config.attention_impl)
                 if rows is not None:
                     with jax.named_scope("blt_d_blocks"):
                         rows = rows.replace(
-                            h=rows.h
-                            + cross.gathered(rows.h, slots, rows.read_patch, self.config.attention_impl)
+                            h=rows.h + cross.gathered(rows.h, kv, rows.read_patch, self.config.attention_impl)
                         )
             if rows is None:
                 h = layer(h, positions, mask)

@@ -416,16 +416,20 @@ class CrossAttention(nn.Module):
         o = segment_attention(q, k, v, segment_ids, impl)
         return x + self.out(o.reshape(b, pk, self.n_heads, -1))
 
-    def gathered(self, x: jax.Array, slots: jax.Array, index: jax.Array, impl: str = "xla") -> jax.Array:
+    def gathered(
+        self, x: jax.Array, kv: tuple[jax.Array, jax.Array], index: jax.Array, impl: str = "xla"
+    ) -> jax.Array:
         """Each query attends only the k slots of one patch (the decoder's case; the sampler's
         cached form is :func:`read_latents`).
 
         Args:
-          x: float[b, len, dim] queries; slots: float[b, patches, k, dim];
+          x: float[b, len, dim] queries;
+          kv: the slots' keys and values, :meth:`slot_kv` of the float[b, patches, k, dim] slots (once
+            per layer where two streams read them: BLT-D's clean and block rows);
           index: int32[b, len], the patch each query reads (fastblt.model.cross_attention.latent_attention);
           impl: the attention core's kernel.
         """
-        k, v = self.slot_kv(slots)
+        k, v = kv
         return x + self.out(latent_attention(self.query(x), k, v, index, impl))
 
     def slot_kv(self, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
