@@ -235,7 +235,8 @@
 # (generate_speed.md run 22: the key-split fix gains nothing; train_speed.md run 22: the 1B-class row).
 # Next: 5, 50, 49 and 45 on an H200 (the 1B-class row with fused attention, the port beside it), or 51
 # on any card; 47, 48, 46 and 44 (what fits an H100 now), 27 on an H100 (blt_mid's last row), 43, 10, 11.
-# (2026-12-07: no machine started in eleven tries over three hours; nothing of phases 45-51 has run.) Phases 30 and 31 clear the range switches where they measure "before".
+# 51's first row on one H100 on 2026-12-07 after eleven tries that started no machine (train_speed.md
+# run 23: the 1B-class row with fused attention, 210.7 ms per step); nothing else of phases 45-51 has run. Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
 #
