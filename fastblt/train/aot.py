@@ -234,7 +234,8 @@ def compile_train_step(
         if "RESOURCE_EXHAUSTED" in message:
             raise ConfigError(
                 f"the train step does not fit on {name}: {message}. Lower data.batch_size or data.seq_len, "
-                f"shard more (mesh.fsdp, mesh.tensor), bound model.patcher.max_patches or set model.remat=True"
+                f"shard more (mesh.fsdp, mesh.tensor), bound model.patcher.max_patches or set model.remat=True "
+                "(with model.remat_policy=full)"
             ) from None
         raise
     seconds = time.perf_counter() - start
