@@ -123,22 +123,22 @@ def test_blt_forward_with_the_kernel_matches_the_oracle_and_xla_gradients(fused_
     jax.tree.map(close, got_grads, want_grads)
 
 
-def test_norm_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
-    """experiments/benchmarks/norm_check.py (interpreted): the kernel passes; one that drops the
+def test_kernel_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
+    """experiments/benchmarks/kernel_check.py (interpreted): the kernel passes; one that drops the
     scale's gradient is reported as a mismatch."""
     import os
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
-    import norm_check
+    import kernel_check
 
-    (name, rows, dim) = norm_check.SMALL[0]
-    assert norm_check.check(name, rows, dim, interpret=True)["ok"]
+    (name, rows, dim) = kernel_check.SMALL[0]
+    assert kernel_check.check("norm", name, rows, dim, interpret=True)["ok"]
     real = norm_kernel._norm_bwd
     monkeypatch.setattr(norm_kernel, "_norm_bwd", lambda *a: (real(*a)[0], real(*a)[1] * 0))
     norm_kernel._norm.defvjp(norm_kernel._norm_fwd, norm_kernel._norm_bwd)
     try:
-        result = norm_check.check(name, rows, dim, interpret=True)
+        result = kernel_check.check("norm", name, rows, dim, interpret=True)
     finally:
         norm_kernel._norm.defvjp(norm_kernel._norm_fwd, real)
     assert not result["ok"] and result["dscale_rel_error"] == pytest.approx(1.0)

@@ -64,6 +64,7 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
 
     monkeypatch.setattr(cross_attention, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(layers, "GPU_FUSED_NORM", False)
+    monkeypatch.setattr(layers, "GPU_SWIGLU_KERNEL", False)
     monkeypatch.setattr(block_rows, "OWN_BLOCK_IN_KERNEL", False)
     args = train_speed.parser().parse_args(
         ["--no-range-kernel", "--fused-norm", "--own-in-kernel", "--rows", "blt"]
@@ -74,6 +75,7 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
     settings = train_speed.apply_switches(args)
     assert settings == {
         "fused_norm": True,
+        "swiglu_kernel": False,
         "range_kernel": False,
         "own_in_kernel": True,
         "cross_ranges": True,

@@ -78,7 +78,7 @@
 #       experiments/results/generate_speed/sweep_<shape>.jsonl seed a fresh machine (rows of another
 #       kind of device are measured again).
 #   28. the RMSNorm kernel (fastblt.model.norm_kernel): first checked as Triton compiles it against XLA's
-#       norm at blt_mid's and BLT-1B's shapes (norm_check.py; exits 1 on a mismatch, and the train
+#       norm at blt_mid's and BLT-1B's shapes (kernel_check.py --kernels norm; exits 1 on a mismatch, and the train
 #       rows run only after it passed here), then plain BLT and BLT-D-4 without and with it
 #       (--fused-norm), plain BLT profiled both times: predicted ~1.5 ms off the step, in the norms'
 #       backward (train_speed.md, run 9's leads).
@@ -206,6 +206,12 @@
 #       every float32 score tensor in HBM). Phase 5 is the "after". Needs an H200.
 #   51. phases 5 and 50's fastblt rows without the port, on any card (95% of its memory for XLA; the
 #       port needs more than an 80 GB card): the fused row (now the default), then the XLA path's.
+#   52. SwiGLU's gradient as one two-output Pallas kernel (fastblt.model.swiglu_kernel,
+#       layers.GPU_SWIGLU_KERNEL): first checked as Triton compiles it against XLA's gradient at blt_mid's
+#       and BLT-1B's shapes (kernel_check.py --kernels swiglu; the train rows run only after it passed
+#       here), then plain BLT at blt_mid without and with it, alternated twice: predicted ~0.9 ms off the
+#       step (12 global layers x 40 us + 5 local x ~85 us; train_speed.md, "Where blt_mid's 22 ms of
+#       elementwise kernels go", lead 2).
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -506,6 +512,17 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
           --shape 1b --batch 4 --rows blt --attention-impl $impl --steps 10 --warmup 2 --timeout 300 \
           --out "$out/train1b_alone_$impl"
       done ;;
+  52) phase swiglu_check python3 $bench/kernel_check.py --kernels swiglu --out "$out/swiglu_check"
+      if [ -e "$out/swiglu_check/done" ]; then
+        for run in xla_1 kernel_1 xla_2 kernel_2; do
+          flag=(--no-swiglu-kernel)
+          [ "${run%_*}" = kernel ] && flag=(--swiglu-kernel)
+          phase "train_swiglu_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+            --timeout 200 "${flag[@]}" --out "$out/train_swiglu_$run"
+        done
+      else
+        echo "[train_swiglu] skipped: the SwiGLU kernel's check (swiglu_check) has not passed here" | tee -a "$out/log.txt"
+      fi ;;
   46) for run in k128_scatters k128 k256 k512; do
         opts=()
         [ $run = k128_scatters ] && opts=(--no-split-writes)
@@ -562,7 +579,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
           --methods ar blt_s4 blt_s8 blt_s16 blt_d4 blt_d4_gamma blt_d4_one blt_d8 blt_d8_gamma blt_d8_one \
           blt_dv4 blt_dv8 hf --batch 1 8 32 128 --prompt-bytes 64 4000 --resume --out "$out/sweep_$shape"
       done ;;
-  28) phase norm_check python3 $bench/norm_check.py --out "$out/norm_check"
+  28) phase norm_check python3 $bench/kernel_check.py --kernels norm --out "$out/norm_check"
       if [ -e "$out/norm_check/done" ]; then
         for norm in xla fused; do
           flag=()

@@ -373,6 +373,11 @@ SWITCHES = {
         "GPU_FUSED_NORM",
         "training-sized RMSNorms as one Pallas kernel per direction (one GPU)",
     ),
+    "swiglu_kernel": (
+        "fastblt.model.layers",
+        "GPU_SWIGLU_KERNEL",
+        "training-sized SwiGLU gradients as one two-output Pallas kernel (one GPU)",
+    ),
     "range_kernel": (
         "fastblt.model.block_rows",
         "GPU_RANGE_KERNEL",

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fastblt.config import TransformerConfig
-from fastblt.model import norm_kernel
+from fastblt.model import norm_kernel, swiglu_kernel
 from fastblt.model.attention import Attend, LocalMask, attention, platform
 from fastblt.model.block_rows import BlockRows
 from fastblt.model.cross_attention import gathered_attention, latent_attention, segment_attention
@@ -117,12 +117,17 @@ GPU_FUSED_NORM = False
 FUSED_NORM_MIN_ROWS = 1024  # smaller calls (decode steps) stay in XLA's fusions with their neighbours
 
 
+def one_gpu() -> bool:
+    """Whether a Pallas kernel of the layers may run: traced for a GPU, in a process of one device
+    (XLA's SPMD partitioner cannot split a Pallas call)."""
+    return platform() == "gpu" and jax.device_count() == 1
+
+
 def use_fused_norm(x: jax.Array) -> bool:
     """The one place that decides whether :func:`rms_norm` of x: float[..., D] runs the kernel."""
     return (
         GPU_FUSED_NORM
-        and platform() == "gpu"
-        and jax.device_count() == 1
+        and one_gpu()
         and norm_kernel.supported(x)
         and x.size // x.shape[-1] >= FUSED_NORM_MIN_ROWS
     )
@@ -255,8 +260,28 @@ def _swiglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Ar
     return swiglu(gate, up), (gate, up)
 
 
+# SwiGLU's gradient of training-sized calls as one Pallas kernel with both outputs on a GPU
+# (fastblt.model.swiglu_kernel): XLA writes the two gradients in two fusions that each read the
+# cotangent and the gate again (7 passes where 5 do). Off until a GPU measures it (speed_gpu.sh
+# phase 52); one device only, as GPU_FUSED_NORM.
+GPU_SWIGLU_KERNEL = False
+SWIGLU_KERNEL_MIN_SIZE = 1 << 20  # elements; smaller calls stay in XLA's fusions with their neighbours
+
+
+def use_swiglu_kernel(gate: jax.Array) -> bool:
+    """The one place that decides whether :func:`swiglu`'s gradient of gate: float[..., F] runs the kernel."""
+    return (
+        GPU_SWIGLU_KERNEL
+        and one_gpu()
+        and swiglu_kernel.supported(gate)
+        and gate.size >= SWIGLU_KERNEL_MIN_SIZE
+    )
+
+
 def _swiglu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     gate, up = res
+    if use_swiglu_kernel(gate) and up.shape == g.shape == gate.shape:
+        return swiglu_kernel.swiglu_grad(gate, up, g)
     a, b, g = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
     s = jax.nn.sigmoid(a)
     d_gate = g * b * (s * (1.0 + a * (1.0 - s)))  # silu'(a) = s + a s (1 - s)

@@ -1,0 +1,122 @@
+"""The elementwise Pallas kernels as Triton compiles them against XLA's expressions, at blt_mid's and
+BLT-1B's shapes: the RMSNorm kernel (fastblt.model.norm_kernel) and SwiGLU's gradient kernel
+(fastblt.model.swiglu_kernel).
+
+    python experiments/benchmarks/kernel_check.py --kernels norm swiglu --out DIR  # a GPU; exits 1 on a mismatch
+    python experiments/benchmarks/kernel_check.py --interpret                      # the CPU (Pallas interpret mode)
+
+For each kernel and shape: the value and the gradients (a random cotangent) from the kernel and from
+fastblt.model.layers' XLA expression, their largest relative differences, and the time of each
+(forward plus backward for the norm, the backward alone for SwiGLU; median of 20 after warm-up). The
+CPU tests interpret the kernels; this checks the kernels the GPU runs before speed_gpu.sh times a
+train step with them (phases 28 and 52).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# (name, rows, dim): blt_mid's local rows (16 x 4096) and global rows (16 x 1025), BLT-1B's global.
+SHAPES = [("mid local", 16 * 4096, 512), ("mid global", 16 * 1025, 1024), ("1b global", 4 * 1025, 2048)]
+# (name, rows, hidden): the SwiGLU products of blt_mid's decoder and global model, BLT-1B's global.
+FFN_SHAPES = [("mid local", 16 * 4096, 1536), ("mid global", 16 * 1026, 2816), ("1b global", 4 * 1026, 5632)]
+SMALL = [("small", 64, 128)]
+KERNELS = ("norm", "swiglu")
+
+
+def _runs(kernel: str, interpret: bool):
+    """(kernel's function, XLA's function) of one kernel, each jitted from (x, second input, cotangent)
+    to (value or None, gradients...)."""
+    import jax
+
+    from fastblt.model import layers, norm_kernel, swiglu_kernel
+
+    if kernel == "norm":
+        assert not layers.GPU_FUSED_NORM, "the XLA side of the check needs GPU_FUSED_NORM off"
+
+        def both(fn):
+            @jax.jit
+            def run(x, s, dy):
+                y, vjp = jax.vjp(fn, x, s)
+                return (y, *vjp(dy))
+
+            return run
+
+        return (
+            both(lambda x, s: norm_kernel.rms_norm(x, s, 1e-5, interpret=interpret)),
+            both(lambda x, s: layers.rms_norm(x, s, 1e-5)),  # XLA's expression: GPU_FUSED_NORM is off
+        )
+    assert not layers.GPU_SWIGLU_KERNEL, "the XLA side of the check needs GPU_SWIGLU_KERNEL off"
+    return (
+        jax.jit(lambda a, b, g: swiglu_kernel.swiglu_grad(a, b, g, interpret=interpret)),
+        jax.jit(lambda a, b, g: jax.vjp(layers.swiglu, a, b)[1](g)),
+    )
+
+
+def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
+    """One kernel at one shape: relative errors against XLA, times, and whether it passed."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    keys = jax.random.split(jax.random.key(rows + dim), 3)
+    x = (2.0 * jax.random.normal(keys[0], (rows, dim))).astype(jnp.bfloat16)
+    second = (
+        1.0 + 0.3 * jax.random.normal(keys[1], (dim,))
+        if kernel == "norm"
+        else jax.random.normal(keys[1], (rows, dim)).astype(jnp.bfloat16)
+    )
+    dy = jax.random.normal(keys[2], (rows, dim)).astype(jnp.bfloat16)
+    labels = ("y", "dx", "dscale") if kernel == "norm" else ("d_gate", "d_up")
+    out = {"kernel": kernel, "shape": name, "rows": rows, "dim": dim}
+    runs = dict(zip(("kernel", "xla"), _runs(kernel, interpret), strict=True))
+    got, want = runs["kernel"](x, second, dy), runs["xla"](x, second, dy)
+    for label, a, b in zip(labels, got, want, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        out[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    for label, run in runs.items():
+        times = []
+        for i in range(23):
+            t = time.perf_counter()
+            jax.block_until_ready(run(x, second, dy))
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+        out[f"{label}_us"] = 1e6 * statistics.median(times)
+    # bf16 outputs: one rounding apart at most (2^-8 relative to the largest entry); the scale's
+    # gradient sums rows in float32 in another order.
+    out["ok"] = all(out[f"{label}_rel_error"] < (1e-3 if label == "dscale" else 8e-3) for label in labels)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--interpret", action="store_true", help="run the kernels in Pallas interpret mode")
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    ok = True
+    lines = []
+    for kernel in args.kernels:
+        shapes = SMALL if args.interpret else SHAPES if kernel == "norm" else FFN_SHAPES
+        for name, rows, dim in shapes:
+            r = check(kernel, name, rows, dim, args.interpret)
+            ok &= r["ok"]
+            print(json.dumps(r), flush=True)
+            lines.append(json.dumps(r))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "kernel_check.jsonl"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    print("ok" if ok else "MISMATCH", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
