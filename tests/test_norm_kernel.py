@@ -62,6 +62,38 @@ def test_kernel_value_and_gradients_match_float64(dtype, shape):
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("parts,residual", [(3, True), (2, True), (1, False)])
+def test_backward_of_summed_gradients_and_a_residual_matches_float64(dtype, parts, residual):
+    """grad_parts: the norm's backward for an output read by `parts` products (q, k, v), plus the
+    gradient x gets from its residual path, equals the float64 backward of the summed gradient plus
+    the residual's."""
+    rng = np.random.default_rng(parts)
+    shape = (2, 24, 128)
+    x = jnp.asarray(rng.normal(0, 2.0, shape), dtype)
+    scale = jnp.asarray(rng.normal(1.0, 0.3, shape[-1]), jnp.float32)
+    dys = tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(parts))
+    d_res = jnp.asarray(rng.normal(size=shape), dtype) if residual else None
+    r = norm_kernel.inverse_rms(x, EPS)
+    dx, ds = norm_kernel.grad_parts(x, scale, r, dys, d_res, interpret=True)
+    _, want_dx, want_ds = _oracle(x, scale, sum(np.asarray(dy, np.float64) for dy in dys))
+    if residual:
+        want_dx = want_dx + np.asarray(d_res, np.float64)
+    assert dx.dtype == dtype and ds.dtype == jnp.float32 and dx.shape == shape
+    tol = 2e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+        np.asarray(dx, np.float64), want_dx, rtol=tol, atol=tol * np.abs(want_dx).max()
+    )
+    np.testing.assert_allclose(
+        np.asarray(ds, np.float64), want_ds, rtol=1e-4, atol=1e-4 * np.abs(want_ds).max()
+    )
+    np.testing.assert_allclose(
+        np.asarray(r), 1.0 / np.sqrt(np.mean(np.asarray(x, np.float64) ** 2, axis=-1) + EPS), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="one or more gradients of its shape"):
+        norm_kernel.grad_parts(x, scale, r, (dys[0][:, :8],), interpret=True)
+
+
 def test_which_calls_the_kernel_takes():
     assert norm_kernel.supported(jnp.zeros((16400, 1024), jnp.bfloat16))  # blt_mid's global rows
     assert not norm_kernel.supported(jnp.zeros((64, 768), jnp.bfloat16))  # not a power of two

@@ -513,6 +513,9 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
           --out "$out/train1b_alone_$impl"
       done ;;
   52) phase swiglu_check python3 $bench/kernel_check.py --kernels swiglu --out "$out/swiglu_check"
+      # The norm's backward with q's, k's and v's gradients unsummed and the residual's (not in the
+      # model yet): whether one pass beats XLA's at these shapes decides whether to build it in.
+      phase norm_parts_check python3 $bench/kernel_check.py --kernels norm_parts --out "$out/norm_parts_check"
       if [ -e "$out/swiglu_check/done" ]; then
         for run in xla_1 kernel_1 xla_2 kernel_2; do
           flag=(--no-swiglu-kernel)

@@ -83,15 +83,59 @@ def _fwd_kernel(x_ref, s_ref, y_ref, r_ref, *, eps):
     r_ref[...] = r
 
 
-def _bwd_kernel(x_ref, s_ref, r_ref, dy_ref, dx_ref, ds_ref):
+def _bwd_kernel(x_ref, s_ref, r_ref, *refs, parts: int, residual: bool):
+    # refs: the output gradient's `parts` summands, the residual gradient if `residual`, then dx, ds.
+    dx_ref, ds_ref = refs[-2:]
     x = x_ref[...].astype(jnp.float32)
     r = r_ref[...][:, None]
-    dy = dy_ref[...].astype(jnp.float32)
+    dy = refs[0][...].astype(jnp.float32)
+    for part in refs[1:parts]:
+        dy = dy + part[...].astype(jnp.float32)
     xh = x * r
     g = dy * s_ref[...].astype(jnp.float32)[None, :]
     # d/dx of x * rsqrt(mean(x^2) + eps): r * (g - xh * mean(xh * g)), per row.
-    dx_ref[...] = (r * (g - xh * jnp.mean(xh * g, axis=1)[:, None])).astype(dx_ref.dtype)
+    dx = r * (g - xh * jnp.mean(xh * g, axis=1)[:, None])
+    if residual:
+        dx = dx + refs[parts][...].astype(jnp.float32)
+    dx_ref[...] = dx.astype(dx_ref.dtype)
     ds_ref[...] = jnp.sum(dy * xh, axis=0)[None, :]
+
+
+def inverse_rms(x: jax.Array, eps: float) -> jax.Array:
+    """Each row's ``rsqrt(mean(x^2) + eps)`` in float32: float[..., D] -> float32[...]."""
+    x32 = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps)
+
+
+def grad_parts(
+    x: jax.Array,
+    scale: jax.Array,
+    r: jax.Array,
+    dys: tuple[jax.Array, ...],
+    d_residual: jax.Array | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """RMSNorm's backward in one pass where the output feeds several products and x also feeds a
+    residual: reads x, each summand of the output's gradient and the residual's gradient once.
+
+    Args:
+      x: float[..., D] (:func:`supported` shapes); scale: float[D]; r: float32[...], :func:`inverse_rms`
+      of x; dys: the summands of the norm output's gradient, each float[..., D] (one per product that
+      reads the output: q, k and v); d_residual: float[..., D], x's gradient from elsewhere, added.
+    Returns: (dx float[..., D] in x's dtype, dscale float[D] in scale's dtype).
+    """
+    if not (supported(x) and dys and all(dy.shape == x.shape for dy in dys)):
+        raise ValueError(
+            f"norm_kernel.grad_parts takes x of a power-of-two width in [16, {MAX_DIM}] with rows in blocks "
+            f"of 2 or more and one or more gradients of its shape; got x {x.dtype}{list(x.shape)}, "
+            f"gradients {[list(dy.shape) for dy in dys]}"
+        )
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    d = x.shape[-1]
+    flat = [t.reshape(-1, d) for t in (x, *dys, *(() if d_residual is None else (d_residual,)))]
+    dx, ds = _backward(flat[0], scale, r.reshape(-1), tuple(flat[1:]), len(dys), bool(interpret))
+    return dx.reshape(x.shape), ds
 
 
 def _forward(x, scale, eps, interpret):
@@ -122,24 +166,30 @@ def _norm_fwd(x, scale, eps, interpret):
 
 def _norm_bwd(eps, interpret, res, dy):
     x, scale, r = res
+    return _backward(x, scale, r, (dy,), 1, interpret)
+
+
+def _backward(x, scale, r, grads, parts, interpret):
+    """The backward kernel over x: [n, d]: ``grads`` holds the output gradient's ``parts`` summands,
+    then the residual gradient if there is one more."""
     n, d = x.shape
     rows = block_rows(n, d)
     row_block = pl.BlockSpec((rows, d), lambda i: (i, 0))
     dx, ds = pl.pallas_call(
-        _bwd_kernel,
+        functools.partial(_bwd_kernel, parts=parts, residual=len(grads) > parts),
         grid=(n // rows,),
         in_specs=[
             row_block,
             pl.BlockSpec((d,), lambda i: (0,)),
             pl.BlockSpec((rows,), lambda i: (i,)),
-            row_block,
+            *[row_block] * len(grads),
         ],
         out_specs=[row_block, pl.BlockSpec((1, d), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n // rows, d), jnp.float32)],
         interpret=interpret,
         name="fastblt_rms_norm_bwd",
         **_params(interpret),
-    )(x, scale, r, dy)
+    )(x, scale, r, *grads)
     return dx, jnp.sum(ds, axis=0).astype(scale.dtype)
 
 
