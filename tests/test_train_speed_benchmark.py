@@ -65,6 +65,7 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
     monkeypatch.setattr(cross_attention, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(layers, "GPU_FUSED_NORM", False)
     monkeypatch.setattr(layers, "GPU_SWIGLU_KERNEL", False)
+    monkeypatch.setattr(layers, "GPU_NORM_PARTS", False)
     monkeypatch.setattr(block_rows, "OWN_BLOCK_IN_KERNEL", False)
     args = train_speed.parser().parse_args(
         ["--no-range-kernel", "--fused-norm", "--own-in-kernel", "--rows", "blt"]
@@ -76,6 +77,7 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
     assert settings == {
         "fused_norm": True,
         "swiglu_kernel": False,
+        "norm_parts": False,
         "range_kernel": False,
         "own_in_kernel": True,
         "cross_ranges": True,

@@ -206,12 +206,16 @@
 #       every float32 score tensor in HBM). Phase 5 is the "after". Needs an H200.
 #   51. phases 5 and 50's fastblt rows without the port, on any card (95% of its memory for XLA; the
 #       port needs more than an 80 GB card): the fused row (now the default), then the XLA path's.
-#   52. SwiGLU's gradient as one two-output Pallas kernel (fastblt.model.swiglu_kernel,
-#       layers.GPU_SWIGLU_KERNEL): first checked as Triton compiles it against XLA's gradient at blt_mid's
-#       and BLT-1B's shapes (kernel_check.py --kernels swiglu; the train rows run only after it passed
-#       here), then plain BLT at blt_mid without and with it, alternated twice: predicted ~0.9 ms off the
-#       step (12 global layers x 40 us + 5 local x ~85 us; train_speed.md, "Where blt_mid's 22 ms of
-#       elementwise kernels go", lead 2).
+#   52. two elementwise passes of blt_mid's backward in one Pallas kernel each, off by default: SwiGLU's
+#       gradient with both outputs (fastblt.model.swiglu_kernel, layers.GPU_SWIGLU_KERNEL) and each
+#       layer's pre-norm backward taking its products' unsummed gradients and the residual's
+#       (fastblt.model.prenorm, layers.GPU_NORM_PARTS). First each kernel checked as Triton compiles it
+#       against XLA's expression at blt_mid's and BLT-1B's shapes (kernel_check.py; a switch's rows run
+#       only after its check passed here), then plain BLT at blt_mid as today, with the SwiGLU kernel,
+#       with the pre-norm op, twice over. Predicted: ~0.9 ms off the step for SwiGLU (12 global layers
+#       x 40 us + 5 local x ~85 us) and ~1.5 ms for the pre-norms (~10 passes -> 6 over the attention
+#       norm's tensor, ~8 -> 5 over the FFN norm's; train_speed.md, "Where blt_mid's 22 ms of
+#       elementwise kernels go", leads 1 and 2).
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -513,19 +517,21 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
           --out "$out/train1b_alone_$impl"
       done ;;
   52) phase swiglu_check python3 $bench/kernel_check.py --kernels swiglu --out "$out/swiglu_check"
-      # The norm's backward with q's, k's and v's gradients unsummed and the residual's (not in the
-      # model yet): whether one pass beats XLA's at these shapes decides whether to build it in.
       phase norm_parts_check python3 $bench/kernel_check.py --kernels norm_parts --out "$out/norm_parts_check"
-      if [ -e "$out/swiglu_check/done" ]; then
-        for run in xla_1 kernel_1 xla_2 kernel_2; do
-          flag=(--no-swiglu-kernel)
-          [ "${run%_*}" = kernel ] && flag=(--swiglu-kernel)
-          phase "train_swiglu_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
-            --timeout 200 "${flag[@]}" --out "$out/train_swiglu_$run"
-        done
-      else
-        echo "[train_swiglu] skipped: the SwiGLU kernel's check (swiglu_check) has not passed here" | tee -a "$out/log.txt"
-      fi ;;
+      for run in base_1 swiglu_1 parts_1 base_2 swiglu_2 parts_2; do
+        flags=(--no-swiglu-kernel --no-norm-parts)
+        case ${run%_*} in
+          swiglu) flags=(--swiglu-kernel --no-norm-parts); check=swiglu_check ;;
+          parts) flags=(--no-swiglu-kernel --norm-parts); check=norm_parts_check ;;
+          *) check= ;;
+        esac
+        if [ -n "$check" ] && [ ! -e "$out/$check/done" ]; then
+          echo "[train_ffn_$run] skipped: $check has not passed here" | tee -a "$out/log.txt"
+          continue
+        fi
+        phase "train_ffn_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+          --timeout 200 "${flags[@]}" --out "$out/train_ffn_$run"
+      done ;;
   46) for run in k128_scatters k128 k256 k512; do
         opts=()
         [ $run = k128_scatters ] && opts=(--no-split-writes)

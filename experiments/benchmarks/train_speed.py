@@ -378,6 +378,12 @@ SWITCHES = {
         "GPU_SWIGLU_KERNEL",
         "training-sized SwiGLU gradients as one two-output Pallas kernel (one GPU)",
     ),
+    "norm_parts": (
+        "fastblt.model.layers",
+        "GPU_NORM_PARTS",
+        "each layer's pre-norms with their products as one op whose backward runs the norm kernel on the "
+        "products' unsummed gradients and the residual's (fastblt.model.prenorm; one GPU)",
+    ),
     "range_kernel": (
         "fastblt.model.block_rows",
         "GPU_RANGE_KERNEL",

@@ -32,9 +32,10 @@ from typing import Any, Protocol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import meta
 
 from fastblt.config import TransformerConfig
-from fastblt.model import norm_kernel, swiglu_kernel
+from fastblt.model import norm_kernel, prenorm, swiglu_kernel
 from fastblt.model.attention import Attend, LocalMask, attention, platform
 from fastblt.model.block_rows import BlockRows
 from fastblt.model.cross_attention import gathered_attention, latent_attention, segment_attention
@@ -133,6 +134,24 @@ def use_fused_norm(x: jax.Array) -> bool:
     )
 
 
+# A layer's two pre-norms with their products (q, k, v; w1, w3) as one op on a GPU whose backward
+# reads the products' input gradients unsummed and the residual's gradient in one pass of the norm
+# kernel (fastblt.model.prenorm; ~10 passes over the attention norm's tensor -> 6). Off until a GPU
+# measures it (speed_gpu.sh phase 52's norm_parts check first); one device only, as GPU_FUSED_NORM.
+GPU_NORM_PARTS = False
+
+
+def use_norm_parts(x: jax.Array) -> bool:
+    """The one place that decides whether a layer's pre-norms of x: float[..., D] run as
+    fastblt.model.prenorm.norm_products."""
+    return (
+        GPU_NORM_PARTS
+        and one_gpu()
+        and norm_kernel.supported(x)
+        and x.size // x.shape[-1] >= FUSED_NORM_MIN_ROWS
+    )
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm of x: float[..., D] with scale float[D]: float32 inside, x's dtype out."""
     if use_fused_norm(x):
@@ -166,25 +185,21 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class LayerWeights(Protocol):
     """What :func:`transformer_layer` needs of a layer's weights (see the module docstring)."""
 
-    def attention_norm(self, x: jax.Array) -> jax.Array:
-        """RMSNorm before attention: float[B, T, D] -> float[B, T, D]."""
-        ...
-
-    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Normed x: float[B, T, D] -> q [B, T, H, hd], k and v [B, T, KV, hd]; q, k rotated (RoPE at
-        positions int32[B, T])."""
+    def normed_qkv(
+        self, h: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """The attention's input: h float[B, T, D] -> (h, q [B, T, H, hd], k and v [B, T, KV, hd]),
+        q, k and v projected from RMSNorm(h), q and k rotated (RoPE at positions int32[B, T]). h comes
+        back for the residual, so that one op may take both of its gradients."""
         ...
 
     def out(self, o: jax.Array) -> jax.Array:
         """Output projection: float[B, T, H, hd] -> float[B, T, D]."""
         ...
 
-    def ffn_norm(self, x: jax.Array) -> jax.Array:
-        """RMSNorm before the feed-forward: float[B, T, D] -> float[B, T, D]."""
-        ...
-
-    def feed_forward(self, x: jax.Array) -> jax.Array:
-        """SwiGLU ``w2(silu(w1 x) * w3 x)``: float[B, T, D] -> float[B, T, D]."""
+    def normed_feed_forward(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """h float[B, T, D] -> (h, SwiGLU ``w2(silu(w1 x) * w3 x)`` of x = RMSNorm(h)), h as in
+        :meth:`normed_qkv`."""
         ...
 
 
@@ -200,10 +215,10 @@ def transformer_layer(
 
     Returns: (h float[B, T, D], attend's aux).
     """
-    q, k, v = w.qkv(w.attention_norm(h), positions)
+    h, q, k, v = w.normed_qkv(h, positions)
     o, aux = attend(q, k, v)
-    h = h + w.out(o)
-    return h + w.feed_forward(w.ffn_norm(h)), aux
+    h, f = w.normed_feed_forward(h + w.out(o))
+    return h + f, aux
 
 
 def self_attention(mask: jax.Array | LocalMask, impl: str) -> Attend:
@@ -234,11 +249,17 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Projects x: float[b, len, dim] to rotated q [b, len, H, hd] and k, v [b, len, KV, hd]."""
+        return self.heads(self.wq(x), self.wk(x), self.wv(x), positions)
+
+    def heads(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The projections float[b, len, H * hd] (k, v: KV * hd) split into heads, q and k rotated."""
         c = self.config
-        b, t, _ = x.shape
-        q = rope(self.wq(x).reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
-        k = rope(self.wk(x).reshape(b, t, c.kv_heads, c.head_dim), positions, c.rope_theta)
-        return q, k, self.wv(x).reshape(b, t, c.kv_heads, c.head_dim)
+        b, t, _ = q.shape
+        q = rope(q.reshape(b, t, c.n_heads, c.head_dim), positions, c.rope_theta)
+        k = rope(k.reshape(b, t, c.kv_heads, c.head_dim), positions, c.rope_theta)
+        return q, k, v.reshape(b, t, c.kv_heads, c.head_dim)
 
     def out(self, o: jax.Array) -> jax.Array:
         """float[b, len, H, hd] -> float[b, len, dim]."""
@@ -327,11 +348,43 @@ class TransformerBlock(nn.Module):
             c.dim, c.hidden_dim, c.dim**-0.5 / f, c.hidden_dim**-0.5 / f, self.dtype
         )
 
-    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return self.attention.qkv(x, positions)
+    def normed_qkv(
+        self, h: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        if not self._norm_parts(h):
+            return h, *self.attention.qkv(self.attention_norm(h), positions)
+        names = ("wq", "wk", "wv")
+        h, qkv = prenorm.norm_products(
+            h, self._param("attention_norm", "scale"), self._kernels("attention", names), self.config.norm_eps
+        )
+        return h, *self.attention.heads(*qkv, positions)
 
     def out(self, o: jax.Array) -> jax.Array:
         return self.attention.out(o)
+
+    def normed_feed_forward(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if not self._norm_parts(h):
+            return h, self.feed_forward(self.ffn_norm(h))
+        w1, w3, w2 = self._kernels("feed_forward", ("w1", "w3", "w2"))
+        h, (gate, up) = prenorm.norm_products(
+            h, self._param("ffn_norm", "scale"), (w1, w3), self.config.norm_eps
+        )
+        return h, jax.lax.dot_general(swiglu(gate, up), w2, (((gate.ndim - 1,), (0,)), ((), ())))
+
+    def _norm_parts(self, h: jax.Array) -> bool:
+        # Initialisation creates the parameters through the submodules; the op reads them after.
+        return h.dtype == self.dtype and use_norm_parts(h) and not self.is_initializing()
+
+    def _param(self, *path: str) -> jax.Array:
+        """A parameter of this layer by its path under the layer (the submodules' own, unboxed)."""
+        value = self.variables["params"]
+        for key in path:
+            value = value[key]
+        return meta.unbox(value)
+
+    def _kernels(self, module: str, names: tuple[str, ...]) -> tuple[jax.Array, ...]:
+        """The named ``nn.Dense`` kernels of a submodule, cast to the compute dtype as Dense casts them."""
+        return tuple(self._param(module, name, "kernel").astype(self.dtype) for name in names)
 
     def __call__(
         self,

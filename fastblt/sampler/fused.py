@@ -131,31 +131,29 @@ class DecodeLayer:
 
     w: FusedLayer
     c: TransformerConfig
-    views: bool = False  # qkv gives HeadViews of the product, for an Attend that reads them in place
+    views: bool = False  # normed_qkv gives HeadViews of the product, for an Attend that reads them in place
 
-    def attention_norm(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.w.attn_norm, self.c.norm_eps)
-
-    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Normed x: float[B, T, D] -> rotated q [B, T, H, hd], k and v [B, T, KV, hd]."""
+    def normed_qkv(
+        self, h: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """h: float[B, T, D] -> (h, rotated q [B, T, H, hd], k and v [B, T, KV, hd] of RMSNorm(h))."""
+        x = rms_norm(h, self.w.attn_norm, self.c.norm_eps)
         b, t, _ = x.shape
-        h, kv, hd = self.c.n_heads, self.c.kv_heads, self.c.head_dim
-        y = dot(x, self.w.wqkv).reshape(b, t, h + 2 * kv, hd)
+        heads, kv, hd = self.c.n_heads, self.c.kv_heads, self.c.head_dim
+        y = dot(x, self.w.wqkv).reshape(b, t, heads + 2 * kv, hd)
         # q and k rotated as one array: one RoPE for both.
-        qk = rope(y[:, :, : h + kv], positions, self.c.rope_theta)
-        q, k, v = HeadView(qk, 0, h), HeadView(qk, h, kv), HeadView(y, h + kv, kv)
-        return (q, k, v) if self.views else (q.value(), k.value(), v.value())
+        qk = rope(y[:, :, : heads + kv], positions, self.c.rope_theta)
+        q, k, v = HeadView(qk, 0, heads), HeadView(qk, heads, kv), HeadView(y, heads + kv, kv)
+        return (h, q, k, v) if self.views else (h, q.value(), k.value(), v.value())
 
     def out(self, o: jax.Array) -> jax.Array:
         return dot(o.reshape(*o.shape[:2], -1), self.w.wo)
 
-    def ffn_norm(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.w.ffn_norm, self.c.norm_eps)
-
-    def feed_forward(self, x: jax.Array) -> jax.Array:
-        """SwiGLU ``w2(silu(w1 x) * w3 x)`` with w1 and w3 as one matmul. x: float[B, T, D]."""
-        gate, up = jnp.split(dot(x, self.w.w13), 2, axis=-1)
-        return dot(swiglu(gate, up), self.w.w2)
+    def normed_feed_forward(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(h, SwiGLU ``w2(silu(w1 x) * w3 x)`` of x = RMSNorm(h)) with w1 and w3 as one matmul.
+        h: float[B, T, D]."""
+        gate, up = jnp.split(dot(rms_norm(h, self.w.ffn_norm, self.c.norm_eps), self.w.w13), 2, axis=-1)
+        return h, dot(swiglu(gate, up), self.w.w2)
 
 
 class CrossQuery(NamedTuple):
