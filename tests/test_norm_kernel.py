@@ -92,6 +92,10 @@ def test_backward_of_summed_gradients_and_a_residual_matches_float64(dtype, part
     )
     with pytest.raises(ValueError, match="one or more gradients of its shape"):
         norm_kernel.grad_parts(x, scale, r, (dys[0][:, :8],), interpret=True)
+    with pytest.raises(ValueError, match="one or more gradients of its shape"):  # a residual of another shape
+        norm_kernel.grad_parts(x, scale, r, dys, dys[0].reshape(2, 128, 24), interpret=True)
+    with pytest.raises(ValueError, match="r = inverse_rms"):
+        norm_kernel.grad_parts(x, scale, r.astype(jnp.bfloat16), dys, interpret=True)
 
 
 def test_which_calls_the_kernel_takes():
@@ -195,6 +199,27 @@ def test_kernel_lowers_for_cuda_forward_and_backward():
             raise
         pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
     assert lowered.as_text().count("xla.gpu.triton") == 2
+
+
+def test_grad_parts_lowers_for_cuda_as_one_kernel():
+    """The backward of three summands and a residual's gradient lowers for CUDA to one Triton call at
+    blt_mid's global rows."""
+    x = jax.ShapeDtypeStruct((16400, 1024), jnp.bfloat16)
+
+    def backward(x, s, a, b, c, d):
+        return norm_kernel.grad_parts(x, s, norm_kernel.inverse_rms(x, EPS), (a, b, c), d, interpret=False)
+
+    try:
+        lowered = (
+            jax.jit(backward)
+            .trace(x, jax.ShapeDtypeStruct((1024,), jnp.float32), x, x, x, x)
+            .lower(lowering_platforms=("cuda",))
+        )
+    except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
+        if "No supported GPU" not in str(e):
+            raise
+        pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
+    assert lowered.as_text().count("xla.gpu.triton") == 1
 
 
 def test_a_bf16_scale_gets_xlas_bf16_gradient():

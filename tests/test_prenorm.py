@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 try:
+    import test_diffusion
     from test_model_vs_oracle import batch, init_params, small_config
 except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests import test_diffusion
     from tests.test_model_vs_oracle import batch, init_params, small_config
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -53,6 +56,25 @@ def test_value_and_gradients_are_autodiffs_of_the_composition(dtype, widths):
 
     jax.tree.map(close, got, want)
     jax.tree.map(close, got_vjp(cot), want_vjp(cot))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_is_the_layers_own_to_the_bit(dtype):
+    """The op's products are exactly RMSNorm (layers.rms_norm) then nn.Dense's product in the compute
+    dtype: the layer's values do not move when the switch does."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(0, 2.0, (2, 24, 64)), dtype)
+    scale = jnp.asarray(rng.normal(1.0, 0.3, 64), jnp.float32)
+    kernels = [rng.normal(0, 0.1, (64, f)).astype(np.float32) for f in (64, 32)]
+    dense = [nn.Dense(f, use_bias=False, dtype=dtype) for f in (64, 32)]
+    want = [
+        d.apply({"params": {"kernel": k}}, layers.rms_norm(x, scale, EPS))
+        for d, k in zip(dense, kernels, strict=True)
+    ]
+    same, got = prenorm.norm_products(x, scale, tuple(jnp.asarray(k, dtype) for k in kernels), EPS)
+    assert same is x
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and bool(jnp.all(a == b))
 
 
 @pytest.fixture
@@ -104,5 +126,34 @@ def test_blt_loss_and_gradients_with_the_op_are_xlas(norm_parts_on, lifted):
 
     def close(a, b):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * float(np.abs(b).max()))
+
+    jax.tree.map(close, got, want)
+
+
+def test_blt_d_bf16_loss_and_gradients_with_the_op_are_xlas(norm_parts_on):
+    """BLT-D in bfloat16 with rematerialised layers keeping their products (remat_policy "minimal"):
+    the block rows run the same layers as the clean rows and read the same parameters through the
+    op; the loss and every parameter's gradient are those of the CPU's composition (bf16 rounding:
+    autodiff rounds the summed gradients, the kernel does not)."""
+    from fastblt.train import blt_d
+
+    config = test_diffusion.CFG.replace(dtype="bfloat16", remat=True, remat_policy="minimal")
+    objective = blt_d.objective_config(
+        blt_d.objective_section(kind="blt_d", block_size=test_diffusion.B), config
+    )
+    tokens, targets, mask, lengths = test_diffusion.make_batch(3)
+    params = test_diffusion.init_params()
+
+    def loss(p):
+        return blt_d.blt_d_loss(p, config, objective, tokens, targets, mask, lengths, jax.random.key(0))[0]
+
+    with attn_lib.target_platform("gpu"):
+        assert "pallas_call[" in str(jax.make_jaxpr(jax.grad(loss))(params))
+        got_loss, got = jax.jit(jax.value_and_grad(loss))(params)
+    want_loss, want = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)  # the forward is unchanged
+
+    def close(a, b):
+        np.testing.assert_allclose(a, b, rtol=0, atol=3e-2 * float(np.abs(b).max()) + 1e-12)
 
     jax.tree.map(close, got, want)

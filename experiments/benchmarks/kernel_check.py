@@ -8,7 +8,8 @@ kernel (fastblt.model.swiglu_kernel).
 
 For each kernel and shape: the value and the gradients (a random cotangent) from the kernel and from
 fastblt.model.layers' XLA expression, their largest relative differences, and the time of each
-(forward plus backward for ``norm``, the backward alone for the others; median of 20 after warm-up). The
+(forward plus backward for ``norm``, the backward alone for the others; the median of 5 samples of 20
+calls back to back) and the rate at which each moves the computation's least traffic. The
 CPU tests interpret the kernels; this checks the kernels the GPU runs before speed_gpu.sh times a
 train step with them (phases 28 and 52).
 """
@@ -100,14 +101,22 @@ def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
     for label, a, b in zip(labels, got, want, strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         out[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    # The least traffic of each computation in tensors of x's size (bf16): what a kernel at the copy
+    # rate moves (norm: forward x -> y, backward x, dy -> dx; norm_parts: x, three summands and the
+    # residual's gradient -> dx; swiglu: gate, up, g -> d_gate, d_up).
+    least = {"norm": 5, "norm_parts": 6, "swiglu": 5}[kernel] * x.size * x.dtype.itemsize
+    out["least_gb"] = least / 1e9
     for label, run in runs.items():
+        jax.block_until_ready(run(x, second, dy))
         times = []
-        for i in range(23):
+        for _ in range(5):  # 20 calls back to back per sample: the GPU's time, not the host's per call
             t = time.perf_counter()
-            jax.block_until_ready(run(x, second, dy))
-            if i >= 3:
-                times.append(time.perf_counter() - t)
+            for _ in range(20):
+                result = run(x, second, dy)
+            jax.block_until_ready(result)
+            times.append((time.perf_counter() - t) / 20)
         out[f"{label}_us"] = 1e6 * statistics.median(times)
+        out[f"{label}_tb_per_s"] = least / statistics.median(times) / 1e12
     # bf16 outputs: one rounding apart at most (2^-8 relative to the largest entry); the scale's
     # gradient sums rows in float32 in another order, and where XLA sums q's, k's and v's gradients
     # (norm_parts) it rounds the sum to bf16 first, the kernel does not.

@@ -138,6 +138,8 @@ def use_fused_norm(x: jax.Array) -> bool:
 # reads the products' input gradients unsummed and the residual's gradient in one pass of the norm
 # kernel (fastblt.model.prenorm; ~10 passes over the attention norm's tensor -> 6). Off until a GPU
 # measures it (speed_gpu.sh phase 52's norm_parts check first); one device only, as GPU_FUSED_NORM.
+# Where it applies it takes the pre-norms whole: their forward is XLA's expression even with
+# GPU_FUSED_NORM on (that switch then covers the other norms: cross-attention, output).
 GPU_NORM_PARTS = False
 
 
@@ -156,9 +158,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm of x: float[..., D] with scale float[D]: float32 inside, x's dtype out."""
     if use_fused_norm(x):
         return norm_kernel.rms_norm(x, scale, eps)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    return norm_kernel.reference_norm(x, scale, eps)[0]  # XLA's expression
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -355,7 +355,10 @@ class TransformerBlock(nn.Module):
             return h, *self.attention.qkv(self.attention_norm(h), positions)
         names = ("wq", "wk", "wv")
         h, qkv = prenorm.norm_products(
-            h, self._param("attention_norm", "scale"), self._kernels("attention", names), self.config.norm_eps
+            h,
+            self._param("attention_norm", "scale"),
+            self._kernels("attention", names),
+            float(self.config.norm_eps),
         )
         return h, *self.attention.heads(*qkv, positions)
 

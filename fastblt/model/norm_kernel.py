@@ -107,6 +107,14 @@ def inverse_rms(x: jax.Array, eps: float) -> jax.Array:
     return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps)
 
 
+def reference_norm(x: jax.Array, scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """RMSNorm as XLA computes it (fastblt.model.layers.rms_norm's expression, the reference's
+    arithmetic): ``(x * inverse_rms(x) * scale)`` in float32, cast to x's dtype, and the
+    :func:`inverse_rms` float32[...] it used."""
+    r = inverse_rms(x, eps)
+    return (x.astype(jnp.float32) * r[..., None] * scale.astype(jnp.float32)).astype(x.dtype), r
+
+
 def grad_parts(
     x: jax.Array,
     scale: jax.Array,
@@ -124,16 +132,21 @@ def grad_parts(
       reads the output: q, k and v); d_residual: float[..., D], x's gradient from elsewhere, added.
     Returns: (dx float[..., D] in x's dtype, dscale float[D] in scale's dtype).
     """
-    if not (supported(x) and dys and all(dy.shape == x.shape for dy in dys)):
+    grads = (*dys, *(() if d_residual is None else (d_residual,)))
+    if not (supported(x) and dys and all(g.shape == x.shape for g in grads)):
         raise ValueError(
             f"norm_kernel.grad_parts takes x of a power-of-two width in [16, {MAX_DIM}] with rows in blocks "
             f"of 2 or more and one or more gradients of its shape; got x {x.dtype}{list(x.shape)}, "
-            f"gradients {[list(dy.shape) for dy in dys]}"
+            f"gradients {[list(g.shape) for g in grads]}"
+        )
+    if r.shape != x.shape[:-1] or r.dtype != jnp.float32:
+        raise ValueError(
+            f"norm_kernel.grad_parts takes r = inverse_rms(x): float32{list(x.shape[:-1])}; got {r.dtype}{list(r.shape)}"
         )
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     d = x.shape[-1]
-    flat = [t.reshape(-1, d) for t in (x, *dys, *(() if d_residual is None else (d_residual,)))]
+    flat = [t.reshape(-1, d) for t in (x, *grads)]
     dx, ds = _backward(flat[0], scale, r.reshape(-1), tuple(flat[1:]), len(dys), bool(interpret))
     return dx.reshape(x.shape), ds
 

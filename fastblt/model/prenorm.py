@@ -9,10 +9,12 @@ of elementwise kernels go", lead 1). :func:`norm_products` returns x itself next
 the caller's residual reads it through the op and its gradient arrives in the op's backward, which
 hands both to fastblt.model.norm_kernel.grad_parts.
 
-The forward is the XLA expression of fastblt.model.layers.rms_norm (XLA still fuses the residual add
-before it into its row reduction) and the products are those of ``nn.Dense`` (``dot_general`` in the
-compute dtype); the gradients are autodiff's but for the order of the float32 sums. The kernel runs
-interpreted off a GPU (the tests).
+The forward is fastblt.model.layers.rms_norm's XLA expression (norm_kernel.reference_norm; XLA still
+fuses the residual add before it into its row reduction) and the products are those of ``nn.Dense``
+(``dot_general`` in the compute dtype): the same values as the layer without the op. The gradients are
+autodiff's up to rounding: the kernel sums the products' gradients and the residual's in float32,
+where autodiff rounds each sum to the compute dtype (in bf16, up to about one bf16 step apart; the
+kernel's is the more accurate). The kernel runs interpreted off a GPU (the tests).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from fastblt.model import norm_kernel
 
@@ -28,12 +29,6 @@ from fastblt.model import norm_kernel
 def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """``nn.Dense``'s product: x float[..., D] with w [D, F], contracting x's last axis."""
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-def _normed(x: jax.Array, scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    r = norm_kernel.inverse_rms(x, eps)
-    y = (x.astype(jnp.float32) * r[..., None] * scale.astype(jnp.float32)).astype(x.dtype)
-    return y, r
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -44,15 +39,16 @@ def norm_products(
 
     Args:
       x: float[..., D] the layer's input (norm_kernel.supported shapes); scale: float[D] the norm's;
-      kernels: the products' weights [D, F_i], already in the compute dtype; eps: the norm's.
+      kernels: the products' weights [D, F_i], already in the compute dtype (x's); eps: the norm's,
+      a Python float (static).
     Returns: x (read by the caller's residual) and each product float[..., F_i].
     """
-    y, _ = _normed(x, scale, eps)
+    y, _ = norm_kernel.reference_norm(x, scale, eps)
     return x, tuple(_dense(y, w) for w in kernels)
 
 
 def _fwd(x, scale, kernels, eps):
-    y, r = _normed(x, scale, eps)
+    y, r = norm_kernel.reference_norm(x, scale, eps)
     return (x, tuple(_dense(y, w) for w in kernels)), (x, scale, r, y, kernels)
 
 

@@ -7,8 +7,9 @@ of a blt_mid step on one H200 and 336 against 252 per decoder layer (experiments
 train_speed.md, "Where blt_mid's 22 ms of elementwise kernels go"). Here one program reads a block of
 the three inputs and writes both outputs.
 
-The arithmetic is fastblt.model.layers.swiglu's backward in float32; the sigmoid is written as
-``1 / (1 + exp(-a))`` (Triton has no logistic), which differs from XLA's by float32 rounding only.
+The arithmetic is fastblt.model.layers.swiglu's backward in float32, the sigmoid written as
+``1 / (1 + exp(-a))`` (what Pallas lowers ``logistic`` to for Triton; XLA's may differ by float32
+rounding).
 The tensors are viewed flat (a bitcast of row-major arrays), so any hidden width qualifies whose
 element count divides into blocks of at least MIN_BLOCK: :func:`supported`.
 
