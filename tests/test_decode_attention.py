@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 try:
+    from cuda_lowering import cuda_text
     from test_attention import naive
 except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.cuda_lowering import cuda_text
     from tests.test_attention import naive
 
 from fastblt.model import attention as attn_lib
@@ -198,22 +200,11 @@ def test_lowers_to_triton_for_cuda(splits, direct_rows):
     kv = jax.ShapeDtypeStruct((2, 2100, 16, 64), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((2, 2, 2100), jnp.bool_)
     run = functools.partial(decode_attention, splits=splits, direct_rows=direct_rows, interpret=False)
-    text = _cuda_text(run, q, kv, kv, mask)
+    text = cuda_text(run, q, kv, kv, mask)
     assert text.count("xla.gpu.triton") == 1
     # The direct layout (one split, few rows): no query transposed or padded to 16 rows around it.
     wrapped = splits > 1 or direct_rows < 2
     assert ("stablehlo.pad" in text) == wrapped and ("stablehlo.transpose" in text) == wrapped
-
-
-def _cuda_text(fn, *args) -> str:
-    """``fn`` traced for a GPU and lowered for CUDA (StableHLO text), here on a CPU."""
-    try:
-        with attn_lib.target_platform("gpu"):
-            return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    except RuntimeError as e:  # jax >= 0.11 asks a GPU (or an abstract one) for its architecture
-        if "No supported GPU" not in str(e):
-            raise
-        pytest.skip(f"this jax needs a GPU to lower Triton kernels: {e}")
 
 
 def test_the_sampler_program_lowers_for_cuda_with_one_kernel_per_attention(monkeypatch):
@@ -230,7 +221,7 @@ def test_the_sampler_program_lowers_for_cuda_with_one_kernel_per_attention(monke
     texts = []
 
     def lower_only(key, fn, args):
-        texts.append(_cuda_text(fn, *args))
+        texts.append(cuda_text(fn, *args))
         raise Lowered
 
     monkeypatch.setattr(attn_lib, "GPU_DECODE_KERNEL", "decode")
@@ -465,7 +456,7 @@ def test_the_cache_writing_kernel_lowers_to_triton_for_cuda(direct_rows, n, d):
     cache = jax.ShapeDtypeStruct((b, n, 16, d), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((b, 2, n), jnp.bool_)
     run = functools.partial(decode_attention_write, direct_rows=direct_rows, interpret=False)
-    text = _cuda_text(run, q, new, new, cols, cache, cache, mask)
+    text = cuda_text(run, q, new, new, cols, cache, cache, mask)
     assert text.count("xla.gpu.triton") == 1 and "stablehlo.scatter" not in text
     assert "output_operand_alias" in text or "output_operand_aliases" in text
 
@@ -481,7 +472,7 @@ def test_the_extra_keys_kernel_lowers_to_triton_for_cuda():
     mask = jax.ShapeDtypeStruct((32, 4, 515), jnp.bool_)
     own = jax.ShapeDtypeStruct((32, 4, 4), jnp.bool_)
     run = functools.partial(decode_attention_extra, interpret=False)
-    text = _cuda_text(run, q, cache, cache, mask, q, q, own)
+    text = cuda_text(run, q, cache, cache, mask, q, q, own)
     assert text.count("xla.gpu.triton") == 1
     assert "output_operand_alias" not in text
     assert not re.search(r"stablehlo\.(concatenate|gather)[^\n]*x64xbf16", text)  # of keys or values
@@ -514,7 +505,7 @@ def test_head_views_are_read_in_place_in_the_direct_layout(direct_rows):
         views = HeadView(qkv, 0, 16), HeadView(qkv, 16, 16), HeadView(qkv, 32, 16)
         return decode_attention_write(*views, *rest, direct_rows=direct_rows, interpret=False)
 
-    text = _cuda_text(run, qkv, cols, cache, cache, mask)
+    text = cuda_text(run, qkv, cols, cache, cache, mask)
     assert text.count("xla.gpu.triton") == 1 and "stablehlo.scatter" not in text
     cuts = [
         line for line in text.splitlines() if "stablehlo.slice" in line and "tensor<2x2x48x64xbf16>" in line
