@@ -60,12 +60,13 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
         monkeypatch.setattr(
             importlib.import_module(module), switch, getattr(importlib.import_module(module), switch)
         )
-    from fastblt.model import block_rows, cross_attention, layers
+    from fastblt.model import block_rows, blt, cross_attention, layers
 
     monkeypatch.setattr(cross_attention, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(layers, "GPU_FUSED_NORM", False)
     monkeypatch.setattr(layers, "GPU_SWIGLU_KERNEL", False)
     monkeypatch.setattr(layers, "GPU_NORM_PARTS", False)
+    monkeypatch.setattr(blt, "GPU_POOL_KERNEL", False)
     monkeypatch.setattr(block_rows, "OWN_BLOCK_IN_KERNEL", False)
     args = train_speed.parser().parse_args(
         ["--no-range-kernel", "--fused-norm", "--own-in-kernel", "--rows", "blt"]
@@ -78,6 +79,7 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
         "fused_norm": True,
         "swiglu_kernel": False,
         "norm_parts": False,
+        "pool_kernel": False,
         "range_kernel": False,
         "own_in_kernel": True,
         "cross_ranges": True,

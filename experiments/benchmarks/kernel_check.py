@@ -1,14 +1,15 @@
 """The elementwise Pallas kernels as Triton compiles them against XLA's expressions, at blt_mid's and
 BLT-1B's shapes: the RMSNorm kernel (fastblt.model.norm_kernel: ``norm``, and ``norm_parts``, its
-backward taking q's, k's and v's gradients unsummed and the residual's gradient) and SwiGLU's gradient
-kernel (fastblt.model.swiglu_kernel).
+backward taking q's, k's and v's gradients unsummed and the residual's gradient), SwiGLU's gradient
+kernel (fastblt.model.swiglu_kernel) and the encoder's patch max-pool (fastblt.model.pool_kernel:
+``pool``, forward and backward).
 
     python experiments/benchmarks/kernel_check.py --kernels norm swiglu --out DIR  # a GPU; exits 1 on a mismatch
     python experiments/benchmarks/kernel_check.py --interpret                      # the CPU (Pallas interpret mode)
 
 For each kernel and shape: the value and the gradients (a random cotangent) from the kernel and from
 fastblt.model.layers' XLA expression, their largest relative differences, and the time of each
-(forward plus backward for ``norm``, the backward alone for the others; the median of 5 samples of 20
+(forward plus backward for ``norm`` and ``pool``, the backward alone for the others; the median of 5 samples of 20
 calls back to back) and the rate at which each moves the computation's least traffic. The
 CPU tests interpret the kernels; this checks the kernels the GPU runs before speed_gpu.sh times a
 train step with them (phases 28 and 52).
@@ -29,8 +30,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 SHAPES = [("mid local", 16 * 4096, 512), ("mid global", 16 * 1025, 1024), ("1b global", 4 * 1025, 2048)]
 # (name, rows, hidden): the SwiGLU products of blt_mid's decoder and global model, BLT-1B's global.
 FFN_SHAPES = [("mid local", 16 * 4096, 1536), ("mid global", 16 * 1026, 2816), ("1b global", 4 * 1026, 5632)]
+# (name, bytes, dim): the encoder's byte states that blt_mid and BLT-1B pool (rows of 4 096 bytes, static
+# 4-byte patches).
+POOL_SHAPES = [("mid encoder", 16 * 4096, 512), ("1b encoder", 4 * 4096, 1024)]
 SMALL = [("small", 64, 128)]
-KERNELS = ("norm", "norm_parts", "swiglu")
+KERNELS = ("norm", "norm_parts", "swiglu", "pool")
+POOL_ROW = 4096
 
 
 def _runs(kernel: str, interpret: bool):
@@ -38,10 +43,25 @@ def _runs(kernel: str, interpret: bool):
     to (value or None, gradients...)."""
     import jax
 
-    from fastblt.model import layers, norm_kernel, swiglu_kernel
+    from fastblt.model import blt, layers, norm_kernel, pool_kernel, swiglu_kernel
 
     assert not layers.GPU_FUSED_NORM, "the XLA side of the check needs GPU_FUSED_NORM off"
     assert not layers.GPU_SWIGLU_KERNEL, "the XLA side of the check needs GPU_SWIGLU_KERNEL off"
+    assert not blt.GPU_POOL_KERNEL, "the XLA side of the check needs GPU_POOL_KERNEL off"
+    if kernel == "pool":  # x: the byte states [B, N, D]; second: patch ids [B, N]; dy: [B, P, D]
+
+        def pooled(fn):
+            @jax.jit
+            def run(x, ids, dy):
+                y, vjp = jax.vjp(lambda x: fn(x, ids, dy.shape[1]), x)
+                return (y, *vjp(dy))
+
+            return run
+
+        return (
+            pooled(lambda x, ids, p: pool_kernel.patch_max_pool(x, ids, p, interpret=interpret)),
+            pooled(blt.patch_max_pool),  # XLA's segment_max (the switch is off)
+        )
     if kernel == "norm":
 
         def both(fn):
@@ -90,11 +110,18 @@ def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
         else jax.random.normal(keys[1], (rows, dim)).astype(jnp.bfloat16)
     )
     dy = jax.random.normal(keys[2], (rows, dim)).astype(jnp.bfloat16)
+    if kernel == "pool":  # rows of POOL_ROW bytes in 4-byte patches, the buffer's last slots empty
+        n = min(rows, POOL_ROW)
+        x = x.reshape(rows // n, n, dim)
+        second = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) // 4, (rows // n, n))
+        dy = jax.random.normal(keys[2], (rows // n, n // 4 + 2, dim)).astype(jnp.bfloat16)
     if kernel == "norm_parts":  # q's, k's and v's gradients of the output, then the residual's of x
         dy = tuple(
             jax.random.normal(k, (rows, dim)).astype(jnp.bfloat16) for k in jax.random.split(keys[2], 4)
         )
-    labels = {"norm": ("y", "dx", "dscale"), "norm_parts": ("dx", "dscale")}.get(kernel, ("d_gate", "d_up"))
+    labels = {"norm": ("y", "dx", "dscale"), "norm_parts": ("dx", "dscale"), "pool": ("pooled", "dx")}.get(
+        kernel, ("d_gate", "d_up")
+    )
     out = {"kernel": kernel, "shape": name, "rows": rows, "dim": dim}
     runs = dict(zip(("kernel", "xla"), _runs(kernel, interpret), strict=True))
     got, want = runs["kernel"](x, second, dy), runs["xla"](x, second, dy)
@@ -103,8 +130,8 @@ def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
         out[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
     # The least traffic of each computation in tensors of x's size (bf16): what a kernel at the copy
     # rate moves (norm: forward x -> y, backward x, dy -> dx; norm_parts: x, three summands and the
-    # residual's gradient -> dx; swiglu: gate, up, g -> d_gate, d_up).
-    least = {"norm": 5, "norm_parts": 6, "swiglu": 5}[kernel] * x.size * x.dtype.itemsize
+    # residual's gradient -> dx; swiglu: gate, up, g -> d_gate, d_up; pool: forward x, backward x -> dx).
+    least = {"norm": 5, "norm_parts": 6, "swiglu": 5, "pool": 3}[kernel] * x.size * x.dtype.itemsize
     out["least_gb"] = least / 1e9
     for label, run in runs.items():
         jax.block_until_ready(run(x, second, dy))
@@ -136,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     lines = []
     for kernel in args.kernels:
-        shapes = SMALL if args.interpret else FFN_SHAPES if kernel == "swiglu" else SHAPES
+        shapes = SMALL if args.interpret else {"swiglu": FFN_SHAPES, "pool": POOL_SHAPES}.get(kernel, SHAPES)
         for name, rows, dim in shapes:
             r = check(kernel, name, rows, dim, args.interpret)
             ok &= r["ok"]

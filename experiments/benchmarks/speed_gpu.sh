@@ -207,16 +207,18 @@
 #       every float32 score tensor in HBM). Phase 5 is the "after". Needs an H200.
 #   51. phases 5 and 50's fastblt rows without the port, on any card (95% of its memory for XLA; the
 #       port needs more than an 80 GB card): the fused row (now the default), then the XLA path's.
-#   52. two elementwise passes of blt_mid's backward in one Pallas kernel each, off by default: SwiGLU's
-#       gradient with both outputs (fastblt.model.swiglu_kernel, layers.GPU_SWIGLU_KERNEL) and each
+#   52. three kernels for elementwise and scatter passes of blt_mid's step, off by default: SwiGLU's
+#       gradient with both outputs (fastblt.model.swiglu_kernel, layers.GPU_SWIGLU_KERNEL); each
 #       layer's pre-norm backward taking its products' unsummed gradients and the residual's
-#       (fastblt.model.prenorm, layers.GPU_NORM_PARTS). First each kernel checked as Triton compiles it
-#       against XLA's expression at blt_mid's and BLT-1B's shapes (kernel_check.py; a switch's rows run
-#       only after its check passed here), then plain BLT at blt_mid as today, with the SwiGLU kernel,
-#       with the pre-norm op, twice over. Predicted: ~0.9 ms off the step for SwiGLU (12 global layers
-#       x 40 us + 5 local x ~85 us) and ~1.5 ms for the pre-norms (~10 passes -> 6 over the attention
-#       norm's tensor, ~8 -> 5 over the FFN norm's; train_speed.md, "Where blt_mid's 22 ms of
-#       elementwise kernels go", leads 1 and 2).
+#       (fastblt.model.prenorm, layers.GPU_NORM_PARTS); the encoder's patch max-pool without XLA's
+#       two scatters (fastblt.model.pool_kernel, blt.GPU_POOL_KERNEL). First each kernel checked as
+#       Triton compiles it against XLA's expression at blt_mid's and BLT-1B's shapes (kernel_check.py;
+#       a switch's rows run only after its check passed here), then plain BLT at blt_mid as today and
+#       with each switch, twice over. Predicted: ~0.9 ms off the step for SwiGLU (12 global layers x
+#       40 us + 5 local x ~85 us), ~1.5 ms for the pre-norms (~10 passes -> 6 over the attention
+#       norm's tensor, ~8 -> 5 over the FFN norm's), ~0.6 ms for the pool (0.28 + 0.32 ms of
+#       scatters and 0.19 ms of gathers -> one read of the bytes each way; train_speed.md, "Prepared
+#       on 2026-12-07").
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -517,19 +519,21 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
       done ;;
   52) phase swiglu_check python3 $bench/kernel_check.py --kernels swiglu --out "$out/swiglu_check"
       phase norm_parts_check python3 $bench/kernel_check.py --kernels norm_parts --out "$out/norm_parts_check"
-      for run in base_1 swiglu_1 parts_1 base_2 swiglu_2 parts_2; do
-        flags=(--no-swiglu-kernel --no-norm-parts)
+      phase pool_check python3 $bench/kernel_check.py --kernels pool --out "$out/pool_check"
+      for run in base_1 swiglu_1 parts_1 pool_1 base_2 swiglu_2 parts_2 pool_2; do
+        flags=(--no-swiglu-kernel --no-norm-parts --no-pool-kernel)
         case ${run%_*} in
-          swiglu) flags=(--swiglu-kernel --no-norm-parts); check=swiglu_check ;;
-          parts) flags=(--no-swiglu-kernel --norm-parts); check=norm_parts_check ;;
+          swiglu) flags=(--swiglu-kernel --no-norm-parts --no-pool-kernel); check=swiglu_check ;;
+          parts) flags=(--no-swiglu-kernel --norm-parts --no-pool-kernel); check=norm_parts_check ;;
+          pool) flags=(--no-swiglu-kernel --no-norm-parts --pool-kernel); check=pool_check ;;
           *) check= ;;
         esac
         if [ -n "$check" ] && [ ! -e "$out/$check/done" ]; then
-          echo "[train_ffn_$run] skipped: $check has not passed here" | tee -a "$out/log.txt"
+          echo "[train_kernels_$run] skipped: $check has not passed here" | tee -a "$out/log.txt"
           continue
         fi
-        phase "train_ffn_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
-          --timeout 200 "${flags[@]}" --out "$out/train_ffn_$run"
+        phase "train_kernels_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+          --timeout 200 "${flags[@]}" --out "$out/train_kernels_$run"
       done ;;
   46) for run in k128_scatters k128 k256 k512; do
         opts=()

@@ -384,6 +384,11 @@ SWITCHES = {
         "each layer's pre-norms with their products as one op whose backward runs the norm kernel on the "
         "products' unsummed gradients and the residual's (fastblt.model.prenorm; one GPU)",
     ),
+    "pool_kernel": (
+        "fastblt.model.blt",
+        "GPU_POOL_KERNEL",
+        "the encoder's patch max-pool as one Pallas kernel instead of XLA's scatters (one GPU)",
+    ),
     "range_kernel": (
         "fastblt.model.block_rows",
         "GPU_RANGE_KERNEL",

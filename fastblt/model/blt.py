@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from fastblt.config import HashConfig, LocalModelConfig, ModelConfig
 from fastblt.model import patcher as patching
+from fastblt.model import pool_kernel
 from fastblt.model.attention import LocalMask, document_ids
 from fastblt.model.block_rows import BlockRows, DecoderBlocks, check_patch_bound
 from fastblt.model.entropy_model import EntropyModel
@@ -26,6 +27,7 @@ from fastblt.model.layers import (
     dense,
     depth_factor,
     embed,
+    one_gpu,
     remat_policy,
     trunc_normal,
 )
@@ -40,12 +42,32 @@ def positions_like(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
 
 
+# The encoder's patch max-pool as one Pallas kernel on a GPU (fastblt.model.pool_kernel): XLA's
+# segment_max is a scatter-max, and its derivative a second scatter counting ties, each with atomics
+# over every element of the byte states (0.28 + 0.32 ms of a blt_mid step on one H200, run 11), plus
+# 0.19 ms of backward gathers. Off until a GPU measures it (speed_gpu.sh phase 52); one device only.
+GPU_POOL_KERNEL = False
+POOL_KERNEL_MIN_ROWS = 1024  # bytes in the batch; smaller calls (prefill of a prompt) stay in XLA
+
+
+def use_pool_kernel(h: jax.Array) -> bool:
+    """The one place that decides whether :func:`patch_max_pool` of h: float[B, N, D] runs the kernel."""
+    return (
+        GPU_POOL_KERNEL
+        and one_gpu()
+        and pool_kernel.supported(h)
+        and h.shape[0] * h.shape[1] >= POOL_KERNEL_MIN_ROWS
+    )
+
+
 def patch_max_pool(h: jax.Array, patch_ids: jax.Array, num_patches: int) -> jax.Array:
     """Max over the bytes of each patch; a patch without bytes gives zeros (as the reference).
 
     Args: h: float[B, N, D]; patch_ids: int32[B, N], non-decreasing along each row.
     Returns float[B, num_patches, D].
     """
+    if use_pool_kernel(h):
+        return pool_kernel.patch_max_pool(h, patch_ids, num_patches)
     # Patch ids of a row are sorted (the patcher's cumsum): the scatter may assume it.
     pooled = jax.vmap(
         lambda x, i: jax.ops.segment_max(x, i, num_segments=num_patches, indices_are_sorted=True)
