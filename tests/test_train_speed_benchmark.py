@@ -104,3 +104,15 @@ def test_segment_tiers_are_forwarded_set_and_checked(monkeypatch):
     assert train_speed.apply_segment_tiers(args) == [8] and attention.SEGMENT_TIERS == (8,)
     with pytest.raises(SystemExit, match="--segment-tiers"):
         train_speed.apply_segment_tiers(train_speed.parser().parse_args(["--segment-tiers", "8", "4"]))
+
+
+def test_scan_layers_and_remat_reach_the_rows_config():
+    """--scan-layers and --remat set the row's model config in its own process (forwarded)."""
+    args = train_speed.parser().parse_args(["--scan-layers", "on", "--remat", "minimal", "--rows", "blt"])
+    forwarded = train_speed._forward(args)
+    assert forwarded[forwarded.index("--scan-layers") + 1] == "on"
+    row = train_speed.parser().parse_args(forwarded)
+    cfg = train_speed.experiment("tiny", "blt", None, None, row.remat, row.attention_impl, row.scan_layers)
+    assert cfg.model.scan_layers and cfg.model.remat and cfg.model.remat_policy == "minimal"
+    cfg = train_speed.experiment("1b", "blt", None, None, scan_layers="off")
+    assert not cfg.model.scan_layers and cfg.model.remat  # the 1b shape's remat stays

@@ -219,6 +219,11 @@
 #       norm's tensor, ~8 -> 5 over the FFN norm's), ~0.6 ms for the pool (0.28 + 0.32 ms of
 #       scatters and 0.19 ms of gathers -> one read of the bytes each way; train_speed.md, "Prepared
 #       on 2026-12-07").
+#   53. blt_mid's global layers as one lax.scan over stacked parameters (model.scan_layers, off at
+#       blt_mid) against today's unrolled layers, twice over: the 12 layers' 108 parameter leaves become
+#       9, and the optimizer (544 launches, 3.5 ms), the gradient norm (335 reductions, 0.85 ms) and
+#       the bf16 casts (170 launches, 0.94 ms) launch per leaf (run 11); the scan's slices and stacked
+#       gradients cost copies. Predicted: within +-1 ms; a gain would make it blt_mid's default.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -246,7 +251,7 @@
 # measured, ar's long-prompt profile, blt_mid's sweep but one row; 5 skipped itself, no H200).
 # 42, 41, 43, then 5, 44 and a cut call of 27, then 26 and 6 on one H200 on 2026-12-06, late
 # (generate_speed.md run 22: the key-split fix gains nothing; train_speed.md run 22: the 1B-class row).
-# Next: 52 (the two elementwise kernels, new on 2026-12-07) and 51 on any card; 5, 50 and 49 on an
+# Next: 52 (three kernels, new on 2026-12-07), 51 and 53 on any card; 5, 50 and 49 on an
 # H200 (the 1B-class row with fused attention, the port beside it); 45 (the 1B row profiled, any card
 # now); 47, 48, 46 and 44 (what fits an H100), 27 on an H100 (blt_mid's last row), 43, 10, 11.
 # 51's first row on one H100 on 2026-12-07 after eleven tries that started no machine (train_speed.md
@@ -534,6 +539,10 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
         fi
         phase "train_kernels_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
           --timeout 200 "${flags[@]}" --out "$out/train_kernels_$run"
+      done ;;
+  53) for run in off_1 on_1 off_2 on_2; do
+        phase "train_scan_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
+          --timeout 200 --scan-layers "${run%_*}" --out "$out/train_scan_$run"
       done ;;
   46) for run in k128_scatters k128 k256 k512; do
         opts=()

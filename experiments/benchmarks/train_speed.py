@@ -49,10 +49,11 @@ def experiment(
     seq_len: int | None,
     remat: str | None = None,
     attention_impl: str | None = None,
+    scan_layers: str | None = None,
 ):
     """The ml-collections config of a row at a shape (tiny | mid | 1b); ``remat`` (off | a
     ``model.remat_policy``) overrides the shape's recomputation, ``attention_impl`` its
-    ``model.attention_impl``."""
+    ``model.attention_impl``, ``scan_layers`` (on | off) its ``model.scan_layers``."""
     import ml_collections
 
     from experiments import base, blt_1b, blt_mid, tiny
@@ -74,6 +75,8 @@ def experiment(
     if remat:
         cfg.model.remat = remat != "off"
         cfg.model.remat_policy = "full" if remat == "off" else remat
+    if scan_layers:
+        cfg.model.scan_layers = scan_layers == "on"
     cfg.train.steps = 1000
     cfg.checkpoint.async_save = False
     if row in ("blt", "blt_p8", "blt_d4", "blt_d8", "torch", "torch_compile"):
@@ -143,7 +146,9 @@ def run_jax_row(args, row: str) -> dict:
     from fastblt.train.loop import Trainer, entropy_stage_config
     from fastblt.train.metrics import entropy_model_flops_per_byte, model_flops_per_byte, peak_flops
 
-    cfg = experiment(args.shape, row, args.batch, args.seq_len, args.remat, args.attention_impl)
+    cfg = experiment(
+        args.shape, row, args.batch, args.seq_len, args.remat, args.attention_impl, args.scan_layers
+    )
     data = batches(cfg)
     frozen = None
     if row == "entropy":
@@ -216,6 +221,7 @@ def run_jax_row(args, row: str) -> dict:
         "seq_len": seq_len,
         "remat": None if cfg.model is None else cfg.model.remat_policy if cfg.model.remat else "off",
         "attention_impl": None if cfg.model is None else cfg.model.attention_impl,
+        "scan_layers": None if cfg.model is None else bool(cfg.model.scan_layers),
         "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times),
         "bytes_per_sec": bps,
@@ -478,7 +484,9 @@ def write_results(results: list[dict], out_dir: str, command: str) -> None:
             mfu_mm = r["model_tflops_per_step"] / (r["step_ms"] / 1e3) / mm["matmul_tflops"]
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
         label = r["row"] + (
-            f" (remat {r['remat']}, {r['attention_impl']})" if r.get("attention_impl") else ""
+            f" (remat {r['remat']}, {r['attention_impl']}{', scanned' if r.get('scan_layers') else ''})"
+            if r.get("attention_impl")
+            else ""
         )
         lines.append(
             f"| {label} | {r['bytes_per_sec'] / 1e3:.1f} k | {r['step_ms']:.1f} | {fmt(r.get('loop_step_ms'), '.1f')} | "
@@ -558,6 +566,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         choices=ATTENTION_IMPLS,
         help="fastblt's rows: model.attention_impl (default: the shape's config, auto at mid and 1b)",
+    )
+    p.add_argument(
+        "--scan-layers",
+        default=None,
+        choices=("on", "off"),
+        help="fastblt's rows: model.scan_layers, the global layers as one lax.scan over stacked parameters "
+        "(default: the shape's, on at 1b, off otherwise)",
     )
     p.add_argument(
         "--profile", nargs="*", default=[], choices=ROWS, help="also trace these rows: time per component"
@@ -645,6 +660,8 @@ def _forward(args) -> list[str]:
         out += ["--remat", args.remat]
     if args.attention_impl:
         out += ["--attention-impl", args.attention_impl]
+    if args.scan_layers:
+        out += ["--scan-layers", args.scan_layers]
     if args.profile:
         out += ["--profile", *args.profile]
     return out
