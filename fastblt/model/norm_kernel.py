@@ -31,10 +31,10 @@ MAX_DIM = 4096
 NUM_WARPS = 8
 
 
-def block_rows(n: int, d: int) -> int:
+def block_rows(n: int, d: int, tile: int = TILE) -> int:
     """Rows per program for ``n`` rows of ``d``: the largest power of two up to MAX_ROWS and
-    TILE // d that divides n."""
-    r = max(min(MAX_ROWS, TILE // d), 1)
+    tile // d that divides n."""
+    r = max(min(MAX_ROWS, tile // d), 1)
     while r > 1 and n % r:
         r //= 2
     return r
@@ -186,7 +186,9 @@ def _backward(x, scale, r, grads, parts, interpret):
     """The backward kernel over x: [n, d]: ``grads`` holds the output gradient's ``parts`` summands,
     then the residual gradient if there is one more."""
     n, d = x.shape
-    rows = block_rows(n, d)
+    # Half the tile where more than one gradient comes in (up to three summands and the residual's),
+    # so that the tiles each program holds stay in registers; at least 2 rows, as supported() checked.
+    rows = block_rows(n, d, TILE if len(grads) == 1 else max(TILE // 2, 2 * d))
     row_block = pl.BlockSpec((rows, d), lambda i: (i, 0))
     dx, ds = pl.pallas_call(
         functools.partial(_bwd_kernel, parts=parts, residual=len(grads) > parts),
