@@ -525,7 +525,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
   52) phase swiglu_check python3 $bench/kernel_check.py --kernels swiglu --out "$out/swiglu_check"
       phase norm_parts_check python3 $bench/kernel_check.py --kernels norm_parts --out "$out/norm_parts_check"
       phase pool_check python3 $bench/kernel_check.py --kernels pool --out "$out/pool_check"
-      for run in base_1 swiglu_1 parts_1 pool_1 base_2 swiglu_2 parts_2 pool_2; do
+      for run in base_1 parts_1 swiglu_1 pool_1 base_2 parts_2 swiglu_2 pool_2; do
         flags=(--no-swiglu-kernel --no-norm-parts --no-pool-kernel)
         case ${run%_*} in
           swiglu) flags=(--swiglu-kernel --no-norm-parts --no-pool-kernel); check=swiglu_check ;;
