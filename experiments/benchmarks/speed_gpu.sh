@@ -214,8 +214,8 @@
 #       two scatters (fastblt.model.pool_kernel, blt.GPU_POOL_KERNEL). First each kernel checked as
 #       Triton compiles it against XLA's expression at blt_mid's and BLT-1B's shapes (kernel_check.py;
 #       a switch's rows run only after its check passed here), then plain BLT at blt_mid as today and
-#       with each switch, twice over, then with all three. Predicted: ~0.9 ms off the step for SwiGLU (12 global layers x
-#       40 us + 5 local x ~85 us), ~1.5 ms for the pre-norms (~10 passes -> 6 over the attention
+#       with each switch, twice over, then with all three. Predicted: ~0.9 ms off the step for
+#       SwiGLU (12 global layers x 40 us + 5 local x ~85 us), ~1.5 ms for the pre-norms (~10 passes -> 6 over the attention
 #       norm's tensor, ~8 -> 5 over the FFN norm's), ~0.6 ms for the pool (0.28 + 0.32 ms of
 #       scatters and 0.19 ms of gathers -> one read of the bytes each way; train_speed.md, "Prepared
 #       on 2026-12-07").
