@@ -370,7 +370,7 @@ class TransformerBlock(nn.Module):
             return h, self.feed_forward(self.ffn_norm(h))
         w1, w3, w2 = self._kernels("feed_forward", ("w1", "w3", "w2"))
         h, (gate, up) = prenorm.norm_products(
-            h, self._param("ffn_norm", "scale"), (w1, w3), self.config.norm_eps
+            h, self._param("ffn_norm", "scale"), (w1, w3), float(self.config.norm_eps)
         )
         return h, jax.lax.dot_general(swiglu(gate, up), w2, (((gate.ndim - 1,), (0,)), ((), ())))
 
