@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 try:
-    from cuda_lowering import cuda_text
+    from gpu_paths import cuda_text
     from test_attention import naive
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.cuda_lowering import cuda_text
+    from tests.gpu_paths import cuda_text
     from tests.test_attention import naive
 
 from fastblt.model import attention as attn_lib

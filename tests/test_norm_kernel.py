@@ -9,11 +9,11 @@ import pytest
 
 try:
     import oracle
-    from cuda_lowering import cuda_text
+    from gpu_paths import as_one_gpu, cuda_text, kernel_check_script
     from test_model_vs_oracle import batch, init_params, small_config
 except ImportError:  # pragma: no cover - when tests/ is a package
     from tests import oracle
-    from tests.cuda_lowering import cuda_text
+    from tests.gpu_paths import as_one_gpu, cuda_text, kernel_check_script
     from tests.test_model_vs_oracle import batch, init_params, small_config
 
 import jax
@@ -115,9 +115,7 @@ def test_which_calls_the_kernel_takes():
 @pytest.fixture
 def fused_norm_on(monkeypatch):
     """The kernel on, as on one GPU, for calls of any row count (interpreted here)."""
-    monkeypatch.setattr(layers, "GPU_FUSED_NORM", True)
-    monkeypatch.setattr(layers, "FUSED_NORM_MIN_ROWS", 1)
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    as_one_gpu(monkeypatch, layers, "GPU_FUSED_NORM", FUSED_NORM_MIN_ROWS=1)
 
 
 def test_only_gpu_training_sized_calls_use_it(fused_norm_on, monkeypatch):
@@ -164,11 +162,7 @@ def test_blt_forward_with_the_kernel_matches_the_oracle_and_xla_gradients(fused_
 def test_kernel_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
     """experiments/benchmarks/kernel_check.py (interpreted): the kernel passes; one that drops the
     scale's gradient is reported as a mismatch."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
-    import kernel_check
+    kernel_check = kernel_check_script()
 
     (name, rows, dim) = kernel_check.SMALL[0]
     assert kernel_check.check("norm", name, rows, dim, interpret=True)["ok"]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 try:
-    from cuda_lowering import cuda_text
+    from gpu_paths import as_one_gpu, cuda_text, kernel_check_script
     from test_model_vs_oracle import batch, init_params, small_config
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.cuda_lowering import cuda_text
+    from tests.gpu_paths import as_one_gpu, cuda_text, kernel_check_script
     from tests.test_model_vs_oracle import batch, init_params, small_config
 
 import jax
@@ -83,8 +83,7 @@ def test_which_calls_the_kernel_takes(monkeypatch):
     assert not pool_kernel.supported(jnp.zeros((64, 64), jnp.bfloat16))
     with pytest.raises(ValueError, match="power of two"):
         pool_kernel.patch_max_pool(jnp.zeros((2, 8, 48)), jnp.zeros((2, 8), jnp.int32), 4)
-    monkeypatch.setattr(blt, "GPU_POOL_KERNEL", True)
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    as_one_gpu(monkeypatch, blt, "GPU_POOL_KERNEL")
     h = jnp.zeros((4, 256, 32), jnp.bfloat16)
     assert not blt.use_pool_kernel(h)  # the CPU: XLA's segment_max
     with attn_lib.target_platform("gpu"):
@@ -96,9 +95,7 @@ def test_which_calls_the_kernel_takes(monkeypatch):
 def test_blt_gradients_with_the_kernel_are_xlas(monkeypatch):
     """BLT traced for a GPU with the kernel pooling the encoder's bytes: the loss and every
     parameter's gradient are those of XLA's segment_max (the CPU trace)."""
-    monkeypatch.setattr(blt, "GPU_POOL_KERNEL", True)
-    monkeypatch.setattr(blt, "POOL_KERNEL_MIN_ROWS", 1)
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    as_one_gpu(monkeypatch, blt, "GPU_POOL_KERNEL", POOL_KERNEL_MIN_ROWS=1)
     rng = np.random.default_rng(3)
     config = small_config(attention_impl="xla")
     tokens, lengths = batch(rng, [40, 33])
@@ -122,11 +119,7 @@ def test_blt_gradients_with_the_kernel_are_xlas(monkeypatch):
 def test_kernel_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
     """experiments/benchmarks/kernel_check.py (interpreted): the kernel passes; one whose backward
     hands every tied byte the whole gradient is reported as a mismatch."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
-    import kernel_check
+    kernel_check = kernel_check_script()
 
     (name, rows, dim) = kernel_check.SMALL[0]
     assert kernel_check.check("pool", name, rows, dim, interpret=True)["ok"]

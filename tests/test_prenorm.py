@@ -11,9 +11,11 @@ import pytest
 
 try:
     import test_diffusion
+    from gpu_paths import as_one_gpu
     from test_model_vs_oracle import batch, init_params, small_config
 except ImportError:  # pragma: no cover - when tests/ is a package
     from tests import test_diffusion
+    from tests.gpu_paths import as_one_gpu
     from tests.test_model_vs_oracle import batch, init_params, small_config
 
 import flax.linen as nn
@@ -80,9 +82,7 @@ def test_forward_is_the_layers_own_to_the_bit(dtype):
 @pytest.fixture
 def norm_parts_on(monkeypatch):
     """The op on, as on one GPU, for calls of any row count (the kernel interpreted here)."""
-    monkeypatch.setattr(layers, "GPU_NORM_PARTS", True)
-    monkeypatch.setattr(layers, "FUSED_NORM_MIN_ROWS", 1)
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    as_one_gpu(monkeypatch, layers, "GPU_NORM_PARTS", FUSED_NORM_MIN_ROWS=1)
 
 
 def test_only_gpu_training_sized_calls_use_it(norm_parts_on, monkeypatch):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 try:
-    from cuda_lowering import cuda_text
+    from gpu_paths import cuda_text
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.cuda_lowering import cuda_text
+    from tests.gpu_paths import cuda_text
 
 from fastblt.model import range_attention as ra
 

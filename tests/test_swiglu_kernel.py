@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 try:
-    from cuda_lowering import cuda_text
+    from gpu_paths import as_one_gpu, cuda_text, kernel_check_script
     from test_model_vs_oracle import batch, init_params, small_config
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.cuda_lowering import cuda_text
+    from tests.gpu_paths import as_one_gpu, cuda_text, kernel_check_script
     from tests.test_model_vs_oracle import batch, init_params, small_config
 
 import jax
@@ -70,9 +70,7 @@ def test_which_calls_the_kernel_takes():
 @pytest.fixture
 def kernel_on(monkeypatch):
     """The kernel on, as on one GPU, for calls of any size (interpreted here)."""
-    monkeypatch.setattr(layers, "GPU_SWIGLU_KERNEL", True)
-    monkeypatch.setattr(layers, "SWIGLU_KERNEL_MIN_SIZE", 1)
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    as_one_gpu(monkeypatch, layers, "GPU_SWIGLU_KERNEL", SWIGLU_KERNEL_MIN_SIZE=1)
 
 
 def test_only_gpu_training_sized_calls_use_it(kernel_on, monkeypatch):
@@ -113,11 +111,7 @@ def test_blt_gradients_with_the_kernel_are_xlas(kernel_on):
 def test_kernel_check_script_passes_the_kernel_and_flags_a_wrong_one(monkeypatch):
     """experiments/benchmarks/kernel_check.py (interpreted): the kernel passes; one that writes
     the gate's gradient without the sigmoid's derivative term is reported as a mismatch."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
-    import kernel_check
+    kernel_check = kernel_check_script()
 
     (name, rows, dim) = kernel_check.SMALL[0]
     assert kernel_check.check("swiglu", name, rows, dim, interpret=True)["ok"]

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 try:
-    from cuda_lowering import cuda_text
+    from gpu_paths import cuda_text
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.cuda_lowering import cuda_text
+    from tests.gpu_paths import cuda_text
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks"))
 import train_speed  # noqa: E402

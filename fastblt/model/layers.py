@@ -372,7 +372,7 @@ class TransformerBlock(nn.Module):
         h, (gate, up) = prenorm.norm_products(
             h, self._param("ffn_norm", "scale"), (w1, w3), float(self.config.norm_eps)
         )
-        return h, jax.lax.dot_general(swiglu(gate, up), w2, (((gate.ndim - 1,), (0,)), ((), ())))
+        return h, prenorm.dense_product(swiglu(gate, up), w2)
 
     def _norm_parts(self, h: jax.Array) -> bool:
         # Initialisation creates the parameters through the submodules; the op reads them after.

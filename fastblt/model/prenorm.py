@@ -26,7 +26,7 @@ import jax
 from fastblt.model import norm_kernel
 
 
-def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
+def dense_product(x: jax.Array, w: jax.Array) -> jax.Array:
     """``nn.Dense``'s product: x float[..., D] with w [D, F], contracting x's last axis."""
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
@@ -44,12 +44,12 @@ def norm_products(
     Returns: x (read by the caller's residual) and each product float[..., F_i].
     """
     y, _ = norm_kernel.reference_norm(x, scale, eps)
-    return x, tuple(_dense(y, w) for w in kernels)
+    return x, tuple(dense_product(y, w) for w in kernels)
 
 
 def _fwd(x, scale, kernels, eps):
     y, r = norm_kernel.reference_norm(x, scale, eps)
-    return (x, tuple(_dense(y, w) for w in kernels)), (x, scale, r, y, kernels)
+    return (x, tuple(dense_product(y, w) for w in kernels)), (x, scale, r, y, kernels)
 
 
 def _bwd(eps, res, cotangents):
