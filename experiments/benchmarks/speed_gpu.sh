@@ -213,8 +213,9 @@
 #       (fastblt.model.prenorm, layers.GPU_NORM_PARTS); the encoder's patch max-pool without XLA's
 #       two scatters (fastblt.model.pool_kernel, blt.GPU_POOL_KERNEL). First each kernel checked as
 #       Triton compiles it against XLA's expression at blt_mid's and BLT-1B's shapes (kernel_check.py;
-#       a switch's rows run only after its check passed here), then plain BLT at blt_mid as today and
-#       with each switch, twice over, then with all three. Predicted: ~0.9 ms off the step for
+#       a switch's rows run only after its check passed here), then plain BLT at blt_mid as today, with
+#       all three, and with each alone, twice over (all three early: a call may end after a few
+#       rows, and their ~3 ms sum stands out of the rows' ~1 ms noise where one switch may not). Predicted: ~0.9 ms off the step for
 #       SwiGLU (12 global layers x 40 us + 5 local x ~85 us), ~1.5 ms for the pre-norms (~10 passes -> 6 over the attention
 #       norm's tensor, ~8 -> 5 over the FFN norm's), ~0.6 ms for the pool (0.28 + 0.32 ms of
 #       scatters and 0.19 ms of gathers -> one read of the bytes each way; train_speed.md, "Prepared
@@ -526,7 +527,7 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
   52) phase swiglu_check python3 $bench/kernel_check.py --kernels swiglu --out "$out/swiglu_check"
       phase norm_parts_check python3 $bench/kernel_check.py --kernels norm_parts --out "$out/norm_parts_check"
       phase pool_check python3 $bench/kernel_check.py --kernels pool --out "$out/pool_check"
-      for run in base_1 parts_1 swiglu_1 pool_1 base_2 parts_2 swiglu_2 pool_2 all_1; do
+      for run in base_1 all_1 parts_1 swiglu_1 pool_1 base_2 all_2 parts_2 swiglu_2 pool_2; do
         flags=(--no-swiglu-kernel --no-norm-parts --no-pool-kernel)
         case ${run%_*} in
           all) flags=(--swiglu-kernel --norm-parts --pool-kernel); check=all_checks
