@@ -150,3 +150,23 @@ def test_kernel_lowers_for_cuda():
         return jnp.sum(pool_kernel.patch_max_pool(h, ids, 1026, interpret=False).astype(jnp.float32))
 
     assert cuda_text(jax.grad(loss), h, ids).count("xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("n", [64, 72])
+def test_long_patches_and_runs_that_end_the_row(n):
+    """Runs longer than a step's rows (pool_kernel.chunk_rows), and runs that end the row where a
+    step's read is moved back inside it (n not a multiple of the step's rows)."""
+    rng = np.random.default_rng(n)
+    lengths = [33, 1, 2, 16, 4]  # a run of 33 bytes (three steps), then runs around a step's 16 rows
+    ids = np.repeat(np.arange(len(lengths)), lengths)
+    ids = np.concatenate([ids, np.full(n - ids.size, len(lengths))])[None].astype(np.int32)
+    num_patches = len(lengths) + 2
+    h = jnp.asarray(rng.integers(-4, 5, (1, n, 16)) * 0.25, jnp.float32)
+    g = jnp.asarray(rng.normal(size=(1, num_patches, 16)), jnp.float32)
+    assert pool_kernel.chunk_rows(n, 16) == 16
+    pooled, vjp = jax.vjp(
+        lambda h: pool_kernel.patch_max_pool(h, jnp.asarray(ids), num_patches, interpret=True), h
+    )
+    want, want_dh = _oracle(h, ids, num_patches, g)
+    np.testing.assert_array_equal(np.asarray(pooled, np.float64), want)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0], np.float64), want_dh, rtol=1e-6, atol=1e-6)

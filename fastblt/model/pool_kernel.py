@@ -5,8 +5,9 @@ scatter that counts each patch's ties with the maximum (to split the gradient am
 both with atomics over every element of the byte states: 0.28 + 0.32 ms of a blt_mid step on one
 H200, plus 0.19 ms of gathers in the backward (experiments/results/train_speed.md, run 11's kernels).
 A patch's bytes are one run of rows (patch ids never decrease along a row), so here one program per
-patch reads its run once and writes the maximum and the count of bytes that reach it, column by
-column; the backward is one elementwise pass that hands each patch's gradient to its maximal bytes,
+patch reads its run once, up to 16 rows per step (an entropy patch may be hundreds of bytes long,
+and the longest patch bounds the kernel's time), and writes the maximum and the count of bytes that
+reach it, column by column; the backward is one elementwise pass that hands each patch's gradient to its maximal bytes,
 split evenly among ties, as JAX's own derivative of ``segment_max`` does.
 
 The Pallas call is compiled for the GPU whenever JAX's backend is one and interpreted otherwise
@@ -23,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 MAX_DIM = 4096
-NUM_WARPS = 2
+NUM_WARPS = 4
+CHUNK_ELEMENTS = 8192  # elements a step of the loop holds: 64 float32 per thread with 4 warps
 
 
 def supported(h: jax.Array) -> bool:
@@ -67,19 +69,39 @@ def patch_max_pool(
     return _pool(h, patch_ids.astype(jnp.int32), start, end, bool(interpret))
 
 
-def _kernel(start_ref, end_ref, h_ref, out_ref, ties_ref):
-    d = h_ref.shape[-1]
+def chunk_rows(n: int, d: int) -> int:
+    """Rows each step of the kernel's loop reads: a power of two up to 16, at most CHUNK_ELEMENTS // d
+    elements per step (registers) and at most n."""
+    rows = max(1, min(16, CHUNK_ELEMENTS // d, n))
+    return 1 << (rows.bit_length() - 1)
 
-    def row(i, carry):
+
+def _kernel(start_ref, end_ref, h_ref, out_ref, ties_ref):
+    n, d = h_ref.shape
+    r = chunk_rows(n, d)
+    start, end = start_ref[...], end_ref[...]
+
+    # A step reads r rows at once, so a long patch costs one memory round trip per r bytes rather
+    # than per byte. The last steps' reads are moved back to end inside the row (as a clamped slice
+    # would be in interpret mode, so both modes read the same rows); rows outside [i, end) are masked.
+    def step(k, carry):
         top, ties = carry
-        x = h_ref[pl.ds(i, 1), :].astype(jnp.float32)[0]
-        ties = jnp.where(x > top, 1, jnp.where(x == top, ties + 1, ties))
-        return jnp.maximum(top, x), ties
+        i = start + k * r
+        at = jnp.minimum(i, n - r)
+        x = h_ref[pl.ds(at, r), :].astype(jnp.float32)
+        rows = at + jax.lax.broadcasted_iota(jnp.int32, (r, d), 0)
+        valid = (rows >= i) & (rows < end)
+        x = jnp.where(valid, x, -jnp.inf)
+        best = jnp.max(x, axis=0)
+        hits = jnp.sum((valid & (x == best[None, :])).astype(jnp.int32), axis=0)
+        new_top = jnp.maximum(top, best)
+        ties = jnp.where(top == new_top, ties, 0) + jnp.where(best == new_top, hits, 0)
+        return new_top, ties
 
     top, ties = jax.lax.fori_loop(
-        start_ref[...],
-        end_ref[...],
-        row,
+        0,
+        (end - start + r - 1) // r,
+        step,
         (jnp.full((d,), -jnp.inf, jnp.float32), jnp.zeros((d,), jnp.int32)),
     )
     out_ref[...] = jnp.where(ties > 0, top, 0.0).astype(out_ref.dtype)
