@@ -66,12 +66,17 @@ def test_kernel_value_and_gradients_match_float64(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("parts,residual", [(3, True), (2, True), (1, False)])
-def test_backward_of_summed_gradients_and_a_residual_matches_float64(dtype, parts, residual):
+@pytest.mark.parametrize("min_programs", [norm_kernel.MIN_PROGRAMS, 2])
+def test_backward_of_summed_gradients_and_a_residual_matches_float64(
+    dtype, parts, residual, min_programs, monkeypatch
+):
     """grad_parts: the norm's backward for an output read by `parts` products (q, k, v), plus the
     gradient x gets from its residual path, equals the float64 backward of the summed gradient plus
-    the residual's."""
+    the residual's; with one tile per program, and with programs that walk 4 tiles each."""
+    monkeypatch.setattr(norm_kernel, "MIN_PROGRAMS", min_programs)
     rng = np.random.default_rng(parts)
-    shape = (2, 24, 128)
+    shape = (2, 64, 128)  # 8 tiles of 16 rows
+    assert norm_kernel.tiles_per_program(128 // 16) == (1 if min_programs > 8 else 4)
     x = jnp.asarray(rng.normal(0, 2.0, shape), dtype)
     scale = jnp.asarray(rng.normal(1.0, 0.3, shape[-1]), jnp.float32)
     dys = tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(parts))
@@ -95,7 +100,7 @@ def test_backward_of_summed_gradients_and_a_residual_matches_float64(dtype, part
     with pytest.raises(ValueError, match="one or more gradients of its shape"):
         norm_kernel.grad_parts(x, scale, r, (dys[0][:, :8],), interpret=True)
     with pytest.raises(ValueError, match="one or more gradients of its shape"):  # a residual of another shape
-        norm_kernel.grad_parts(x, scale, r, dys, dys[0].reshape(2, 128, 24), interpret=True)
+        norm_kernel.grad_parts(x, scale, r, dys, dys[0].reshape(2, 128, 64), interpret=True)
     with pytest.raises(ValueError, match="r = inverse_rms"):
         norm_kernel.grad_parts(x, scale, r.astype(jnp.bfloat16), dys, interpret=True)
 
@@ -197,6 +202,17 @@ def test_grad_parts_lowers_for_cuda_as_one_kernel():
 
     args = (x, jax.ShapeDtypeStruct((1024,), jnp.float32), x, x, x, x)
     assert cuda_text(backward, *args).count("xla.gpu.triton") == 1
+
+
+def test_tiles_per_program():
+    """Each backward program walks up to 8 tiles while at least 1 024 programs remain: blt_mid's local
+    rows in tiles of 8 (65 536 rows), its global rows in tiles of 4 (16 x 1 026 rows, 4 104 tiles),
+    BLT-1B's global rows in tiles of 2, a count with no power-of-two divisor, and too few tiles to share."""
+    assert norm_kernel.tiles_per_program(65536 // 8) == 8
+    assert norm_kernel.tiles_per_program(16 * 1026 // 4) == 4
+    assert norm_kernel.tiles_per_program(4 * 1026 // 2) == 2
+    assert norm_kernel.tiles_per_program(4103) == 1
+    assert norm_kernel.tiles_per_program(1500) == 1
 
 
 def test_a_bf16_scale_gets_xlas_bf16_gradient():

@@ -4,7 +4,7 @@ XLA runs a training step's RMSNorm as two kernels forward (a row reduction with 
 the scaling), near the copy rate, and two or three backward, which make about ten passes over each
 tensor: 4.5 of the 76.8 ms of kernels in a blt_mid step on one H200 (experiments/results/train_speed.md,
 run 9). Here the forward reads x once and writes y and each row's 1/rms; the backward reads x, dy and
-1/rms once and writes dx and one partial sum of the scale's gradient per block of rows.
+1/rms once and writes dx and one partial sum of the scale's gradient per program.
 
 The Pallas call is compiled for the GPU whenever JAX's backend is one and interpreted otherwise
 (``interpret``), as fastblt.model.decode_attention does.
@@ -29,6 +29,11 @@ MAX_ROWS = 16
 TILE = 8192
 MAX_DIM = 4096
 NUM_WARPS = 8
+# The backward's programs walk up to MAX_TILES tiles each, keeping at least MIN_PROGRAMS programs (~8 per
+# SM, so that each SM still holds several at once): one tile per program wrote a float32 partial of the
+# scale's gradient per 2-8 rows, as large as x itself at BLT-1B's global width.
+MAX_TILES = 8
+MIN_PROGRAMS = 1024
 
 
 def block_rows(n: int, d: int, tile: int = TILE) -> int:
@@ -83,22 +88,42 @@ def _fwd_kernel(x_ref, s_ref, y_ref, r_ref, *, eps):
     r_ref[...] = r
 
 
-def _bwd_kernel(x_ref, s_ref, r_ref, *refs, parts: int, residual: bool):
+def _bwd_kernel(x_ref, s_ref, r_ref, *refs, parts: int, residual: bool, rows: int):
     # refs: the output gradient's `parts` summands, the residual gradient if `residual`, then dx, ds.
+    # The program's block holds several tiles of `rows` rows; it walks them in turn and keeps the
+    # scale's gradient summed in registers, so the partial sums it writes stay small.
     dx_ref, ds_ref = refs[-2:]
-    x = x_ref[...].astype(jnp.float32)
-    r = r_ref[...][:, None]
-    dy = refs[0][...].astype(jnp.float32)
-    for part in refs[1:parts]:
-        dy = dy + part[...].astype(jnp.float32)
-    xh = x * r
-    g = dy * s_ref[...].astype(jnp.float32)[None, :]
-    # d/dx of x * rsqrt(mean(x^2) + eps): r * (g - xh * mean(xh * g)), per row.
-    dx = r * (g - xh * jnp.mean(xh * g, axis=1)[:, None])
-    if residual:
-        dx = dx + refs[parts][...].astype(jnp.float32)
-    dx_ref[...] = dx.astype(dx_ref.dtype)
-    ds_ref[...] = jnp.sum(dy * xh, axis=0)[None, :]
+    grad_refs = refs[:-2]
+    s = s_ref[...].astype(jnp.float32)[None, :]
+
+    def tile(j, ds):
+        at = pl.ds(pl.multiple_of(j * rows, rows), rows)
+        x = x_ref[at, :].astype(jnp.float32)
+        r = r_ref[at][:, None]
+        dy = grad_refs[0][at, :].astype(jnp.float32)
+        for part in grad_refs[1:parts]:
+            dy = dy + part[at, :].astype(jnp.float32)
+        xh = x * r
+        g = dy * s
+        # d/dx of x * rsqrt(mean(x^2) + eps): r * (g - xh * mean(xh * g)), per row.
+        dx = r * (g - xh * jnp.mean(xh * g, axis=1)[:, None])
+        if residual:
+            dx = dx + grad_refs[parts][at, :].astype(jnp.float32)
+        dx_ref[at, :] = dx.astype(dx_ref.dtype)
+        return ds + jnp.sum(dy * xh, axis=0)
+
+    tiles = x_ref.shape[0] // rows
+    ds = jax.lax.fori_loop(0, tiles, tile, jnp.zeros((x_ref.shape[1],), jnp.float32))
+    ds_ref[...] = ds[None, :]
+
+
+def tiles_per_program(blocks: int) -> int:
+    """Tiles of rows each backward program walks: the largest power of two up to MAX_TILES that divides
+    ``blocks`` and leaves at least MIN_PROGRAMS programs (to fill the GPU)."""
+    t = MAX_TILES
+    while t > 1 and (blocks % t or blocks // t < MIN_PROGRAMS):
+        t //= 2
+    return t
 
 
 def inverse_rms(x: jax.Array, eps: float) -> jax.Array:
@@ -189,18 +214,19 @@ def _backward(x, scale, r, grads, parts, interpret):
     # Half the tile where more than one gradient comes in (up to three summands and the residual's),
     # so that the tiles each program holds stay in registers; at least 2 rows, as supported() checked.
     rows = block_rows(n, d, TILE if len(grads) == 1 else max(TILE // 2, 2 * d))
-    row_block = pl.BlockSpec((rows, d), lambda i: (i, 0))
+    span = rows * tiles_per_program(n // rows)
+    row_block = pl.BlockSpec((span, d), lambda i: (i, 0))
     dx, ds = pl.pallas_call(
-        functools.partial(_bwd_kernel, parts=parts, residual=len(grads) > parts),
-        grid=(n // rows,),
+        functools.partial(_bwd_kernel, parts=parts, residual=len(grads) > parts, rows=rows),
+        grid=(n // span,),
         in_specs=[
             row_block,
             pl.BlockSpec((d,), lambda i: (0,)),
-            pl.BlockSpec((rows,), lambda i: (i,)),
+            pl.BlockSpec((span,), lambda i: (i,)),
             *[row_block] * len(grads),
         ],
         out_specs=[row_block, pl.BlockSpec((1, d), lambda i: (i, 0))],
-        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n // rows, d), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n // span, d), jnp.float32)],
         interpret=interpret,
         name="fastblt_rms_norm_bwd",
         **_params(interpret),
