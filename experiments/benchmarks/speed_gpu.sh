@@ -257,7 +257,8 @@
 # now); 47, 48, 46 and 44 (what fits an H100), 27 on an H100 (blt_mid's last row), 43, 10, 11.
 # 51's first row on one H100 on 2026-12-07 after eleven tries that started no machine (train_speed.md
 # run 23: the 1B-class row with fused attention, 210.7 ms per step); nothing else of phases 45-53 has run
-# (the session after it, 2026-12-07 03:22-06:20 UTC, started no machine in fifteen tries).
+# (the session after it, 2026-12-07 03:22-06:20 UTC, started no machine in fifteen tries; the next,
+# 05:58-08:58 UTC, none in twelve).
 # Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
