@@ -64,7 +64,6 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
 
     monkeypatch.setattr(cross_attention, "GPU_CROSS_RANGES", True)
     monkeypatch.setattr(layers, "GPU_FUSED_NORM", False)
-    monkeypatch.setattr(layers, "GPU_SWIGLU_KERNEL", False)
     monkeypatch.setattr(layers, "GPU_NORM_PARTS", False)
     monkeypatch.setattr(blt, "GPU_POOL_KERNEL", False)
     monkeypatch.setattr(block_rows, "OWN_BLOCK_IN_KERNEL", False)
@@ -77,7 +76,6 @@ def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch)
     settings = train_speed.apply_switches(args)
     assert settings == {
         "fused_norm": True,
-        "swiglu_kernel": False,
         "norm_parts": False,
         "pool_kernel": False,
         "range_kernel": False,

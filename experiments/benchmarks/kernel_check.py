@@ -1,10 +1,10 @@
 """The elementwise Pallas kernels as Triton compiles them against XLA's expressions, at blt_mid's and
 BLT-1B's shapes: the RMSNorm kernel (fastblt.model.norm_kernel: ``norm``, and ``norm_parts``, its
-backward taking q's, k's and v's gradients unsummed and the residual's gradient), SwiGLU's gradient
-kernel (fastblt.model.swiglu_kernel) and the encoder's patch max-pool (fastblt.model.pool_kernel:
-``pool``, forward and backward).
+backward taking q's, k's and v's gradients unsummed and the residual's gradient) and the encoder's
+patch max-pool (fastblt.model.pool_kernel: ``pool``, forward and backward). (SwiGLU's two-output
+gradient kernel was checked here too: as fast as XLA's, train_speed.md run 24, so it is gone.)
 
-    python experiments/benchmarks/kernel_check.py --kernels norm swiglu --out DIR  # a GPU; exits 1 on a mismatch
+    python experiments/benchmarks/kernel_check.py --kernels norm pool --out DIR   # a GPU; exits 1 on a mismatch
     python experiments/benchmarks/kernel_check.py --interpret                      # the CPU (Pallas interpret mode)
 
 For each kernel and shape: the value and the gradients (a random cotangent) from the kernel and from
@@ -28,8 +28,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 # (name, rows, dim): blt_mid's local rows (16 x 4096) and global rows (16 x 1025), BLT-1B's global.
 SHAPES = [("mid local", 16 * 4096, 512), ("mid global", 16 * 1025, 1024), ("1b global", 4 * 1025, 2048)]
-# (name, rows, hidden): the SwiGLU products of blt_mid's decoder and global model, BLT-1B's global.
-FFN_SHAPES = [("mid local", 16 * 4096, 1536), ("mid global", 16 * 1026, 2816), ("1b global", 4 * 1026, 5632)]
 # (name, bytes, dim): the encoder's byte states that blt_mid and BLT-1B pool (rows of 4 096 bytes, static
 # 4-byte patches).
 POOL_SHAPES = [
@@ -41,7 +39,7 @@ POOL_SHAPES = [
 # its longest patch.
 LONG_PATCH = {"mid encoder, a 1 024-byte patch": 1024}
 SMALL = [("small", 64, 128)]
-KERNELS = ("norm", "norm_parts", "swiglu", "pool")
+KERNELS = ("norm", "norm_parts", "pool")
 POOL_ROW = 4096
 
 
@@ -50,10 +48,9 @@ def _runs(kernel: str, interpret: bool):
     to (value or None, gradients...)."""
     import jax
 
-    from fastblt.model import blt, layers, norm_kernel, pool_kernel, swiglu_kernel
+    from fastblt.model import blt, layers, norm_kernel, pool_kernel
 
     assert not layers.GPU_FUSED_NORM, "the XLA side of the check needs GPU_FUSED_NORM off"
-    assert not layers.GPU_SWIGLU_KERNEL, "the XLA side of the check needs GPU_SWIGLU_KERNEL off"
     assert not blt.GPU_POOL_KERNEL, "the XLA side of the check needs GPU_POOL_KERNEL off"
     if kernel == "pool":  # x: the byte states [B, N, D]; second: patch ids [B, N]; dy: [B, P, D]
 
@@ -97,10 +94,7 @@ def _runs(kernel: str, interpret: bool):
             jax.jit(fused),
             jax.jit(lambda x, s, d: (lambda dx, ds: (dx + d[3], ds))(*xla(x, s, d))),
         )
-    return (
-        jax.jit(lambda a, b, g: swiglu_kernel.swiglu_grad(a, b, g, interpret=interpret)),
-        jax.jit(lambda a, b, g: jax.vjp(layers.swiglu, a, b)[1](g)),
-    )
+    raise ValueError(f"no kernel {kernel!r}: one of {KERNELS}")
 
 
 def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
@@ -111,11 +105,7 @@ def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
 
     keys = jax.random.split(jax.random.key(rows + dim), 3)
     x = (2.0 * jax.random.normal(keys[0], (rows, dim))).astype(jnp.bfloat16)
-    second = (
-        1.0 + 0.3 * jax.random.normal(keys[1], (dim,))
-        if kernel.startswith("norm")
-        else jax.random.normal(keys[1], (rows, dim)).astype(jnp.bfloat16)
-    )
+    second = 1.0 + 0.3 * jax.random.normal(keys[1], (dim,))  # the norm's scale; the pool's ids below
     dy = jax.random.normal(keys[2], (rows, dim)).astype(jnp.bfloat16)
     if (
         kernel == "pool"
@@ -130,9 +120,7 @@ def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
         dy = tuple(
             jax.random.normal(k, (rows, dim)).astype(jnp.bfloat16) for k in jax.random.split(keys[2], 4)
         )
-    labels = {"norm": ("y", "dx", "dscale"), "norm_parts": ("dx", "dscale"), "pool": ("pooled", "dx")}.get(
-        kernel, ("d_gate", "d_up")
-    )
+    labels = {"norm": ("y", "dx", "dscale"), "norm_parts": ("dx", "dscale"), "pool": ("pooled", "dx")}[kernel]
     out = {"kernel": kernel, "shape": name, "rows": rows, "dim": dim}
     runs = dict(zip(("kernel", "xla"), _runs(kernel, interpret), strict=True))
     got, want = runs["kernel"](x, second, dy), runs["xla"](x, second, dy)
@@ -141,8 +129,8 @@ def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
         out[f"{label}_rel_error"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
     # The least traffic of each computation in tensors of x's size (bf16): what a kernel at the copy
     # rate moves (norm: forward x -> y, backward x, dy -> dx; norm_parts: x, three summands and the
-    # residual's gradient -> dx; swiglu: gate, up, g -> d_gate, d_up; pool: forward x, backward x -> dx).
-    least = {"norm": 5, "norm_parts": 6, "swiglu": 5, "pool": 3}[kernel] * x.size * x.dtype.itemsize
+    # residual's gradient -> dx; pool: forward x, backward x -> dx).
+    least = {"norm": 5, "norm_parts": 6, "pool": 3}[kernel] * x.size * x.dtype.itemsize
     out["least_gb"] = least / 1e9
     for label, run in runs.items():
         jax.block_until_ready(run(x, second, dy))
@@ -174,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     lines = []
     for kernel in args.kernels:
-        shapes = SMALL if args.interpret else {"swiglu": FFN_SHAPES, "pool": POOL_SHAPES}.get(kernel, SHAPES)
+        shapes = SMALL if args.interpret else {"pool": POOL_SHAPES}.get(kernel, SHAPES)
         for name, rows, dim in shapes:
             r = check(kernel, name, rows, dim, args.interpret)
             ok &= r["ok"]

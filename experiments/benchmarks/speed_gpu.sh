@@ -207,19 +207,16 @@
 #       every float32 score tensor in HBM). Phase 5 is the "after". Needs an H200.
 #   51. phases 5 and 50's fastblt rows without the port, on any card (95% of its memory for XLA; the
 #       port needs more than an 80 GB card): the fused row (now the default), then the XLA path's.
-#   52. three kernels for elementwise and scatter passes of blt_mid's step, off by default: SwiGLU's
-#       gradient with both outputs (fastblt.model.swiglu_kernel, layers.GPU_SWIGLU_KERNEL); each
+#   52. two kernels for elementwise and scatter passes of blt_mid's step, off by default: each
 #       layer's pre-norm backward taking its products' unsummed gradients and the residual's
 #       (fastblt.model.prenorm, layers.GPU_NORM_PARTS); the encoder's patch max-pool without XLA's
 #       two scatters (fastblt.model.pool_kernel, blt.GPU_POOL_KERNEL). First each kernel checked as
-#       Triton compiles it against XLA's expression at blt_mid's and BLT-1B's shapes (kernel_check.py;
-#       a switch's rows run only after its check passed here), then plain BLT at blt_mid as today, with
-#       all three, and with each alone, twice over (all three early: a call may end after a few
-#       rows, and their ~3 ms sum stands out of the rows' ~1 ms noise where one switch may not). Predicted: ~0.9 ms off the step for
-#       SwiGLU (12 global layers x 40 us + 5 local x ~85 us), ~1.5 ms for the pre-norms (~10 passes -> 6 over the attention
-#       norm's tensor, ~8 -> 5 over the FFN norm's), ~0.6 ms for the pool (0.28 + 0.32 ms of
-#       scatters and 0.19 ms of gathers -> one read of the bytes each way; train_speed.md, "Prepared
-#       on 2026-12-07").
+#       Triton compiles it against XLA's expression (kernel_check.py; a switch's rows run only after
+#       its check passed here), then plain BLT at blt_mid as today, with both, and with each alone,
+#       twice over. The checks ran on one H100 on 2026-12-07 (train_speed.md run 24): the norm
+#       backward 187 vs 234 us (local) and 108 vs 148 us (global) per call, the pool 183 vs 686 us;
+#       predicted ~1.4 ms and ~0.5 ms off the step. (SwiGLU's two-output gradient kernel ran no
+#       faster than XLA's and is gone.)
 #   53. blt_mid's global layers as one lax.scan over stacked parameters (model.scan_layers, off at
 #       blt_mid) against today's unrolled layers, twice over: the 12 layers' 108 parameter leaves become
 #       9, and the optimizer (544 launches, 3.5 ms), the gradient norm (335 reductions, 0.85 ms) and
@@ -252,13 +249,14 @@
 # measured, ar's long-prompt profile, blt_mid's sweep but one row; 5 skipped itself, no H200).
 # 42, 41, 43, then 5, 44 and a cut call of 27, then 26 and 6 on one H200 on 2026-12-06, late
 # (generate_speed.md run 22: the key-split fix gains nothing; train_speed.md run 22: the 1B-class row).
-# Next: 52 (three kernels, new on 2026-12-07), 51 and 53 on any card; 5, 50 and 49 on an
+# Next: 52 (two kernels; their checks passed in run 24, the step rows are to come), 51 and 53 on any card; 5, 50 and 49 on an
 # H200 (the 1B-class row with fused attention, the port beside it); 45 (the 1B row profiled, any card
 # now); 47, 48, 46 and 44 (what fits an H100), 27 on an H100 (blt_mid's last row), 43, 10, 11.
 # 51's first row on one H100 on 2026-12-07 after eleven tries that started no machine (train_speed.md
 # run 23: the 1B-class row with fused attention, 210.7 ms per step); nothing else of phases 45-53 has run
 # (the session after it, 2026-12-07 03:22-06:20 UTC, started no machine in fifteen tries; the next,
-# 05:58-08:58 UTC, none in twelve).
+# 05:58-08:58 UTC, none in twelve; the thirteenth ran 52's kernel checks alone on one H100: train_speed.md
+# run 24).
 # Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
@@ -525,18 +523,16 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
           --shape 1b --batch 4 --rows blt --attention-impl $impl --steps 10 --warmup 2 --timeout 300 \
           --out "$out/train1b_alone_$impl"
       done ;;
-  52) phase swiglu_check python3 $bench/kernel_check.py --kernels swiglu --out "$out/swiglu_check"
-      phase norm_parts_check python3 $bench/kernel_check.py --kernels norm_parts --out "$out/norm_parts_check"
+  52) phase norm_parts_check python3 $bench/kernel_check.py --kernels norm_parts --out "$out/norm_parts_check"
       phase pool_check python3 $bench/kernel_check.py --kernels pool --out "$out/pool_check"
-      for run in base_1 all_1 parts_1 swiglu_1 pool_1 base_2 all_2 parts_2 swiglu_2 pool_2; do
-        flags=(--no-swiglu-kernel --no-norm-parts --no-pool-kernel)
+      for run in base_1 all_1 parts_1 pool_1 base_2 all_2 parts_2 pool_2; do
+        flags=(--no-norm-parts --no-pool-kernel)
         case ${run%_*} in
-          all) flags=(--swiglu-kernel --norm-parts --pool-kernel); check=all_checks
-               [ -e "$out/swiglu_check/done" ] && [ -e "$out/norm_parts_check/done" ] \
-                 && [ -e "$out/pool_check/done" ] && mkdir -p "$out/all_checks" && touch "$out/all_checks/done" ;;
-          swiglu) flags=(--swiglu-kernel --no-norm-parts --no-pool-kernel); check=swiglu_check ;;
-          parts) flags=(--no-swiglu-kernel --norm-parts --no-pool-kernel); check=norm_parts_check ;;
-          pool) flags=(--no-swiglu-kernel --no-norm-parts --pool-kernel); check=pool_check ;;
+          all) flags=(--norm-parts --pool-kernel); check=all_checks
+               [ -e "$out/norm_parts_check/done" ] && [ -e "$out/pool_check/done" ] \
+                 && mkdir -p "$out/all_checks" && touch "$out/all_checks/done" ;;
+          parts) flags=(--norm-parts --no-pool-kernel); check=norm_parts_check ;;
+          pool) flags=(--no-norm-parts --pool-kernel); check=pool_check ;;
           *) check= ;;
         esac
         if [ -n "$check" ] && [ ! -e "$out/$check/done" ]; then

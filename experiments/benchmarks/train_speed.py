@@ -379,11 +379,6 @@ SWITCHES = {
         "GPU_FUSED_NORM",
         "training-sized RMSNorms as one Pallas kernel per direction (one GPU)",
     ),
-    "swiglu_kernel": (
-        "fastblt.model.layers",
-        "GPU_SWIGLU_KERNEL",
-        "training-sized SwiGLU gradients as one two-output Pallas kernel (one GPU)",
-    ),
     "norm_parts": (
         "fastblt.model.layers",
         "GPU_NORM_PARTS",

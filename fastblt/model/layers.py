@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from fastblt.config import TransformerConfig
-from fastblt.model import norm_kernel, prenorm, swiglu_kernel
+from fastblt.model import norm_kernel, prenorm
 from fastblt.model.attention import Attend, LocalMask, attention, platform
 from fastblt.model.block_rows import BlockRows
 from fastblt.model.cross_attention import gathered_attention, latent_attention, segment_attention
@@ -281,28 +281,10 @@ def _swiglu_fwd(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, tuple[jax.Ar
     return swiglu(gate, up), (gate, up)
 
 
-# SwiGLU's gradient of training-sized calls as one Pallas kernel with both outputs on a GPU
-# (fastblt.model.swiglu_kernel): XLA writes the two gradients in two fusions that each read the
-# cotangent and the gate again (7 passes where 5 do). Off until a GPU measures it (speed_gpu.sh
-# phase 52); one device only, as GPU_FUSED_NORM.
-GPU_SWIGLU_KERNEL = False
-SWIGLU_KERNEL_MIN_SIZE = 1 << 20  # elements; smaller calls stay in XLA's fusions with their neighbours
-
-
-def use_swiglu_kernel(gate: jax.Array) -> bool:
-    """The one place that decides whether :func:`swiglu`'s gradient of gate: float[..., F] runs the kernel."""
-    return (
-        GPU_SWIGLU_KERNEL
-        and one_gpu()
-        and swiglu_kernel.supported(gate)
-        and gate.size >= SWIGLU_KERNEL_MIN_SIZE
-    )
-
-
 def _swiglu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     gate, up = res
-    if use_swiglu_kernel(gate) and up.shape == g.shape == gate.shape:
-        return swiglu_kernel.swiglu_grad(gate, up, g)
+    # A Pallas kernel writing both gradients in one pass ran no faster than this at blt_mid's and
+    # BLT-1B's shapes on an H100 (both at ~2.9 TB/s; train_speed.md run 24), so XLA keeps it.
     a, b, g = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
     s = jax.nn.sigmoid(a)
     d_gate = g * b * (s * (1.0 + a * (1.0 - s)))  # silu'(a) = s + a s (1 - s)
