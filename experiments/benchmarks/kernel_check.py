@@ -107,9 +107,8 @@ def check(kernel: str, name: str, rows: int, dim: int, interpret: bool) -> dict:
     x = (2.0 * jax.random.normal(keys[0], (rows, dim))).astype(jnp.bfloat16)
     second = 1.0 + 0.3 * jax.random.normal(keys[1], (dim,))  # the norm's scale; the pool's ids below
     dy = jax.random.normal(keys[2], (rows, dim)).astype(jnp.bfloat16)
-    if (
-        kernel == "pool"
-    ):  # rows of POOL_ROW bytes in 4-byte patches (LONG_PATCH: a longer first), the last slots empty
+    # The pool's rows: POOL_ROW bytes in 4-byte patches (LONG_PATCH: a longer first), the last slots empty.
+    if kernel == "pool":
         n = min(rows, POOL_ROW)
         x = x.reshape(rows // n, n, dim)
         first = LONG_PATCH.get(name, 4)

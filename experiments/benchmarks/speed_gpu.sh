@@ -249,8 +249,8 @@
 # measured, ar's long-prompt profile, blt_mid's sweep but one row; 5 skipped itself, no H200).
 # 42, 41, 43, then 5, 44 and a cut call of 27, then 26 and 6 on one H200 on 2026-12-06, late
 # (generate_speed.md run 22: the key-split fix gains nothing; train_speed.md run 22: the 1B-class row).
-# Next: 52 (two kernels; their checks passed in run 24, the step rows are to come), 51 and 53 on any card; 5, 50 and 49 on an
-# H200 (the 1B-class row with fused attention, the port beside it); 45 (the 1B row profiled, any card
+# Next: 52 (two kernels; their checks passed in run 24, the step rows are to come), 51 and 53 on any
+# card; 5, 50 and 49 on an H200 (the 1B-class row with fused attention, the port beside it); 45 (the 1B row profiled, any card
 # now); 47, 48, 46 and 44 (what fits an H100), 27 on an H100 (blt_mid's last row), 43, 10, 11.
 # 51's first row on one H100 on 2026-12-07 after eleven tries that started no machine (train_speed.md
 # run 23: the 1B-class row with fused attention, 210.7 ms per step); nothing else of phases 45-53 has run

@@ -7,8 +7,8 @@ H200, plus 0.19 ms of gathers in the backward (experiments/results/train_speed.m
 A patch's bytes are one run of rows (patch ids never decrease along a row), so here one program per
 patch reads its run once, up to 16 rows per step (an entropy patch may be hundreds of bytes long,
 and the longest patch bounds the kernel's time), and writes the maximum and the count of bytes that
-reach it, column by column; the backward is one elementwise pass that hands each patch's gradient to its maximal bytes,
-split evenly among ties, as JAX's own derivative of ``segment_max`` does.
+reach it, column by column; the backward is one elementwise pass that hands each patch's gradient to
+its maximal bytes, split evenly among ties, as JAX's own derivative of ``segment_max`` does.
 
 The Pallas call is compiled for the GPU whenever JAX's backend is one and interpreted otherwise
 (``interpret``), as fastblt.model.norm_kernel does.
