@@ -51,6 +51,22 @@ def test_pallas_kernel_names_are_found_in_a_lowered_program():
     assert train_speed.pallas_kernels(text) == names
 
 
+def test_the_pool_kernel_is_found_in_a_lowered_program():
+    """The encoder's pool kernel, traced for CUDA, is named in the row (run 25's rows lacked it)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastblt.model import pool_kernel
+
+    ids = jnp.repeat(jnp.arange(16, dtype=jnp.int32), 4)[None]
+
+    def loss(h):
+        return jnp.sum(pool_kernel.patch_max_pool(h, ids, 16, interpret=False).astype(jnp.float32))
+
+    text = cuda_text(jax.grad(loss), jnp.ones((1, 64, 64), jnp.bfloat16))
+    assert train_speed.pallas_kernels(text) == ["fastblt_patch_max_pool"]
+
+
 def test_switches_are_set_cleared_or_left_and_forwarded_to_the_rows(monkeypatch):
     """--x sets a model switch, --no-x clears it, neither leaves the module's default; a row's process
     gets the same flags, and the row records every switch as it ran."""

@@ -51,7 +51,6 @@ def _runs(kernel: str, interpret: bool):
     from fastblt.model import blt, layers, norm_kernel, pool_kernel
 
     assert not layers.GPU_FUSED_NORM, "the XLA side of the check needs GPU_FUSED_NORM off"
-    assert not blt.GPU_POOL_KERNEL, "the XLA side of the check needs GPU_POOL_KERNEL off"
     if kernel == "pool":  # x: the byte states [B, N, D]; second: patch ids [B, N]; dy: [B, P, D]
 
         def pooled(fn):
@@ -64,7 +63,7 @@ def _runs(kernel: str, interpret: bool):
 
         return (
             pooled(lambda x, ids, p: pool_kernel.patch_max_pool(x, ids, p, interpret=interpret)),
-            pooled(blt.patch_max_pool),  # XLA's segment_max (the switch is off)
+            pooled(blt.xla_patch_max_pool),  # XLA's segment_max
         )
     if kernel == "norm":
 

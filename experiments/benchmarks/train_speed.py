@@ -102,7 +102,7 @@ def batches(cfg, n: int = 4) -> list[dict]:
 
 # Our Pallas kernels by their names in a lowered program: a row run with a switch on records whether
 # its kernels are really in the step (a switch can be on and its path not taken).
-_PALLAS_NAME = re.compile(r"fastblt_(?:range_attention|rms_norm|decode_attention)\w*")
+_PALLAS_NAME = re.compile(r"fastblt_(?:range_attention|rms_norm|decode_attention|patch_max_pool)\w*")
 
 
 def pallas_kernels(text: str) -> list[str]:

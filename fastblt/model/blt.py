@@ -45,8 +45,9 @@ def positions_like(x: jax.Array) -> jax.Array:
 # The encoder's patch max-pool as one Pallas kernel on a GPU (fastblt.model.pool_kernel): XLA's
 # segment_max is a scatter-max, and its derivative a second scatter counting ties, each with atomics
 # over every element of the byte states (0.28 + 0.32 ms of a blt_mid step on one H200, run 11), plus
-# 0.19 ms of backward gathers. Off until a GPU measures it (speed_gpu.sh phase 52); one device only.
-GPU_POOL_KERNEL = False
+# 0.19 ms of backward gathers. On: blt_mid's loop step 77.5 -> 77.0 ms on one H100, 75.6 with
+# GPU_NORM_PARTS (experiments/results/train_speed.md, run 25); one device only.
+GPU_POOL_KERNEL = True
 POOL_KERNEL_MIN_ROWS = 1024  # bytes in the batch; smaller calls (prefill of a prompt) stay in XLA
 
 
@@ -68,6 +69,11 @@ def patch_max_pool(h: jax.Array, patch_ids: jax.Array, num_patches: int) -> jax.
     """
     if use_pool_kernel(h):
         return pool_kernel.patch_max_pool(h, patch_ids, num_patches)
+    return xla_patch_max_pool(h, patch_ids, num_patches)
+
+
+def xla_patch_max_pool(h: jax.Array, patch_ids: jax.Array, num_patches: int) -> jax.Array:
+    """:func:`patch_max_pool` as XLA's scatter-max (the reference path; the kernel's oracle)."""
     # Patch ids of a row are sorted (the patcher's cumsum): the scatter may assume it.
     pooled = jax.vmap(
         lambda x, i: jax.ops.segment_max(x, i, num_segments=num_patches, indices_are_sorted=True)
@@ -206,11 +212,18 @@ class GlobalTransformer(nn.Module):
         """The layer loop as ``lax.scan`` over the layers' parameters stacked on a leading axis.
 
         The parameters keep their per-layer names; they are stacked inside the step, which costs one
-        copy of the global weights per step and saves compiling L copies of the block.
+        copy of the global weights per step and saves compiling L copies of the block. The products'
+        kernels are stacked already cast to the compute dtype: each ``nn.Dense`` casts its kernel so
+        (a no-op on a cast one), and its gradient reaches the float32 parameter through the same cast,
+        so values and gradients are unchanged, but the loop body no longer casts every layer's
+        weights in the forward, remat's forward and the backward (10.7 ms of BLT-1B's step on one
+        H100, experiments/results/train_speed.md run 25) and its gradients are stacked in that dtype.
         """
         m = self.config
         c = m.global_model
+        dtype = jnp.dtype(m.dtype)
         params = nn.meta.unbox(self.variables["params"])
+
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layers_{i}"] for i in range(c.n_layers)))
         # Per-layer init scales do not matter here: the block is only applied.
         block = TransformerBlock(c, 0, m.init_std_factor, jnp.dtype(m.dtype), m.attention_impl, parent=None)

@@ -136,11 +136,11 @@ def use_fused_norm(x: jax.Array) -> bool:
 
 # A layer's two pre-norms with their products (q, k, v; w1, w3) as one op on a GPU whose backward
 # reads the products' input gradients unsummed and the residual's gradient in one pass of the norm
-# kernel (fastblt.model.prenorm; ~10 passes over the attention norm's tensor -> 6). Off until a GPU
-# measures it (speed_gpu.sh phase 52's norm_parts check first); one device only, as GPU_FUSED_NORM.
-# Where it applies it takes the pre-norms whole: their forward is XLA's expression even with
-# GPU_FUSED_NORM on (that switch then covers the other norms: cross-attention, output).
-GPU_NORM_PARTS = False
+# kernel (fastblt.model.prenorm; ~10 passes over the attention norm's tensor -> 6). On: blt_mid's loop
+# step 77.5 -> 76.0 ms on one H100 (experiments/results/train_speed.md, run 25); one device only, as
+# GPU_FUSED_NORM. Where it applies it takes the pre-norms whole: their forward is XLA's expression even
+# with GPU_FUSED_NORM on (that switch then covers the other norms: cross-attention, output).
+GPU_NORM_PARTS = True
 
 
 def use_norm_parts(x: jax.Array) -> bool:
