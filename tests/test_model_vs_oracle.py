@@ -234,6 +234,38 @@ def test_remat_and_scan_change_nothing_but_memory_and_compile_time(changes):
         assert "while" in hlo
 
 
+def test_scanned_layers_in_bfloat16_stack_cast_kernels_and_change_nothing():
+    """In bfloat16 the scan stacks the products' kernels already cast (the norms' scales stay float32),
+    so its body casts no weight; the loss and every float32 gradient equal the unrolled layers' (each
+    Dense casts its kernel the same way, and its gradient comes back through the same cast)."""
+    rng = np.random.default_rng(5)
+    config = small_config(
+        k=2, global_model=TransformerConfig(dim=48, n_layers=3, n_heads=4, n_kv_heads=2), dtype="bfloat16"
+    )
+    tokens, lengths = batch(rng, [40])
+    params = init_params(config)
+
+    def loss(c, p):
+        return BLT(c).apply({"params": p}, tokens, lengths).sum()
+
+    scanned = config.replace(scan_layers=True)
+    v0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(config, p)))(params)
+    v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(params)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-2)  # bf16 rounding, fused differently
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree.leaves(g0), strict=True):
+        assert a.dtype == b.dtype == jnp.float32, jax.tree_util.keystr(path)
+        scale = float(np.abs(b).max()) or 1.0
+        np.testing.assert_allclose(a, b, atol=2e-2 * scale, err_msg=jax.tree_util.keystr(path))
+
+    (scan,) = [
+        e for e in jax.make_jaxpr(lambda p: loss(scanned, p))(params).eqns if e.primitive.name == "scan"
+    ]
+    xs = scan.invars[scan.params["num_consts"] + scan.params["num_carry"] :]
+    shapes = {(str(v.aval.dtype), v.aval.ndim) for v in xs if v.aval.shape[:1] == (3,)}
+    assert ("bfloat16", 3) in shapes and ("float32", 3) not in shapes  # kernels [L, in, out] in bf16
+    assert ("float32", 2) in shapes  # the norms' scales [L, dim] stay float32
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_swiglu_forward_is_the_reference_op_and_its_gradient_autodiffs(dtype):
     """layers.swiglu: the forward is silu(gate) * up exactly; the one-pass gradient equals autodiff of

@@ -222,6 +222,13 @@
 #       9, and the optimizer (544 launches, 3.5 ms), the gradient norm (335 reductions, 0.85 ms) and
 #       the bf16 casts (170 launches, 0.94 ms) launch per leaf (run 11); the scan's slices and stacked
 #       gradients cost copies. Predicted: within +-1 ms; a gain would make it blt_mid's default.
+#       Measured on one H100 (train_speed.md run 25): scanned 91.5 against 77.5 ms, so it stays off.
+#   54. BLT-1B (blt_1b scans its 25 global layers) scanned against unrolled, twice over, any card (95% of
+#       its memory for XLA). Run 25's profile put ~20 ms of the 1B step in the scan: 6.1 ms of stacking,
+#       2.7 of stacked gradients, 10.7 of in-loop float32 -> bfloat16 weight casts. The scan now
+#       stacks the products' kernels already cast (the casts leave the loop body). Predicted: scanned
+#       201 -> ~192 ms per loop step; unrolled (no stacking; remat's casts stay, twice per layer) about
+#       as fast; unrolled compiles longer.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,
@@ -249,14 +256,16 @@
 # measured, ar's long-prompt profile, blt_mid's sweep but one row; 5 skipped itself, no H200).
 # 42, 41, 43, then 5, 44 and a cut call of 27, then 26 and 6 on one H200 on 2026-12-06, late
 # (generate_speed.md run 22: the key-split fix gains nothing; train_speed.md run 22: the 1B-class row).
-# Next: 52 (two kernels; their checks passed in run 24, the step rows are to come), 51 and 53 on any
-# card; 5, 50 and 49 on an H200 (the 1B-class row with fused attention, the port beside it); 45 (the 1B row profiled, any card
-# now); 47, 48, 46 and 44 (what fits an H100), 27 on an H100 (blt_mid's last row), 43, 10, 11.
 # 51's first row on one H100 on 2026-12-07 after eleven tries that started no machine (train_speed.md
-# run 23: the 1B-class row with fused attention, 210.7 ms per step); nothing else of phases 45-53 has run
-# (the session after it, 2026-12-07 03:22-06:20 UTC, started no machine in fifteen tries; the next,
-# 05:58-08:58 UTC, none in twelve; the thirteenth ran 52's kernel checks alone on one H100: train_speed.md
-# run 24).
+# run 23: the 1B-class row with fused attention, 210.7 ms per step); then two sessions started no machine
+# in 27 tries but one, which ran 52's kernel checks alone on one H100 (train_speed.md run 24).
+# 52, 53, 51, 48, 47, 46, 45, 51, 44 and 43 on one H100 on 2026-12-07, 08:35-09:03 UTC, six calls
+# (train_speed.md run 25: the norm and pool kernels now on, scanned layers 18% slower at blt_mid, BLT-1B
+# profiled; generate_speed.md run 25: in-place BLT-D passes confirmed, split writes and larger key blocks
+# no gain, batch 48 fits, batch 128 does not).
+# Next: 54 (BLT-1B's global layers unrolled against scanned, any card); 5, 50, 49 and 47 on an H200 (the
+# 1B-class row with its port, the XLA row, remat settings; batch 128 after 4 000 bytes); 27 on an H100
+# (blt_mid's last sweep row), 10, 11.
 # Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
@@ -541,6 +550,11 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
         fi
         phase "train_kernels_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \
           --timeout 200 "${flags[@]}" --out "$out/train_kernels_$run"
+      done ;;
+  54) for run in on_1 off_1 on_2 off_2; do
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 phase "train1b_scan_$run" python3 $bench/train_speed.py --shape 1b \
+          --batch 4 --rows blt --scan-layers "${run%_*}" --steps 10 --warmup 2 --timeout 300 \
+          --out "$out/train1b_scan_$run"
       done ;;
   53) for run in off_1 on_1 off_2 on_2; do
         phase "train_scan_$run" python3 $bench/train_speed.py --shape mid --rows blt --steps 20 --warmup 3 \

@@ -224,7 +224,11 @@ class GlobalTransformer(nn.Module):
         dtype = jnp.dtype(m.dtype)
         params = nn.meta.unbox(self.variables["params"])
 
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layers_{i}"] for i in range(c.n_layers)))
+        def stack(path, *xs):
+            x = jnp.stack(xs)
+            return x.astype(dtype) if path[-1] == jax.tree_util.DictKey("kernel") else x
+
+        stacked = jax.tree_util.tree_map_with_path(stack, *(params[f"layers_{i}"] for i in range(c.n_layers)))
         # Per-layer init scales do not matter here: the block is only applied.
         block = TransformerBlock(c, 0, m.init_std_factor, jnp.dtype(m.dtype), m.attention_impl, parent=None)
 
