@@ -111,3 +111,32 @@ def test_compile_time_times_jax_compile_stages_in_a_fresh_process(tmp_path):
     stages = row["jax_stages"]
     assert row["cache_dir"] is None and row["trace_layers_once"] is False
     assert stages["backend_compile_and_load"] >= 0.5 * row["compile_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_failed_row_is_recorded_and_the_next_row_runs(tmp_path, monkeypatch):
+    """A row that raises (out of memory on a GPU) is written as failed, with the device's memory
+    figures where the backend has them (none on the CPU), and the run goes on to the next row."""
+    real = generate_speed.measure
+
+    def measure(args, config, params, texts, name, batch, prompt):
+        if name == "blt_s4":
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB\nmore")
+        return real(args, config, params, texts, name, batch, prompt)
+
+    monkeypatch.setattr(generate_speed, "measure", measure)
+    monkeypatch.setattr(generate_speed, "device_memory", lambda: {"device_in_use_gb": 1.5})
+    generate_speed.main(
+        ["--shape", "tiny", "--methods", "blt_s4", "ar", "--batch", "2", "--gen-bytes", "4",
+         "--repeats", "1", "--attention-impl", "xla", "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "generate_speed.jsonl").read_text().splitlines()]
+    assert [(r["method"], "failed" in r) for r in rows] == [("blt_s4", True), ("ar", False)]
+    assert (
+        rows[0]["failed"] == "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB"
+    )
+    assert rows[0]["device_in_use_gb"] == 1.5 and rows[1]["bytes_per_s"] > 0
+
+
+def test_device_memory_is_empty_on_the_cpu():
+    assert generate_speed.device_memory() == {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,6 +54,24 @@ def test_prompt_patches_are_what_the_prefill_completes(monkeypatch):
     counts = patch_slots.prompt_patches(params, config, encode_prompts(prompts))
     np.testing.assert_array_equal(counts, completed)
     assert 20 < counts[2] < 131  # a real mix of patch lengths, not one per byte
+
+
+def test_the_count_in_row_chunks_is_the_whole_batch_count(monkeypatch):
+    """Five prompts counted two rows (128 bytes) at a time, the last chunk half empty: the counts equal
+    the patches of the entropy model run over all rows at once, un-jitted (the chunks change only how
+    many rows one pass holds)."""
+    config, params = model("base")
+    ids = encode_prompts(random_prompts(9, [3, 40, 110, 61, 17]))
+    monkeypatch.setattr(patch_slots, "COUNT_CHUNK_BYTES", 2 * 128)
+    counts = patch_slots.prompt_patches(params, config, ids)
+    tokens = np.zeros((len(ids), 128), np.int32)
+    for i, x in enumerate(ids):
+        tokens[i, : len(x)] = x
+    length = jnp.asarray([len(x) for x in ids], jnp.int32)
+    ent = BLT(config).apply({"params": params}, jnp.asarray(tokens), method=BLT.entropies)
+    whole = patch_slots.committed_patches(config, jnp.asarray(tokens), ent, length)[2]
+    np.testing.assert_array_equal(counts, np.asarray(whole))
+    assert len(set(counts.tolist())) > 3  # the rows differ, so a mixed-up row would show
 
 
 def test_static_patches_and_slots_by_hand(counting, monkeypatch):

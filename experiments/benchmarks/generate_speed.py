@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -98,6 +99,22 @@ def copy_tb_per_s() -> float:
         y = f(x)
     y.block_until_ready()
     return 2 * n * 4 * reps / (time.perf_counter() - t) / 1e12
+
+
+def device_memory() -> dict:
+    """The first device's allocator figures in GB (``bytes_in_use``, ``peak_bytes_in_use``,
+    ``bytes_limit``) where its backend reports them (GPUs; not the CPU): a failed row records what was
+    still held and the pool's size (JAX preallocates 75% of a GPU unless
+    ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says otherwise)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    names = {
+        "bytes_in_use": "device_in_use_gb",
+        "peak_bytes_in_use": "device_peak_gb",
+        "bytes_limit": "device_limit_gb",
+    }
+    return {name: stats[key] / 1e9 for key, name in names.items() if key in stats}
 
 
 def weight_bytes(counters, params, bytes_per_param: int = 2) -> float:
@@ -639,6 +656,7 @@ def main(argv: list[str] | None = None) -> None:
                         add(measure(args, config, params, texts, name, batch, prompt))
                 except Exception as e:  # one failed row (out of memory, say) does not end the run
                     err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    gc.collect()  # the failed row's arrays go before the next row allocates
                     add(
                         {
                             "shape": args.shape,
@@ -646,6 +664,7 @@ def main(argv: list[str] | None = None) -> None:
                             "batch": batch,
                             "prompt_bytes": prompt,
                             "failed": err,
+                            **device_memory(),
                         }
                     )
     todo = [spec for spec in args.profile if spec not in profiled]

@@ -190,6 +190,9 @@
 #       in run 20 (the global model's keys and values 110.8 GB, the decoder's cross-attention slots 39.9
 #       GB, one slot per buffer byte). Now 1 344 slots a row instead of 4 225: 150.6 -> 47.9 GB. Predicted:
 #       both rows run on an H100; the rows' compile time includes the count (one entropy-model forward).
+#       Run 25 (one H100): both out of memory in JAX's default pool (75% of the card, 63.8 GB), against
+#       ar's 68.8 GB of arguments (weights 9.3, state 59.5) and the count's 10.5 GB of temporaries. Now
+#       with 95% of the card and the count in chunks of 64 KB of prompts (~1.3 GB): predicted to fit.
 #   48. BLT-D's passes reading the decoder's cache in place on the decode kernel (the block's own keys
 #       beside it: decode_attention_extra, since generate_speed.md run 22): decode_check.py first (the
 #       "extra" layout compiled by Triton against the XLA path; nothing is measured if it fails), then
@@ -263,9 +266,9 @@
 # (train_speed.md run 25: the norm and pool kernels now on, scanned layers 18% slower at blt_mid, BLT-1B
 # profiled; generate_speed.md run 25: in-place BLT-D passes confirmed, split writes and larger key blocks
 # no gain, batch 48 fits, batch 128 does not).
-# Next: 54 (BLT-1B's global layers unrolled against scanned, any card); 5, 50, 49 and 47 on an H200 (the
-# 1B-class row with its port, the XLA row, remat settings; batch 128 after 4 000 bytes); 27 on an H100
-# (blt_mid's last sweep row), 10, 11.
+# Next: 54 (BLT-1B's global layers unrolled against scanned) and 47 (batch 128 after 4 000 bytes) on any
+# card; 5, 50 and 49 on an H200 (the 1B-class row with its port, the XLA row, remat settings); 27 on an
+# H100 (blt_mid's last sweep row), 10, 11.
 # Phases 30 and 31 clear the range switches where they measure "before".
 # A device call's background jobs end with
 # the call, so run in the foreground under a DEADLINE (below) and chain calls on the warm machine:
@@ -568,8 +571,9 @@ for p in ${PHASES:-1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 20 21 22 23 24 2
         phase "block_keys_$run" python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
           --methods ar --batch 1 8 --prompt-bytes 64 4000 "${opts[@]}" --out "$out/block_keys_$run"
       done ;;
-  47) phase slots_batch128 python3 $bench/generate_speed.py --shape 1b --gen-bytes 128 --repeats 2 \
-        --methods ar blt_d4 --batch 128 --prompt-bytes 4000 --out "$out/slots_batch128" ;;
+  47) # 95% of the card for XLA (JAX's default pool is 75%: 63.8 of an H100's 85 GB, run 25)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 phase slots_batch128 python3 $bench/generate_speed.py --shape 1b \
+        --gen-bytes 128 --repeats 2 --methods ar blt_d4 --batch 128 --prompt-bytes 4000 --out "$out/slots_batch128" ;;
   48) phase decode_check_extra python3 $bench/decode_check.py --out "$out/decode_check_extra"
       if [ -e "$out/decode_check_extra/done" ]; then
         for run in gathered in_place; do

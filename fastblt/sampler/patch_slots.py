@@ -32,6 +32,10 @@ SLOT_MULTIPLE = 64  # slot counts are rounded up so nearby prompts share one com
 # generation's own, which a small generation would pay for nothing (BLT-1B: batch 4 and more with a
 # 4 224-byte buffer, 278 KB per row and slot).
 COUNT_FROM_BYTES = 4 * 2**30
+# The count runs the entropy model over at most this many prompt bytes at a time (rows in chunks, one
+# program): all 128 rows of 4 000 bytes at once needed 10.5 GB of temporaries at BLT-1B, which an
+# 80 GB card no longer had beside a generation's state (generate_speed.md, run 25); ~78 MB a row.
+COUNT_CHUNK_BYTES = 2**16
 
 
 def committed_patches(
@@ -71,10 +75,16 @@ def worth_counting(config: ModelConfig, batch: int, buffer_bytes: int) -> bool:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _prompt_patches(config: ModelConfig, params: dict, tokens: jax.Array, length: jax.Array) -> jax.Array:
-    ent = None
-    if uses_entropy_model(config):
-        ent = BLT(config).apply({"params": params}, tokens, method=BLT.entropies)
-    return committed_patches(config, tokens, ent, length)[2]
+    """tokens int32[C, R, N], length int32[C, R] (C chunks of R rows, one after the other) -> int32[C, R]."""
+
+    def chunk(xs: tuple[jax.Array, jax.Array]) -> jax.Array:
+        tokens, length = xs
+        ent = None
+        if uses_entropy_model(config):
+            ent = BLT(config).apply({"params": params}, tokens, method=BLT.entropies)
+        return committed_patches(config, tokens, ent, length)[2]
+
+    return jax.lax.map(chunk, (tokens, length))
 
 
 def prompt_patches(params: dict, config: ModelConfig, prompts: list[np.ndarray]) -> np.ndarray:
@@ -85,11 +95,21 @@ def prompt_patches(params: dict, config: ModelConfig, prompts: list[np.ndarray])
     Returns: int32[B].
     """
     longest = max(len(x) for x in prompts)
-    tokens = np.zeros((len(prompts), -(-longest // SLOT_MULTIPLE) * SLOT_MULTIPLE), np.int32)
+    width = -(-longest // SLOT_MULTIPLE) * SLOT_MULTIPLE
+    rows = min(len(prompts), max(1, COUNT_CHUNK_BYTES // width))  # rows per chunk
+    chunks = -(-len(prompts) // rows)
+    tokens = np.zeros((chunks * rows, width), np.int32)  # rows past the prompts: empty, counts dropped
+    length = np.zeros(chunks * rows, np.int32)
     for i, x in enumerate(prompts):
         tokens[i, : len(x)] = x
-    length = np.array([len(x) for x in prompts], np.int32)
-    return np.asarray(_prompt_patches(config, params, jnp.asarray(tokens), jnp.asarray(length)))
+        length[i] = len(x)
+    counts = _prompt_patches(
+        config,
+        params,
+        jnp.asarray(tokens.reshape(chunks, rows, width)),
+        jnp.asarray(length.reshape(chunks, rows)),
+    )
+    return np.asarray(counts).reshape(-1)[: len(prompts)]
 
 
 def slots_needed(prompt_counts: np.ndarray, longest: int, max_bytes: int, per_round: int = 0) -> int:
