@@ -266,7 +266,8 @@
 # (train_speed.md run 25: the norm and pool kernels now on, scanned layers 18% slower at blt_mid, BLT-1B
 # profiled; generate_speed.md run 25: in-place BLT-D passes confirmed, split writes and larger key blocks
 # no gain, batch 48 fits, batch 128 does not).
-# Next: 54 (BLT-1B's global layers unrolled against scanned) and 47 (batch 128 after 4 000 bytes) on any
+# Next: 1 (blt_mid with the port in the same run, profiled: the 3x ratio with the norm and pool kernels
+# on), 54 (BLT-1B's global layers unrolled against scanned) and 47 (batch 128 after 4 000 bytes) on any
 # card; 5, 50 and 49 on an H200 (the 1B-class row with its port, the XLA row, remat settings); 27 on an
 # H100 (blt_mid's last sweep row), 10, 11.
 # Phases 30 and 31 clear the range switches where they measure "before".
