@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import weakref
 
 import pytest
 
@@ -118,14 +119,23 @@ def test_a_failed_row_is_recorded_and_the_next_row_runs(tmp_path, monkeypatch):
     """A row that raises (out of memory on a GPU) is written as failed, with the device's memory
     figures where the backend has them (none on the CPU), and the run goes on to the next row."""
     real = generate_speed.measure
+    held = []  # a weak reference to what the failed row's frame held
+
+    class RowState:
+        pass
 
     def measure(args, config, params, texts, name, batch, prompt):
         if name == "blt_s4":
+            state = RowState()
+            held.append(weakref.ref(state))
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB\nmore")
         return real(args, config, params, texts, name, batch, prompt)
 
+    def memory():  # the figures are read once the failed row's frames (and what they held) are gone
+        return {"device_in_use_gb": 1.5, "row_state_freed": held[0]() is None}
+
     monkeypatch.setattr(generate_speed, "measure", measure)
-    monkeypatch.setattr(generate_speed, "device_memory", lambda: {"device_in_use_gb": 1.5})
+    monkeypatch.setattr(generate_speed, "device_memory", memory)
     generate_speed.main(
         ["--shape", "tiny", "--methods", "blt_s4", "ar", "--batch", "2", "--gen-bytes", "4",
          "--repeats", "1", "--attention-impl", "xla", "--out", str(tmp_path)]
@@ -135,7 +145,7 @@ def test_a_failed_row_is_recorded_and_the_next_row_runs(tmp_path, monkeypatch):
     assert (
         rows[0]["failed"] == "RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB"
     )
-    assert rows[0]["device_in_use_gb"] == 1.5 and rows[1]["bytes_per_s"] > 0
+    assert rows[0]["device_in_use_gb"] == 1.5 and rows[0]["row_state_freed"] and rows[1]["bytes_per_s"] > 0
 
 
 def test_device_memory_is_empty_on_the_cpu():

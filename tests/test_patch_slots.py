@@ -63,7 +63,15 @@ def test_the_count_in_row_chunks_is_the_whole_batch_count(monkeypatch):
     config, params = model("base")
     ids = encode_prompts(random_prompts(9, [3, 40, 110, 61, 17]))
     monkeypatch.setattr(patch_slots, "COUNT_CHUNK_BYTES", 2 * 128)
+    shapes, real = [], patch_slots._prompt_patches
+
+    def spy(config, params, tokens, length):
+        shapes.append(tokens.shape)
+        return real(config, params, tokens, length)
+
+    monkeypatch.setattr(patch_slots, "_prompt_patches", spy)
     counts = patch_slots.prompt_patches(params, config, ids)
+    assert shapes == [(3, 2, 128)]  # three chunks of two rows, one program
     tokens = np.zeros((len(ids), 128), np.int32)
     for i, x in enumerate(ids):
         tokens[i, : len(x)] = x

@@ -108,7 +108,10 @@ def device_memory() -> dict:
     ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says otherwise)."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # a backend without the figures; a failed row is still written
+        return {}
     names = {
         "bytes_in_use": "device_in_use_gb",
         "peak_bytes_in_use": "device_peak_gb",
@@ -649,6 +652,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in args.methods:
                 if (name == "hf" and batch != 1) or (args.shape, name, batch, prompt) in done:
                     continue
+                err = None
                 try:
                     if name == "hf":
                         add(measure_hf(args, config, texts, prompt))
@@ -656,7 +660,10 @@ def main(argv: list[str] | None = None) -> None:
                         add(measure(args, config, params, texts, name, batch, prompt))
                 except Exception as e:  # one failed row (out of memory, say) does not end the run
                     err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    gc.collect()  # the failed row's arrays go before the next row allocates
+                if err is not None:
+                    # Out of the except clause: the error's traceback no longer holds the row's frames
+                    # and arrays, so they go before the next row allocates and are not counted held.
+                    gc.collect()
                     add(
                         {
                             "shape": args.shape,

@@ -227,11 +227,11 @@
 #       gradients cost copies. Predicted: within +-1 ms; a gain would make it blt_mid's default.
 #       Measured on one H100 (train_speed.md run 25): scanned 91.5 against 77.5 ms, so it stays off.
 #   54. BLT-1B (blt_1b scans its 25 global layers) scanned against unrolled, twice over, any card (95% of
-#       its memory for XLA). Run 25's profile put ~20 ms of the 1B step in the scan: 6.1 ms of stacking,
-#       2.7 of stacked gradients, 10.7 of in-loop float32 -> bfloat16 weight casts. Scanned or
-#       rematerialised global layers now take the products' kernels already cast (train_speed.md,
-#       "Prepared after run 25"). Predicted: scanned 201 -> ~192 ms per loop step; unrolled ~6 ms less
-#       again (no stacking) if its memory holds; unrolled compiles longer.
+#       its memory for XLA). Run 25's profile put ~14 ms of the 1B step in the scan: 6.1 ms of stacking,
+#       2.7 of stacked gradients, 5.6 of in-loop float32 -> bfloat16 weight casts. The scan now stacks
+#       the products' kernels already cast (train_speed.md, "Prepared after run 25"). Predicted:
+#       scanned 201 -> ~195 ms per loop step; unrolled saves the stacking but keeps remat's casts, if
+#       its memory holds; unrolled compiles longer.
 # Phases 1-4 ran on 2026-12-05 (train_speed.md run 7, generate_speed.md run 8); 8, 12, 9 and 13's xla
 # half ran the same day (generate_speed.md run 9: the decode kernel is now the default, so phase 8
 # measures it too); 8, 15, 14, 16 and 18 ran on 2026-12-05 (generate_speed.md run 10); 8, 20, 19, 17,

@@ -199,8 +199,8 @@ class GlobalTransformer(nn.Module):
             )
             x = proj(x)
         h = nn.with_logical_constraint(x.astype(dtype), _PATCHES)
-        if (m.scan_layers or m.remat) and not self.is_initializing():
-            return self._applied(h, positions, mask)
+        if m.scan_layers and not self.is_initializing():
+            return self._scanned(h, positions, mask)
         for i in range(c.n_layers):
             layer = block_class(m.remat, m.remat_policy)(
                 c, i, m.init_std_factor, dtype, m.attention_impl, name=f"layers_{i}"
@@ -208,27 +208,30 @@ class GlobalTransformer(nn.Module):
             h = nn.with_logical_constraint(layer(h, positions, mask), _PATCHES)
         return h
 
-    def _applied(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """The layers applied as functions of their parameters: with ``scan_layers`` one ``lax.scan``
-        over the layers' parameters stacked on a leading axis (one block to compile instead of L),
-        else an unrolled loop; with ``remat`` each layer checkpointed.
+    def _scanned(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """The layer loop as ``lax.scan`` over the layers' parameters stacked on a leading axis.
 
-        The parameters keep their per-layer names (stacked inside the step when scanned, one copy of
-        the global weights per step). The products' kernels enter the layers already cast to the
-        compute dtype: each ``nn.Dense`` casts its kernel so (a no-op on a cast one), and its gradient
-        reaches the float32 parameter through the same cast, so values and gradients are unchanged,
-        but no layer casts its weights again in remat's forward or, scanned, in every step of the loop
-        (10.7 ms of BLT-1B's scanned step on one H100, experiments/results/train_speed.md run 25).
+        The parameters keep their per-layer names; they are stacked inside the step, which costs one
+        copy of the global weights per step and saves compiling L copies of the block. The products'
+        kernels are stacked already cast to the compute dtype (the norms' scales stay float32): each
+        ``nn.Dense`` casts its kernel so anyway (a no-op on a cast one) and its gradient reaches the
+        float32 parameter through the same cast, so values and gradients are unchanged, but no step of
+        the loop casts its layer's weights (in the forward and again in remat's: 5.6 ms of BLT-1B's
+        step on one H100, experiments/results/train_speed.md run 25), and the stack and its gradients
+        are half the bytes. Unrolled layers keep casting inside remat's checkpoint: cast outside, the
+        copies would live from the forward to the backward (2 bytes per global parameter), which is
+        what remat is there to save.
         """
         m = self.config
         c = m.global_model
         dtype = jnp.dtype(m.dtype)
         params = nn.meta.unbox(self.variables["params"])
 
-        def cast(path, x):
+        def stack(path, *xs):
+            x = jnp.stack(xs)
             return x.astype(dtype) if path[-1] == jax.tree_util.DictKey("kernel") else x
 
-        layers = [jax.tree_util.tree_map_with_path(cast, params[f"layers_{i}"]) for i in range(c.n_layers)]
+        stacked = jax.tree_util.tree_map_with_path(stack, *(params[f"layers_{i}"] for i in range(c.n_layers)))
         # Per-layer init scales do not matter here: the block is only applied.
         block = TransformerBlock(c, 0, m.init_std_factor, dtype, m.attention_impl, parent=None)
 
@@ -237,14 +240,10 @@ class GlobalTransformer(nn.Module):
             return nn.with_logical_constraint(out, _PATCHES), None
 
         if m.remat:
-            # Inside a scan the loop already keeps XLA from merging the recomputed forward into the
-            # first (jax.checkpoint's documentation); unrolled, prevent_cse does.
-            step = jax.checkpoint(step, policy=remat_policy(m.remat_policy), prevent_cse=not m.scan_layers)
-        if m.scan_layers:
-            h, _ = jax.lax.scan(step, h, jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
-            return h
-        for layer_params in layers:
-            h, _ = step(h, layer_params)
+            # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputed
+            # forward into the first (jax.checkpoint's documentation).
+            step = jax.checkpoint(step, policy=remat_policy(m.remat_policy), prevent_cse=False)
+        h, _ = jax.lax.scan(step, h, stacked)
         return h
 
 
