@@ -100,9 +100,10 @@ def batches(cfg, n: int = 4) -> list[dict]:
 # ----------------------------------------------------------------------------------------- rows
 
 
-# Our Pallas kernels by their names in a lowered program: a row run with a switch on records whether
-# its kernels are really in the step (a switch can be on and its path not taken).
-_PALLAS_NAME = re.compile(r"fastblt_(?:range_attention|rms_norm|decode_attention|patch_max_pool)\w*")
+# Our Pallas kernels by their names in a lowered program (every pallas_call of fastblt is named
+# "fastblt_..."): a row run with a switch on records whether its kernels are really in the step (a
+# switch can be on and its path not taken).
+_PALLAS_NAME = re.compile(r"\bfastblt_\w+")
 
 
 def pallas_kernels(text: str) -> list[str]:
